@@ -1,0 +1,1 @@
+"""hessfunc benchmarks: run with ``python -m benchmarks`` (see benchmarks/README.md)."""

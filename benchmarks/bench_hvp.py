@@ -1,0 +1,91 @@
+"""HVP cost in units of one gradient, side by side in one run.
+
+    python -m benchmarks.bench_hvp [--threads 1] [--repeats 20]
+
+Compares, on each problem: a plain autograd gradient (the unit), torch.func.grad,
+the seed's double backward (``hessfunc.reference.hvp``), ``hessfunc.hvp`` in both
+modes, plain ``torch.func`` recipes, and ``hessfunc.hvp_fn`` (cached linearisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.func import grad as func_grad
+from torch.func import jvp, vjp
+
+import hessfunc as hf
+
+from ._timing import median_time
+from .problems import PROBLEMS
+
+
+def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for key in problem_names:
+        prob = PROBLEMS[key](dtype=dtype)
+        f, params = hf.functionalize(prob.model, prob.loss_fn)
+        x, y = prob.x, prob.y
+        v = {k: torch.randn_like(t) for k, t in params.items()}
+
+        def autograd_grad():
+            return torch.autograd.grad(prob.loss_fn(prob.model(x), y),
+                                       list(prob.model.parameters()))
+
+        def seed_double_backward():
+            loss = prob.loss_fn(prob.model(x), y)
+            return hf.reference.hvp(loss, list(prob.model.parameters()), list(v.values()))
+
+        def func_rev_rev():
+            return vjp(lambda p: func_grad(f)(p, x, y), params)[1](v)
+
+        def func_fwd_rev():
+            return jvp(lambda p: func_grad(f)(p, x, y), (params,), (v,))[1]
+
+        cached = hf.hvp_fn(f, (params, x, y))
+        cases = {
+            "torch.func.grad": lambda: func_grad(f)(params, x, y),
+            "hessfunc.grad": lambda: hf.grad(f)(params, x, y),
+            "seed double backward": seed_double_backward,
+            "torch.func vjp(grad)": func_rev_rev,
+            "torch.func jvp(grad)": func_fwd_rev,
+            "hessfunc.hvp reverse-over-reverse": lambda: hf.hvp(f, (params, x, y), v),
+            "hessfunc.hvp forward-over-reverse":
+                lambda: hf.hvp(f, (params, x, y), v, mode="forward-over-reverse"),
+            "hessfunc.hvp_fn (cached), per product": lambda: cached(v),
+        }
+        unit = median_time(autograd_grad, repeats=repeats)
+        row = {"problem": prob.name, "params": prob.num_params, "grad_ms": unit * 1e3}
+        for name, fn in cases.items():
+            try:
+                row[name] = median_time(fn, repeats=repeats) / unit
+            except RuntimeError as exc:  # e.g. the ZeroTensor trap in plain torch.func
+                row[name] = f"fails: {str(exc)[:40]}"
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--only", nargs="*", default=["simplenet", "mlp5k", "mlp100k"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = run(args.only, args.repeats, getattr(torch, args.dtype))
+    names = [k for k in rows[0] if k not in ("problem", "params", "grad_ms")]
+    print(f"HVP cost in gradients (median of {args.repeats}, {args.threads} thread(s), "
+          f"{args.dtype}, torch {torch.__version__})")
+    print("| implementation | " + " | ".join(r["problem"] for r in rows) + " |")
+    print("| --- |" + " --- |" * len(rows))
+    print("| one autograd gradient (unit) | "
+          + " | ".join(f"{r['grad_ms']:.3f} ms" for r in rows) + " |")
+    for n in names:
+        cells = [r[n] if isinstance(r[n], str) else f"{r[n]:.2f}x" for r in rows]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Benchmark problems, built deterministically (fixed seeds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Problem:
+    name: str
+    model: nn.Module
+    loss_fn: Any
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def target_function(x: np.ndarray) -> np.ndarray:
+    """The seed's target: 2x + 3 + 3 sin(x) sqrt|x| + cos(x + 3)."""
+    return 2 * x + 3 + np.sin(x) * 3 * np.sqrt(np.abs(x)) + np.cos(x + 3)
+
+
+def mlp(sizes: list[int], act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, target)
+
+
+def simplenet(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    torch.manual_seed(0)
+    model = mlp([1, 10, 10, 1]).to(dtype=dtype, device=device)
+    x = torch.linspace(-10, 10, 1000, dtype=dtype, device=device).view(-1, 1)
+    y = torch.as_tensor(target_function(x.cpu().double().numpy()), dtype=dtype, device=device)
+    return Problem("SimpleNet 1-10-10-1 (1000 pts)", model, mse, x, y)
+
+
+def mlp_5k(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    torch.manual_seed(1)
+    model = mlp([20, 64, 64, 1]).to(dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 20, generator=g).to(dtype=dtype, device=device)
+    y = torch.randn(512, 1, generator=g).to(dtype=dtype, device=device)
+    return Problem("MLP 20-64-64-1 (512 pts)", model, mse, x, y)
+
+
+def mlp_100k(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    torch.manual_seed(2)
+    model = mlp([784, 128, 10]).to(dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 784, generator=g).to(dtype=dtype, device=device)
+    y = torch.randint(0, 10, (256,), generator=g).to(device=device)
+    return Problem("MLP 784-128-10 CE (256 pts)", model, F.cross_entropy, x, y)
+
+
+def cnn(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    ).to(dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1, 12, 12, generator=g).to(dtype=dtype, device=device)
+    y = torch.randint(0, 10, (64,), generator=g).to(device=device)
+    return Problem("CNN 2conv-tanh-linear CE (64 imgs)", model, F.cross_entropy, x, y)
+
+
+PROBLEMS = {"simplenet": simplenet, "mlp5k": mlp_5k, "mlp100k": mlp_100k, "cnn": cnn}

@@ -1,0 +1,31 @@
+"""hessfunc: second- and higher-order derivatives of PyTorch models, the functional way.
+
+    >>> import hessfunc as hf
+    >>> f, params = hf.functionalize(model, loss_fn)      # doctest: +SKIP
+    >>> hf.hvp(f, (params, x, y), v)                       # doctest: +SKIP
+"""
+
+from . import reference
+from ._version import __version__
+from .errors import ArgumentError, DenseMemoryError, HessfuncError
+from .functional import FunctionalModel, functionalize
+from .gradient import grad
+from .hvp import HVPFunction, hvp, hvp_fn
+
+__all__ = [
+    "__version__",
+    # pure functions
+    "functionalize",
+    "FunctionalModel",
+    # transforms
+    "grad",
+    "hvp",
+    "hvp_fn",
+    "HVPFunction",
+    # oracle
+    "reference",
+    # errors
+    "HessfuncError",
+    "ArgumentError",
+    "DenseMemoryError",
+]

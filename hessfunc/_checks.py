@@ -1,0 +1,158 @@
+"""Argument validation shared by every public entry point.
+
+Each check raises :class:`hessfunc.errors.ArgumentError` with the call, the
+argument, what was expected, what was got, and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import ArgumentError
+
+__all__ = [
+    "check_callable",
+    "check_primals",
+    "check_argnums",
+    "check_floating",
+    "check_positive_int",
+    "check_chunk_size",
+    "check_scalar_output",
+    "check_like",
+    "describe",
+]
+
+
+def describe(x: Any) -> str:
+    """A short description of a value for error messages."""
+    if isinstance(x, torch.Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype})"
+    if isinstance(x, dict):
+        return f"dict with keys {list(x)[:6]}{'...' if len(x) > 6 else ''}"
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__} of length {len(x)}"
+    return type(x).__name__
+
+
+def check_callable(f: Any, name: str, call: str) -> None:
+    if not callable(f):
+        raise ArgumentError(f"{call}: `{name}` must be a callable, got {describe(f)}.")
+
+
+def check_primals(primals: Any, call: str) -> tuple[Any, ...]:
+    if not isinstance(primals, tuple):
+        raise ArgumentError(
+            f"{call}: `primals` must be a tuple of f's arguments, got {describe(primals)}; "
+            "wrap them, e.g. (params, x, y) or (x,)."
+        )
+    return primals
+
+
+def check_argnums(argnums: Any, nargs: int, call: str, *, allow_tuple: bool = True) -> None:
+    """``argnums`` must index f's positional arguments (an int, or a tuple of ints)."""
+    items = argnums if (allow_tuple and isinstance(argnums, tuple)) else (argnums,)
+    expected = "an int or a tuple of ints" if allow_tuple else "an int"
+    if not items or not all(isinstance(a, int) and not isinstance(a, bool) for a in items):
+        raise ArgumentError(f"{call}: `argnums` must be {expected}, got {argnums!r}.")
+    for a in items:
+        if not -nargs <= a < nargs:
+            raise ArgumentError(
+                f"{call}: `argnums`={argnums!r} is out of range for a function called with "
+                f"{nargs} positional argument(s); use 0..{nargs - 1}."
+            )
+    if len(set(a % nargs for a in items)) != len(items):
+        raise ArgumentError(f"{call}: `argnums`={argnums!r} repeats an argument.")
+
+
+def check_floating(tree: Any, name: str, call: str) -> None:
+    """Every tensor in ``tree`` must be floating point (we differentiate it)."""
+    leaves = pytree.tree_leaves(tree)
+    if not leaves:
+        raise ArgumentError(f"{call}: `{name}` holds no tensors; expected floating tensors "
+                            "to differentiate.")
+    for path_leaf in pytree.tree_flatten_with_path(tree)[0]:
+        path, leaf = path_leaf
+        where = pytree.keystr(path) if path else ""
+        if not isinstance(leaf, torch.Tensor):
+            raise ArgumentError(
+                f"{call}: `{name}{where}` must be a torch.Tensor, got {describe(leaf)}."
+            )
+        if not (leaf.is_floating_point() or leaf.is_complex()):
+            raise ArgumentError(
+                f"{call}: `{name}{where}` has dtype {leaf.dtype}; derivatives need a floating "
+                f"dtype. Convert it, e.g. `.to(torch.float64)`, or point `argnums` elsewhere."
+            )
+
+
+def check_positive_int(value: Any, name: str, call: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ArgumentError(f"{call}: `{name}` must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
+def check_chunk_size(chunk_size: Any, call: str) -> int | None:
+    if chunk_size is None:
+        return None
+    return check_positive_int(chunk_size, "chunk_size", call)
+
+
+def check_scalar_output(out: Any, call: str) -> None:
+    """The differentiated function must return one scalar (a 0-d floating tensor)."""
+    if not isinstance(out, torch.Tensor):
+        raise ArgumentError(
+            f"{call}: f must return a scalar tensor, got {describe(out)}; if f returns "
+            "(loss, aux) pass has_aux=True."
+        )
+    if out.dim() != 0:
+        raise ArgumentError(
+            f"{call}: f must return a scalar (0-d) tensor, got shape {tuple(out.shape)}; "
+            "reduce it, e.g. `.sum()` or `.mean()` (a loss with reduction='none' is per sample)."
+        )
+    if not out.is_floating_point():
+        raise ArgumentError(f"{call}: f returned dtype {out.dtype}; expected a floating scalar.")
+
+
+def check_like(tangent: Any, primal: Any, name: str, call: str) -> None:
+    """``tangent`` must have the tree structure, shapes and dtype of ``primal``."""
+    t_leaves, t_spec = pytree.tree_flatten(tangent)
+    p_leaves, p_spec = pytree.tree_flatten(primal)
+    if t_spec != p_spec:
+        raise ArgumentError(
+            f"{call}: `{name}` must have the structure of the differentiated argument "
+            f"({describe(primal)}), got {describe(tangent)}."
+        )
+    for i, (t, p) in enumerate(zip(t_leaves, p_leaves, strict=True)):
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"{call}: `{name}` leaf {i} is {describe(t)}, expected a tensor.")
+        if t.shape != p.shape:
+            raise ArgumentError(
+                f"{call}: `{name}` leaf {i} has shape {tuple(t.shape)}, expected "
+                f"{tuple(p.shape)} (the shape of the differentiated argument)."
+            )
+        if t.dtype != p.dtype:
+            raise ArgumentError(
+                f"{call}: `{name}` leaf {i} has dtype {t.dtype}, expected {p.dtype}; "
+                f"convert it with `.to({p.dtype})`."
+            )
+
+
+def wrap_scalar(f: Callable[..., Any], call: str, has_aux: bool = False) -> Callable[..., Any]:
+    """``f`` with its output checked to be a scalar (or ``(scalar, aux)`` with ``has_aux``)."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        out = f(*args, **kwargs)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ArgumentError(
+                    f"{call}: with has_aux=True f must return (scalar, aux), got {describe(out)}."
+                )
+            check_scalar_output(out[0], call)
+        else:
+            check_scalar_output(out, call)
+        return out
+
+    return checked

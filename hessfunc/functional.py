@@ -1,0 +1,147 @@
+"""Pure functions from models: ``functionalize(model, loss_fn)``.
+
+NOTE [private copy of the model]: ``functionalize`` works on a private
+``copy.deepcopy`` of the model, taken at call time. That is what makes the
+result pure and the user's model untouchable: parameters, buffers, ``.grad``,
+``requires_grad`` and training mode are read once and never written back, and
+later changes to the model do not leak into ``f``. The trainable parameters
+returned in ``params`` are detached views of the copy's parameters (no second
+copy). Buffers and frozen parameters stay on the copy, captured as they were.
+
+Modules that would mutate state during a forward pass are neutralised on the
+copy only: BatchNorm in training mode evaluates with batch statistics (the
+function the model computes in training mode) without updating running
+statistics (see docs/robustness.md).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ._checks import describe
+from .errors import ArgumentError
+
+__all__ = ["functionalize", "FunctionalModel"]
+
+
+def _freeze_running_stats(module: nn.Module) -> None:
+    """On the private copy: BatchNorm in training mode stops updating running stats."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+            m.track_running_stats = False
+
+
+class FunctionalModel:
+    """A pure function of a parameter dict, made from a model (and a loss).
+
+    Call it as ``f(params, inputs, targets)`` (with a loss) or ``f(params, inputs)``
+    (without). ``inputs`` may be a tuple, unpacked into ``model(*inputs)``.
+
+    Attributes:
+        module: the private copy of the model that is evaluated.
+        loss_fn: the loss, or None.
+        param_names: names of the trainable parameters, in ``named_parameters`` order.
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[..., Any] | None,
+                 param_names: tuple[str, ...]):
+        self.module = module
+        self.loss_fn = loss_fn
+        self.param_names = param_names
+        self._names = frozenset(param_names)
+
+    def _check_params(self, params: Any) -> None:
+        if not isinstance(params, dict):
+            raise ArgumentError(f"f(params, ...): `params` must be a dict of tensors keyed like "
+                                f"model.named_parameters(), got {describe(params)}.")
+        if params.keys() != self._names:
+            missing = sorted(self._names - params.keys())
+            extra = sorted(params.keys() - self._names)
+            raise ArgumentError(
+                "f(params, ...): `params` keys do not match the model's trainable parameters "
+                f"(missing {missing}, unexpected {extra}); pass the dict returned by "
+                "functionalize, or one built from it."
+            )
+
+    def output(self, params: dict[str, torch.Tensor], inputs: Any) -> Any:
+        """The model's output ``model(inputs)`` at ``params``."""
+        self._check_params(params)
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        return functional_call(self.module, params, args)
+
+    def __call__(self, params: dict[str, torch.Tensor], inputs: Any, *targets: Any) -> Any:
+        out = self.output(params, inputs)
+        if self.loss_fn is None:
+            if targets:
+                raise ArgumentError("f(params, inputs): this function was made without a loss "
+                                    "and takes no targets; pass loss_fn to functionalize.")
+            return out
+        if len(targets) != 1:
+            raise ArgumentError(f"f(params, inputs, targets): expected one `targets` argument, "
+                                f"got {len(targets)}.")
+        return self.loss_fn(out, targets[0])
+
+    def __repr__(self) -> str:
+        loss = "" if self.loss_fn is None else f", loss_fn={self.loss_fn!r}"
+        return f"FunctionalModel({type(self.module).__name__}{loss})"
+
+
+def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None
+                  ) -> tuple[FunctionalModel, dict[str, torch.Tensor]]:
+    """Turn a model (and a loss) into a pure function of its parameters.
+
+    ``f(params, inputs, targets) = loss_fn(model(inputs; params), targets)`` when a
+    loss is given, ``g(params, inputs) = model(inputs; params)`` when not.
+
+    Args:
+        model: any ``nn.Module``; it is never modified (see the NOTE on the copy).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g. ``nn.MSELoss()`` or
+            ``torch.nn.functional.cross_entropy``.
+
+    Returns:
+        ``(f, params)``: ``params`` is a ``dict[str, Tensor]`` of the trainable
+        parameters (``requires_grad=True``), keyed and ordered like
+        ``model.named_parameters()``, detached from the model. Frozen parameters
+        and buffers are held fixed inside ``f``; tied weights appear once, under
+        their first name, and stay tied.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> f, params = functionalize(model, nn.MSELoss())
+        >>> x, y = torch.ones(4, 2), torch.zeros(4, 1)
+        >>> torch.equal(f(params, x, y), nn.MSELoss()(model(x), y))
+        True
+        >>> list(params)
+        ['weight', 'bias']
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"functionalize: `model` must be a torch.nn.Module, got "
+                            f"{describe(model)}.")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ArgumentError(f"functionalize: `loss_fn` must be callable (outputs, targets) -> "
+                            f"scalar, or None, got {describe(loss_fn)}.")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ArgumentError(
+            f"functionalize: `model` ({type(model).__name__}) has no trainable parameters "
+            "(none with requires_grad=True); there is nothing to differentiate."
+        )
+    try:
+        module = copy.deepcopy(model)
+    except Exception as exc:
+        raise ArgumentError(
+            f"functionalize: `model` could not be copied with copy.deepcopy ({exc}); hessfunc "
+            "evaluates a private copy so the model is never modified."
+        ) from exc
+    _freeze_running_stats(module)
+    named = dict(module.named_parameters())
+    params = {n: named[n].detach() for n in trainable}
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return FunctionalModel(module, loss_fn, tuple(trainable)), params

@@ -1,0 +1,69 @@
+"""Shared test helpers: one tolerance table per dtype, oracle plumbing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import hessfunc as hf
+
+#: (rtol, atol) per dtype. float64 results must equal the oracle to rounding;
+#: float32 ones agree with the float64 truth within these stated tolerances.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-4, 1e-5),
+}
+
+
+def assert_close(actual: Any, expected: Any, dtype: torch.dtype = torch.float64,
+                 scale: float = 1.0) -> None:
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale)
+
+
+def leaf_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh leaves requiring grad, for building a graph for the oracle."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+def oracle_loss(f: Any, params: dict[str, torch.Tensor], *batch: Any
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    leaves = leaf_params(params)
+    return f(leaves, *batch), leaves
+
+
+def as_dict(names: list[str], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(names, tensors, strict=True))
+
+
+def flat(tree: Any) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(tree)])
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything a call must not change: parameters, buffers, grads, flags, mode."""
+    return {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "buffers": {k: v.clone() for k, v in model.named_buffers()},
+        "grads": {k: None if v.grad is None else v.grad.clone()
+                  for k, v in model.named_parameters()},
+        "requires_grad": {k: v.requires_grad for k, v in model.named_parameters()},
+        "training": {k: m.training for k, m in model.named_modules()},
+    }
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for key in ("requires_grad", "training"):
+        assert a[key] == b[key], key
+    for key in ("params", "buffers", "grads"):
+        assert a[key].keys() == b[key].keys(), key
+        for k in a[key]:
+            x, y = a[key][k], b[key][k]
+            assert (x is None) == (y is None), (key, k)
+            if x is not None:
+                assert torch.equal(x, y), (key, k)
+
+
+_ = hf  # the helpers are about hessfunc

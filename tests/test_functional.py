@@ -1,0 +1,167 @@
+"""functionalize: reproduces the model exactly and never touches it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_same_state, model_state
+from hypothesis import given
+from strategies import TiedNet, problems
+from torch import nn
+
+import hessfunc as hf
+
+
+@given(problems())
+def test_reproduces_model_and_loss_exactly(prob):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    g, _ = hf.functionalize(prob.model)
+    args = prob.inputs if isinstance(prob.inputs, tuple) else (prob.inputs,)
+    expected_out = prob.model(*args)
+    assert torch.equal(g(params, prob.inputs), expected_out)
+    assert torch.equal(f(params, prob.inputs, prob.targets),
+                       prob.loss_fn(expected_out, prob.targets))
+    assert list(params) == [n for n, _ in prob.model.named_parameters()]
+
+
+@given(problems())
+def test_model_untouched_by_every_transform(prob):
+    prob.model.train()
+    before = model_state(prob.model)
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    v = {k: torch.ones_like(t) for k, t in params.items()}
+    hf.grad(f)(params, *prob.batch)
+    hf.hvp(f, (params, *prob.batch), v)
+    hf.hvp(f, (params, *prob.batch), v, mode="forward-over-reverse")
+    hf.hvp_fn(f, (params, *prob.batch))(v)
+    # in-place updates of params must not reach the model
+    for t in params.values():
+        t.add_(1.0)
+    assert_same_state(before, model_state(prob.model))
+
+
+def test_params_are_detached_copies_and_later_model_changes_do_not_leak():
+    model = nn.Linear(3, 2).double()
+    f, params = hf.functionalize(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    before = f(params, x)
+    with torch.no_grad():
+        model.weight.mul_(2.0)
+    assert torch.equal(f(params, x), before)
+    assert all(not t.requires_grad for t in params.values())
+    assert params["weight"].data_ptr() != model.weight.data_ptr()
+
+
+def test_frozen_parameters_left_out_and_held_fixed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model[0].weight.requires_grad_(False)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    assert list(params) == ["0.bias", "2.weight", "2.bias"]
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    g = hf.grad(f)(params, x, y)
+    model.zero_grad()
+    nn.MSELoss()(model(x), y).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(g[name], p.grad, rtol=1e-12, atol=1e-14)
+    assert model[0].weight.grad is None
+
+
+def test_tied_weights_appear_once_and_stay_tied():
+    torch.manual_seed(1)
+    model = TiedNet(3, 4).double()
+    f, params = hf.functionalize(model, nn.MSELoss())
+    assert list(params) == [n for n, _ in model.named_parameters()]
+    assert sorted(params) == ["dec_bias", "enc.bias", "enc.weight"]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    g = hf.grad(f)(params, x, x)
+    model.zero_grad()
+    nn.MSELoss()(model(x), x).backward()
+    torch.testing.assert_close(g["enc.weight"], model.enc.weight.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_tied_module_attribute_is_tied_under_functional_call():
+    torch.manual_seed(2)
+    emb = nn.Linear(3, 3, bias=False).double()
+    model = nn.Sequential(emb, nn.Tanh(), nn.Linear(3, 3, bias=False).double())
+    model[2].weight = emb.weight  # same Parameter object: named_parameters lists it once
+    f, params = hf.functionalize(model, nn.MSELoss())
+    assert list(params) == ["0.weight"]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    new = {"0.weight": params["0.weight"] * 0.5}
+    expected = nn.MSELoss()(torch.tanh(x @ new["0.weight"].t()) @ new["0.weight"].t(), x)
+    torch.testing.assert_close(f(new, x, x), expected, rtol=1e-14, atol=0)
+
+
+def test_buffers_captured_as_they_are():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    g, params = hf.functionalize(model)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(g(params, x), model(x), rtol=0, atol=0)
+
+
+def test_batchnorm_in_training_mode_uses_batch_stats_without_updating():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model.train()
+    snapshot = copy.deepcopy(model)
+    before = model_state(model)
+    g, params = hf.functionalize(model)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    out1, out2 = g(params, x), g(params, x)
+    assert torch.equal(out1, out2)
+    torch.testing.assert_close(out1, snapshot(x), rtol=1e-14, atol=1e-14)
+    assert_same_state(before, model_state(model))
+
+
+def test_multiple_inputs_are_unpacked_from_a_tuple():
+    class Add(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1).double()
+
+        def forward(self, a, b):
+            return self.lin(a * b)
+
+    model = Add()
+    g, params = hf.functionalize(model)
+    a, b = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    assert torch.equal(g(params, (a, b)), model(a, b))
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: hf.functionalize("not a model"), "`model` must be a torch.nn.Module"),
+        (lambda: hf.functionalize(nn.Linear(2, 1), loss_fn=3), "`loss_fn` must be callable"),
+        (lambda: hf.functionalize(nn.Linear(2, 1).requires_grad_(False)),
+         "no trainable parameters"),
+        (lambda: hf.functionalize(nn.ReLU()), "no trainable parameters"),
+    ],
+)
+def test_bad_models_and_losses(call, match):
+    with pytest.raises(hf.ArgumentError, match=match):
+        call()
+
+
+def test_bad_params_and_targets():
+    f, params = hf.functionalize(nn.Linear(2, 1), F.mse_loss)
+    x, y = torch.randn(3, 2), torch.randn(3, 1)
+    with pytest.raises(hf.ArgumentError, match=r"missing \['bias'\]"):
+        f({"weight": params["weight"]}, x, y)
+    with pytest.raises(hf.ArgumentError, match="`params` must be a dict"):
+        f(list(params.values()), x, y)
+    with pytest.raises(hf.ArgumentError, match="expected one `targets`"):
+        f(params, x)
+    g, _ = hf.functionalize(nn.Linear(2, 1))
+    with pytest.raises(hf.ArgumentError, match="takes no targets"):
+        g(params, x, y)

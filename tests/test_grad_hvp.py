@@ -1,0 +1,221 @@
+"""grad, hvp (both modes) and hvp_fn against the loop oracle, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close, flat, oracle_loss
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import problems, random_like
+from torch import nn
+from torch.func import vmap
+
+import hessfunc as hf
+from hessfunc._tree import tree_dot
+
+MODES = ["reverse-over-reverse", "forward-over-reverse"]
+
+
+def _oracle_grad(f, params, batch):
+    loss, leaves = oracle_loss(f, params, *batch)
+    return dict(zip(params, hf.reference.gradient(loss, list(leaves.values())), strict=True))
+
+
+def _oracle_hvp(f, params, batch, v):
+    loss, leaves = oracle_loss(f, params, *batch)
+    hv = hf.reference.hvp(loss, list(leaves.values()), [v[k] for k in params])
+    return dict(zip(params, hv, strict=True))
+
+
+@given(problems())
+def test_grad_equals_oracle(prob):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    assert_close(hf.grad(f)(params, *prob.batch), _oracle_grad(f, params, prob.batch))
+
+
+@given(problems(kinds=("mlp", "tied")))
+def test_grad_under_vmap_is_per_sample_oracle(prob):
+    """The torch.func path: per-sample gradients equal a loop with the oracle."""
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    x, y = prob.batch
+    per_sample = vmap(hf.grad(f), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+    for n in range(x.shape[0]):
+        expected = _oracle_grad(f, params, (x[n:n + 1], y[n:n + 1]))
+        assert_close({k: t[n] for k, t in per_sample.items()}, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(prob=problems(), seed=st.integers(0, 1000))
+def test_hvp_equals_oracle(mode, prob, seed):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    v = random_like(params, seed)
+    assert_close(hf.hvp(f, (params, *prob.batch), v, mode=mode),
+                 _oracle_hvp(f, params, prob.batch, v))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(prob=problems(kinds=("mlp",)), seed=st.integers(0, 1000))
+def test_hvp_under_vmap_of_tangents_equals_oracle(mode, prob, seed):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    vs = [random_like(params, seed + i) for i in range(3)]
+    stacked = {k: torch.stack([v[k] for v in vs]) for k in params}
+    out = vmap(lambda v: hf.hvp(f, (params, *prob.batch), v, mode=mode))(stacked)
+    for i, v in enumerate(vs):
+        assert_close({k: t[i] for k, t in out.items()}, _oracle_hvp(f, params, prob.batch, v))
+
+
+@given(prob=problems(), seed=st.integers(0, 1000))
+def test_hvp_fn_equals_oracle_repeatedly_and_batched(prob, seed):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    H = hf.hvp_fn(f, (params, *prob.batch))
+    vs = [random_like(params, seed + i) for i in range(3)]
+    for v in vs:
+        assert_close(H(v), _oracle_hvp(f, params, prob.batch, v))
+    batched = H.batched({k: torch.stack([v[k] for v in vs]) for k in params})
+    for i, v in enumerate(vs):
+        assert_close({k: t[i] for k, t in batched.items()}, H(v))
+    assert_close(H.gradient, _oracle_grad(f, params, prob.batch))
+
+
+@given(prob=problems(kinds=("mlp",)), seed=st.integers(0, 1000))
+def test_hvp_fn_under_vmap_of_samples(prob, seed):
+    """hvp_fn inside a transform takes the torch.func route."""
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    v = random_like(params, seed)
+    x, y = prob.batch
+    out = vmap(lambda xi, yi: hf.hvp_fn(f, (params, xi, yi))(v))(x[:, None], y[:, None])
+    for n in range(x.shape[0]):
+        expected = _oracle_hvp(f, params, (x[n:n + 1], y[n:n + 1]), v)
+        assert_close({k: t[n] for k, t in out.items()}, expected)
+
+
+@given(prob=problems(), seed=st.integers(0, 1000), a=st.floats(-3, 3), b=st.floats(-3, 3))
+def test_hvp_is_linear_and_symmetric(prob, seed, a, b):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    u, v = random_like(params, seed), random_like(params, seed + 1)
+    Hu = hf.hvp(f, (params, *prob.batch), u)
+    Hv = hf.hvp(f, (params, *prob.batch), v)
+    mix = {k: a * u[k] + b * v[k] for k in params}
+    H_mix = hf.hvp(f, (params, *prob.batch), mix)
+    assert_close(H_mix, {k: a * Hu[k] + b * Hv[k] for k in params}, scale=10)
+    uHv, vHu = tree_dot(u, Hv), tree_dot(v, Hu)
+    scale = 1 + float(flat(Hu).norm() * flat(v).norm())
+    assert abs(float(uHv - vHu)) <= 1e-10 * scale
+
+
+def test_mse_loss_forward_over_reverse_zero_tensor_trap():
+    """jvp(grad(f)) raises on F.mse_loss in torch 2.13; hvp must still answer exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x, y = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64)
+    for loss in (F.mse_loss, nn.MSELoss()):
+        f, params = hf.functionalize(model, loss)
+        v = random_like(params, 3)
+        got = hf.hvp(f, (params, x, y), v, mode="forward-over-reverse")
+        assert_close(got, _oracle_hvp(f, params, (x, y), v))
+
+
+def test_hvp_of_linear_function_is_zero():
+    f = lambda w, x: (w * x).sum()  # noqa: E731
+    w, x = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    for mode in MODES:
+        assert torch.equal(hf.hvp(f, (w, x), torch.ones(3, dtype=torch.float64), mode=mode),
+                           torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(hf.hvp_fn(f, (w, x))(torch.ones(3, dtype=torch.float64)),
+                       torch.zeros(3, dtype=torch.float64))
+
+
+def test_argnums_selects_the_input():
+    f = lambda w, x: (torch.sin(w * x)).sum()  # noqa: E731
+    w, x = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    v = torch.randn(4, dtype=torch.float64)
+    expected = -(w ** 2) * torch.sin(w * x) * v  # d2/dx2 sin(w x) = -w^2 sin(w x), diagonal
+    for mode in MODES:
+        assert_close(hf.hvp(f, (w, x), v, argnums=1, mode=mode), expected)
+    assert_close(hf.grad(f, argnums=1)(w, x), w * torch.cos(w * x))
+    gw, gx = hf.grad(f, argnums=(0, 1))(w, x)
+    assert_close(gx, w * torch.cos(w * x))
+    assert_close(gw, x * torch.cos(w * x))
+
+
+def test_grad_has_aux():
+    f = lambda x: ((x ** 2).sum(), x.detach() * 2)  # noqa: E731
+    x = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    g, aux = hf.grad(f, has_aux=True)(x)
+    assert_close(g, 2 * x)
+    assert_close(aux, 2 * x)
+    g2, aux2 = vmap(hf.grad(f, has_aux=True))(x[:, None])
+    assert_close(g2[:, 0], 2 * x)
+
+
+@given(prob=problems(kinds=("mlp",)), seed=st.integers(0, 1000))
+def test_float32_agrees_with_float64(prob, seed):
+    f64, p64 = hf.functionalize(prob.model, prob.loss_fn)
+    f32, p32 = hf.functionalize(prob.model.float(), prob.loss_fn)
+    x, y = prob.batch
+    x32, y32 = x.float(), (y.float() if y.is_floating_point() else y)
+    v64 = random_like(p64, seed)
+    v32 = {k: t.float() for k, t in v64.items()}
+    h64 = hf.hvp(f64, (p64, x, y), v64)
+    h32 = hf.hvp(f32, (p32, x32, y32), v32)
+    scale = float(flat(h64).abs().max()) + 1.0
+    torch.testing.assert_close(flat(h32).double(), flat(h64), rtol=2e-4, atol=2e-5 * scale)
+    assert all(t.dtype == torch.float32 for t in h32.values())
+
+
+# ----------------------------------------------------------------- bad input
+def _setup():
+    f, params = hf.functionalize(nn.Linear(2, 1).double(), nn.MSELoss())
+    x, y = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
+    v = {k: torch.ones_like(t) for k, t in params.items()}
+    return f, params, x, y, v
+
+
+def test_bad_input_non_scalar_loss():
+    _, params, x, y, v = _setup()
+    f, _ = hf.functionalize(nn.Linear(2, 1).double(), nn.MSELoss(reduction="none"))
+    with pytest.raises(hf.ArgumentError, match=r"scalar \(0-d\) tensor, got shape \(3, 1\)"):
+        hf.grad(f)(params, x, y)
+    for mode in MODES:
+        with pytest.raises(hf.ArgumentError, match="scalar"):
+            hf.hvp(f, (params, x, y), v, mode=mode)
+    with pytest.raises(hf.ArgumentError, match="scalar"):
+        hf.hvp_fn(f, (params, x, y))
+
+
+def test_bad_input_tangent_structure_shape_dtype():
+    f, params, x, y, v = _setup()
+    with pytest.raises(hf.ArgumentError, match="`tangent` must have the structure"):
+        hf.hvp(f, (params, x, y), [v["weight"], v["bias"]])
+    with pytest.raises(hf.ArgumentError, match=r"has shape \(2,\), expected \(1, 2\)"):
+        hf.hvp(f, (params, x, y), {"weight": torch.ones(2, dtype=torch.float64),
+                                   "bias": v["bias"]})
+    with pytest.raises(hf.ArgumentError, match="dtype torch.float32, expected torch.float64"):
+        hf.hvp(f, (params, x, y), {k: t.float() for k, t in v.items()})
+
+
+def test_bad_input_integer_and_bool_primals():
+    f = lambda x: (x * x).sum()  # noqa: E731
+    for bad in (torch.arange(3), torch.tensor([True, False])):
+        with pytest.raises(hf.ArgumentError, match=r"`primals\[0\]` has dtype .*floating"):
+            hf.hvp(f, (bad,), bad)
+        with pytest.raises(hf.ArgumentError, match=r"`args\[0\]` has dtype"):
+            hf.grad(f)(bad)
+
+
+def test_bad_input_argnums_primals_mode():
+    f, params, x, y, v = _setup()
+    with pytest.raises(hf.ArgumentError, match="`argnums`=3 is out of range"):
+        hf.hvp(f, (params, x, y), v, argnums=3)
+    with pytest.raises(hf.ArgumentError, match="`argnums`=5 is out of range"):
+        hf.grad(f, argnums=5)(params, x, y)
+    with pytest.raises(hf.ArgumentError, match="`argnums` must be an int"):
+        hf.hvp(f, (params, x, y), v, argnums=(0,))
+    with pytest.raises(hf.ArgumentError, match="`primals` must be a tuple"):
+        hf.hvp(f, [params, x, y], v)
+    with pytest.raises(hf.ArgumentError, match="`mode` must be one of"):
+        hf.hvp(f, (params, x, y), v, mode="forward")
+    with pytest.raises(hf.ArgumentError, match="`f` must be a callable"):
+        hf.grad(3)
