@@ -10,7 +10,11 @@ from ._version import __version__
 from .errors import ArgumentError, DenseMemoryError, HessfuncError
 from .functional import FunctionalModel, functionalize
 from .gradient import grad
+from .derivative import derivative
+from .diagonal import hessian_diag
+from .hessian import hessian, hessian_blocks
 from .hvp import HVPFunction, hvp, hvp_fn
+from .laplacian import laplacian
 
 __all__ = [
     "__version__",
@@ -22,6 +26,11 @@ __all__ = [
     "hvp",
     "hvp_fn",
     "HVPFunction",
+    "hessian",
+    "hessian_blocks",
+    "hessian_diag",
+    "derivative",
+    "laplacian",
     # oracle
     "reference",
     # errors

@@ -186,6 +186,29 @@ class HVPFunction:
                                 retain_graph=True)
         return pytree.tree_unflatten(flat, self._spec)
 
+    def block_rows(self, index: int, tangents: torch.Tensor) -> torch.Tensor:
+        """Rows of one leaf's own Hessian block: ``H[leaf, leaf] @ T`` for batched ``T``.
+
+        ``index`` is the leaf's position in flat order and ``tangents`` has shape
+        ``(k, *leaf.shape)``; the result has the same shape. Only the leaf's own
+        gradient is differentiated, and only with respect to that leaf.
+        """
+        if self._vjp is not None:
+            leaves, spec = pytree.tree_flatten(self._primal)
+
+            def one(t: torch.Tensor) -> torch.Tensor:
+                tree = [t if i == index else torch.zeros_like(p) for i, p in enumerate(leaves)]
+                return pytree.tree_leaves(self._vjp(pytree.tree_unflatten(tree, spec))[0])[index]
+
+            return torch.func.vmap(one)(tangents)
+        g, leaf = self._grads[index], self._leaves[index]
+        if g is None or not g.requires_grad:
+            return torch.zeros_like(tangents)
+        with torch.enable_grad():
+            (rows,) = torch.autograd.grad(g, leaf, grad_outputs=tangents, retain_graph=True,
+                                          allow_unused=True, is_grads_batched=True)
+        return torch.zeros_like(tangents) if rows is None else rows
+
     def batched(self, tangents: Any) -> Any:
         """``H V`` for tangents whose leaves carry a leading batch dimension ``k``."""
         if self._vjp is not None:

@@ -1,0 +1,290 @@
+"""Exact Hessian diagonals and blocks by per-sample Hessian backpropagation.
+
+NOTE [structured route]: when ``f`` was made by :func:`hessfunc.functionalize`
+and the model's forward pass is a chain ``a_0 = x -> m_1 -> ... -> m_K -> o`` of
+``nn.Linear`` layers on ``(N, features)`` inputs and elementwise activations,
+and the loss is a sum of per-sample terms (``mean`` and ``sum`` reductions of
+MSE, cross-entropy, ...), the Hessian of the loss with respect to every
+per-sample activation ``a_k[n]`` can be propagated backward exactly, one small
+``(d_k, d_k)`` matrix per sample (Dangel, Harmeling, Hennig 2020, "Modular
+block-diagonal curvature approximations for feedforward architectures"):
+
+* at the output, ``H_K[n] = d^2 L / d o_n^2`` (``C`` batched double-backward
+  columns of the loss alone; samples do not interact);
+* through ``a' = a W^T + b``: ``H[n] = W^T H'[n] W`` and ``g[n] = g'[n] W``;
+* through an elementwise ``a' = phi(a)``:
+  ``H[n] = diag(phi'(a_n)) H'[n] diag(phi'(a_n)) + diag(phi''(a_n) * g'[n])``.
+
+For the Linear layer with input ``a`` and output Hessians ``H'``:
+``d^2 L / dW_ij^2 = sum_n a_nj^2 H'[n]_ii`` and ``d^2 L / db_i^2 = sum_n H'[n]_ii``;
+its own block is ``d^2 L / dW_ij dW_kl = sum_n H'[n]_ik a_nj a_nl``.
+This costs a few small per-sample matrix products instead of one Hessian-vector
+product per weight. It is exact, not an approximation: the tests compare it with
+the loop oracle to 1e-10 in float64.
+
+The route is taken only when it is provably exact for the call; every condition
+is checked, and anything else (other layers, branching, residuals, tied weights,
+in-place edits, inputs that are not one 2-D tensor, a loss that couples samples,
+a call inside a torch.func transform) falls back to the generic one-hot route.
+The coupling of samples is detected with one random probe: the loss's output
+Hessian applied to a Gaussian ``R`` must equal the per-sample blocks applied to
+``R``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.func
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from ._autodiff import use_autograd
+from ._memory import CHUNK_BUDGET_BYTES, itemsize
+from .functional import FunctionalModel
+
+__all__ = ["plan", "analyze", "ChainPlan"]
+
+#: Modules applied elementwise (their derivatives are taken with torch.func.jvp).
+ELEMENTWISE = (
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.ReLU,
+    nn.LeakyReLU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.ReLU6,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+)
+#: Modules that are the identity in eval mode.
+IDENTITY_IN_EVAL = (nn.Dropout, nn.AlphaDropout)
+
+
+@dataclass
+class _Linear:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    inputs: torch.Tensor          # (N, in)
+    weight_name: str | None       # name in params when trainable
+    bias_name: str | None
+
+
+@dataclass
+class _Elementwise:
+    phi1: torch.Tensor            # (N, d) first derivative at the input
+    phi2: torch.Tensor            # (N, d) second derivative
+
+
+class ChainPlan:
+    """A verified chain and its output Hessians, ready for the backward propagation."""
+
+    def __init__(self, steps: list[_Linear | _Elementwise], out_hessian: torch.Tensor,
+                 out_grad: torch.Tensor, params: dict[str, torch.Tensor]):
+        self.steps = steps
+        self.out_hessian = out_hessian    # (N, C, C)
+        self.out_grad = out_grad          # (N, C)
+        self.params = params
+        trainable = [i for i, s in enumerate(steps)
+                     if isinstance(s, _Linear) and (s.weight_name or s.bias_name)]
+        self.first = trainable[0]
+
+    def _propagate(self, on_linear: Callable[[_Linear, torch.Tensor, slice], None],
+                   chunk_size: int | None, per_sample_bytes: int) -> None:
+        N = self.out_hessian.shape[0]
+        chunk = chunk_size or max(1, CHUNK_BUDGET_BYTES // max(1, per_sample_bytes))
+        for lo in range(0, N, chunk):
+            rows = slice(lo, min(lo + chunk, N))
+            H, g = self.out_hessian[rows], self.out_grad[rows]
+            for i in range(len(self.steps) - 1, self.first - 1, -1):
+                step = self.steps[i]
+                if isinstance(step, _Linear):
+                    on_linear(step, H, rows)
+                    if i == self.first:
+                        break
+                    H = step.weight.T @ H @ step.weight
+                    g = g @ step.weight
+                else:
+                    p1, p2 = step.phi1[rows], step.phi2[rows]
+                    H = p1[:, :, None] * H * p1[:, None, :]
+                    H = H + torch.diag_embed(p2 * g)
+                    g = p1 * g
+
+    def _widest(self) -> int:
+        return max([self.out_hessian.shape[-1]]
+                   + [s.weight.shape[1] for s in self.steps if isinstance(s, _Linear)])
+
+    def diagonal(self, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+        """The exact Hessian diagonal, structured like ``params``."""
+        out = {k: torch.zeros_like(v) for k, v in self.params.items()}
+
+        def on_linear(step: _Linear, H: torch.Tensor, rows: slice) -> None:
+            hd = H.diagonal(dim1=1, dim2=2)                      # (n, out)
+            if step.weight_name:
+                a = step.inputs[rows]
+                out[step.weight_name] += hd.T @ (a * a)
+            if step.bias_name:
+                out[step.bias_name] += hd.sum(0)
+
+        d = self._widest()
+        self._propagate(on_linear, chunk_size, 4 * d * d * itemsize(self.out_hessian.dtype))
+        return out
+
+    def blocks(self, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Each parameter's own ``(numel, numel)`` Hessian block."""
+        out = {k: torch.zeros(v.numel(), v.numel(), dtype=v.dtype, device=v.device)
+               for k, v in self.params.items()}
+
+        def on_linear(step: _Linear, H: torch.Tensor, rows: slice) -> None:
+            n, o = H.shape[0], H.shape[1]
+            if step.weight_name:
+                a = step.inputs[rows]
+                i = a.shape[1]
+                aa = (a[:, :, None] * a[:, None, :]).reshape(n, i * i)
+                M = H.reshape(n, o * o).T @ aa                 # (o*o, i*i): [(i,k),(j,l)]
+                M = M.reshape(o, o, i, i).permute(0, 2, 1, 3).reshape(o * i, o * i)
+                out[step.weight_name] += M
+            if step.bias_name:
+                out[step.bias_name] += H.sum(0)
+
+        d = self._widest()
+        self._propagate(on_linear, chunk_size, 6 * d * d * itemsize(self.out_hessian.dtype))
+        return out
+
+
+def _tied(module: nn.Module) -> bool:
+    seen: set[int] = set()
+    for _, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            return True
+        seen.add(id(p))
+    return False
+
+
+def _param_names(module: nn.Module) -> dict[nn.Module, dict[str, str]]:
+    names: dict[nn.Module, dict[str, str]] = {}
+    for mname, m in module.named_modules():
+        for pname, _ in m.named_parameters(recurse=False):
+            names.setdefault(m, {})[pname] = f"{mname}.{pname}" if mname else pname
+    return names
+
+
+def _trace(fm: FunctionalModel, params: dict[str, torch.Tensor], inputs: torch.Tensor
+           ) -> tuple[list[tuple[nn.Module, Any, torch.Tensor, int]], torch.Tensor]:
+    """Run the forward pass, recording every leaf module call of the private copy."""
+    owned = {m for m in fm.module.modules() if next(m.children(), None) is None}
+    calls: list[tuple[nn.Module, Any, torch.Tensor, int]] = []
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        if module in owned:
+            calls.append((module, args, out, getattr(out, "_version", -1)))
+
+    handle = register_module_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = fm.output(params, inputs)
+    finally:
+        handle.remove()
+    return calls, out
+
+
+def _derivatives(module: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ones = torch.ones_like(z)
+
+    def d1(t: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(module, (t,), (ones,))[1]
+
+    phi1, phi2 = torch.func.jvp(d1, (z,), (ones,))
+    return phi1.detach(), phi2.detach()
+
+
+def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """Per-sample output Hessians ``(N, C, C)`` and gradients ``(N, C)``, or why not."""
+    N, C = out.shape
+    o = out.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(o, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            return "the loss is not a scalar"
+        if not loss.requires_grad:
+            return "the loss does not depend on the model output"
+        (g,) = torch.autograd.grad(loss, o, create_graph=True)
+        if not g.requires_grad:  # loss linear in the output
+            return torch.zeros(N, C, C, dtype=o.dtype, device=o.device), g.detach()
+        eye = torch.eye(C, dtype=o.dtype, device=o.device)
+        basis = eye[:, None, :].expand(C, N, C)
+        (cols,) = torch.autograd.grad(g, o, grad_outputs=basis, retain_graph=True,
+                                      is_grads_batched=True)
+        gen = torch.Generator(device=o.device).manual_seed(0)
+        probe = torch.randn(N, C, generator=gen, dtype=o.dtype, device=o.device)
+        (full,) = torch.autograd.grad(g, o, grad_outputs=probe)
+    H = cols.permute(1, 2, 0).contiguous()            # H[n, i, c]
+    blockwise = torch.einsum("nic,nc->ni", H, probe)
+    tol = 1e3 * torch.finfo(o.dtype).eps
+    if (full - blockwise).norm() > tol * (full.norm() + blockwise.norm()):
+        return "the loss couples samples (its output Hessian is not block diagonal)"
+    return H.detach(), g.detach()
+
+
+def analyze(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan | None, str]:
+    """A :class:`ChainPlan` for this call, or ``(None, reason)`` when the route does not apply."""
+    if not isinstance(f, FunctionalModel) or f.loss_fn is None:
+        return None, "f was not made by hessfunc.functionalize(model, loss_fn)"
+    if argnums != 0 or len(args) != 3:
+        return None, "argnums is not 0 or f is not called as f(params, inputs, targets)"
+    if not use_autograd(args):
+        return None, "called inside a torch.func transform or with inputs that carry a graph"
+    params, inputs, targets = args
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+        return None, "the inputs are not one (N, features) tensor"
+    if _tied(f.module):
+        return None, "the model ties weights"
+    calls, out = _trace(f, params, inputs)
+    if not calls or calls[0][1] is None:
+        return None, "no module calls recorded"
+    names = _param_names(f.module)
+    steps: list[_Linear | _Elementwise] = []
+    prev: torch.Tensor = inputs
+    seen: set[int] = set()
+    covered: set[str] = set()
+    for module, margs, mout, version in calls:
+        if id(module) in seen:
+            return None, f"module {type(module).__name__} is called twice"
+        seen.add(id(module))
+        if not (isinstance(margs, tuple) and len(margs) == 1 and margs[0] is prev):
+            return None, f"{type(module).__name__} does not take the previous output (not a chain)"
+        if not isinstance(mout, torch.Tensor) or mout._version != version:
+            return None, f"{type(module).__name__}'s output is not a tensor or was edited in place"
+        if isinstance(module, nn.Linear):
+            pn = names.get(module, {})
+            wname = pn.get("weight") if pn.get("weight") in params else None
+            bname = pn.get("bias") if pn.get("bias") in params else None
+            covered.update(n for n in (wname, bname) if n)
+            W = params[wname] if wname else module.weight.detach()
+            b = None if module.bias is None else (params[bname] if bname
+                                                  else module.bias.detach())
+            steps.append(_Linear(W, b, prev.detach(), wname, bname))
+        elif isinstance(module, ELEMENTWISE) or (isinstance(module, IDENTITY_IN_EVAL)
+                                                 and not module.training):
+            if names.get(module):
+                return None, f"{type(module).__name__} has parameters"
+            if isinstance(module, IDENTITY_IN_EVAL):
+                prev = mout
+                continue
+            steps.append(_Elementwise(*_derivatives(module, prev.detach())))
+        else:
+            return None, f"layer {type(module).__name__} has no per-sample rule"
+        prev = mout
+    if prev is not out or out.dim() != 2 or out.shape[0] != inputs.shape[0]:
+        return None, "the model output is not the last layer's (N, C) output"
+    if covered != set(params):
+        return None, f"parameters {sorted(set(params) - covered)} are outside the Linear chain"
+    hg = _output_hessian(f.loss_fn, out, targets)
+    if isinstance(hg, str):
+        return None, hg
+    return ChainPlan(steps, hg[0], hg[1], params), "ok"
+
+
+def plan(f: Any, args: tuple[Any, ...], argnums: int) -> ChainPlan | None:
+    """The plan when the structured route applies, else None."""
+    return analyze(f, args, argnums)[0]
+
+

@@ -1,0 +1,147 @@
+"""Full Hessians and per-parameter Hessian blocks.
+
+``hessian(f)(*args)`` is the matrix of second derivatives of a scalar ``f`` with
+respect to ``args[argnums]``; ``hessian_blocks(f)(*args)`` keeps only each
+leaf's own block (the seed's "diagonal + off-diagonal terms" of one parameter),
+never computing the cross blocks.
+
+Both are built from Hessian rows ``H e_i`` of one-hot tangents pushed in chunks
+through a gradient graph that is built once (``hvp_fn``), so a chunk of ``k``
+rows costs one batched backward pass. ``chunk_size`` bounds the rows in flight;
+``None`` sizes chunks to a fixed working budget (``_memory.CHUNK_BUDGET_BYTES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import _chain
+from ._checks import check_argnums, check_callable, check_chunk_size, check_floating, wrap_scalar
+from ._memory import auto_chunk_size, check_dense, itemsize
+from ._tree import FlatSpec, flat_spec, one_hot_chunks
+from .hvp import HVPFunction
+
+__all__ = ["hessian", "hessian_blocks"]
+
+
+def _prepare(f: Any, args: tuple[Any, ...], argnums: Any, chunk_size: Any, call: str
+             ) -> tuple[int, FlatSpec]:
+    check_callable(f, "f", call)
+    check_chunk_size(chunk_size, call)
+    check_argnums(argnums, len(args), call, allow_tuple=False)
+    argnums = argnums % len(args)
+    check_floating(args[argnums], f"args[{argnums}]", call)
+    return argnums, flat_spec(args[argnums])
+
+
+def _nest(M: torch.Tensor, primal: Any, spec: FlatSpec) -> Any:
+    """Nested blocks ``H[a][b]`` of shape ``a.shape + b.shape`` (torch.func convention)."""
+    if isinstance(primal, torch.Tensor):
+        return M.reshape(primal.shape + primal.shape)
+    slices = list(spec.slices().values())
+    outer = []
+    for sa, shape_a in zip(slices, spec.shapes, strict=True):
+        inner = [M[sa, sb].reshape(shape_a + shape_b)
+                 for sb, shape_b in zip(slices, spec.shapes, strict=True)]
+        outer.append(pytree.tree_unflatten(inner, spec.treespec))
+    return pytree.tree_unflatten(outer, spec.treespec)
+
+
+def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
+            chunk_size: int | None = None, max_memory: int | None = None) -> Callable[..., Any]:
+    """The Hessian of a scalar function, as a function with ``f``'s arguments.
+
+    Args:
+        f: scalar-valued function.
+        argnums: the argument ``p`` to differentiate twice (P scalars in all).
+        flat: return the ``(P, P)`` matrix, leaves in flat (``named_parameters``) order.
+        chunk_size: Hessian rows computed per batched backward pass.
+        max_memory: refuse (before allocating) a result over this many bytes;
+            default half of the memory available (see ``hessfunc._memory``).
+
+    Returns:
+        For a tensor ``p``: shape ``p.shape + p.shape``. For a dict or tuple of
+        tensors: nested blocks ``H[a][b]`` of shape ``a.shape + b.shape``. With
+        ``flat=True``: ``(P, P)``.
+
+    Example:
+        >>> f = lambda x: x[0] ** 2 * x[1]           # H = [[2 x1, 2 x0], [2 x0, 0]]
+        >>> hessian(f)(torch.tensor([1.0, 3.0]))
+        tensor([[6., 2.],
+                [2., 0.]])
+    """
+    call = "hessfunc.hessian"
+
+    def hess_f(*args: Any) -> Any:
+        a, spec = _prepare(f, args, argnums, chunk_size, call)
+        P = spec.numel
+        check_dense(P * P, spec.dtype, spec.device, what=f"the dense {P} x {P} Hessian",
+                    call=call, max_memory=max_memory,
+                    hint="use `hessian_blocks`, `hessian_diag` or `hessfunc.HessianOperator`")
+        chunk = chunk_size or auto_chunk_size(P, 4 * P * itemsize(spec.dtype))
+        H = HVPFunction(wrap_scalar(f, call), args, a)
+        rows = []
+        for _, _, basis in one_hot_chunks(spec, chunk):
+            out = pytree.tree_leaves(H.batched(basis))
+            rows.append(torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1))
+        M = torch.cat(rows)
+        return M if flat else _nest(M, args[a], spec)
+
+    return hess_f
+
+
+def _generic_blocks(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
+                    ) -> list[torch.Tensor]:
+    blocks = []
+    for index, (shape, n) in enumerate(zip(spec.shapes, spec.numels, strict=True)):
+        chunk = chunk_size or auto_chunk_size(n, 4 * n * itemsize(spec.dtype))
+        rows = []
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            basis = torch.zeros(hi - lo, n, dtype=spec.dtype, device=spec.device)
+            r = torch.arange(hi - lo, device=spec.device)
+            basis[r, r + lo] = 1
+            rows.append(H.block_rows(index, basis.reshape((hi - lo, *shape))).reshape(hi - lo, n))
+        blocks.append(torch.cat(rows))
+    return blocks
+
+
+def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,
+                   max_memory: int | None = None) -> Callable[..., Any]:
+    """Each leaf's own ``(numel, numel)`` Hessian block, without the cross blocks.
+
+    For a parameter dict ``p``, ``hessian_blocks(f)(p, ...)[name]`` is
+    ``d^2 f / d p[name]^2`` flattened row-major: diagonal and off-diagonal terms
+    of that parameter. For a model made by :func:`hessfunc.functionalize` whose
+    forward is a chain of ``nn.Linear`` layers and elementwise activations with a
+    loss that is a sum over samples, the blocks come from per-sample Hessians
+    propagated backward (``hessfunc._chain``); otherwise from batched Hessian rows.
+
+    Returns:
+        The structure of ``args[argnums]`` with ``(numel, numel)`` leaves.
+
+    Example:
+        >>> f = lambda p: (p["a"] ** 3).sum() + (p["a"].sum() * p["b"]).sum()
+        >>> blocks = hessian_blocks(f)({"a": torch.tensor([1.0, 2.0]), "b": torch.ones(1)})
+        >>> blocks["a"], blocks["b"]
+        (tensor([[ 6.,  0.],
+                [ 0., 12.]]), tensor([[0.]]))
+    """
+    call = "hessfunc.hessian_blocks"
+
+    def blocks_f(*args: Any) -> Any:
+        a, spec = _prepare(f, args, argnums, chunk_size, call)
+        check_dense(sum(n * n for n in spec.numels), spec.dtype, spec.device,
+                    what="the diagonal blocks", call=call, max_memory=max_memory,
+                    hint="use `hessian_diag` or `hessfunc.HessianOperator`")
+        plan = _chain.plan(f, args, a)
+        if plan is not None:
+            return plan.blocks(chunk_size)
+        H = HVPFunction(wrap_scalar(f, call), args, a)
+        return pytree.tree_unflatten(_generic_blocks(H, spec, chunk_size), spec.treespec)
+
+    return blocks_f

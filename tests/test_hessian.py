@@ -1,0 +1,295 @@
+"""Full Hessians, blocks, diagonals (both routes), per-sample diagonals, against the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close, oracle_loss
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import ACTIVATIONS, build_mlp, custom_loss, problems
+from torch import nn
+from torch.func import vmap
+
+import hessfunc as hf
+from hessfunc import _chain
+
+
+def _oracle(f, params, batch):
+    loss, leaves = oracle_loss(f, params, *batch)
+    return (hf.reference.hessian(loss, list(leaves.values())),
+            hf.reference.hessian_blocks(loss, leaves),
+            hf.reference.hessian_diag(loss, leaves))
+
+
+@given(problems(max_batch=4))
+def test_full_blocks_diag_equal_oracle_and_each_other(prob):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    H_ref, blocks_ref, diag_ref = _oracle(f, params, prob.batch)
+    H = hf.hessian(f, flat=True)(params, *prob.batch)
+    assert_close(H, H_ref)
+    assert_close(H, H.T)
+    nested = hf.hessian(f)(params, *prob.batch)
+    blocks = hf.hessian_blocks(f)(params, *prob.batch)
+    diag = hf.hessian_diag(f)(params, *prob.batch)
+    generic = hf.hessian_diag(f, method="generic")(params, *prob.batch)
+    assert_close(blocks, blocks_ref)
+    assert_close(diag, diag_ref)
+    assert_close(generic, diag_ref)
+    lo = 0
+    for a, pa in params.items():
+        n = pa.numel()
+        sl = slice(lo, lo + n)
+        assert_close(blocks[a], H[sl, sl])
+        assert_close(diag[a].reshape(-1), H.diagonal()[sl])
+        assert diag[a].shape == pa.shape
+        col = 0
+        for b, pb in params.items():
+            assert nested[a][b].shape == pa.shape + pb.shape
+            assert_close(nested[a][b].reshape(n, pb.numel()), H[sl, col:col + pb.numel()])
+            col += pb.numel()
+        lo += n
+
+
+class SimpleNet(nn.Module):
+    """The seed's network: a custom module whose forward calls a Sequential."""
+
+    def __init__(self, act: type[nn.Module] = nn.Tanh):
+        super().__init__()
+        self.linear = nn.Sequential(nn.Linear(1, 10), act(), nn.Linear(10, 10), act(),
+                                    nn.Linear(10, 1))
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("loss", ["mse", "sum-mse", "cross-entropy", "custom"])
+def test_structured_route_taken_and_exact(act, loss):
+    torch.manual_seed(0)
+    out = 3 if loss == "cross-entropy" else 2
+    model = build_mlp([3, 5, 4, out], act, seed=1)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    if loss == "cross-entropy":
+        y, loss_fn = torch.randint(0, 3, (7,)), F.cross_entropy
+    else:
+        y = torch.randn(7, out, dtype=torch.float64)
+        loss_fn = {"mse": nn.MSELoss(), "sum-mse": nn.MSELoss(reduction="sum"),
+                   "custom": custom_loss}[loss]
+    f, params = hf.functionalize(model, loss_fn)
+    plan, reason = _chain.analyze(f, (params, x, y), 0)
+    _, blocks_ref, diag_ref = _oracle(f, params, (x, y))
+    if act == "sin":  # a user-defined module: not known to be elementwise, so refused
+        assert plan is None and "Sin has no per-sample rule" in reason
+        assert_close(hf.hessian_diag(f)(params, x, y), diag_ref)
+        return
+    assert plan is not None, reason
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y), diag_ref)
+    assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
+
+
+def test_structured_route_on_the_seed_network_with_frozen_layer():
+    torch.manual_seed(0)
+    model = SimpleNet().double()
+    model.linear[2].bias.requires_grad_(False)
+    x = torch.linspace(-3, 3, 40, dtype=torch.float64).view(-1, 1)
+    y = torch.sin(x)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    assert "linear.2.bias" not in params
+    _, blocks_ref, diag_ref = _oracle(f, params, (x, y))
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y), diag_ref)
+    assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(x + torch.tanh(self.a(x)))
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(3, 3), nn.GELU(), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        h.mul_(2.0)  # edits the recorded output in place: the chain must be refused
+        return self.b(h)
+
+
+@pytest.mark.parametrize(
+    ("make", "loss_fn", "why"),
+    [
+        (Residual, nn.MSELoss(), "not a chain"),
+        (WithLayerNorm, nn.MSELoss(), "LayerNorm"),
+        (InPlace, nn.MSELoss(), "in place"),
+        (lambda: build_mlp([3, 4, 2], "tanh", 0), lambda o, t: ((o - t).sum()) ** 2,
+         "couples samples"),
+    ],
+)
+def test_fallback_is_detected_and_still_exact(make, loss_fn, why):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    f, params = hf.functionalize(model, loss_fn)
+    plan, reason = _chain.analyze(f, (params, x, y), 0)
+    assert plan is None and why in reason
+    _, _, diag_ref = _oracle(f, params, (x, y))
+    assert_close(hf.hessian_diag(f)(params, x, y), diag_ref)
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply"):
+        hf.hessian_diag(f, method="structured")(params, x, y)
+
+
+@given(prob=problems(kinds=("mlp",), max_batch=5), chunk=st.sampled_from([1, 2, 3, None]))
+def test_every_chunk_size_gives_the_same_result(prob, chunk):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    for method in ("structured", "generic"):
+        if method == "structured" and _chain.plan(f, (params, *prob.batch), 0) is None:
+            continue
+        base = hf.hessian_diag(f, method=method)(params, *prob.batch)
+        assert_close(hf.hessian_diag(f, chunk_size=chunk, method=method)(params, *prob.batch),
+                     base)
+    P = sum(t.numel() for t in params.values())
+    H = hf.hessian(f, flat=True)(params, *prob.batch)
+    for c in {1, max(1, P // 2), P, P + 3} | ({chunk} if chunk else set()):
+        assert_close(hf.hessian(f, flat=True, chunk_size=c)(params, *prob.batch), H)
+        assert_close(hf.hessian_blocks(f, chunk_size=c)(params, *prob.batch),
+                     hf.hessian_blocks(f)(params, *prob.batch))
+
+
+@given(problems(kinds=("mlp", "tied"), max_batch=4))
+def test_per_sample_diagonals_under_vmap_equal_a_loop_with_the_oracle(prob):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    x, y = prob.batch
+    per_sample = vmap(hf.hessian_diag(f), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+    for n in range(x.shape[0]):
+        _, _, diag_ref = _oracle(f, params, (x[n:n + 1], y[n:n + 1]))
+        assert_close({k: t[n] for k, t in per_sample.items()}, diag_ref)
+
+
+@given(problems(kinds=("mlp",), max_batch=4))
+def test_per_sample_input_hessian_diagonals(prob):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    x, y = prob.batch
+    per_point = vmap(hf.hessian_diag(f, argnums=1), in_dims=(None, 0, 0))(params, x, y)
+    for n in range(x.shape[0]):
+        expected = hf.reference.input_hessian_diag(lambda xi: f(params, xi, y[n]), x[n])
+        assert_close(per_point[n], expected)
+
+
+@given(problems(kinds=("mlp",), max_batch=3))
+def test_hessian_under_vmap_and_composed_with_grad(prob):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    x, y = prob.batch
+    H = vmap(hf.hessian(f, flat=True), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+    for n in range(x.shape[0]):
+        H_ref, _, _ = _oracle(f, params, (x[n:n + 1], y[n:n + 1]))
+        assert_close(H[n], H_ref)
+
+
+def test_float32_agrees_with_float64_within_stated_tolerance():
+    model = build_mlp([3, 6, 6, 2], "tanh", seed=3)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    f64, p64 = hf.functionalize(model, nn.MSELoss())
+    f32, p32 = hf.functionalize(model.float(), nn.MSELoss())
+    for method in ("structured", "generic"):
+        d64 = hf.hessian_diag(f64, method=method)(p64, x, y)
+        d32 = hf.hessian_diag(f32, method=method)(p32, x.float(), y.float())
+        for k in d64:
+            assert d32[k].dtype == torch.float32
+            scale = float(d64[k].abs().max())
+            torch.testing.assert_close(d32[k].double(), d64[k], rtol=2e-4, atol=2e-5 * scale)
+
+
+# ----------------------------------------------------------------- derivative, laplacian
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("fn", [torch.sin, torch.exp, torch.tanh, lambda t: t ** 4 - 2 * t ** 3])
+def test_derivative_equals_nested_autograd(order, fn):
+    x = torch.linspace(-2, 2, 11, dtype=torch.float64).reshape(11, 1)
+    assert_close(hf.derivative(fn, order)(x), hf.reference.derivatives(fn, x, order)[-1])
+
+
+def test_derivative_closed_forms_and_scalar_input():
+    x = torch.linspace(-2, 2, 7, dtype=torch.float64)
+    assert_close(hf.derivative(torch.sin, 3)(x), -torch.cos(x))
+    assert_close(hf.derivative(torch.exp, 5)(x), torch.exp(x))
+    assert_close(hf.derivative(lambda t: t ** 3, 2)(x), 6 * x)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    assert [float(hf.derivative(lambda t: t ** 4, n)(one)) for n in (1, 2, 3)] == [4, 12, 24]
+    assert_close(vmap(hf.derivative(torch.sin, 2))(x), -torch.sin(x))
+
+
+@given(st.integers(1, 5), st.integers(0, 1000))
+def test_laplacian_equals_trace_of_the_oracle_hessian(d, seed):
+    model = build_mlp([d, 5, 1], "softplus", seed)
+    u = lambda x: model(x).squeeze(-1)  # noqa: E731
+    X = torch.randn(4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    lap = vmap(hf.laplacian(u))(X)
+    for n in range(4):
+        assert_close(lap[n], hf.reference.laplacian(u, X[n]))
+
+
+def test_laplacian_closed_forms():
+    x = torch.randn(6, dtype=torch.float64)
+    assert_close(hf.laplacian(lambda z: torch.sin(z).sum())(x), -torch.sin(x).sum())
+    r2 = (x ** 2).sum()
+    assert_close(hf.laplacian(lambda z: torch.exp(-(z ** 2).sum() / 2))(x),
+                 (r2 - 6) * torch.exp(-r2 / 2))
+    assert_close(hf.laplacian(lambda w, z: (w * z ** 3).sum(), argnums=1)(x, x), (6 * x * x).sum())
+
+
+# ----------------------------------------------------------------- memory guard, bad input
+def test_dense_hessian_refused_before_allocating():
+    big = {"w": torch.zeros(200_000)}
+    f = lambda p: (p["w"] ** 3).sum()  # noqa: E731
+    with pytest.raises(hf.DenseMemoryError, match=r"149\.0 GiB .*over the limit.*hessian_diag"):
+        hf.hessian(f)(big)
+    with pytest.raises(hf.DenseMemoryError, match="over the limit of 1.0 KiB"):
+        hf.hessian(f, max_memory=1024)({"w": torch.zeros(100)})
+    with pytest.raises(hf.DenseMemoryError, match="diagonal blocks"):
+        hf.hessian_blocks(f, max_memory=1024)({"w": torch.zeros(100)})
+    assert hf.hessian_diag(f)({"w": torch.ones(100)})["w"].shape == (100,)
+
+
+def test_bad_input():
+    f = lambda x: (x ** 3).sum()  # noqa: E731
+    x = torch.ones(3)
+    with pytest.raises(hf.ArgumentError, match="scalar"):
+        hf.hessian(lambda x: x ** 2)(x)
+    with pytest.raises(hf.ArgumentError, match="scalar"):
+        hf.hessian_diag(lambda x: x ** 2)(x)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(hf.ArgumentError, match="`chunk_size` must be an int >= 1"):
+            hf.hessian_diag(f, chunk_size=bad)(x)
+        with pytest.raises(hf.ArgumentError, match="`chunk_size`"):
+            hf.hessian(f, chunk_size=bad)(x)
+    with pytest.raises(hf.ArgumentError, match="`order` must be an int >= 1"):
+        hf.derivative(torch.sin, 0)
+    with pytest.raises(hf.ArgumentError, match="must be elementwise"):
+        hf.derivative(lambda t: t.sum(), 2)(x)
+    with pytest.raises(hf.ArgumentError, match="dtype torch.int64"):
+        hf.hessian(f)(torch.arange(3))
+    with pytest.raises(hf.ArgumentError, match="dtype torch.int64"):
+        hf.derivative(torch.sin, 1)(torch.arange(3))
+    with pytest.raises(hf.ArgumentError, match="`method` must be one of"):
+        hf.hessian_diag(f, method="fast")
+    with pytest.raises(hf.ArgumentError, match="`method` must be one of"):
+        hf.laplacian(f, method="taylor")
+    with pytest.raises(hf.ArgumentError, match="`argnums`=2 is out of range"):
+        hf.hessian_blocks(f, argnums=2)(x)
+    with pytest.raises(hf.ArgumentError, match="f was not made by hessfunc.functionalize"):
+        hf.hessian_diag(f, method="structured")(x)
