@@ -7,11 +7,11 @@
 
 from . import reference
 from ._version import __version__
+from .derivative import derivative
+from .diagonal import hessian_diag
 from .errors import ArgumentError, DenseMemoryError, HessfuncError
 from .functional import FunctionalModel, functionalize
 from .gradient import grad
-from .derivative import derivative
-from .diagonal import hessian_diag
 from .hessian import hessian, hessian_blocks
 from .hvp import HVPFunction, hvp, hvp_fn
 from .laplacian import laplacian
