@@ -1,0 +1,479 @@
+"""The Lanczos process and the extreme eigenvalues of a symmetric operator.
+
+From a unit vector ``q_1`` the Lanczos process builds an orthonormal basis
+``Q_m = [q_1, ..., q_m]`` of the Krylov space
+``span{q_1, A q_1, ..., A^(m-1) q_1}``, one product ``A q_j`` per step, in which
+``A`` is tridiagonal:
+
+    A Q_m = Q_m T_m + beta_m q_(m+1) e_m^T,
+    alpha_j = q_j^T A q_j,
+    beta_j q_(j+1) = A q_j - alpha_j q_j - beta_(j-1) q_(j-1),
+
+with ``T_m`` symmetric tridiagonal, ``alpha`` on its diagonal and
+``beta_1 .. beta_(m-1)`` beside it. An eigenpair ``(theta, y)`` of ``T_m`` gives
+the Ritz pair ``(theta, Q_m y)`` of ``A`` with residual
+
+    ||A Q_m y - theta Q_m y|| = beta_m |e_m^T y|,
+
+and some eigenvalue of ``A`` lies within that distance of ``theta``. The extreme
+Ritz values converge first, fastest where the spectrum has a gap.
+
+In floating point the basis loses orthogonality as Ritz values converge, which
+brings spurious copies of them; here every new vector is orthogonalised against
+the whole basis, twice (classical Gram-Schmidt, "twice is enough").
+
+References:
+    C. Lanczos, "An iteration method for the solution of the eigenvalue problem
+    of linear differential and integral operators", J. Res. Nat. Bur. Standards
+    45, 1950.
+
+    B. N. Parlett, "The Symmetric Eigenvalue Problem", SIAM, 1998 (ch. 13).
+
+    L. Giraud, J. Langou and M. Rozloznik, "The loss of orthogonality in the
+    Gram-Schmidt orthogonalization process", Computers & Mathematics with
+    Applications 50, 2005.
+
+Example (a diagonal matrix with eigenvalues 1, ..., 10)::
+
+    >>> import torch
+    >>> d = torch.arange(1.0, 11.0, dtype=torch.float64)
+    >>> result = lanczos_eigenvalues(lambda V: d[:, None] * V, 10, k=2,
+    ...                              generator=torch.Generator().manual_seed(0),
+    ...                              dtype=torch.float64)
+    >>> [round(x, 8) for x in result.eigenvalues.tolist()], result.converged
+    ([10.0, 9.0], True)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hessfunc.errors import ArgumentError
+from hessfunc.estimators._probes import (
+    Matmat,
+    Operator,
+    check_choice,
+    check_int,
+    check_positive_float,
+)
+
+__all__ = ["LanczosResult", "EigenResult", "lanczos", "lanczos_eigenvalues"]
+
+_WHICH = ("largest", "magnitude", "smallest")
+
+
+class LanczosResult(NamedTuple):
+    """The outcome of ``m`` Lanczos steps: ``A Q = Q T + residual_norm q_(m+1) e_m^T``.
+
+    Attributes:
+        alphas: ``(m,)``, the diagonal of ``T``.
+        betas: ``(m - 1,)``, its off-diagonal; an exact 0 marks a restart after
+            an invariant subspace (see the note in :func:`lanczos`).
+        residual_norm: 0-dim, ``beta_m``, the norm of the last residual.
+        basis: ``(size, m)``, the orthonormal Krylov basis ``Q``, or ``None``.
+    """
+
+    alphas: torch.Tensor
+    betas: torch.Tensor
+    residual_norm: torch.Tensor
+    basis: torch.Tensor | None
+
+    def tridiagonal(self) -> torch.Tensor:
+        """The dense ``(m, m)`` tridiagonal matrix ``T``."""
+        return torch.diag(self.alphas) + torch.diag(self.betas, 1) + torch.diag(self.betas, -1)
+
+
+class EigenResult(NamedTuple):
+    """Extreme eigenpairs found by :func:`lanczos_eigenvalues`.
+
+    Attributes:
+        eigenvalues: ``(k,)``; descending for ``"largest"``, descending in
+            absolute value for ``"magnitude"``, ascending for ``"smallest"``.
+        eigenvectors: ``(size, k)`` unit columns matching ``eigenvalues``, or ``None``.
+        num_matvecs: operator-vector products spent (= Lanczos steps).
+        converged: whether every wanted Ritz value met the tolerance (always
+            true once the Krylov space reached ``size``, where results are exact).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor | None
+    num_matvecs: int
+    converged: bool
+
+
+def lanczos(
+    matmat: Matmat,
+    size: int,
+    *,
+    num_steps: int,
+    start: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reorthogonalize: bool = True,
+    return_basis: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> LanczosResult:
+    """Run ``num_steps`` steps of the Lanczos process on the symmetric operator ``A``.
+
+    Args:
+        matmat: maps a ``(size, k)`` tensor ``V`` to ``A @ V``; called with one
+            column per step.
+        size: the operator's side length ``n``.
+        num_steps: ``m`` in ``[1, size]``.
+        start: ``(size,)`` starting vector (normalised here); ``None``: a random
+            Gaussian one drawn from ``generator``. Its dtype and device are the
+            defaults of ``dtype`` and ``device``.
+        generator: source of the random start and of restart vectors.
+        reorthogonalize: orthogonalise each new vector against the whole basis
+            (twice), at ``O(size * m)`` memory; ``False`` keeps only the
+            three-term recurrence and loses orthogonality as Ritz values converge.
+        return_basis: also return the ``(size, m)`` basis.
+        dtype, device: of the vectors; default from ``start``, else torch's
+            default dtype and the generator's device.
+
+    Returns:
+        :class:`LanczosResult`.
+
+    NOTE [invariant subspaces]: a ``beta_j`` at rounding level means the Krylov
+    space is invariant under ``A``; its Ritz values are then eigenvalues. The run
+    continues from a fresh random vector orthogonal to the basis (to the last
+    vector only without reorthogonalisation) and records ``beta_j = 0``, so ``T``
+    is block diagonal and each block's eigenvalues are eigenvalues of ``A``.
+    """
+    caller = "lanczos"
+    if start is not None and not isinstance(start, torch.Tensor):
+        raise ArgumentError(
+            f"{caller}(): expected start to be a ({size},) tensor or None, got "
+            f"{type(start).__name__}. Pass a torch.Tensor or leave start=None."
+        )
+    op = Operator.from_args(
+        caller,
+        matmat,
+        size,
+        dtype=dtype,
+        device=device,
+        generator=generator,
+        like=start,
+        like_name="start",
+    )
+    num_steps = check_int(num_steps, "num_steps", caller, maximum=op.size)
+    if start is None:
+        first = _unit_columns(op.probes(1, "gaussian", generator), (op.size, 1), "start", caller)
+    else:
+        first = _unit_columns(start, (op.size,), "start", caller).unsqueeze(1)
+    run = _LanczosRun(
+        op,
+        first,
+        reorthogonalize=reorthogonalize,
+        keep_basis=return_basis,
+        generator=generator,
+        capacity=num_steps,
+    )
+    for _ in range(num_steps):
+        run.step()
+    alphas, offdiag, residual = run.coefficients()
+    basis = run.basis()[0].T if return_basis else None
+    return LanczosResult(alphas[:, 0], offdiag[:, 0], residual[0], basis)
+
+
+def lanczos_eigenvalues(
+    matmat: Matmat,
+    size: int,
+    *,
+    k: int = 1,
+    which: str = "largest",
+    tol: float = 1e-8,
+    max_steps: int | None = None,
+    return_vectors: bool = False,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> EigenResult:
+    """The ``k`` extreme eigenvalues (and eigenvectors) of the symmetric operator ``A``.
+
+    Runs the fully reorthogonalised Lanczos process from a random start, one
+    product ``A q`` at a time, growing the Krylov space until the ``k`` wanted
+    Ritz values converge.
+
+    Args:
+        matmat: maps a ``(size, k)`` tensor ``V`` to ``A @ V``; called with one column.
+        size: the operator's side length ``n``.
+        k: how many eigenvalues, in ``[1, size - 1]`` (for all of them use
+            ``torch.linalg.eigvalsh`` on the dense matrix).
+        which: ``"largest"`` (algebraic), ``"magnitude"`` (absolute value) or
+            ``"smallest"`` (algebraic).
+        tol: relative tolerance, see the note below.
+        max_steps: cap on the Krylov dimension, ``>= k``; ``None`` or anything
+            above ``size`` means ``size``, where the space is complete and the
+            results exact. Memory is ``(size, steps)``.
+        return_vectors: also return the ``(size, k)`` Ritz vectors.
+        generator: source of the random start (and of restart vectors).
+        dtype, device: of the vectors; default torch's default dtype and the
+            generator's device.
+
+    Returns:
+        :class:`EigenResult`; ``converged`` is false when ``max_steps`` ran out first.
+
+    NOTE [convergence test]: a wanted Ritz value ``theta`` with Ritz vector
+    ``Q y`` has converged once ``beta_m |e_m^T y| <= tol |theta| + r``, with
+    ``r = sqrt(size) eps ||T||`` the rounding floor (``eps`` of ``dtype``), so
+    that eigenvalues near zero can converge too. Then some eigenvalue of ``A``
+    lies within the bound of ``theta``, and ``||A v - theta v||`` is the bound.
+    After a restart (note in :func:`lanczos`) the newest block's own extreme
+    Ritz value must also converge, and an exhausted block must not hold values
+    beyond the ``k``-th wanted one, since the rest of the space can only repeat
+    them.
+
+    NOTE [repeated eigenvalues]: a single start vector meets each eigenspace in
+    one direction, so until the Krylov space becomes invariant an eigenvalue
+    of multiplicity ``p > 1`` shows up once, not ``p`` times. Exactly repeated
+    extreme eigenvalues are found with their multiplicity only when the space
+    runs into an invariant subspace first (e.g. few distinct eigenvalues);
+    otherwise the ``k``-list skips the copies.
+    """
+    caller = "lanczos_eigenvalues"
+    op = Operator.from_args(caller, matmat, size, dtype=dtype, device=device, generator=generator)
+    k = check_int(k, "k", caller, maximum=op.size - 1)
+    which = check_choice(which, "which", _WHICH, caller)
+    tol = check_positive_float(tol, "tol", caller)
+    limit = op.size
+    if max_steps is not None:
+        limit = min(check_int(max_steps, "max_steps", caller, minimum=k), op.size)
+
+    check_at = min(limit, max(2 * k, k + 8))
+    run = _LanczosRun(
+        op,
+        _unit_columns(op.probes(1, "gaussian", generator), (op.size, 1), "start", caller),
+        reorthogonalize=True,
+        keep_basis=True,
+        generator=generator,
+        capacity=check_at,
+    )
+    while True:
+        run.step()
+        # check on a schedule, and whenever an invariant subspace ends a block
+        if run.num_steps < check_at and not (run.exhausted and run.num_steps >= k):
+            continue
+        eigenvalues, ritz, converged = _wanted_ritz_pairs(run, k, which, tol)
+        if converged or run.num_steps == limit:
+            break
+        if run.num_steps == check_at:
+            check_at = min(limit, check_at + max(4, check_at // 8))
+
+    eigenvectors = None
+    if return_vectors:
+        eigenvectors = run.basis()[0].T @ ritz.to(op.dtype)
+        eigenvectors = eigenvectors / torch.linalg.vector_norm(eigenvectors, dim=0)
+    return EigenResult(
+        eigenvalues.to(op.dtype),
+        eigenvectors,
+        run.num_steps,
+        converged or run.num_steps == op.size,
+    )
+
+
+def _ordering_key(theta: torch.Tensor, which: str) -> torch.Tensor:
+    """A key whose largest values are the wanted end of the spectrum."""
+    if which == "largest":
+        return theta
+    if which == "smallest":
+        return -theta
+    return theta.abs()
+
+
+def _wanted_ritz_pairs(
+    run: _LanczosRun, k: int, which: str, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The ``k`` wanted Ritz values, their ``(m, k)`` eigenvectors of ``T``, and convergence."""
+    alphas, offdiag, residual = run.coefficients()
+    alphas, offdiag = alphas[:, 0].double(), offdiag[:, 0].double()
+    beta = residual[0].double()
+    theta, vectors = _tridiagonal_eigh(alphas, offdiag)
+    key = _ordering_key(theta, which)
+    order = torch.argsort(key, descending=True, stable=True)[:k]
+    floor = _roundoff(run.size, run.dtype) * theta.abs().max()
+
+    def small(bound: torch.Tensor, value: torch.Tensor) -> bool:
+        return bool((bound <= tol * value.abs() + floor).all())
+
+    converged = small(beta * vectors[-1, order].abs(), theta[order])
+    restarts = (offdiag == 0).nonzero()
+    block = int(restarts[-1]) + 1 if len(restarts) else 0
+    if converged and (block > 0 or run.exhausted):
+        block_theta, block_vectors = _tridiagonal_eigh(alphas[block:], offdiag[block:])
+        block_key = _ordering_key(block_theta, which)
+        if run.exhausted:
+            kth = key[order[-1]]
+            converged = small(block_key.max() - kth, kth)
+        else:
+            top = int(block_key.argmax())
+            converged = small(beta * block_vectors[-1, top].abs(), block_theta[top])
+    return theta[order], vectors[:, order], converged
+
+
+def _tridiagonal_eigh(
+    alphas: torch.Tensor, offdiag: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of symmetric tridiagonal matrices, in float64.
+
+    ``alphas`` is ``(..., m)`` and ``offdiag`` ``(..., m - 1)``; returns ascending
+    eigenvalues ``(..., m)`` and eigenvectors ``(..., m, m)`` as columns.
+    """
+    alphas, offdiag = alphas.double(), offdiag.double()
+    matrix = (
+        torch.diag_embed(alphas)
+        + torch.diag_embed(offdiag, offset=1)
+        + torch.diag_embed(offdiag, offset=-1)
+    )
+    return torch.linalg.eigh(matrix)
+
+
+def _roundoff(size: int, dtype: torch.dtype) -> float:
+    """Relative size of rounding errors in an orthogonalised vector of length ``size``."""
+    return size**0.5 * torch.finfo(dtype).eps
+
+
+def _breakdown_tol(dtype: torch.dtype) -> float:
+    """Relative size below which a Lanczos residual counts as zero.
+
+    NOTE [breakdown threshold]: once the Krylov space is invariant, the residual
+    is rounding noise from the product and the orthogonalisation, measured at
+    100 to 1000 ``eps`` of ``||A||`` in float64 and 10 to 100 ``eps`` in float32.
+    ``eps^(2/3)`` (4e-11 in float64, 2e-5 in float32) sits above that noise;
+    zeroing a true ``beta`` that small perturbs ``T``, hence the Ritz values, by
+    at most as much.
+    """
+    return torch.finfo(dtype).eps ** (2 / 3)
+
+
+def _unit_columns(
+    vectors: torch.Tensor, shape: tuple[int, ...], name: str, caller: str
+) -> torch.Tensor:
+    """``vectors`` of the given shape, each column (or the vector) scaled to unit norm."""
+    if tuple(vectors.shape) != shape:
+        raise ArgumentError(
+            f"{caller}(): expected {name} of shape {shape}, got {tuple(vectors.shape)}. "
+            f"Pass vectors of the operator's size."
+        )
+    norms = torch.linalg.vector_norm(vectors, dim=0)
+    if not bool(torch.isfinite(norms).all() & (norms > 0).all()):
+        raise ArgumentError(
+            f"{caller}(): expected every {name} vector to be finite and non-zero, got "
+            f"norms {norms.tolist()}. Pass non-zero finite vectors."
+        )
+    return vectors / norms
+
+
+class _LanczosRun:
+    """``b`` independent Lanczos processes, advanced together one step at a time.
+
+    The starting vectors are the unit columns of a ``(size, b)`` tensor; each
+    :meth:`step` calls the operator once on a ``(size, b)`` block. The basis is
+    stored as ``(b, steps, size)`` when ``reorthogonalize`` or ``keep_basis``.
+    """
+
+    def __init__(
+        self,
+        op: Operator,
+        start: torch.Tensor,
+        *,
+        reorthogonalize: bool,
+        keep_basis: bool,
+        generator: torch.Generator | None,
+        capacity: int,
+    ) -> None:
+        self.size, width = start.shape
+        self.dtype = start.dtype
+        self.num_steps = 0
+        self._op = op
+        self._generator = generator
+        self._reorthogonalize = reorthogonalize
+        self._basis = None
+        if reorthogonalize or keep_basis:
+            self._basis = start.new_empty((width, max(1, capacity), self.size))
+        self._start = start
+        self._current = start
+        self._residual = start
+        self._alphas: list[torch.Tensor] = []
+        self._betas: list[torch.Tensor] = []
+        self._scale = start.new_zeros(width)
+        self._breakdown = torch.zeros(width, dtype=torch.bool, device=start.device)
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the last step hit an invariant subspace (in any of the processes)."""
+        return bool(self._breakdown.any())
+
+    def step(self) -> None:
+        """One Lanczos step: one product with the operator, one more basis vector each."""
+        j = self.num_steps
+        if j == 0:
+            vector, beta_prev = self._start, None
+        else:
+            vector, beta_prev = self._next_vector()
+        self._store(j, vector)
+        product = self._op(vector)
+        alpha = (vector * product).sum(dim=0)
+        residual = product - alpha * vector
+        if beta_prev is not None:
+            residual = residual - beta_prev * self._current
+        if self._reorthogonalize:
+            residual = _project_out(residual, self._basis[:, : j + 1])
+        beta = torch.linalg.vector_norm(residual, dim=0)
+        spread = alpha.abs() + beta if beta_prev is None else alpha.abs() + beta + beta_prev
+        self._scale = torch.maximum(self._scale, spread)
+        self._breakdown = beta <= _breakdown_tol(self.dtype) * self._scale
+        self._current, self._residual = vector, residual
+        self._alphas.append(alpha)
+        self._betas.append(beta)
+        self.num_steps += 1
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``alphas (m, b)``, off-diagonal ``betas (m - 1, b)`` and residual norms ``(b,)``."""
+        betas = torch.stack(self._betas)
+        return torch.stack(self._alphas), betas[:-1], betas[-1]
+
+    def basis(self) -> torch.Tensor:
+        """The ``(b, m, size)`` orthonormal bases (rows), if kept."""
+        return self._basis[:, : self.num_steps]
+
+    def _next_vector(self) -> tuple[torch.Tensor, torch.Tensor]:
+        beta = self._betas[-1]
+        if not self.exhausted:
+            return self._residual / beta, beta
+        broken = self._breakdown
+        beta = torch.where(broken, torch.zeros_like(beta), beta)
+        self._betas[-1] = beta
+        vector = self._residual / torch.where(broken, torch.ones_like(beta), beta)
+        fresh = self._op.probes(int(broken.sum()), "gaussian", self._generator)
+        if self._reorthogonalize:
+            against = self._basis[broken, : self.num_steps]
+        else:
+            against = self._current[:, broken].T.unsqueeze(1)
+        fresh = _project_out(fresh, against)
+        vector[:, broken] = fresh / torch.linalg.vector_norm(fresh, dim=0)
+        return vector, beta
+
+    def _store(self, j: int, vector: torch.Tensor) -> None:
+        if self._basis is None:
+            return
+        width, capacity, size = self._basis.shape
+        if j == capacity:
+            grown = self._basis.new_empty((width, min(2 * capacity, size), size))
+            grown[:, :capacity] = self._basis
+            self._basis = grown
+        self._basis[:, j] = vector.T
+
+
+def _project_out(vectors: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
+    """Remove from each column of ``vectors (n, b)`` its part in the rows of ``against (b, c, n)``.
+
+    Classical Gram-Schmidt applied twice, which restores orthogonality to
+    rounding level even when the first pass cancels heavily.
+    """
+    columns = vectors.T.unsqueeze(-1)
+    for _ in range(2):
+        columns = columns - against.mT @ (against @ columns)
+    return columns.squeeze(-1).T.contiguous()

@@ -1,0 +1,711 @@
+"""Tests of hessfunc.estimators against closed forms and dense float64 linear algebra.
+
+Test matrices are built with a known spectrum, ``Q diag(l) Q^T`` with ``Q`` from
+the QR factorisation of a seeded Gaussian matrix. Stochastic estimators are
+checked for convergence and for honest standard errors over fixed generators.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hessfunc.errors import ArgumentError
+from hessfunc.estimators import (
+    EigenResult,
+    LanczosResult,
+    SpectralDensity,
+    TraceEstimate,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    lanczos_eigenvalues,
+    quadrature_moments,
+    spectral_density,
+)
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _symmetric(eigenvalues, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigenvalues) Q^T`` with a seeded random orthogonal ``Q``, in float64."""
+    values = torch.as_tensor(eigenvalues, dtype=F64)
+    n = values.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(1000 + seed), dtype=F64))
+    a = (q * values) @ q.T
+    return (a + a.T) / 2
+
+
+def _uniform(n: int, low: float, high: float, seed: int) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=_gen(2000 + seed), dtype=F64)
+
+
+def _clustered(n: int = 150) -> torch.Tensor:
+    top = torch.tensor([0.656, 0.641, 0.634, 0.6305, 0.6301], dtype=F64)
+    return torch.cat([top, _uniform(n - 5, 0.0, 0.6, seed=1)])
+
+
+def _indefinite(n: int = 120) -> torch.Tensor:
+    ends = torch.tensor([-2.0, -1.98, -1.97, 1.5, 1.49, 1.485], dtype=F64)
+    return torch.cat([ends, _uniform(n - 6, -1.0, 1.0, seed=2)])
+
+
+def _low_rank_plus_noise(n: int = 300) -> torch.Tensor:
+    return torch.cat([_uniform(10, 20.0, 50.0, seed=3), _uniform(n - 10, 0.0, 0.05, seed=4)])
+
+
+def _wanted(eigenvalues: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    """The k extreme eigenvalues in the order lanczos_eigenvalues returns them."""
+    if which == "largest":
+        return eigenvalues.sort(descending=True).values[:k]
+    if which == "smallest":
+        return eigenvalues.sort().values[:k]
+    return eigenvalues[eigenvalues.abs().argsort(descending=True)][:k]
+
+
+class _Counting:
+    """A matmat that records the width of each block it is called on."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        self.a = a
+        self.widths: list[int] = []
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.widths.append(v.shape[1])
+        return self.a @ v
+
+
+def test_symmetric_helper_has_the_requested_spectrum():
+    values = _indefinite(40)
+    a = _symmetric(values, seed=5)
+    assert_close(a, a.T, rtol=0, atol=0)
+    assert_close(torch.linalg.eigvalsh(a), values.sort().values, rtol=0, atol=1e-12)
+    assert not torch.allclose(a, torch.diag(torch.diagonal(a)))
+
+
+def test_wanted_helper_orders_like_the_contract():
+    values = torch.tensor([3.0, -5.0, 1.0, -2.0], dtype=F64)
+    assert _wanted(values, 2, "largest").tolist() == [3.0, 1.0]
+    assert _wanted(values, 2, "smallest").tolist() == [-5.0, -2.0]
+    assert _wanted(values, 3, "magnitude").tolist() == [-5.0, 3.0, -2.0]
+
+
+@pytest.mark.parametrize("module", ["hutchinson", "hutchpp", "lanczos", "slq"])
+def test_docstring_examples(module):
+    # importlib: the attribute hessfunc.estimators.lanczos is the function of that name
+    mod = importlib.import_module(f"hessfunc.estimators.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+# ---------------------------------------------------------------------------
+# Lanczos eigenvalues
+
+
+@pytest.mark.parametrize("which", ["largest", "magnitude", "smallest"])
+@pytest.mark.parametrize("spectrum", [_clustered, _indefinite], ids=["clustered", "indefinite"])
+def test_lanczos_eigenvalues_match_eigvalsh(spectrum, which):
+    values = spectrum()
+    a = _symmetric(values, seed=6)
+    k = 4
+    result = lanczos_eigenvalues(
+        lambda v: a @ v,
+        a.shape[0],
+        k=k,
+        which=which,
+        return_vectors=True,
+        generator=_gen(0),
+        dtype=F64,
+    )
+    assert isinstance(result, EigenResult)
+    assert result.converged
+    assert result.num_matvecs <= a.shape[0]
+    expected = _wanted(torch.linalg.eigvalsh(a), k, which)
+    assert_close(result.eigenvalues, expected, rtol=1e-8, atol=0)
+
+    vectors = result.eigenvectors
+    assert vectors.shape == (a.shape[0], k)
+    assert_close(vectors.T @ vectors, torch.eye(k, dtype=F64), rtol=0, atol=1e-10)
+    residual = torch.linalg.vector_norm(a @ vectors - vectors * result.eigenvalues, dim=0)
+    assert (residual <= 2e-8 * result.eigenvalues.abs()).all(), residual
+
+
+def test_lanczos_eigenvalues_stop_early_on_a_gapped_spectrum():
+    values = torch.cat([torch.tensor([10.0, 9.0, 8.0], dtype=F64), _uniform(397, 0, 1, 7)])
+    a = _symmetric(values, seed=7)
+    result = lanczos_eigenvalues(lambda v: a @ v, 400, k=3, generator=_gen(1), dtype=F64)
+    assert result.converged
+    assert result.num_matvecs < 60
+    assert_close(result.eigenvalues, torch.tensor([10.0, 9.0, 8.0], dtype=F64), rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("which", ["largest", "magnitude", "smallest"])
+def test_lanczos_eigenvalues_with_k_near_size(which):
+    values = _uniform(12, -3.0, 2.0, seed=8)
+    a = _symmetric(values, seed=8)
+    result = lanczos_eigenvalues(
+        lambda v: a @ v, 12, k=11, which=which, generator=_gen(2), dtype=F64
+    )
+    assert result.converged
+    assert_close(result.eigenvalues, _wanted(values, 11, which), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("which", "expected"),
+    [
+        ("largest", [5.0, 5.0, 3.0, 3.0]),
+        ("magnitude", [5.0, 5.0, 3.0, 3.0]),
+        ("smallest", [1.0] * 4),
+    ],
+)
+def test_lanczos_eigenvalues_through_invariant_subspaces(which, expected):
+    # three distinct eigenvalues: the first Krylov space is invariant after 3 steps,
+    # and the extra copies live only in its complement
+    a = _symmetric([5.0, 5.0, 3.0, 3.0, 3.0] + [1.0] * 25, seed=9)
+    result = lanczos_eigenvalues(
+        lambda v: a @ v, 30, k=4, which=which, generator=_gen(3), dtype=F64
+    )
+    assert result.converged
+    assert_close(result.eigenvalues, torch.tensor(expected, dtype=F64), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_lanczos_eigenvalues_find_the_copies_of_a_tight_cluster(k):
+    # ten eigenvalues 0.01 apart, three copies each: the first Krylov space sees one
+    # copy of each and is exhausted after 10 steps; a fresh block starts slowly, so
+    # the second copy of 1.0 only shows if the restarted block is run to convergence
+    values = torch.linspace(0.91, 1.0, 10, dtype=F64).repeat(3)
+    a = _symmetric(values, seed=41)
+    result = lanczos_eigenvalues(lambda v: a @ v, 30, k=k, generator=_gen(5), dtype=F64)
+    assert result.converged
+    assert_close(result.eigenvalues, torch.ones(k, dtype=F64), rtol=1e-10, atol=0)
+    if k == 2:  # the second block ends invariant with 1.0 as its top: nothing left to find
+        assert result.num_matvecs <= 20
+
+
+@pytest.mark.parametrize(("which", "expected"), [("largest", [4.0, 2.0, 1.0, 0.0, 0.0])])
+def test_lanczos_eigenvalues_of_a_low_rank_matrix(which, expected):
+    a = _symmetric([4.0, 2.0, 1.0] + [0.0] * 37, seed=10)
+    result = lanczos_eigenvalues(
+        lambda v: a @ v, 40, k=5, which=which, generator=_gen(4), dtype=F64
+    )
+    assert result.converged
+    assert result.num_matvecs < 40
+    assert_close(result.eigenvalues, torch.tensor(expected, dtype=F64), rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_eigenvalues_report_non_convergence_when_capped():
+    a = _symmetric(_clustered(), seed=6)
+    result = lanczos_eigenvalues(
+        lambda v: a @ v, 150, k=4, max_steps=10, generator=_gen(0), dtype=F64
+    )
+    assert result.num_matvecs == 10
+    assert not result.converged
+
+
+# ---------------------------------------------------------------------------
+# the Lanczos process itself
+
+
+def test_lanczos_relation_and_orthonormal_basis():
+    a = _symmetric(_indefinite(50), seed=11)
+    m = 12
+    result = lanczos(
+        lambda v: a @ v, 50, num_steps=m, return_basis=True, generator=_gen(5), dtype=F64
+    )
+    assert isinstance(result, LanczosResult)
+    assert result.alphas.shape == (m,)
+    assert result.betas.shape == (m - 1,)
+    basis, tri = result.basis, result.tridiagonal()
+    eye = torch.eye(m, dtype=F64)
+    assert_close(basis.T @ basis, eye, rtol=0, atol=1e-13)
+    assert_close(basis.T @ a @ basis, tri, rtol=0, atol=1e-13)
+    gap = a @ basis - basis @ tri  # = residual_norm q_(m+1) e_m^T
+    assert_close(gap[:, :-1], torch.zeros_like(gap[:, :-1]), rtol=0, atol=1e-13)
+    assert_close(torch.linalg.vector_norm(gap[:, -1]), result.residual_norm, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.logspace(-8, 3, 200, dtype=F64),
+        torch.cat([torch.logspace(0, 4, 20, dtype=F64), torch.zeros(180, dtype=F64)]),
+    ],
+    ids=["wide", "low-rank"],
+)
+def test_lanczos_basis_stays_orthonormal_over_a_long_run(values):
+    # converged Ritz values (and, for the low-rank matrix, restarts from fresh vectors
+    # in the null space) make one Gram-Schmidt pass lose orthogonality; two keep it
+    a = _symmetric(values, seed=40)
+    result = lanczos(
+        lambda v: a @ v, 200, num_steps=199, return_basis=True, generator=_gen(0), dtype=F64
+    )
+    basis = result.basis
+    assert_close(basis.T @ basis, torch.eye(199, dtype=F64), rtol=0, atol=5e-15)
+
+
+def test_lanczos_without_reorthogonalization_for_a_few_steps():
+    a = _symmetric(_uniform(60, 1.0, 2.0, seed=12), seed=12)
+    start = torch.randn(60, generator=_gen(6), dtype=F64)
+    result = lanczos(
+        lambda v: a @ v, 60, num_steps=5, start=start, reorthogonalize=False, return_basis=True
+    )
+    basis = result.basis
+    assert_close(basis[:, 0], start / start.norm(), rtol=0, atol=1e-15)
+    assert_close(basis.T @ basis, torch.eye(5, dtype=F64), rtol=0, atol=1e-10)
+    assert_close(basis.T @ a @ basis, result.tridiagonal(), rtol=0, atol=1e-10)
+
+
+def test_lanczos_restarts_after_an_invariant_subspace():
+    values = torch.tensor([4.0] * 5 + [2.0] * 5 + [-1.0] * 5, dtype=F64)
+    a = _symmetric(values, seed=13)
+    result = lanczos(
+        lambda v: a @ v, 15, num_steps=6, return_basis=True, generator=_gen(7), dtype=F64
+    )
+    assert result.betas[2] == 0  # three distinct eigenvalues: invariant after 3 steps
+    assert (result.betas[:2] > 0.1).all()
+    basis = result.basis
+    assert_close(basis.T @ basis, torch.eye(6, dtype=F64), rtol=0, atol=1e-13)
+    # the complement holds each eigenvalue 4 more times: invariant again after 3 steps
+    assert result.betas[4] > 0.1
+    assert result.residual_norm < 1e-12
+    ritz = torch.linalg.eigvalsh(result.tridiagonal())
+    expected = torch.tensor([-1.0, -1.0, 2.0, 2.0, 4.0, 4.0], dtype=F64)
+    assert_close(ritz, expected, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Hutchinson and Hutch++
+
+
+def test_hutchinson_is_exact_on_a_diagonal_matrix():
+    d = torch.linspace(-2.0, 5.0, 9, dtype=F64)
+    est = hutchinson_trace(lambda v: d[:, None] * v, 9, num_samples=5, generator=_gen(0), dtype=F64)
+    assert isinstance(est, TraceEstimate)
+    assert_close(est.estimate, d.sum(), rtol=1e-14, atol=1e-14)
+    assert_close(est.std_error, torch.zeros((), dtype=F64), rtol=0, atol=1e-14)
+    diag = hutchinson_diagonal(
+        lambda v: d[:, None] * v, 9, num_samples=2, generator=_gen(1), dtype=F64
+    )
+    assert_close(diag, d, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_trace_converges(distribution):
+    a = _symmetric(_uniform(50, -1.0, 3.0, seed=14), seed=14)
+    exact = torch.trace(a)
+
+    def mean_error(num_samples: int) -> float:
+        errors = [
+            (
+                hutchinson_trace(
+                    lambda v: a @ v,
+                    50,
+                    num_samples=num_samples,
+                    distribution=distribution,
+                    generator=_gen(seed),
+                    dtype=F64,
+                ).estimate
+                - exact
+            ).abs()
+            for seed in range(5)
+        ]
+        return float(torch.stack(errors).mean())
+
+    assert mean_error(1000) < 0.25 * mean_error(10)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_std_error_matches_the_actual_error(distribution):
+    a = _symmetric(_uniform(40, -1.0, 3.0, seed=15), seed=15)
+    exact = torch.trace(a)
+    z = []
+    for seed in range(40):
+        est = hutchinson_trace(
+            lambda v: a @ v,
+            40,
+            num_samples=50,
+            distribution=distribution,
+            generator=_gen(seed),
+            dtype=F64,
+        )
+        z.append((est.estimate - exact) / est.std_error)
+    mean_square = float(torch.stack(z).square().mean())
+    assert 0.5 < mean_square < 1.7, mean_square
+
+
+def test_hutchinson_single_sample_has_nan_std_error():
+    a = _symmetric(_uniform(10, 0.0, 1.0, seed=16), seed=16)
+    est = hutchinson_trace(lambda v: a @ v, 10, num_samples=1, generator=_gen(0), dtype=F64)
+    assert est.num_matvecs == 1
+    assert torch.isnan(est.std_error)
+    assert torch.isfinite(est.estimate)
+
+
+def test_hutchinson_batches_the_probes():
+    a = _symmetric(_uniform(20, 0.0, 1.0, seed=17), seed=17)
+    matmat = _Counting(a)
+    est = hutchinson_trace(matmat, 20, num_samples=23, batch_size=5, generator=_gen(0), dtype=F64)
+    assert matmat.widths == [5, 5, 5, 5, 3]
+    assert est.num_matvecs == 23
+    matmat = _Counting(a)
+    hutchinson_diagonal(matmat, 20, num_samples=7, batch_size=4, generator=_gen(0), dtype=F64)
+    assert matmat.widths == [4, 3]
+
+
+def test_hutchinson_diagonal_converges():
+    a = _symmetric(_uniform(30, -1.0, 2.0, seed=18), seed=18)
+    exact = torch.diagonal(a)
+    off_diagonal = (a.square().sum(dim=1) - exact.square()).sqrt()  # std of one probe
+
+    def error(num_samples: int, seed: int) -> torch.Tensor:
+        est = hutchinson_diagonal(
+            lambda v: a @ v, 30, num_samples=num_samples, generator=_gen(seed), dtype=F64
+        )
+        assert est.shape == (30,)
+        return est - exact
+
+    large = error(4000, 0)
+    assert (large.abs() <= 4.5 * off_diagonal / math.sqrt(4000)).all()
+    small_mean = torch.stack([error(40, s).abs().mean() for s in range(3)]).mean()
+    large_mean = torch.stack([error(4000, s).abs().mean() for s in range(3)]).mean()
+    assert large_mean < 0.2 * small_mean
+
+
+def test_hutchpp_is_exact_with_a_full_sketch():
+    a = _symmetric(_indefinite(20), seed=19)
+    est = hutchpp_trace(lambda v: a @ v, 20, num_matvecs=60, generator=_gen(0), dtype=F64)
+    assert_close(est.estimate, torch.trace(a), rtol=1e-12, atol=1e-12)
+
+
+def test_hutchpp_spends_exactly_its_budget():
+    a = _symmetric(_uniform(40, 0.0, 1.0, seed=20), seed=20)
+    matmat = _Counting(a)
+    est = hutchpp_trace(matmat, 40, num_matvecs=11, batch_size=2, generator=_gen(0), dtype=F64)
+    assert est.num_matvecs == 11
+    assert sum(matmat.widths) == 11
+    assert max(matmat.widths) == 2
+
+
+def test_hutchpp_converges():
+    a = _symmetric(1.0 / torch.arange(1, 301, dtype=F64), seed=21)
+    exact = torch.trace(a)
+
+    def mean_error(budget: int) -> float:
+        errors = [
+            (
+                hutchpp_trace(
+                    lambda v: a @ v, 300, num_matvecs=budget, generator=_gen(s), dtype=F64
+                ).estimate
+                - exact
+            ).abs()
+            for s in range(5)
+        ]
+        return float(torch.stack(errors).mean())
+
+    assert mean_error(600) < 0.1 * mean_error(12)
+
+
+def test_hutchpp_beats_hutchinson_on_a_low_rank_plus_noise_spectrum():
+    a = _symmetric(_low_rank_plus_noise(), seed=22)
+    exact = torch.trace(a)
+    budget = 60
+    hutch, hutchpp = [], []
+    for seed in range(8):
+        hutch.append(
+            hutchinson_trace(
+                lambda v: a @ v, 300, num_samples=budget, generator=_gen(seed), dtype=F64
+            )
+        )
+        hutchpp.append(
+            hutchpp_trace(lambda v: a @ v, 300, num_matvecs=budget, generator=_gen(seed), dtype=F64)
+        )
+    error_h = torch.stack([(e.estimate - exact).abs() for e in hutch]).mean()
+    error_pp = torch.stack([(e.estimate - exact).abs() for e in hutchpp]).mean()
+    assert error_pp < 0.1 * error_h
+
+
+def test_hutchpp_std_error_matches_the_actual_error():
+    a = _symmetric(_uniform(100, 0.0, 1.0, seed=23), seed=23)
+    exact = torch.trace(a)
+    z = []
+    for seed in range(40):
+        est = hutchpp_trace(lambda v: a @ v, 100, num_matvecs=60, generator=_gen(seed), dtype=F64)
+        z.append((est.estimate - exact) / est.std_error)
+    mean_square = float(torch.stack(z).square().mean())
+    assert 0.5 < mean_square < 1.7, mean_square
+
+
+# ---------------------------------------------------------------------------
+# stochastic Lanczos quadrature
+
+
+def test_quadrature_is_exact_up_to_degree_2m_minus_1():
+    a = _symmetric(_indefinite(60) / 2, seed=24)
+    probes = torch.randn(60, 4, generator=_gen(8), dtype=F64)
+    m = 6
+    sd = spectral_density(lambda v: a @ v, 60, num_steps=m, probes=probes)
+    assert sd.nodes.shape == sd.weights.shape == (4, m)
+    assert_close(sd.weights.sum(dim=1), torch.ones(4, dtype=F64), rtol=0, atol=1e-13)
+
+    powers = range(2 * m + 1)
+    unit = probes / probes.norm(dim=0)
+    exact = torch.stack(
+        [(unit * (torch.linalg.matrix_power(a, p) @ unit)).sum(dim=0) for p in powers], dim=1
+    )
+    moments = quadrature_moments(sd.nodes, sd.weights, powers)
+    assert moments.shape == (4, 2 * m + 1)
+    assert_close(moments[:, : 2 * m], exact[:, : 2 * m], rtol=1e-10, atol=1e-12)
+    # degree 2m is past the Gauss rule: this test can tell the degrees apart
+    assert ((moments[:, 2 * m] - exact[:, 2 * m]).abs() > 1e-8).all()
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_spectral_density_integrates_to_one_and_has_the_right_moments(distribution):
+    values = _indefinite(100)
+    a = _symmetric(values, seed=25)
+    sd = spectral_density(
+        lambda v: a @ v,
+        100,
+        num_probes=60,
+        num_steps=10,
+        distribution=distribution,
+        generator=_gen(9),
+        dtype=F64,
+    )
+    assert isinstance(sd, SpectralDensity)
+    assert sd.grid.shape == sd.density.shape == (1024,)
+    assert (sd.density >= 0).all()
+    assert_close(
+        torch.trapezoid(sd.density, sd.grid), torch.tensor(1.0, dtype=F64), rtol=1e-6, atol=0
+    )
+    assert sd.grid[0] < values.min() and sd.grid[-1] > values.max()
+
+    per_probe = quadrature_moments(sd.nodes, sd.weights, (0, 1, 2))
+    exact = torch.stack([values.pow(p).mean() for p in (0, 1, 2)])
+    assert_close(sd.moments((0, 1, 2)), per_probe.mean(dim=0), rtol=0, atol=0)
+    assert_close(per_probe[:, 0], torch.ones(60, dtype=F64), rtol=0, atol=1e-13)
+    # p = 1, 2: unbiased, within 4 standard errors of the probe average
+    std_error = per_probe.std(dim=0) / math.sqrt(60)
+    assert ((per_probe.mean(dim=0) - exact).abs()[1:] <= 4 * std_error[1:]).all()
+    assert (std_error[1:] < 0.05 * exact[2]).all()
+
+
+def test_spectral_density_puts_the_mass_where_the_eigenvalues_are():
+    values = torch.cat([_uniform(50, -2.0, -1.5, seed=26), _uniform(50, 1.0, 2.0, seed=27)])
+    a = _symmetric(values, seed=26)
+    sd = spectral_density(
+        lambda v: a @ v, 100, num_probes=20, num_steps=12, generator=_gen(10), dtype=F64
+    )
+    left = sd.grid < 0
+    mass_left = torch.trapezoid(sd.density[left], sd.grid[left])
+    assert abs(float(mass_left) - 0.5) < 0.05
+    middle = (sd.grid > -1.2) & (sd.grid < 0.7)
+    assert sd.density[middle].max() < 1e-3 * sd.density.max()
+
+
+def test_spectral_density_of_a_multiple_of_the_identity():
+    # every probe's Krylov space is invariant after one step: restarts get zero weight
+    sd = spectral_density(
+        lambda v: 3.0 * v, 8, num_probes=2, num_steps=4, generator=_gen(11), dtype=F64
+    )
+    assert_close(sd.nodes, torch.full((2, 4), 3.0, dtype=F64), rtol=1e-14, atol=0)
+    assert_close(sd.moments((0, 1, 2)), torch.tensor([1.0, 3.0, 9.0], dtype=F64))
+    assert_close(sd.grid[sd.density.argmax()], torch.tensor(3.0, dtype=F64), rtol=0, atol=0.01)
+
+
+def test_spectral_density_sigma_and_grid_options():
+    a = _symmetric(_uniform(30, 0.0, 4.0, seed=28), seed=28)
+    kwargs = {"num_probes": 3, "num_steps": 8, "dtype": F64}
+    sd = spectral_density(lambda v: a @ v, 30, sigma=0.05, generator=_gen(0), **kwargs)
+    assert sd.sigma == 0.05
+    assert_close(sd.grid[0], sd.nodes.min() - 0.3, rtol=0, atol=1e-12)
+    sd = spectral_density(lambda v: a @ v, 30, relative_sigma=0.1, generator=_gen(0), **kwargs)
+    assert sd.sigma == pytest.approx(0.1 * float(sd.nodes.max() - sd.nodes.min()))
+    grid = torch.linspace(-3.0, 7.0, 501, dtype=F64)
+    on_grid = spectral_density(
+        lambda v: a @ v, 30, grid=grid, relative_sigma=0.1, generator=_gen(0), **kwargs
+    )
+    assert torch.equal(on_grid.grid, grid)
+    assert torch.equal(on_grid.nodes, sd.nodes)
+    assert_close(torch.trapezoid(on_grid.density, grid), torch.tensor(1.0, dtype=F64))
+
+
+def test_spectral_density_batches_the_probes():
+    a = _symmetric(_uniform(30, 0.0, 4.0, seed=29), seed=29)
+    matmat = _Counting(a)
+    probes = torch.randn(30, 5, generator=_gen(12), dtype=F64)
+    batched = spectral_density(matmat, 30, num_steps=4, probes=probes, batch_size=2)
+    assert matmat.widths == [2] * 4 + [2] * 4 + [1] * 4
+    whole = spectral_density(lambda v: a @ v, 30, num_steps=4, probes=probes)
+    assert_close(batched.nodes, whole.nodes, rtol=1e-12, atol=1e-12)
+    assert_close(batched.weights, whole.weights, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# reproducibility and dtypes
+
+
+def _run_all(a: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    n = a.shape[0]
+
+    def matmat(v):
+        return a @ v
+
+    kw = {"dtype": a.dtype}
+    return {
+        "hutchinson": hutchinson_trace(matmat, n, num_samples=7, generator=_gen(seed), **kw)[0],
+        "diagonal": hutchinson_diagonal(matmat, n, num_samples=7, generator=_gen(seed), **kw),
+        "hutchpp": hutchpp_trace(matmat, n, num_matvecs=9, generator=_gen(seed), **kw)[0],
+        "lanczos": lanczos(matmat, n, num_steps=5, generator=_gen(seed), **kw).alphas,
+        "eigen": lanczos_eigenvalues(
+            matmat, n, k=2, return_vectors=True, generator=_gen(seed), **kw
+        ).eigenvectors,
+        "slq": spectral_density(
+            matmat, n, num_probes=3, num_steps=5, generator=_gen(seed), **kw
+        ).density,
+    }
+
+
+def test_same_generator_seed_gives_identical_results():
+    a = _symmetric(_indefinite(25), seed=30)
+    first, second = _run_all(a, seed=3), _run_all(a, seed=3)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_different_seeds_give_different_results():
+    a = _symmetric(_indefinite(25), seed=30)
+    first, second = _run_all(a, seed=3), _run_all(a, seed=4)
+    for name in first:
+        assert not torch.equal(first[name], second[name]), name
+
+
+def test_results_keep_the_operator_dtype():
+    a = _symmetric(_indefinite(25), seed=31).to(torch.float32)
+    for name, value in _run_all(a, seed=0).items():
+        assert value.dtype == torch.float32, name
+    result = lanczos_eigenvalues(
+        lambda v: a @ v, 25, k=2, tol=1e-5, generator=_gen(0), dtype=torch.float32
+    )
+    expected = _wanted(torch.linalg.eigvalsh(a.double()), 2, "largest")
+    assert result.eigenvalues.dtype == torch.float32
+    assert_close(result.eigenvalues.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_default_dtype_and_device_follow_the_start_vector():
+    a = _symmetric(_indefinite(10), seed=32)
+    start = torch.ones(10, dtype=F64)
+    result = lanczos(lambda v: a @ v, 10, num_steps=3, start=start)
+    assert result.alphas.dtype == F64
+    assert_close(result.alphas[0], start @ a @ start / 10)
+
+
+# ---------------------------------------------------------------------------
+# bad input
+
+
+def _identity(v: torch.Tensor) -> torch.Tensor:
+    return v
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: hutchinson_trace(_identity, 5, num_samples=0), r"num_samples.*got 0"),
+        (lambda: hutchinson_trace(_identity, 5, num_samples=2.5), r"num_samples.*got 2\.5"),
+        (lambda: hutchinson_diagonal(_identity, 5, num_samples=0), r"num_samples"),
+        (lambda: hutchinson_trace(_identity, 5, num_samples=3, batch_size=0), r"batch_size"),
+        (
+            lambda: hutchinson_trace(_identity, 5, num_samples=3, distribution="normal"),
+            r"distribution.*'rademacher', 'gaussian'.*got 'normal'",
+        ),
+        (lambda: hutchpp_trace(_identity, 5, num_matvecs=2), r"num_matvecs.*>= 3.*got 2"),
+        (lambda: lanczos_eigenvalues(_identity, 5, k=0), r"\bk\b.*\[1, 4\].*got 0"),
+        (lambda: lanczos_eigenvalues(_identity, 5, k=5), r"\bk\b.*\[1, 4\].*got 5"),
+        (lambda: lanczos_eigenvalues(_identity, 5, which="biggest"), r"which"),
+        (lambda: lanczos_eigenvalues(_identity, 5, tol=0.0), r"tol"),
+        (lambda: lanczos_eigenvalues(_identity, 5, k=3, max_steps=2), r"max_steps"),
+        (lambda: lanczos(_identity, 5, num_steps=0), r"num_steps.*\[1, 5\]"),
+        (lambda: lanczos(_identity, 5, num_steps=6), r"num_steps.*\[1, 5\]"),
+        (lambda: lanczos(_identity, 5, num_steps=2, start=torch.ones(4)), r"start.*\(5,\)"),
+        (lambda: lanczos(_identity, 5, num_steps=2, start=torch.zeros(5)), r"start.*non-zero"),
+        (
+            lambda: lanczos(_identity, 5, num_steps=2, start=torch.ones(5), dtype=F64),
+            r"disagree with start",
+        ),
+        (
+            lambda: spectral_density(_identity, 5, probes=torch.ones(5, 2), device="meta"),
+            r"disagree with probes",
+        ),
+        (lambda: hutchinson_trace(_identity, 0, num_samples=3), r"size.*got 0"),
+        (
+            lambda: hutchinson_trace(_identity, 5, num_samples=3, dtype=torch.int64),
+            r"dtype",
+        ),
+        (
+            lambda: hutchinson_trace(_identity, 5, num_samples=3, generator=0),
+            r"generator",
+        ),
+        (lambda: spectral_density(_identity, 5, sigma=0.1, relative_sigma=0.1), r"sigma"),
+        (lambda: spectral_density(_identity, 5, sigma=-1.0), r"sigma.*> 0"),
+        (lambda: spectral_density(_identity, 5, grid=torch.zeros(3, 3)), r"grid"),
+        (lambda: spectral_density(_identity, 5, grid=torch.zeros(4)), r"grid.*ascending"),
+        (
+            lambda: spectral_density(_identity, 5, num_probes=3, probes=torch.ones(5, 2)),
+            r"num_probes",
+        ),
+        (lambda: quadrature_moments(torch.ones(2, 3), torch.ones(3)), r"nodes and weights"),
+        (lambda: quadrature_moments(torch.ones(3), torch.ones(3), (-1,)), r"powers"),
+    ],
+)
+def test_bad_arguments_raise_argument_error(call, match):
+    with pytest.raises(ArgumentError, match=match):
+        call()
+
+
+_ESTIMATORS = [
+    lambda m: hutchinson_trace(m, 5, num_samples=3),
+    lambda m: hutchinson_diagonal(m, 5, num_samples=3),
+    lambda m: hutchpp_trace(m, 5, num_matvecs=6),
+    lambda m: lanczos(m, 5, num_steps=2),
+    lambda m: lanczos_eigenvalues(m, 5, k=1),
+    lambda m: spectral_density(m, 5, num_steps=2),
+]
+
+
+@pytest.mark.parametrize("estimator", _ESTIMATORS)
+@pytest.mark.parametrize(
+    "matmat",
+    [
+        "not callable",
+        lambda v: v[:, 0],
+        lambda v: v[:-1],
+        lambda v: v.tolist(),
+        lambda v: v.to(torch.float16),
+    ],
+    ids=["not-callable", "drops-columns", "wrong-rows", "not-a-tensor", "wrong-dtype"],
+)
+def test_bad_matmat_raises_argument_error_naming_it(estimator, matmat):
+    with pytest.raises(ArgumentError, match=r"matmat"):
+        estimator(matmat)
+
+
+def test_argument_error_is_a_value_error():
+    with pytest.raises(ValueError, match="num_samples"):
+        hutchinson_trace(_identity, 5, num_samples=-1)

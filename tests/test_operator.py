@@ -1,0 +1,229 @@
+"""HessianOperator against dense truth (float64), estimators on real Hessians, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close, assert_same_state, model_state
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import build_mlp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hessfunc as hf
+
+
+def _problem(seed=0, n=24, loss="mse"):
+    g = torch.Generator().manual_seed(seed)
+    out = 3 if loss == "ce" else 2
+    model = build_mlp([3, 5, out], "tanh", seed)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    if loss == "ce":
+        return model, F.cross_entropy, x, torch.randint(0, 3, (n,), generator=g)
+    return model, nn.MSELoss(), x, torch.randn(n, out, generator=g, dtype=torch.float64)
+
+
+def _dense_truth(model, loss_fn, x, y, reduction="mean"):
+    if reduction == "sum":
+        loss_fn = nn.MSELoss(reduction="sum")
+    f, params = hf.functionalize(model, loss_fn)
+    return hf.hessian(f, flat=True)(params, x, y)
+
+
+def _split(x, y, sizes):
+    out, lo = [], 0
+    for s in sizes:
+        out.append((x[lo:lo + s], y[lo:lo + s]))
+        lo += s
+    return out
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("layout", ["one", "equal", "unequal", "loader"])
+def test_operator_equals_full_batch_hessian(loss, layout):
+    model, loss_fn, x, y = _problem(loss=loss)
+    data = {
+        "one": (x, y),
+        "equal": _split(x, y, [8, 8, 8]),
+        "unequal": _split(x, y, [5, 13, 1, 5]),
+        "loader": DataLoader(TensorDataset(x, y), batch_size=7, shuffle=False),
+    }[layout]
+    H = hf.HessianOperator.from_model(model, loss_fn, data)
+    dense = _dense_truth(model, loss_fn, x, y)
+    assert H.shape == dense.shape and H.dtype == torch.float64
+    assert_close(H.to_dense(), dense)
+    assert_close(H.to_dense(chunk_size=5), dense)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    V = torch.randn(H.shape[0], 4, dtype=torch.float64)
+    assert_close(H @ v, dense @ v)
+    assert_close(H.matmat(V), dense @ V)
+    assert_close(H @ V, dense @ V)
+    assert_close(H.diagonal(), dense.diagonal())
+    assert_close(H.trace(), dense.trace())
+
+
+def test_sum_reduction():
+    model, _, x, y = _problem()
+    H = hf.HessianOperator.from_model(model, nn.MSELoss(reduction="sum"), _split(x, y, [10, 14]),
+                                      reduction="sum")
+    assert_close(H.to_dense(), _dense_truth(model, None, x, y, reduction="sum"))
+
+
+def test_flat_vectors_and_params_round_trip():
+    model, loss_fn, x, y = _problem()
+    H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    tree = H.flat_to_params(v)
+    assert list(tree) == [n for n, _ in model.named_parameters()]
+    assert torch.equal(H.params_to_flat(tree), v)
+    f, params = hf.functionalize(model, loss_fn)
+    assert_close(H.flat_to_params(H @ v), hf.hvp(f, (params, x, y), tree))
+
+
+@given(seed=st.integers(0, 50), k=st.integers(1, 4), which=st.sampled_from(["largest",
+                                                                            "magnitude",
+                                                                            "smallest"]))
+def test_lanczos_on_a_real_hessian_equals_eigvalsh(seed, k, which):
+    model, loss_fn, x, y = _problem(seed=seed)
+    H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
+    evals = torch.linalg.eigvalsh(_dense_truth(model, loss_fn, x, y))
+    if which == "largest":
+        expected = evals.flip(0)[:k]
+    elif which == "smallest":
+        expected = evals[:k]
+    else:
+        expected = evals[evals.abs().argsort(descending=True)][:k]
+    got = H.eigenvalues(k, which=which, seed=seed)
+    scale = float(evals.abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * scale)
+
+
+def test_eigenvectors_as_parameter_dicts():
+    model, loss_fn, x, y = _problem(seed=3)
+    H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
+    vals, vecs = H.eigenvalues(2, return_vectors=True, seed=0)
+    f, params = hf.functionalize(model, loss_fn)
+    for lam, vec in zip(vals, vecs, strict=True):
+        assert list(vec) == list(params)
+        Hv = hf.hvp(f, (params, x, y), vec)
+        for k in vec:
+            torch.testing.assert_close(Hv[k], lam * vec[k], rtol=1e-6, atol=1e-8)
+    assert len(H.eigenvectors(1, seed=0)) == 1
+
+
+def test_scipy_eigsh_agrees_with_lanczos():
+    from scipy.sparse.linalg import eigsh
+
+    model, loss_fn, x, y = _problem(seed=4)
+    H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
+    ours = H.eigenvalues(3, seed=0)
+    theirs = np.sort(eigsh(H.to_scipy(), k=3, which="LA", tol=1e-12)[0])[::-1]
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-8)
+
+
+def test_spectral_density_moments_match_traces_of_powers():
+    model, loss_fn, x, y = _problem(seed=5)
+    H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
+    dense = H.to_dense()
+    P = dense.shape[0]
+    probes = torch.eye(P, dtype=torch.float64)  # exact averages: trace(H^j) / P
+    sd = H.spectral_density(probes=probes, num_steps=8)
+    moments = sd.moments([0, 1, 2]) if hasattr(sd, "moments") else None
+    nodes, weights = sd.nodes, sd.weights
+    for j, expected in enumerate([1.0, float(dense.trace()) / P,
+                                  float((dense @ dense).trace()) / P]):
+        got = float((weights * nodes ** j).sum(dim=1).mean())
+        assert abs(got - expected) <= 1e-9 * (1 + abs(expected))
+        if moments is not None:
+            assert abs(float(moments[j]) - expected) <= 1e-9 * (1 + abs(expected))
+    integral = float(torch.trapezoid(sd.density, sd.grid))
+    assert abs(integral - 1.0) < 1e-3
+    random_sd = H.spectral_density(num_probes=20, num_steps=10, seed=1)
+    assert abs(float((random_sd.weights * random_sd.nodes).sum(1).mean())
+               - float(dense.trace()) / P) < 0.5 * float(dense.abs().max())
+
+
+def test_trace_estimators_converge_and_are_reproducible():
+    model, loss_fn, x, y = _problem(seed=6)
+    H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
+    exact = float(H.trace())
+    few = H.trace("hutchinson", num_samples=4, seed=0)
+    many = H.trace("hutchinson", num_samples=2000, seed=0)
+    assert abs(float(many.estimate) - exact) < 4 * float(many.std_error) + 1e-12
+    assert float(many.std_error) < float(few.std_error)
+    again = H.trace("hutchinson", num_samples=2000, seed=0)
+    assert torch.equal(many.estimate, again.estimate)
+    pp = H.trace("hutch++", num_samples=3 * H.shape[0], seed=0)
+    assert abs(float(pp.estimate) - exact) < 1e-8 * (1 + abs(exact))  # sketch spans everything
+    diag_est = H.diagonal("hutchinson", num_samples=4000, seed=0)
+    assert float((diag_est - H.diagonal()).abs().max()) < 0.15 * float(H.diagonal().abs().max())
+    g1 = torch.Generator().manual_seed(7)
+    g2 = torch.Generator().manual_seed(7)
+    assert torch.equal(H.eigenvalues(2, generator=g1), H.eigenvalues(2, generator=g2))
+
+
+def test_model_untouched_by_every_operator_method():
+    model, loss_fn, x, y = _problem(seed=8)
+    model.train()
+    before = model_state(model)
+    H = hf.HessianOperator.from_model(model, loss_fn, _split(x, y, [12, 12]))
+    H @ torch.ones(H.shape[0], dtype=torch.float64)
+    H.diagonal(), H.trace(), H.eigenvalues(1, seed=0), H.to_dense()
+    H.spectral_density(num_probes=2, num_steps=4, seed=0)
+    assert_same_state(before, model_state(model))
+
+
+def test_progress_bar_runs(capsys):
+    model, loss_fn, x, y = _problem()
+    H = hf.HessianOperator.from_model(model, loss_fn, _split(x, y, [12, 12]), progress=True,
+                                      cache=False)
+    assert_close(H.diagonal(), _dense_truth(model, loss_fn, x, y).diagonal())
+
+
+class _Reshuffling:
+    """An iterable whose batches change on every pass."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.calls = x, y, 0
+
+    def __iter__(self):
+        self.calls += 1
+        perm = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(self.calls))
+        return iter(_split(self.x[perm], self.y[perm], [12, 12]))
+
+
+def test_bad_input():
+    model, loss_fn, x, y = _problem()
+    f, params = hf.functionalize(model, loss_fn)
+    with pytest.raises(hf.ArgumentError, match="`data` is empty"):
+        hf.HessianOperator(f, params, [])
+    with pytest.raises(hf.ArgumentError, match=r"batch 0 of `data` must be an \(inputs, targets\)"):
+        hf.HessianOperator(f, params, [x])
+    with pytest.raises(hf.ArgumentError, match="shuffle=True"):
+        hf.HessianOperator(f, params, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True))
+    H = hf.HessianOperator(f, params, _Reshuffling(x, y))
+    with pytest.raises(hf.ArgumentError, match="different batches on a later pass"):
+        H @ torch.ones(H.shape[0], dtype=torch.float64)
+    H = hf.HessianOperator(f, params, (x, y))
+    P = H.shape[0]
+    with pytest.raises(hf.ArgumentError, match=f"`k`={P} must be < P={P}"):
+        H.eigenvalues(P)
+    with pytest.raises(hf.ArgumentError, match="`num_samples` must be an int >= 1"):
+        H.trace("hutchinson", num_samples=0)
+    with pytest.raises(hf.ArgumentError, match=r"`v` must have shape \(P,\)"):
+        H @ torch.ones(P + 1, dtype=torch.float64)
+    with pytest.raises(hf.ArgumentError, match="dtype torch.float32"):
+        H @ torch.ones(P)
+    with pytest.raises(hf.ArgumentError, match=r"`V` must have shape \(P, k\)"):
+        H.matmat(torch.ones(3, P, dtype=torch.float64))
+    with pytest.raises(hf.ArgumentError, match="`method` must be"):
+        H.trace("exactly")
+    with pytest.raises(hf.ArgumentError, match="`reduction`"):
+        hf.HessianOperator(f, params, (x, y), reduction="avg")
+    with pytest.raises(hf.ArgumentError, match="`data` must be one"):
+        hf.HessianOperator(f, params, 3)
+    with pytest.raises(hf.DenseMemoryError, match="over the limit"):
+        H.to_dense(max_memory=16)
