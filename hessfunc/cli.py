@@ -1,12 +1,18 @@
-"""The ``hessfunc`` command: ``hessfunc demo`` and ``hessfunc analyze``."""
+"""The ``hessfunc`` command: ``hessfunc demo`` and ``hessfunc analyze``.
+
+Bad arguments and input files give a one-line error and exit status 2, never a
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._version import __version__
+from .errors import HessfuncError
 
 __all__ = ["main", "build_parser"]
 
@@ -18,6 +24,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hessfunc",
@@ -25,8 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hessfunc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    demo = sub.add_parser("demo", help="train the built-in example and report its curvature")
-    demo.add_argument("--out", default="hessfunc-demo", help="output folder")
+    demo = sub.add_parser("demo", help="train the seed's example network and report its "
+                                       "curvature (figures + report.json)")
+    demo.add_argument("--out", type=Path, default=Path("hessfunc-demo"),
+                      help="output folder (default: ./hessfunc-demo)")
+    demo.add_argument("--epochs", type=_positive, default=1000)
+    demo.add_argument("--lr", type=float, default=0.01)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    demo.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    an = sub.add_parser("analyze", help="the curvature report of your model on your data")
+    an.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                    help="importable factory returning the nn.Module")
+    an.add_argument("--state-dict", metavar="FILE", help="state dict (.pt, tensors only)")
+    an.add_argument("--data", required=True, metavar="FILE",
+                    help=".pt (dict x/y or (x, y), tensors only) or .npz (arrays x, y)")
+    an.add_argument("--loss", default="mse", metavar="mse|cross-entropy|MODULE:FN")
+    an.add_argument("--batch-size", type=_positive, default=None)
+    an.add_argument("--top-k", type=_positive, default=5)
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--out", type=Path, default=Path("hessfunc-analyze"))
     return parser
 
 
@@ -36,10 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "demo":
-        print("hessfunc demo: the example problem's report lands with the demo issue; "
-              "nothing was written.")
-        return 0
+    import torch
+
+    try:
+        if args.command == "demo":
+            from .app.demo import run_demo
+
+            if args.device.startswith("cuda") and not torch.cuda.is_available():
+                raise HessfuncError("--device cuda: no CUDA device is available here")
+            run_demo(args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                     dtype=getattr(torch, args.dtype), device=args.device)
+        else:
+            from .app.analyze import run_analyze
+
+            run_analyze(args.model, args.data, args.out, loss=args.loss,
+                        state_dict=args.state_dict, batch_size=args.batch_size,
+                        top_k=args.top_k, seed=args.seed)
+    except HessfuncError as exc:
+        print(f"hessfunc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,179 @@
+"""``hessfunc analyze``: the curvature report of a user's model on a user's data file.
+
+Loading is safe: state dicts and ``.pt`` data go through ``torch.load(...,
+weights_only=True)`` (tensors and plain containers only, never arbitrary
+objects), ``.npz`` through ``numpy.load(allow_pickle=False)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HessfuncError
+from ..functional import functionalize
+from . import plots
+from .report import curvature_report, format_table, report_rows
+
+
+class CLIError(HessfuncError):
+    """A bad command-line argument or input file (printed in one line, exit status 2)."""
+
+
+def _import_object(spec: str, what: str) -> Any:
+    if ":" not in spec:
+        raise CLIError(f"{what} must look like MODULE:NAME (e.g. mypkg.models:make_model), "
+                       f"got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of the user's module
+        raise CLIError(f"cannot import module {module_name!r} for {what}: "
+                       f"{type(exc).__name__}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise CLIError(f"module {module_name!r} has no attribute {attr!r} ({what})") from None
+
+
+def load_model(spec: str, state_dict: str | None) -> nn.Module:
+    factory = _import_object(spec, "--model")
+    if not callable(factory):
+        raise CLIError(f"--model {spec}: {factory!r} is not callable")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CLIError(f"--model {spec}: the factory raised {type(exc).__name__}: {exc}") \
+            from None
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"--model {spec}: the factory returned {type(model).__name__}, "
+                       "expected a torch.nn.Module")
+    if state_dict is not None:
+        path = Path(state_dict)
+        if not path.is_file():
+            raise CLIError(f"--state-dict {state_dict}: no such file")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(sd)
+        except Exception as exc:
+            raise CLIError(f"--state-dict {state_dict}: cannot load it "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return model
+
+
+def _pick(container: Any, keys: tuple[str, ...], path: Path) -> Any:
+    for k in keys:
+        if k in container:
+            return container[k]
+    raise CLIError(f"--data {path}: expected arrays named {' or '.join(keys)}; found "
+                   f"{sorted(container)}")
+
+
+def load_data(path_str: str) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(path_str)
+    if not path.is_file():
+        raise CLIError(f"--data {path_str}: no such file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                x = np.asarray(_pick(z, ("x", "inputs"), path))
+                y = np.asarray(_pick(z, ("y", "targets"), path))
+            return torch.from_numpy(x), torch.from_numpy(y)
+        if path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise CLIError(f"--data {path_str}: expected a .pt or .npz file")
+    except CLIError:
+        raise
+    except Exception as exc:
+        raise CLIError(f"--data {path_str}: cannot read it ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0]})") from None
+    if isinstance(obj, dict):
+        x, y = _pick(obj, ("x", "inputs"), path), _pick(obj, ("y", "targets"), path)
+    elif isinstance(obj, (tuple, list)) and len(obj) == 2:
+        x, y = obj
+    else:
+        raise CLIError(f"--data {path_str}: expected a dict with x/y (or inputs/targets) or an "
+                       f"(x, y) pair, got {type(obj).__name__}")
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise CLIError(f"--data {path_str}: x and y must be tensors")
+    return x, y
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": F.mse_loss,
+                                                  "cross-entropy": F.cross_entropy}
+
+
+def load_loss(spec: str) -> Callable[..., torch.Tensor]:
+    if spec in LOSSES:
+        return LOSSES[spec]
+    fn = _import_object(spec, "--loss")
+    if not callable(fn):
+        raise CLIError(f"--loss {spec}: {fn!r} is not callable")
+    return fn
+
+
+def run_analyze(model_spec: str, data_path: str, out: Path, *, loss: str = "mse",
+                state_dict: str | None = None, batch_size: int | None = None, top_k: int = 5,
+                seed: int = 0, log: Any = print) -> dict[str, Any]:
+    model = load_model(model_spec, state_dict)
+    x, y = load_data(data_path)
+    loss_fn = load_loss(loss)
+    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise CLIError(f"--data {data_path}: x has {x.shape[0]} samples and y {y.shape[0]}; "
+                       "they must be equal and non-zero")
+    first = next((p for p in model.parameters()), None)
+    dtype = first.dtype if first is not None else torch.float32
+    if x.is_floating_point():
+        x = x.to(dtype)
+    if y.is_floating_point():
+        y = y.to(dtype)
+    elif loss == "cross-entropy":
+        y = y.long()
+    try:
+        with torch.no_grad():
+            probe = loss_fn(model(x[:2]), y[:2])
+    except Exception as exc:
+        raise CLIError(f"the data do not fit the model: x {tuple(x.shape)}, y {tuple(y.shape)} "
+                       f"-> {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(probe, torch.Tensor) or probe.dim() != 0:
+        raise CLIError(f"--loss {loss}: must return a scalar, got "
+                       f"{getattr(probe, 'shape', type(probe).__name__)}")
+    if batch_size is not None and batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {batch_size}")
+    if batch_size is None or batch_size >= x.shape[0]:
+        data: Any = (x, y)
+    else:
+        data = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0],
+                                                                         batch_size)]
+    out.mkdir(parents=True, exist_ok=True)
+    f, params = functionalize(model, loss_fn)
+    P = sum(t.numel() for t in params.values())
+    log(f"Analysing {type(model).__name__} ({P:,} parameters) on {x.shape[0]:,} samples "
+        f"from {data_path}, loss {loss}")
+    rep = curvature_report(f, params, data, top_k=top_k, seed=seed, progress=True)
+    rep.numbers.update(model=model_spec, data=data_path, loss_function=loss)
+    paths = {"spectrum": out / "spectrum.png", "diagonal": out / "diagonal.png",
+             "report": out / "report.json"}
+    if x.dim() == 2 and x.shape[1] == 1 and y.is_floating_point() and y.numel() == y.shape[0]:
+        paths["fit"] = out / "fit.png"
+        order = x[:, 0].argsort()
+        plots.plot_fit(paths["fit"], x[order], y[order], f.output(params, x[order]))
+    plots.plot_spectrum(paths["spectrum"], rep)
+    plots.plot_diagonal(paths["diagonal"], rep)
+    rep.to_json(paths["report"])
+    log(format_table(report_rows(rep)))
+    log("Wrote:")
+    for p in paths.values():
+        log(f"  {p}")
+    return rep.numbers

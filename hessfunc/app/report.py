@@ -1,0 +1,168 @@
+"""A curvature report of a loss at a point: the numbers both commands print and save."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import reference
+from .._chain import analyze as analyze_chain
+from ..diagonal import hessian_diag
+from ..gradient import grad
+from ..hessian import hessian_blocks
+from ..operator import HessianOperator
+
+#: The loop oracle is run for comparison only up to this many parameters.
+ORACLE_MAX_PARAMS = 20_000
+#: Per-parameter blocks are computed up to this many entries in all.
+BLOCKS_MAX_ENTRIES = 4_000_000
+#: The generic exact diagonal (one HVP per parameter) is used up to this size.
+GENERIC_DIAG_MAX_PARAMS = 5_000
+
+
+def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
+    """Result and median wall time (seconds) of ``fn`` over ``repeats`` calls."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2]
+
+
+def _flat(tree: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tree.values()])
+
+
+@dataclass
+class CurvatureReport:
+    """Everything the report prints, as plain numbers (``to_json``) plus tensors for plots."""
+
+    numbers: dict[str, Any] = field(default_factory=dict)
+    diagonal: dict[str, torch.Tensor] = field(default_factory=dict)
+    eigenvalues: list[float] = field(default_factory=list)
+    density_grid: list[float] = field(default_factory=list)
+    density: list[float] = field(default_factory=list)
+
+    def to_json(self, path: Path) -> None:
+        payload = dict(self.numbers)
+        payload["top_eigenvalues"] = self.eigenvalues
+        payload["spectral_density"] = {"grid": self.density_grid, "density": self.density}
+        payload["diagonal"] = {k: v.detach().cpu().double().reshape(-1).tolist()
+                               for k, v in self.diagonal.items()}
+        path.write_text(json.dumps(payload, indent=2))
+
+
+def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_k: int = 5,
+                     hutchinson_samples: int = 100, density_probes: int = 10,
+                     density_steps: int = 40, seed: int = 0, compare_oracle: bool = True,
+                     progress: bool = False) -> CurvatureReport:
+    """Compute the report of ``f`` at ``params`` over ``data`` (batches of ``(x, y)``)."""
+    rep = CurvatureReport()
+    num = rep.numbers
+    op = HessianOperator(f, params, data, progress=progress)
+    P = op.shape[0]
+    num["num_params"] = P
+    num["num_samples"] = op.num_samples
+    num["dtype"] = str(op.dtype).replace("torch.", "")
+    batches = list(op._passes("batches")) if op.num_batches == 1 else None
+    # gradient of the data-set loss
+    g = torch.zeros(P, dtype=op.dtype, device=op.device)
+    loss = 0.0
+    for _, w, (x, y) in op._passes("gradient"):
+        g += w * _flat(grad(f)(params, x, y))
+        loss += w * float(f(params, x, y))
+    num["loss"] = loss
+    num["grad_norm"] = float(g.norm())
+    # exact diagonal: structured or generic route, or Hutchinson's estimate for large P
+    one_batch = batches[0][2] if batches else None
+    structured = one_batch is not None and analyze_chain(f, (params, *one_batch), 0)[0] is not None
+    if structured or P <= GENERIC_DIAG_MAX_PARAMS:
+        if one_batch is not None:
+            diag, t_fast = _timed(lambda: hessian_diag(f)(params, *one_batch))
+            diag_flat = _flat(diag)
+        else:
+            diag_flat, t_fast = _timed(op.diagonal, repeats=1)
+            diag = op.flat_to_params(diag_flat)
+        num["diagonal_method"] = "exact (structured)" if structured else "exact (generic)"
+        num["diagonal_time_s"] = t_fast
+    else:
+        diag_flat, t_fast = _timed(lambda: op.diagonal("hutchinson", num_samples=hutchinson_samples,
+                                                       seed=seed), repeats=1)
+        diag = op.flat_to_params(diag_flat)
+        num["diagonal_method"] = f"Hutchinson estimate ({hutchinson_samples} samples)"
+        num["diagonal_time_s"] = t_fast
+    rep.diagonal = {k: v.detach() for k, v in diag.items()}
+    if compare_oracle and one_batch is not None and P <= ORACLE_MAX_PARAMS:
+        def oracle() -> dict[str, torch.Tensor]:
+            leaves = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
+            return reference.hessian_diag(f(leaves, *one_batch), leaves)
+
+        ref, t_ref = _timed(oracle, repeats=1)
+        ref_flat = _flat(ref)
+        num["oracle_diagonal_time_s"] = t_ref
+        num["diagonal_speedup"] = t_ref / t_fast if t_fast > 0 else math.inf
+        denom = float(ref_flat.abs().max()) or 1.0
+        num["diagonal_max_rel_error"] = float((diag_flat - ref_flat).abs().max()) / denom
+    # per-parameter blocks
+    if one_batch is not None and sum(t.numel() ** 2 for t in params.values()) <= BLOCKS_MAX_ENTRIES:
+        blocks = hessian_blocks(f)(params, *one_batch)
+        num["blocks"] = {k: {"shape": list(b.shape), "frobenius_norm": float(b.norm()),
+                             "diag_norm": float(b.diagonal().norm())} for k, b in blocks.items()}
+    # spectrum
+    k = max(1, min(top_k, P - 1))
+    eig, t_eig = _timed(lambda: op.eigen(k, seed=seed), repeats=1)
+    rep.eigenvalues = [float(v) for v in eig.eigenvalues]
+    num["eigen_time_s"] = t_eig
+    num["eigen_matvecs"] = eig.num_matvecs
+    num["eigen_converged"] = bool(eig.converged)
+    num["trace_exact"] = float(diag_flat.sum()) if "exact" in num["diagonal_method"] else None
+    est = op.trace("hutchinson", num_samples=hutchinson_samples, seed=seed)
+    num["trace_hutchinson"] = float(est.estimate)
+    num["trace_hutchinson_std_error"] = float(est.std_error)
+    sd = op.spectral_density(num_probes=density_probes, num_steps=min(density_steps, P), seed=seed)
+    rep.density_grid = [float(t) for t in sd.grid]
+    rep.density = [float(t) for t in sd.density]
+    num["density_integral"] = float(torch.trapezoid(sd.density, sd.grid))
+    return rep
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column text table."""
+    width = max(len(k) for k, _ in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * 40 + "+"
+    out = [line]
+    for k, v in rows:
+        out.append(f"| {k.ljust(width)} | {v[:38].ljust(38)} |")
+    out.append(line)
+    return "\n".join(out)
+
+
+def report_rows(rep: CurvatureReport) -> list[tuple[str, str]]:
+    n = rep.numbers
+    rows = [("parameters", f"{n['num_params']:,}"), ("samples", f"{n['num_samples']:,}"),
+            ("loss", f"{n['loss']:.6g}"), ("gradient norm", f"{n['grad_norm']:.6g}"),
+            ("diagonal", n["diagonal_method"]),
+            ("diagonal time", f"{n['diagonal_time_s'] * 1e3:.2f} ms")]
+    if "oracle_diagonal_time_s" in n:
+        rows += [("oracle loop time", f"{n['oracle_diagonal_time_s'] * 1e3:.2f} ms"),
+                 ("speed-up vs oracle", f"{n['diagonal_speedup']:.1f}x"),
+                 ("max rel. difference", f"{n['diagonal_max_rel_error']:.2e}")]
+    for name, b in n.get("blocks", {}).items():
+        rows.append((f"block {name}", f"{b['shape'][0]}x{b['shape'][1]}, "
+                                      f"||.||_F={b['frobenius_norm']:.4g}"))
+    rows += [("top eigenvalues", ", ".join(f"{v:.5g}" for v in rep.eigenvalues)),
+             ("Lanczos matvecs", f"{n['eigen_matvecs']} ({n['eigen_time_s'] * 1e3:.1f} ms)")]
+    if n["trace_exact"] is not None:
+        rows.append(("trace (exact)", f"{n['trace_exact']:.6g}"))
+    rows += [("trace (Hutchinson)", f"{n['trace_hutchinson']:.6g} "
+                                    f"+- {n['trace_hutchinson_std_error']:.2g}"),
+             ("density integral", f"{n['density_integral']:.4f}")]
+    return rows

@@ -1,0 +1,175 @@
+"""The hessfunc command: demo and analyze end to end, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hessfunc as hf
+from hessfunc.app.demo import SimpleNet, target_function
+from hessfunc.cli import main
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--epochs", "50", "--out", str(out), "--dtype", "float64"]) == 0
+    return out
+
+
+def test_demo_writes_every_file(demo_out):
+    for name, size in [("fit.png", (800, 500)), ("spectrum.png", (800, 500)),
+                       ("diagonal.png", (900, 500))]:
+        assert _png_size(demo_out / name) == size
+    report = json.loads((demo_out / "report.json").read_text())
+    for key in ("loss", "grad_norm", "top_eigenvalues", "trace_exact", "trace_hutchinson",
+                "diagonal", "blocks", "spectral_density", "training", "diagonal_speedup"):
+        assert key in report, key
+    assert report["num_params"] == 141 and report["num_samples"] == 1000
+
+
+def test_demo_report_agrees_with_direct_library_calls(demo_out):
+    report = json.loads((demo_out / "report.json").read_text())
+    torch.manual_seed(0)
+    model = SimpleNet().double()
+    x = torch.linspace(-10, 10, 1000, dtype=torch.float64).view(-1, 1)
+    y = target_function(x)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    for _ in range(50):
+        g = hf.grad(f)(params, x, y)
+        params = {k: p - 0.01 * g[k] for k, p in params.items()}
+    assert report["loss"] == pytest.approx(float(f(params, x, y)), rel=1e-12)
+    g = torch.cat([t.reshape(-1) for t in hf.grad(f)(params, x, y).values()])
+    assert report["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-10)
+    diag = hf.hessian_diag(f)(params, x, y)
+    for name, values in report["diagonal"].items():
+        np.testing.assert_allclose(values, diag[name].reshape(-1).numpy(), rtol=1e-10,
+                                   atol=1e-12)
+    assert report["trace_exact"] == pytest.approx(float(sum(d.sum() for d in diag.values())),
+                                                  rel=1e-10)
+    H = hf.hessian(f, flat=True)(params, x, y)
+    evals = torch.linalg.eigvalsh(H).flip(0)[:5]
+    np.testing.assert_allclose(report["top_eigenvalues"], evals.numpy(), rtol=1e-7)
+    assert report["diagonal_max_rel_error"] < 1e-10
+    blocks = hf.hessian_blocks(f)(params, x, y)
+    for name, b in report["blocks"].items():
+        assert b["frobenius_norm"] == pytest.approx(float(blocks[name].norm()), rel=1e-10)
+    assert report["density_integral"] == pytest.approx(1.0, abs=1e-3)
+    assert report["training"][0]["loss"] > report["final_loss"]
+
+
+MODEL_FILE = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+
+    def broken():
+        raise RuntimeError("factory failed")
+
+    def loss(out, y):
+        return ((out - y) ** 2).mean()
+""")
+
+
+@pytest.fixture()
+def user_files(tmp_path, monkeypatch):
+    (tmp_path / "usermodels.py").write_text(MODEL_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 3, generator=g), torch.randn(40, 2, generator=g)
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    np.savez(tmp_path / "data.npz", x=x.numpy(), y=y.numpy())
+    torch.save({"x": torch.randn(5, 4), "y": torch.randn(5, 2)}, tmp_path / "wrong.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    torch.manual_seed(5)
+    sd = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).state_dict()
+    torch.save(sd, tmp_path / "weights.pt")
+    return tmp_path, x, y, sd
+
+
+@pytest.mark.parametrize("data", ["data.pt", "data.npz"])
+def test_analyze_report_matches_library(user_files, data):
+    tmp, x, y, sd = user_files
+    out = tmp / "out"
+    code = main(["analyze", "--model", "usermodels:make", "--data", data, "--loss",
+                 "usermodels:loss", "--batch-size", "16", "--state-dict", "weights.pt",
+                 "--top-k", "3", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    model.load_state_dict(sd)
+    H = hf.HessianOperator.from_model(model, lambda o, t: ((o - t) ** 2).mean(), (x, y))
+    np.testing.assert_allclose(report["top_eigenvalues"],
+                               torch.linalg.eigvalsh(H.to_dense()).flip(0)[:3].numpy(),
+                               rtol=1e-4)
+    assert report["trace_exact"] == pytest.approx(float(H.trace()), rel=1e-4)
+    for name in ("spectrum.png", "diagonal.png"):
+        assert _png_size(out / name) in {(800, 500), (900, 500)}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["analyze", "--model", "nosuchmodule:make", "--data", "data.pt"], "cannot import"),
+        (["analyze", "--model", "usermodels:nothing", "--data", "data.pt"], "no attribute"),
+        (["analyze", "--model", "usermodels", "--data", "data.pt"], "MODULE:NAME"),
+        (["analyze", "--model", "usermodels:broken", "--data", "data.pt"], "factory raised"),
+        (["analyze", "--model", "usermodels:make", "--data", "missing.pt"], "no such file"),
+        (["analyze", "--model", "usermodels:make", "--data", "garbage.pt"], "cannot read"),
+        (["analyze", "--model", "usermodels:make", "--data", "wrong.pt"], "do not fit"),
+        (["analyze", "--model", "usermodels:make", "--data", "data.pt", "--state-dict",
+          "data.pt"], "cannot load"),
+        (["analyze", "--model", "usermodels:make", "--data", "data.pt", "--batch-size", "0"],
+         "positive integer"),
+        (["demo", "--epochs", "-3"], "positive integer"),
+        (["demo", "--dtype", "float16"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(user_files, args, message, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert message in lines[0]
+
+
+def test_bad_argument_in_a_real_process_has_no_traceback(user_files):
+    proc = subprocess.run([sys.executable, "-m", "hessfunc", "analyze", "--model",
+                           "usermodels:make", "--data", "wrong.pt"], capture_output=True,
+                          text=True, cwd=user_files[0], timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "do not fit the model" in proc.stderr
+
+
+def test_version_and_help():
+    proc = subprocess.run([sys.executable, "-m", "hessfunc", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hessfunc {hf.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "hessfunc", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "demo" in proc.stdout and "analyze" in proc.stdout
