@@ -5,16 +5,17 @@
     >>> hf.hvp(f, (params, x, y), v)                       # doctest: +SKIP
 """
 
-from . import reference
+from . import estimators, reference
 from ._version import __version__
 from .derivative import derivative
 from .diagonal import hessian_diag
-from .errors import ArgumentError, DenseMemoryError, HessfuncError
+from .errors import ArgumentError, DenseMemoryError, HessfuncError, NonFiniteError
 from .functional import FunctionalModel, functionalize
 from .gradient import grad
 from .hessian import hessian, hessian_blocks
 from .hvp import HVPFunction, hvp, hvp_fn
 from .laplacian import laplacian
+from .operator import HessianOperator
 
 __all__ = [
     "__version__",
@@ -31,10 +32,14 @@ __all__ = [
     "hessian_diag",
     "derivative",
     "laplacian",
+    # operators and estimators
+    "HessianOperator",
+    "estimators",
     # oracle
     "reference",
     # errors
     "HessfuncError",
     "ArgumentError",
     "DenseMemoryError",
+    "NonFiniteError",
 ]

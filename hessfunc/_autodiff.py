@@ -12,13 +12,16 @@ each path against the loop oracle and finite differences.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["in_transform", "use_autograd", "leaf_copies", "zeros_for_none", "normalize_argnums"]
+__all__ = ["in_transform", "use_autograd", "leaf_copies", "zeros_for_none", "normalize_argnums",
+           "second_order_kernels", "forward_ad_gap", "warn_forward_gap_once"]
 
 
 def in_transform() -> bool:
@@ -78,3 +81,54 @@ def detach_tree(tree: Any) -> Any:
 
 
 Fn = Callable[..., Any]
+
+
+# NOTE [attention kernels]: on torch 2.13 CPU the fused scaled-dot-product
+# attention kernel (used by nn.MultiheadAttention and F.scaled_dot_product_attention)
+# has neither a forward-mode rule nor a double-backward rule, so every
+# second-order quantity through attention fails inside torch. The "math" backend
+# computes the same attention from plain ops, which are twice differentiable in
+# both modes. Every second-order entry point therefore evaluates ``f`` under
+# ``sdpa_kernel(SDPBackend.MATH)``; this changes only which attention kernel runs
+# (same function, exact to rounding) and nothing else.
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend as _SDPBackend
+    from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+except ImportError:  # pragma: no cover - older torch
+    _sdpa_kernel = None
+    _SDPBackend = None
+
+
+@contextlib.contextmanager
+def second_order_kernels() -> Iterator[None]:
+    """Evaluate under kernels that have second-order rules (NOTE [attention kernels])."""
+    if _sdpa_kernel is None:
+        yield
+        return
+    with _sdpa_kernel(_SDPBackend.MATH):
+        yield
+
+
+_WARNED_FORWARD_GAPS: set[str] = set()
+
+
+def forward_ad_gap(exc: BaseException) -> str | None:
+    """The op named by a 'no forward-mode rule' error, or None for any other error."""
+    msg = str(exc)
+    marker = "Trying to use forward AD with "
+    if marker in msg:
+        return msg.split(marker, 1)[1].split(" ", 1)[0]
+    return None
+
+
+def warn_forward_gap_once(op: str) -> None:
+    if op in _WARNED_FORWARD_GAPS:
+        return
+    _WARNED_FORWARD_GAPS.add(op)
+    warnings.warn(
+        f"hessfunc.hvp: {op} has no forward-mode rule in this torch; computing the same "
+        "Hessian-vector product by reverse-over-reverse instead (pass "
+        "mode='reverse-over-reverse' to skip the attempt).",
+        RuntimeWarning,
+        stacklevel=3,
+    )

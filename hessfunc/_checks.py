@@ -14,7 +14,11 @@ from torch.utils import _pytree as pytree
 
 from .errors import ArgumentError
 
+#: Dtypes refused for differentiation (NOTE in check_floating's message).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 __all__ = [
+    "HALF_DTYPES",
     "check_callable",
     "check_primals",
     "check_argnums",
@@ -85,6 +89,13 @@ def check_floating(tree: Any, name: str, call: str) -> None:
             raise ArgumentError(
                 f"{call}: `{name}{where}` has dtype {leaf.dtype}; derivatives need a floating "
                 f"dtype. Convert it, e.g. `.to(torch.float64)`, or point `argnums` elsewhere."
+            )
+        if leaf.dtype in HALF_DTYPES:
+            raise ArgumentError(
+                f"{call}: `{name}{where}` has dtype {leaf.dtype}; hessfunc refuses half "
+                "precision for second derivatives (rounding swamps curvature, and a silent "
+                "upcast would change the result's dtype). Convert explicitly with `.float()` "
+                "(and the model with `model.float()`)."
             )
 
 

@@ -8,7 +8,7 @@ got, and the fix.
 
 from __future__ import annotations
 
-__all__ = ["HessfuncError", "ArgumentError", "DenseMemoryError"]
+__all__ = ["HessfuncError", "ArgumentError", "DenseMemoryError", "NonFiniteError"]
 
 
 class HessfuncError(Exception):
@@ -30,3 +30,7 @@ class DenseMemoryError(HessfuncError, MemoryError):
     the ways around it (``chunk_size``, ``hessian_blocks``, ``hessian_diag`` or
     :class:`hessfunc.HessianOperator`).
     """
+
+
+class NonFiniteError(HessfuncError, FloatingPointError):
+    """``check_finite=True`` found NaN/Inf; the message names the first parameter or sample."""

@@ -12,6 +12,13 @@ Modules that would mutate state during a forward pass are neutralised on the
 copy only: BatchNorm in training mode evaluates with batch statistics (the
 function the model computes in training mode) without updating running
 statistics (see docs/robustness.md).
+
+NOTE [randomness]: a model in training mode with active dropout is a random
+function; its Hessian is only meaningful for one fixed draw. ``functionalize``
+refuses such a model unless ``randomness="fixed"`` (every evaluation of ``f``
+re-seeds a private RNG stream with ``seed``, so every call sees the same masks,
+and the caller's global RNG state is restored afterwards) or the model is
+evaluated in eval mode (``training=False``).
 """
 
 from __future__ import annotations
@@ -24,10 +31,20 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._autodiff import in_transform
 from ._checks import describe
-from .errors import ArgumentError
+from .errors import ArgumentError, NonFiniteError
 
 __all__ = ["functionalize", "FunctionalModel"]
+
+
+_RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout)
+
+
+def _active_randomness(module: nn.Module) -> list[str]:
+    return [name or type(m).__name__ for name, m in module.named_modules()
+            if isinstance(m, _RANDOM_MODULES) and m.training and m.p > 0]
 
 
 def _freeze_running_stats(module: nn.Module) -> None:
@@ -50,10 +67,13 @@ class FunctionalModel:
     """
 
     def __init__(self, module: nn.Module, loss_fn: Callable[..., Any] | None,
-                 param_names: tuple[str, ...]):
+                 param_names: tuple[str, ...], *, seed: int | None = None,
+                 check_finite: bool = False):
         self.module = module
         self.loss_fn = loss_fn
         self.param_names = param_names
+        self.seed = seed
+        self.check_finite = check_finite
         self._names = frozenset(param_names)
 
     def _check_params(self, params: Any) -> None:
@@ -73,7 +93,16 @@ class FunctionalModel:
         """The model's output ``model(inputs)`` at ``params``."""
         self._check_params(params)
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        return functional_call(self.module, params, args)
+        if self.seed is None:
+            out = functional_call(self.module, params, args)
+        else:  # NOTE [randomness]: the same draw at every evaluation
+            devices = [t.device for t in params.values() if t.device.type == "cuda"][:1]
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                out = functional_call(self.module, params, args)
+        if self.check_finite and not in_transform():
+            _report_non_finite(params, inputs, out, "model output")
+        return out
 
     def __call__(self, params: dict[str, torch.Tensor], inputs: Any, *targets: Any) -> Any:
         out = self.output(params, inputs)
@@ -85,14 +114,42 @@ class FunctionalModel:
         if len(targets) != 1:
             raise ArgumentError(f"f(params, inputs, targets): expected one `targets` argument, "
                                 f"got {len(targets)}.")
-        return self.loss_fn(out, targets[0])
+        loss = self.loss_fn(out, targets[0])
+        if self.check_finite and not in_transform():
+            _report_non_finite(params, inputs, loss, "loss")
+        return loss
 
     def __repr__(self) -> str:
         loss = "" if self.loss_fn is None else f", loss_fn={self.loss_fn!r}"
         return f"FunctionalModel({type(self.module).__name__}{loss})"
 
 
-def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None
+def _report_non_finite(params: dict[str, torch.Tensor], inputs: Any, value: Any,
+                       what: str) -> None:
+    """``check_finite=True``: name the first parameter or sample that is NaN/Inf."""
+    if not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all()):
+        return
+    for name, p in params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"check_finite: parameter {name!r} holds NaN/Inf, so the "
+                                 f"{what} is not finite.")
+    for i, x in enumerate(inputs if isinstance(inputs, tuple) else (inputs,)):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0:
+            bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero()
+            if bad.numel():
+                raise NonFiniteError(f"check_finite: input {i}, sample {int(bad[0])} holds "
+                                     f"NaN/Inf, so the {what} is not finite.")
+    if value.dim() > 0:
+        bad = (~torch.isfinite(value)).reshape(value.shape[0], -1).any(dim=1).nonzero()
+        raise NonFiniteError(f"check_finite: the {what} of sample {int(bad[0])} is first to be "
+                             "NaN/Inf (inputs and parameters are finite).")
+    raise NonFiniteError(f"check_finite: the {what} is NaN/Inf (inputs, parameters and model "
+                         "output are finite; check the loss function and the targets).")
+
+
+def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *,
+                  training: bool | None = None, randomness: str = "error", seed: int = 0,
+                  check_finite: bool = False
                   ) -> tuple[FunctionalModel, dict[str, torch.Tensor]]:
     """Turn a model (and a loss) into a pure function of its parameters.
 
@@ -103,6 +160,16 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None
         model: any ``nn.Module``; it is never modified (see the NOTE on the copy).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``, e.g. ``nn.MSELoss()`` or
             ``torch.nn.functional.cross_entropy``.
+        training: evaluate the function the model computes in training mode (True) or
+            eval mode (False); None keeps the model's current mode. In training mode
+            BatchNorm uses batch statistics and running statistics are never updated.
+        randomness: ``"error"`` refuses a model with active dropout (a random
+            function has no meaningful Hessian); ``"fixed"`` evaluates every call
+            with the same random draw, seeded by ``seed`` (NOTE [randomness]).
+        seed: the seed of the fixed draw.
+        check_finite: raise :class:`hessfunc.NonFiniteError` naming the first
+            parameter or sample that makes the output or loss NaN/Inf (top level only,
+            not under ``vmap``).
 
     Returns:
         ``(f, params)``: ``params`` is a ``dict[str, Tensor]`` of the trainable
@@ -126,6 +193,12 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None
     if loss_fn is not None and not callable(loss_fn):
         raise ArgumentError(f"functionalize: `loss_fn` must be callable (outputs, targets) -> "
                             f"scalar, or None, got {describe(loss_fn)}.")
+    if training not in (None, True, False):
+        raise ArgumentError(f"functionalize: `training` must be None, True or False, got "
+                            f"{training!r}.")
+    if randomness not in ("error", "fixed"):
+        raise ArgumentError(f"functionalize: `randomness` must be 'error' or 'fixed', got "
+                            f"{randomness!r}.")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ArgumentError(
@@ -139,9 +212,21 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None
             f"functionalize: `model` could not be copied with copy.deepcopy ({exc}); hessfunc "
             "evaluates a private copy so the model is never modified."
         ) from exc
+    if training is not None:
+        module.train(training)
     _freeze_running_stats(module)
+    random_modules = _active_randomness(module)
+    if random_modules and randomness == "error":
+        raise ArgumentError(
+            f"functionalize: `model` has active dropout in training mode ({random_modules}), "
+            "so f would be a random function whose Hessian changes at every call. Choose: "
+            "training=False (or model.eval()) to evaluate without dropout, or "
+            "randomness='fixed' to use one fixed dropout draw (seeded by `seed`)."
+        )
     named = dict(module.named_parameters())
     params = {n: named[n].detach() for n in trainable}
     for p in module.parameters():
         p.requires_grad_(False)
-    return FunctionalModel(module, loss_fn, tuple(trainable)), params
+    fixed_seed = seed if random_modules else None
+    return FunctionalModel(module, loss_fn, tuple(trainable), seed=fixed_seed,
+                           check_finite=check_finite), params

@@ -27,7 +27,14 @@ import torch
 import torch.func
 from torch.utils import _pytree as pytree
 
-from ._autodiff import leaf_copies, use_autograd, zeros_for_none
+from ._autodiff import (
+    forward_ad_gap,
+    leaf_copies,
+    second_order_kernels,
+    use_autograd,
+    warn_forward_gap_once,
+    zeros_for_none,
+)
 from ._checks import (
     check_argnums,
     check_callable,
@@ -131,22 +138,26 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
     _check_mode(mode, call)
     primals, argnums = _validate(f, primals, argnums, call)
     check_like(tangent, primals[argnums], "tangent", call)
-    if mode == "forward-over-reverse":
+    with second_order_kernels():
+        if mode == "forward-over-reverse":
+            grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
+            try:
+                return torch.func.jvp(grad_fn, (primals[argnums],), (tangent,))[1]
+            except (RuntimeError, NotImplementedError) as exc:
+                op = forward_ad_gap(exc)
+                if op is not None:
+                    warn_forward_gap_once(op)
+                elif _ZERO_TENSOR_BUG not in str(exc):
+                    raise
+                # NOTE [ZeroTensor trap] / forward-mode gap: same product, reverse-over-reverse.
+        if use_autograd(primals + (tangent,)):
+            leaves, grads, _ = _first_order_graph(f, primals, argnums, call)
+            spec = pytree.tree_structure(primals[argnums])
+            flat = _second_backward(leaves, grads, tree_leaves(tangent), retain_graph=False)
+            return pytree.tree_unflatten(flat, spec)
         grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
-        try:
-            return torch.func.jvp(grad_fn, (primals[argnums],), (tangent,))[1]
-        except RuntimeError as exc:
-            if _ZERO_TENSOR_BUG not in str(exc):
-                raise
-            # NOTE [ZeroTensor trap]: same product, by reverse-over-reverse.
-    if use_autograd(primals + (tangent,)):
-        leaves, grads, _ = _first_order_graph(f, primals, argnums, call)
-        spec = pytree.tree_structure(primals[argnums])
-        flat = _second_backward(leaves, grads, tree_leaves(tangent), retain_graph=False)
-        return pytree.tree_unflatten(flat, spec)
-    grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
-    _, vjp_fn = torch.func.vjp(grad_fn, primals[argnums])
-    return vjp_fn(tangent)[0]
+        _, vjp_fn = torch.func.vjp(grad_fn, primals[argnums])
+        return vjp_fn(tangent)[0]
 
 
 class HVPFunction:
@@ -164,6 +175,11 @@ class HVPFunction:
         self._primal = primals[argnums]
         self._spec = pytree.tree_structure(self._primal)
         call = "hessfunc.hvp_fn"
+        with second_order_kernels():
+            self._build(f, primals, argnums, call)
+
+    def _build(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int, call: str
+               ) -> None:
         if use_autograd(primals):
             self._leaves, self._grads, out = _first_order_graph(f, primals, argnums, call)
             self.value = out.detach()
