@@ -118,6 +118,11 @@ def forward_ad_gap(exc: BaseException) -> str | None:
     marker = "Trying to use forward AD with "
     if marker in msg:
         return msg.split(marker, 1)[1].split(" ", 1)[0]
+    if "implement the jvp function for custom autograd.Function" in msg:
+        return "a custom autograd.Function without a jvp"
+    lowered = msg.lower()
+    if ("forward ad" in lowered or "forward-mode" in lowered) and "not implemented" in lowered:
+        return "an operation"
     return None
 
 

@@ -78,6 +78,16 @@ def check_dense(numel: int, dtype: torch.dtype, device: torch.device | str | Non
         )
 
 
-def auto_chunk_size(total: int, bytes_per_item: int, *, budget: int = CHUNK_BUDGET_BYTES) -> int:
-    """How many items of ``bytes_per_item`` fit in ``budget`` (at least 1, at most total)."""
-    return max(1, min(total, budget // max(1, bytes_per_item)))
+#: Largest automatic chunk of tangents. NOTE [chunk cap]: a batched backward pass
+#: materialises every intermediate of the gradient graph once per tangent, so
+#: beyond a few dozen tangents it only adds memory traffic; measured on CPU
+#: (python -m benchmarks.bench_hvp --chunks), 8-32 tangents per pass is the sweet spot and
+#: larger chunks are slower (SimpleNet diagonal: 33 ms at 8, 54 ms at 128).
+MAX_AUTO_CHUNK = 32
+
+
+def auto_chunk_size(total: int, bytes_per_item: int, *, budget: int = CHUNK_BUDGET_BYTES,
+                    cap: int = MAX_AUTO_CHUNK) -> int:
+    """How many items of ``bytes_per_item`` fit in ``budget`` (at least 1, at most
+    ``total`` and ``cap``)."""
+    return max(1, min(total, cap, budget // max(1, bytes_per_item)))

@@ -220,6 +220,11 @@ class HVPFunction:
         g, leaf = self._grads[index], self._leaves[index]
         if g is None or not g.requires_grad:
             return torch.zeros_like(tangents)
+        if tangents.shape[0] == 1:  # a plain backward is cheaper than a batch of one
+            with torch.enable_grad():
+                (row,) = torch.autograd.grad(g, leaf, grad_outputs=tangents[0],
+                                             retain_graph=True, allow_unused=True)
+            return torch.zeros_like(tangents) if row is None else row.unsqueeze(0)
         with torch.enable_grad():
             (rows,) = torch.autograd.grad(g, leaf, grad_outputs=tangents, retain_graph=True,
                                           allow_unused=True, is_grads_batched=True)

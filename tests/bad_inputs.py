@@ -1,0 +1,147 @@
+"""The bad-input catalogue: every bad argument tried, and the error it must give.
+
+Each entry is ``(id, what is wrong, call, error type, regex the message must match)``.
+``docs/robustness.md`` lists the same ids (a test keeps them in sync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hessfunc as hf
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    what: str
+    call: Callable[[], Any]
+    error: type[BaseException]
+    match: str
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    f, params = hf.functionalize(model, nn.MSELoss())
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    v = {k: torch.ones_like(t) for k, t in params.items()}
+    return model, f, params, x, y, v
+
+
+MODEL, F_, PARAMS, X, Y, V = _setup()
+SCALAR = lambda t: (t ** 3).sum()  # noqa: E731
+VEC = torch.ones(3, dtype=torch.float64)
+H = hf.HessianOperator(F_, PARAMS, (X, Y))
+P = H.shape[0]
+_NONSCALAR_F, _ = hf.functionalize(MODEL, nn.MSELoss(reduction="none"))
+
+CASES: list[Case] = [
+    Case("functionalize-not-module", "model is not an nn.Module",
+         lambda: hf.functionalize(lambda x: x), hf.ArgumentError, "`model` must be"),
+    Case("functionalize-no-params", "model with no trainable parameters",
+         lambda: hf.functionalize(nn.Tanh()), hf.ArgumentError, "no trainable parameters"),
+    Case("functionalize-loss-not-callable", "loss_fn is not callable",
+         lambda: hf.functionalize(MODEL, "mse"), hf.ArgumentError, "`loss_fn` must be"),
+    Case("functionalize-dropout", "active dropout without a randomness choice",
+         lambda: hf.functionalize(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()),
+         hf.ArgumentError, "randomness='fixed'"),
+    Case("functionalize-randomness", "unknown randomness choice",
+         lambda: hf.functionalize(MODEL, randomness="different"), hf.ArgumentError,
+         "`randomness`"),
+    Case("f-params-keys", "params dict with a missing key",
+         lambda: F_({"0.weight": PARAMS["0.weight"]}, X, Y), hf.ArgumentError, "missing"),
+    Case("grad-non-scalar", "non-scalar loss (reduction='none')",
+         lambda: hf.grad(_NONSCALAR_F)(PARAMS, X, Y), hf.ArgumentError, r"scalar \(0-d\)"),
+    Case("grad-integer", "integer tensor where floats are needed",
+         lambda: hf.grad(SCALAR)(torch.arange(3)), hf.ArgumentError, "dtype torch.int64"),
+    Case("grad-bool", "boolean tensor where floats are needed",
+         lambda: hf.grad(SCALAR)(torch.ones(3, dtype=torch.bool)), hf.ArgumentError,
+         "dtype torch.bool"),
+    Case("grad-half", "float16 input (refused, never silently upcast)",
+         lambda: hf.grad(SCALAR)(torch.ones(3, dtype=torch.float16)), hf.ArgumentError,
+         "half precision"),
+    Case("grad-bfloat16", "bfloat16 input (refused, never silently upcast)",
+         lambda: hf.hvp(SCALAR, (torch.ones(3, dtype=torch.bfloat16),),
+                        torch.ones(3, dtype=torch.bfloat16)), hf.ArgumentError, "half precision"),
+    Case("grad-argnums", "argnums out of range",
+         lambda: hf.grad(SCALAR, argnums=2)(VEC), hf.ArgumentError, "`argnums`=2 is out of range"),
+    Case("grad-f-not-callable", "f is not callable",
+         lambda: hf.grad(3), hf.ArgumentError, "`f` must be a callable"),
+    Case("hvp-tangent-structure", "tangent with the wrong structure",
+         lambda: hf.hvp(F_, (PARAMS, X, Y), list(V.values())), hf.ArgumentError,
+         "`tangent` must have the structure"),
+    Case("hvp-tangent-shape", "tangent with a wrong shape",
+         lambda: hf.hvp(SCALAR, (VEC,), torch.ones(4, dtype=torch.float64)), hf.ArgumentError,
+         r"`tangent` leaf 0 has shape \(4,\)"),
+    Case("hvp-tangent-dtype", "tangent with a wrong dtype",
+         lambda: hf.hvp(SCALAR, (VEC,), torch.ones(3)), hf.ArgumentError,
+         "`tangent` leaf 0 has dtype torch.float32"),
+    Case("hvp-primals-not-tuple", "primals not a tuple",
+         lambda: hf.hvp(SCALAR, VEC, VEC), hf.ArgumentError, "`primals` must be a tuple"),
+    Case("hvp-mode", "unknown HVP mode",
+         lambda: hf.hvp(SCALAR, (VEC,), VEC, mode="fwd"), hf.ArgumentError, "`mode` must be"),
+    Case("hvp-argnums-tuple", "argnums tuple where one int is needed",
+         lambda: hf.hvp(SCALAR, (VEC,), VEC, argnums=(0,)), hf.ArgumentError,
+         "`argnums` must be an int"),
+    Case("hessian-non-scalar", "non-scalar function output",
+         lambda: hf.hessian(lambda t: t ** 2)(VEC), hf.ArgumentError, "scalar"),
+    Case("hessian-chunk-zero", "chunk_size < 1",
+         lambda: hf.hessian(SCALAR, chunk_size=0)(VEC), hf.ArgumentError,
+         "`chunk_size` must be an int >= 1"),
+    Case("hessian-too-large", "dense Hessian over the memory limit",
+         lambda: hf.hessian(SCALAR)(torch.zeros(300_000)), hf.DenseMemoryError,
+         "over the limit"),
+    Case("blocks-chunk-float", "chunk_size not an int",
+         lambda: hf.hessian_blocks(SCALAR, chunk_size=2.5)(VEC), hf.ArgumentError,
+         "`chunk_size`"),
+    Case("diag-method", "unknown diagonal method",
+         lambda: hf.hessian_diag(SCALAR, method="fast"), hf.ArgumentError, "`method` must be"),
+    Case("diag-structured-na", "structured route where it does not apply",
+         lambda: hf.hessian_diag(SCALAR, method="structured")(VEC), hf.ArgumentError,
+         "does not apply"),
+    Case("derivative-order", "order < 1",
+         lambda: hf.derivative(torch.sin, 0), hf.ArgumentError, "`order` must be an int >= 1"),
+    Case("derivative-not-elementwise", "function that is not elementwise",
+         lambda: hf.derivative(lambda t: t.sum(), 1)(VEC), hf.ArgumentError,
+         "must be elementwise"),
+    Case("laplacian-non-scalar", "u not scalar per point",
+         lambda: hf.laplacian(lambda t: t * 2)(VEC), hf.ArgumentError, "scalar"),
+    Case("laplacian-integer", "integer input point",
+         lambda: hf.laplacian(SCALAR)(torch.arange(3)), hf.ArgumentError, "dtype torch.int64"),
+    Case("operator-empty", "empty data",
+         lambda: hf.HessianOperator(F_, PARAMS, []), hf.ArgumentError, "`data` is empty"),
+    Case("operator-batch-shape", "a batch that is not (inputs, targets)",
+         lambda: hf.HessianOperator(F_, PARAMS, [(X, Y, Y)]), hf.ArgumentError,
+         r"must be an \(inputs, targets\) pair"),
+    Case("operator-shuffle", "a shuffling DataLoader",
+         lambda: hf.HessianOperator(F_, PARAMS, DataLoader(TensorDataset(X, Y), shuffle=True)),
+         hf.ArgumentError, "shuffle=False"),
+    Case("operator-k", "k >= P",
+         lambda: H.eigenvalues(P), hf.ArgumentError, f"`k`={P} must be < P={P}"),
+    Case("operator-num-samples", "num_samples < 1",
+         lambda: H.trace("hutchinson", num_samples=0), hf.ArgumentError, "`num_samples`"),
+    Case("operator-vector-size", "vector of the wrong size",
+         lambda: H @ torch.ones(P + 2, dtype=torch.float64), hf.ArgumentError,
+         r"`v` must have shape \(P,\)"),
+    Case("operator-vector-dtype", "vector of the wrong dtype",
+         lambda: H @ torch.ones(P), hf.ArgumentError, "dtype torch.float32"),
+    Case("operator-params", "params with an integer tensor",
+         lambda: hf.HessianOperator(F_, {"w": torch.arange(3)}, (X, Y)), hf.ArgumentError,
+         "`params` holds a tensor of dtype torch.int64"),
+    Case("operator-dense-limit", "to_dense over the memory limit",
+         lambda: H.to_dense(max_memory=8), hf.DenseMemoryError, "over the limit"),
+    Case("estimator-num-samples", "an estimator with num_samples=0",
+         lambda: hf.estimators.hutchinson_trace(lambda V: V, 3, num_samples=0,
+                                                dtype=torch.float64), hf.ArgumentError,
+         "num_samples"),
+    Case("estimator-k", "Lanczos with k=0",
+         lambda: hf.estimators.lanczos_eigenvalues(lambda V: V, 3, k=0, dtype=torch.float64),
+         hf.ArgumentError, "k"),
+]

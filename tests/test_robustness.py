@@ -1,0 +1,393 @@
+"""Real-world models, bad input, and never a silent wrong number."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close, assert_same_state, model_state, oracle_loss
+from bad_inputs import CASES
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import hessfunc as hf
+from hessfunc._autodiff import second_order_kernels
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+# ----------------------------------------------------------------- architectures
+class Cube(torch.autograd.Function):
+    """A custom autograd.Function with forward-mode, backward and a generated vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x ** 2  # differentiable again: double backward works
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return tangent * 3 * x ** 2
+
+
+class CustomFn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(Cube.apply(torch.tanh(self.a(x))))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a, self.b, self.out = (nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4),
+                                              nn.Linear(4, 2))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = h + self.b(torch.tanh(self.a(h)))
+        return self.out(h)
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.tensor([2.0, -0.5]))
+
+    def forward(self, x):
+        return torch.sinh(self.lin(x)) * self.scale
+
+
+class Transformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=6,
+                                                dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean(dim=1))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(3, 4)
+        self.dec = nn.Linear(4, 3)
+        self.dec.weight = nn.Parameter(torch.empty(0))  # replaced below by a tie
+        del self.dec.weight
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec.bias)
+
+
+def _cnn_bn():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(2 * 3 * 3, 2))
+
+
+def _frozen():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    m[0].weight.requires_grad_(False)
+    return m
+
+
+ARCHS = {
+    "cnn-batchnorm-train": (lambda: _cnn_bn().train(), (6, 1, 5, 5)),
+    "cnn-batchnorm-eval": (lambda: _cnn_bn().eval(), (6, 1, 5, 5)),
+    "layernorm": (lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(),
+                                        nn.Linear(4, 2)), (5, 3)),
+    "residual": (ResidualBlock, (5, 3)),
+    "transformer": (Transformer, (3, 4, 4)),
+    "tied": (Tied, (5, 3)),
+    "frozen": (_frozen, (5, 3)),
+    "buffers": (WithBuffer, (5, 3)),
+    "custom-function": (CustomFn, (5, 3)),
+}
+
+
+def _arch(name):
+    make, shape = ARCHS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    if name.startswith("cnn"):
+        with torch.no_grad():
+            bn = model[1]
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    out_dim = 3 if name == "tied" else 2
+    y = torch.randn(shape[0], out_dim, generator=g, dtype=torch.float64)
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_architecture_against_the_oracle(name):
+    model, x, y = _arch(name)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    with second_order_kernels():  # the oracle needs the attention math kernel as well
+        loss, leaves = oracle_loss(f, params, x, y)
+        H_ref = hf.reference.hessian(loss, list(leaves.values()))
+        diag_ref = hf.reference.hessian_diag(loss, leaves)
+        blocks_ref = hf.reference.hessian_blocks(loss, leaves)
+        v = {k: torch.randn_like(t) for k, t in params.items()}
+        hv_ref = dict(zip(params, hf.reference.hvp(loss, list(leaves.values()),
+                                                    list(v.values())), strict=True))
+    for mode in ("reverse-over-reverse", "forward-over-reverse"):
+        assert_close(hf.hvp(f, (params, x, y), v, mode=mode), hv_ref)
+    assert_close(hf.hessian(f, flat=True)(params, x, y), H_ref)
+    assert_close(hf.hessian_diag(f)(params, x, y), diag_ref)
+    assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
+    op = hf.HessianOperator(f, params, [(x[:3], y[:3]), (x[3:], y[3:])])
+    if name != "cnn-batchnorm-train":  # batch statistics make the split a different function
+        assert_close(op.to_dense(), H_ref)
+
+
+def test_batchnorm_training_mode_choice():
+    model, x, y = _arch("cnn-batchnorm-train")
+    f_train, params = hf.functionalize(model, nn.MSELoss())
+    f_eval, _ = hf.functionalize(model, nn.MSELoss(), training=False)
+    assert model.training  # the user's model keeps its mode
+    with torch.no_grad():
+        train_loss = nn.MSELoss()(model(x), y)  # (updates the user's running stats itself)
+    assert torch.allclose(f_train(params, x, y), train_loss, rtol=1e-12, atol=0)
+    model.eval()
+    _, x2, y2 = _arch("cnn-batchnorm-train")
+    assert not torch.allclose(f_train(params, x2, y2), f_eval(params, x2, y2))
+
+
+def test_dropout_randomness_fixed_is_reproducible_and_restores_rng():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 1)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    with pytest.raises(hf.ArgumentError, match="training=False .* randomness='fixed'"):
+        hf.functionalize(model, nn.MSELoss())
+    f, params = hf.functionalize(model, nn.MSELoss(), randomness="fixed", seed=3)
+    state = torch.get_rng_state()
+    d1 = hf.hessian_diag(f)(params, x, y)
+    d2 = hf.hessian_diag(f)(params, x, y)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert_close(d1, d2)
+    loss, leaves = oracle_loss(f, params, x, y)
+    assert_close(d1, hf.reference.hessian_diag(loss, leaves))
+    f_other, _ = hf.functionalize(model, nn.MSELoss(), randomness="fixed", seed=4)
+    assert not torch.equal(f(params, x, y), f_other(params, x, y))
+    f_eval, _ = hf.functionalize(model, nn.MSELoss(), training=False)
+    model.eval()
+    assert torch.equal(f_eval(params, x, y), nn.MSELoss()(model(x), y))
+
+
+def test_forward_mode_gap_warns_once_and_falls_back():
+    class NoForward(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return torch.sin(x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return grad * torch.cos(x)
+
+    f = lambda t: NoForward.apply(t).sum()  # noqa: E731
+    x = torch.randn(4, dtype=torch.float64)
+    v = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(Exception):  # noqa: B017 - torch itself cannot do forward mode here
+        torch.func.jvp(torch.func.grad(f), (x,), (v,))
+    with pytest.warns(RuntimeWarning, match="no forward-mode rule"):
+        got = hf.hvp(f, (x,), v, mode="forward-over-reverse")
+    assert_close(got, -torch.sin(x) * v)
+
+
+# ----------------------------------------------------------------- never change the model
+ENTRY_POINTS = {
+    "grad": lambda f, p, x, y, v: hf.grad(f)(p, x, y),
+    "hvp-rr": lambda f, p, x, y, v: hf.hvp(f, (p, x, y), v),
+    "hvp-fr": lambda f, p, x, y, v: hf.hvp(f, (p, x, y), v, mode="forward-over-reverse"),
+    "hvp_fn": lambda f, p, x, y, v: hf.hvp_fn(f, (p, x, y))(v),
+    "hessian": lambda f, p, x, y, v: hf.hessian(f)(p, x, y),
+    "hessian_blocks": lambda f, p, x, y, v: hf.hessian_blocks(f)(p, x, y),
+    "hessian_diag": lambda f, p, x, y, v: hf.hessian_diag(f)(p, x, y),
+    "laplacian": lambda f, p, x, y, v: hf.laplacian(f, argnums=1)(p, x, y),
+    "operator": lambda f, p, x, y, v: (lambda op: (op.diagonal(), op.eigenvalues(1, seed=0),
+                                                    op.trace("hutchinson", num_samples=3,
+                                                             seed=0)))(
+        hf.HessianOperator(f, p, (x, y))),
+}
+
+
+@given(arch=st.sampled_from(sorted(ARCHS)), entry=st.sampled_from(sorted(ENTRY_POINTS)))
+def test_model_never_changes(arch, entry):
+    model, x, y = _arch(arch)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, 0.25)
+    before = model_state(model)
+    rng = torch.get_rng_state()
+    f, params = hf.functionalize(model, nn.MSELoss())
+    v = {k: torch.ones_like(t) for k, t in params.items()}
+    ENTRY_POINTS[entry](f, params, x, y, v)
+    assert_same_state(before, model_state(model))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ----------------------------------------------------------------- numerical hygiene
+def test_check_finite_names_the_parameter_or_sample():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    f, params = hf.functionalize(model, nn.MSELoss(), check_finite=True)
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    assert torch.isfinite(hf.grad(f)(params, x, y)["0.weight"]).all()
+    bad_x = x.clone()
+    bad_x[3, 1] = float("nan")
+    with pytest.raises(hf.NonFiniteError, match="input 0, sample 3"):
+        hf.hessian_diag(f)(params, bad_x, y)
+    bad_p = dict(params, **{"2.bias": torch.tensor([float("inf")], dtype=torch.float64)})
+    with pytest.raises(hf.NonFiniteError, match="parameter '2.bias'"):
+        f(bad_p, x, y)
+    bad_y = y.clone()
+    bad_y[2] = float("nan")
+    with pytest.raises(hf.NonFiniteError, match="loss is NaN/Inf"):
+        f(params, x, bad_y)
+    g, _ = hf.functionalize(nn.Sequential(nn.Linear(1, 1)).double(), check_finite=True)
+    with pytest.raises(hf.NonFiniteError, match="input 0, sample 1"):
+        g({"0.weight": torch.ones(1, 1, dtype=torch.float64),
+           "0.bias": torch.zeros(1, dtype=torch.float64)},
+          torch.tensor([[1.0], [float("inf")]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_not_upcast(dtype):
+    model = nn.Linear(2, 1).to(dtype)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    x, y = torch.randn(3, 2, dtype=dtype), torch.randn(3, 1, dtype=dtype)
+    for call in (lambda: hf.grad(f)(params, x, y), lambda: hf.hessian_diag(f)(params, x, y),
+                 lambda: hf.hessian(f)(params, x, y)):
+        with pytest.raises(hf.ArgumentError, match="half precision"):
+            call()
+
+
+# ----------------------------------------------------------------- memory guards
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from hessfunc.hvp import HVPFunction
+torch.set_num_threads(1)
+rows, n = int(sys.argv[1]), 6000
+f = lambda w: (w.sin() * w.cos()).sum() + (w * w).sum() ** 2
+w = torch.randn(n, dtype=torch.float64)
+H = HVPFunction(f, (w,), 0)
+T = torch.zeros(rows, n, dtype=torch.float64)
+T[range(rows), range(rows)] = 1
+H.block_rows(0, T[:2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+H.block_rows(0, T)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_one_chunk_costs_memory_proportional_to_its_size():
+    """Peak memory of one batched pass grows with the chunk (RSS high-water mark)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # RSS follows frees
+    peaks = {}
+    for rows in (8, 512):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(rows)], env=env,
+                             capture_output=True, text=True, timeout=120, check=True)
+        peaks[rows] = int(out.stdout.split()[-1])
+    per_tangent = 6000 * 8
+    assert peaks[8] < 64 * per_tangent * 8 + 8 * 2**20  # small chunk: small footprint
+    assert peaks[512] > 16 * peaks[8] or peaks[512] > 128 * per_tangent
+
+
+def test_public_functions_never_push_more_than_chunk_size_tangents(monkeypatch):
+    from hessfunc.hvp import HVPFunction
+
+    seen = []
+    original = HVPFunction.block_rows
+
+    def spy(self, index, tangents):
+        seen.append(tangents.shape[0])
+        return original(self, index, tangents)
+
+    monkeypatch.setattr(HVPFunction, "block_rows", spy)
+    f = lambda w: (w.sin() * w.cos()).sum() + (w * w).sum() ** 2  # noqa: E731
+    w = torch.randn(50, dtype=torch.float64)
+    for chunk in (1, 7, 50):
+        seen.clear()
+        hf.hessian_diag(f, chunk_size=chunk)(w)
+        hf.hessian_blocks(f, chunk_size=chunk)(w)
+        assert max(seen) <= chunk and sum(seen) == 100
+    seen.clear()
+    hf.hessian_diag(f)(torch.randn(5000, dtype=torch.float64)[:200])
+    assert max(seen) <= 32  # NOTE [chunk cap]
+    with pytest.raises(hf.DenseMemoryError, match=r"needs .* \(2,500 x torch.float64\)"):
+        hf.hessian(f, max_memory=1000)(w)
+
+
+# ----------------------------------------------------------------- the bad-input catalogue
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_catalogue(case):
+    with pytest.raises(case.error, match=case.match):
+        case.call()
+
+
+def test_catalogue_is_documented():
+    text = (DOCS / "robustness.md").read_text()
+    missing = [c.id for c in CASES if f"`{c.id}`" not in text]
+    assert not missing, f"docs/robustness.md lacks {missing}"
+
+
+@given(
+    chunk=st.one_of(st.integers(-5, 0), st.floats(0.1, 3.5), st.text(max_size=2),
+                    st.just(True)),
+    order=st.one_of(st.integers(-5, 0), st.floats(1.5, 2.5), st.just(None)),
+    argnums=st.one_of(st.integers(2, 6), st.integers(-9, -3), st.just("0"), st.just(1.0)),
+    k=st.one_of(st.integers(-3, 0), st.integers(16, 40)),
+    samples=st.integers(-3, 0),
+)
+def test_drawn_bad_arguments_give_library_errors_naming_them(chunk, order, argnums, k, samples):
+    """Every drawn bad argument gives a hessfunc error naming it: never a result."""
+    from bad_inputs import H as op
+    from bad_inputs import SCALAR, VEC
+
+    calls = [
+        (lambda: hf.hessian_diag(SCALAR, chunk_size=chunk)(VEC), "chunk_size"),
+        (lambda: hf.hessian(SCALAR, chunk_size=chunk)(VEC), "chunk_size"),
+        (lambda: hf.hessian_blocks(SCALAR, chunk_size=chunk)(VEC), "chunk_size"),
+        (lambda: hf.derivative(torch.sin, order), "order"),
+        (lambda: hf.grad(SCALAR, argnums=argnums)(VEC, VEC), "argnums"),
+        (lambda: hf.hvp(SCALAR, (VEC, VEC), VEC, argnums=argnums), "argnums"),
+        (lambda: hf.hessian_diag(SCALAR, argnums=argnums)(VEC, VEC), "argnums"),
+        (lambda: op.eigenvalues(k), "k"),
+        (lambda: op.trace("hutchinson", num_samples=samples), "num_samples"),
+    ]
+    for call, name in calls:
+        with pytest.raises(hf.HessfuncError) as info:
+            call()
+        assert re.search(rf"\b{name}\b", str(info.value)), (name, str(info.value))
