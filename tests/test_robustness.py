@@ -373,8 +373,8 @@ def test_catalogue_is_documented():
 )
 def test_drawn_bad_arguments_give_library_errors_naming_them(chunk, order, argnums, k, samples):
     """Every drawn bad argument gives a hessfunc error naming it: never a result."""
-    from bad_inputs import H as op
     from bad_inputs import SCALAR, VEC
+    from bad_inputs import H as op
 
     calls = [
         (lambda: hf.hessian_diag(SCALAR, chunk_size=chunk)(VEC), "chunk_size"),
