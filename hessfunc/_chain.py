@@ -77,7 +77,9 @@ class ChainPlan:
     """A verified chain and its output Hessians, ready for the backward propagation."""
 
     def __init__(self, steps: list[_Linear | _Elementwise], out_hessian: torch.Tensor,
-                 out_grad: torch.Tensor, params: dict[str, torch.Tensor]):
+                 out_grad: torch.Tensor, params: dict[str, torch.Tensor],
+                 per_sample: bool = False):
+        self.per_sample = per_sample
         self.steps = steps
         self.out_hessian = out_hessian    # (N, C, C)
         self.out_grad = out_grad          # (N, C)
@@ -112,13 +114,24 @@ class ChainPlan:
                    + [s.weight.shape[1] for s in self.steps if isinstance(s, _Linear)])
 
     def diagonal(self, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
-        """The exact Hessian diagonal, structured like ``params``."""
-        out = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        """The exact Hessian diagonal, structured like ``params`` (per sample: a leading
+        ``N`` axis, sample ``n`` holding the diagonal of its own loss's Hessian)."""
+        N = self.out_hessian.shape[0]
+        if self.per_sample:
+            out = {k: v.new_zeros((N, *v.shape)) for k, v in self.params.items()}
+        else:
+            out = {k: torch.zeros_like(v) for k, v in self.params.items()}
 
         def on_linear(step: _Linear, H: torch.Tensor, rows: slice) -> None:
             hd = H.diagonal(dim1=1, dim2=2)                      # (n, out)
+            a = step.inputs[rows]
+            if self.per_sample:
+                if step.weight_name:
+                    out[step.weight_name][rows] = hd[:, :, None] * (a * a)[:, None, :]
+                if step.bias_name:
+                    out[step.bias_name][rows] = hd
+                return
             if step.weight_name:
-                a = step.inputs[rows]
                 out[step.weight_name] += hd.T @ (a * a)
             if step.bias_name:
                 out[step.bias_name] += hd.sum(0)
@@ -224,8 +237,30 @@ def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
     return H.detach(), g.detach()
 
 
-def analyze(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan | None, str]:
-    """A :class:`ChainPlan` for this call, or ``(None, reason)`` when the route does not apply."""
+def _per_sample_output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
+                               ) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """Each sample's own loss ``loss_fn(o_n[None], y_n[None])``: Hessians and gradients."""
+    if not isinstance(targets, torch.Tensor) or targets.shape[:1] != out.shape[:1]:
+        return "the targets are not one tensor with a row per sample"
+
+    def single(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss_fn(o[None], t[None])
+
+    try:
+        g = torch.func.vmap(torch.func.grad(single))(out.detach(), targets)
+        H = torch.func.vmap(torch.func.jacrev(torch.func.grad(single)))(out.detach(), targets)
+    except RuntimeError as exc:
+        return f"the loss of one sample could not be differentiated ({str(exc)[:80]})"
+    return H.detach(), g.detach()
+
+
+def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = False
+            ) -> tuple[ChainPlan | None, str]:
+    """A :class:`ChainPlan` for this call, or ``(None, reason)`` when the route does not apply.
+
+    With ``per_sample`` the plan gives each sample's own loss Hessian diagonal, the loss of
+    a one-sample batch ``loss_fn(model(x[n:n+1]), y[n:n+1])``.
+    """
     if not isinstance(f, FunctionalModel) or f.loss_fn is None:
         return None, "f was not made by hessfunc.functionalize(model, loss_fn)"
     if argnums != 0 or len(args) != 3:
@@ -277,10 +312,13 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan | No
         return None, "the model output is not the last layer's (N, C) output"
     if covered != set(params):
         return None, f"parameters {sorted(set(params) - covered)} are outside the Linear chain"
-    hg = _output_hessian(f.loss_fn, out, targets)
+    if per_sample:
+        hg = _per_sample_output_hessian(f.loss_fn, out, targets)
+    else:
+        hg = _output_hessian(f.loss_fn, out, targets)
     if isinstance(hg, str):
         return None, hg
-    return ChainPlan(steps, hg[0], hg[1], params), "ok"
+    return ChainPlan(steps, hg[0], hg[1], params, per_sample), "ok"
 
 
 def plan(f: Any, args: tuple[Any, ...], argnums: int) -> ChainPlan | None:

@@ -50,9 +50,14 @@ def _generic_diag(H: HVPFunction, spec: FlatSpec, chunk_size: int | None) -> lis
     return diags
 
 
+def _unsqueeze_samples(batch: Any) -> Any:
+    """Each sample as a batch of one: ``(N, ...) -> (N, 1, ...)`` for every tensor."""
+    return pytree.tree_map(lambda t: t.unsqueeze(1) if isinstance(t, torch.Tensor) else t, batch)
+
+
 def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,
-                 method: Literal["auto", "structured", "generic"] = "auto"
-                 ) -> Callable[..., Any]:
+                 method: Literal["auto", "structured", "generic"] = "auto",
+                 per_sample: bool = False) -> Callable[..., Any]:
     """The exact diagonal of the Hessian, with the structure of the argument.
 
     ``hessian_diag(f)(*args)`` has leaves ``d^2 f / d p_i^2`` for every scalar
@@ -67,11 +72,15 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             on it.
         method: ``"auto"``, ``"structured"`` (raise if it does not apply, saying
             why) or ``"generic"``.
+        per_sample: for ``f(params, inputs, targets)``: return, for every sample
+            ``n``, the diagonal of its own loss ``f(params, x[n:n+1], y[n:n+1])``,
+            as leaves with a leading ``N`` axis. Structured route when it applies,
+            else exactly the vmap recipe below.
 
-    Per-sample diagonals: ``torch.func.vmap(hessian_diag(f), in_dims=(None, 0, 0))
-    (params, X[:, None], Y[:, None])`` gives each sample's own loss Hessian diagonal;
-    with ``argnums=1`` and ``vmap(hessian_diag(u))(X)``, per-point input-Hessian
-    diagonals.
+    Per-sample diagonals by hand: ``torch.func.vmap(hessian_diag(f), in_dims=(None, 0,
+    0))(params, X[:, None], Y[:, None])`` gives each sample's own loss Hessian diagonal
+    (what ``per_sample=True`` computes); with ``argnums=1`` and
+    ``vmap(hessian_diag(u))(X)``, per-point input-Hessian diagonals.
 
     Example:
         >>> f = lambda x: (x ** 3).sum() + x[0] * x[1]      # H = diag(6 x) + offdiag
@@ -84,13 +93,20 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
 
     def diag_f(*args: Any) -> Any:
         a, spec = _prepare(f, args, argnums, chunk_size, call)
+        if per_sample and (a != 0 or len(args) != 3):
+            raise ArgumentError(f"{call}: per_sample=True needs f(params, inputs, targets) "
+                                f"with argnums=0; got {len(args)} arguments and argnums={a}.")
         if method != "generic":
-            plan, reason = _chain.analyze(f, args, a)
+            plan, reason = _chain.analyze(f, args, a, per_sample=per_sample)
             if plan is not None:
                 return plan.diagonal(chunk_size)
             if method == "structured":
                 raise ArgumentError(f"{call}: method='structured' does not apply here: {reason}; "
                                     "use method='auto' or 'generic'.")
+        if per_sample:
+            one = hessian_diag(f, chunk_size=chunk_size, method="generic")
+            return torch.func.vmap(one, in_dims=(None, 0, 0))(
+                args[0], *_unsqueeze_samples(args[1:]))
         H = HVPFunction(wrap_scalar(f, call), args, a)
         return pytree.tree_unflatten(_generic_diag(H, spec, chunk_size), spec.treespec)
 

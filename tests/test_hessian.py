@@ -293,3 +293,33 @@ def test_bad_input():
         hf.hessian_blocks(f, argnums=2)(x)
     with pytest.raises(hf.ArgumentError, match="f was not made by hessfunc.functionalize"):
         hf.hessian_diag(f, method="structured")(x)
+
+
+@given(problems(kinds=("mlp", "tied", "two-input"), max_batch=4))
+def test_per_sample_option_equals_the_vmap_recipe_and_the_oracle(prob):
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    x, y = prob.batch
+    got = hf.hessian_diag(f, per_sample=True)(params, x, y)
+    generic = hf.hessian_diag(f, per_sample=True, method="generic")(params, x, y)
+    assert_close(got, generic)
+    n_samples = y.shape[0]
+    for n in range(n_samples):
+        xn = tuple(t[n:n + 1] for t in x) if isinstance(x, tuple) else x[n:n + 1]
+        _, _, diag_ref = _oracle(f, params, (xn, y[n:n + 1]))
+        assert_close({k: t[n] for k, t in got.items()}, diag_ref)
+
+
+def test_per_sample_structured_route_is_taken_for_chains():
+    model = build_mlp([3, 5, 4, 3], "tanh", seed=2)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    f, params = hf.functionalize(model, F.cross_entropy)
+    plan, reason = _chain.analyze(f, (params, x, y), 0, per_sample=True)
+    assert plan is not None, reason
+    structured = hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y)
+    recipe = vmap(hf.hessian_diag(f), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+    assert_close(structured, recipe)
+    assert structured["0.weight"].shape == (6, 5, 3)
+    # the per-sample diagonals of a mean loss average to the batch diagonal
+    assert_close({k: t.mean(0) for k, t in structured.items()}, hf.hessian_diag(f)(params, x, y))
+    with pytest.raises(hf.ArgumentError, match="per_sample=True needs f"):
+        hf.hessian_diag(lambda w: (w ** 3).sum(), per_sample=True)(torch.ones(2))
