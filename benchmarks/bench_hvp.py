@@ -66,14 +66,38 @@ def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict
     return rows
 
 
+def run_chunks(problem_names: list[str], repeats: int, dtype: torch.dtype) -> None:
+    """Generic exact diagonal (one-hot rows) time against the chunk of tangents per pass."""
+    print("| problem | " + " | ".join(f"chunk {c}" for c in CHUNKS) + " |")
+    print("| --- |" + " --- |" * len(CHUNKS))
+    for key in problem_names:
+        prob = PROBLEMS[key](dtype=dtype)
+        f, params = hf.functionalize(prob.model, prob.loss_fn)
+        cells = []
+        for c in CHUNKS:
+            fn = hf.hessian_diag(f, chunk_size=c, method="generic")
+            t = median_time(lambda: fn(params, prob.x, prob.y), repeats=repeats, warmup=1)
+            cells.append(f"{t * 1e3:.1f} ms")
+        print(f"| {prob.name} | " + " | ".join(cells) + " |")
+
+
+CHUNKS = (1, 8, 32, 128)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--only", nargs="*", default=["simplenet", "mlp5k", "mlp100k"])
+    ap.add_argument("--chunks", action="store_true",
+                    help="instead: generic-diagonal time against the tangent chunk size")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.chunks:
+        run_chunks([k for k in args.only if k != "mlp100k"], max(1, args.repeats // 5),
+                   getattr(torch, args.dtype))
+        return
     rows = run(args.only, args.repeats, getattr(torch, args.dtype))
     names = [k for k in rows[0] if k not in ("problem", "params", "grad_ms")]
     print(f"HVP cost in gradients (median of {args.repeats}, {args.threads} thread(s), "
