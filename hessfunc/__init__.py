@@ -7,15 +7,15 @@
 
 from . import estimators, reference
 from ._version import __version__
-from .derivative import derivative
+from .dense import hessian, hessian_blocks
+from .derivatives import derivative
 from .diagonal import hessian_diag
 from .errors import ArgumentError, DenseMemoryError, HessfuncError, NonFiniteError
 from .functional import FunctionalModel, functionalize
 from .gradient import grad
-from .hessian import hessian, hessian_blocks
-from .hvp import HVPFunction, hvp, hvp_fn
-from .laplacian import laplacian
+from .laplacians import laplacian
 from .operator import HessianOperator
+from .products import HVPFunction, hvp, hvp_fn
 
 __all__ = [
     "__version__",

@@ -285,7 +285,9 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
             return None, f"module {type(module).__name__} is called twice"
         seen.add(id(module))
         if not (isinstance(margs, tuple) and len(margs) == 1 and margs[0] is prev):
-            return None, f"{type(module).__name__} does not take the previous output (not a chain)"
+            return None, (f"{type(module).__name__} does not take the previous layer's output "
+                          "(not a chain: a skip connection, a branch or a function between "
+                          "modules)")
         if not isinstance(mout, torch.Tensor) or mout._version != version:
             return None, f"{type(module).__name__}'s output is not a tensor or was edited in place"
         if isinstance(module, nn.Linear):

@@ -25,9 +25,9 @@ from . import _chain
 from ._checks import wrap_scalar
 from ._memory import auto_chunk_size, itemsize
 from ._tree import FlatSpec
+from .dense import _prepare
 from .errors import ArgumentError
-from .hessian import _prepare
-from .hvp import HVPFunction
+from .products import HVPFunction
 
 __all__ = ["hessian_diag", "DIAG_METHODS"]
 
@@ -79,8 +79,9 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
 
     Per-sample diagonals by hand: ``torch.func.vmap(hessian_diag(f), in_dims=(None, 0,
     0))(params, X[:, None], Y[:, None])`` gives each sample's own loss Hessian diagonal
-    (what ``per_sample=True`` computes); with ``argnums=1`` and
-    ``vmap(hessian_diag(u))(X)``, per-point input-Hessian diagonals.
+    (what ``per_sample=True`` computes). Per-point input-Hessian diagonals:
+    ``vmap(hessian_diag(f, argnums=1), in_dims=(None, 0, 0))(params, X, Y)``, or
+    ``vmap(hessian_diag(u))(X)`` for ``u`` mapping one point to a scalar.
 
     Example:
         >>> f = lambda x: (x ** 3).sum() + x[0] * x[1]      # H = diag(6 x) + offdiag

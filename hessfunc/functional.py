@@ -173,8 +173,9 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
 
     Returns:
         ``(f, params)``: ``params`` is a ``dict[str, Tensor]`` of the trainable
-        parameters (``requires_grad=True``), keyed and ordered like
-        ``model.named_parameters()``, detached from the model. Frozen parameters
+        parameters (those with ``requires_grad=True`` in the model), keyed and
+        ordered like ``model.named_parameters()``, detached (``requires_grad=False``;
+        the transforms differentiate them). Frozen parameters
         and buffers are held fixed inside ``f``; tied weights appear once, under
         their first name, and stay tied.
 

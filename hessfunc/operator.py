@@ -45,7 +45,7 @@ from .estimators import (
     spectral_density,
 )
 from .functional import functionalize
-from .hvp import HVPFunction
+from .products import HVPFunction
 
 __all__ = ["HessianOperator"]
 

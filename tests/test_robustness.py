@@ -292,8 +292,8 @@ def test_half_precision_is_refused_not_upcast(dtype):
 
 # ----------------------------------------------------------------- memory guards
 _PEAK_SCRIPT = """
-import resource, sys, torch
-from hessfunc.hvp import HVPFunction
+import sys, torch
+from hessfunc.products import HVPFunction
 torch.set_num_threads(1)
 rows, n = int(sys.argv[1]), 6000
 f = lambda w: (w.sin() * w.cos()).sum() + (w * w).sum() ** 2
@@ -302,12 +302,23 @@ H = HVPFunction(f, (w,), 0)
 T = torch.zeros(rows, n, dtype=torch.float64)
 T[range(rows), range(rows)] = 1
 H.block_rows(0, T[:2])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+
+with open("/proc/self/clear_refs", "w") as fh:  # reset the high-water mark VmHWM
+    fh.write("5")
+before = status("VmRSS")
 H.block_rows(0, T)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(status("VmHWM") - before)
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_one_chunk_costs_memory_proportional_to_its_size():
     """Peak memory of one batched pass grows with the chunk (RSS high-water mark)."""
     import os
@@ -320,13 +331,14 @@ def test_one_chunk_costs_memory_proportional_to_its_size():
         out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(rows)], env=env,
                              capture_output=True, text=True, timeout=120, check=True)
         peaks[rows] = int(out.stdout.split()[-1])
-    per_tangent = 6000 * 8
-    assert peaks[8] < 64 * per_tangent * 8 + 8 * 2**20  # small chunk: small footprint
-    assert peaks[512] > 16 * peaks[8] or peaks[512] > 128 * per_tangent
+    per_tangent = 6000 * 8  # bytes of one tangent
+    # 512 tangents hold several (512, 6000) intermediates; 8 tangents a sliver of that
+    assert peaks[512] > 128 * per_tangent, peaks
+    assert peaks[8] < peaks[512] / 8, peaks
 
 
 def test_public_functions_never_push_more_than_chunk_size_tangents(monkeypatch):
-    from hessfunc.hvp import HVPFunction
+    from hessfunc.products import HVPFunction
 
     seen = []
     original = HVPFunction.block_rows

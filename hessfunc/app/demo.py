@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import HessfuncError
 from ..functional import functionalize
 from ..gradient import grad
 from . import plots
@@ -56,7 +57,7 @@ def run_demo(out: Path, *, epochs: int = 1000, lr: float = 0.01, seed: int = 0,
     t0 = time.perf_counter()
     history = []
     for epoch in range(epochs):
-        if epoch % 200 == 0 or epoch == epochs - 1:
+        if epoch % 200 == 0:
             loss = float(f(params, x, y))
             history.append({"epoch": epoch, "loss": loss})
             log(f"  epoch {epoch:5d}  loss {loss:.6g}")
@@ -64,9 +65,10 @@ def run_demo(out: Path, *, epochs: int = 1000, lr: float = 0.01, seed: int = 0,
         params = {k: p - lr * g[k] for k, p in params.items()}
     train_time = time.perf_counter() - t0
     final_loss = float(f(params, x, y))
+    history.append({"epoch": epochs, "loss": final_loss})
     if not math.isfinite(final_loss):
-        raise RuntimeError(f"training diverged (loss {final_loss}); try a smaller --lr")
-    log(f"  final loss {final_loss:.6g} ({train_time:.2f} s)")
+        raise HessfuncError(f"training diverged (loss {final_loss}); try a smaller --lr")
+    log(f"  epoch {epochs:5d}  loss {final_loss:.6g}  (after the last step; {train_time:.2f} s)")
     log("Computing the curvature report at the trained parameters ...")
     rep = curvature_report(f, params, (x, y), seed=seed)
     rep.numbers.update(problem="SimpleNet 1-10-10-1 tanh, 1000 points of [-10, 10]",

@@ -14,9 +14,9 @@ import torch
 
 from .. import reference
 from .._chain import analyze as analyze_chain
+from ..dense import hessian_blocks
 from ..diagonal import hessian_diag
 from ..gradient import grad
-from ..hessian import hessian_blocks
 from ..operator import HessianOperator
 
 #: The loop oracle is run for comparison only up to this many parameters.

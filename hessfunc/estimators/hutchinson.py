@@ -98,8 +98,8 @@ def hutchinson_trace(
             Probes are drawn block by block, so the draws depend on it too.
         generator: source of the probes; the same state (and arguments) gives
             the same result.
-        dtype, device: those of the probes and the operator; ``dtype`` defaults to
-            torch's default dtype, ``device`` to the generator's.
+        dtype: of the probes and the operator; defaults to torch's default dtype.
+        device: of the probes and the operator; defaults to the generator's.
 
     Returns:
         :class:`TraceEstimate` with 0-dim ``estimate`` and ``std_error`` tensors.

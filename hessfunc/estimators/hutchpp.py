@@ -74,7 +74,8 @@ def hutchpp_trace(
         batch_size: at most this many columns go through ``matmat`` at once
             (``None``: all at once). The sketch itself is ``(size, s)``.
         generator: source of the random numbers; the same state gives the same result.
-        dtype, device: as in :func:`hessfunc.estimators.hutchinson_trace`.
+        dtype: as in :func:`hessfunc.estimators.hutchinson_trace`.
+        device: as in :func:`hessfunc.estimators.hutchinson_trace`.
 
     Returns:
         :class:`TraceEstimate`; ``std_error`` is the standard error of the

@@ -130,8 +130,8 @@ def lanczos(
             (twice), at ``O(size * m)`` memory; ``False`` keeps only the
             three-term recurrence and loses orthogonality as Ritz values converge.
         return_basis: also return the ``(size, m)`` basis.
-        dtype, device: of the vectors; default from ``start``, else torch's
-            default dtype and the generator's device.
+        dtype: of the vectors; default from ``start``, else torch's default dtype.
+        device: of the vectors; default from ``start``, else the generator's.
 
     Returns:
         :class:`LanczosResult`.
@@ -210,8 +210,8 @@ def lanczos_eigenvalues(
             results exact. Memory is ``(size, steps)``.
         return_vectors: also return the ``(size, k)`` Ritz vectors.
         generator: source of the random start (and of restart vectors).
-        dtype, device: of the vectors; default torch's default dtype and the
-            generator's device.
+        dtype: of the vectors; default torch's default dtype.
+        device: of the vectors; default the generator's device.
 
     Returns:
         :class:`EigenResult`; ``converged`` is false when ``max_steps`` ran out first.

@@ -144,8 +144,8 @@ def spectral_density(
             ``None``: all of them.
         generator: source of the probes (and of restart vectors, see
             :func:`hessfunc.estimators.lanczos`); the same state gives the same result.
-        dtype, device: of the vectors; default from ``probes``, else torch's
-            default dtype and the generator's device.
+        dtype: of the vectors; default from ``probes``, else torch's default dtype.
+        device: of the vectors; default from ``probes``, else the generator's.
 
     Returns:
         :class:`SpectralDensity`.
@@ -210,8 +210,8 @@ def quadrature_moments(
     """Moments ``sum_j w_j theta_j^p`` of quadrature rules.
 
     Args:
-        nodes, weights: ``(..., m)``, e.g. :attr:`SpectralDensity.nodes` and
-            :attr:`SpectralDensity.weights`.
+        nodes: ``(..., m)`` Ritz values, e.g. :attr:`SpectralDensity.nodes`.
+        weights: ``(..., m)`` quadrature weights, e.g. :attr:`SpectralDensity.weights`.
         powers: non-negative integer powers ``p``.
 
     Returns:

@@ -168,7 +168,7 @@ class HVPFunction:
 
     Attributes:
         gradient: the gradient at the point, structured like the argument.
-        value: f at the point.
+        value: f at the point (None when built inside a torch.func transform).
     """
 
     def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int):

@@ -23,7 +23,7 @@ from . import _chain
 from ._checks import check_argnums, check_callable, check_chunk_size, check_floating, wrap_scalar
 from ._memory import auto_chunk_size, check_dense, itemsize
 from ._tree import FlatSpec, flat_spec, one_hot_chunks
-from .hvp import HVPFunction
+from .products import HVPFunction
 
 __all__ = ["hessian", "hessian_blocks"]
 
@@ -136,7 +136,7 @@ def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int |
     def blocks_f(*args: Any) -> Any:
         a, spec = _prepare(f, args, argnums, chunk_size, call)
         check_dense(sum(n * n for n in spec.numels), spec.dtype, spec.device,
-                    what="the diagonal blocks", call=call, max_memory=max_memory,
+                    what="storing the diagonal blocks", call=call, max_memory=max_memory,
                     hint="use `hessian_diag` or `hessfunc.HessianOperator`")
         plan = _chain.plan(f, args, a)
         if plan is not None:
