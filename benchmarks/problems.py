@@ -81,3 +81,17 @@ def cnn(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
 
 
 PROBLEMS = {"simplenet": simplenet, "mlp5k": mlp_5k, "mlp100k": mlp_100k, "cnn": cnn}
+
+
+def input_mlp(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    """Input derivatives: a 16-128-128-128-1 tanh MLP ``u`` and 1024 points ``x`` (``y`` unused)."""
+    torch.manual_seed(4)
+    model = mlp([16, 128, 128, 128, 1]).to(dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1024, 16, generator=g).to(dtype=dtype, device=device)
+    y = torch.zeros(1024, 1, dtype=dtype, device=device)
+    return Problem("input MLP 16-128-128-128-1 (1024 pts)", model, mse, x, y)
+
+
+#: Problems for input derivatives (Laplacian, input-Hessian diagonal) of ``u = model``.
+INPUT_PROBLEMS = {"input_mlp": input_mlp}
