@@ -13,7 +13,7 @@ rows costs one batched backward pass. ``chunk_size`` bounds the rows in flight;
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -94,20 +94,30 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
     return hess_f
 
 
-def _generic_blocks(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
-                    ) -> list[torch.Tensor]:
-    blocks = []
+def leaf_block_rows(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
+                    ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """Rows of every leaf's own Hessian block, ``chunk_size`` one-hot tangents at a time.
+
+    Yields ``(leaf index, lo, hi, rows)`` with ``rows`` of shape ``(hi - lo, numel)``:
+    row ``r`` is ``H[leaf, leaf] e_{lo + r}``.
+    """
     for index, (shape, n) in enumerate(zip(spec.shapes, spec.numels, strict=True)):
         chunk = chunk_size or auto_chunk_size(n, 4 * n * itemsize(spec.dtype))
-        rows = []
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             basis = torch.zeros(hi - lo, n, dtype=spec.dtype, device=spec.device)
             r = torch.arange(hi - lo, device=spec.device)
             basis[r, r + lo] = 1
-            rows.append(H.block_rows(index, basis.reshape((hi - lo, *shape))).reshape(hi - lo, n))
-        blocks.append(torch.cat(rows))
-    return blocks
+            rows = H.block_rows(index, basis.reshape((hi - lo, *shape))).reshape(hi - lo, n)
+            yield index, lo, hi, rows
+
+
+def _generic_blocks(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
+                    ) -> list[torch.Tensor]:
+    rows: list[list[torch.Tensor]] = [[] for _ in spec.numels]
+    for index, _, _, r in leaf_block_rows(H, spec, chunk_size):
+        rows[index].append(r)
+    return [torch.cat(r) for r in rows]
 
 
 def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,

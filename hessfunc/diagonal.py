@@ -23,9 +23,8 @@ from torch.utils import _pytree as pytree
 
 from . import _chain
 from ._checks import wrap_scalar
-from ._memory import auto_chunk_size, itemsize
 from ._tree import FlatSpec
-from .dense import _prepare
+from .dense import _prepare, leaf_block_rows
 from .errors import ArgumentError
 from .products import HVPFunction
 
@@ -35,19 +34,11 @@ DIAG_METHODS = ("auto", "structured", "generic")
 
 
 def _generic_diag(H: HVPFunction, spec: FlatSpec, chunk_size: int | None) -> list[torch.Tensor]:
-    diags = []
-    for index, (shape, n) in enumerate(zip(spec.shapes, spec.numels, strict=True)):
-        chunk = chunk_size or auto_chunk_size(n, 4 * n * itemsize(spec.dtype))
-        pieces = []
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
-            r = torch.arange(hi - lo, device=spec.device)
-            basis = torch.zeros(hi - lo, n, dtype=spec.dtype, device=spec.device)
-            basis[r, r + lo] = 1
-            rows = H.block_rows(index, basis.reshape((hi - lo, *shape))).reshape(hi - lo, n)
-            pieces.append(rows[r, r + lo])
-        diags.append(torch.cat(pieces).reshape(shape))
-    return diags
+    pieces: list[list[torch.Tensor]] = [[] for _ in spec.numels]
+    for index, lo, hi, rows in leaf_block_rows(H, spec, chunk_size):
+        r = torch.arange(hi - lo, device=spec.device)
+        pieces[index].append(rows[r, r + lo])
+    return [torch.cat(p).reshape(shape) for p, shape in zip(pieces, spec.shapes, strict=True)]
 
 
 def _unsqueeze_samples(batch: Any) -> Any:
