@@ -5,12 +5,13 @@
     >>> hf.hvp(f, (params, x, y), v)                       # doctest: +SKIP
 """
 
-from . import estimators, reference
+from . import estimators, forward, reference
 from ._version import __version__
 from .dense import hessian, hessian_blocks
 from .derivatives import derivative
 from .diagonal import hessian_diag
 from .errors import ArgumentError, DenseMemoryError, HessfuncError, NonFiniteError
+from .forward import biharmonic, hutchinson_laplacian, input_hessian_diag, taylor
 from .functional import FunctionalModel, functionalize
 from .gradient import grad
 from .laplacians import laplacian
@@ -32,9 +33,15 @@ __all__ = [
     "hessian_diag",
     "derivative",
     "laplacian",
+    # input-space derivatives (forward propagation)
+    "input_hessian_diag",
+    "taylor",
+    "biharmonic",
+    "hutchinson_laplacian",
     # operators and estimators
     "HessianOperator",
     "estimators",
+    "forward",
     # oracle
     "reference",
     # errors

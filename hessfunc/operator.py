@@ -107,8 +107,10 @@ class HessianOperator:
         >>> a = torch.tensor([1.0, 2.0, 3.0])
         >>> f = lambda p, x, y: 0.5 * (a * p["w"] ** 2).sum() + 0 * x.sum()
         >>> H = HessianOperator(f, {"w": torch.ones(3)}, (torch.zeros(1), torch.zeros(1)))
-        >>> H @ torch.ones(3), H.trace(), H.eigenvalues(k=1)
-        (tensor([1., 2., 3.]), tensor(6.), tensor([3.]))
+        >>> H @ torch.ones(3), H.trace()
+        (tensor([1., 2., 3.]), tensor(6.))
+        >>> torch.allclose(H.eigenvalues(k=1, seed=0), torch.tensor([3.0]))
+        True
     """
 
     def __init__(self, f: Callable[..., Any], params: Any, data: Any, *,

@@ -238,9 +238,10 @@ def test_laplacian_equals_trace_of_the_oracle_hessian(d, seed):
     model = build_mlp([d, 5, 1], "softplus", seed)
     u = lambda x: model(x).squeeze(-1)  # noqa: E731
     X = torch.randn(4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    lap = vmap(hf.laplacian(u))(X)
-    for n in range(4):
-        assert_close(lap[n], hf.reference.laplacian(u, X[n]))
+    for method in ("auto", "forward", "hessian"):
+        lap = vmap(hf.laplacian(u, method=method))(X)
+        for n in range(4):
+            assert_close(lap[n], hf.reference.laplacian(u, X[n]))
 
 
 def test_laplacian_closed_forms():

@@ -1,0 +1,372 @@
+"""Capture a per-point function as an ATen-level FX graph, once per input signature.
+
+The forward engine never runs ``u`` itself on the batch: it traces ``u`` on a
+*fake* example of one point with :func:`torch.fx.experimental.proxy_tensor.make_fx`,
+so methods (``x.sin()``), functional calls and composite ops all arrive as ATen
+ops, and in-place ops are removed by :func:`torch.func.functionalize`. Tensors
+captured by closure (the parameters of an ``nn.Module`` called inside ``u``)
+become ``get_attr`` constants of the graph that point to the very same tensor
+objects, so in-place parameter updates and autograd through them both work.
+
+NOTE [trace cache and its guard]
+    Tracing costs milliseconds, so a graph is reused across calls. Reuse is
+    only safe if nothing the graph froze has changed. The cache key holds the
+    signature of every argument (shape, dtype, device; other values by value)
+    and a *fingerprint* of what ``u`` can reach: closure cells, defaults, bound
+    ``self``, referenced globals, containers, modules (parameters, buffers,
+    plain attributes, training flags), by identity for tensors and objects and
+    by value for scalars. A graph is cached only if every external tensor
+    constant in it was found by that walk; otherwise ``u`` is re-traced on
+    every call (slower, never stale). Rebinding ``params = new_params`` in a
+    closure therefore re-traces instead of silently using old parameters.
+
+NOTE [tracing inside transforms]
+    ``vmap(forward_laplacian(u))(X)`` calls the engine with a BatchedTensor.
+    The trace is taken on a plain fake tensor of the *logical* per-point shape
+    with the functorch interpreter stack and all dispatch modes temporarily
+    removed (otherwise the transform would wrap the example and the trace
+    would silently treat ``x`` as a constant). If a closure holds a tensor
+    wrapped by an active transform (``grad`` over parameters captured by
+    closure), the trace cannot be trusted and the caller takes the exact
+    generic path instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._decomp import get_decompositions
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+
+from ..errors import ArgumentError
+
+__all__ = ["Captured", "TraceCache", "capture", "fingerprint", "tensor_leaves"]
+
+aten = torch.ops.aten
+
+# Composite ops whose pieces all have fast rules (layer/group/batch norm become
+# mean, var, rsqrt and affine ops; softmax becomes exp, sum and div). This also
+# matters for exactness: torch's own higher derivatives of the fused
+# native_layer_norm are wrong (nested jvp from order 2, pytorch/pytorch#196700;
+# nested backward from order 3, #175754), the decomposed ops' are not.
+_DECOMPOSITIONS = get_decompositions(
+    [
+        aten.native_layer_norm,
+        aten.native_group_norm,
+        aten._native_batch_norm_legit_no_training,
+        aten._softmax,
+        aten._log_softmax,
+        aten.addcmul,
+        aten.addcdiv,
+        aten.logsumexp,
+        aten.elu,
+    ]
+)
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_MAX_DEPTH = 6
+_MAX_ITEMS = 20_000
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A traced per-point function: its graph and the fake meta of its output."""
+
+    graph_module: torch.fx.GraphModule
+    output: Any  # FakeTensor (or pytree of them) describing u's per-point output
+
+
+def _is_wrapped(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or (
+        torch._C._functorch.is_batchedtensor(t)
+    )
+
+
+@contextlib.contextmanager
+def _isolated() -> Iterator[None]:
+    """Leave every active transform and dispatch mode while tracing."""
+    with temporarily_clear_interpreter_stack(), _disable_current_modes(), torch.no_grad():
+        yield
+
+
+def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str) -> Captured:
+    """Trace ``fn(*args)``: tensor leaves of ``args`` become placeholders (in
+    :func:`tensor_leaves` order), other leaves stay fixed.
+
+    Raises :class:`ArgumentError` when ``fn`` uses a random operation (its
+    derivatives along different directions would see different samples).
+    Any other failure propagates; the caller then takes the generic path.
+    """
+    leaves, treedef = tree_flatten(list(args))
+    is_tensor = [isinstance(a, Tensor) for a in leaves]
+    metas = [(a.shape, a.dtype, a.device) for a in leaves if isinstance(a, Tensor)]
+
+    def flat_fn(*tensors: Tensor) -> Any:
+        it = iter(tensors)
+        filled = [next(it) if t else a for a, t in zip(leaves, is_tensor, strict=True)]
+        return fn(*tree_unflatten(filled, treedef))
+
+    def trace(f: Callable[..., Any]) -> torch.fx.GraphModule:
+        with _isolated():
+            examples = [torch.empty(s, dtype=dt, device=dev) for s, dt, dev in metas]
+            return make_fx(
+                f,
+                decomposition_table=_DECOMPOSITIONS,
+                tracing_mode="fake",
+                _allow_non_fake_inputs=True,
+            )(*examples)
+
+    gm = trace(flat_fn)
+    if any(_is_mutating(n) for n in gm.graph.nodes):
+        # NOTE: functionalize only when needed: it also rewrites linear layers on
+        # 1-D inputs into unsqueeze/mm/squeeze_ instead of a single addmm.
+        gm = trace(torch.func.functionalize(flat_fn, remove="mutations"))
+        _rewrite_inplace(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(
+            target, "tags", ()
+        ):
+            raise ArgumentError(
+                f"{caller}: u calls the random operation {target}; its derivatives "
+                "along different directions would see different random samples. "
+                "Put the model in eval mode (no dropout) or remove the randomness from u."
+            )
+    (out_node,) = [n for n in gm.graph.nodes if n.op == "output"]
+    output = torch.fx.node.map_arg(out_node.args[0], lambda n: n.meta.get("val"))
+    return Captured(gm, output)
+
+
+def _is_mutating(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _rewrite_inplace(gm: torch.fx.GraphModule) -> None:
+    """Replace in-place ops left after functionalization by their functional twin.
+
+    Only safe when nothing reads the mutated tensor afterwards (an in-place
+    ``squeeze_`` on a fresh intermediate, as matmul's decomposition emits);
+    anything else is refused and the caller uses the generic path.
+    """
+    for node in gm.graph.nodes:
+        if not _is_mutating(node):
+            continue
+        op = node.target
+        name = op._schema.name.split("::")[-1]
+        mutated = node.args[0] if node.args else None
+        functional = None
+        if name.endswith("_") and isinstance(mutated, torch.fx.Node):
+            packet = getattr(aten, name[:-1], None)
+            functional = getattr(packet, op._overloadname, None) if packet else None
+        if functional is None or len(mutated.users) != 1:
+            raise RuntimeError(f"cannot remove the mutation {op} from the captured graph")
+        node.target = functional
+
+
+def external_constants(gm: torch.fx.GraphModule) -> list[Tensor]:
+    """Tensor constants of ``gm`` that came from outside ``u`` (not tensor literals)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = operator.attrgetter(node.target)(gm)
+        if not isinstance(value, Tensor):
+            continue
+        if node.users and all(user.target is aten.lift_fresh_copy.default for user in node.users):
+            continue  # a literal such as torch.tensor([1.0, 2.0]) written inside u
+        found.append(value)
+    return found
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What ``fn`` can reach: ``items`` to compare, ``tensor_ids`` seen, ``wrapped`` flag."""
+
+    items: tuple
+    tensor_ids: frozenset
+    wrapped: bool
+    complete: bool
+
+
+def fingerprint(fn: Any) -> Fingerprint:
+    """Walk the objects ``fn`` can reach (see NOTE [trace cache and its guard])."""
+    items: list = []
+    seen: dict[int, int] = {}  # id -> order of first visit (ids of temporaries vary)
+    tensor_ids: set[int] = set()
+    state = {"wrapped": False, "complete": True}
+
+    def visit(obj: Any, depth: int) -> None:
+        if len(items) > _MAX_ITEMS:
+            state["complete"] = False
+            return
+        if isinstance(obj, _SCALARS):
+            items.append((type(obj).__name__, obj))
+            return
+        oid = id(obj)
+        if oid in seen:
+            items.append(("seen", seen[oid]))
+            return
+        seen[oid] = len(seen)
+        if isinstance(obj, Tensor):
+            items.append(("tensor", oid))
+            tensor_ids.add(oid)
+            if _is_wrapped(obj):
+                state["wrapped"] = True
+            return
+        if depth > _MAX_DEPTH:
+            items.append(("deep", oid))
+            state["complete"] = False
+            return
+        own = vars(obj).get("_guard_targets") if isinstance(obj, types.FunctionType) else None
+        if own is not None or getattr(type(obj), "_guard_targets", None) is not None:
+            # hessfunc's own callables: walk only what they wrap
+            items.append(("guarded", oid))
+            visit(obj._guard_targets, depth + 1)
+            return
+        if isinstance(obj, torch.nn.Module):
+            items.append(("module", oid))
+            for module in obj.modules():
+                items.append(module.training)
+                for key, value in vars(module).items():
+                    if isinstance(value, (Tensor, *_SCALARS)):
+                        items.append(key)
+                        visit(value, depth + 1)
+                for group in ("_parameters", "_buffers"):
+                    for key, value in getattr(module, group).items():
+                        items.append(key)
+                        visit(value, depth + 1)
+            return
+        if isinstance(obj, (list, tuple)):
+            items.append(("seq", len(obj)))
+            for value in obj:
+                visit(value, depth + 1)
+            return
+        if isinstance(obj, dict):
+            items.append(("dict", len(obj)))
+            for key, value in obj.items():
+                visit(key, depth + 1)
+                visit(value, depth + 1)
+            return
+        if isinstance(obj, functools.partial):
+            items.append(("partial", oid))
+            visit((obj.func, obj.args, obj.keywords), depth + 1)
+            return
+        if isinstance(obj, types.MethodType):
+            items.append(("method",))
+            visit((obj.__self__, obj.__func__), depth + 1)
+            return
+        if isinstance(obj, types.FunctionType):
+            items.append(("function", oid))
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, depth + 1)
+                except ValueError:  # an empty cell
+                    items.append(("empty",))
+            visit((obj.__defaults__, obj.__kwdefaults__), depth + 1)
+            for name in _global_names(obj.__code__):
+                if name in obj.__globals__:
+                    value = obj.__globals__[name]
+                    if not isinstance(value, (types.ModuleType, type)):
+                        items.append(name)
+                        visit(value, depth + 1)
+            return
+        items.append(("object", oid))
+        if isinstance(obj, (types.ModuleType, type, types.BuiltinFunctionType)):
+            return
+        attrs = getattr(obj, "__dict__", None)
+        if isinstance(attrs, dict):
+            visit(attrs, depth + 1)
+
+    visit(fn, 0)
+    return Fingerprint(tuple(items), frozenset(tensor_ids), state["wrapped"], state["complete"])
+
+
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_global_names(const))
+    return tuple(names)
+
+
+def tensor_leaves(args: Sequence[Any]) -> list[Tensor]:
+    """The tensors in ``args`` (a pytree), in placeholder order."""
+    return [a for a in tree_leaves(list(args)) if isinstance(a, Tensor)]
+
+
+def _signature(args: Sequence[Any]) -> tuple | None:
+    leaves, treedef = tree_flatten(list(args))
+    sig: list = [treedef]
+    for a in leaves:
+        if isinstance(a, Tensor):
+            sig.append(("tensor", tuple(a.shape), a.dtype, a.device))
+        else:
+            try:
+                hash(a)
+            except TypeError:
+                return None
+            sig.append(("value", type(a), a))
+    return tuple(sig)
+
+
+class TraceCache:
+    """Graphs of ``fn`` keyed by argument signature and fingerprint (small LRU).
+
+    :meth:`get` returns a :class:`Captured`, or ``None`` when ``fn`` cannot be
+    traced faithfully (data-dependent control flow, tensors wrapped by an
+    active transform in its closure, an op make_fx cannot trace): the caller
+    then uses the exact generic path.
+    """
+
+    def __init__(self, fn: Callable[..., Any], caller: str, maxsize: int = 8) -> None:
+        self.fn = fn
+        self.caller = caller
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple, Captured | None] = OrderedDict()
+
+    def get(self, args: Sequence[Any]) -> Captured | None:
+        sig = _signature(args)
+        fp = fingerprint(self.fn)
+        if fp.wrapped:
+            return None
+        key = None if sig is None or not fp.complete else (sig, fp.items)
+        if key is not None and key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        try:
+            captured: Captured | None = capture(self.fn, args, self.caller)
+        except ArgumentError:
+            raise
+        except Exception:  # noqa: BLE001 - any tracing failure means: use the generic path
+            captured = None
+        if captured is not None:
+            constants = external_constants(captured.graph_module)
+            if any(_is_wrapped(c) for c in constants):
+                return None
+            if any(id(c) not in fp.tensor_ids for c in constants):
+                # Not found by the walk: under an active transform it may be a
+                # wrapped tensor seen through the cleared stack, so refuse the
+                # trace; outside transforms it is exact now but must not be reused.
+                if torch._C._functorch.peek_interpreter_stack() is not None:
+                    return None
+                return captured
+        if key is not None:
+            self._entries[key] = captured
+            if len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return captured
