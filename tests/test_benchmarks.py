@@ -1,0 +1,143 @@
+"""The benchmark runner: ``--quick`` on SimpleNet, with whatever competitors are installed.
+
+No timing is asserted; the checks are the JSON's structure and that every answer
+reported as successful agrees with hessfunc's float64 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import competitors, run, tasks  # noqa: E402
+
+STATUSES = {"ok", "inaccurate", "fails", "not installed", "skipped"}
+RECORD_KEYS = {"task", "implementation", "library", "hessfunc", "status", "reason", "time_s",
+               "runs", "error", "tolerance", "measure", "memory_bytes", "settings", "note",
+               "ratio_grad", "ratio_best", "stochastic"}
+PARAM_TASKS = [t.key for t in tasks.TASKS.values() if not t.inputs]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    threads = torch.get_num_threads()
+    try:
+        run.main(["--quick", "--problems", "simplenet", "--budget", "0.1", "--loop-limit", "1",
+                  "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def test_json_structure(report: dict) -> None:
+    meta = report["meta"]
+    for key in ("command", "versions", "machine", "threads", "dtype", "device", "quick",
+                "stochastic_settings", "tolerances"):
+        assert key in meta
+    assert meta["quick"] is True and meta["dtype"] == "float32"
+    assert meta["versions"]["torch"] == torch.__version__
+    (prob,) = report["problems"]
+    assert prob["key"] == "simplenet" and prob["P"] == 141 and prob["N"] == 1000
+    assert prob["unit_s"] > 0
+    for rec in prob["results"]:
+        assert RECORD_KEYS <= set(rec), set(rec) ^ RECORD_KEYS
+        assert rec["status"] in STATUSES
+        if rec["status"] in ("fails", "skipped"):
+            assert rec["reason"]
+        if rec["status"] in ("ok", "inaccurate"):
+            assert rec["time_s"] > 0 and rec["runs"] >= 1
+            assert rec["ratio_grad"] == pytest.approx(rec["time_s"] / prob["unit_s"])
+    assert {rec["task"] for rec in prob["results"]} == set(PARAM_TASKS)
+
+
+def test_every_task_has_a_successful_hessfunc_row(report: dict) -> None:
+    results = report["problems"][0]["results"]
+    for task in PARAM_TASKS:
+        rows = [r for r in results if r["task"] == task and r["hessfunc"]]
+        assert rows, task
+        assert any(r["status"] == "ok" for r in rows), (task, rows)
+        for r in rows:
+            assert r["status"] in ("ok", "skipped"), r  # hessfunc never fails nor errs
+
+
+def test_successful_answers_are_accurate(report: dict) -> None:
+    for rec in report["problems"][0]["results"]:
+        if rec["status"] != "ok":
+            continue
+        assert math.isfinite(rec["error"]) and rec["error"] <= rec["tolerance"], rec
+        if not rec["stochastic"]:  # exact quantities (and converged eigenvalues) in float32
+            assert rec["error"] < 1e-3, rec
+
+
+def test_installed_competitors_are_not_reported_missing(report: dict) -> None:
+    versions = report["meta"]["versions"]
+    for rec in report["problems"][0]["results"]:
+        if rec["status"] == "not installed":
+            assert versions[rec["library"]] == "not installed"
+        elif rec["library"] in competitors.OPTIONAL:
+            assert versions[rec["library"]] != "not installed"
+
+
+def test_markdown_table(report: dict) -> None:
+    text = run.markdown(report["problems"][0], report["meta"])
+    assert "| task | implementation | time |" in text
+    assert "hessfunc.hessian_diag" in text
+
+
+def _context() -> tasks.Context:
+    from benchmarks.problems import simplenet
+
+    ctx = tasks.Context("simplenet", simplenet(), torch.float32, torch.device("cpu"), True)
+    competitors.setup_context(ctx)
+    return ctx
+
+
+def test_missing_competitor_is_reported_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(competitors, "_import", lambda library: None)
+    cases = competitors.all_cases("diag", _context())
+    backpack = [c for c in cases if c.library == "BackPACK"]
+    assert [c.status for c in backpack] == ["not installed"]
+    assert any(c.is_hessfunc for c in cases)
+
+
+def test_failing_implementation_is_reported_not_raised() -> None:
+    ctx = _context()
+    ref = tasks.Reference(ctx.problem)
+    cfg = run.parse_args(["--quick"])
+
+    def boom() -> None:
+        raise RuntimeError("torch.eig was removed\nsecond line")
+
+    rec = run.measure("diag", competitors.Case("broken", "PyHessian", boom), ctx, ref, cfg)
+    assert rec["status"] == "fails"
+    assert rec["reason"] == "RuntimeError: torch.eig was removed"
+
+
+def test_wrong_answer_is_flagged() -> None:
+    ctx = _context()
+    ref = tasks.Reference(ctx.problem)
+    cfg = run.parse_args(["--quick"])
+    f, params = ctx.extra["f"], ctx.extra["params"]
+    case = competitors.Case("grad, not diag", "torch.func",
+                            lambda: torch.func.grad(f)(params, ctx.problem.x, ctx.problem.y),
+                            convert=tasks.flat)
+    rec = run.measure("diag", case, ctx, ref, cfg)
+    assert rec["status"] == "inaccurate" and rec["error"] > rec["tolerance"]
+
+
+def test_cli_rejects_unknown_names() -> None:
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "hessian,nonsense"])
+    args = run.parse_args(["--only", "hvp,diag", "--only", "trace", "--problems", "cnn"])
+    assert args.only == ["hvp", "diag", "trace"] and args.problems == ["cnn"]
