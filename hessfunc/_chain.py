@@ -199,13 +199,21 @@ def _trace(fm: FunctionalModel, params: dict[str, torch.Tensor], inputs: torch.T
 
 
 def _derivatives(module: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ones = torch.ones_like(z)
+    """``phi'(z)`` and ``phi''(z)`` of an elementwise module, by two backward passes.
 
-    def d1(t: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(module, (t,), (ones,))[1]
-
-    phi1, phi2 = torch.func.jvp(d1, (z,), (ones,))
-    return phi1.detach(), phi2.detach()
+    Elementwise means a diagonal Jacobian, so the gradient of ``sum(phi(z))`` is
+    ``phi'(z)`` and the gradient of ``sum(phi'(z))`` is ``phi''(z)``. (Plain
+    autograd rather than ``torch.func.jvp``: forward mode's first use in a process
+    costs about a second of one-time set-up.)
+    """
+    t = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (phi1,) = torch.autograd.grad(module(t).sum(), t, create_graph=True)
+        if phi1.requires_grad:
+            (phi2,) = torch.autograd.grad(phi1.sum(), t, allow_unused=True)
+        else:
+            phi2 = None
+    return phi1.detach(), (torch.zeros_like(t) if phi2 is None else phi2.detach())
 
 
 def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any

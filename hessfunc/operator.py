@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._checks import check_positive_int, describe
-from ._memory import check_dense
+from ._memory import MAX_AUTO_CHUNK, check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
 from .diagonal import hessian_diag
 from .errors import ArgumentError
@@ -266,13 +266,17 @@ class HessianOperator:
         return total
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``H V`` for ``V`` of shape ``(P, k)``, all ``k`` columns in one batched pass."""
+        """``H V`` for ``V`` of shape ``(P, k)``: columns go through batched backward passes
+        of at most ``MAX_AUTO_CHUNK`` columns (NOTE [chunk cap] in ``hessfunc._memory``)."""
         V = self._check_vector(V, "V", ndim=(2,))
-        trees = vector_to_tree(V.T, self._spec)
         total = torch.zeros_like(V)
+        chunks = [(lo, vector_to_tree(V[:, lo:lo + MAX_AUTO_CHUNK].T, self._spec))
+                  for lo in range(0, V.shape[1], MAX_AUTO_CHUNK)]
         for w, H in self._hvp_functions("H @ V"):
-            out = pytree.tree_leaves(H.batched(trees))
-            total += w * torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1).T
+            for lo, trees in chunks:
+                out = pytree.tree_leaves(H.batched(trees))
+                cols = torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1).T
+                total[:, lo:lo + cols.shape[1]] += w * cols
         return total
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
@@ -289,7 +293,7 @@ class HessianOperator:
                     hint="use the operator's matvec, diagonal or eigenvalues instead")
         if chunk_size is not None:
             check_positive_int(chunk_size, "chunk_size", "HessianOperator.to_dense")
-        chunk = chunk_size or P
+        chunk = chunk_size or MAX_AUTO_CHUNK
         eye = torch.eye(P, dtype=self.dtype, device=self.device)
         return torch.cat([self.matmat(eye[:, lo:lo + chunk]) for lo in range(0, P, chunk)],
                          dim=1)
