@@ -59,9 +59,16 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         f: scalar-valued function.
         argnums: the argument ``p`` to differentiate twice (P scalars in all).
         flat: return the ``(P, P)`` matrix, leaves in flat (``named_parameters``) order.
-        chunk_size: Hessian rows computed per batched backward pass.
+        chunk_size: Hessian rows computed per batched backward pass (or, on the
+            structured route, samples per block).
         max_memory: refuse (before allocating) a result over this many bytes;
             default half of the memory available (see ``hessfunc._memory``).
+
+    For a model made by :func:`hessfunc.functionalize` whose forward pass is a chain
+    of Linear layers and elementwise activations with a loss that is a sum over
+    samples, the whole matrix is assembled from per-sample Hessians propagated
+    backward (NOTE [full Hessian] in ``hessfunc/_chain.py``); otherwise from
+    batched Hessian rows ``H e_i`` of a gradient graph built once.
 
     Returns:
         For a tensor ``p``: shape ``p.shape + p.shape``. For a dict or tuple of
@@ -82,6 +89,10 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         check_dense(P * P, spec.dtype, spec.device, what=f"the dense {P} x {P} Hessian",
                     call=call, max_memory=max_memory,
                     hint="use `hessian_blocks`, `hessian_diag` or `hessfunc.HessianOperator`")
+        plan = _chain.plan(f, args, a) if isinstance(args[a], dict) else None
+        if plan is not None:
+            M = plan.full(chunk_size)
+            return M if flat else _nest(M, args[a], spec)
         chunk = chunk_size or auto_chunk_size(P, 4 * P * itemsize(spec.dtype))
         H = HVPFunction(wrap_scalar(f, call), args, a)
         rows = []

@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from ._checks import check_positive_int, describe
 from ._memory import MAX_AUTO_CHUNK, check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
+from .dense import hessian
 from .diagonal import hessian_diag
 from .errors import ArgumentError
 from .estimators import (
@@ -286,17 +287,19 @@ class HessianOperator:
 
     def to_dense(self, *, chunk_size: int | None = None, max_memory: int | None = None
                  ) -> torch.Tensor:
-        """The dense ``(P, P)`` Hessian (refused before allocating if over the memory limit)."""
+        """The dense ``(P, P)`` Hessian (refused before allocating if over the memory limit),
+        batch by batch through :func:`hessfunc.hessian` (structured when it applies)."""
         P = self._spec.numel
         check_dense(P * P, self.dtype, self.device, what=f"the dense {P} x {P} Hessian",
                     call="HessianOperator.to_dense", max_memory=max_memory,
                     hint="use the operator's matvec, diagonal or eigenvalues instead")
         if chunk_size is not None:
             check_positive_int(chunk_size, "chunk_size", "HessianOperator.to_dense")
-        chunk = chunk_size or MAX_AUTO_CHUNK
-        eye = torch.eye(P, dtype=self.dtype, device=self.device)
-        return torch.cat([self.matmat(eye[:, lo:lo + chunk]) for lo in range(0, P, chunk)],
-                         dim=1)
+        dense_fn = hessian(self.f, flat=True, chunk_size=chunk_size, max_memory=max_memory)
+        total = torch.zeros(P, P, dtype=self.dtype, device=self.device)
+        for _, w, (x, y) in self._passes("to_dense"):
+            total += w * dense_fn(self.params, x, y)
+        return total
 
     def diagonal(self, method: Literal["exact", "hutchinson"] = "exact", *,
                  chunk_size: int | None = None, num_samples: int = 100,

@@ -87,6 +87,8 @@ def test_structured_route_taken_and_exact(act, loss):
     assert plan is not None, reason
     assert_close(hf.hessian_diag(f, method="structured")(params, x, y), diag_ref)
     assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
+    loss_value, leaves = oracle_loss(f, params, x, y)
+    assert_close(plan.full(), hf.reference.hessian(loss_value, list(leaves.values())))
 
 
 def test_structured_route_on_the_seed_network_with_frozen_layer():
@@ -97,9 +99,11 @@ def test_structured_route_on_the_seed_network_with_frozen_layer():
     y = torch.sin(x)
     f, params = hf.functionalize(model, nn.MSELoss())
     assert "linear.2.bias" not in params
-    _, blocks_ref, diag_ref = _oracle(f, params, (x, y))
+    H_ref, blocks_ref, diag_ref = _oracle(f, params, (x, y))
     assert_close(hf.hessian_diag(f, method="structured")(params, x, y), diag_ref)
     assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
+    assert _chain.plan(f, (params, x, y), 0) is not None
+    assert_close(hf.hessian(f, flat=True)(params, x, y), H_ref)  # structured full Hessian
 
 
 class Residual(nn.Module):
