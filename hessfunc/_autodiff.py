@@ -33,8 +33,17 @@ def use_autograd(args: Sequence[Any]) -> bool:
     """The plain-autograd fast path applies: no transform, no outer graph on the inputs."""
     if in_transform():
         return False
-    return not any(isinstance(t, torch.Tensor) and t.requires_grad
-                   for t in pytree.tree_leaves(list(args)))
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.requires_grad:
+                return False
+        elif isinstance(arg, dict) and all(isinstance(t, torch.Tensor) for t in arg.values()):
+            if any(t.requires_grad for t in arg.values()):
+                return False
+        elif any(isinstance(t, torch.Tensor) and t.requires_grad
+                 for t in pytree.tree_leaves(arg)):
+            return False
+    return True
 
 
 def normalize_argnums(argnums: int | tuple[int, ...], nargs: int) -> tuple[int, ...]:
@@ -51,7 +60,13 @@ def leaf_copies(args: Sequence[Any], argnums: tuple[int, ...]
     new_args = list(args)
     leaves: list[torch.Tensor] = []
     for a in argnums:
-        flat, spec = pytree.tree_flatten(args[a])
+        arg = args[a]
+        if isinstance(arg, dict) and all(isinstance(t, torch.Tensor) for t in arg.values()):
+            fresh_dict = {k: t.detach().requires_grad_(True) for k, t in arg.items()}
+            leaves.extend(fresh_dict.values())
+            new_args[a] = fresh_dict
+            continue
+        flat, spec = pytree.tree_flatten(arg)
         fresh = [t.detach().requires_grad_(True) for t in flat]
         leaves.extend(fresh)
         new_args[a] = pytree.tree_unflatten(fresh, spec)

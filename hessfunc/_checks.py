@@ -72,15 +72,23 @@ def check_argnums(argnums: Any, nargs: int, call: str, *, allow_tuple: bool = Tr
         raise ArgumentError(f"{call}: `argnums`={argnums!r} repeats an argument.")
 
 
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(where, leaf)`` pairs; a flat dict or a tensor (the common cases) without pytree."""
+    if isinstance(tree, torch.Tensor):
+        return [("", tree)]
+    if isinstance(tree, dict) and all(isinstance(t, torch.Tensor) for t in tree.values()):
+        return [(f"[{k!r}]", t) for k, t in tree.items()]
+    return [(pytree.keystr(path) if path else "", leaf)
+            for path, leaf in pytree.tree_flatten_with_path(tree)[0]]
+
+
 def check_floating(tree: Any, name: str, call: str) -> None:
     """Every tensor in ``tree`` must be floating point (we differentiate it)."""
-    leaves = pytree.tree_leaves(tree)
-    if not leaves:
+    named = _named_leaves(tree)
+    if not named:
         raise ArgumentError(f"{call}: `{name}` holds no tensors; expected floating tensors "
                             "to differentiate.")
-    for path_leaf in pytree.tree_flatten_with_path(tree)[0]:
-        path, leaf = path_leaf
-        where = pytree.keystr(path) if path else ""
+    for where, leaf in named:
         if not isinstance(leaf, torch.Tensor):
             raise ArgumentError(
                 f"{call}: `{name}{where}` must be a torch.Tensor, got {describe(leaf)}."
@@ -129,9 +137,16 @@ def check_scalar_output(out: Any, call: str) -> None:
 
 def check_like(tangent: Any, primal: Any, name: str, call: str) -> None:
     """``tangent`` must have the tree structure, shapes and dtype of ``primal``."""
-    t_leaves, t_spec = pytree.tree_flatten(tangent)
-    p_leaves, p_spec = pytree.tree_flatten(primal)
-    if t_spec != p_spec:
+    if isinstance(primal, dict) and isinstance(tangent, dict) and list(tangent) == list(primal):
+        t_leaves, p_leaves = list(tangent.values()), list(primal.values())
+        same_structure = all(isinstance(t, torch.Tensor) for t in p_leaves)
+    else:
+        same_structure = False
+    if not same_structure:
+        t_leaves, t_spec = pytree.tree_flatten(tangent)
+        p_leaves, p_spec = pytree.tree_flatten(primal)
+        same_structure = t_spec == p_spec
+    if not same_structure:
         raise ArgumentError(
             f"{call}: `{name}` must have the structure of the differentiated argument "
             f"({describe(primal)}), got {describe(tangent)}."
