@@ -234,8 +234,13 @@ class HVPFunction:
         """``H V`` for tangents whose leaves carry a leading batch dimension ``k``."""
         if self._vjp is not None:
             return torch.func.vmap(lambda t: self._vjp(t)[0])(tangents)
-        flat = _second_backward(self._leaves, self._grads, tree_leaves(tangents),
-                                retain_graph=True, batched=True)
+        leaves = tree_leaves(tangents)
+        if leaves[0].shape[0] == 1:  # a plain backward is cheaper than a batch of one
+            flat = _second_backward(self._leaves, self._grads, [t[0] for t in leaves],
+                                    retain_graph=True)
+            return pytree.tree_unflatten([t.unsqueeze(0) for t in flat], self._spec)
+        flat = _second_backward(self._leaves, self._grads, leaves, retain_graph=True,
+                                batched=True)
         return pytree.tree_unflatten(flat, self._spec)
 
 
