@@ -185,14 +185,19 @@ class ChainPlan:
         span = {k: slice(starts[k], starts[k] + self.params[k].numel()) for k in names}
         P = sum(sizes)
         ref = self.out_hessian
-        M = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
         chunk_store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         index = {id(s): i for i, s in enumerate(self.steps)}
+        # sums over sample chunks, kept in the layout they are computed in; each is
+        # rearranged into its (rows, cols) block once, at the end
+        acc: dict[tuple[str, str, str], list[Any]] = {}
 
-        def put(a: str, b: str, block: torch.Tensor) -> None:
-            M[span[a], span[b]] += block
-            if a != b:
-                M[span[b], span[a]] += block.T
+        def put(a: str, b: str, raw: torch.Tensor,
+                finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                tag: str = "") -> None:
+            if (a, b, tag) in acc:
+                acc[(a, b, tag)][0] += raw
+            else:
+                acc[(a, b, tag)] = [raw, finish]
 
         def on_linear(step: _Linear, H: torch.Tensor, g: torch.Tensor, rows: slice) -> None:
             chunk_store[index[id(step)]] = (H, g)
@@ -201,11 +206,17 @@ class ChainPlan:
                 chunk_store.clear()
 
         d = self._widest()
-        self._propagate(on_linear, chunk_size, 4 * d * max(P, d) * itemsize(ref.dtype))
+        self._propagate(on_linear, chunk_size, 3 * d * d * d * itemsize(ref.dtype))
+        M = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
+        for (a, b, _), (raw, finish) in acc.items():
+            block = raw if finish is None else finish(raw)
+            M[span[a], span[b]] += block
+            if a != b:
+                M[span[b], span[a]] += block.T
         return M
 
     def _full_chunk(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: slice,
-                    put: Callable[[str, str, torch.Tensor], None]) -> None:
+                    put: Callable[..., None]) -> None:
         """Add one sample chunk's contribution to every block of the full Hessian."""
         for m, low in enumerate(self.steps):
             if not (isinstance(low, _Linear) and (low.weight_name or low.bias_name)):
@@ -216,39 +227,65 @@ class ChainPlan:
             # own block: Q^T H Q with Q = d a_m / d theta_m (structured, never formed)
             if low.weight_name:
                 ww = (H.reshape(n, o * o).T @ (a[:, :, None] * a[:, None, :]).reshape(n, i * i))
-                put(low.weight_name, low.weight_name,
-                    ww.reshape(o, o, i, i).permute(0, 2, 1, 3).reshape(o * i, o * i))
+                put(low.weight_name, low.weight_name, ww,
+                    lambda t, o=o, i=i: t.reshape(o, o, i, i).permute(0, 2, 1, 3).reshape(
+                        o * i, o * i))
             if low.bias_name:
                 put(low.bias_name, low.bias_name, H.sum(0))
             if low.weight_name and low.bias_name:
                 put(low.weight_name, low.bias_name,
                     torch.einsum("nik,nj->ijk", H, a).reshape(o * i, o))
-            # cross blocks with every Linear above: forward-propagate Q = d a_k / d theta_m
-            eye = torch.eye(o, dtype=a.dtype, device=a.device)
-            Q: dict[str, torch.Tensor] = {}
-            if low.weight_name:
-                Q[low.weight_name] = (eye[None, :, :, None] * a[:, None, None, :]).reshape(
-                    n, o, o * i)
-            if low.bias_name:
-                Q[low.bias_name] = eye.expand(n, o, o)
+            # cross blocks with every Linear above: forward-propagate the per-sample
+            # Jacobian J = d a_k / d z_m (z_m = a_m, this layer's output); then
+            # d a_{l-1} / d W_m[i', k] = J[:, i'] a_{m-1}[k] and d / d b_m[i'] = J[:, i']
+            J = torch.eye(o, dtype=a.dtype, device=a.device).expand(n, o, o)
             for k in range(m + 1, len(self.steps)):
                 step = self.steps[k]
                 if isinstance(step, _Elementwise):
-                    p1 = step.phi1[rows][:, :, None]
-                    Q = {name: p1 * q for name, q in Q.items()}
+                    J = step.phi1[rows][:, :, None] * J
                     continue
                 if step.weight_name or step.bias_name:
                     Hk, gk = store[k]
-                    ak = step.inputs[rows]
-                    for name, q in Q.items():
-                        R = Hk @ (step.weight @ q)                 # (n, out_k, P_m)
-                        if step.weight_name:
-                            wb = (torch.einsum("nip,nj->ijp", R, ak)
-                                  + torch.einsum("ni,njp->ijp", gk, q))
-                            put(step.weight_name, name, wb.reshape(-1, q.shape[-1]))
-                        if step.bias_name:
-                            put(step.bias_name, name, R.sum(0))
-                Q = {name: step.weight @ q for name, q in Q.items()}
+                    self._cross_blocks(step, Hk, gk, step.inputs[rows], low, J, a, put)
+                J = step.weight @ J
+
+    @staticmethod
+    def _cross_blocks(high: _Linear, H: torch.Tensor, g: torch.Tensor, a_high: torch.Tensor,
+                      low: _Linear, J: torch.Tensor, a_low: torch.Tensor,
+                      put: Callable[..., None]) -> None:
+        """Blocks of ``high``'s parameters against ``low``'s (NOTE [full Hessian]).
+
+        ``H``, ``g``: per-sample Hessian and gradient at ``high``'s output ``(n, o)``;
+        ``a_high``: its input ``(n, i)``; ``J = d a_high / d z_low`` ``(n, i, p)``;
+        ``a_low``: ``low``'s input ``(n, k)``. Every sum over samples is one matmul.
+        """
+        n, o = g.shape
+        i, p, kk = a_high.shape[1], J.shape[2], a_low.shape[1]
+        HWJ = H @ (high.weight @ J)                                   # (n, o, p)
+        if high.weight_name:
+            # sum_n a_high[n, j] HWJ[n, r, s] (x)[n, k] + g[n, r] J[n, j, s] (x)[n, k]
+            if low.weight_name:
+                t1 = ((a_high[:, :, None] * a_low[:, None, :]).reshape(n, i * kk).T
+                      @ HWJ.reshape(n, o * p))                        # (j k, r s)
+                put(high.weight_name, low.weight_name, t1,
+                    lambda t: t.reshape(i, kk, o, p).permute(2, 0, 3, 1).reshape(o * i, p * kk),
+                    tag="H")
+                t2 = g.T @ (J[:, :, :, None] * a_low[:, None, None, :]).reshape(n, i * p * kk)
+                put(high.weight_name, low.weight_name, t2,          # (r, j s k)
+                    lambda t: t.reshape(o * i, p * kk), tag="g")
+            if low.bias_name:
+                t1 = a_high.T @ HWJ.reshape(n, o * p)                 # (j, r s)
+                put(high.weight_name, low.bias_name, t1,
+                    lambda t: t.reshape(i, o, p).permute(1, 0, 2).reshape(o * i, p), tag="H")
+                t2 = g.T @ J.reshape(n, i * p)                        # (r, j s)
+                put(high.weight_name, low.bias_name, t2, lambda t: t.reshape(o * i, p),
+                    tag="g")
+        if high.bias_name:
+            if low.weight_name:
+                put(high.bias_name, low.weight_name,
+                    (HWJ.reshape(n, o * p).T @ a_low).reshape(o, p * kk))
+            if low.bias_name:
+                put(high.bias_name, low.bias_name, HWJ.sum(0))
 
 
 def _tied(module: nn.Module) -> bool:

@@ -78,16 +78,24 @@ def check_dense(numel: int, dtype: torch.dtype, device: torch.device | str | Non
         )
 
 
-#: Largest automatic chunk of tangents. NOTE [chunk cap]: a batched backward pass
-#: materialises every intermediate of the gradient graph once per tangent, so
-#: beyond a few dozen tangents it only adds memory traffic; measured on CPU
-#: (python -m benchmarks.bench_hvp --chunks), 8-32 tangents per pass is the sweet spot and
-#: larger chunks are slower (SimpleNet diagonal: 33 ms at 8, 54 ms at 128).
+#: Largest automatic chunk of tangents on an accelerator.
+#: NOTE [chunk cap]: a batched backward pass (``is_grads_batched``, i.e. ``vmap``
+#: over the backward graph) materialises every intermediate once per tangent. On
+#: CPU it buys nothing: measured side by side (``python -m benchmarks.bench_hvp
+#: --chunks`` and ``python -m benchmarks``), plain backward passes one tangent at a
+#: time are as fast or faster (20-64-64-1 MLP: 0.8 ms against 1.0-1.2 ms per
+#: column; the CNN's full Hessian: 1.2 ms against 2.2 ms per row), with the one
+#: exception of tiny models (SimpleNet: 0.5 against 0.3 ms). So the automatic
+#: chunk is 1 on CPU and at most 32 tangents on CUDA, where batching pays. An
+#: explicit ``chunk_size`` is always honoured.
 MAX_AUTO_CHUNK = 32
 
 
-def auto_chunk_size(total: int, bytes_per_item: int, *, budget: int = CHUNK_BUDGET_BYTES,
-                    cap: int = MAX_AUTO_CHUNK) -> int:
-    """How many items of ``bytes_per_item`` fit in ``budget`` (at least 1, at most
-    ``total`` and ``cap``)."""
+def auto_chunk_size(total: int, bytes_per_item: int, *, device: torch.device | str | None = None,
+                    budget: int = CHUNK_BUDGET_BYTES, cap: int | None = None) -> int:
+    """How many items of ``bytes_per_item`` to batch: within ``budget``, at least 1, at most
+    ``total`` and ``cap`` (default: 1 on CPU, ``MAX_AUTO_CHUNK`` elsewhere)."""
+    if cap is None:
+        cap = 1 if torch.device("cpu" if device is None else device).type == "cpu" \
+            else MAX_AUTO_CHUNK
     return max(1, min(total, cap, budget // max(1, bytes_per_item)))

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._checks import check_positive_int, describe
-from ._memory import MAX_AUTO_CHUNK, check_dense
+from ._memory import auto_chunk_size, check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
 from .dense import hessian
 from .diagonal import hessian_diag
@@ -267,12 +267,14 @@ class HessianOperator:
         return total
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``H V`` for ``V`` of shape ``(P, k)``: columns go through batched backward passes
-        of at most ``MAX_AUTO_CHUNK`` columns (NOTE [chunk cap] in ``hessfunc._memory``)."""
+        """``H V`` for ``V`` of shape ``(P, k)``: one backward pass per column on CPU,
+        batched passes of up to ``MAX_AUTO_CHUNK`` columns on CUDA (NOTE [chunk cap] in
+        ``hessfunc._memory``)."""
         V = self._check_vector(V, "V", ndim=(2,))
         total = torch.zeros_like(V)
-        chunks = [(lo, vector_to_tree(V[:, lo:lo + MAX_AUTO_CHUNK].T, self._spec))
-                  for lo in range(0, V.shape[1], MAX_AUTO_CHUNK)]
+        step = auto_chunk_size(V.shape[1], 0, device=self.device)
+        chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T, self._spec))
+                  for lo in range(0, V.shape[1], step)]
         for w, H in self._hvp_functions("H @ V"):
             for lo, trees in chunks:
                 out = pytree.tree_leaves(H.batched(trees))
