@@ -93,8 +93,7 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         if plan is not None:
             M = plan.full(chunk_size)
             return M if flat else _nest(M, args[a], spec)
-        chunk = chunk_size or auto_chunk_size(P, 4 * P * itemsize(spec.dtype),
-                                               device=spec.device)
+        chunk = chunk_size or auto_chunk_size(P, 4 * P * itemsize(spec.dtype))
         H = HVPFunction(wrap_scalar(f, call), args, a)
         rows = []
         for _, _, basis in one_hot_chunks(spec, chunk):
@@ -114,8 +113,7 @@ def leaf_block_rows(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
     row ``r`` is ``H[leaf, leaf] e_{lo + r}``.
     """
     for index, (shape, n) in enumerate(zip(spec.shapes, spec.numels, strict=True)):
-        chunk = chunk_size or auto_chunk_size(n, 4 * n * itemsize(spec.dtype),
-                                               device=spec.device)
+        chunk = chunk_size or auto_chunk_size(n, 4 * n * itemsize(spec.dtype))
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             basis = torch.zeros(hi - lo, n, dtype=spec.dtype, device=spec.device)

@@ -267,12 +267,11 @@ class HessianOperator:
         return total
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``H V`` for ``V`` of shape ``(P, k)``: one backward pass per column on CPU,
-        batched passes of up to ``MAX_AUTO_CHUNK`` columns on CUDA (NOTE [chunk cap] in
-        ``hessfunc._memory``)."""
+        """``H V`` for ``V`` of shape ``(P, k)``: batched backward passes of up to
+        ``MAX_AUTO_CHUNK`` columns (NOTE [chunk cap] in ``hessfunc._memory``)."""
         V = self._check_vector(V, "V", ndim=(2,))
         total = torch.zeros_like(V)
-        step = auto_chunk_size(V.shape[1], 0, device=self.device)
+        step = auto_chunk_size(V.shape[1], 0)
         chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T, self._spec))
                   for lo in range(0, V.shape[1], step)]
         for w, H in self._hvp_functions("H @ V"):
