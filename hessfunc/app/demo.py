@@ -81,7 +81,7 @@ def run_demo(out: Path, *, epochs: int = 1000, lr: float = 0.01, seed: int = 0,
     plots.plot_spectrum(paths["spectrum"], rep)
     plots.plot_diagonal(paths["diagonal"], rep)
     rep.to_json(paths["report"])
-    log(format_table([("final loss", f"{final_loss:.6g}")] + report_rows(rep)))
+    log(format_table(report_rows(rep)))
     log("Wrote:")
     for p in paths.values():
         log(f"  {p}")
