@@ -109,7 +109,7 @@ class ChainPlan:
         chunk = chunk_size or max(1, CHUNK_BUDGET_BYTES // max(1, per_sample_bytes))
         for lo in range(0, N, chunk):
             rows = slice(lo, min(lo + chunk, N))
-            H, g = self.out_hessian[rows], self.out_grad[rows]
+            H, g = self.out_hessian[rows].clone(), self.out_grad[rows]  # H is updated in place
             for i in range(len(self.steps) - 1, self.first - 1, -1):
                 step = self.steps[i]
                 if isinstance(step, _Linear):
@@ -120,8 +120,8 @@ class ChainPlan:
                     g = g @ step.weight
                 else:
                     p1, p2 = step.phi1[rows], step.phi2[rows]
-                    H = p1[:, :, None] * H * p1[:, None, :]
-                    H = H + torch.diag_embed(p2 * g)
+                    H.mul_(p1[:, :, None]).mul_(p1[:, None, :])
+                    H.diagonal(dim1=1, dim2=2).add_(p2 * g)
                     g = p1 * g
 
     def _widest(self) -> int:
