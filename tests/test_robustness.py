@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _bad_inputs import CASES
 from _helpers import assert_close, assert_same_state, model_state, oracle_loss
-from bad_inputs import CASES
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -385,8 +385,8 @@ def test_catalogue_is_documented():
 )
 def test_drawn_bad_arguments_give_library_errors_naming_them(chunk, order, argnums, k, samples):
     """Every drawn bad argument gives a hessfunc error naming it: never a result."""
-    from bad_inputs import SCALAR, VEC
-    from bad_inputs import H as op
+    from _bad_inputs import SCALAR, VEC
+    from _bad_inputs import H as op
 
     calls = [
         (lambda: hf.hessian_diag(SCALAR, chunk_size=chunk)(VEC), "chunk_size"),

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import HessfuncError
 from ..functional import functionalize
 from . import plots
-from .report import curvature_report, format_table, report_rows
+from .report import curvature_report
 
 
 class CLIError(HessfuncError):
@@ -163,17 +163,9 @@ def run_analyze(model_spec: str, data_path: str, out: Path, *, loss: str = "mse"
         f"from {data_path}, loss {loss}")
     rep = curvature_report(f, params, data, top_k=top_k, seed=seed, progress=True)
     rep.numbers.update(model=model_spec, data=data_path, loss_function=loss)
-    paths = {"spectrum": out / "spectrum.png", "diagonal": out / "diagonal.png",
-             "report": out / "report.json"}
+    fit = None
     if x.dim() == 2 and x.shape[1] == 1 and y.is_floating_point() and y.numel() == y.shape[0]:
-        paths["fit"] = out / "fit.png"
         order = x[:, 0].argsort()
-        plots.plot_fit(paths["fit"], x[order], y[order], f.output(params, x[order]))
-    plots.plot_spectrum(paths["spectrum"], rep)
-    plots.plot_diagonal(paths["diagonal"], rep)
-    rep.to_json(paths["report"])
-    log(format_table(report_rows(rep)))
-    log("Wrote:")
-    for p in paths.values():
-        log(f"  {p}")
+        fit = (x[order], y[order], f.output(params, x[order]))
+    plots.write_outputs(out, rep, log, fit)
     return rep.numbers

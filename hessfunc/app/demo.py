@@ -21,7 +21,7 @@ from ..errors import HessfuncError
 from ..functional import functionalize
 from ..gradient import grad
 from . import plots
-from .report import curvature_report, format_table, report_rows
+from .report import curvature_report
 
 
 def target_function(x: torch.Tensor) -> torch.Tensor:
@@ -74,15 +74,5 @@ def run_demo(out: Path, *, epochs: int = 1000, lr: float = 0.01, seed: int = 0,
     rep.numbers.update(problem="SimpleNet 1-10-10-1 tanh, 1000 points of [-10, 10]",
                        epochs=epochs, lr=lr, seed=seed, device=device, training=history,
                        final_loss=final_loss, train_time_s=train_time)
-    prediction = f.output(params, x)
-    paths = {"fit": out / "fit.png", "spectrum": out / "spectrum.png",
-             "diagonal": out / "diagonal.png", "report": out / "report.json"}
-    plots.plot_fit(paths["fit"], x, y, prediction)
-    plots.plot_spectrum(paths["spectrum"], rep)
-    plots.plot_diagonal(paths["diagonal"], rep)
-    rep.to_json(paths["report"])
-    log(format_table(report_rows(rep)))
-    log("Wrote:")
-    for p in paths.values():
-        log(f"  {p}")
+    plots.write_outputs(out, rep, log, (x, y, f.output(params, x)))
     return rep.numbers

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .report import CurvatureReport
+from .report import CurvatureReport, format_table, report_rows
 
 
 def _pyplot():
@@ -53,6 +54,28 @@ def plot_spectrum(path: Path, rep: CurvatureReport) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_outputs(out: Path, rep: CurvatureReport, log: Any,
+                  fit: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                  ) -> dict[str, Path]:
+    """Write the figures and ``report.json`` to ``out``, print the table and the paths.
+
+    ``fit`` is ``(x, target, prediction)`` for 1-D regression problems (``fit.png``).
+    """
+    paths = {"spectrum": out / "spectrum.png", "diagonal": out / "diagonal.png",
+             "report": out / "report.json"}
+    if fit is not None:
+        paths = {"fit": out / "fit.png", **paths}
+        plot_fit(paths["fit"], *fit)
+    plot_spectrum(paths["spectrum"], rep)
+    plot_diagonal(paths["diagonal"], rep)
+    rep.to_json(paths["report"])
+    log(format_table(report_rows(rep)))
+    log("Wrote:")
+    for p in paths.values():
+        log(f"  {p}")
+    return paths
 
 
 def plot_diagonal(path: Path, rep: CurvatureReport) -> None:
