@@ -21,6 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 __all__ = ["in_transform", "use_autograd", "leaf_copies", "zeros_for_none", "normalize_argnums",
+           "reaches_other_leaves",
            "second_order_kernels", "forward_ad_gap", "warn_forward_gap_once"]
 
 
@@ -44,6 +45,34 @@ def use_autograd(args: Sequence[Any]) -> bool:
                  for t in pytree.tree_leaves(arg)):
             return False
     return True
+
+
+def reaches_other_leaves(f: Any, out: Any, leaves: Sequence[torch.Tensor]) -> bool:
+    """Whether ``out``'s graph reaches tensors requiring grad other than ``leaves``.
+
+    Such tensors are captured by ``f`` (e.g. a model's parameters in a closure); the
+    plain-autograd fast path would cut the graph to them, while ``torch.func`` keeps
+    it, so the caller must take the ``torch.func`` path instead (NOTE [autograd at
+    top level]). Functions marked ``pure`` (those made by ``functionalize``, whose
+    private model copy holds no tensor requiring grad) skip the walk.
+    """
+    if getattr(f, "pure", False) or not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        return False
+    own = {id(t) for t in leaves}
+    seen: set[Any] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # an AccumulateGrad node: a leaf
+            if id(variable) not in own:
+                return True
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 def normalize_argnums(argnums: int | tuple[int, ...], nargs: int) -> tuple[int, ...]:

@@ -61,7 +61,7 @@ from .functional import FunctionalModel
 
 __all__ = ["plan", "analyze", "ChainPlan"]
 
-#: Modules applied elementwise (their derivatives are taken with torch.func.jvp).
+#: Modules applied elementwise (exact types: a subclass may override ``forward``).
 ELEMENTWISE = (
     nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.ReLU,
     nn.LeakyReLU, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.ReLU6,
@@ -424,7 +424,12 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
                           "modules)")
         if not isinstance(mout, torch.Tensor) or mout._version != version:
             return None, f"{type(module).__name__}'s output is not a tensor or was edited in place"
-        if isinstance(module, nn.Linear):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None, f"{type(module).__name__} has forward hooks"
+        if getattr(module, "inplace", False):
+            return None, f"{type(module).__name__} works in place"
+        kind = type(module)
+        if kind is nn.Linear:
             pn = names.get(module, {})
             wname = pn.get("weight") if pn.get("weight") in params else None
             bname = pn.get("bias") if pn.get("bias") in params else None
@@ -433,11 +438,10 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
             b = None if module.bias is None else (params[bname] if bname
                                                   else module.bias.detach())
             steps.append(_Linear(W, b, prev.detach(), wname, bname))
-        elif isinstance(module, ELEMENTWISE) or (isinstance(module, IDENTITY_IN_EVAL)
-                                                 and not module.training):
+        elif kind in ELEMENTWISE or (kind in IDENTITY_IN_EVAL and not module.training):
             if names.get(module):
                 return None, f"{type(module).__name__} has parameters"
-            if isinstance(module, IDENTITY_IN_EVAL):
+            if kind in IDENTITY_IN_EVAL:
                 prev = mout
                 continue
             steps.append(_Elementwise(*_derivatives(module, prev.detach())))

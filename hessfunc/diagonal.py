@@ -46,6 +46,10 @@ def _unsqueeze_samples(batch: Any) -> Any:
     return pytree.tree_map(lambda t: t.unsqueeze(1) if isinstance(t, torch.Tensor) else t, batch)
 
 
+def _num_samples(inputs: Any) -> int:
+    return int(pytree.tree_leaves(inputs)[0].shape[0])
+
+
 def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,
                  method: Literal["auto", "structured", "generic"] = "auto",
                  per_sample: bool = False) -> Callable[..., Any]:
@@ -100,8 +104,16 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
                                     "use method='auto' or 'generic'.")
         if per_sample:
             one = hessian_diag(f, chunk_size=chunk_size, method="generic")
-            return torch.func.vmap(one, in_dims=(None, 0, 0))(
-                args[0], *_unsqueeze_samples(args[1:]))
+            batch = _unsqueeze_samples(args[1:])
+            try:
+                return torch.func.vmap(one, in_dims=(None, 0, 0))(args[0], *batch)
+            except RuntimeError:
+                # not vmappable (random ops, data-dependent checks in the loss): the same
+                # numbers one sample at a time
+                n = _num_samples(args[1])
+                rows = [one(args[0], *pytree.tree_map(lambda t, i=i: t[i], batch))
+                        for i in range(n)]
+                return pytree.tree_map(lambda *t: torch.stack(t), *rows)
         H = HVPFunction(wrap_scalar(f, call), args, a)
         return pytree.tree_unflatten(_generic_diag(H, spec, chunk_size), spec.treespec)
 

@@ -39,12 +39,12 @@ __all__ = ["functionalize", "FunctionalModel"]
 
 
 _RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                   nn.FeatureAlphaDropout)
+                   nn.FeatureAlphaDropout, nn.RReLU)
 
 
 def _active_randomness(module: nn.Module) -> list[str]:
     return [name or type(m).__name__ for name, m in module.named_modules()
-            if isinstance(m, _RANDOM_MODULES) and m.training and m.p > 0]
+            if isinstance(m, _RANDOM_MODULES) and m.training and getattr(m, "p", 1) > 0]
 
 
 def _freeze_running_stats(module: nn.Module) -> None:
@@ -65,6 +65,10 @@ class FunctionalModel:
         loss_fn: the loss, or None.
         param_names: names of the trainable parameters, in ``named_parameters`` order.
     """
+
+    #: Evaluates a private copy holding no tensor that requires grad (see
+    #: ``hessfunc._autodiff.reaches_other_leaves``).
+    pure = True
 
     def __init__(self, module: nn.Module, loss_fn: Callable[..., Any] | None,
                  param_names: tuple[str, ...], *, seed: int | None = None,
@@ -93,7 +97,20 @@ class FunctionalModel:
         """The model's output ``model(inputs)`` at ``params``."""
         self._check_params(params)
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        if self.seed is None:
+        if self.seed is None and self.module.training and not in_transform():
+            # NOTE [randomness]: random ops the module scan cannot see (F.dropout in a
+            # forward method) show up as a moved global RNG state
+            state = torch.random.get_rng_state()
+            out = functional_call(self.module, params, args)
+            if not torch.equal(state, torch.random.get_rng_state()):
+                torch.random.set_rng_state(state)
+                raise ArgumentError(
+                    "f(params, ...): the model drew random numbers in its forward pass "
+                    "(e.g. F.dropout in training mode), so f is a random function whose "
+                    "Hessian changes at every call. Call functionalize with training=False, "
+                    "or with randomness='fixed' to use one fixed draw."
+                )
+        elif self.seed is None:
             out = functional_call(self.module, params, args)
         else:  # NOTE [randomness]: the same draw at every evaluation
             devices = [t.device for t in params.values() if t.device.type == "cuda"][:1]
@@ -228,6 +245,8 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
     params = {n: named[n].detach() for n in trainable}
     for p in module.parameters():
         p.requires_grad_(False)
-    fixed_seed = seed if random_modules else None
+    # with randomness="fixed" every evaluation re-seeds (also for random ops in forward
+    # methods, which the module scan cannot see)
+    fixed_seed = seed if (random_modules or (randomness == "fixed" and module.training)) else None
     return FunctionalModel(module, loss_fn, tuple(trainable), seed=fixed_seed,
                            check_finite=check_finite), params

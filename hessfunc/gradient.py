@@ -12,11 +12,20 @@ from ._autodiff import (
     detach_tree,
     leaf_copies,
     normalize_argnums,
+    reaches_other_leaves,
     unflatten_like,
     use_autograd,
     zeros_for_none,
 )
-from ._checks import check_argnums, check_callable, check_floating, check_scalar_output, wrap_scalar
+from ._checks import (
+    check_argnums,
+    check_callable,
+    check_floating,
+    check_scalar_output,
+    describe,
+    wrap_scalar,
+)
+from .errors import ArgumentError
 
 __all__ = ["grad"]
 
@@ -55,8 +64,13 @@ def grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: boo
         new_args, leaves = leaf_copies(args, nums)
         with torch.enable_grad():
             out = f(*new_args, **kwargs)
+            if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+                raise ArgumentError(f"hessfunc.grad: with has_aux=True f must return "
+                                    f"(scalar, aux), got {describe(out)}.")
             loss, aux = out if has_aux else (out, None)
             check_scalar_output(loss, "hessfunc.grad")
+            if reaches_other_leaves(f, loss, leaves):  # keep the graph to captured tensors
+                return func_grad(*args, **kwargs)
             if not loss.requires_grad:
                 flat = [torch.zeros_like(t) for t in leaves]
             else:

@@ -5,7 +5,9 @@ and ``f(params, x_b, y_b)`` the loss of one batch,
 
 * ``reduction="mean"`` (``f`` averages over its batch): the data-set loss is
   ``L = sum_b (N_b / N) f_b``, exactly the full-batch loss even when the batches
-  have unequal sizes;
+  have unequal sizes, provided ``f`` is a plain mean over the samples of its batch
+  (not, e.g., cross-entropy with class weights or ``ignore_index``, whose mean
+  divides by a data-dependent total: use ``reduction="sum"`` with a summed loss);
 * ``reduction="sum"`` (``f`` sums over its batch): ``L = sum_b f_b``.
 
 ``H = d^2 L / d params^2`` acts on flat vectors of length ``P`` laid out in
@@ -57,16 +59,16 @@ Batch = tuple[Any, Any]
 
 
 def _is_single_batch(data: Any) -> bool:
-    """``(inputs, targets)`` with tensor targets (a list of two batches has tuple items)."""
+    """``(inputs, targets)`` with tensor targets (a list of two batches has tuple items);
+    the inputs may be a tensor, a tuple or a dict of tensors."""
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and isinstance(data[1], torch.Tensor)
-            and (isinstance(data[0], torch.Tensor)
-                 or (isinstance(data[0], tuple) and data[0]
-                     and all(isinstance(t, torch.Tensor) for t in data[0]))))
+            and bool(pytree.tree_leaves(data[0]))
+            and all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(data[0])))
 
 
 def _batch_size(inputs: Any) -> int:
-    first = inputs[0] if isinstance(inputs, tuple) else inputs
+    first = pytree.tree_leaves(inputs)[0]
     return int(first.shape[0]) if first.dim() > 0 else 1
 
 
@@ -74,7 +76,7 @@ def _fingerprint(batch: Batch) -> tuple[Any, ...]:
     prints = []
     for t in pytree.tree_leaves(batch):
         if isinstance(t, torch.Tensor):
-            v = t.detach().reshape(-1).double()
+            v = torch.nan_to_num(t.detach().reshape(-1).double())  # NaN != NaN
             w = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
             prints.append((tuple(t.shape), float(v.sum()), float((v * w).sum())))
     return tuple(prints)

@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from ._autodiff import (
     forward_ad_gap,
     leaf_copies,
+    reaches_other_leaves,
     second_order_kernels,
     use_autograd,
     warn_forward_gap_once,
@@ -81,12 +82,17 @@ def _validate(f: Any, primals: Any, argnums: Any, call: str) -> tuple[tuple[Any,
 
 
 def _first_order_graph(f: Callable[..., Any], primals: tuple[Any, ...], argnums: int, call: str
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], Any]:
-    """Autograd path: fresh leaves, and the gradient built with ``create_graph=True``."""
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], Any] | None:
+    """Autograd path: fresh leaves, and the gradient built with ``create_graph=True``.
+
+    None when ``f`` captures tensors requiring grad (their graph must be kept: the
+    caller takes the torch.func path)."""
     new_args, leaves = leaf_copies(primals, (argnums,))
     with torch.enable_grad():
         out = f(*new_args)
         check_scalar_output(out, call)
+        if reaches_other_leaves(f, out, leaves):
+            return None
         if out.requires_grad:
             grads = list(torch.autograd.grad(out, leaves, create_graph=True, allow_unused=True))
         else:
@@ -150,8 +156,10 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
                 elif _ZERO_TENSOR_BUG not in str(exc):
                     raise
                 # NOTE [ZeroTensor trap] / forward-mode gap: same product, reverse-over-reverse.
-        if use_autograd(primals + (tangent,)):
-            leaves, grads, _ = _first_order_graph(f, primals, argnums, call)
+        graph = (_first_order_graph(f, primals, argnums, call)
+                 if use_autograd(primals + (tangent,)) else None)
+        if graph is not None:
+            leaves, grads, _ = graph
             spec = pytree.tree_structure(primals[argnums])
             flat = _second_backward(leaves, grads, tree_leaves(tangent), retain_graph=False)
             return pytree.tree_unflatten(flat, spec)
@@ -168,7 +176,8 @@ class HVPFunction:
 
     Attributes:
         gradient: the gradient at the point, structured like the argument.
-        value: f at the point (None when built inside a torch.func transform).
+        value: f at the point (None when built on the torch.func path: inside a
+            transform, or when an input or a tensor captured by ``f`` requires grad).
     """
 
     def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int):
@@ -180,8 +189,9 @@ class HVPFunction:
 
     def _build(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int, call: str
                ) -> None:
-        if use_autograd(primals):
-            self._leaves, self._grads, out = _first_order_graph(f, primals, argnums, call)
+        graph = _first_order_graph(f, primals, argnums, call) if use_autograd(primals) else None
+        if graph is not None:
+            self._leaves, self._grads, out = graph
             self.value = out.detach()
             flat_g = zeros_for_none([None if g is None else g.detach() for g in self._grads],
                                     self._leaves)

@@ -403,3 +403,119 @@ def test_drawn_bad_arguments_give_library_errors_naming_them(chunk, order, argnu
         with pytest.raises(hf.HessfuncError) as info:
             call()
         assert re.search(rf"\b{name}\b", str(info.value)), (name, str(info.value))
+
+
+# ----------------------------------------------------------------- found in review
+class ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward is not x W^T + b: must not be taken for a Linear."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class NotTanh(nn.Tanh):
+    def forward(self, x):
+        return torch.tanh(x) * x.sum(dim=-1, keepdim=True)  # couples features
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(ScaledLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+    lambda: nn.Sequential(nn.Linear(3, 4), NotTanh(), nn.Linear(4, 2)),
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
+])
+def test_subclasses_and_inplace_modules_are_not_taken_for_known_layers(make):
+    from hessfunc import _chain
+
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    assert _chain.plan(f, (params, x, y), 0) is None
+    loss, leaves = oracle_loss(f, params, x, y)
+    assert_close(hf.hessian_diag(f)(params, x, y), hf.reference.hessian_diag(loss, leaves))
+    assert_close(hf.hessian(f, flat=True)(params, x, y),
+                 hf.reference.hessian(loss, list(leaves.values())))
+
+
+def test_graph_to_captured_parameters_is_kept_like_torch_func():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    u = lambda x: model(x).sum()  # noqa: E731 - closes over parameters requiring grad
+    x = torch.randn(3, dtype=torch.float64)
+    v = torch.randn(3, dtype=torch.float64)
+    g = hf.grad(u)(x)
+    hv = hf.hvp(u, (x,), v)
+    d = hf.hessian_diag(u)(x)
+    assert g.requires_grad and hv.requires_grad and d.requires_grad
+    assert_close(g, torch.func.grad(u)(x))
+    assert_close(d, torch.func.hessian(u)(x).diagonal())
+    # a gradient penalty reaches the parameters, as with torch.func
+    (penalty,) = torch.autograd.grad((g ** 2).sum(), [model[0].weight])
+    (expected,) = torch.autograd.grad((torch.func.grad(u)(x) ** 2).sum(), [model[0].weight])
+    assert_close(penalty, expected)
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.tanh(self.a(x)), 0.5, self.training))
+
+
+def test_random_ops_in_forward_methods_are_detected():
+    torch.manual_seed(0)
+    model = FunctionalDropout().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    f, params = hf.functionalize(model, nn.MSELoss())  # the module scan cannot see F.dropout
+    state = torch.get_rng_state()
+    with pytest.raises(hf.ArgumentError, match="drew random numbers"):
+        hf.hessian_diag(f)(params, x, y)
+    assert torch.equal(torch.get_rng_state(), state)
+    fixed, params = hf.functionalize(model, nn.MSELoss(), randomness="fixed", seed=1)
+    assert_close(hf.hessian_diag(fixed)(params, x, y), hf.hessian_diag(fixed)(params, x, y))
+    with pytest.raises(hf.ArgumentError, match="active dropout"):
+        hf.functionalize(nn.Sequential(nn.Linear(2, 2), nn.RReLU()).train())
+
+
+def test_per_sample_falls_back_to_a_loop_when_vmap_cannot_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Dropout(0.3), nn.Linear(5, 1)).double()
+    f, params = hf.functionalize(model, nn.MSELoss(), randomness="fixed", seed=2)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    got = hf.hessian_diag(f, per_sample=True)(params, x, y)
+    for n in range(4):
+        assert_close({k: t[n] for k, t in got.items()},
+                     hf.hessian_diag(f)(params, x[n:n + 1], y[n:n + 1]))
+
+
+def test_operator_accepts_nan_targets_and_dict_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    y[2] = float("nan")
+
+    def nanmse(out, t):
+        keep = ~torch.isnan(t)
+        return ((out - torch.nan_to_num(t)) ** 2 * keep).sum() / keep.sum()
+
+    f, params = hf.functionalize(model, nanmse)
+    H = hf.HessianOperator(f, params, [(x[:4], y[:4]), (x[4:], y[4:])], reduction="sum")
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    H @ v
+    H @ v  # a later pass with NaN in the data is not mistaken for reshuffled batches
+
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, batch):
+            return self.lin(batch["x"])
+
+    dm = DictModel().double()
+    g, p = hf.functionalize(dm, nn.MSELoss())
+    op = hf.HessianOperator(g, p, ({"x": x}, torch.nan_to_num(y)))
+    assert op.num_samples == 8
+    assert_close(op.to_dense(), hf.hessian(g, flat=True)(p, {"x": x}, torch.nan_to_num(y)))
