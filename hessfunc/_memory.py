@@ -65,16 +65,19 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 def check_dense(numel: int, dtype: torch.dtype, device: torch.device | str | None, *, what: str,
-                call: str, max_memory: int | None = None, hint: str | None = None) -> None:
-    """Raise :class:`DenseMemoryError` if ``numel`` entries of ``dtype`` exceed the limit."""
-    need = numel * itemsize(dtype)
+                call: str, max_memory: int | None = None, hint: str | None = None,
+                copies: int = 1) -> None:
+    """Raise :class:`DenseMemoryError` if ``copies`` x ``numel`` entries of ``dtype`` (the
+    result and the working copies its assembly holds at once) exceed the limit."""
+    need = copies * numel * itemsize(dtype)
     limit = memory_limit(max_memory, device, call)
     if need > limit:
         hint = hint or ("use `chunk_size`, `hessian_blocks`, `hessian_diag` or "
                         "`hessfunc.HessianOperator` (matrix-free) instead")
+        held = f", {copies} copies while assembling" if copies > 1 else ""
         raise DenseMemoryError(
-            f"{call}: {what} needs {format_bytes(need)} ({numel:,} x {dtype}), over the limit of "
-            f"{format_bytes(limit)}; {hint}, or raise the limit with `max_memory=`."
+            f"{call}: {what} needs {format_bytes(need)} ({numel:,} x {dtype}{held}), over the "
+            f"limit of {format_bytes(limit)}; {hint}, or raise the limit with `max_memory=`."
         )
 
 

@@ -86,8 +86,10 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
     def hess_f(*args: Any) -> Any:
         a, spec = _prepare(f, args, argnums, chunk_size, call)
         P = spec.numel
+        # NOTE: assembling holds the rows (or the structured route's block sums) and the
+        # result at once, hence two copies
         check_dense(P * P, spec.dtype, spec.device, what=f"the dense {P} x {P} Hessian",
-                    call=call, max_memory=max_memory,
+                    call=call, max_memory=max_memory, copies=2,
                     hint="use `hessian_blocks`, `hessian_diag` or `hessfunc.HessianOperator`")
         plan = _chain.plan(f, args, a) if isinstance(args[a], dict) else None
         if plan is not None:

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from . import _chain
 from ._checks import wrap_scalar
+from ._memory import check_dense
 from ._tree import FlatSpec
 from .dense import _prepare, leaf_block_rows
 from .errors import ArgumentError
@@ -52,7 +53,8 @@ def _num_samples(inputs: Any) -> int:
 
 def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,
                  method: Literal["auto", "structured", "generic"] = "auto",
-                 per_sample: bool = False) -> Callable[..., Any]:
+                 per_sample: bool = False, max_memory: int | None = None
+                 ) -> Callable[..., Any]:
     """The exact diagonal of the Hessian, with the structure of the argument.
 
     ``hessian_diag(f)(*args)`` has leaves ``d^2 f / d p_i^2`` for every scalar
@@ -71,6 +73,8 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             ``n``, the diagonal of its own loss ``f(params, x[n:n+1], y[n:n+1])``,
             as leaves with a leading ``N`` axis. Structured route when it applies,
             else exactly the vmap recipe below.
+        max_memory: with ``per_sample``, refuse (before computing) an ``N x P`` result
+            over this many bytes; default half of the available memory.
 
     Per-sample diagonals by hand: ``torch.func.vmap(hessian_diag(f), in_dims=(None, 0,
     0))(params, X[:, None], Y[:, None])`` gives each sample's own loss Hessian diagonal,
@@ -95,6 +99,11 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
         if per_sample and (a != 0 or len(args) != 3):
             raise ArgumentError(f"{call}: per_sample=True needs f(params, inputs, targets) "
                                 f"with argnums=0; got {len(args)} arguments and argnums={a}.")
+        if per_sample:
+            n = _num_samples(args[1])
+            check_dense(n * spec.numel, spec.dtype, spec.device, call=call,
+                        max_memory=max_memory, what=f"{n} per-sample diagonals of {spec.numel}",
+                        hint="pass fewer samples at a time")
         if method != "generic":
             plan, reason = _chain.analyze(f, args, a, per_sample=per_sample)
             if plan is not None:

@@ -173,8 +173,11 @@ class HessianOperator:
 
     def _first_pass(self) -> list[float]:
         sizes, prints = [], []
-        for batch in self._iter_batches():
+        for i, batch in enumerate(self._iter_batches()):
             sizes.append(_batch_size(batch[0]))
+            if sizes[-1] == 0:
+                raise ArgumentError(f"HessianOperator: batch {i} of `data` has no samples; "
+                                    "drop empty batches.")
             prints.append(_fingerprint(batch))
         if not sizes:
             raise ArgumentError("HessianOperator: `data` is empty; pass at least one "

@@ -159,7 +159,7 @@ def test_architecture_against_the_oracle(name):
     assert_close(hf.hessian(f, flat=True)(params, x, y), H_ref)
     assert_close(hf.hessian_diag(f)(params, x, y), diag_ref)
     assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
-    op = hf.HessianOperator(f, params, [(x[:3], y[:3]), (x[3:], y[3:])])
+    op = hf.HessianOperator(f, params, [(x[:2], y[:2]), (x[2:], y[2:])])
     if name != "cnn-batchnorm-train":  # batch statistics make the split a different function
         assert_close(op.to_dense(), H_ref)
 
@@ -358,7 +358,7 @@ def test_public_functions_never_push_more_than_chunk_size_tangents(monkeypatch):
     seen.clear()
     hf.hessian_diag(f)(torch.randn(5000, dtype=torch.float64)[:200])
     assert max(seen) <= 32  # NOTE [chunk cap]
-    with pytest.raises(hf.DenseMemoryError, match=r"needs .* \(2,500 x torch.float64\)"):
+    with pytest.raises(hf.DenseMemoryError, match=r"needs .* \(2,500 x torch.float64, 2 copies"):
         hf.hessian(f, max_memory=1000)(w)
 
 
