@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -123,8 +123,6 @@ def unflatten_like(flat: list[torch.Tensor], args: Sequence[Any], argnums: tuple
 def detach_tree(tree: Any) -> Any:
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
-
-Fn = Callable[..., Any]
 
 
 # NOTE [attention kernels]: on torch 2.13 CPU the fused scaled-dot-product

@@ -11,8 +11,7 @@ works under ``torch.func.vmap`` and keeps dtype and device.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +24,7 @@ __all__ = [
     "tree_to_vector",
     "vector_to_tree",
     "tree_dot",
-    "tree_map",
     "tree_add",
-    "tree_scale",
     "tree_leaves",
     "one_hot_chunks",
 ]
@@ -40,19 +37,9 @@ def tree_leaves(tree: Tree) -> list[torch.Tensor]:
     return pytree.tree_leaves(tree)
 
 
-def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
-    """Apply ``fn`` leafwise to one or more trees of the same structure."""
-    return pytree.tree_map(fn, tree, *rest)
-
-
 def tree_add(a: Tree, b: Tree, alpha: float = 1.0) -> Tree:
     """Leafwise ``a + alpha * b``."""
-    return tree_map(lambda x, y: x + alpha * y, a, b)
-
-
-def tree_scale(a: Tree, c: float | torch.Tensor) -> Tree:
-    """Leafwise ``c * a``."""
-    return tree_map(lambda x: c * x, a)
+    return pytree.tree_map(lambda x, y: x + alpha * y, a, b)
 
 
 def tree_dot(a: Tree, b: Tree) -> torch.Tensor:
@@ -183,18 +170,3 @@ def one_hot_chunks(spec: FlatSpec, chunk_size: int | None = None, *, start: int 
         basis = torch.zeros(hi - lo, spec.numel, dtype=spec.dtype, device=spec.device)
         basis[rows, rows + lo] = 1
         yield lo, hi, vector_to_tree(basis, spec)
-
-
-def numel(tree: Tree) -> int:
-    """Total number of scalars in ``tree``."""
-    return sum(leaf.numel() for leaf in tree_leaves(tree))
-
-
-def bytes_of(shape_numel: int, dtype: torch.dtype) -> int:
-    """Bytes of a dense tensor with ``shape_numel`` entries of ``dtype``."""
-    return shape_numel * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point
-                          else torch.iinfo(dtype).bits // 8)
-
-
-def prod(shape: tuple[int, ...] | torch.Size) -> int:
-    return math.prod(shape)

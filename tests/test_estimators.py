@@ -709,3 +709,10 @@ def test_bad_matmat_raises_argument_error_naming_it(estimator, matmat):
 def test_argument_error_is_a_value_error():
     with pytest.raises(ValueError, match="num_samples"):
         hutchinson_trace(_identity, 5, num_samples=-1)
+
+
+def test_example_vectors_must_be_tensors():
+    with pytest.raises(ArgumentError, match=r"expected start to be a \(4,\) tensor or None"):
+        lanczos(lambda V: V, 4, num_steps=2, start=[1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ArgumentError, match="expected probes to be a .* tensor or None"):
+        spectral_density(lambda V: V, 4, probes=[[1.0]])

@@ -10,6 +10,7 @@ from torch.func import vmap
 from hessfunc._tree import (
     flat_spec,
     one_hot_chunks,
+    tree_add,
     tree_dot,
     tree_to_vector,
     vector_to_tree,
@@ -68,3 +69,11 @@ def test_tuple_and_tensor_trees():
     tup = (torch.ones(2), torch.zeros(1, 2))
     back = vector_to_tree(tree_to_vector(tup), tup)
     assert isinstance(back, tuple) and back[1].shape == (1, 2)
+
+
+def test_tree_add_is_leafwise():
+    a = {"w": torch.ones(2, 2), "b": torch.zeros(3)}
+    b = {"w": torch.full((2, 2), 2.0), "b": torch.ones(3)}
+    out = tree_add(a, b, alpha=0.5)
+    assert torch.equal(out["w"], torch.full((2, 2), 2.0))
+    assert torch.equal(out["b"], torch.full((3,), 0.5))

@@ -104,15 +104,22 @@ class Operator:
         dtype: torch.dtype | None,
         device: torch.device | str | None,
         generator: torch.Generator | None,
-        like: torch.Tensor | None = None,
+        like: object = None,
         like_name: str = "",
+        like_shape: str = "",
     ) -> Operator:
         """Check the arguments every estimator shares and resolve dtype and device.
 
         ``dtype`` and ``device`` default to those of ``like`` (the caller's
-        argument ``like_name``, an example vector), else to torch's default dtype
-        and the generator's device (or torch's default device).
+        argument ``like_name``, an example vector of shape ``like_shape``, checked to
+        be a tensor or None), else to torch's default dtype and the generator's device
+        (or torch's default device).
         """
+        if like is not None and not isinstance(like, torch.Tensor):
+            raise ArgumentError(
+                f"{caller}(): expected {like_name} to be a {like_shape} tensor or None, got "
+                f"{type(like).__name__}. Pass a torch.Tensor or leave {like_name}=None."
+            )
         if not callable(matmat):
             raise ArgumentError(
                 f"{caller}(): expected matmat to be a callable mapping a (size, k) tensor to "

@@ -143,11 +143,6 @@ def lanczos(
     is block diagonal and each block's eigenvalues are eigenvalues of ``A``.
     """
     caller = "lanczos"
-    if start is not None and not isinstance(start, torch.Tensor):
-        raise ArgumentError(
-            f"{caller}(): expected start to be a ({size},) tensor or None, got "
-            f"{type(start).__name__}. Pass a torch.Tensor or leave start=None."
-        )
     op = Operator.from_args(
         caller,
         matmat,
@@ -157,6 +152,7 @@ def lanczos(
         generator=generator,
         like=start,
         like_name="start",
+        like_shape=f"({size},)",
     )
     num_steps = check_int(num_steps, "num_steps", caller, maximum=op.size)
     if start is None:

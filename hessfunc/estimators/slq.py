@@ -151,11 +151,6 @@ def spectral_density(
         :class:`SpectralDensity`.
     """
     caller = "spectral_density"
-    if probes is not None and not isinstance(probes, torch.Tensor):
-        raise ArgumentError(
-            f"{caller}(): expected probes to be a (size, num_probes) tensor or None, got "
-            f"{type(probes).__name__}. Pass a torch.Tensor or leave probes=None."
-        )
     op = Operator.from_args(
         caller,
         matmat,
@@ -165,6 +160,7 @@ def spectral_density(
         generator=generator,
         like=probes,
         like_name="probes",
+        like_shape="(size, num_probes)",
     )
     num_steps = min(check_int(num_steps, "num_steps", caller), op.size)
     batch_size = check_batch_size(batch_size, caller)
