@@ -74,11 +74,17 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
     num["dtype"] = str(op.dtype).replace("torch.", "")
     batches = list(op._passes("batches")) if op.num_batches == 1 else None
     # gradient of the data-set loss
+    def value_and_loss(p: Any, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        value = f(p, x, y)
+        return value, value.detach()
+
+    grad_and_loss = grad(value_and_loss, has_aux=True)  # one forward pass for both
     g = torch.zeros(P, dtype=op.dtype, device=op.device)
     loss = 0.0
     for _, w, (x, y) in op._passes("gradient"):
-        g += w * _flat(grad(f)(params, x, y))
-        loss += w * float(f(params, x, y))
+        g_batch, value = grad_and_loss(params, x, y)
+        g += w * _flat(g_batch)
+        loss += w * float(value)
     num["loss"] = loss
     num["grad_norm"] = float(g.norm())
     # exact diagonal: structured or generic route, or Hutchinson's estimate for large P
