@@ -91,8 +91,9 @@ class ChainPlan:
 
     def __init__(self, steps: list[_Linear | _Elementwise], out_hessian: torch.Tensor,
                  out_grad: torch.Tensor, params: dict[str, torch.Tensor],
-                 per_sample: bool = False):
+                 per_sample: bool = False, output: torch.Tensor | None = None):
         self.per_sample = per_sample
+        self.output = output              # (N, C) model output, detached
         self.steps = steps
         self.out_hessian = out_hessian    # (N, C, C)
         self.out_grad = out_grad          # (N, C)
@@ -458,7 +459,7 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
         hg = _output_hessian(f.loss_fn, out, targets)
     if isinstance(hg, str):
         return None, hg
-    return ChainPlan(steps, hg[0], hg[1], params, per_sample), "ok"
+    return ChainPlan(steps, hg[0], hg[1], params, per_sample, out.detach()), "ok"
 
 
 def plan(f: Any, args: tuple[Any, ...], argnums: int) -> ChainPlan | None:

@@ -27,6 +27,7 @@ import torch
 import torch.func
 from torch.utils import _pytree as pytree
 
+from . import _chain
 from ._autodiff import (
     forward_ad_gap,
     leaf_copies,
@@ -36,6 +37,7 @@ from ._autodiff import (
     warn_forward_gap_once,
     zeros_for_none,
 )
+from ._chain_products import ChainProducts
 from ._checks import (
     check_argnums,
     check_callable,
@@ -48,10 +50,11 @@ from ._checks import (
 from ._tree import tree_leaves
 from .errors import ArgumentError
 
-__all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES"]
+__all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES", "HVP_FN_METHODS"]
 
 Mode = Literal["reverse-over-reverse", "forward-over-reverse"]
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
+HVP_FN_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
 
 
@@ -169,21 +172,46 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
 
 
 class HVPFunction:
-    """``v -> H v`` at a fixed point, with the gradient's graph built once.
+    """``v -> H v`` at a fixed point, with everything but ``v`` computed once.
 
-    Repeated products (what Lanczos and Hutchinson need) then cost one backward
-    pass through the gradient's graph each, measured 1.0-1.2x a gradient.
+    Two routes, both exact. ``"structured"``: for a chain of Linear layers and
+    activations made by :func:`hessfunc.functionalize` (NOTE [structured route]),
+    activations, activation derivatives and per-sample output Hessians are cached
+    and each product is a few dense matrix products (NOTE [structured products]).
+    ``"graph"``: the gradient's autograd graph is built once and each product is one
+    backward pass through it (on the ``torch.func`` path inside transforms). Repeated
+    products (what Lanczos and Hutchinson need) cost about one gradient each or less;
+    see docs/benchmarks.md.
 
     Attributes:
         gradient: the gradient at the point, structured like the argument.
         value: f at the point (None when built on the torch.func path: inside a
             transform, or when an input or a tensor captured by ``f`` requires grad).
+        method: the route taken, ``"structured"`` or ``"graph"``.
     """
 
-    def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int):
+    def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int,
+                 method: str = "auto"):
         self._primal = primals[argnums]
         self._spec = pytree.tree_structure(self._primal)
+        self._chain: ChainProducts | None = None
+        self._vjp = None
         call = "hessfunc.hvp_fn"
+        if method != "graph":
+            plan, reason = _chain.analyze(f, primals, argnums)
+            if plan is not None and not ChainProducts.applies(plan):
+                plan, reason = None, "the per-sample output Hessians are too large to cache"
+            if plan is not None:
+                self._chain = ChainProducts(plan)
+                self.gradient = self._chain.gradient
+                with torch.no_grad():
+                    self.value = f.loss_fn(plan.output, primals[2]).detach()
+                self.method = "structured"
+                return
+            if method == "structured":
+                raise ArgumentError(f"{call}: method='structured' does not apply here: {reason}; "
+                                    "use method='auto' or 'graph'.")
+        self.method = "graph"
         with second_order_kernels():
             self._build(f, primals, argnums, call)
 
@@ -196,7 +224,6 @@ class HVPFunction:
             flat_g = zeros_for_none([None if g is None else g.detach() for g in self._grads],
                                     self._leaves)
             self.gradient = pytree.tree_unflatten(flat_g, self._spec)
-            self._vjp = None
         else:
             grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call),
                                       has_aux=False)
@@ -206,6 +233,8 @@ class HVPFunction:
     def __call__(self, tangent: Any) -> Any:
         """``H v`` for one tangent structured like the argument."""
         check_like(tangent, self._primal, "tangent", "HVPFunction")
+        if self._chain is not None:
+            return self._chain(tangent)
         if self._vjp is not None:
             return self._vjp(tangent)[0]
         flat = _second_backward(self._leaves, self._grads, tree_leaves(tangent),
@@ -219,6 +248,12 @@ class HVPFunction:
         ``(k, *leaf.shape)``; the result has the same shape. Only the leaf's own
         gradient is differentiated, and only with respect to that leaf.
         """
+        if self._chain is not None:
+            names = list(self._primal)
+            tree = {k: (tangents if i == index else
+                        tangents.new_zeros((tangents.shape[0], *self._primal[k].shape)))
+                    for i, k in enumerate(names)}
+            return self._chain(tree)[names[index]]
         if self._vjp is not None:
             leaves, spec = pytree.tree_flatten(self._primal)
 
@@ -242,6 +277,8 @@ class HVPFunction:
 
     def batched(self, tangents: Any) -> Any:
         """``H V`` for tangents whose leaves carry a leading batch dimension ``k``."""
+        if self._chain is not None:
+            return self._chain(tangents)
         if self._vjp is not None:
             return torch.func.vmap(lambda t: self._vjp(t)[0])(tangents)
         leaves = tree_leaves(tangents)
@@ -254,8 +291,17 @@ class HVPFunction:
         return pytree.tree_unflatten(flat, self._spec)
 
 
-def hvp_fn(f: Callable[..., Any], primals: tuple[Any, ...], *, argnums: int = 0) -> HVPFunction:
+def hvp_fn(f: Callable[..., Any], primals: tuple[Any, ...], *, argnums: int = 0,
+           method: Literal["auto", "structured", "graph"] = "auto") -> HVPFunction:
     """Linearise the gradient once; return ``v -> H v`` at ``primals``.
+
+    Args:
+        f: scalar-valued function.
+        primals: tuple of f's arguments, e.g. ``(params, x, y)``.
+        argnums: which argument the Hessian is taken with respect to.
+        method: ``"auto"`` (structured products where they apply, else the cached
+            gradient graph), ``"structured"`` (raise, saying why, where they do not
+            apply) or ``"graph"``; see :class:`HVPFunction`.
 
     Example:
         >>> f = lambda x: (x ** 3).sum()
@@ -264,4 +310,7 @@ def hvp_fn(f: Callable[..., Any], primals: tuple[Any, ...], *, argnums: int = 0)
         (tensor([6., 0.]), tensor([ 0., 12.]))
     """
     primals, argnums = _validate(f, primals, argnums, "hessfunc.hvp_fn")
-    return HVPFunction(f, primals, argnums)
+    if method not in HVP_FN_METHODS:
+        raise ArgumentError(f"hessfunc.hvp_fn: `method` must be one of {HVP_FN_METHODS}, "
+                            f"got {method!r}.")
+    return HVPFunction(f, primals, argnums, method)

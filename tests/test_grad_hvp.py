@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _helpers import assert_close, flat, oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import problems, random_like
+from strategies import ACTIVATIONS, build_mlp, custom_loss, mlps, problems, random_like
 from torch import nn
 from torch.func import vmap
 
@@ -77,6 +77,72 @@ def test_hvp_fn_equals_oracle_repeatedly_and_batched(prob, seed):
     for i, v in enumerate(vs):
         assert_close({k: t[i] for k, t in batched.items()}, H(v))
     assert_close(H.gradient, _oracle_grad(f, params, prob.batch))
+
+
+@given(model=mlps(min_out=2), n=st.integers(1, 6), seed=st.integers(0, 1000),
+       loss=st.sampled_from(["mse", "sum-mse", "cross-entropy", "custom"]),
+       frozen=st.sets(st.integers(0, 5), max_size=3), k=st.integers(1, 4))
+def test_hvp_fn_structured_route_equals_oracle(model, n, seed, loss, frozen, k):
+    """NOTE [structured products]: chains take the cached R-operator route, and it is exact
+    for single and batched tangents, with frozen parameters, for every loss."""
+    model, _ = model
+    for i, p in enumerate(model.parameters()):
+        if i in frozen:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, model[0].in_features, generator=g, dtype=torch.float64)
+    c = model[-1].out_features
+    if loss == "cross-entropy":
+        y, loss_fn = torch.randint(0, c, (n,), generator=g), F.cross_entropy
+    else:
+        y = torch.randn(n, c, generator=g, dtype=torch.float64)
+        loss_fn = {"mse": nn.MSELoss(), "sum-mse": nn.MSELoss(reduction="sum"),
+                   "custom": custom_loss}[loss]
+    f, params = hf.functionalize(model, loss_fn)
+    H = hf.hvp_fn(f, (params, x, y))
+    user_defined = any(isinstance(m, ACTIVATIONS["sin"]) for m in model)  # no known rule
+    assert H.method == ("graph" if user_defined else "structured")
+    vs = [random_like(params, seed + i) for i in range(k)]
+    batched = H.batched({key: torch.stack([v[key] for v in vs]) for key in params})
+    for i, v in enumerate(vs):
+        expected = _oracle_hvp(f, params, (x, y), v)
+        assert_close(H(v), expected)
+        assert_close({key: t[i] for key, t in batched.items()}, expected)
+    assert_close(H.gradient, _oracle_grad(f, params, (x, y)))
+    assert torch.allclose(H.value, f(params, x, y), rtol=1e-12, atol=0)
+    for index, key in enumerate(params):  # rows of each parameter's own block
+        rows = H.block_rows(index, torch.stack([v[key] for v in vs]))
+        for i, v in enumerate(vs):
+            only = {q: (t if q == key else torch.zeros_like(t)) for q, t in v.items()}
+            assert_close(rows[i], _oracle_hvp(f, params, (x, y), only)[key])
+
+
+def test_hvp_fn_method_choice():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    chain = build_mlp([3, 4, 2], "tanh", 0)
+    f, params = hf.functionalize(chain, nn.MSELoss())
+    v = random_like(params, 0)
+    structured, graph = (hf.hvp_fn(f, (params, x, y), method=m) for m in ("auto", "graph"))
+    assert (structured.method, graph.method) == ("structured", "graph")
+    assert_close(structured(v), graph(v))
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(x + torch.tanh(self.a(x)))
+
+    f, params = hf.functionalize(Residual().double(), nn.MSELoss())
+    assert hf.hvp_fn(f, (params, x, y)).method == "graph"
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*not a chain"):
+        hf.hvp_fn(f, (params, x, y), method="structured")
+    with pytest.raises(hf.ArgumentError, match="`method` must be one of"):
+        hf.hvp_fn(f, (params, x, y), method="fast")
 
 
 @given(prob=problems(kinds=("mlp",)), seed=st.integers(0, 1000))
