@@ -264,7 +264,9 @@ class HessianOperator:
     # ------------------------------------------------------------- products
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` of shape ``(P,)``."""
-        v = self._check_vector(v, "v", ndim=(1,))
+        return self._product(self._check_vector(v, "v", ndim=(1,)))
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
         tree = vector_to_tree(v, self._spec)
         total = torch.zeros_like(v)
         for w, H in self._hvp_functions("H @ v"):
@@ -275,6 +277,8 @@ class HessianOperator:
         """``H V`` for ``V`` of shape ``(P, k)``: batched backward passes of up to
         ``MAX_AUTO_CHUNK`` columns (NOTE [chunk cap] in ``hessfunc._memory``)."""
         V = self._check_vector(V, "V", ndim=(2,))
+        if V.shape[1] == 1:  # one column (Lanczos): the unbatched product is cheaper
+            return self._product(V[:, 0]).unsqueeze(1)
         total = torch.zeros_like(V)
         step = auto_chunk_size(V.shape[1], 0)
         chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T, self._spec))

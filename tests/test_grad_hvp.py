@@ -119,6 +119,20 @@ def test_hvp_fn_structured_route_equals_oracle(model, n, seed, loss, frozen, k):
             assert_close(rows[i], _oracle_hvp(f, params, (x, y), only)[key])
 
 
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity])
+def test_structured_products_closed_form_and_autograd_activation_derivatives(act):
+    """Activation derivatives in closed form (tanh, sigmoid, ReLU) or by autograd (ELU...):
+    both give the graph route's products."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), act(), nn.Linear(6, 5), act(), nn.Linear(5, 2))
+    model = model.double()
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    structured = hf.hvp_fn(f, (params, x, y), method="structured")
+    v = random_like(params, 1)
+    assert_close(structured(v), _oracle_hvp(f, params, (x, y), v))
+
+
 def test_hvp_fn_method_choice():
     torch.manual_seed(0)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)

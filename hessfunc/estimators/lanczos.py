@@ -200,7 +200,9 @@ def lanczos_eigenvalues(
             ``torch.linalg.eigvalsh`` on the dense matrix).
         which: ``"largest"`` (algebraic), ``"magnitude"`` (absolute value) or
             ``"smallest"`` (algebraic).
-        tol: relative tolerance, see the note below.
+        tol: relative accuracy of the eigenvalues (and, with ``return_vectors``, the
+            relative residual ``||A v - theta v|| / |theta|`` of the vectors); see the
+            note below.
         max_steps: cap on the Krylov dimension, ``>= k``; ``None`` or anything
             above ``size`` means ``size``, where the space is complete and the
             results exact. Memory is ``(size, steps)``.
@@ -213,10 +215,17 @@ def lanczos_eigenvalues(
         :class:`EigenResult`; ``converged`` is false when ``max_steps`` ran out first.
 
     NOTE [convergence test]: a wanted Ritz value ``theta`` with Ritz vector
-    ``Q y`` has converged once ``beta_m |e_m^T y| <= tol |theta| + r``, with
-    ``r = sqrt(size) eps ||T||`` the rounding floor (``eps`` of ``dtype``), so
-    that eigenvalues near zero can converge too. Then some eigenvalue of ``A``
-    lies within the bound of ``theta``, and ``||A v - theta v||`` is the bound.
+    ``Q y`` has residual norm ``r = beta_m |e_m^T y|``; some eigenvalue of ``A``
+    lies within ``r`` of ``theta``, and if no other one lies within ``delta``, the
+    error is at most ``r^2 / delta`` (the Kato-Temple inequality), far smaller than
+    ``r`` once the Ritz value has converged. ``delta`` is estimated from the other
+    Ritz values, each moved toward ``theta`` by its own residual norm (where that
+    leaves no gap the estimate is ``r`` itself). Eigenvalues alone have converged
+    once ``min(r, r^2 / delta) <= tol |theta| + eps ||T||``: ``tol`` is their
+    relative accuracy. With ``return_vectors`` the Ritz vectors must be accurate
+    too, and the test is ``r <= tol |theta| + c`` (``c = sqrt(size) eps ||T||``,
+    the rounding floor of the residual, so that eigenvalues near zero can
+    converge); that test also ends a run without vectors, at the noise level.
     After a restart (note in :func:`lanczos`) the newest block's own extreme
     Ritz value must also converge, and an exhausted block must not hold values
     beyond the ``k``-th wanted one, since the rest of the space can only repeat
@@ -238,25 +247,27 @@ def lanczos_eigenvalues(
     if max_steps is not None:
         limit = min(check_int(max_steps, "max_steps", caller, minimum=k), op.size)
 
-    check_at = min(limit, max(2 * k, k + 8))
+    check_at = min(limit, max(2 * k, k + 6))
     run = _LanczosRun(
         op,
         _unit_columns(op.probes(1, "gaussian", generator), (op.size, 1), "start", caller),
         reorthogonalize=True,
         keep_basis=True,
         generator=generator,
-        capacity=check_at,
+        capacity=_initial_capacity(limit, check_at, op.size, op.dtype),
     )
     while True:
         run.step()
         # check on a schedule, and whenever an invariant subspace ends a block
         if run.num_steps < check_at and not (run.exhausted and run.num_steps >= k):
             continue
-        eigenvalues, ritz, converged = _wanted_ritz_pairs(run, k, which, tol)
+        eigenvalues, ritz, converged = _wanted_ritz_pairs(run, k, which, tol, return_vectors)
         if converged or run.num_steps == limit:
             break
-        if run.num_steps == check_at:
-            check_at = min(limit, check_at + max(4, check_at // 8))
+        if run.num_steps >= check_at:
+            # NOTE [check schedule]: the check (a dense eigh of T) costs O(m^3); every
+            # max(1, m / 32) steps keeps it a small fraction of the steps it watches
+            check_at = min(limit, run.num_steps + max(1, run.num_steps // 32))
 
     eigenvectors = None
     if return_vectors:
@@ -280,21 +291,25 @@ def _ordering_key(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def _wanted_ritz_pairs(
-    run: _LanczosRun, k: int, which: str, tol: float
+    run: _LanczosRun, k: int, which: str, tol: float, vectors: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The ``k`` wanted Ritz values, their ``(m, k)`` eigenvectors of ``T``, and convergence."""
     alphas, offdiag, residual = run.coefficients()
     alphas, offdiag = alphas[:, 0].double(), offdiag[:, 0].double()
     beta = residual[0].double()
-    theta, vectors = _tridiagonal_eigh(alphas, offdiag)
+    theta, ritz = _tridiagonal_eigh(alphas, offdiag)
     key = _ordering_key(theta, which)
     order = torch.argsort(key, descending=True, stable=True)[:k]
-    floor = _roundoff(run.size, run.dtype) * theta.abs().max()
+    scale = theta.abs().max()
+    floor = _roundoff(run.size, run.dtype) * scale
+    bounds = beta * ritz[-1].abs()                 # residual norm of every Ritz pair
 
-    def small(bound: torch.Tensor, value: torch.Tensor) -> bool:
+    def small(bound: torch.Tensor, value: torch.Tensor, floor: torch.Tensor) -> bool:
         return bool((bound <= tol * value.abs() + floor).all())
 
-    converged = small(beta * vectors[-1, order].abs(), theta[order])
+    converged = small(bounds[order], theta[order], floor) or (
+        not vectors and small(_error_estimates(theta, bounds)[order], theta[order],
+                              torch.finfo(run.dtype).eps * scale))
     restarts = (offdiag == 0).nonzero()
     block = int(restarts[-1]) + 1 if len(restarts) else 0
     if converged and (block > 0 or run.exhausted):
@@ -302,11 +317,24 @@ def _wanted_ritz_pairs(
         block_key = _ordering_key(block_theta, which)
         if run.exhausted:
             kth = key[order[-1]]
-            converged = small(block_key.max() - kth, kth)
+            converged = small(block_key.max() - kth, kth, floor)
         else:
             top = int(block_key.argmax())
-            converged = small(beta * block_vectors[-1, top].abs(), block_theta[top])
-    return theta[order], vectors[:, order], converged
+            converged = small(beta * block_vectors[-1, top].abs(), block_theta[top], floor)
+    return theta[order], ritz[:, order], converged
+
+
+def _error_estimates(theta: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Estimated errors ``min(r, r^2 / delta)`` of Ritz values ``theta`` with residual
+    norms ``bounds`` (NOTE [convergence test])."""
+    m = theta.shape[0]
+    if m == 1:
+        return bounds
+    distance = (theta[:, None] - theta[None, :]).abs() - bounds[None, :]
+    distance.fill_diagonal_(float("inf"))
+    gap = distance.min(dim=1).values
+    quadratic = torch.where(gap > bounds, bounds**2 / gap.clamp_min(1e-300), bounds)
+    return torch.minimum(bounds, quadratic)
 
 
 def _tridiagonal_eigh(
@@ -324,6 +352,14 @@ def _tridiagonal_eigh(
         + torch.diag_embed(offdiag, offset=-1)
     )
     return torch.linalg.eigh(matrix)
+
+
+def _initial_capacity(limit: int, first_check: int, size: int, dtype: torch.dtype) -> int:
+    """Rows to allocate for the basis up front: all ``limit`` when that is at most 1 GiB
+    (growing it by doubling copies the basis each time), else the first check's."""
+    if limit * size * torch.finfo(dtype).bits // 8 <= 2**30:
+        return limit
+    return first_check
 
 
 def _roundoff(size: int, dtype: torch.dtype) -> float:
