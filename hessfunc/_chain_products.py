@@ -26,6 +26,7 @@ in float64.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -75,6 +76,27 @@ class ChainProducts:
         """Whether the cached per-sample output Hessians are small enough to keep."""
         H = plan.out_hessian
         return H.numel() * itemsize(H.dtype) <= CHUNK_BUDGET_BYTES
+
+    def input_layer(self) -> tuple[str, torch.Tensor] | None:
+        """``(weight name, inputs (N, d_in))`` of the first trainable layer, whose inputs do
+        not depend on the parameters; None when its weight is frozen."""
+        first = self._steps[0]
+        return (first.weight_name, first.inputs) if first.weight_name else None
+
+    def restricted(self, basis: torch.Tensor) -> ChainProducts:
+        """The same products on the first layer's weights restricted to ``W U``.
+
+        ``basis`` is ``U`` ``(d_in, r)`` with orthonormal columns spanning (at least) the
+        rows of the first layer's inputs ``a``. The weight enters the loss only through
+        ``a W^T = (a U)(W U)^T``, so with ``B: W -> W U`` (other parameters unchanged),
+        ``H = B^T H_r B``: this returns ``H_r``, whose tangent and product for that weight
+        have shape ``(d_out, r)`` (NOTE [data span] in ``hessfunc.operator``).
+        """
+        out = copy.copy(self)
+        first = copy.copy(self._steps[0])
+        first.inputs = first.inputs @ basis
+        out._steps = [first, *self._steps[1:]]
+        return out
 
     def __call__(self, tangents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``H v`` for tangents ``{name: shape}``, or ``H V`` for ``{name: (k, *shape)}``

@@ -19,18 +19,36 @@ use, and every later product is one backward pass through it (measured
 1.0-1.3x a gradient per product). Iterables that are re-read on every pass
 (a ``DataLoader``) are not cached unless ``cache=True``: each product then
 costs a fresh double backward per batch. ``cache=False`` frees that memory.
+
+NOTE [data span]: when every batch takes the structured route (a chain of Linear
+layers and activations, NOTE [structured products]), the first trainable layer's
+weight ``W`` (``d_out x d_in``) enters the loss only through ``a W^T``, with ``a``
+its inputs, which do not depend on the parameters. Let ``U`` (``d_in x r``) have
+orthonormal columns spanning the rows of all batches' ``a`` stacked (``r <= N``),
+and ``B`` map ``W -> W U``, leaving the other parameters alone; ``B B^T = I``. Then
+``H = B^T H_r B``, where ``H_r`` is the Hessian in the coordinates ``W U``: the
+eigenvalues of ``H`` are those of ``H_r`` and ``P - P_r`` zeros, and an eigenvector
+``v`` of ``H_r`` gives the eigenvector ``B^T v`` of ``H``. When the data set has
+fewer samples than the layer has inputs (``N <= 0.7 d_in``), ``eigenvalues`` runs
+Lanczos on ``H_r``: each product then costs ``r / d_in`` of the first layer's
+share, and the Krylov basis is ``P_r / P`` as long. It falls back to ``H`` itself
+when the zeros could be among the wanted eigenvalues (the ``k``-th wanted
+eigenvalue of ``H_r`` is not on the wanted side of 0). ``spectral_density`` runs
+its quadrature on ``H_r`` too, and adds the zeros as one exact node of weight
+``(P - P_r) / P``. ``data_span=False`` turns both off.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._chain_products import ChainProducts
 from ._checks import check_positive_int, describe
 from ._memory import auto_chunk_size, check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
@@ -56,6 +74,37 @@ __all__ = ["HessianOperator"]
 DEFAULT_MAX_LANCZOS_STEPS = 500
 
 Batch = tuple[Any, Any]
+
+
+class _DataSpan(NamedTuple):
+    """The restricted Hessian ``H_r`` of NOTE [data span]."""
+
+    name: str                                   # the first layer's weight
+    basis: torch.Tensor                         # U (d_in, r)
+    spec: FlatSpec                              # of the restricted parameters
+    products: list[tuple[float, ChainProducts]]  # (batch weight, H_r of the batch)
+
+    @property
+    def size(self) -> int:
+        return self.spec.numel
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H_r V`` for ``V`` of shape ``(P_r, k)``."""
+        k = V.shape[1]
+        trees = vector_to_tree(V[:, 0] if k == 1 else V.T, self.spec)
+        total = torch.zeros_like(V)
+        for w, H in self.products:
+            out = tree_to_vector(H(trees)) if k == 1 else torch.cat(
+                [t.reshape(k, -1) for t in pytree.tree_leaves(H(trees))], dim=1).T
+            total += w * out.reshape(total.shape)
+        return total
+
+    def lift(self, V: torch.Tensor) -> torch.Tensor:
+        """``B^T V``: ``(P_r, k)`` restricted vectors as ``(P, k)`` vectors of ``H``."""
+        k = V.shape[1]
+        trees = vector_to_tree(V.T, self.spec)
+        trees[self.name] = trees[self.name] @ self.basis.T
+        return torch.cat([t.reshape(k, -1) for t in pytree.tree_leaves(trees)], dim=1).T
 
 
 def _is_single_batch(data: Any) -> bool:
@@ -148,6 +197,7 @@ class HessianOperator:
         in_memory = self._single or isinstance(data, (list, tuple))
         self._cache_enabled = in_memory if cache is None else bool(cache)
         self._cached: list[tuple[float, HVPFunction]] | None = None
+        self._span: _DataSpan | None | bool = False  # False: not looked for yet
         self._prints: list[tuple[Any, ...]] | None = None
         self._weights = self._first_pass()
 
@@ -178,7 +228,8 @@ class HessianOperator:
             if sizes[-1] == 0:
                 raise ArgumentError(f"HessianOperator: batch {i} of `data` has no samples; "
                                     "drop empty batches.")
-            prints.append(_fingerprint(batch))
+            if not self._single:  # one batch is never re-read
+                prints.append(_fingerprint(batch))
         if not sizes:
             raise ArgumentError("HessianOperator: `data` is empty; pass at least one "
                                 "(inputs, targets) batch.")
@@ -224,6 +275,32 @@ class HessianOperator:
             yield w, H
         if self._cache_enabled:
             self._cached = built
+
+    def _data_span(self) -> _DataSpan | None:
+        """The restricted Hessian of NOTE [data span], when it applies and pays."""
+        if self._span is not False:
+            return self._span  # type: ignore[return-value]
+        self._span = None
+        if not self._cache_enabled:
+            return None
+        functions = list(self._hvp_functions("H @ v"))
+        chains = [H.chain_products for _, H in functions]
+        layers = [None if c is None else c.input_layer() for c in chains]
+        if any(layer is None for layer in layers) or len({lay[0] for lay in layers}) != 1:
+            return None
+        name = layers[0][0]
+        inputs = torch.cat([lay[1] for lay in layers])
+        n, d_in = inputs.shape
+        if 10 * n > 7 * d_in:
+            return None
+        # orthonormal columns spanning (a superset of) the rows of the inputs
+        basis = torch.linalg.qr(inputs.T.to(self.dtype)).Q
+        template = {k: (v.new_empty(v.shape[0], basis.shape[1]) if k == name else v)
+                    for k, v in self.params.items()}
+        self._span = _DataSpan(name, basis, flat_spec(template),
+                               [(w, c.restricted(basis)) for (w, _), c in zip(functions, chains,
+                                                                           strict=True)])
+        return self._span
 
     # ------------------------------------------------------------ structure
     @property
@@ -364,14 +441,19 @@ class HessianOperator:
 
     def eigenvalues(self, k: int = 1, *, which: str = "largest", tol: float = 1e-8,
                     max_steps: int | None = None, return_vectors: bool = False,
-                    generator: torch.Generator | None = None, seed: int | None = None
+                    generator: torch.Generator | None = None, seed: int | None = None,
+                    data_span: bool = True
                     ) -> torch.Tensor | tuple[torch.Tensor, list[Any]]:
         """The ``k`` extreme eigenvalues by Lanczos with full reorthogonalisation.
 
-        With ``return_vectors=True`` also the eigenvectors, each as a tree like ``params``.
+        ``tol`` is the relative accuracy of the eigenvalues (NOTE [convergence test] in
+        :func:`hessfunc.estimators.lanczos_eigenvalues`). With ``return_vectors=True``
+        also the eigenvectors, each as a tree like ``params``. ``data_span``: work in the
+        span of the data where that is exact and cheaper (NOTE [data span]).
         """
         res = self.eigen(k, which=which, tol=tol, max_steps=max_steps,
-                         return_vectors=return_vectors, generator=generator, seed=seed)
+                         return_vectors=return_vectors, generator=generator, seed=seed,
+                         data_span=data_span)
         if not return_vectors:
             return res.eigenvalues
         vecs = [vector_to_tree(res.eigenvectors[:, i], self._spec) for i in range(k)]
@@ -383,33 +465,54 @@ class HessianOperator:
 
     def eigen(self, k: int = 1, *, which: str = "largest", tol: float = 1e-8,
               max_steps: int | None = None, return_vectors: bool = False,
-              generator: torch.Generator | None = None, seed: int | None = None
-              ) -> EigenResult:
+              generator: torch.Generator | None = None, seed: int | None = None,
+              data_span: bool = True) -> EigenResult:
         """The full Lanczos result (eigenvalues, vectors, matvecs spent, convergence)."""
         P = self._spec.numel
         if isinstance(k, int) and not isinstance(k, bool) and k >= P:
             raise ArgumentError(f"HessianOperator.eigenvalues: `k`={k} must be < P={P}; for all "
                                 "eigenvalues use torch.linalg.eigvalsh(H.to_dense()).")
         gen = self._generator(generator, seed)
+        kw = dict(k=k, which=which, tol=tol, return_vectors=return_vectors, generator=gen,
+                  dtype=self.dtype, device=self.device)
+        span = self._data_span() if data_span else None
+        if span is not None and isinstance(k, int) and k < span.size:
+            steps = min(span.size, DEFAULT_MAX_LANCZOS_STEPS) if max_steps is None else max_steps
+            res = lanczos_eigenvalues(span.matmat, span.size, max_steps=steps, **kw)
+            kth = float(res.eigenvalues[-1])
+            if {"largest": kth > 0, "smallest": kth < 0, "magnitude": kth != 0}.get(which):
+                if return_vectors:
+                    res = res._replace(eigenvectors=span.lift(res.eigenvectors))
+                return self._warn_unconverged(res, tol, steps)
         steps = min(P, DEFAULT_MAX_LANCZOS_STEPS) if max_steps is None else max_steps
-        res = lanczos_eigenvalues(self.matmat, P, k=k, which=which, tol=tol, max_steps=steps,
-                                  return_vectors=return_vectors, generator=gen,
-                                  dtype=self.dtype, device=self.device)
+        res = lanczos_eigenvalues(self.matmat, P, max_steps=steps, **kw)
+        return self._warn_unconverged(res, tol, steps)
+
+    @staticmethod
+    def _warn_unconverged(res: EigenResult, tol: float, steps: int) -> EigenResult:
         if not res.converged:
             warnings.warn(f"HessianOperator.eigenvalues: Lanczos did not reach tol={tol} in "
                           f"{steps} steps; raise `max_steps` or loosen `tol`.", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         return res
 
     def spectral_density(self, *, num_probes: int | None = None, num_steps: int = 64,
                          generator: torch.Generator | None = None, seed: int | None = None,
-                         **kwargs: Any) -> SpectralDensity:
+                         data_span: bool = True, **kwargs: Any) -> SpectralDensity:
         """Eigenvalue density by stochastic Lanczos quadrature (grid, density, nodes, weights).
 
         ``num_probes`` defaults to 10 random probes; ``kwargs`` go to
         :func:`hessfunc.estimators.spectral_density` (``sigma``, ``num_points``, ``probes``...).
+        ``data_span``: where NOTE [data span] applies (and no ``probes`` are given), run the
+        quadrature on ``H_r`` and add the ``P - P_r`` known zero eigenvalues exactly.
         """
         gen = self._generator(generator, seed)
+        span = self._data_span() if data_span and "probes" not in kwargs else None
+        if span is not None:
+            return spectral_density(span.matmat, span.size, num_probes=num_probes,
+                                    num_steps=num_steps, generator=gen, dtype=self.dtype,
+                                    device=self.device, num_zeros=self._spec.numel - span.size,
+                                    **kwargs)
         return spectral_density(self.matmat, self._spec.numel, num_probes=num_probes,
                                 num_steps=num_steps, generator=gen, dtype=self.dtype,
                                 device=self.device, **kwargs)

@@ -215,6 +215,11 @@ class HVPFunction:
         with second_order_kernels():
             self._build(f, primals, argnums, call)
 
+    @property
+    def chain_products(self) -> ChainProducts | None:
+        """The structured products (``method == "structured"``), else None."""
+        return self._chain
+
     def _build(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int, call: str
                ) -> None:
         graph = _first_order_graph(f, primals, argnums, call) if use_autograd(primals) else None

@@ -737,3 +737,16 @@ def test_example_vectors_must_be_tensors():
         lanczos(lambda V: V, 4, num_steps=2, start=[1.0, 0.0, 0.0, 0.0])
     with pytest.raises(ArgumentError, match="expected probes to be a .* tensor or None"):
         spectral_density(lambda V: V, 4, probes=[[1.0]])
+
+
+def test_spectral_density_num_zeros_adds_an_exact_null_space():
+    """The density of A (+) 0_z: identity probes make every average exact."""
+    d = torch.tensor([3.0, -1.0, 2.0, 0.5, 4.0], dtype=F64)
+    a = _symmetric(d, seed=11)
+    sd = spectral_density(lambda v: a @ v, 5, num_steps=5, probes=torch.eye(5, dtype=F64),
+                          num_zeros=7)
+    full = torch.cat([d, torch.zeros(7, dtype=F64)])
+    for p in range(4):
+        assert_close(sd.moments([p])[0], (full**p).mean(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ArgumentError, match="num_zeros"):
+        spectral_density(lambda v: a @ v, 5, num_zeros=-1)

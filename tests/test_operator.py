@@ -227,3 +227,100 @@ def test_bad_input():
         hf.HessianOperator(f, params, 3)
     with pytest.raises(hf.DenseMemoryError, match="over the limit"):
         H.to_dense(max_memory=16)
+
+
+# ---------------------------------------------------------------------------
+# NOTE [data span]: fewer samples than the first layer has inputs
+
+
+def _wide_problem(seed=0, loss="mse", sizes=(4, 5)):
+    """A 16-4-c tanh MLP on 9 samples in two batches: the first layer's weight is seen
+    only through a 9-dimensional span of its 16 input directions."""
+    g = torch.Generator().manual_seed(seed)
+    out = 3 if loss == "ce" else 2
+    model = build_mlp([16, 4, out], "tanh", seed)
+    n = sum(sizes)
+    x = torch.randn(n, 16, generator=g, dtype=torch.float64)
+    if loss == "ce":
+        y, loss_fn = torch.randint(0, out, (n,), generator=g), F.cross_entropy
+    else:
+        y, loss_fn = torch.randn(n, out, generator=g, dtype=torch.float64), nn.MSELoss()
+    return model, loss_fn, x, y, _split(x, y, sizes)
+
+
+def _restriction_matrix(span, H):
+    """``B`` (P_r, P): ``W -> W U`` on the first layer's weight, the identity elsewhere."""
+    blocks = []
+    for name, shape in zip(H._spec.names, H._spec.shapes, strict=True):
+        eye = torch.eye(shape[0] if name == span.name else shape.numel(), dtype=torch.float64)
+        blocks.append(torch.kron(eye, span.basis.T) if name == span.name else eye)
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_data_span_operator_is_the_restricted_hessian(loss):
+    model, loss_fn, x, y, batches = _wide_problem(loss=loss)
+    H = hf.HessianOperator.from_model(model, loss_fn, batches)
+    span = H._data_span()
+    assert span is not None and span.basis.shape == (16, 9)
+    dense = _dense_truth(model, loss_fn, x, y)
+    B = _restriction_matrix(span, H)
+    assert_close(B @ B.T, torch.eye(B.shape[0], dtype=torch.float64))
+    assert_close(B.T @ (B @ dense @ B.T) @ B, dense)          # H = B^T H_r B
+    assert_close(span.matmat(torch.eye(span.size, dtype=torch.float64)), B @ dense @ B.T)
+    V = torch.randn(span.size, 3, dtype=torch.float64)
+    assert_close(span.lift(V), B.T @ V)
+
+
+@pytest.mark.parametrize("which", ["largest", "magnitude", "smallest"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_data_span_eigenpairs_equal_dense_truth(loss, k, which):
+    """Exact on H_r, or (when the zeros could be wanted) on H itself."""
+    model, loss_fn, x, y, batches = _wide_problem(seed=1, loss=loss)
+    H = hf.HessianOperator.from_model(model, loss_fn, batches)
+    dense = _dense_truth(model, loss_fn, x, y)
+    evals = torch.linalg.eigvalsh(dense)
+    expected = {"largest": evals.flip(0), "smallest": evals,
+                "magnitude": evals[evals.abs().argsort(descending=True)]}[which][:k]
+    scale = float(evals.abs().max())
+    vals, vecs = H.eigenvalues(k, which=which, seed=0, return_vectors=True)
+    torch.testing.assert_close(vals, expected, rtol=1e-8, atol=1e-8 * scale)
+    torch.testing.assert_close(vals, H.eigenvalues(k, which=which, seed=0, data_span=False),
+                               rtol=1e-8, atol=1e-8 * scale)
+    V = torch.stack([H.params_to_flat(v) for v in vecs], dim=1)
+    torch.testing.assert_close(V.T @ V, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-8)
+    residual = torch.linalg.vector_norm(dense @ V - V * vals, dim=0)
+    assert (residual <= 1e-6 * scale).all(), residual
+
+
+def test_data_span_spectral_density_adds_the_zeros_exactly():
+    model, loss_fn, x, y, batches = _wide_problem(seed=2)
+    H = hf.HessianOperator.from_model(model, loss_fn, batches)
+    span, P = H._data_span(), H.shape[0]
+    dense = _dense_truth(model, loss_fn, x, y)
+    sd = H.spectral_density(num_probes=400, num_steps=span.size, seed=0)
+    assert torch.equal(sd.nodes[:, -1], torch.zeros(400, dtype=torch.float64))
+    assert_close(sd.weights[:, -1], torch.full((400,), (P - span.size) / P,
+                                               dtype=torch.float64))
+    assert_close(sd.weights.sum(1), torch.ones(400, dtype=torch.float64))
+    assert abs(float(torch.trapezoid(sd.density, sd.grid)) - 1.0) < 1e-3
+    # each rule is exact for H_r (num_steps = P_r): the moments are Hutchinson estimates
+    per_probe = (sd.weights * sd.nodes).sum(1) * P / span.size   # v^T H_r v
+    mean, err = float(per_probe.mean()), float(per_probe.std() / 400**0.5)
+    assert abs(mean - float(dense.trace()) / span.size) < 5 * err
+    plain = H.spectral_density(num_probes=5, num_steps=8, seed=0, data_span=False)
+    assert plain.nodes.shape == (5, 8)
+
+
+def test_data_span_only_where_it_is_exact_and_pays():
+    model, loss_fn, x, y, batches = _wide_problem()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    assert hf.HessianOperator.from_model(model, loss_fn, loader)._data_span() is None  # no cache
+    many = torch.cat([x, x]), torch.cat([y, y])     # 18 samples > 0.7 * 16 inputs
+    assert hf.HessianOperator.from_model(model, loss_fn, many)._data_span() is None
+    frozen = build_mlp([16, 4, 2], "tanh", 0)
+    frozen[0].weight.requires_grad_(False)
+    assert hf.HessianOperator.from_model(frozen, loss_fn, (x, y))._data_span() is None
+    odd = nn.Sequential(nn.Linear(16, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    assert hf.HessianOperator.from_model(odd, loss_fn, (x, y))._data_span() is None

@@ -46,6 +46,7 @@ Example (a diagonal matrix with eigenvalues 1, ..., 10)::
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -256,18 +257,19 @@ def lanczos_eigenvalues(
         generator=generator,
         capacity=_initial_capacity(limit, check_at, op.size, op.dtype),
     )
+    last: tuple[int, float] | None = None
     while True:
         run.step()
         # check on a schedule, and whenever an invariant subspace ends a block
         if run.num_steps < check_at and not (run.exhausted and run.num_steps >= k):
             continue
-        eigenvalues, ritz, converged = _wanted_ritz_pairs(run, k, which, tol, return_vectors)
+        eigenvalues, ritz, ratio = _wanted_ritz_pairs(run, k, which, tol, return_vectors)
+        converged = ratio <= 1
         if converged or run.num_steps == limit:
             break
         if run.num_steps >= check_at:
-            # NOTE [check schedule]: the check (a dense eigh of T) costs O(m^3); every
-            # max(1, m / 32) steps keeps it a small fraction of the steps it watches
-            check_at = min(limit, run.num_steps + max(1, run.num_steps // 32))
+            check_at = min(limit, run.num_steps + _steps_to_next_check(run.num_steps, ratio, last))
+            last = (run.num_steps, ratio)
 
     eigenvectors = None
     if return_vectors:
@@ -281,6 +283,23 @@ def lanczos_eigenvalues(
     )
 
 
+def _steps_to_next_check(m: int, ratio: float, last: tuple[int, float] | None) -> int:
+    """Steps until the next convergence check.
+
+    NOTE [check schedule]: a check (a dense eigh of ``T``) costs ``O(m^3)``, as much
+    as a cheap product once ``m`` is a few dozen, so checks are spaced out. The
+    error estimates fall about geometrically with the steps; from the last two
+    checks the schedule extrapolates when ``ratio`` (the largest wanted error
+    estimate over its tolerance) reaches 1, and checks then, at least one and at
+    most ``max(1, m / 8)`` steps ahead (that far before there is a rate).
+    """
+    cap = max(1, m // 8)
+    if last is None or not (0 < ratio < last[1] < math.inf):
+        return cap
+    rate = math.log(ratio / last[1]) / (m - last[0])    # log-decrease per step, < 0
+    return max(1, min(cap, math.ceil(math.log(ratio) / -rate)))
+
+
 def _ordering_key(theta: torch.Tensor, which: str) -> torch.Tensor:
     """A key whose largest values are the wanted end of the spectrum."""
     if which == "largest":
@@ -292,8 +311,9 @@ def _ordering_key(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 def _wanted_ritz_pairs(
     run: _LanczosRun, k: int, which: str, tol: float, vectors: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The ``k`` wanted Ritz values, their ``(m, k)`` eigenvectors of ``T``, and convergence."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The ``k`` wanted Ritz values, their ``(m, k)`` eigenvectors of ``T``, and the largest
+    ratio of a wanted error estimate to its tolerance (converged when at most 1)."""
     alphas, offdiag, residual = run.coefficients()
     alphas, offdiag = alphas[:, 0].double(), offdiag[:, 0].double()
     beta = residual[0].double()
@@ -303,25 +323,29 @@ def _wanted_ritz_pairs(
     scale = theta.abs().max()
     floor = _roundoff(run.size, run.dtype) * scale
     bounds = beta * ritz[-1].abs()                 # residual norm of every Ritz pair
+    wanted = tol * theta[order].abs()
+    ratios = bounds[order] / (wanted + floor)
+    if not vectors:
+        estimates = _error_estimates(theta, bounds)[order]
+        ratios = torch.minimum(ratios, estimates / (wanted + torch.finfo(run.dtype).eps * scale))
+    ratio = float(ratios.max())
 
-    def small(bound: torch.Tensor, value: torch.Tensor, floor: torch.Tensor) -> bool:
+    def small(bound: torch.Tensor, value: torch.Tensor) -> bool:
         return bool((bound <= tol * value.abs() + floor).all())
 
-    converged = small(bounds[order], theta[order], floor) or (
-        not vectors and small(_error_estimates(theta, bounds)[order], theta[order],
-                              torch.finfo(run.dtype).eps * scale))
     restarts = (offdiag == 0).nonzero()
     block = int(restarts[-1]) + 1 if len(restarts) else 0
-    if converged and (block > 0 or run.exhausted):
+    if ratio <= 1 and (block > 0 or run.exhausted):
         block_theta, block_vectors = _tridiagonal_eigh(alphas[block:], offdiag[block:])
         block_key = _ordering_key(block_theta, which)
         if run.exhausted:
             kth = key[order[-1]]
-            converged = small(block_key.max() - kth, kth, floor)
+            done = small(block_key.max() - kth, kth)
         else:
             top = int(block_key.argmax())
-            converged = small(beta * block_vectors[-1, top].abs(), block_theta[top], floor)
-    return theta[order], ritz[:, order], converged
+            done = small(beta * block_vectors[-1, top].abs(), block_theta[top])
+        ratio = ratio if done else math.inf
+    return theta[order], ritz[:, order], ratio
 
 
 def _error_estimates(theta: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -330,7 +354,7 @@ def _error_estimates(theta: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     m = theta.shape[0]
     if m == 1:
         return bounds
-    distance = (theta[:, None] - theta[None, :]).abs() - bounds[None, :]
+    distance = (theta[:, None] - theta[None, :]).abs()
     distance.fill_diagonal_(float("inf"))
     gap = distance.min(dim=1).values
     quadratic = torch.where(gap > bounds, bounds**2 / gap.clamp_min(1e-300), bounds)

@@ -84,7 +84,8 @@ class SpectralDensity(NamedTuple):
         grid: ``(num_points,)`` evaluation points, ascending.
         density: ``(num_points,)`` the density on ``grid``; it integrates to 1
             when the grid spans the nodes and its spacing is below ``sigma``.
-        nodes: ``(num_probes, m)`` Ritz values of each probe's tridiagonal.
+        nodes: ``(num_probes, m)`` Ritz values of each probe's tridiagonal (and a
+            last column of zeros with ``num_zeros``).
         weights: ``(num_probes, m)`` their Gauss weights, each row summing to 1.
         sigma: the absolute Gaussian width used.
     """
@@ -114,6 +115,7 @@ def spectral_density(
     distribution: str = "rademacher",
     probes: torch.Tensor | None = None,
     batch_size: int | None = None,
+    num_zeros: int = 0,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -142,6 +144,10 @@ def spectral_density(
             (normalised here).
         batch_size: at most this many probes run through ``matmat`` together;
             ``None``: all of them.
+        num_zeros: the density wanted is that of ``A`` and ``num_zeros`` further exact
+            zero eigenvalues (an operator restricted away from a known null space):
+            every rule gets a node at 0 with weight ``num_zeros / (size + num_zeros)``
+            and its other weights scaled by ``size / (size + num_zeros)``.
         generator: source of the probes (and of restart vectors, see
             :func:`hessfunc.estimators.lanczos`); the same state gives the same result.
         dtype: of the vectors; default from ``probes``, else torch's default dtype.
@@ -164,6 +170,7 @@ def spectral_density(
     )
     num_steps = min(check_int(num_steps, "num_steps", caller), op.size)
     batch_size = check_batch_size(batch_size, caller)
+    num_zeros = check_int(num_zeros, "num_zeros", caller, minimum=0)
     if sigma is not None and relative_sigma is not None:
         raise ArgumentError(
             f"{caller}(): got both sigma={sigma!r} and relative_sigma={relative_sigma!r}. "
@@ -190,6 +197,11 @@ def spectral_density(
     probes = _unit_columns(probes, (op.size, probes.shape[-1]), "probes", caller)
 
     nodes, weights = _gauss_quadrature(op, probes, num_steps, batch_size, generator)
+    if num_zeros:
+        share = num_zeros / (op.size + num_zeros)
+        nodes = torch.cat([nodes, nodes.new_zeros(nodes.shape[0], 1)], dim=1)
+        weights = torch.cat([weights * (1 - share), weights.new_full((weights.shape[0], 1),
+                                                                      share)], dim=1)
     if sigma is None:
         sigma = _relative_width(nodes, relative_sigma or _DEFAULT_RELATIVE_SIGMA)
     if grid is None:
