@@ -38,6 +38,35 @@ def median_time(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2,
     return statistics.median(times)
 
 
+def interleaved_medians(cases: dict[str, Callable[[], Any]], *, repeats: int = 20,
+                        warmup: int = 2, device: torch.device | str | None = None
+                        ) -> dict[str, float | str]:
+    """Median wall time (seconds) of every case, timed round-robin: each round calls
+    every case once, so a slow drift of the machine (frequency, a neighbour) moves all
+    cases alike and their ratios stay put. A case that raises ``RuntimeError`` gets the
+    message instead of a time."""
+    results: dict[str, float | str] = {}
+    live = {}
+    for name, fn in cases.items():
+        try:
+            for _ in range(warmup):
+                fn()
+        except RuntimeError as exc:  # e.g. the ZeroTensor trap in plain torch.func
+            results[name] = f"fails: {str(exc)[:40]}"
+            continue
+        live[name] = fn
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, fn in live.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    results.update({name: statistics.median(t) for name, t in times.items()})
+    return {name: results[name] for name in cases}
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> int:
     """Peak bytes allocated during ``fn()``: tracemalloc on CPU, CUDA allocator on GPU.
 

@@ -3,8 +3,11 @@
     python -m benchmarks.bench_hvp [--threads 1] [--repeats 20]
 
 Compares, on each problem: a plain autograd gradient (the unit), torch.func.grad,
-the seed's double backward (``hessfunc.reference.hvp``), ``hessfunc.hvp`` in both
-modes, plain ``torch.func`` recipes, and ``hessfunc.hvp_fn`` (cached linearisation).
+the seed's double backward (``hessfunc.reference.hvp``), ``hessfunc.hvp`` (structured
+products, and the graph route in both modes), plain ``torch.func`` recipes, and
+``hessfunc.hvp_fn`` (cached products, structured and through the graph). The cases
+are timed round-robin (``interleaved_medians``), so drift of the machine cancels in
+the ratios.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch.func import jvp, vjp
 
 import hessfunc as hf
 
-from ._timing import median_time
+from ._timing import interleaved_medians, median_time
 from .problems import PROBLEMS
 
 
@@ -44,24 +47,28 @@ def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict
             return jvp(lambda p: func_grad(f)(p, x, y), (params,), (v,))[1]
 
         cached = hf.hvp_fn(f, (params, x, y))
+        cached_graph = hf.hvp_fn(f, (params, x, y), method="graph")
         cases = {
+            "one autograd gradient (unit)": autograd_grad,
             "torch.func.grad": lambda: func_grad(f)(params, x, y),
             "hessfunc.grad": lambda: hf.grad(f)(params, x, y),
             "seed double backward": seed_double_backward,
             "torch.func vjp(grad)": func_rev_rev,
             "torch.func jvp(grad)": func_fwd_rev,
-            "hessfunc.hvp reverse-over-reverse": lambda: hf.hvp(f, (params, x, y), v),
-            "hessfunc.hvp forward-over-reverse":
+            "hessfunc.hvp (default: structured where it applies)":
+                lambda: hf.hvp(f, (params, x, y), v),
+            "hessfunc.hvp graph route, reverse-over-reverse":
+                lambda: hf.hvp(f, (params, x, y), v, method="graph"),
+            "hessfunc.hvp graph route, forward-over-reverse":
                 lambda: hf.hvp(f, (params, x, y), v, mode="forward-over-reverse"),
-            "hessfunc.hvp_fn (cached), per product": lambda: cached(v),
+            "hessfunc.hvp_fn per product (structured)": lambda: cached(v),
+            "hessfunc.hvp_fn per product (graph route)": lambda: cached_graph(v),
         }
-        unit = median_time(autograd_grad, repeats=repeats)
+        times = interleaved_medians(cases, repeats=repeats)
+        unit = times.pop("one autograd gradient (unit)")
         row = {"problem": prob.name, "params": prob.num_params, "grad_ms": unit * 1e3}
-        for name, fn in cases.items():
-            try:
-                row[name] = median_time(fn, repeats=repeats) / unit
-            except RuntimeError as exc:  # e.g. the ZeroTensor trap in plain torch.func
-                row[name] = f"fails: {str(exc)[:40]}"
+        for name, t in times.items():
+            row[name] = t if isinstance(t, str) else t / unit
         rows.append(row)
     return rows
 

@@ -57,7 +57,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from ._autodiff import use_autograd
 from ._memory import CHUNK_BUDGET_BYTES, itemsize
-from .functional import FunctionalModel
+from .functional import FunctionalModel, _report_non_finite
 
 __all__ = ["plan", "analyze", "ChainPlan"]
 
@@ -89,13 +89,15 @@ class _Elementwise:
 class ChainPlan:
     """A verified chain and its output Hessians, ready for the backward propagation."""
 
-    def __init__(self, steps: list[_Linear | _Elementwise], out_hessian: torch.Tensor,
+    def __init__(self, steps: list[_Linear | _Elementwise], out_hessian: torch.Tensor | None,
                  out_grad: torch.Tensor, params: dict[str, torch.Tensor],
-                 per_sample: bool = False, output: torch.Tensor | None = None):
+                 per_sample: bool = False, output: torch.Tensor | None = None,
+                 loss_graph: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.per_sample = per_sample
         self.output = output              # (N, C) model output, detached
+        self.loss_graph = loss_graph      # (o, dL/do with its graph), when out_hessian is None
         self.steps = steps
-        self.out_hessian = out_hessian    # (N, C, C)
+        self.out_hessian = out_hessian    # (N, C, C), or None with a loss graph
         self.out_grad = out_grad          # (N, C)
         self.params = params
         trainable = [i for i, s in enumerate(steps)
@@ -384,6 +386,21 @@ def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
     return H.detach(), g.detach()
 
 
+def _loss_graph(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
+    """``(o, dL/do with its graph, dL/do)``: products with the output Hessian by one more
+    backward pass, exact for any loss (samples may interact)."""
+    o = out.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(o, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            return "the loss is not a scalar"
+        if not loss.requires_grad:
+            return "the loss does not depend on the model output"
+        (g,) = torch.autograd.grad(loss, o, create_graph=True)
+    return o, g, g.detach()
+
+
 def _per_sample_output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
                                ) -> tuple[torch.Tensor, torch.Tensor] | str:
     """Each sample's own loss ``loss_fn(o_n[None], y_n[None])``: Hessians and gradients."""
@@ -401,12 +418,35 @@ def _per_sample_output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, t
     return H.detach(), g.detach()
 
 
-def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = False
-            ) -> tuple[ChainPlan | None, str]:
+def _static_structure(f: FunctionalModel) -> tuple[str | None, dict[nn.Module, dict[str, str]]]:
+    """Why the private model cannot be a chain (or None), and its parameter names.
+
+    Computed once per ``f``: the private copy's modules and parameters do not change.
+    """
+    cached = f.__dict__.get("_chain_structure")
+    if cached is None:
+        reason = None
+        if _tied(f.module):
+            reason = "the model ties weights"
+        else:
+            for m in f.module.modules():
+                kind = type(m)
+                if next(m.children(), None) is None and not (
+                        kind is nn.Linear or kind in ELEMENTWISE or kind in IDENTITY_IN_EVAL):
+                    reason = f"layer {kind.__name__} has no per-sample rule"
+                    break
+        cached = f.__dict__["_chain_structure"] = (reason, _param_names(f.module))
+    return cached
+
+
+def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = False,
+            output: str = "hessian") -> tuple[ChainPlan | None, str]:
     """A :class:`ChainPlan` for this call, or ``(None, reason)`` when the route does not apply.
 
     With ``per_sample`` the plan gives each sample's own loss Hessian diagonal, the loss of
-    a one-sample batch ``loss_fn(model(x[n:n+1]), y[n:n+1])``.
+    a one-sample batch ``loss_fn(model(x[n:n+1]), y[n:n+1])``. With ``output="graph"`` the
+    plan holds the loss's gradient graph instead of per-sample output Hessians (enough
+    for Hessian-vector products, and exact for a loss that couples samples too).
     """
     if not isinstance(f, FunctionalModel) or f.loss_fn is None:
         return None, "f was not made by hessfunc.functionalize(model, loss_fn)"
@@ -417,12 +457,12 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
     params, inputs, targets = args
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
         return None, "the inputs are not one (N, features) tensor"
-    if _tied(f.module):
-        return None, "the model ties weights"
+    static_reason, names = _static_structure(f)
+    if static_reason is not None:
+        return None, static_reason
     calls, out = _trace(f, params, inputs)
     if not calls or calls[0][1] is None:
         return None, "no module calls recorded"
-    names = _param_names(f.module)
     steps: list[_Linear | _Elementwise] = []
     prev: torch.Tensor = inputs
     seen: set[int] = set()
@@ -465,6 +505,14 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
         return None, "the model output is not the last layer's (N, C) output"
     if covered != set(params):
         return None, f"parameters {sorted(set(params) - covered)} are outside the Linear chain"
+    if f.check_finite:  # as f itself would: the output was checked in f.output
+        with torch.no_grad():
+            _report_non_finite(params, inputs, f.loss_fn(out, targets), "loss")
+    if output == "graph":
+        graph = _loss_graph(f.loss_fn, out, targets)
+        if isinstance(graph, str):
+            return None, graph
+        return ChainPlan(steps, None, graph[2], params, False, out.detach(), graph[:2]), "ok"
     if per_sample:
         hg = _per_sample_output_hessian(f.loss_fn, out, targets)
     else:

@@ -46,10 +46,13 @@ class ChainProducts:
 
     def __init__(self, plan: ChainPlan):
         self._steps = plan.steps[plan.first:]   # below the first trainable layer R{a} = 0
-        self._out_hessian = plan.out_hessian    # (N, C, C)
-        diagonal = plan.out_hessian.diagonal(dim1=1, dim2=2)
-        self._out_diagonal = (diagonal.clone() if torch.equal(
-            torch.diag_embed(diagonal), plan.out_hessian) else None)
+        self._out_hessian = plan.out_hessian    # (N, C, C), or None: the loss graph
+        self._loss_graph = plan.loss_graph
+        self._out_diagonal = None
+        if plan.out_hessian is not None:
+            diagonal = plan.out_hessian.diagonal(dim1=1, dim2=2)
+            if torch.equal(torch.diag_embed(diagonal), plan.out_hessian):
+                self._out_diagonal = diagonal.clone()
         grads: list[torch.Tensor] = [plan.out_grad] * len(self._steps)
         g = plan.out_grad
         for i in range(len(self._steps) - 1, 0, -1):
@@ -61,21 +64,29 @@ class ChainProducts:
         # curvature of each activation: phi''(z) * (gradient at its output)
         self._curvature = [s.phi2 * grads[i] if isinstance(s, _Elementwise) else None
                            for i, s in enumerate(self._steps)]
-        gradient: dict[str, torch.Tensor] = {}
-        for i, step in enumerate(self._steps):
-            if isinstance(step, _Linear):
-                if step.weight_name:
-                    gradient[step.weight_name] = grads[i].T @ step.inputs
-                if step.bias_name:
-                    gradient[step.bias_name] = grads[i].sum(0)
-        self.gradient = {name: gradient[name] for name in plan.params}
+        self._names = list(plan.params)
         self._params_dim = {name: p.dim() for name, p in plan.params.items()}
+        self._gradient: dict[str, torch.Tensor] | None = None
+
+    @property
+    def gradient(self) -> dict[str, torch.Tensor]:
+        """The gradient at the point (computed on first use: products do not need it)."""
+        if self._gradient is None:
+            gradient: dict[str, torch.Tensor] = {}
+            for i, step in enumerate(self._steps):
+                if isinstance(step, _Linear):
+                    if step.weight_name:
+                        gradient[step.weight_name] = self._grads[i].T @ step.inputs
+                    if step.bias_name:
+                        gradient[step.bias_name] = self._grads[i].sum(0)
+            self._gradient = {name: gradient[name] for name in self._names}
+        return self._gradient
 
     @staticmethod
     def applies(plan: ChainPlan) -> bool:
         """Whether the cached per-sample output Hessians are small enough to keep."""
         H = plan.out_hessian
-        return H.numel() * itemsize(H.dtype) <= CHUNK_BUDGET_BYTES
+        return H is None or H.numel() * itemsize(H.dtype) <= CHUNK_BUDGET_BYTES
 
     def input_layer(self) -> tuple[str, torch.Tensor] | None:
         """``(weight name, inputs (N, d_in))`` of the first trainable layer, whose inputs do
@@ -129,13 +140,7 @@ class ChainProducts:
             r = z
         if r is None:  # no trainable parameter reaches the output
             return {name: torch.zeros_like(t) for name, t in tangents.items()}
-        # R{g_o}[n] = H_o[n] R{o}[n]
-        if self._out_diagonal is not None:   # e.g. MSE: H_o[n] is diagonal
-            rg = per(self._out_diagonal) * r
-        elif k is None:
-            rg = torch.bmm(self._out_hessian, r.unsqueeze(-1)).squeeze(-1)
-        else:
-            rg = torch.bmm(r, self._out_hessian.mT)
+        rg = self._output_product(r, k)               # R{g_o}[n] = H_o[n] R{o}[n]
         out: dict[str, torch.Tensor] = {}
         for i in range(len(steps) - 1, -1, -1):
             step = steps[i]
@@ -158,6 +163,27 @@ class ChainProducts:
             if step.weight_name:  # + g_z dW
                 rg.add_(_grad_times(g, tangents[step.weight_name], k))
         return {name: out[name] for name in tangents}
+
+
+    def _output_product(self, r: torch.Tensor, k: int | None) -> torch.Tensor:
+        """The output Hessian applied to ``R{o}``: ``(N, C)``, or ``(N, k, C)``."""
+        if self._loss_graph is not None:  # one backward through the loss per tangent
+            o, g = self._loss_graph
+            if not g.requires_grad:           # the loss is linear in the output
+                return torch.zeros_like(r)
+            columns = [r] if k is None else list(r.unbind(1))
+            with torch.enable_grad():
+                products = [torch.autograd.grad(g, o, grad_outputs=c, retain_graph=True,
+                                                allow_unused=True)[0] for c in columns]
+            products = [torch.zeros_like(r if k is None else r[:, 0]) if p is None else p
+                        for p in products]
+            return products[0] if k is None else torch.stack(products, dim=1)
+        per = (lambda t: t) if k is None else (lambda t: t.unsqueeze(1))
+        if self._out_diagonal is not None:   # e.g. MSE: H_o[n] is diagonal
+            return per(self._out_diagonal) * r
+        if k is None:
+            return torch.bmm(self._out_hessian, r.unsqueeze(-1)).squeeze(-1)
+        return torch.bmm(r, self._out_hessian.mT)
 
 
 def _input_times(a: torch.Tensor, dW: torch.Tensor, k: int | None) -> torch.Tensor:

@@ -63,6 +63,11 @@ def _check_mode(mode: Any, call: str) -> None:
         raise ArgumentError(f"{call}: `mode` must be one of {HVP_MODES}, got {mode!r}.")
 
 
+def _check_method(method: Any, call: str) -> None:
+    if method not in HVP_FN_METHODS:
+        raise ArgumentError(f"{call}: `method` must be one of {HVP_FN_METHODS}, got {method!r}.")
+
+
 def _partial(f: Callable[..., Any], primals: tuple[Any, ...], argnums: int
              ) -> Callable[[Any], Any]:
     """``p -> f(*primals with primals[argnums] = p)``."""
@@ -122,7 +127,8 @@ def _second_backward(leaves: list[torch.Tensor], grads: list[torch.Tensor | None
 
 
 def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnums: int = 0,
-        mode: Mode = "reverse-over-reverse") -> Any:
+        mode: Mode = "reverse-over-reverse",
+        method: Literal["auto", "structured", "graph"] = "auto") -> Any:
     """Hessian-vector product ``H v`` of a scalar function at ``primals``.
 
     Args:
@@ -130,8 +136,13 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
         primals: tuple of f's arguments, e.g. ``(params, x, y)``.
         tangent: ``v``, with the structure, shapes and dtype of ``primals[argnums]``.
         argnums: which argument the Hessian is taken with respect to.
-        mode: ``"reverse-over-reverse"`` (default, measured fastest on CPU) or
-            ``"forward-over-reverse"``; see NOTE [HVP modes].
+        mode: how the graph route composes autodiff: ``"reverse-over-reverse"``
+            (default, measured fastest on CPU) or ``"forward-over-reverse"``; see
+            NOTE [HVP modes].
+        method: ``"auto"`` (default): structured products (NOTE [structured products])
+            for a Linear/activation chain made by :func:`hessfunc.functionalize`, with
+            the default ``mode``; otherwise the graph route. ``"structured"`` raises,
+            saying why, where they do not apply; ``"graph"`` never takes them.
 
     Returns:
         ``H v`` with the structure of ``primals[argnums]``.
@@ -145,8 +156,19 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
     """
     call = "hessfunc.hvp"
     _check_mode(mode, call)
+    _check_method(method, call)
     primals, argnums = _validate(f, primals, argnums, call)
     check_like(tangent, primals[argnums], "tangent", call)
+    if method == "structured" or (method == "auto" and mode == HVP_MODES[0]):
+        # NOTE [single structured product]: no graph at all, and not even the gradient's
+        # own weight products (the double backward forms them for its second pass)
+        plan, reason = _chain.analyze(f, primals, argnums, output="graph")
+        if plan is not None and use_autograd((tangent,)):
+            return ChainProducts(plan)(tangent)
+        if method == "structured":
+            raise ArgumentError(f"{call}: method='structured' does not apply here: "
+                                f"{reason if plan is None else 'the tangent carries a graph'}; "
+                                "use method='auto' or 'graph'.")
     with second_order_kernels():
         if mode == "forward-over-reverse":
             grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
@@ -315,7 +337,5 @@ def hvp_fn(f: Callable[..., Any], primals: tuple[Any, ...], *, argnums: int = 0,
         (tensor([6., 0.]), tensor([ 0., 12.]))
     """
     primals, argnums = _validate(f, primals, argnums, "hessfunc.hvp_fn")
-    if method not in HVP_FN_METHODS:
-        raise ArgumentError(f"hessfunc.hvp_fn: `method` must be one of {HVP_FN_METHODS}, "
-                            f"got {method!r}.")
+    _check_method(method, "hessfunc.hvp_fn")
     return HVPFunction(f, primals, argnums, method)

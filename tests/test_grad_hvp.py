@@ -133,6 +133,28 @@ def test_structured_products_closed_form_and_autograd_activation_derivatives(act
     assert_close(structured(v), _oracle_hvp(f, params, (x, y), v))
 
 
+@pytest.mark.parametrize("loss", ["mse", "cross-entropy", "coupled", "linear"])
+def test_single_hvp_structured_route_equals_oracle(loss):
+    """NOTE [single structured product]: the output Hessian is applied through the loss's
+    own graph, so it is exact when the loss couples samples, or is linear in the output."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 5, 4, 3], "softplus", 2)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 3, dtype=torch.float64)
+    loss_fn = {"mse": nn.MSELoss(), "cross-entropy": F.cross_entropy,
+               "coupled": lambda o, t: ((o - t).sum()) ** 2 + (o * t).mean(),
+               "linear": lambda o, t: (o * t).sum()}[loss]
+    if loss == "cross-entropy":
+        y = torch.randint(0, 3, (6,))
+    f, params = hf.functionalize(model, loss_fn)
+    for seed in range(3):
+        v = random_like(params, seed)
+        expected = _oracle_hvp(f, params, (x, y), v)
+        assert_close(hf.hvp(f, (params, x, y), v, method="structured"), expected)
+        assert_close(hf.hvp(f, (params, x, y), v, method="graph"), expected)
+        assert_close(hf.hvp(f, (params, x, y), v), expected)
+
+
 def test_hvp_fn_method_choice():
     torch.manual_seed(0)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
@@ -155,6 +177,10 @@ def test_hvp_fn_method_choice():
     assert hf.hvp_fn(f, (params, x, y)).method == "graph"
     with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*not a chain"):
         hf.hvp_fn(f, (params, x, y), method="structured")
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*not a chain"):
+        hf.hvp(f, (params, x, y), random_like(params, 0), method="structured")
+    with pytest.raises(hf.ArgumentError, match="`method` must be one of"):
+        hf.hvp(f, (params, x, y), random_like(params, 0), method="fast")
     with pytest.raises(hf.ArgumentError, match="`method` must be one of"):
         hf.hvp_fn(f, (params, x, y), method="fast")
 

@@ -272,6 +272,12 @@ def test_check_finite_names_the_parameter_or_sample():
     bad_y[2] = float("nan")
     with pytest.raises(hf.NonFiniteError, match="loss is NaN/Inf"):
         f(params, x, bad_y)
+    v = {k: torch.ones_like(t) for k, t in params.items()}
+    for structured in (lambda: hf.hvp(f, (params, x, bad_y), v),
+                       lambda: hf.hvp_fn(f, (params, x, bad_y)),
+                       lambda: hf.hessian_diag(f)(params, x, bad_y)):
+        with pytest.raises(hf.NonFiniteError, match="loss is NaN/Inf"):
+            structured()
     g, _ = hf.functionalize(nn.Sequential(nn.Linear(1, 1)).double(), check_finite=True)
     with pytest.raises(hf.NonFiniteError, match="input 0, sample 1"):
         g({"0.weight": torch.ones(1, 1, dtype=torch.float64),
