@@ -69,6 +69,8 @@ ELEMENTWISE = (
 )
 #: Modules that are the identity in eval mode.
 IDENTITY_IN_EVAL = (nn.Dropout, nn.AlphaDropout)
+#: Modules with rules for Hessian-vector products only (NOTE [structured products]).
+PRODUCTS_ONLY = (nn.Conv1d, nn.Conv2d, nn.Flatten)
 
 
 @dataclass
@@ -81,6 +83,26 @@ class _Linear:
 
 
 @dataclass
+class _Conv:
+    """``nn.Conv1d``/``nn.Conv2d`` (``groups=1``, zero padding): affine in its parameters
+    like a Linear layer; only Hessian-vector products have rules for it."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    inputs: torch.Tensor          # (N, C_in, *spatial)
+    weight_name: str | None
+    bias_name: str | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+
+@dataclass
+class _Flatten:
+    """``nn.Flatten()`` from dim 1: ``(N, *shape) -> (N, prod(shape))``."""
+    shape: tuple[int, ...]
+
+
+@dataclass
 class _Elementwise:
     phi1: torch.Tensor            # (N, d) first derivative at the input
     phi2: torch.Tensor            # (N, d) second derivative
@@ -89,7 +111,7 @@ class _Elementwise:
 class ChainPlan:
     """A verified chain and its output Hessians, ready for the backward propagation."""
 
-    def __init__(self, steps: list[_Linear | _Elementwise], out_hessian: torch.Tensor | None,
+    def __init__(self, steps: list[Any], out_hessian: torch.Tensor | None,
                  out_grad: torch.Tensor, params: dict[str, torch.Tensor],
                  per_sample: bool = False, output: torch.Tensor | None = None,
                  loss_graph: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -101,7 +123,7 @@ class ChainPlan:
         self.out_grad = out_grad          # (N, C)
         self.params = params
         trainable = [i for i, s in enumerate(steps)
-                     if isinstance(s, _Linear) and (s.weight_name or s.bias_name)]
+                     if isinstance(s, (_Linear, _Conv)) and (s.weight_name or s.bias_name)]
         self.first = trainable[0]
 
     def _propagate(self, on_linear: Callable[[_Linear, torch.Tensor, torch.Tensor, slice], None],
@@ -418,35 +440,44 @@ def _per_sample_output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, t
     return H.detach(), g.detach()
 
 
-def _static_structure(f: FunctionalModel) -> tuple[str | None, dict[nn.Module, dict[str, str]]]:
+def _static_structure(f: FunctionalModel, products: bool
+                      ) -> tuple[str | None, dict[nn.Module, dict[str, str]]]:
     """Why the private model cannot be a chain (or None), and its parameter names.
 
     Computed once per ``f``: the private copy's modules and parameters do not change.
     """
     cached = f.__dict__.get("_chain_structure")
     if cached is None:
-        reason = None
+        reason = reason_products = None
         if _tied(f.module):
-            reason = "the model ties weights"
+            reason = reason_products = "the model ties weights"
         else:
             for m in f.module.modules():
                 kind = type(m)
-                if next(m.children(), None) is None and not (
-                        kind is nn.Linear or kind in ELEMENTWISE or kind in IDENTITY_IN_EVAL):
-                    reason = f"layer {kind.__name__} has no per-sample rule"
+                if next(m.children(), None) is not None or kind is nn.Linear \
+                        or kind in ELEMENTWISE or kind in IDENTITY_IN_EVAL:
+                    continue
+                reason = reason or f"layer {kind.__name__} has no per-sample rule"
+                if kind not in PRODUCTS_ONLY:
+                    reason_products = f"layer {kind.__name__} has no rule"
                     break
-        cached = f.__dict__["_chain_structure"] = (reason, _param_names(f.module))
-    return cached
+        cached = f.__dict__["_chain_structure"] = (reason, reason_products,
+                                                   _param_names(f.module))
+    return cached[1 if products else 0], cached[2]
 
 
 def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = False,
-            output: str = "hessian") -> tuple[ChainPlan | None, str]:
+            output: str = "hessian", products_only: bool = False
+            ) -> tuple[ChainPlan | None, str]:
     """A :class:`ChainPlan` for this call, or ``(None, reason)`` when the route does not apply.
 
     With ``per_sample`` the plan gives each sample's own loss Hessian diagonal, the loss of
     a one-sample batch ``loss_fn(model(x[n:n+1]), y[n:n+1])``. With ``output="graph"`` the
     plan holds the loss's gradient graph instead of per-sample output Hessians (enough
-    for Hessian-vector products, and exact for a loss that couples samples too).
+    for Hessian-vector products, and exact for a loss that couples samples too). With
+    ``products_only`` (implied by ``output="graph"``) the chain may also hold layers that
+    only :class:`hessfunc._chain_products.ChainProducts` has rules for (convolutions,
+    flattening); the plan is then for products only.
     """
     if not isinstance(f, FunctionalModel) or f.loss_fn is None:
         return None, "f was not made by hessfunc.functionalize(model, loss_fn)"
@@ -455,15 +486,17 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
     if not use_autograd(args):
         return None, "called inside a torch.func transform or with inputs that carry a graph"
     params, inputs, targets = args
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+    products = output == "graph" or products_only
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 or (
+            inputs.dim() != 2 and not products):
         return None, "the inputs are not one (N, features) tensor"
-    static_reason, names = _static_structure(f)
+    static_reason, names = _static_structure(f, products)
     if static_reason is not None:
         return None, static_reason
     calls, out = _trace(f, params, inputs)
     if not calls or calls[0][1] is None:
         return None, "no module calls recorded"
-    steps: list[_Linear | _Elementwise] = []
+    steps: list[Any] = []
     prev: torch.Tensor = inputs
     seen: set[int] = set()
     covered: set[str] = set()
@@ -491,6 +524,23 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
             b = None if module.bias is None else (params[bname] if bname
                                                   else module.bias.detach())
             steps.append(_Linear(W, b, prev.detach(), wname, bname))
+        elif products and kind in (nn.Conv1d, nn.Conv2d):
+            if module.groups != 1 or module.padding_mode != "zeros" or isinstance(
+                    module.padding, str):
+                return None, f"{kind.__name__} with groups, string or non-zero padding"
+            pn = names.get(module, {})
+            wname = pn.get("weight") if pn.get("weight") in params else None
+            bname = pn.get("bias") if pn.get("bias") in params else None
+            covered.update(n for n in (wname, bname) if n)
+            W = params[wname] if wname else module.weight.detach()
+            b = None if module.bias is None else (params[bname] if bname
+                                                  else module.bias.detach())
+            steps.append(_Conv(W, b, prev.detach(), wname, bname, tuple(module.stride),
+                               tuple(module.padding), tuple(module.dilation)))
+        elif products and kind is nn.Flatten:
+            if module.start_dim != 1 or module.end_dim != -1:
+                return None, "Flatten does not flatten every dimension after the batch"
+            steps.append(_Flatten(tuple(prev.shape[1:])))
         elif kind in ELEMENTWISE or (kind in IDENTITY_IN_EVAL and not module.training):
             if names.get(module):
                 return None, f"{type(module).__name__} has parameters"

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._chain import ChainPlan, _Elementwise, _Linear
+from ._chain import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear
 from ._memory import CHUNK_BUDGET_BYTES, itemsize
 
 __all__ = ["ChainProducts"]
@@ -58,7 +58,7 @@ class ChainProducts:
         for i in range(len(self._steps) - 1, 0, -1):
             grads[i] = g
             step = self._steps[i]
-            g = g @ step.weight if isinstance(step, _Linear) else step.phi1 * g
+            g = _backprop(step, g)
         grads[0] = g
         self._grads = grads                     # gradient at each step's output (N, d)
         # curvature of each activation: phi''(z) * (gradient at its output)
@@ -74,11 +74,18 @@ class ChainProducts:
         if self._gradient is None:
             gradient: dict[str, torch.Tensor] = {}
             for i, step in enumerate(self._steps):
+                g = self._grads[i]
                 if isinstance(step, _Linear):
                     if step.weight_name:
-                        gradient[step.weight_name] = self._grads[i].T @ step.inputs
+                        gradient[step.weight_name] = g.T @ step.inputs
                     if step.bias_name:
-                        gradient[step.bias_name] = self._grads[i].sum(0)
+                        gradient[step.bias_name] = g.sum(0)
+                elif isinstance(step, _Conv):
+                    if step.weight_name:
+                        gradient[step.weight_name] = _conv_weight_grad(
+                            step, step.inputs, g, step.weight.shape)
+                    if step.bias_name:
+                        gradient[step.bias_name] = g.sum([0, *range(2, g.dim())])
             self._gradient = {name: gradient[name] for name in self._names}
         return self._gradient
 
@@ -92,7 +99,9 @@ class ChainProducts:
         """``(weight name, inputs (N, d_in))`` of the first trainable layer, whose inputs do
         not depend on the parameters; None when its weight is frozen."""
         first = self._steps[0]
-        return (first.weight_name, first.inputs) if first.weight_name else None
+        if isinstance(first, _Linear) and first.weight_name:
+            return first.weight_name, first.inputs
+        return None
 
     def restricted(self, basis: torch.Tensor) -> ChainProducts:
         """The same products on the first layer's weights restricted to ``W U``.
@@ -129,6 +138,12 @@ class ChainProducts:
             if isinstance(step, _Elementwise):
                 r = None if r is None else per(step.phi1) * r
                 continue
+            if isinstance(step, _Flatten):
+                r = None if r is None else r.flatten(1 if k is None else 2)
+                continue
+            if isinstance(step, _Conv):
+                r = self._conv_forward(i, step, r, tangents, k)
+                continue
             z = None if r is None else r @ step.weight.T
             if step.weight_name:
                 t = _input_times(step.inputs, tangents[step.weight_name], k)
@@ -149,6 +164,14 @@ class ChainProducts:
                 if below[i] is not None:
                     rg.addcmul_(per(self._curvature[i]), below[i])
                 continue
+            if isinstance(step, _Flatten):
+                rg = rg.reshape(*rg.shape[:1 if k is None else 2], *step.shape)
+                continue
+            if isinstance(step, _Conv):
+                rg = self._conv_backward(i, step, rg, below[i], tangents, out, k)
+                if i == 0:
+                    break
+                continue
             g = self._grads[i]
             if step.weight_name:  # R{g_z}^T a + g_z^T R{a}, summed over samples
                 hv = _sample_sum(rg, step.inputs, k)
@@ -164,6 +187,82 @@ class ChainProducts:
                 rg.add_(_grad_times(g, tangents[step.weight_name], k))
         return {name: out[name] for name in tangents}
 
+
+    def _conv_forward(self, i: int, step: _Conv, r: torch.Tensor | None,
+                      tangents: Mapping[str, torch.Tensor], k: int | None
+                      ) -> torch.Tensor | None:
+        """``R{z} = conv(R{a}, W) + conv(a, dW) + db`` (NOTE [structured products])."""
+        conv = _CONV[step.weight.dim()][0]
+        kw = dict(stride=step.stride, padding=step.padding, dilation=step.dilation)
+        n, out_shape = step.inputs.shape[0], self._grads[i].shape[1:]
+        z = None
+        merged = k is None and r is not None and step.weight_name is not None
+        if merged:  # one convolution over both parts' channels
+            z = conv(torch.cat([r, step.inputs], dim=1),
+                     torch.cat([step.weight, tangents[step.weight_name]], dim=1), **kw)
+        elif r is not None:
+            z = conv(r if k is None else r.flatten(0, 1), step.weight, **kw)
+            z = z if k is None else z.view(n, k, *out_shape)
+        if step.weight_name and not merged:
+            dW = tangents[step.weight_name]
+            t = conv(step.inputs, dW if k is None else dW.flatten(0, 1), **kw)
+            t = t if k is None else t.view(n, k, *out_shape)
+            z = t if z is None else z.add_(t)
+        if step.bias_name:
+            db = tangents[step.bias_name]
+            db = db.view(*db.shape, *[1] * (len(out_shape) - 1))
+            full = (n, *out_shape) if k is None else (n, k, *out_shape)
+            z = db.expand(full) if z is None else z.add_(db)
+        return z
+
+    def _conv_backward(self, i: int, step: _Conv, rg: torch.Tensor, below: torch.Tensor | None,
+                       tangents: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor],
+                       k: int | None) -> torch.Tensor:
+        """Weight and bias products at a convolution, and ``R{g_a}`` below it:
+        the transposes of the forward rule, as for a Linear layer."""
+        g, a = self._grads[i], step.inputs
+        n, c_out, c_in = a.shape[0], *step.weight.shape[:2]
+        kernel = step.weight.shape[2:]
+        if k is None:  # one aten call per output gradient: weight and input parts together
+            dW = tangents[step.weight_name] if step.weight_name else None
+            want_input = i > 0
+            below_grad, hv, _ = _conv_backward(step, rg, a, step.weight,
+                                               (want_input, dW is not None))
+            if dW is not None and (below is not None or want_input):
+                other_input, other_weight, _ = _conv_backward(
+                    step, g, a if below is None else below, step.weight if dW is None else dW,
+                    (want_input, below is not None))
+                if other_weight is not None:
+                    hv.add_(other_weight)
+                if other_input is not None:
+                    below_grad.add_(other_input)
+            if dW is not None:
+                out[step.weight_name] = hv
+            if step.bias_name:
+                out[step.bias_name] = rg.sum([0, *range(2, rg.dim())])
+            return below_grad if want_input else rg
+        if step.weight_name:  # sum_n R{g_z} * a + g_z * R{a}, as weight gradients
+            hv = _conv_weight_grad(step, a, rg.flatten(1, 2),
+                                   (k * c_out, c_in, *kernel)).view(k, c_out, c_in, *kernel)
+            if below is not None:  # the k tangents as k blocks of input channels
+                hv.add_(_conv_weight_grad(step, below.flatten(1, 2), g,
+                                          (c_out, k * c_in, *kernel))
+                        .view(c_out, k, c_in, *kernel).transpose(0, 1))
+            out[step.weight_name] = hv
+        if step.bias_name:
+            out[step.bias_name] = rg.sum([0, *range(3, rg.dim())])
+        if i == 0:
+            return rg
+        input_grad = _CONV[step.weight.dim()][2]
+        kw = dict(stride=step.stride, padding=step.padding, dilation=step.dilation)
+        below_grad = input_grad((n * k, *a.shape[1:]), step.weight, rg.flatten(0, 1), **kw)
+        below_grad = below_grad.view(n, k, *a.shape[1:])
+        if step.weight_name:  # g_z through each dW_j: one grouped transpose, group j = dW_j
+            dW = tangents[step.weight_name].flatten(0, 1)
+            repeated = g.repeat(1, k, *[1] * (g.dim() - 2))
+            t = input_grad((n, k * c_in, *a.shape[2:]), dW, repeated, groups=k, **kw)
+            below_grad.add_(t.view(n, k, *a.shape[1:]))
+        return below_grad
 
     def _output_product(self, r: torch.Tensor, k: int | None) -> torch.Tensor:
         """The output Hessian applied to ``R{o}``: ``(N, C)``, or ``(N, k, C)``."""
@@ -184,6 +283,41 @@ class ChainProducts:
         if k is None:
             return torch.bmm(self._out_hessian, r.unsqueeze(-1)).squeeze(-1)
         return torch.bmm(r, self._out_hessian.mT)
+
+
+#: conv, weight gradient and input gradient of 1-d and 2-d convolutions (by weight rank)
+_CONV = {
+    3: (torch.nn.functional.conv1d, torch.nn.grad.conv1d_weight, torch.nn.grad.conv1d_input),
+    4: (torch.nn.functional.conv2d, torch.nn.grad.conv2d_weight, torch.nn.grad.conv2d_input),
+}
+
+
+def _conv_backward(step: _Conv, g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                   mask: tuple[bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """Input and weight gradients (as ``mask`` asks) of ``conv(a, weight)`` against ``g``."""
+    zeros = (0,) * len(step.stride)
+    return torch.ops.aten.convolution_backward(
+        g, a, weight, None, step.stride, step.padding, step.dilation, False, zeros, 1,
+        [mask[0], mask[1], False])
+
+
+def _conv_weight_grad(step: _Conv, a: torch.Tensor, g: torch.Tensor,
+                      shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """``sum_n`` of the weight gradient of ``conv(a, W)`` against output gradients ``g``."""
+    return _CONV[step.weight.dim()][1](a, shape, g, stride=step.stride, padding=step.padding,
+                                       dilation=step.dilation)
+
+
+def _backprop(step: object, g: torch.Tensor) -> torch.Tensor:
+    """The gradient at a step's input from the gradient ``g`` at its output."""
+    if isinstance(step, _Linear):
+        return g @ step.weight
+    if isinstance(step, _Elementwise):
+        return step.phi1 * g
+    if isinstance(step, _Flatten):
+        return g.reshape(g.shape[0], *step.shape)
+    return _CONV[step.weight.dim()][2](step.inputs.shape, step.weight, g, stride=step.stride,
+                                       padding=step.padding, dilation=step.dilation)
 
 
 def _input_times(a: torch.Tensor, dW: torch.Tensor, k: int | None) -> torch.Tensor:

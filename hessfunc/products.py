@@ -220,7 +220,7 @@ class HVPFunction:
         self._vjp = None
         call = "hessfunc.hvp_fn"
         if method != "graph":
-            plan, reason = _chain.analyze(f, primals, argnums)
+            plan, reason = _chain.analyze(f, primals, argnums, products_only=True)
             if plan is not None and not ChainProducts.applies(plan):
                 plan, reason = None, "the per-sample output Hessians are too large to cache"
             if plan is not None:

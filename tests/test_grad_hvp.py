@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import assert_close, flat, oracle_loss
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import ACTIVATIONS, build_mlp, custom_loss, mlps, problems, random_like
 from torch import nn
@@ -153,6 +153,89 @@ def test_single_hvp_structured_route_equals_oracle(loss):
         assert_close(hf.hvp(f, (params, x, y), v, method="structured"), expected)
         assert_close(hf.hvp(f, (params, x, y), v, method="graph"), expected)
         assert_close(hf.hvp(f, (params, x, y), v), expected)
+
+
+@st.composite
+def conv_nets(draw):
+    """Conv1d/Conv2d - activation - Conv - activation - Flatten - Linear, drawn with
+    strides, zero padding and dilation, and an input batch that fits them."""
+    dim = draw(st.sampled_from([1, 2]))
+    conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    act = draw(st.sampled_from([nn.Tanh, nn.Sigmoid, nn.Softplus]))
+    c0, c1, c2 = (draw(st.integers(1, 3)) for _ in range(3))
+    layers, size, channels = [], 10, c0
+    for c in (c1, c2):
+        kernel, stride = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        padding, dilation = draw(st.integers(0, 1)), draw(st.integers(1, 2))
+        layers += [conv(channels, c, kernel, stride=stride, padding=padding,
+                        dilation=dilation), act()]
+        size = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+        assume(size >= 1)
+        channels = c
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    out = draw(st.integers(2, 3))
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * size**dim, out)).double()
+    n = draw(st.integers(1, 4))
+    x = torch.randn(n, c0, *[10] * dim, dtype=torch.float64)
+    return model, x, out
+
+
+@given(net=conv_nets(), seed=st.integers(0, 1000), k=st.integers(1, 3),
+       frozen=st.sets(st.integers(0, 5), max_size=2),
+       loss=st.sampled_from(["mse", "cross-entropy", "coupled"]))
+def test_structured_products_through_convolutions_equal_oracle(net, seed, k, frozen, loss):
+    """Convolutions and Flatten have product rules (no per-sample Hessian rules): hvp and
+    hvp_fn take the structured route and agree with the oracle, one tangent or k."""
+    model, x, out = net
+    for i, p in enumerate(model.parameters()):
+        if i in frozen:
+            p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    if loss == "cross-entropy":
+        y, loss_fn = torch.randint(0, out, (n,), generator=g), F.cross_entropy
+    else:
+        y = torch.randn(n, out, generator=g, dtype=torch.float64)
+        loss_fn = nn.MSELoss() if loss == "mse" else (lambda o, t: ((o - t).sum()) ** 2)
+    f, params = hf.functionalize(model, loss_fn)
+    vs = [random_like(params, seed + i) for i in range(k)]
+    H = hf.hvp_fn(f, (params, x, y))
+    if loss != "coupled":  # (a coupling loss takes the graph route unless N = 1)
+        assert H.method == "structured"
+    batched = H.batched({key: torch.stack([v[key] for v in vs]) for key in params})
+    for i, v in enumerate(vs):
+        expected = _oracle_hvp(f, params, (x, y), v)
+        assert_close(hf.hvp(f, (params, x, y), v, method="structured"), expected)
+        assert_close(H(v), expected)
+        assert_close({key: t[i] for key, t in batched.items()}, expected)
+    assert_close(H.gradient, _oracle_grad(f, params, (x, y)))
+
+
+def test_convolutions_without_product_rules_fall_back():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    for conv in (nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"),
+                 nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")):
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 2)) \
+            if conv.padding != (0, 0) else \
+            nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 2))
+        f, params = hf.functionalize(model.double(), nn.MSELoss())
+        v = random_like(params, 0)
+        with pytest.raises(hf.ArgumentError, match="groups, string or non-zero padding"):
+            hf.hvp(f, (params, x, y), v, method="structured")
+        assert hf.hvp_fn(f, (params, x, y)).method == "graph"
+        assert_close(hf.hvp(f, (params, x, y), v), _oracle_hvp(f, params, (x, y), v))
+    # convolutions have no per-sample Hessian rule: diagonals take the generic route
+    model = nn.Sequential(nn.Unflatten(1, (1, 10)), nn.Conv1d(1, 2, 3), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(16, 2)).double()
+    f, params = hf.functionalize(model, nn.MSELoss())
+    with pytest.raises(hf.ArgumentError, match="Unflatten has no per-sample rule"):
+        hf.hessian_diag(f, method="structured")(params, torch.randn(3, 10,
+                                                                    dtype=torch.float64), y)
+    model = nn.Sequential(nn.Linear(10, 10), nn.Unflatten(1, (1, 10)), nn.Conv1d(1, 2, 3))
+    f, params = hf.functionalize(nn.Sequential(model, nn.Flatten(), nn.Linear(16, 2)).double(),
+                                 nn.MSELoss())
+    assert hf.hvp_fn(f, (params, torch.randn(3, 10, dtype=torch.float64), y)).method == "graph"
 
 
 def test_hvp_fn_method_choice():
