@@ -1,27 +1,35 @@
 """Hessian-vector products on a verified chain, by Pearlmutter's R-operator.
 
 NOTE [structured products]: on a chain found by :func:`hessfunc._chain.analyze`
-(NOTE [structured route]) the product ``H v`` needs no autograd graph at all.
-Write ``R{.}`` for the directional derivative along ``v = (dW_l, db_l)_l``. With
-the activations ``a``, the derivatives ``phi'``/``phi''`` of every activation, the
-gradients ``g`` at every layer output and the per-sample output Hessians
-``H_o[n]`` cached once at the point, one product is
+(NOTE [structured route]; for products, convolutions and ``Flatten`` may be links
+too) the product ``H v`` needs no autograd graph through the model. Write ``R{.}``
+for the directional derivative along ``v = (dW_l, db_l)_l``. With the activations
+``a``, the derivatives ``phi'``/``phi''`` of every activation and the gradients
+``g`` at every layer output cached once at the point, one product is
 
 * forward, from ``R{a_0} = 0`` (the inputs are data):
-  ``R{z} = R{a} W^T + a dW^T + db`` through a Linear layer and
+  ``R{z} = R{a} W^T + a dW^T + db`` through a Linear layer,
+  ``R{z} = conv(R{a}, W) + conv(a, dW) + db`` through a convolution and
   ``R{a'} = phi'(z) * R{z}`` through an activation;
-* at the output: ``R{g_o}[n] = H_o[n] R{o}[n]``;
+* at the output: ``R{g_o} = H_o R{o}``, with ``H_o`` the loss's Hessian in the
+  model output: per-sample blocks ``H_o[n]`` cached once (``hvp_fn``, the
+  operator), or one backward pass through the loss's own gradient graph (a single
+  ``hvp``: exact even when the loss couples samples);
 * backward: through an activation ``R{g_z} = phi'(z) * R{g_a'} + phi''(z) g_a' * R{z}``;
   through a Linear layer ``(H v)_W = R{g_z}^T a + g_z^T R{a}``, ``(H v)_b = sum_n R{g_z}``
-  and ``R{g_a} = R{g_z} W + g_z dW``.
+  and ``R{g_a} = R{g_z} W + g_z dW``; through a convolution the same with its weight
+  and input gradients (transposed convolutions) in place of the matrix products.
 
 That is the exact product (the second term of each backward rule is the curvature
 of the layer itself, the first the curvature propagated from above), in a handful
-of dense matrix products per layer with no graph bookkeeping, and ``k`` tangents
-at once are the same products with a leading ``k`` axis. Measured 0.5-0.9x the
-time of one backward pass through a cached gradient graph (``hvp_fn`` before this
-route), see docs/benchmarks.md. The tests compare it with the loop oracle to 1e-10
-in float64.
+of dense products per layer with no graph bookkeeping, and ``k`` tangents at once
+are the same products with a ``k`` axis (sample-major, one GEMM for all of them).
+It needs neither the gradient's weight products nor a graph, so even one product
+with its set-up costs less than the double backward. Measured
+(``python -m benchmarks.bench_hvp``) 0.8-0.9x a gradient per cached product on
+the MLPs against 1.1-1.4x through the cached graph, and one ``hvp`` at 0.89-1.0x
+the seed's double backward; see docs/benchmarks.md. The tests compare it with the
+loop oracle to 1e-10 in float64.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ and ``f(params, x_b, y_b)`` the loss of one batch,
 ``named_parameters`` order (``flat_to_params`` / ``params_to_flat`` convert).
 
 NOTE [cached linearisation]: for data held in memory (one batch, or a list or
-tuple of batches), the gradient graph of every batch is built once, on first
-use, and every later product is one backward pass through it (measured
-1.0-1.3x a gradient per product). Iterables that are re-read on every pass
-(a ``DataLoader``) are not cached unless ``cache=True``: each product then
-costs a fresh double backward per batch. ``cache=False`` frees that memory.
+tuple of batches), every batch's :class:`hessfunc.HVPFunction` is built once, on
+first use: structured products for chains of known layers (0.8-1.3x a gradient per
+product, NOTE [structured products]), else the gradient graph, one backward pass
+through it per product (1.1-2.1x). Iterables that are re-read on every pass (a
+``DataLoader``) are not cached unless ``cache=True``: each product then costs a
+fresh set-up per batch. ``cache=False`` frees that memory.
 
 NOTE [data span]: when every batch takes the structured route (a chain of Linear
 layers and activations, NOTE [structured products]), the first trainable layer's

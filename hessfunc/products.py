@@ -7,8 +7,11 @@ NOTE [HVP modes, chosen by measurement]: two compositions give the same H v.
 ``"reverse-over-reverse"`` differentiates the dot product of the gradient with
 ``v`` once more (Pearlmutter's double backward); ``"forward-over-reverse"``
 pushes ``v`` forward through the gradient (``jvp(grad(f))``). On torch 2.13 CPU
-reverse-over-reverse measured 2.3-2.7x a gradient against 3.0-5.9x for
+reverse-over-reverse measured 2.2-2.7x a gradient against 4.1-6.7x for
 forward-over-reverse (``python -m benchmarks.bench_hvp``), so it is the default.
+Both are the graph route; for a chain of known layers made by
+:func:`hessfunc.functionalize`, ``method="auto"`` takes structured products instead
+(NOTE [structured products] in ``hessfunc/_chain_products.py``).
 
 NOTE [ZeroTensor trap]: on torch 2.13 (pytorch/pytorch#123996)
 ``jvp(grad(f))`` raises "ZeroTensors are immutable" when ``f`` uses
