@@ -111,18 +111,19 @@ class ChainProducts:
             return first.weight_name, first.inputs
         return None
 
-    def restricted(self, basis: torch.Tensor) -> ChainProducts:
+    def restricted(self, inputs: torch.Tensor) -> ChainProducts:
         """The same products on the first layer's weights restricted to ``W U``.
 
-        ``basis`` is ``U`` ``(d_in, r)`` with orthonormal columns spanning (at least) the
-        rows of the first layer's inputs ``a``. The weight enters the loss only through
-        ``a W^T = (a U)(W U)^T``, so with ``B: W -> W U`` (other parameters unchanged),
-        ``H = B^T H_r B``: this returns ``H_r``, whose tangent and product for that weight
-        have shape ``(d_out, r)`` (NOTE [data span] in ``hessfunc.operator``).
+        ``U`` ``(d_in, r)`` has orthonormal columns spanning (at least) the rows of the
+        first layer's inputs ``a``, and ``inputs`` is ``a U`` ``(N, r)``. The weight
+        enters the loss only through ``a W^T = (a U)(W U)^T``, so with ``B: W -> W U``
+        (other parameters unchanged), ``H = B^T H_r B``: this returns ``H_r``, whose
+        tangent and product for that weight have shape ``(d_out, r)`` (NOTE [data span]
+        in ``hessfunc.operator``).
         """
         out = copy.copy(self)
         first = copy.copy(self._steps[0])
-        first.inputs = first.inputs @ basis
+        first.inputs = inputs
         out._steps = [first, *self._steps[1:]]
         return out
 

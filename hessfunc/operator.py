@@ -294,13 +294,15 @@ class HessianOperator:
         n, d_in = inputs.shape
         if 10 * n > 7 * d_in:
             return None
-        # orthonormal columns spanning (a superset of) the rows of the inputs
-        basis = torch.linalg.qr(inputs.T.to(self.dtype)).Q
+        # a^T = U R: U has orthonormal columns spanning (a superset of) the rows of the
+        # inputs, and a U = R^T, split back into the batches
+        basis, R = torch.linalg.qr(inputs.T.to(self.dtype))
+        restricted = R.T.split([lay[1].shape[0] for lay in layers])
         template = {k: (v.new_empty(v.shape[0], basis.shape[1]) if k == name else v)
                     for k, v in self.params.items()}
         self._span = _DataSpan(name, basis, flat_spec(template),
-                               [(w, c.restricted(basis)) for (w, _), c in zip(functions, chains,
-                                                                           strict=True)])
+                               [(w, c.restricted(a)) for (w, _), c, a in zip(
+                                   functions, chains, restricted, strict=True)])
         return self._span
 
     # ------------------------------------------------------------ structure

@@ -29,6 +29,7 @@ from hessfunc.estimators import (
     quadrature_moments,
     spectral_density,
 )
+from hessfunc.estimators._probes import Operator
 
 F64 = torch.float64
 
@@ -278,6 +279,29 @@ def test_lanczos_basis_stays_orthonormal_over_a_long_run(values):
     )
     basis = result.basis
     assert_close(basis.T @ basis, torch.eye(199, dtype=F64), rtol=0, atol=5e-15)
+
+
+@pytest.mark.parametrize("values", [_clustered(200), _low_rank_plus_noise(200)],
+                         ids=["clustered", "low-rank"])
+def test_semi_orthogonal_runs_stay_within_sqrt_eps(values):
+    """NOTE [semi-orthogonality]: skipping the subtraction keeps |Q^T Q - I| <= sqrt(eps)
+    and T the projection of A to that level; the Ritz values stay exact."""
+    a = _symmetric(values, seed=40)
+    op = Operator.from_args("test", lambda v: a @ v, 200, dtype=F64, device=None, generator=None)
+    start = torch.randn(200, 1, generator=_gen(0), dtype=F64)
+    run_class = importlib.import_module("hessfunc.estimators.lanczos")._LanczosRun
+    run = run_class(op, start / start.norm(), reorthogonalize="semi", keep_basis=True,
+                    generator=_gen(0), capacity=150)
+    for _ in range(150):
+        run.step()
+    Q = run.basis()[0].T
+    loss = float((Q.T @ Q - torch.eye(150, dtype=F64)).abs().max())
+    assert 1e-15 < loss <= torch.finfo(F64).eps ** 0.5, loss   # subtractions were skipped
+    alphas, offdiag, _ = run.coefficients()
+    T = torch.diag(alphas[:, 0]) + torch.diag(offdiag[:, 0], 1) + torch.diag(offdiag[:, 0], -1)
+    assert float((Q.T @ a @ Q - T).abs().max()) <= 1e-7 * float(values.abs().max())
+    top = torch.linalg.eigvalsh(T)[-3:]
+    assert_close(top, values.sort().values[-3:], rtol=1e-10, atol=0)
 
 
 def test_lanczos_without_reorthogonalization_for_a_few_steps():

@@ -250,7 +250,7 @@ def _gauss_quadrature(
         run = _LanczosRun(
             op,
             block,
-            reorthogonalize=True,
+            reorthogonalize="semi",  # NOTE [semi-orthogonality]
             keep_basis=False,
             generator=generator,
             capacity=num_steps,
