@@ -440,6 +440,21 @@ def _per_sample_output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, t
     return H.detach(), g.detach()
 
 
+def _affine(module: nn.Module, names: dict[nn.Module, dict[str, str]],
+            params: dict[str, torch.Tensor], covered: set[str]
+            ) -> tuple[torch.Tensor, torch.Tensor | None, str | None, str | None]:
+    """``(weight, bias, weight name, bias name)`` of a Linear layer or convolution: the
+    trainable ones from ``params`` (their names added to ``covered``), the frozen ones
+    from the module."""
+    own = names.get(module, {})
+    wname = own.get("weight") if own.get("weight") in params else None
+    bname = own.get("bias") if own.get("bias") in params else None
+    covered.update(n for n in (wname, bname) if n)
+    W = params[wname] if wname else module.weight.detach()
+    b = None if module.bias is None else (params[bname] if bname else module.bias.detach())
+    return W, b, wname, bname
+
+
 def _static_structure(f: FunctionalModel, products: bool
                       ) -> tuple[str | None, dict[nn.Module, dict[str, str]]]:
     """Why the private model cannot be a chain (or None), and its parameter names.
@@ -516,25 +531,14 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
             return None, f"{type(module).__name__} works in place"
         kind = type(module)
         if kind is nn.Linear:
-            pn = names.get(module, {})
-            wname = pn.get("weight") if pn.get("weight") in params else None
-            bname = pn.get("bias") if pn.get("bias") in params else None
-            covered.update(n for n in (wname, bname) if n)
-            W = params[wname] if wname else module.weight.detach()
-            b = None if module.bias is None else (params[bname] if bname
-                                                  else module.bias.detach())
+            W, b, wname, bname = _affine(module, names, params, covered)
             steps.append(_Linear(W, b, prev.detach(), wname, bname))
         elif products and kind in (nn.Conv1d, nn.Conv2d):
             if module.groups != 1 or module.padding_mode != "zeros" or isinstance(
                     module.padding, str):
-                return None, f"{kind.__name__} with groups, string or non-zero padding"
-            pn = names.get(module, {})
-            wname = pn.get("weight") if pn.get("weight") in params else None
-            bname = pn.get("bias") if pn.get("bias") in params else None
-            covered.update(n for n in (wname, bname) if n)
-            W = params[wname] if wname else module.weight.detach()
-            b = None if module.bias is None else (params[bname] if bname
-                                                  else module.bias.detach())
+                return None, (f"{kind.__name__} with groups > 1, padding given as a string or "
+                              "a padding mode other than zeros")
+            W, b, wname, bname = _affine(module, names, params, covered)
             steps.append(_Conv(W, b, prev.detach(), wname, bname, tuple(module.stride),
                                tuple(module.padding), tuple(module.dilation)))
         elif products and kind is nn.Flatten:

@@ -196,7 +196,6 @@ class ChainProducts:
                 rg.add_(_grad_times(g, tangents[step.weight_name], k))
         return {name: out[name] for name in tangents}
 
-
     def _conv_forward(self, i: int, step: _Conv, r: torch.Tensor | None,
                       tangents: Mapping[str, torch.Tensor], k: int | None
                       ) -> torch.Tensor | None:
@@ -235,10 +234,12 @@ class ChainProducts:
         if k is None:  # one aten call per output gradient: weight and input parts together
             dW = tangents[step.weight_name] if step.weight_name else None
             want_input = i > 0
-            below_grad, hv, _ = _conv_backward(step, rg, a, step.weight,
-                                               (want_input, dW is not None))
+            below_grad = hv = None
+            if want_input or dW is not None:
+                below_grad, hv, _ = _conv_grads(step, rg, a, step.weight,
+                                                (want_input, dW is not None))
             if dW is not None and (below is not None or want_input):
-                other_input, other_weight, _ = _conv_backward(
+                other_input, other_weight, _ = _conv_grads(
                     step, g, a if below is None else below, step.weight if dW is None else dW,
                     (want_input, below is not None))
                 if other_weight is not None:
@@ -301,8 +302,8 @@ _CONV = {
 }
 
 
-def _conv_backward(step: _Conv, g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
-                   mask: tuple[bool, bool]) -> tuple[torch.Tensor | None, ...]:
+def _conv_grads(step: _Conv, g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                mask: tuple[bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """Input and weight gradients (as ``mask`` asks) of ``conv(a, weight)`` against ``g``."""
     zeros = (0,) * len(step.stride)
     return torch.ops.aten.convolution_backward(

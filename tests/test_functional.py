@@ -97,6 +97,26 @@ def test_tied_module_attribute_is_tied_under_functional_call():
     torch.testing.assert_close(f(new, x, x), expected, rtol=1e-14, atol=0)
 
 
+def test_private_copy_gets_its_own_parameters_back_even_when_the_forward_fails():
+    """FunctionalModel._apply swaps the given tensors in for the call only."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    model[0].bias.requires_grad_(False)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    own = {name: p for name, p in f.module.named_parameters()}
+    with pytest.raises(RuntimeError):
+        f(params, torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, 1))  # wrong width
+    assert {name: p for name, p in f.module.named_parameters()} == own
+    assert all(isinstance(p, nn.Parameter) for p in f.module.parameters())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    shifted = {k: v + 1 for k, v in params.items()}
+    expected = nn.MSELoss()(
+        torch.tanh(x @ shifted["0.weight"].T + model[0].bias) @ shifted["2.weight"].T
+        + shifted["2.bias"], x[:, :1])
+    torch.testing.assert_close(f(shifted, x, x[:, :1]), expected, rtol=1e-14, atol=0)
+    assert {name: p for name, p in f.module.named_parameters()} == own
+
+
 def test_buffers_captured_as_they_are():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
