@@ -379,6 +379,11 @@ def _derivatives(module: nn.Module, z: torch.Tensor, out: torch.Tensor
     return phi1.detach(), (torch.zeros_like(t) if phi2 is None else phi2.detach())
 
 
+#: Output widths up to which the columns of the output Hessian are plain backward passes
+#: (measured on CPU: a batched pass costs about as much as three or four plain ones).
+_PLAIN_COLUMNS = 2
+
+
 def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
                     ) -> tuple[torch.Tensor, torch.Tensor] | str:
     """Per-sample output Hessians ``(N, C, C)`` and gradients ``(N, C)``, or why not."""
@@ -395,8 +400,12 @@ def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
             return torch.zeros(N, C, C, dtype=o.dtype, device=o.device), g.detach()
         eye = torch.eye(C, dtype=o.dtype, device=o.device)
         basis = eye[:, None, :].expand(C, N, C)
-        (cols,) = torch.autograd.grad(g, o, grad_outputs=basis, retain_graph=True,
-                                      is_grads_batched=True)
+        if C <= _PLAIN_COLUMNS:  # a few plain backward passes beat one batched (vmap) pass
+            cols = torch.stack([torch.autograd.grad(g, o, grad_outputs=b, retain_graph=True)[0]
+                                for b in basis])
+        else:
+            (cols,) = torch.autograd.grad(g, o, grad_outputs=basis, retain_graph=True,
+                                          is_grads_batched=True)
         gen = torch.Generator(device=o.device).manual_seed(0)
         probe = torch.randn(N, C, generator=gen, dtype=o.dtype, device=o.device)
         (full,) = torch.autograd.grad(g, o, grad_outputs=probe)
