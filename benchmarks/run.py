@@ -8,8 +8,9 @@ For every problem and task, each implementation (hessfunc, the seed's loops in
 ``hessfunc.reference``, ``torch.autograd.functional``, plain ``torch.func``
 recipes, BackPACK, PyHessian, curvlinops, hessian-eigenthings) is run once (the
 warm-up, with its peak memory sampled), its answer checked against hessfunc's
-float64 exact answer, then timed: the median of up to ``--repeats`` calls within a
-per-case time budget (a single further call for slow ones). Loops whose estimate
+float64 exact answer, then the implementations of a task are timed side by side,
+round-robin: the median of up to ``--repeats`` rounds within a per-case time budget
+(a single further call for slow ones). Loops whose estimate
 from a partial run exceeds ``--loop-limit`` seconds are skipped with that estimate.
 Output: one markdown table per problem, and the same in JSON with ``--json``.
 """
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -120,7 +122,9 @@ def first_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float,
 
 # ------------------------------------------------------------------ measure
 def measure(task: str, case: competitors.Case, ctx: tasks.Context, ref: tasks.Reference,
-            cfg: argparse.Namespace) -> dict[str, Any]:
+            cfg: argparse.Namespace) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+    """The first call of a case (memory sampled) and the check of its answer: the record,
+    and the function to time (None when it failed, was skipped or is unavailable)."""
     rec: dict[str, Any] = {
         "task": task, "implementation": case.name, "library": case.library,
         "hessfunc": case.is_hessfunc, "settings": case.settings, "note": case.note,
@@ -129,46 +133,76 @@ def measure(task: str, case: competitors.Case, ctx: tasks.Context, ref: tasks.Re
         "estimate_s": None, "stochastic": False,
     }
     if case.status:
-        return rec
+        return rec, None
     if case.estimate is not None:
         try:
             est = case.estimate()
         except Exception as exc:  # noqa: BLE001
-            return {**rec, "status": "fails", "reason": competitors.short_reason(exc)}
+            return {**rec, "status": "fails", "reason": competitors.short_reason(exc)}, None
         rec["estimate_s"] = est
         if est > cfg.loop_limit:
-            return {**rec, "status": "skipped",
-                    "reason": f"est. {est:,.0f} s from a partial run (limit {cfg.loop_limit:g} s)"}
+            return {**rec, "status": "skipped", "reason": f"est. {est:,.0f} s from a partial "
+                    f"run (limit {cfg.loop_limit:g} s)"}, None
     try:
         out, t1, mem = first_call(case.run, ctx.device)
         converted = case.convert(out)
         chk = tasks.check(task, converted, ref, ctx)
     except Exception as exc:  # noqa: BLE001 - report, never crash
-        return {**rec, "status": "fails", "reason": competitors.short_reason(exc)}
+        return {**rec, "status": "fails", "reason": competitors.short_reason(exc)}, None
     rec.update(error=chk.error, tolerance=chk.tolerance, measure=chk.measure, memory_bytes=mem,
-               stochastic=chk.stochastic)
+               stochastic=chk.stochastic, time_s=t1, runs=1)
     if not (chk.error <= chk.tolerance):
         rec["status"] = "inaccurate"
-    runs = [0]
+    return rec, case.run
 
-    def counted() -> Any:
-        runs[0] += 1
-        return case.run()
 
-    budget = cfg.budget
-    if case.name.endswith("(unit)"):  # every ratio hangs on it: always a proper median
-        t = median_time(counted, repeats=max(cfg.repeats, 5), warmup=2, device=ctx.device,
-                        max_seconds=budget)
-    elif t1 * 3 <= budget:
-        t = median_time(counted, repeats=cfg.repeats, warmup=0, device=ctx.device,
-                        max_seconds=budget)
-    elif t1 <= budget:
-        t = median_time(counted, repeats=1, warmup=0, device=ctx.device)
-    else:  # slow: the warm-up call is the measurement
-        t, runs[0] = t1, 1
-        rec["note"] = (rec["note"] + "; " if rec["note"] else "") + "one call, incl. warm-up"
-    rec.update(time_s=t, runs=runs[0])
-    return rec
+def time_side_by_side(entries: list[tuple[dict[str, Any], Callable[[], Any] | None]],
+                      ctx: tasks.Context, cfg: argparse.Namespace) -> None:
+    """Time one task's cases side by side, filling in ``time_s`` and ``runs``.
+
+    The cases whose first call fits the budget three times over are timed round-robin,
+    after one untimed round: each round calls every one of them once, so that a drift
+    of the machine (clock speed, a busy neighbour) moves them all alike and the ratios
+    between them hold; the median of up to ``repeats`` rounds within ``budget`` seconds
+    per case. A slower case gets one more call, and one over the budget keeps its
+    first call as the measurement.
+    """
+    fast = []
+    for rec, fn in entries:
+        if fn is None:
+            continue
+        t1 = rec["time_s"]
+        if rec["implementation"].endswith("(unit)") or t1 * 3 <= cfg.budget:
+            fast.append((rec, fn))
+        elif t1 <= cfg.budget:
+            rec["time_s"] = median_time(fn, repeats=1, warmup=0, device=ctx.device)
+        else:  # slow: the first call is the measurement
+            rec["note"] = (rec["note"] + "; " if rec["note"] else "") + "one call, incl. warm-up"
+    if not fast:
+        return
+    for _, fn in fast:
+        fn()
+    rounds = max(cfg.repeats, 5 if any(r["implementation"].endswith("(unit)")
+                                       for r, _ in fast) else 1)
+    times: list[list[float]] = [[] for _ in fast]
+    start = time.perf_counter()
+    for i in range(rounds):
+        for j, (_, fn) in enumerate(fast):
+            times[j].append(_timed(fn, ctx.device))
+        if i >= 2 and time.perf_counter() - start > cfg.budget * len(fast):
+            break
+    for (rec, _), ts in zip(fast, times, strict=True):
+        rec.update(time_s=statistics.median(ts), runs=len(ts))
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def unit_case(ctx: tasks.Context) -> competitors.Case:
@@ -253,11 +287,12 @@ def _run_problem(key: str, cfg: argparse.Namespace) -> dict[str, Any]:
         cases = competitors.all_cases(task.key, ctx)
         if task.key == "gradient":
             cases.insert(0, unit_case(ctx))
-        for case in cases:
-            rec = measure(task.key, case, ctx, ref, cfg)
+        entries = [measure(task.key, case, ctx, ref, cfg) for case in cases]
+        time_side_by_side(entries, ctx, cfg)
+        for rec, _ in entries:
             results.append(rec)
             if cfg.verbose:
-                print(f"  [{key}] {task.key:16s} {case.library:26s} {case.name:45s} "
+                print(f"  [{key}] {task.key:16s} {rec['library']:26s} {rec['implementation']:45s} "
                       f"{rec['status']:10s} {_fmt_time(rec['time_s']):>9s} "
                       f"{rec['reason']}", file=sys.stderr, flush=True)
     unit = next(r["time_s"] for r in results if r["implementation"].endswith("(unit)"))

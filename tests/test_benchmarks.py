@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -119,8 +120,9 @@ def test_failing_implementation_is_reported_not_raised() -> None:
     def boom() -> None:
         raise RuntimeError("torch.eig was removed\nsecond line")
 
-    rec = run.measure("diag", competitors.Case("broken", "PyHessian", boom), ctx, ref, cfg)
-    assert rec["status"] == "fails"
+    rec, timer = run.measure("diag", competitors.Case("broken", "PyHessian", boom), ctx, ref,
+                             cfg)
+    assert rec["status"] == "fails" and timer is None
     assert rec["reason"] == "RuntimeError: torch.eig was removed"
 
 
@@ -132,8 +134,32 @@ def test_wrong_answer_is_flagged() -> None:
     case = competitors.Case("grad, not diag", "torch.func",
                             lambda: torch.func.grad(f)(params, ctx.problem.x, ctx.problem.y),
                             convert=tasks.flat)
-    rec = run.measure("diag", case, ctx, ref, cfg)
+    rec, timer = run.measure("diag", case, ctx, ref, cfg)
     assert rec["status"] == "inaccurate" and rec["error"] > rec["tolerance"]
+    assert timer is case.run  # timed all the same, flagged in the table
+
+
+def test_cases_are_timed_side_by_side() -> None:
+    """time_side_by_side: round-robin medians for fast cases, the first call for slow ones."""
+    ctx = _context()
+    cfg = run.parse_args(["--quick"])
+    calls: list[str] = []
+
+    def case(name: str, seconds: float):
+        def fn() -> None:
+            calls.append(name)
+            time.sleep(seconds)
+        return {"implementation": name, "time_s": seconds, "note": "", "runs": 1}, fn
+
+    entries = [case("a", 0.001), case("b", 0.002), case("slow", 10.0), (
+        {"implementation": "failed", "time_s": None, "note": "", "runs": 0}, None)]
+    run.time_side_by_side(entries, ctx, cfg)
+    a, b, slow, failed = (rec for rec, _ in entries)
+    assert calls[:4] == ["a", "b", "a", "b"] and "slow" not in calls   # round-robin
+    assert a["runs"] == b["runs"] == cfg.repeats
+    assert 0.001 <= a["time_s"] < b["time_s"]
+    assert slow["time_s"] == 10.0 and "one call, incl. warm-up" in slow["note"]
+    assert failed["time_s"] is None
 
 
 def test_cli_rejects_unknown_names() -> None:
