@@ -249,7 +249,7 @@ def hessfunc_cases(task: str, ctx: Context) -> list[Case]:
             c("hessfunc.hvp forward-over-reverse",
               lambda: hf.hvp(f, (params, x, y), v, mode="forward-over-reverse"), convert=flat),
             c("hessfunc.hvp_fn, per product", lambda: cached(v), convert=flat,
-              note="linearisation built once, then one backward per product"),
+              note="set up once (structured products on chains, else the gradient graph)"),
         ]
     if task == "diag":
         return [c("hessfunc.hessian_diag", lambda: hf.hessian_diag(f)(params, x, y),
@@ -291,12 +291,12 @@ def hessfunc_cases(task: str, ctx: Context) -> list[Case]:
         k = 1 if task == "eig1" else 5
         return [c("HessianOperator.eigenvalues(tol=1e-6)",
                   lambda: op().eigenvalues(k, tol=1e-6, seed=0),
-                  settings="Lanczos, full reorth., tol=1e-6 (the issue's accuracy)"),
+                  settings="Lanczos, semi-orthogonal, data span, tol=1e-6 (the issue's accuracy)"),
                 c("HessianOperator.eigenvalues", lambda: op().eigenvalues(k, seed=0),
-                  settings="Lanczos, full reorth., tol=1e-8 (default)"),
+                  settings="Lanczos, semi-orthogonal, data span, tol=1e-8 (default)"),
                 c("HessianOperator.eigenvalues(tol=1e-3)",
                   lambda: op().eigenvalues(k, tol=1e-3, seed=0),
-                  settings="Lanczos, full reorth., tol=1e-3 (PyHessian's)")]
+                  settings="Lanczos, semi-orthogonal, data span, tol=1e-3 (PyHessian's)")]
     if task == "trace":
         n = S["probes"]
         return [

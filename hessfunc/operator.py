@@ -447,7 +447,8 @@ class HessianOperator:
                     generator: torch.Generator | None = None, seed: int | None = None,
                     data_span: bool = True
                     ) -> torch.Tensor | tuple[torch.Tensor, list[Any]]:
-        """The ``k`` extreme eigenvalues by Lanczos with full reorthogonalisation.
+        """The ``k`` extreme eigenvalues by Lanczos with reorthogonalisation (NOTE
+        [semi-orthogonality] in ``hessfunc/estimators/lanczos.py``).
 
         ``tol`` is the relative accuracy of the eigenvalues (NOTE [convergence test] in
         :func:`hessfunc.estimators.lanczos_eigenvalues`). With ``return_vectors=True``
