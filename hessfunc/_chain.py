@@ -379,6 +379,21 @@ def _derivatives(module: nn.Module, z: torch.Tensor, out: torch.Tensor
     return phi1.detach(), (torch.zeros_like(t) if phi2 is None else phi2.detach())
 
 
+def _loss_graph(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
+    """``(o, dL/do with its graph, dL/do)``: products with the output Hessian by one more
+    backward pass, exact for any loss (samples may interact)."""
+    o = out.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(o, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            return "the loss is not a scalar"
+        if not loss.requires_grad:
+            return "the loss does not depend on the model output"
+        (g,) = torch.autograd.grad(loss, o, create_graph=True)
+    return o, g, g.detach()
+
+
 #: Output widths up to which the columns of the output Hessian are plain backward passes
 #: (measured on CPU: a batched pass costs about as much as three or four plain ones).
 _PLAIN_COLUMNS = 2
@@ -388,16 +403,13 @@ def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
                     ) -> tuple[torch.Tensor, torch.Tensor] | str:
     """Per-sample output Hessians ``(N, C, C)`` and gradients ``(N, C)``, or why not."""
     N, C = out.shape
-    o = out.detach().requires_grad_(True)
+    graph = _loss_graph(loss_fn, out, targets)
+    if isinstance(graph, str):
+        return graph
+    o, g, _ = graph
+    if not g.requires_grad:  # loss linear in the output
+        return torch.zeros(N, C, C, dtype=o.dtype, device=o.device), g.detach()
     with torch.enable_grad():
-        loss = loss_fn(o, targets)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            return "the loss is not a scalar"
-        if not loss.requires_grad:
-            return "the loss does not depend on the model output"
-        (g,) = torch.autograd.grad(loss, o, create_graph=True)
-        if not g.requires_grad:  # loss linear in the output
-            return torch.zeros(N, C, C, dtype=o.dtype, device=o.device), g.detach()
         eye = torch.eye(C, dtype=o.dtype, device=o.device)
         basis = eye[:, None, :].expand(C, N, C)
         if C <= _PLAIN_COLUMNS:  # a few plain backward passes beat one batched (vmap) pass
@@ -415,21 +427,6 @@ def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
     if (full - blockwise).norm() > tol * (full.norm() + blockwise.norm()):
         return "the loss couples samples (its output Hessian is not block diagonal)"
     return H.detach(), g.detach()
-
-
-def _loss_graph(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
-    """``(o, dL/do with its graph, dL/do)``: products with the output Hessian by one more
-    backward pass, exact for any loss (samples may interact)."""
-    o = out.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(o, targets)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            return "the loss is not a scalar"
-        if not loss.requires_grad:
-            return "the loss does not depend on the model output"
-        (g,) = torch.autograd.grad(loss, o, create_graph=True)
-    return o, g, g.detach()
 
 
 def _per_sample_output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any

@@ -53,6 +53,17 @@ class TiedNet(nn.Module):
         return F.linear(h, self.enc.weight.t(), self.dec_bias)
 
 
+class Residual(nn.Module):
+    """Linear layers and tanh, but with a skip connection: not a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x + torch.tanh(self.a(x)))
+
+
 def custom_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A smooth non-standard scalar loss."""
     return (torch.log1p((out - target) ** 2) + 0.1 * out.sin() * target).mean()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _helpers import assert_close, flat, oracle_loss
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import ACTIVATIONS, build_mlp, custom_loss, mlps, problems, random_like
+from strategies import ACTIVATIONS, Residual, build_mlp, custom_loss, mlps, problems, random_like
 from torch import nn
 from torch.func import vmap
 
@@ -247,14 +247,6 @@ def test_hvp_fn_method_choice():
     structured, graph = (hf.hvp_fn(f, (params, x, y), method=m) for m in ("auto", "graph"))
     assert (structured.method, graph.method) == ("structured", "graph")
     assert_close(structured(v), graph(v))
-
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.b(x + torch.tanh(self.a(x)))
 
     f, params = hf.functionalize(Residual().double(), nn.MSELoss())
     assert hf.hvp_fn(f, (params, x, y)).method == "graph"

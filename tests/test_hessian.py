@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from _helpers import assert_close, oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import ACTIVATIONS, build_mlp, custom_loss, problems
+from strategies import ACTIVATIONS, Residual, build_mlp, custom_loss, problems
 from torch import nn
 from torch.func import vmap
 
@@ -104,15 +104,6 @@ def test_structured_route_on_the_seed_network_with_frozen_layer():
     assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
     assert _chain.plan(f, (params, x, y), 0) is not None
     assert_close(hf.hessian(f, flat=True)(params, x, y), H_ref)  # structured full Hessian
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-    def forward(self, x):
-        return self.b(x + torch.tanh(self.a(x)))
 
 
 class WithLayerNorm(nn.Module):
