@@ -38,6 +38,8 @@ The route is taken only when it is provably exact for the call; every condition
 is checked, and anything else (other layers, branching, residuals, tied weights,
 in-place edits, inputs that are not one 2-D tensor, a loss that couples samples,
 a call inside a torch.func transform) falls back to the generic one-hot route.
+(Hessian-vector products, NOTE [structured products], also take convolutions and
+``Flatten``, and so inputs with more dimensions, but not a Linear layer on them.)
 The coupling of samples is detected with one random probe: the loss's output
 Hessian applied to a Gaussian ``R`` must equal the per-sample blocks applied to
 ``R``.
@@ -537,6 +539,8 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
             return None, f"{type(module).__name__} works in place"
         kind = type(module)
         if kind is nn.Linear:
+            if prev.dim() != 2:
+                return None, "a Linear layer acts on inputs with more than two dimensions"
             W, b, wname, bname = _affine(module, names, params, covered)
             steps.append(_Linear(W, b, prev.detach(), wname, bname))
         elif products and kind in (nn.Conv1d, nn.Conv2d):
@@ -568,6 +572,8 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
     if f.check_finite:  # as f itself would: the output was checked in f.output
         with torch.no_grad():
             _report_non_finite(params, inputs, f.loss_fn(out, targets), "loss")
+    if products_only and out.numel() * out.shape[1] * itemsize(out.dtype) > CHUNK_BUDGET_BYTES:
+        output = "graph"  # per-sample output Hessians too large to keep: products via the loss
     if output == "graph":
         graph = _loss_graph(f.loss_fn, out, targets)
         if isinstance(graph, str):

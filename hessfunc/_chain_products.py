@@ -40,7 +40,6 @@ from collections.abc import Mapping
 import torch
 
 from ._chain import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear
-from ._memory import CHUNK_BUDGET_BYTES, itemsize
 
 __all__ = ["ChainProducts"]
 
@@ -97,12 +96,6 @@ class ChainProducts:
             self._gradient = {name: gradient[name] for name in self._names}
         return self._gradient
 
-    @staticmethod
-    def applies(plan: ChainPlan) -> bool:
-        """Whether the cached per-sample output Hessians are small enough to keep."""
-        H = plan.out_hessian
-        return H is None or H.numel() * itemsize(H.dtype) <= CHUNK_BUDGET_BYTES
-
     def input_layer(self) -> tuple[str, torch.Tensor] | None:
         """``(weight name, inputs (N, d_in))`` of the first trainable layer, whose inputs do
         not depend on the parameters; None when its weight is frozen."""
@@ -125,6 +118,7 @@ class ChainProducts:
         first = copy.copy(self._steps[0])
         first.inputs = inputs
         out._steps = [first, *self._steps[1:]]
+        out._gradient = None  # in the restricted coordinates, if asked for
         return out
 
     def __call__(self, tangents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -450,8 +450,9 @@ class HessianOperator:
         """The ``k`` extreme eigenvalues by Lanczos with reorthogonalisation (NOTE
         [semi-orthogonality] in ``hessfunc/estimators/lanczos.py``).
 
-        ``tol`` is the relative accuracy of the eigenvalues (NOTE [convergence test] in
-        :func:`hessfunc.estimators.lanczos_eigenvalues`). With ``return_vectors=True``
+        ``tol`` bounds each eigenvalue's residual relative to it, and so its relative
+        error (NOTE [convergence test] in :func:`hessfunc.estimators.lanczos_eigenvalues`).
+        With ``return_vectors=True``
         also the eigenvectors, each as a tree like ``params``. ``data_span``: work in the
         span of the data where that is exact and cheaper (NOTE [data span]).
         """
@@ -480,6 +481,7 @@ class HessianOperator:
         kw = dict(k=k, which=which, tol=tol, return_vectors=return_vectors, generator=gen,
                   dtype=self.dtype, device=self.device)
         span = self._data_span() if data_span else None
+        spent = 0
         if span is not None and isinstance(k, int) and k < span.size:
             steps = min(span.size, DEFAULT_MAX_LANCZOS_STEPS) if max_steps is None else max_steps
             res = lanczos_eigenvalues(span.matmat, span.size, max_steps=steps, **kw)
@@ -488,9 +490,11 @@ class HessianOperator:
                 if return_vectors:
                     res = res._replace(eigenvectors=span.lift(res.eigenvectors))
                 return self._warn_unconverged(res, tol, steps)
+            spent = res.num_matvecs  # the zeros could be wanted: H itself, products counted
         steps = min(P, DEFAULT_MAX_LANCZOS_STEPS) if max_steps is None else max_steps
         res = lanczos_eigenvalues(self.matmat, P, max_steps=steps, **kw)
-        return self._warn_unconverged(res, tol, steps)
+        return self._warn_unconverged(res._replace(num_matvecs=res.num_matvecs + spent), tol,
+                                      steps)
 
     @staticmethod
     def _warn_unconverged(res: EigenResult, tol: float, steps: int) -> EigenResult:

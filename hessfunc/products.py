@@ -53,11 +53,11 @@ from ._checks import (
 from ._tree import tree_leaves
 from .errors import ArgumentError
 
-__all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES", "HVP_FN_METHODS"]
+__all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES", "PRODUCT_METHODS"]
 
 Mode = Literal["reverse-over-reverse", "forward-over-reverse"]
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
-HVP_FN_METHODS = ("auto", "structured", "graph")
+PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
 
 
@@ -67,8 +67,8 @@ def _check_mode(mode: Any, call: str) -> None:
 
 
 def _check_method(method: Any, call: str) -> None:
-    if method not in HVP_FN_METHODS:
-        raise ArgumentError(f"{call}: `method` must be one of {HVP_FN_METHODS}, got {method!r}.")
+    if method not in PRODUCT_METHODS:
+        raise ArgumentError(f"{call}: `method` must be one of {PRODUCT_METHODS}, got {method!r}.")
 
 
 def _partial(f: Callable[..., Any], primals: tuple[Any, ...], argnums: int
@@ -224,8 +224,6 @@ class HVPFunction:
         call = "hessfunc.hvp_fn"
         if method != "graph":
             plan, reason = _chain.analyze(f, primals, argnums, products_only=True)
-            if plan is not None and not ChainProducts.applies(plan):
-                plan, reason = None, "the per-sample output Hessians are too large to cache"
             if plan is not None:
                 self._chain = ChainProducts(plan)
                 self.gradient = self._chain.gradient

@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import vmap
 
 import hessfunc as hf
+from hessfunc import _chain
 from hessfunc._tree import tree_dot
 
 MODES = ["reverse-over-reverse", "forward-over-reverse"]
@@ -236,6 +237,40 @@ def test_convolutions_without_product_rules_fall_back():
     f, params = hf.functionalize(nn.Sequential(model, nn.Flatten(), nn.Linear(16, 2)).double(),
                                  nn.MSELoss())
     assert hf.hvp_fn(f, (params, torch.randn(3, 10, dtype=torch.float64), y)).method == "graph"
+
+
+def test_linear_layer_on_more_than_two_dimensions_takes_the_graph_route():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 2))
+    f, params = hf.functionalize(model.double(), nn.MSELoss())
+    x, y = torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    v = random_like(params, 0)
+    with pytest.raises(hf.ArgumentError, match="Linear layer acts on inputs with more than two"):
+        hf.hvp(f, (params, x, y), v, method="structured")
+    expected = _oracle_hvp(f, params, (x, y), v)
+    assert_close(hf.hvp(f, (params, x, y), v), expected)
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "graph"
+    assert_close(H(v), expected)
+
+
+def test_large_output_hessians_are_not_cached(monkeypatch):
+    """Per-sample (C, C) output Hessians over the memory budget are never built: the
+    structured products apply the loss Hessian through the loss's graph instead."""
+    monkeypatch.setattr(_chain, "CHUNK_BUDGET_BYTES", 100)
+    monkeypatch.setattr(_chain, "_output_hessian", None)  # would fail if called
+    torch.manual_seed(0)
+    model = build_mlp([3, 5, 4], "tanh", 0)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    f, params = hf.functionalize(model, F.cross_entropy)
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "structured" and H.chain_products._loss_graph is not None
+    vs = [random_like(params, i) for i in range(2)]
+    batched = H.batched({k: torch.stack([v[k] for v in vs]) for k in params})
+    for i, v in enumerate(vs):
+        expected = _oracle_hvp(f, params, (x, y), v)
+        assert_close(H(v), expected)
+        assert_close({k: t[i] for k, t in batched.items()}, expected)
 
 
 def test_hvp_fn_method_choice():

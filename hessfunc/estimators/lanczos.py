@@ -201,9 +201,8 @@ def lanczos_eigenvalues(
             ``torch.linalg.eigvalsh`` on the dense matrix).
         which: ``"largest"`` (algebraic), ``"magnitude"`` (absolute value) or
             ``"smallest"`` (algebraic).
-        tol: relative accuracy of the eigenvalues (and, with ``return_vectors``, the
-            relative residual ``||A v - theta v|| / |theta|`` of the vectors); see the
-            note below.
+        tol: relative tolerance on the residual ``||A v - theta v|| / |theta|``, which
+            bounds the eigenvalue's error; see the note below.
         max_steps: cap on the Krylov dimension, ``>= k``; ``None`` or anything
             above ``size`` means ``size``, where the space is complete and the
             results exact. Memory is ``(size, steps)``.
@@ -216,17 +215,14 @@ def lanczos_eigenvalues(
         :class:`EigenResult`; ``converged`` is false when ``max_steps`` ran out first.
 
     NOTE [convergence test]: a wanted Ritz value ``theta`` with Ritz vector
-    ``Q y`` has residual norm ``r = beta_m |e_m^T y|``; some eigenvalue of ``A``
-    lies within ``r`` of ``theta``, and if no other one lies within ``delta``, the
-    error is at most ``r^2 / delta`` (the Kato-Temple inequality), far smaller than
-    ``r`` once the Ritz value has converged. ``delta`` is estimated from the other
-    Ritz values, each moved toward ``theta`` by its own residual norm (where that
-    leaves no gap the estimate is ``r`` itself). Eigenvalues alone have converged
-    once ``min(r, r^2 / delta) <= tol |theta| + eps ||T||``: ``tol`` is their
-    relative accuracy. With ``return_vectors`` the Ritz vectors must be accurate
-    too, and the test is ``r <= tol |theta| + c`` (``c = sqrt(size) eps ||T||``,
-    the rounding floor of the residual, so that eigenvalues near zero can
-    converge); that test also ends a run without vectors, at the noise level.
+    ``Q y`` has converged once ``beta_m |e_m^T y| <= tol |theta| + r``, with
+    ``r = sqrt(size) eps ||T||`` the rounding floor (``eps`` of ``dtype``), so
+    that eigenvalues near zero can converge too. Then some eigenvalue of ``A``
+    lies within the bound of ``theta``, and ``||A v - theta v||`` is the bound.
+    (The sharper ``r^2 / gap`` estimate was tried and dropped: the gap to the
+    other Ritz values says nothing of an eigenvalue Lanczos has not resolved yet,
+    and with two eigenvalues ``1e-5`` apart it declared convergence at 1e3 times
+    ``tol``; the residual grows with such a mixture, so this test does not.)
     After a restart (note in :func:`lanczos`) the newest block's own extreme
     Ritz value must also converge, and an exhausted block must not hold values
     beyond the ``k``-th wanted one, since the rest of the space can only repeat
@@ -263,7 +259,7 @@ def lanczos_eigenvalues(
         # check on a schedule, and whenever an invariant subspace ends a block
         if run.num_steps < check_at and not (run.exhausted and run.num_steps >= k):
             continue
-        eigenvalues, ritz, ratio = _wanted_ritz_pairs(run, k, which, tol, return_vectors)
+        eigenvalues, ritz, ratio = _wanted_ritz_pairs(run, k, which, tol)
         converged = ratio <= 1
         if converged or run.num_steps == limit:
             break
@@ -289,8 +285,8 @@ def _steps_to_next_check(m: int, ratio: float, last: tuple[int, float] | None) -
     NOTE [check schedule]: a check (a dense eigh of ``T``) costs ``O(m^3)``, as much
     as a cheap product once ``m`` is a few dozen, so checks are spaced out. The
     error estimates fall about geometrically with the steps; from the last two
-    checks the schedule extrapolates when ``ratio`` (the largest wanted error
-    estimate over its tolerance) reaches 1, and checks then, at least one and at
+    checks the schedule extrapolates when ``ratio`` (the largest wanted residual
+    bound over its tolerance) reaches 1, and checks then, at least one and at
     most ``max(1, m / 4)`` steps ahead (that far before there is a rate).
     """
     cap = max(1, m // 4)
@@ -310,10 +306,10 @@ def _ordering_key(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def _wanted_ritz_pairs(
-    run: _LanczosRun, k: int, which: str, tol: float, vectors: bool = False
+    run: _LanczosRun, k: int, which: str, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The ``k`` wanted Ritz values, their ``(m, k)`` eigenvectors of ``T``, and the largest
-    ratio of a wanted error estimate to its tolerance (converged when at most 1)."""
+    ratio of a wanted residual bound to its tolerance (converged when at most 1)."""
     alphas, offdiag, residual = run.coefficients()
     alphas, offdiag = alphas[:, 0].double(), offdiag[:, 0].double()
     beta = residual[0].double()
@@ -322,13 +318,10 @@ def _wanted_ritz_pairs(
     order = torch.argsort(key, descending=True, stable=True)[:k]
     scale = theta.abs().max()
     floor = _roundoff(run.size, run.dtype) * scale
-    bounds = beta * ritz[-1].abs()                 # residual norm of every Ritz pair
-    wanted = tol * theta[order].abs()
-    ratios = bounds[order] / (wanted + floor)
-    if not vectors:
-        estimates = _error_estimates(theta, bounds)[order]
-        ratios = torch.minimum(ratios, estimates / (wanted + torch.finfo(run.dtype).eps * scale))
-    ratio = float(ratios.max())
+    bounds = beta * ritz[-1, order].abs()          # residual norms of the wanted pairs
+    allowed = tol * theta[order].abs() + floor
+    # 0 where met (also 0 <= 0 for a zero operator), inf where nothing is allowed
+    ratio = float(torch.where(bounds <= allowed, 0.0, bounds / allowed).max())
 
     def small(bound: torch.Tensor, value: torch.Tensor) -> bool:
         return bool((bound <= tol * value.abs() + floor).all())
@@ -346,19 +339,6 @@ def _wanted_ritz_pairs(
             done = small(beta * block_vectors[-1, top].abs(), block_theta[top])
         ratio = ratio if done else math.inf
     return theta[order], ritz[:, order], ratio
-
-
-def _error_estimates(theta: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Estimated errors ``min(r, r^2 / delta)`` of Ritz values ``theta`` with residual
-    norms ``bounds`` (NOTE [convergence test])."""
-    m = theta.shape[0]
-    if m == 1:
-        return bounds
-    distance = (theta[:, None] - theta[None, :]).abs()
-    distance.fill_diagonal_(float("inf"))
-    gap = distance.min(dim=1).values
-    quadratic = torch.where(gap > bounds, bounds**2 / gap.clamp_min(1e-300), bounds)
-    return torch.minimum(bounds, quadratic)
 
 
 def _tridiagonal_eigh(
