@@ -81,9 +81,15 @@ class _DataSpan(NamedTuple):
     """The restricted Hessian ``H_r`` of NOTE [data span]."""
 
     name: str                                   # the first layer's weight
-    basis: torch.Tensor                         # U (d_in, r)
+    reflectors: tuple[torch.Tensor, torch.Tensor]  # geqrf of the stacked inputs^T: U, lazily
     spec: FlatSpec                              # of the restricted parameters
     products: list[tuple[float, ChainProducts]]  # (batch weight, H_r of the batch)
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """``U`` ``(d_in, r)``, formed from the Householder reflectors when needed (only
+        eigenvectors need it: the products use ``a U = R^T``)."""
+        return torch.linalg.householder_product(*self.reflectors)
 
     @property
     def size(self) -> int:
@@ -295,12 +301,14 @@ class HessianOperator:
         if 10 * n > 7 * d_in:
             return None
         # a^T = U R: U has orthonormal columns spanning (a superset of) the rows of the
-        # inputs, and a U = R^T, split back into the batches
-        basis, R = torch.linalg.qr(inputs.T.to(self.dtype))
+        # inputs, and a U = R^T, split back into the batches; U itself stays in
+        # Householder form (geqrf), half the cost of forming it
+        reflectors = torch.geqrf(inputs.T.to(self.dtype))
+        R = reflectors[0][:n].triu()
         restricted = R.T.split([lay[1].shape[0] for lay in layers])
-        template = {k: (v.new_empty(v.shape[0], basis.shape[1]) if k == name else v)
+        template = {k: (v.new_empty(v.shape[0], n) if k == name else v)
                     for k, v in self.params.items()}
-        self._span = _DataSpan(name, basis, flat_spec(template),
+        self._span = _DataSpan(name, reflectors, flat_spec(template),
                                [(w, c.restricted(a)) for (w, _), c, a in zip(
                                    functions, chains, restricted, strict=True)])
         return self._span

@@ -456,10 +456,10 @@ class _LanczosRun:
             vector, beta_prev = self._next_vector()
         self._store(j, vector)
         product = self._op(vector)
-        alpha = (vector * product).sum(dim=0)
-        residual = product - alpha * vector
+        alpha = torch.linalg.vecdot(vector, product, dim=0)
+        residual = product.addcmul(vector, alpha, value=-1)
         if beta_prev is not None:
-            residual = residual - beta_prev * self._current
+            residual.addcmul_(self._current, beta_prev, value=-1)
         if self._reorthogonalize:
             residual = _project_out(residual, self._basis[:, : j + 1],
                                     semi=self._reorthogonalize == "semi")
