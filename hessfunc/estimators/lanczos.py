@@ -190,7 +190,8 @@ def lanczos_eigenvalues(
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues (and eigenvectors) of the symmetric operator ``A``.
 
-    Runs the fully reorthogonalised Lanczos process from a random start, one
+    Runs the reorthogonalised Lanczos process (fully with ``return_vectors``, else
+    semi-orthogonally, NOTE [semi-orthogonality]) from a random start, one
     product ``A q`` at a time, growing the Krylov space until the ``k`` wanted
     Ritz values converge.
 
