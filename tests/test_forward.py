@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import ACTIVATIONS as SHARED_ACTIVATIONS
 from torch import nn
 from torch.func import grad, hessian, vmap
 
@@ -83,19 +84,7 @@ def test_reference_helpers_on_closed_forms():
 # --- models --------------------------------------------------------------------------
 
 
-class Sin(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sin()
-
-
-ACTIVATIONS = {
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "softplus": nn.Softplus,
-    "gelu": nn.GELU,
-    "sin": Sin,
-    "silu": nn.SiLU,
-}
+ACTIVATIONS = {**SHARED_ACTIVATIONS, "silu": nn.SiLU}
 
 
 def make_mlp(d: int, widths: list[int], act: str, seed: int) -> nn.Module:
