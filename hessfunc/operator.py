@@ -356,9 +356,11 @@ class HessianOperator:
 
     def _product(self, v: torch.Tensor) -> torch.Tensor:
         tree = vector_to_tree(v, self._spec)
-        total = torch.zeros_like(v)
+        total = None
         for w, H in self._hvp_functions("H @ v"):
-            total += w * tree_to_vector(H(tree))
+            out = tree_to_vector(H._product(tree))
+            out = out if w == 1.0 else out.mul_(w)
+            total = out if total is None else total.add_(out)
         return total
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:

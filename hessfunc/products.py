@@ -209,10 +209,11 @@ class HVPFunction:
     see docs/benchmarks.md.
 
     Attributes:
-        gradient: the gradient at the point, structured like the argument.
-        value: f at the point (None when built on the torch.func path: inside a
-            transform, or when an input or a tensor captured by ``f`` requires grad).
         method: the route taken, ``"structured"`` or ``"graph"``.
+
+    ``gradient`` and ``value`` (properties) give the gradient and ``f`` at the point;
+    ``value`` is None when built on the torch.func path (inside a transform, or when an
+    input or a tensor captured by ``f`` requires grad).
     """
 
     def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int,
@@ -221,14 +222,15 @@ class HVPFunction:
         self._spec = pytree.tree_structure(self._primal)
         self._chain: ChainProducts | None = None
         self._vjp = None
+        self._gradient: Any = None
+        self._value: torch.Tensor | None = None
+        self._value_of: tuple[Callable[..., Any], torch.Tensor, Any] | None = None
         call = "hessfunc.hvp_fn"
         if method != "graph":
             plan, reason = _chain.analyze(f, primals, argnums, products_only=True)
             if plan is not None:
                 self._chain = ChainProducts(plan)
-                self.gradient = self._chain.gradient
-                with torch.no_grad():
-                    self.value = f.loss_fn(plan.output, primals[2]).detach()
+                self._value_of = (f.loss_fn, plan.output, primals[2])
                 self.method = "structured"
                 return
             if method == "structured":
@@ -237,6 +239,23 @@ class HVPFunction:
         self.method = "graph"
         with second_order_kernels():
             self._build(f, primals, argnums, call)
+
+    @property
+    def gradient(self) -> Any:
+        """The gradient at the point, structured like the argument (on the structured
+        route computed on first use: the products need none of it)."""
+        if self._gradient is None and self._chain is not None:
+            self._gradient = self._chain.gradient
+        return self._gradient
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        """f at the point, or None (see the class docstring)."""
+        if self._value is None and self._value_of is not None:
+            loss_fn, output, targets = self._value_of
+            with torch.no_grad():
+                self._value = loss_fn(output, targets).detach()
+        return self._value
 
     @property
     def chain_products(self) -> ChainProducts | None:
@@ -248,19 +267,22 @@ class HVPFunction:
         graph = _first_order_graph(f, primals, argnums, call) if use_autograd(primals) else None
         if graph is not None:
             self._leaves, self._grads, out = graph
-            self.value = out.detach()
+            self._value = out.detach()
             flat_g = zeros_for_none([None if g is None else g.detach() for g in self._grads],
                                     self._leaves)
-            self.gradient = pytree.tree_unflatten(flat_g, self._spec)
+            self._gradient = pytree.tree_unflatten(flat_g, self._spec)
         else:
             grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call),
                                       has_aux=False)
-            self.gradient, self._vjp = torch.func.vjp(grad_fn, self._primal)
-            self.value = None
+            self._gradient, self._vjp = torch.func.vjp(grad_fn, self._primal)
 
     def __call__(self, tangent: Any) -> Any:
         """``H v`` for one tangent structured like the argument."""
         check_like(tangent, self._primal, "tangent", "HVPFunction")
+        return self._product(tangent)
+
+    def _product(self, tangent: Any) -> Any:
+        """``H v`` for a tangent already checked (or built here) to match the argument."""
         if self._chain is not None:
             return self._chain(tangent)
         if self._vjp is not None:
