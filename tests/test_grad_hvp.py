@@ -212,6 +212,31 @@ def test_structured_products_through_convolutions_equal_oracle(net, seed, k, fro
     assert_close(H.gradient, _oracle_grad(f, params, (x, y)))
 
 
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [
+    (1, 0, 1, 3), (1, 1, 1, 3), (1, 2, 2, 3), (1, 1, 1, 1), (2, 1, 1, 3), (1, 0, 2, 2)])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_conv_input_gradient_equals_the_transposed_convolution(dim, stride, padding, dilation,
+                                                                kernel, groups):
+    """NOTE [input gradient as a convolution]: the flipped-kernel convolution (stride 1 and
+    padding <= dilation (kernel - 1)) and the fallback both give the input gradient that
+    torch computes, per group too (the k-tangent products use groups)."""
+    from hessfunc._chain_products import _conv_input_grad
+
+    g = torch.Generator().manual_seed(stride + 3 * padding + 7 * dilation + 11 * kernel)
+    c_in, c_out, size = 2 * groups, 3 * groups, 9
+    a = torch.randn(4, c_in, *[size] * dim, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, 2, *[kernel] * dim, generator=g, dtype=torch.float64)
+    conv = F.conv1d if dim == 1 else F.conv2d
+    kw = dict(stride=(stride,) * dim, padding=(padding,) * dim, dilation=(dilation,) * dim)
+    out = conv(a, weight, groups=groups, **kw)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    step = _chain._Conv(weight, None, a, "w", None, **kw)
+    expected = torch.autograd.grad(conv(a.requires_grad_(), weight, groups=groups, **kw), a,
+                                   grad_out)[0]
+    assert_close(_conv_input_grad(step, grad_out, weight, a.shape, groups=groups), expected)
+
+
 def test_convolutions_without_product_rules_fall_back():
     torch.manual_seed(0)
     x, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
