@@ -162,6 +162,35 @@ def test_lanczos_eigenvalues_meet_tol_with_and_without_vectors(spectrum, which, 
         assert (error <= tol).all(), (error, tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("which", ["largest", "magnitude", "smallest"])
+@pytest.mark.parametrize("spectrum", ["clustered", "indefinite", "uniform"])
+def test_one_eigenvalue_by_the_plain_recurrence(spectrum, which, dtype, monkeypatch):
+    """NOTE [one eigenvalue]: k = 1 without its vector keeps no basis and never
+    reorthogonalises, and meets the tolerance (above the rounding floor of NOTE
+    [convergence test]) as the run that keeps one (with the vector) does."""
+    values = {"clustered": _clustered(300), "indefinite": _indefinite(300),
+              "uniform": _uniform(300, 0.0, 1.0, seed=9)}[spectrum]
+    a = _symmetric(values, seed=7).to(dtype)
+    module = importlib.import_module("hessfunc.estimators.lanczos")
+    kept = []
+    run_class = module._LanczosRun
+    monkeypatch.setattr(module, "_LanczosRun", lambda *a, **kw: kept.append(kw) or
+                        run_class(*a, **kw))
+    tol = 1e-6 if dtype == torch.float32 else 1e-10
+    expected = _wanted(values, 1, which)
+    for vectors in (False, True):
+        result = lanczos_eigenvalues(lambda v: a @ v, 300, k=1, which=which, tol=tol,
+                                     max_steps=299, return_vectors=vectors, generator=_gen(3),
+                                     dtype=dtype)
+        assert result.converged
+        error = float((result.eigenvalues.double() - expected).abs())
+        floor = 300**0.5 * torch.finfo(dtype).eps * float(values.abs().max())
+        assert error <= tol * float(expected.abs()) + floor, (vectors, error)
+    assert [(kw["reorthogonalize"], kw["keep_basis"]) for kw in kept] == [(False, False),
+                                                                          (True, True)]
+
+
 @pytest.mark.parametrize("gap", [1e-3, 1e-5, 1e-6])
 def test_an_unresolved_neighbour_does_not_pass_for_convergence(gap):
     """NOTE [convergence test]: two top eigenvalues ``gap`` apart: until Lanczos tells them
@@ -350,7 +379,7 @@ def test_orthogonality_estimate_keeps_the_basis_semi_orthogonal(spectrum, dtype,
                              generator=_gen(0), capacity=steps)
     eps = torch.finfo(dtype).eps
     for j in range(steps):
-        estimate = run._estimate._current[0, : j - 1].copy() if j > 1 else None
+        estimate = run._estimate._current[0, 1:j].copy() if j > 1 else None
         run.step()
         if estimate is not None:   # the row of q_j, estimated a step ago, against q_0..q_(j-2)
             Q = run.basis()[0].double()
@@ -381,6 +410,28 @@ def test_a_restart_draw_inside_the_basis_span_is_drawn_again(mode):
     assert offdiag[9, 0] == 0   # the start's Krylov space became invariant at step 10
     Q = run.basis()[0]
     assert_close(Q @ Q.T, torch.eye(14, dtype=F64), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", [True, "semi"])
+def test_lanczos_storage_grows_without_changing_the_run(mode):
+    """NOTE [basis allocation]: the basis, the coefficients and the orthogonality estimate
+    start small and double; two processes at once, 40 steps from room for 1 or for 40."""
+    a = _symmetric(_clustered(100), seed=8)
+    op = Operator.from_args("test", lambda v: a @ v, 100, dtype=F64, device=None,
+                            generator=None)
+    start = torch.randn(100, 2, generator=_gen(1), dtype=F64)
+    module = importlib.import_module("hessfunc.estimators.lanczos")
+    runs = []
+    for capacity in (1, 40):
+        run = module._LanczosRun(op, start / start.norm(dim=0), reorthogonalize=mode,
+                                 keep_basis=True, generator=_gen(2), capacity=capacity)
+        for _ in range(40):
+            run.step()
+        runs.append(run)
+    small, large = runs
+    for got, expected in zip(small.coefficients(), large.coefficients(), strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(small.basis(), large.basis())
 
 
 def test_lanczos_without_reorthogonalization_for_a_few_steps():
