@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,10 +185,22 @@ def conv_nets(draw):
 
 @given(net=conv_nets(), seed=st.integers(0, 1000), k=st.integers(1, 3),
        frozen=st.sets(st.integers(0, 5), max_size=2),
-       loss=st.sampled_from(["mse", "cross-entropy", "coupled"]))
-def test_structured_products_through_convolutions_equal_oracle(net, seed, k, frozen, loss):
+       loss=st.sampled_from(["mse", "cross-entropy", "coupled"]), patches=st.booleans())
+def test_structured_products_through_convolutions_equal_oracle(net, seed, k, frozen, loss,
+                                                               patches):
     """Convolutions and Flatten have product rules (no per-sample Hessian rules): hvp and
-    hvp_fn take the structured route and agree with the oracle, one tangent or k."""
+    hvp_fn take the structured route and agree with the oracle, one tangent or k, with
+    the conv terms on patches or on aten (NOTE [convolutions as matrix products])."""
+    module = importlib.import_module("hessfunc._chain_products")
+    width = module._PATCH_WIDTH
+    module._PATCH_WIDTH = width if patches else 0
+    try:
+        _check_conv_products(net, seed, k, frozen, loss)
+    finally:
+        module._PATCH_WIDTH = width
+
+
+def _check_conv_products(net, seed, k, frozen, loss):
     model, x, out = net
     for i, p in enumerate(model.parameters()):
         if i in frozen:
@@ -235,6 +249,36 @@ def test_conv_input_gradient_equals_the_transposed_convolution(dim, stride, padd
     expected = torch.autograd.grad(conv(a.requires_grad_(), weight, groups=groups, **kw), a,
                                    grad_out)[0]
     assert_close(_conv_input_grad(step, grad_out, weight, a.shape, groups=groups), expected)
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("patches", [True, False], ids=["patches", "aten"])
+def test_conv_products_on_patches_and_on_aten_agree_with_the_oracle(dim, patches, monkeypatch):
+    """NOTE [convolutions as matrix products]: both ways of the conv terms (matrix products
+    on patches for narrow layers, aten convolutions otherwise) give the exact products,
+    one tangent or three, through strides, padding and dilation."""
+    module = importlib.import_module("hessfunc._chain_products")
+    if not patches:
+        monkeypatch.setattr(module, "_PATCH_WIDTH", 0)
+    conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    torch.manual_seed(dim)
+    model = nn.Sequential(conv(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+                          conv(3, 2, 2, padding=1, dilation=2), nn.Sigmoid(), nn.Flatten())
+    x = torch.randn(3, 2, *[9] * dim, dtype=torch.float64)
+    width = model.double()(x).shape[1]
+    model = nn.Sequential(*model, nn.Linear(width, 2)).double()
+    f, params = hf.functionalize(model, nn.MSELoss())
+    y = torch.randn(3, 2, dtype=torch.float64)
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "structured"
+    vs = [random_like(params, i) for i in range(3)]
+    batched = H.batched({key: torch.stack([v[key] for v in vs]) for key in params})
+    for i, v in enumerate(vs):
+        expected = _oracle_hvp(f, params, (x, y), v)
+        assert_close(H(v), expected)
+        assert_close({key: t[i] for key, t in batched.items()}, expected)
+    terms = H.chain_products._conv_cache
+    assert terms and all((t.patches is not None) == patches for t in terms.values())
 
 
 def test_convolutions_without_product_rules_fall_back():
