@@ -128,7 +128,8 @@ def tree_to_vector(tree: Tree) -> torch.Tensor:
         >>> tree_to_vector({"w": torch.ones(2, 2), "b": torch.zeros(1)})
         tensor([1., 1., 1., 1., 0.])
     """
-    return torch.cat([leaf.reshape(-1) for leaf in tree_leaves(tree)])
+    leaves = tree.values() if type(tree) is dict and _flat_dict(tree) else tree_leaves(tree)
+    return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
 
 def vector_to_tree(vector: torch.Tensor, spec: FlatSpec | Tree) -> Tree:
@@ -149,9 +150,17 @@ def vector_to_tree(vector: torch.Tensor, spec: FlatSpec | Tree) -> Tree:
         raise ValueError(f"vector_to_tree: vector has {vector.shape[-1]} entries in its last "
                          f"dimension, the tree has {spec.numel}")
     batch = vector.shape[:-1]
-    pieces = torch.split(vector, list(spec.numels), dim=-1)
+    pieces = torch.split(vector, spec.numels, dim=-1)
     leaves = [p.reshape((*batch, *s)) for p, s in zip(pieces, spec.shapes, strict=True)]
-    return pytree.tree_unflatten(leaves, spec.treespec)
+    treespec = spec.treespec
+    if treespec.type is dict and treespec.num_nodes == len(leaves) + 1:  # a flat dict
+        return dict(zip(treespec.context, leaves, strict=True))
+    return pytree.tree_unflatten(leaves, treespec)
+
+
+def _flat_dict(tree: dict[Any, Any]) -> bool:
+    """Whether every value of the dict is a tensor (its values are then its leaves)."""
+    return all(isinstance(v, torch.Tensor) for v in tree.values())
 
 
 def one_hot_chunks(spec: FlatSpec, chunk_size: int | None = None, *, start: int = 0,
