@@ -434,6 +434,21 @@ def test_lanczos_storage_grows_without_changing_the_run(mode):
     assert torch.equal(small.basis(), large.basis())
 
 
+@pytest.mark.parametrize("m", [1, 2, 10, 32, 33, 80])
+def test_host_tridiagonal_eigh_matches_a_dense_eigh(m):
+    """The convergence checks' eigen-decomposition of T (numpy below 33 rows, torch above)."""
+    module = importlib.import_module("hessfunc.estimators.lanczos")
+    g = _gen(m)
+    alphas, offdiag = torch.randn(m, generator=g, dtype=F64), torch.rand(m - 1, generator=g,
+                                                                         dtype=F64)
+    T = torch.diag(alphas) + torch.diag(offdiag, 1) + torch.diag(offdiag, -1)
+    theta, vectors = module._host_tridiagonal_eigh(alphas.numpy(), offdiag.numpy())
+    assert_close(torch.from_numpy(theta), torch.linalg.eigvalsh(T))
+    vectors = torch.from_numpy(vectors)
+    assert_close(T @ vectors, vectors * torch.from_numpy(theta))
+    assert_close(vectors.T @ vectors, torch.eye(m, dtype=F64))
+
+
 def test_lanczos_without_reorthogonalization_for_a_few_steps():
     a = _symmetric(_uniform(60, 1.0, 2.0, seed=12), seed=12)
     start = torch.randn(60, generator=_gen(6), dtype=F64)

@@ -330,8 +330,7 @@ def _wanted_ritz_pairs(
     the largest ratio of a wanted residual bound to its tolerance (converged when at most
     1). All on the host: ``T`` is small."""
     alphas, offdiag, beta = run.host_coefficients()
-    theta, ritz = (t.numpy() for t in _tridiagonal_eigh(torch.from_numpy(alphas),
-                                                         torch.from_numpy(offdiag)))
+    theta, ritz = _host_tridiagonal_eigh(alphas, offdiag)
     key = _ordering_key(theta, which)
     order = np.argsort(-key, kind="stable")[:k]
     floor = _roundoff(run.size, run.dtype) * float(np.abs(theta).max())
@@ -347,8 +346,7 @@ def _wanted_ritz_pairs(
     restarts = np.flatnonzero(offdiag == 0)
     block = int(restarts[-1]) + 1 if len(restarts) else 0
     if ratio <= 1 and (block > 0 or run.exhausted):
-        block_theta, block_vectors = (t.numpy() for t in _tridiagonal_eigh(
-            torch.from_numpy(alphas[block:]), torch.from_numpy(offdiag[block:])))
+        block_theta, block_vectors = _host_tridiagonal_eigh(alphas[block:], offdiag[block:])
         block_key = _ordering_key(block_theta, which)
         if run.exhausted:
             kth = key[order[-1]]
@@ -372,6 +370,24 @@ def _tridiagonal_eigh(
     matrix.diagonal(1, -2, -1).copy_(offdiag)
     matrix.diagonal(-1, -2, -1).copy_(offdiag)
     return torch.linalg.eigh(matrix)
+
+
+def _host_tridiagonal_eigh(alphas: np.ndarray, offdiag: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of one symmetric tridiagonal matrix given on the host (float64):
+    ascending eigenvalues ``(m,)`` and eigenvectors ``(m, m)`` as columns. numpy's LAPACK
+    call costs less than torch's up to a few dozen rows (the convergence checks of short
+    runs, measured 55 against 77 us at m = 10), torch's less above (283 against 474 us at
+    m = 77)."""
+    m = alphas.shape[0]
+    if m > 32:
+        theta, vectors = _tridiagonal_eigh(torch.from_numpy(alphas), torch.from_numpy(offdiag))
+        return theta.numpy(), vectors.numpy()
+    matrix = np.zeros((m, m))
+    matrix.flat[:: m + 1] = alphas
+    matrix.flat[1 :: m + 1] = offdiag
+    matrix.flat[m :: m + 1] = offdiag
+    return np.linalg.eigh(matrix)
 
 
 def _initial_capacity(limit: int, first_check: int, size: int, dtype: torch.dtype) -> int:
