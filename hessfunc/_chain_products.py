@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -125,14 +125,21 @@ class ChainProducts:
         out._conv_cache = {}
         return out
 
-    def __call__(self, tangents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, tangents: Mapping[str, torch.Tensor],
+                 wanted: Collection[str] | None = None) -> dict[str, torch.Tensor]:
         """``H v`` for tangents ``{name: shape}``, or ``H V`` for ``{name: (k, *shape)}``
         (all with or all without the leading ``k``); the result has the same layout.
 
-        One tangent runs on ``(N, d)`` directional derivatives; ``k`` tangents on
-        sample-major ``(N, k, d)`` ones, so that every sum over samples or features
-        is one GEMM for all ``k`` at once.
+        A parameter missing from ``tangents`` has a zero tangent. ``wanted``: the
+        parameters whose products to return, default those in ``tangents``; the
+        forward pass starts at the first layer with a tangent and the backward pass
+        stops at the last wanted one (one leaf's own block rows cost a fraction of a
+        full product). One tangent runs on ``(N, d)`` directional derivatives; ``k``
+        tangents on sample-major ``(N, k, d)`` ones, so that every sum over samples or
+        features is one GEMM for all ``k`` at once.
         """
+        order = list(tangents if wanted is None else wanted)  # the result's key order
+        wanted = set(order)
         first = next(iter(tangents))
         k = (tangents[first].shape[0]
              if tangents[first].dim() == self._params_dim[first] + 1 else None)
@@ -152,19 +159,22 @@ class ChainProducts:
                 r = self._conv_forward(i, step, r, tangents, k)
                 continue
             z = None if r is None else r @ step.weight.T
-            if step.weight_name:
+            if step.weight_name in tangents:
                 t = _input_times(step.inputs, tangents[step.weight_name], k)
                 z = t if z is None else z.add_(t)
-            if step.bias_name:
+            if step.bias_name in tangents:
                 db = tangents[step.bias_name]
                 shape = (step.inputs.shape[0], *db.shape)
                 z = db.expand(shape) if z is None else z.add_(db)
             r = z
-        if r is None:  # no trainable parameter reaches the output
-            return {name: torch.zeros_like(t) for name, t in tangents.items()}
+        if r is None:  # no tangent reaches the output
+            return {name: self._zeros(name, k) for name in order}
+        layers = [i for i, step in enumerate(steps) if isinstance(step, (_Linear, _Conv))
+                  and {step.weight_name, step.bias_name} & wanted]
+        lowest = layers[0] if layers else len(steps)
         rg = self._output_product(r, k)               # R{g_o}[n] = H_o[n] R{o}[n]
         out: dict[str, torch.Tensor] = {}
-        for i in range(len(steps) - 1, -1, -1):
+        for i in range(len(steps) - 1, lowest - 1, -1):
             step = steps[i]
             if isinstance(step, _Elementwise):
                 rg = per(step.phi1) * rg
@@ -175,24 +185,32 @@ class ChainProducts:
                 rg = rg.reshape(*rg.shape[:1 if k is None else 2], *step.shape)
                 continue
             if isinstance(step, _Conv):
-                rg = self._conv_backward(i, step, rg, below[i], tangents, out, k)
-                if i == 0:
-                    break
+                rg = self._conv_backward(i, step, rg, below[i], tangents, out, k, wanted,
+                                         last=i == lowest)
                 continue
             g = self._grads[i]
-            if step.weight_name:  # R{g_z}^T a + g_z^T R{a}, summed over samples
+            if step.weight_name in wanted:  # R{g_z}^T a + g_z^T R{a}, summed over samples
                 hv = _sample_sum(rg, step.inputs, k)
                 if below[i] is not None:
                     hv.add_(_sample_sum(g, below[i], k, batched_right=True))
                 out[step.weight_name] = hv
-            if step.bias_name:
+            if step.bias_name in wanted:
                 out[step.bias_name] = rg.sum(0)
-            if i == 0:
+            if i == lowest:
                 break
             rg = rg @ step.weight
-            if step.weight_name:  # + g_z dW
+            if step.weight_name in tangents:  # + g_z dW
                 rg.add_(_grad_times(g, tangents[step.weight_name], k))
-        return {name: out[name] for name in tangents}
+        return {name: out[name] if name in out else self._zeros(name, k) for name in order}
+
+    def _zeros(self, name: str, k: int | None) -> torch.Tensor:
+        """A zero product for parameter ``name``, ``(k, *shape)`` with ``k`` tangents."""
+        for step in self._steps:
+            for own, p in ((getattr(step, "weight_name", None), getattr(step, "weight", None)),
+                           (getattr(step, "bias_name", None), getattr(step, "bias", None))):
+                if own == name:
+                    return p.new_zeros(p.shape if k is None else (k, *p.shape))
+        raise KeyError(name)
 
     def _conv_terms(self, i: int, step: _Conv) -> _ConvTerms:
         """The products with the cached ``a`` and ``g`` of conv step ``i``, built once."""
@@ -210,7 +228,7 @@ class ChainProducts:
         n, out_shape = step.inputs.shape[0], self._grads[i].shape[1:]
         terms = self._conv_terms(i, step)
         z = None
-        merged = (k is None and r is not None and step.weight_name is not None
+        merged = (k is None and r is not None and step.weight_name in tangents
                   and terms.patches is None)
         if merged:  # one convolution over both parts' channels
             z = conv(torch.cat([r, step.inputs], dim=1),
@@ -218,10 +236,10 @@ class ChainProducts:
         elif r is not None:
             z = conv(r if k is None else r.flatten(0, 1), step.weight, **kw)
             z = z if k is None else z.view(n, k, *out_shape)
-        if step.weight_name and not merged:
+        if step.weight_name in tangents and not merged:
             t = terms.forward(tangents[step.weight_name], k)
             z = t if z is None else z.add_(t)
-        if step.bias_name:
+        if step.bias_name in tangents:
             db = tangents[step.bias_name]
             db = db.view(*db.shape, *[1] * (len(out_shape) - 1))
             full = (n, *out_shape) if k is None else (n, k, *out_shape)
@@ -230,19 +248,18 @@ class ChainProducts:
 
     def _conv_backward(self, i: int, step: _Conv, rg: torch.Tensor, below: torch.Tensor | None,
                        tangents: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor],
-                       k: int | None) -> torch.Tensor:
-        """Weight and bias products at a convolution, and ``R{g_a}`` below it:
-        the transposes of the forward rule, as for a Linear layer."""
+                       k: int | None, wanted: Collection[str], last: bool) -> torch.Tensor:
+        """Weight and bias products at a convolution, and ``R{g_a}`` below it unless it is
+        the ``last`` step down: the transposes of the forward rule, as for a Linear layer."""
         terms = self._conv_terms(i, step)
-        dW = tangents[step.weight_name] if step.weight_name else None
-        if dW is not None:  # sum_n R{g_z} * a + g_z * R{a}, as weight gradients
+        if step.weight_name in wanted:  # sum_n R{g_z} * a + g_z * R{a}, as weight gradients
             hv = terms.weight_from_output(rg, k)
             if below is not None:
                 hv.add_(terms.weight_from_input(below, k))
             out[step.weight_name] = hv
-        if step.bias_name:
+        if step.bias_name in wanted:
             out[step.bias_name] = rg.sum([0, *range(2 if k is None else 3, rg.dim())])
-        if i == 0:
+        if last:
             return rg
         a = step.inputs
         if k is None:
@@ -251,8 +268,8 @@ class ChainProducts:
             below_grad = _conv_input_grad(step, rg.flatten(0, 1), step.weight,
                                           (a.shape[0] * k, *a.shape[1:]))
             below_grad = below_grad.view(a.shape[0], k, *a.shape[1:])
-        if dW is not None:  # + g_z through dW
-            below_grad.add_(terms.input_from_weight(dW, k))
+        if step.weight_name in tangents:  # + g_z through dW
+            below_grad.add_(terms.input_from_weight(tangents[step.weight_name], k))
         return below_grad
 
     def _output_product(self, r: torch.Tensor, k: int | None) -> torch.Tensor:

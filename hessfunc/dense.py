@@ -20,7 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _chain
-from ._checks import check_argnums, check_callable, check_chunk_size, check_floating, wrap_scalar
+from ._checks import check_argnums, check_callable, check_chunk_size, check_floating
 from ._memory import auto_chunk_size, check_dense, itemsize
 from ._tree import FlatSpec, flat_spec, one_hot_chunks
 from .products import HVPFunction
@@ -96,7 +96,7 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
             M = plan.full(chunk_size)
             return M if flat else _nest(M, args[a], spec)
         chunk = chunk_size or auto_chunk_size(P, 4 * P * itemsize(spec.dtype))
-        H = HVPFunction(wrap_scalar(f, call), args, a)
+        H = HVPFunction(f, args, a, call=call)  # structured products where they apply
         rows = []
         for _, _, basis in one_hot_chunks(spec, chunk):
             out = pytree.tree_leaves(H.batched(basis))
@@ -164,7 +164,7 @@ def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int |
         plan = _chain.plan(f, args, a)
         if plan is not None:
             return plan.blocks(chunk_size)
-        H = HVPFunction(wrap_scalar(f, call), args, a)
+        H = HVPFunction(f, args, a, call=call)  # structured products where they apply
         return pytree.tree_unflatten(_generic_blocks(H, spec, chunk_size), spec.treespec)
 
     return blocks_f

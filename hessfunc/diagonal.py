@@ -22,7 +22,6 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _chain
-from ._checks import wrap_scalar
 from ._memory import check_dense
 from ._tree import FlatSpec
 from .dense import _prepare, leaf_block_rows
@@ -123,7 +122,7 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
                 rows = [one(args[0], *pytree.tree_map(lambda t, i=i: t[i], batch))
                         for i in range(n)]
                 return pytree.tree_map(lambda *t: torch.stack(t), *rows)
-        H = HVPFunction(wrap_scalar(f, call), args, a)
+        H = HVPFunction(f, args, a, call=call)  # structured products where they apply
         return pytree.tree_unflatten(_generic_diag(H, spec, chunk_size), spec.treespec)
 
     return diag_f

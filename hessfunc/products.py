@@ -217,7 +217,7 @@ class HVPFunction:
     """
 
     def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int,
-                 method: str = "auto"):
+                 method: str = "auto", call: str = "hessfunc.hvp_fn"):
         self._primal = primals[argnums]
         self._spec = pytree.tree_structure(self._primal)
         self._chain: ChainProducts | None = None
@@ -225,7 +225,6 @@ class HVPFunction:
         self._gradient: Any = None
         self._value: torch.Tensor | None = None
         self._value_of: tuple[Callable[..., Any], torch.Tensor, Any] | None = None
-        call = "hessfunc.hvp_fn"
         if method != "graph":
             plan, reason = _chain.analyze(f, primals, argnums, products_only=True)
             if plan is not None:
@@ -298,12 +297,9 @@ class HVPFunction:
         ``(k, *leaf.shape)``; the result has the same shape. Only the leaf's own
         gradient is differentiated, and only with respect to that leaf.
         """
-        if self._chain is not None:
-            names = list(self._primal)
-            tree = {k: (tangents if i == index else
-                        tangents.new_zeros((tangents.shape[0], *self._primal[k].shape)))
-                    for i, k in enumerate(names)}
-            return self._chain(tree)[names[index]]
+        if self._chain is not None:  # the other leaves' tangents are zero and not wanted
+            name = list(self._primal)[index]
+            return self._chain({name: tangents}, wanted=(name,))[name]
         if self._vjp is not None:
             leaves, spec = pytree.tree_flatten(self._primal)
 

@@ -281,6 +281,27 @@ def test_conv_products_on_patches_and_on_aten_agree_with_the_oracle(dim, patches
     assert terms and all((t.patches is not None) == patches for t in terms.values())
 
 
+def test_structured_products_keep_key_order_and_take_partial_tangents():
+    """ChainProducts returns products in the tangents' order (flat vectors are built from
+    it), treats missing tangents as zero and computes only the ``wanted`` products."""
+    model = build_mlp([3, 4, 4, 2], "tanh", seed=0)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    chain = hf.hvp_fn(f, (params, x, y)).chain_products
+    v = random_like(params, 1)
+    full = chain(v)
+    assert list(full) == list(params)
+    backwards = dict(reversed(list(v.items())))
+    assert list(chain(backwards)) == list(backwards)
+    name = list(params)[2]
+    zero_elsewhere = {n: t if n == name else torch.zeros_like(t) for n, t in v.items()}
+    expected = chain(zero_elsewhere)
+    partial = chain({name: v[name]}, wanted=[list(params)[0], name])
+    assert list(partial) == [list(params)[0], name]
+    for key in partial:
+        assert_close(partial[key], expected[key])
+
+
 def test_convolutions_without_product_rules_fall_back():
     torch.manual_seed(0)
     x, y = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)

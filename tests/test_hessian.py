@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,31 @@ def test_full_blocks_diag_equal_oracle_and_each_other(prob):
             assert_close(nested[a][b].reshape(n, pb.numel()), H[sl, col:col + pb.numel()])
             col += pb.numel()
         lo += n
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_convolution_chains_take_structured_products_and_are_exact(dim, monkeypatch):
+    """Convolutions have product rules but no per-sample Hessian rules: the full Hessian,
+    the blocks and the diagonal of a conv chain come from batched structured products on
+    one-hot tangents (NOTE [structured products]), equal to the oracle."""
+    methods = []
+    real = importlib.import_module("hessfunc.products").HVPFunction
+    for module in ("hessfunc.dense", "hessfunc.diagonal"):
+        monkeypatch.setattr(importlib.import_module(module), "HVPFunction",
+                            lambda *a, **kw: methods.append(real(*a, **kw)) or methods[-1])
+    conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    torch.manual_seed(dim)
+    body = nn.Sequential(conv(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+                         conv(3, 2, 2, padding=1, dilation=2), nn.Sigmoid(), nn.Flatten())
+    x = torch.randn(3, 2, *[7] * dim, dtype=torch.float64)
+    model = nn.Sequential(*body, nn.Linear(body.double()(x).shape[1], 3)).double()
+    f, params = hf.functionalize(model, F.cross_entropy)
+    batch = (x, torch.tensor([0, 2, 1]))
+    H_ref, blocks_ref, diag_ref = _oracle(f, params, batch)
+    assert_close(hf.hessian(f, flat=True, chunk_size=5)(params, *batch), H_ref)
+    assert_close(hf.hessian_blocks(f)(params, *batch), blocks_ref)
+    assert_close(hf.hessian_diag(f)(params, *batch), diag_ref)
+    assert [H.method for H in methods] == ["structured"] * 3
 
 
 class SimpleNet(nn.Module):
