@@ -77,6 +77,9 @@ class ChainProducts:
         self._params_dim = {name: p.dim() for name, p in plan.params.items()}
         self._gradient: dict[str, torch.Tensor] | None = None
         self._conv_cache: dict[int, _ConvTerms] = {}
+        self._layer_of = {name: i for i, step in enumerate(self._steps)   # parameter -> step
+                          for name in (getattr(step, "weight_name", None),
+                                       getattr(step, "bias_name", None)) if name}
 
     @property
     def gradient(self) -> dict[str, torch.Tensor]:
@@ -169,9 +172,7 @@ class ChainProducts:
             r = z
         if r is None:  # no tangent reaches the output
             return {name: self._zeros(name, k) for name in order}
-        layers = [i for i, step in enumerate(steps) if isinstance(step, (_Linear, _Conv))
-                  and {step.weight_name, step.bias_name} & wanted]
-        lowest = layers[0] if layers else len(steps)
+        lowest = min((self._layer_of[name] for name in wanted), default=len(steps))
         rg = self._output_product(r, k)               # R{g_o}[n] = H_o[n] R{o}[n]
         out: dict[str, torch.Tensor] = {}
         for i in range(len(steps) - 1, lowest - 1, -1):
