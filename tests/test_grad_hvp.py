@@ -32,6 +32,18 @@ def _oracle_hvp(f, params, batch, v):
     return dict(zip(params, hv, strict=True))
 
 
+def _check_products(H, f, params, batch, vs, *, single=False):
+    """``H(v)``, the batched ``H`` (and with ``single`` one ``hvp`` on the structured
+    route) equal the oracle for every tangent in ``vs``."""
+    batched = H.batched({k: torch.stack([v[k] for v in vs]) for k in params})
+    for i, v in enumerate(vs):
+        expected = _oracle_hvp(f, params, batch, v)
+        if single:
+            assert_close(hf.hvp(f, (params, *batch), v, method="structured"), expected)
+        assert_close(H(v), expected)
+        assert_close({k: t[i] for k, t in batched.items()}, expected)
+
+
 @given(problems())
 def test_grad_equals_oracle(prob):
     f, params = hf.functionalize(prob.model, prob.loss_fn)
@@ -108,11 +120,7 @@ def test_hvp_fn_structured_route_equals_oracle(model, n, seed, loss, frozen, k):
     user_defined = any(isinstance(m, ACTIVATIONS["sin"]) for m in model)  # no known rule
     assert H.method == ("graph" if user_defined else "structured")
     vs = [random_like(params, seed + i) for i in range(k)]
-    batched = H.batched({key: torch.stack([v[key] for v in vs]) for key in params})
-    for i, v in enumerate(vs):
-        expected = _oracle_hvp(f, params, (x, y), v)
-        assert_close(H(v), expected)
-        assert_close({key: t[i] for key, t in batched.items()}, expected)
+    _check_products(H, f, params, (x, y), vs)
     assert_close(H.gradient, _oracle_grad(f, params, (x, y)))
     assert torch.allclose(H.value, f(params, x, y), rtol=1e-12, atol=0)
     for index, key in enumerate(params):  # rows of each parameter's own block
@@ -217,12 +225,7 @@ def _check_conv_products(net, seed, k, frozen, loss):
     H = hf.hvp_fn(f, (params, x, y))
     if loss != "coupled":  # (a coupling loss takes the graph route unless N = 1)
         assert H.method == "structured"
-    batched = H.batched({key: torch.stack([v[key] for v in vs]) for key in params})
-    for i, v in enumerate(vs):
-        expected = _oracle_hvp(f, params, (x, y), v)
-        assert_close(hf.hvp(f, (params, x, y), v, method="structured"), expected)
-        assert_close(H(v), expected)
-        assert_close({key: t[i] for key, t in batched.items()}, expected)
+    _check_products(H, f, params, (x, y), vs, single=True)
     assert_close(H.gradient, _oracle_grad(f, params, (x, y)))
 
 
@@ -271,12 +274,7 @@ def test_conv_products_on_patches_and_on_aten_agree_with_the_oracle(dim, patches
     y = torch.randn(3, 2, dtype=torch.float64)
     H = hf.hvp_fn(f, (params, x, y))
     assert H.method == "structured"
-    vs = [random_like(params, i) for i in range(3)]
-    batched = H.batched({key: torch.stack([v[key] for v in vs]) for key in params})
-    for i, v in enumerate(vs):
-        expected = _oracle_hvp(f, params, (x, y), v)
-        assert_close(H(v), expected)
-        assert_close({key: t[i] for key, t in batched.items()}, expected)
+    _check_products(H, f, params, (x, y), [random_like(params, i) for i in range(3)])
     terms = H.chain_products._conv_cache
     assert terms and all((t.patches is not None) == patches for t in terms.values())
 
@@ -355,12 +353,7 @@ def test_large_output_hessians_are_not_cached(monkeypatch):
     f, params = hf.functionalize(model, F.cross_entropy)
     H = hf.hvp_fn(f, (params, x, y))
     assert H.method == "structured" and H.chain_products._loss_graph is not None
-    vs = [random_like(params, i) for i in range(2)]
-    batched = H.batched({k: torch.stack([v[k] for v in vs]) for k in params})
-    for i, v in enumerate(vs):
-        expected = _oracle_hvp(f, params, (x, y), v)
-        assert_close(H(v), expected)
-        assert_close({k: t[i] for k, t in batched.items()}, expected)
+    _check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
 
 
 def test_hvp_fn_method_choice():
