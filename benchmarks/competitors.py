@@ -289,14 +289,15 @@ def hessfunc_cases(task: str, ctx: Context) -> list[Case]:
                   lambda: hf.hessian(f, flat=True)(params, x, y))]
     if task in ("eig1", "eig5"):
         k = 1 if task == "eig1" else 5
+        how = "Lanczos, " + ("plain recurrence" if k == 1 else "semi-orthogonal") + ", data span"
         return [c("HessianOperator.eigenvalues(tol=1e-6)",
                   lambda: op().eigenvalues(k, tol=1e-6, seed=0),
-                  settings="Lanczos, semi-orthogonal, data span, tol=1e-6 (the issue's accuracy)"),
+                  settings=f"{how}, tol=1e-6 (the issue's accuracy)"),
                 c("HessianOperator.eigenvalues", lambda: op().eigenvalues(k, seed=0),
-                  settings="Lanczos, semi-orthogonal, data span, tol=1e-8 (default)"),
+                  settings=f"{how}, tol=1e-8 (default)"),
                 c("HessianOperator.eigenvalues(tol=1e-3)",
                   lambda: op().eigenvalues(k, tol=1e-3, seed=0),
-                  settings="Lanczos, semi-orthogonal, data span, tol=1e-3 (PyHessian's)")]
+                  settings=f"{how}, tol=1e-3 (PyHessian's)")]
     if task == "trace":
         n = S["probes"]
         return [

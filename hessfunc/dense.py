@@ -68,7 +68,8 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
     of Linear layers and elementwise activations with a loss that is a sum over
     samples, the whole matrix is assembled from per-sample Hessians propagated
     backward (NOTE [full Hessian] in ``hessfunc/_chain.py``); otherwise from
-    batched Hessian rows ``H e_i`` of a gradient graph built once.
+    batched Hessian rows ``H e_i`` of :func:`hessfunc.hvp_fn` (structured products on
+    chains with convolutions, else a gradient graph built once).
 
     Returns:
         For a tensor ``p``: shape ``p.shape + p.shape``. For a dict or tuple of

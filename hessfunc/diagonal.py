@@ -7,8 +7,10 @@ Two exact routes (NOTE [structured route] in ``hessfunc/_chain.py``):
   layer. Applies to models made by :func:`hessfunc.functionalize` that are such
   a chain, with a loss that is a sum over samples.
 * ``"generic"``: for each leaf, chunks of one-hot tangents ``e_i`` pushed through
-  one batched backward pass of a gradient graph built once; row ``i`` of the
-  leaf's own block gives ``H_ii``. Works for every ``f``, under ``vmap`` too.
+  the products of :func:`hessfunc.hvp_fn` (the R-operator on Linear/convolution
+  chains, NOTE [structured products]; else one batched backward pass of a gradient
+  graph built once); row ``i`` of the leaf's own block gives ``H_ii``. Works for
+  every ``f``, under ``vmap`` too.
 
 ``method="auto"`` (the default) takes the structured route when it applies.
 """
