@@ -170,7 +170,7 @@ class ChainProducts:
                 shape = (step.inputs.shape[0], *db.shape)
                 z = db.expand(shape) if z is None else z.add_(db)
             r = z
-        if r is None:  # no tangent reaches the output
+        if r is None:  # no tangent reaches the output (not for a verified chain)
             return {name: self._zeros(name, k) for name in order}
         lowest = min((self._layer_of[name] for name in wanted), default=len(steps))
         rg = self._output_product(r, k)               # R{g_o}[n] = H_o[n] R{o}[n]
@@ -202,15 +202,21 @@ class ChainProducts:
             rg = rg @ step.weight
             if step.weight_name in tangents:  # + g_z dW
                 rg.add_(_grad_times(g, tangents[step.weight_name], k))
-        return {name: out[name] if name in out else self._zeros(name, k) for name in order}
+        return {name: out[name] for name in order}   # every wanted layer was passed
 
     def _zeros(self, name: str, k: int | None) -> torch.Tensor:
-        """A zero product for parameter ``name``, ``(k, *shape)`` with ``k`` tangents."""
+        """A zero product for parameter ``name``, ``(k, *shape)`` with ``k`` tangents (a
+        Linear weight as ``(out, inputs)``: ``(out, r)`` after :meth:`restricted`)."""
         for step in self._steps:
-            for own, p in ((getattr(step, "weight_name", None), getattr(step, "weight", None)),
-                           (getattr(step, "bias_name", None), getattr(step, "bias", None))):
-                if own == name:
-                    return p.new_zeros(p.shape if k is None else (k, *p.shape))
+            weight, bias = getattr(step, "weight", None), getattr(step, "bias", None)
+            if name == getattr(step, "bias_name", None):
+                shape = bias.shape
+            elif name == getattr(step, "weight_name", None):
+                shape = ((weight.shape[0], step.inputs.shape[1]) if isinstance(step, _Linear)
+                         else weight.shape)
+            else:
+                continue
+            return weight.new_zeros(shape if k is None else (k, *shape))
         raise KeyError(name)
 
     def _conv_terms(self, i: int, step: _Conv) -> _ConvTerms:

@@ -298,6 +298,12 @@ def test_structured_products_keep_key_order_and_take_partial_tangents():
     assert list(partial) == [list(params)[0], name]
     for key in partial:
         assert_close(partial[key], expected[key])
+    # zero products keep each parameter's shape, the first weight's restricted one too
+    first = list(params)[0]
+    restricted = chain.restricted(x[:, :2])
+    assert restricted._zeros(first, None).shape == (params[first].shape[0], 2)
+    assert restricted._zeros(first, 3).shape == (3, params[first].shape[0], 2)
+    assert chain._zeros(name, None).shape == params[name].shape
 
 
 def test_convolutions_without_product_rules_fall_back():
