@@ -476,9 +476,11 @@ class _LanczosRun:
         self._start = start
         self._current = start
         self._residual = start
-        # the coefficients, on the host in float64 (each step brings them there anyway)
-        self._alphas = np.zeros((width, max(1, capacity)))
-        self._betas = np.zeros((width, max(1, capacity)))
+        # the coefficients, on the host in float64 (each step brings them there anyway);
+        # column c + 1 holds step c and column 0 is a zero pad (beta_(-1) = 0), the layout
+        # the orthogonality estimate reads them in
+        self._alphas = np.zeros((width, max(1, capacity) + 1))
+        self._betas = np.zeros((width, max(1, capacity) + 1))
         self._beta = start.new_zeros(width)           # the last beta, on the device
         self._last_beta = np.zeros(width)
         self._scale = np.zeros(width)                 # running estimate of ||A||
@@ -511,7 +513,8 @@ class _LanczosRun:
         # test and the orthogonality estimate are a few scalars per process
         a, b = np.array(alpha.tolist()), np.array(beta.tolist())
         self._scale = np.maximum(self._scale, np.abs(a) + b + self._last_beta)
-        if self._estimate is not None and self._estimate.advance(a, b, self._scale):
+        if self._estimate is not None and self._estimate.advance(
+                a, b, self._scale, self._alphas, self._betas):
             residual = _project_out(residual, self._basis[:, : j + 1])
             beta = torch.linalg.vector_norm(residual, dim=0)
             b = np.array(beta.tolist())
@@ -519,24 +522,24 @@ class _LanczosRun:
         self._breakdown = b <= self._breakdown_tol * self._scale
         self._last_beta = b
         self._current, self._residual, self._beta = vector, residual, beta
-        if j == self._alphas.shape[1]:
+        if j + 1 == self._alphas.shape[1]:
             self._alphas, self._betas = (np.concatenate([c, np.zeros_like(c)], axis=1)
                                          for c in (self._alphas, self._betas))
-        self._alphas[:, j], self._betas[:, j] = a, b
+        self._alphas[:, j + 1], self._betas[:, j + 1] = a, b
         self.num_steps += 1
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``alphas (m, b)``, off-diagonal ``betas (m - 1, b)`` and residual norms ``(b,)``,
         in the run's dtype and on its device."""
         m = self.num_steps
-        alphas, betas = (torch.from_numpy(c[:, :m].T.copy()).to(
+        alphas, betas = (torch.from_numpy(c[:, 1 : m + 1].T.copy()).to(
             device=self._start.device, dtype=self.dtype) for c in (self._alphas, self._betas))
         return alphas, betas[:-1], betas[-1]
 
     def host_coefficients(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Of the first process: ``alphas (m,)``, ``betas (m - 1,)`` and ``beta_m``, float64."""
         m = self.num_steps
-        return self._alphas[0, :m], self._betas[0, : m - 1], float(self._betas[0, m - 1])
+        return self._alphas[0, 1 : m + 1], self._betas[0, 1:m], float(self._betas[0, m])
 
     def basis(self) -> torch.Tensor:
         """The ``(b, m, size)`` orthonormal bases (rows), if kept."""
@@ -548,7 +551,7 @@ class _LanczosRun:
             return self._residual / beta, beta
         broken = torch.as_tensor(self._breakdown, device=beta.device)
         beta = torch.where(broken, torch.zeros_like(beta), beta)
-        self._betas[self._breakdown, self.num_steps - 1] = 0.0
+        self._betas[self._breakdown, self.num_steps] = 0.0
         self._last_beta = np.where(self._breakdown, 0.0, self._last_beta)
         vector = self._residual / torch.where(broken, torch.ones_like(beta), beta)
         if self._reorthogonalize:
@@ -585,11 +588,12 @@ class _OrthogonalityEstimate:
     """Simon's estimate of the loss of orthogonality ``omega_(j,k) = q_j^T q_k`` of ``b``
     Lanczos processes, from their coefficients alone.
 
-    ``advance`` takes step ``j``'s ``alpha_j``, ``beta_j`` (``(b,)`` arrays) and the
-    running ``||A||`` estimate, computes the row ``omega_(j+1, .)`` of the next vector
-    and says whether it must be reorthogonalised: when some ``|omega_(j+1,k)|``,
-    ``k < j``, exceeds ``sqrt(eps)``, and at the step after such a reorthogonalisation
-    (the next vector inherits the previous one's components).
+    ``advance`` takes step ``j``'s ``alpha_j``, ``beta_j`` (``(b,)`` arrays), the
+    running ``||A||`` estimate and the run's coefficients of the earlier steps,
+    computes the row ``omega_(j+1, .)`` of the next vector and says whether it must
+    be reorthogonalised: when some ``|omega_(j+1,k)|``, ``k < j``, exceeds
+    ``sqrt(eps)``, and at the step after such a reorthogonalisation (the next vector
+    inherits the previous one's components).
 
     NOTE [semi-orthogonality]: a basis orthogonal to ``sqrt(eps)`` (semi-orthogonal)
     gives a tridiagonal ``T`` whose Ritz values, and the Gauss rules of stochastic
@@ -629,22 +633,24 @@ class _OrthogonalityEstimate:
         self._eps = eps
         self._tolerance = eps**0.5
         self._steps = 0
-        # column c + 1 holds index c; column 0 is a zero pad, so that beta_(-1) and
-        # w_(j,-1) are 0 and every term of the recurrence is one slice
+        # column c + 1 holds index c; column 0 is a zero pad, so that w_(j,-1) is 0 and
+        # every term of the recurrence is one slice (the coefficients come that way)
         columns = max(capacity, 2) + 3
-        self._alphas = np.zeros((width, columns))
-        self._betas = np.zeros((width, columns))     # T's off-diagonal and beta_j
         self._previous = np.zeros((width, columns))  # w_(j-1, .)
         self._current = np.zeros((width, columns))   # w_(j, .)
         self._current[:, 1] = 1.0
         self._pending = False
 
-    def advance(self, alpha: np.ndarray, beta: np.ndarray, scale: np.ndarray) -> bool:
-        """Row ``j + 1`` from rows ``j`` and ``j - 1``; True: reorthogonalise now."""
+    def advance(self, alpha: np.ndarray, beta: np.ndarray, scale: np.ndarray,
+                a: np.ndarray, b: np.ndarray) -> bool:
+        """Row ``j + 1`` from rows ``j`` and ``j - 1``; True: reorthogonalise now.
+
+        ``a`` and ``b`` hold ``alpha_k`` and ``beta_k`` of the steps ``k < j`` in column
+        ``k + 1``, column 0 zero (the run's host coefficients)."""
         j = self._steps
-        if j + 3 > self._alphas.shape[1]:
+        if j + 3 > self._current.shape[1]:
             self._grow()
-        a, b, w, row = self._alphas, self._betas, self._current, self._previous
+        w, row = self._current, self._previous
         noise = self._eps * scale    # rounding of one step, counted against orthogonality
         regular = bool((beta > 0).all())   # else a breakdown: reorthogonalise, restart
         lost = False
@@ -664,7 +670,6 @@ class _OrthogonalityEstimate:
         # the three-term recurrence's own level
         row[:, j + 1] = noise / beta if regular else np.inf
         row[:, j + 2] = 1.0
-        a[:, j + 1], b[:, j + 1] = alpha, beta
         self._previous, self._current = w, row
         self._steps = j + 1
         forced = self._pending
@@ -677,13 +682,12 @@ class _OrthogonalityEstimate:
         a breakdown (small ``beta``) that is far above ``eps``, and the estimate then asks
         for reorthogonalisation at every step."""
         j = self._steps
-        self._betas[:, j] = beta
         level = np.divide(self._eps * scale, beta, out=np.full_like(beta, np.inf),
                           where=beta > 0)
         self._current[:, 1 : j + 1] = np.maximum(level, self._eps)[:, None]
 
     def _grow(self) -> None:
-        for name in ("_alphas", "_betas", "_previous", "_current"):
+        for name in ("_previous", "_current"):
             old = getattr(self, name)
             new = np.zeros((old.shape[0], 2 * old.shape[1]))
             new[:, : old.shape[1]] = old
