@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, assert_same_state, model_state
+from _helpers import assert_close, assert_same_state, model_state, oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import build_mlp
@@ -27,10 +27,21 @@ def _problem(seed=0, n=24, loss="mse"):
 
 
 def _dense_truth(model, loss_fn, x, y, reduction="mean"):
+    """The loop oracle's full Hessian on a graph built by plain autograd (never hessfunc's
+    own routes, which the operator shares)."""
     if reduction == "sum":
         loss_fn = nn.MSELoss(reduction="sum")
     f, params = hf.functionalize(model, loss_fn)
-    return hf.hessian(f, flat=True)(params, x, y)
+    loss, leaves = oracle_loss(f, params, x, y)
+    return hf.reference.hessian(loss, list(leaves.values()))
+
+
+def _oracle_hvp(model, loss_fn, x, y, v):
+    """The loop oracle's double-backward product, for a tangent dict."""
+    f, params = hf.functionalize(model, loss_fn)
+    loss, leaves = oracle_loss(f, params, x, y)
+    return dict(zip(params, hf.reference.hvp(loss, list(leaves.values()),
+                                             [v[k] for k in params]), strict=True))
 
 
 def _split(x, y, sizes):
@@ -79,8 +90,7 @@ def test_flat_vectors_and_params_round_trip():
     tree = H.flat_to_params(v)
     assert list(tree) == [n for n, _ in model.named_parameters()]
     assert torch.equal(H.params_to_flat(tree), v)
-    f, params = hf.functionalize(model, loss_fn)
-    assert_close(H.flat_to_params(H @ v), hf.hvp(f, (params, x, y), tree))
+    assert_close(H.flat_to_params(H @ v), _oracle_hvp(model, loss_fn, x, y, tree))
 
 
 @given(seed=st.integers(0, 50), k=st.integers(1, 4), which=st.sampled_from(["largest",
@@ -105,12 +115,18 @@ def test_eigenvectors_as_parameter_dicts():
     model, loss_fn, x, y = _problem(seed=3)
     H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
     vals, vecs = H.eigenvalues(2, return_vectors=True, seed=0)
-    f, params = hf.functionalize(model, loss_fn)
+    dense = _dense_truth(model, loss_fn, x, y)
+    evals = torch.linalg.eigvalsh(dense)
+    scale = float(evals.abs().max())
+    torch.testing.assert_close(vals, evals.flip(0)[:2], rtol=1e-8, atol=1e-8 * scale)
+    names = [n for n, _ in model.named_parameters()]
     for lam, vec in zip(vals, vecs, strict=True):
-        assert list(vec) == list(params)
-        Hv = hf.hvp(f, (params, x, y), vec)
+        assert list(vec) == names
+        u = torch.cat([vec[k].reshape(-1) for k in names])
+        assert abs(float(u.norm()) - 1) < 1e-8
+        Hv = H.flat_to_params(dense @ u)  # the oracle's H applied to the eigenvector
         for k in vec:
-            torch.testing.assert_close(Hv[k], lam * vec[k], rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(Hv[k], lam * vec[k], rtol=1e-6, atol=1e-8 * scale)
     assert len(H.eigenvectors(1, seed=0)) == 1
 
 
@@ -122,34 +138,52 @@ def test_scipy_eigsh_agrees_with_lanczos():
     ours = H.eigenvalues(3, seed=0)
     theirs = np.sort(eigsh(H.to_scipy(), k=3, which="LA", tol=1e-12)[0])[::-1]
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-8)
+    truth = torch.linalg.eigvalsh(_dense_truth(model, loss_fn, x, y)).flip(0)[:3]
+    np.testing.assert_allclose(theirs, truth.numpy(), rtol=1e-8)
+
+
+def _check_random_moments(sd, dense, size, num_probes, k=5.0):
+    """Random-probe quadrature: each probe's first and second moments are exactly
+    ``v^T H v`` and ``v^T H^2 v`` (unit ``v``, 2 <= 2m - 1), so their means are Hutchinson
+    estimates of ``tr(H) / size`` and ``tr(H^2) / size``: within ``k`` standard errors
+    (from the per-probe values) of the dense oracle's traces, for the fixed seed."""
+    per_probe = hf.estimators.quadrature_moments(sd.nodes, sd.weights, [0, 1, 2])
+    assert per_probe.shape == (num_probes, 3)
+    assert_close(per_probe[:, 0], torch.ones(num_probes, dtype=torch.float64))
+    for j, exact in ((1, float(dense.trace()) / size),
+                     (2, float((dense @ dense).trace()) / size)):
+        mean = float(per_probe[:, j].mean())
+        err = float(per_probe[:, j].std() / num_probes ** 0.5)
+        assert err > 0
+        assert abs(mean - exact) < k * err, (j, mean, exact, err)
 
 
 def test_spectral_density_moments_match_traces_of_powers():
     model, loss_fn, x, y = _problem(seed=5)
     H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
-    dense = H.to_dense()
+    dense = _dense_truth(model, loss_fn, x, y)
     P = dense.shape[0]
     probes = torch.eye(P, dtype=torch.float64)  # exact averages: trace(H^j) / P
     sd = H.spectral_density(probes=probes, num_steps=8)
-    moments = sd.moments([0, 1, 2]) if hasattr(sd, "moments") else None
-    nodes, weights = sd.nodes, sd.weights
-    for j, expected in enumerate([1.0, float(dense.trace()) / P,
-                                  float((dense @ dense).trace()) / P]):
-        got = float((weights * nodes ** j).sum(dim=1).mean())
+    moments = sd.moments([0, 1, 2, 3])
+    assert moments.shape == (4,)
+    for j in range(4):  # exact for powers up to 2 m - 1 = 15
+        expected = float(torch.linalg.matrix_power(dense, j).trace()) / P
+        got = float((sd.weights * sd.nodes ** j).sum(dim=1).mean())
         assert abs(got - expected) <= 1e-9 * (1 + abs(expected))
-        if moments is not None:
-            assert abs(float(moments[j]) - expected) <= 1e-9 * (1 + abs(expected))
+        assert abs(float(moments[j]) - expected) <= 1e-9 * (1 + abs(expected))
     integral = float(torch.trapezoid(sd.density, sd.grid))
     assert abs(integral - 1.0) < 1e-3
-    random_sd = H.spectral_density(num_probes=20, num_steps=10, seed=1)
-    assert abs(float((random_sd.weights * random_sd.nodes).sum(1).mean())
-               - float(dense.trace()) / P) < 0.5 * float(dense.abs().max())
+    random_sd = H.spectral_density(num_probes=40, num_steps=10, seed=1)
+    _check_random_moments(random_sd, dense, P, 40)
 
 
 def test_trace_estimators_converge_and_are_reproducible():
     model, loss_fn, x, y = _problem(seed=6)
     H = hf.HessianOperator.from_model(model, loss_fn, (x, y))
-    exact = float(H.trace())
+    dense = _dense_truth(model, loss_fn, x, y)
+    exact = float(dense.trace())
+    assert_close(H.trace(), dense.trace())
     few = H.trace("hutchinson", num_samples=4, seed=0)
     many = H.trace("hutchinson", num_samples=2000, seed=0)
     assert abs(float(many.estimate) - exact) < 4 * float(many.std_error) + 1e-12
@@ -159,7 +193,8 @@ def test_trace_estimators_converge_and_are_reproducible():
     pp = H.trace("hutch++", num_samples=3 * H.shape[0], seed=0)
     assert abs(float(pp.estimate) - exact) < 1e-8 * (1 + abs(exact))  # sketch spans everything
     diag_est = H.diagonal("hutchinson", num_samples=4000, seed=0)
-    assert float((diag_est - H.diagonal()).abs().max()) < 0.15 * float(H.diagonal().abs().max())
+    truth = dense.diagonal()
+    assert float((diag_est - truth).abs().max()) < 0.15 * float(truth.abs().max())
     g1 = torch.Generator().manual_seed(7)
     g2 = torch.Generator().manual_seed(7)
     assert torch.equal(H.eigenvalues(2, generator=g1), H.eigenvalues(2, generator=g2))
@@ -181,6 +216,8 @@ def test_progress_bar_runs(capsys):
     H = hf.HessianOperator.from_model(model, loss_fn, _split(x, y, [12, 12]), progress=True,
                                       cache=False)
     assert_close(H.diagonal(), _dense_truth(model, loss_fn, x, y).diagonal())
+    err = capsys.readouterr().err
+    assert "diagonal:" in err and "/2 " in err  # a bar over the 2 batches was shown
 
 
 class _Reshuffling:
@@ -309,8 +346,21 @@ def test_data_span_spectral_density_adds_the_zeros_exactly():
     per_probe = (sd.weights * sd.nodes).sum(1) * P / span.size   # v^T H_r v
     mean, err = float(per_probe.mean()), float(per_probe.std() / 400**0.5)
     assert abs(mean - float(dense.trace()) / span.size) < 5 * err
-    plain = H.spectral_density(num_probes=5, num_steps=8, seed=0, data_span=False)
-    assert plain.nodes.shape == (5, 8)
+    plain = H.spectral_density(num_probes=40, num_steps=8, seed=0, data_span=False)
+    assert plain.nodes.shape == (40, 8)
+    evals = torch.linalg.eigvalsh(dense)   # Ritz values lie inside the spectrum
+    slack = 1e-10 * float(evals.abs().max())
+    assert float(plain.nodes.min()) >= float(evals[0]) - slack
+    assert float(plain.nodes.max()) <= float(evals[-1]) + slack
+    _check_random_moments(plain, dense, P, 40)
+    # with given probes each rule is exact: moments v^T H^j v / v^T v, j <= 2 m - 1
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    given_sd = H.spectral_density(probes=V, num_steps=8)
+    got = hf.estimators.quadrature_moments(given_sd.nodes, given_sd.weights, [0, 1, 2, 3])
+    U = V / V.norm(dim=0)
+    expected = torch.stack([(U * (torch.linalg.matrix_power(dense, j) @ U)).sum(0)
+                            for j in range(4)], dim=1)
+    assert_close(got, expected)
 
 
 def test_data_span_only_where_it_is_exact_and_pays():
