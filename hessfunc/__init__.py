@@ -5,7 +5,7 @@
     >>> hf.hvp(f, (params, x, y), v)                       # doctest: +SKIP
 """
 
-from . import estimators, forward, reference
+from . import estimators, forward, reference, testing
 from ._version import __version__
 from .dense import hessian, hessian_blocks
 from .derivatives import derivative
@@ -42,8 +42,9 @@ __all__ = [
     "HessianOperator",
     "estimators",
     "forward",
-    # oracle
+    # oracle, and verification of users' own second-order code
     "reference",
+    "testing",
     # errors
     "HessfuncError",
     "ArgumentError",

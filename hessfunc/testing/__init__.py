@@ -19,8 +19,10 @@ fixtures.
 Example:
     >>> from hessfunc.testing import assert_hvp_close
     >>> f = lambda p: (p["w"] ** 4).sum()          # H = diag(12 w^2)
-    >>> p = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
-    >>> assert_hvp_close(lambda f, primals, v: {"w": 12 * primals[0]["w"] ** 2 * v["w"]}, f, (p,))
+    >>> def my_hvp(f, primals, v):
+    ...     (params,) = primals
+    ...     return {"w": 12 * params["w"] ** 2 * v["w"]}
+    >>> assert_hvp_close(my_hvp, f, ({"w": torch.tensor([1.0, -2.0], dtype=torch.float64)},))
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ the worst parameter, its index, both values and the tolerance when they differ.
 Tolerances come from :data:`TOLERANCES` by the result's dtype (float64: to rounding;
 float32: within float32 rounding of the float64 truth), or from ``rtol``/``atol``.
 
-Example (a correct HVP passes; a Gauss-Newton product in its place would not):
+Example:
+    A correct HVP passes (a Gauss-Newton product in its place would not):
+
     >>> f = lambda p, x: torch.sin(x @ p["w"]).sum()
     >>> p, x = {"w": torch.randn(3, dtype=torch.float64)}, torch.randn(4, 3, dtype=torch.float64)
     >>> assert_hvp_close(lambda f, primals, v: hf.hvp(f, primals, v), f, (p, x))

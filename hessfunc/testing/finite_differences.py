@@ -129,7 +129,9 @@ def check_derivatives(f: Callable[..., Any], primals: Sequence[Any], order: int 
         order: how many derivatives deep to check (2: gradients and HVPs).
         modes: ``"fwd"`` (``torch.func.jvp``) and/or ``"rev"`` (``torch.func.vjp``);
             order 2 with both checks all four compositions.
-        eps, rtol, atol: the step and tolerances (defaults in ``FD_SETTINGS`` by dtype).
+        eps: the finite-difference step (default in ``FD_SETTINGS`` by dtype).
+        rtol: relative tolerance (default in ``FD_SETTINGS`` by dtype).
+        atol: tolerance relative to the largest finite difference (likewise).
         seed: of the random directions and cotangents.
 
     Raises:
