@@ -1,6 +1,9 @@
 """Test configuration: hypothesis profiles and shared fixtures.
 
-``HYPOTHESIS_PROFILE=ci`` (default) keeps the suite to minutes on 2 cores;
+``HYPOTHESIS_PROFILE=ci`` (default) keeps the suite to minutes on 2 cores and draws
+fresh examples every run (not derandomised), so repeated CI runs explore more cases;
+a failure prints its ``@reproduce_failure`` blob and is saved in ``.hypothesis/``,
+which replays it first on the next run (``--hypothesis-seed=N`` fixes a whole run).
 ``HYPOTHESIS_PROFILE=thorough`` draws many more examples.
 """
 
@@ -13,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+    "ci", max_examples=15, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
@@ -24,6 +27,12 @@ settings.register_profile("dev", max_examples=4, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(1)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"hypothesis: profile {os.environ.get('HYPOTHESIS_PROFILE', 'ci')}, "
+            f"{settings.default.max_examples} examples a property, fresh draws; "
+            "a failure prints @reproduce_failure and replays from .hypothesis/")
 
 
 @pytest.fixture(autouse=True)
