@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -86,11 +87,12 @@ def test_hvp_fn_equals_oracle_repeatedly_and_batched(prob, seed):
     f, params = hf.functionalize(prob.model, prob.loss_fn)
     H = hf.hvp_fn(f, (params, *prob.batch))
     vs = [random_like(params, seed + i) for i in range(3)]
-    for v in vs:
-        assert_close(H(v), _oracle_hvp(f, params, prob.batch, v))
+    expected = [_oracle_hvp(f, params, prob.batch, v) for v in vs]
+    for v, hv in zip(vs, expected, strict=True):
+        assert_close(H(v), hv)
     batched = H.batched({k: torch.stack([v[k] for v in vs]) for k in params})
-    for i, v in enumerate(vs):
-        assert_close({k: t[i] for k, t in batched.items()}, H(v))
+    for i, hv in enumerate(expected):
+        assert_close({k: t[i] for k, t in batched.items()}, hv)
     assert_close(H.gradient, _oracle_grad(f, params, prob.batch))
 
 
@@ -291,9 +293,10 @@ def test_structured_products_keep_key_order_and_take_partial_tangents():
     assert list(full) == list(params)
     backwards = dict(reversed(list(v.items())))
     assert list(chain(backwards)) == list(backwards)
+    assert_close(full, _oracle_hvp(f, params, (x, y), v))
     name = list(params)[2]
     zero_elsewhere = {n: t if n == name else torch.zeros_like(t) for n, t in v.items()}
-    expected = chain(zero_elsewhere)
+    expected = _oracle_hvp(f, params, (x, y), zero_elsewhere)
     partial = chain({name: v[name]}, wanted=[list(params)[0], name])
     assert list(partial) == [list(params)[0], name]
     for key in partial:
@@ -370,7 +373,9 @@ def test_hvp_fn_method_choice():
     v = random_like(params, 0)
     structured, graph = (hf.hvp_fn(f, (params, x, y), method=m) for m in ("auto", "graph"))
     assert (structured.method, graph.method) == ("structured", "graph")
-    assert_close(structured(v), graph(v))
+    expected = _oracle_hvp(f, params, (x, y), v)
+    assert_close(structured(v), expected)
+    assert_close(graph(v), expected)
 
     f, params = hf.functionalize(Residual().double(), nn.MSELoss())
     assert hf.hvp_fn(f, (params, x, y)).method == "graph"
@@ -456,14 +461,14 @@ def test_grad_has_aux():
 
 
 @given(prob=problems(kinds=("mlp",)), seed=st.integers(0, 1000))
-def test_float32_agrees_with_float64(prob, seed):
+def test_float32_agrees_with_float64_oracle(prob, seed):
     f64, p64 = hf.functionalize(prob.model, prob.loss_fn)
     f32, p32 = hf.functionalize(prob.model.float(), prob.loss_fn)
     x, y = prob.batch
     x32, y32 = x.float(), (y.float() if y.is_floating_point() else y)
     v64 = random_like(p64, seed)
     v32 = {k: t.float() for k, t in v64.items()}
-    h64 = hf.hvp(f64, (p64, x, y), v64)
+    h64 = _oracle_hvp(f64, p64, (x, y), v64)  # the float64 truth
     h32 = hf.hvp(f32, (p32, x32, y32), v32)
     scale = float(flat(h64).abs().max()) + 1.0
     torch.testing.assert_close(flat(h32).double(), flat(h64), rtol=2e-4, atol=2e-5 * scale)
@@ -524,3 +529,64 @@ def test_bad_input_argnums_primals_mode():
         hf.hvp(f, (params, x, y), v, mode="forward")
     with pytest.raises(hf.ArgumentError, match="`f` must be a callable"):
         hf.grad(3)
+
+
+# ----------------------------------------------------------------- CUDA
+def _check_on_device(device):
+    """hvp, hvp_fn, hessian_diag and HessianOperator products of a tanh chain and of a
+    conv chain evaluated on ``device``, against the loop oracle on the CPU in float64."""
+    torch.manual_seed(0)
+    mlp = build_mlp([3, 5, 4, 2], "tanh", seed=5)
+    conv = nn.Sequential(nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+                         nn.Softplus(), nn.Flatten(), nn.Linear(3 * 6 * 3, 2)).double()
+    g = torch.Generator().manual_seed(6)
+    cases = [(mlp, torch.randn(8, 3, generator=g, dtype=torch.float64)),
+             (conv, torch.randn(4, 2, 6, 7, generator=g, dtype=torch.float64))]
+    for model, x in cases:
+        y = torch.randn(x.shape[0], 2, generator=g, dtype=torch.float64)
+        f_cpu, p_cpu = hf.functionalize(model, nn.MSELoss())
+        loss, leaves = oracle_loss(f_cpu, p_cpu, x, y)
+        H_ref = hf.reference.hessian(loss, list(leaves.values()))
+        diag_ref = hf.reference.hessian_diag(loss, leaves)
+        f, params = hf.functionalize(copy.deepcopy(model).to(device), nn.MSELoss())
+        xd, yd = x.to(device), y.to(device)
+        vs = [random_like(p_cpu, seed) for seed in range(3)]
+        H = hf.hvp_fn(f, (params, xd, yd))
+        assert H.method == "structured"
+        batched = H.batched({k: torch.stack([v[k] for v in vs]).to(device) for k in params})
+        for i, v in enumerate(vs):
+            expected = H_ref @ flat(v)
+            vd = {k: t.to(device) for k, t in v.items()}
+            for got in (hf.hvp(f, (params, xd, yd), vd), H(vd),
+                        {k: t[i] for k, t in batched.items()}):
+                assert all(t.device.type == torch.device(device).type for t in got.values())
+                assert_close(flat(got).cpu(), expected)
+        assert_close({k: t.cpu() for k, t in hf.hessian_diag(f)(params, xd, yd).items()},
+                     diag_ref)
+        op = hf.HessianOperator(f, params, [(xd[:2], yd[:2]), (xd[2:], yd[2:])])
+        V = torch.randn(op.shape[0], 3, generator=g, dtype=torch.float64)
+        assert_close((op @ V.to(device)).cpu(), H_ref @ V)
+        assert_close(op.diagonal().cpu(), H_ref.diagonal())
+        assert_close(op.to_dense().cpu(), H_ref)
+        # float32 on the device agrees with the float64 truth within the stated tolerance
+        f32, p32 = hf.functionalize(copy.deepcopy(model).to(device).float(), nn.MSELoss())
+        v = vs[0]
+        h32 = hf.hvp(f32, (p32, xd.float(), yd.float()), {k: t.float().to(device)
+                                                           for k, t in v.items()})
+        expected = H_ref @ flat(v)
+        scale = float(expected.abs().max()) + 1.0
+        torch.testing.assert_close(flat(h32).cpu().double(), expected, rtol=2e-4,
+                                   atol=2e-5 * scale)
+
+
+@pytest.mark.gpu
+def test_products_and_diagonals_on_cuda_equal_the_cpu_oracle():
+    """On CUDA (conv terms on aten there: patches are for the CPU). TF32 is switched off
+    for the float32 check: its tolerance is stated for true float32 arithmetic."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            _check_on_device("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
