@@ -13,6 +13,7 @@ each path against the loop oracle and finite differences.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,9 +21,12 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .errors import ArgumentError
+
 __all__ = ["in_transform", "use_autograd", "leaf_copies", "zeros_for_none", "normalize_argnums",
            "reaches_other_leaves",
-           "second_order_kernels", "forward_ad_gap", "warn_forward_gap_once"]
+           "second_order_kernels", "forward_ad_gap", "warn_forward_gap_once",
+           "missing_derivative", "explain_missing_derivative"]
 
 
 def in_transform() -> bool:
@@ -179,3 +183,48 @@ def warn_forward_gap_once(op: str) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+# NOTE [ops differentiable once]: some aten backward functions have no derivative of
+# their own (torch 2.13: ``hardsigmoid_backward``, the backward of nn.Hardsigmoid), so
+# the second backward pass through them raises torch's bare "derivative for
+# aten::X is not implemented". The second-order entry points turn that into an
+# ArgumentError naming the op, the module it comes from and the fix.
+_MISSING_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+#: aten ops without a derivative -> (what uses them, a twice-differentiable replacement)
+_ONCE_DIFFERENTIABLE = {
+    "hardsigmoid_backward": ("nn.Hardsigmoid / F.hardsigmoid",
+                             "F.hardtanh(x / 6 + 0.5, 0.0, 1.0) (the same function, with a "
+                             "second-derivative rule) or a smooth activation such as "
+                             "nn.Sigmoid"),
+}
+
+
+def missing_derivative(exc: BaseException) -> str | None:
+    """The op named by torch's "derivative for OP is not implemented", or None."""
+    if not isinstance(exc, (RuntimeError, NotImplementedError)):
+        return None
+    match = _MISSING_DERIVATIVE.search(str(exc))
+    return match.group(1) if match else None
+
+
+def missing_derivative_message(op: str, call: str) -> str:
+    name = op.split("::")[-1]
+    source, fix = _ONCE_DIFFERENTIABLE.get(
+        name, ("an operation of f", "a twice-differentiable equivalent of that operation"))
+    return (f"{call}: torch has no derivative for {op} (used by {source}), so second "
+            "derivatives cannot pass through it; expected f to be twice differentiable by "
+            f"autograd. Replace it with {fix}.")
+
+
+@contextlib.contextmanager
+def explain_missing_derivative(call: str) -> Iterator[None]:
+    """Re-raise torch's "derivative for OP is not implemented" from a second-order pass as
+    an :class:`ArgumentError` naming the op and the fix (NOTE [ops differentiable once])."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        op = missing_derivative(exc)
+        if op is None:
+            raise
+        raise ArgumentError(missing_derivative_message(op, call)) from None

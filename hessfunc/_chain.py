@@ -57,7 +57,7 @@ import torch.func
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from ._autodiff import use_autograd
+from ._autodiff import missing_derivative, use_autograd
 from ._memory import CHUNK_BUDGET_BYTES, itemsize
 from .functional import FunctionalModel, _report_non_finite
 
@@ -352,15 +352,19 @@ def _trace(fm: FunctionalModel, params: dict[str, torch.Tensor], inputs: torch.T
 
 
 def _derivatives(module: nn.Module, z: torch.Tensor, out: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor] | str:
     """``phi'(z)`` and ``phi''(z)`` of an elementwise module with output ``out = phi(z)``.
 
     Closed forms from the output for tanh (``1 - t^2``, ``-2 t (1 - t^2)``), the
-    logistic sigmoid (``s (1 - s)``, ``s (1 - s)(1 - 2 s)``) and ReLU (a step and 0,
-    as autograd has it); otherwise two backward passes: elementwise means a diagonal
-    Jacobian, so the gradient of ``sum(phi(z))`` is ``phi'(z)`` and the gradient of
-    ``sum(phi'(z))`` is ``phi''(z)``. (Plain autograd rather than ``torch.func.jvp``:
-    forward mode's first use in a process costs about a second of one-time set-up.)
+    logistic sigmoid (``s (1 - s)``, ``s (1 - s)(1 - 2 s)``), ReLU (a step and 0,
+    as autograd has it) and Hardsigmoid (``1/6`` on the open interval ``(-3, 3)`` and 0
+    outside, as autograd has it, and 0: torch has no derivative of its backward, NOTE
+    [ops differentiable once] in ``hessfunc/_autodiff.py``); otherwise two backward
+    passes: elementwise means a diagonal Jacobian, so the gradient of ``sum(phi(z))`` is
+    ``phi'(z)`` and the gradient of ``sum(phi'(z))`` is ``phi''(z)``. (Plain autograd
+    rather than ``torch.func.jvp``: forward mode's first use in a process costs about a
+    second of one-time set-up.) The name of the op when torch has no derivative of
+    ``phi'`` (the structured route then does not apply, and the generic one says why).
     """
     kind = type(module)
     if kind is nn.Tanh:
@@ -371,11 +375,19 @@ def _derivatives(module: nn.Module, z: torch.Tensor, out: torch.Tensor
         return phi1, phi1 * (1 - 2 * out)
     if kind is nn.ReLU:
         return (z > 0).to(z.dtype), torch.zeros_like(z)
+    if kind is nn.Hardsigmoid:
+        return ((z > -3) & (z < 3)).to(z.dtype) / 6, torch.zeros_like(z)
     t = z.detach().requires_grad_(True)
     with torch.enable_grad():
         (phi1,) = torch.autograd.grad(module(t).sum(), t, create_graph=True)
         if phi1.requires_grad:
-            (phi2,) = torch.autograd.grad(phi1.sum(), t, allow_unused=True)
+            try:
+                (phi2,) = torch.autograd.grad(phi1.sum(), t, allow_unused=True)
+            except (RuntimeError, NotImplementedError) as exc:
+                op = missing_derivative(exc)
+                if op is None:
+                    raise
+                return op
         else:
             phi2 = None
     return phi1.detach(), (torch.zeros_like(t) if phi2 is None else phi2.detach())
@@ -561,7 +573,11 @@ def analyze(f: Any, args: tuple[Any, ...], argnums: int, *, per_sample: bool = F
             if kind in IDENTITY_IN_EVAL:
                 prev = mout
                 continue
-            steps.append(_Elementwise(*_derivatives(module, prev.detach(), mout.detach())))
+            derivatives = _derivatives(module, prev.detach(), mout.detach())
+            if isinstance(derivatives, str):
+                return None, (f"{type(module).__name__} has no second derivative in torch "
+                              f"(no derivative for {derivatives})")
+            steps.append(_Elementwise(*derivatives))
         else:
             return None, f"layer {type(module).__name__} has no per-sample rule"
         prev = mout

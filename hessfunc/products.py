@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from . import _chain
 from ._autodiff import (
+    explain_missing_derivative,
     forward_ad_gap,
     leaf_copies,
     reaches_other_leaves,
@@ -167,12 +168,13 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
         # own weight products (the double backward forms them for its second pass)
         plan, reason = _chain.analyze(f, primals, argnums, output="graph")
         if plan is not None and use_autograd((tangent,)):
-            return ChainProducts(plan)(tangent)
+            with explain_missing_derivative(call):  # the loss's own second derivatives
+                return ChainProducts(plan)(tangent)
         if method == "structured":
             raise ArgumentError(f"{call}: method='structured' does not apply here: "
                                 f"{reason if plan is None else 'the tangent carries a graph'}; "
                                 "use method='auto' or 'graph'.")
-    with second_order_kernels():
+    with second_order_kernels(), explain_missing_derivative(call):
         if mode == "forward-over-reverse":
             grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
             try:
@@ -219,6 +221,7 @@ class HVPFunction:
     def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int,
                  method: str = "auto", call: str = "hessfunc.hvp_fn"):
         self._primal = primals[argnums]
+        self._call = call
         self._spec = pytree.tree_structure(self._primal)
         self._chain: ChainProducts | None = None
         self._vjp = None
@@ -282,6 +285,10 @@ class HVPFunction:
 
     def _product(self, tangent: Any) -> Any:
         """``H v`` for a tangent already checked (or built here) to match the argument."""
+        with explain_missing_derivative(self._call):
+            return self._product_unchecked(tangent)
+
+    def _product_unchecked(self, tangent: Any) -> Any:
         if self._chain is not None:
             return self._chain(tangent)
         if self._vjp is not None:
@@ -297,6 +304,10 @@ class HVPFunction:
         ``(k, *leaf.shape)``; the result has the same shape. Only the leaf's own
         gradient is differentiated, and only with respect to that leaf.
         """
+        with explain_missing_derivative(self._call):
+            return self._block_rows(index, tangents)
+
+    def _block_rows(self, index: int, tangents: torch.Tensor) -> torch.Tensor:
         if self._chain is not None:  # the other leaves' tangents are zero and not wanted
             name = list(self._primal)[index]
             return self._chain({name: tangents}, wanted=(name,))[name]
@@ -323,6 +334,10 @@ class HVPFunction:
 
     def batched(self, tangents: Any) -> Any:
         """``H V`` for tangents whose leaves carry a leading batch dimension ``k``."""
+        with explain_missing_derivative(self._call):
+            return self._batched(tangents)
+
+    def _batched(self, tangents: Any) -> Any:
         if self._chain is not None:
             return self._chain(tangents)
         if self._vjp is not None:
