@@ -8,12 +8,10 @@ import torch
 
 import hessfunc as hf
 
-#: (rtol, atol) per dtype. float64 results must equal the oracle to rounding;
-#: float32 ones agree with the float64 truth within these stated tolerances.
-TOL = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-4, 1e-5),
-}
+#: (rtol, atol) per dtype, the table users get in hessfunc.testing. float64 results
+#: must equal the oracle to rounding; float32 ones agree with the float64 truth within
+#: these stated tolerances.
+TOL = hf.testing.TOLERANCES
 
 
 def assert_close(actual: Any, expected: Any, dtype: torch.dtype = torch.float64,
@@ -65,5 +63,3 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
             if x is not None:
                 assert torch.equal(x, y), (key, k)
 
-
-_ = hf  # the helpers are about hessfunc

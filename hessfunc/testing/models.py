@@ -85,14 +85,14 @@ class ResidualMLP(nn.Module):
         super().__init__()
         self.stem = nn.Linear(num_inputs, width, bias=bias)
         self.blocks = nn.ModuleList(nn.Linear(width, width, bias=bias) for _ in range(blocks))
-        self.act = _activation(activation)
+        self.acts = nn.ModuleList(_activation(activation) for _ in range(blocks + 1))
         self.head = nn.Linear(width, num_outputs, bias=bias)
         self.input_shape, self.num_outputs = (num_inputs,), num_outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.stem(x))
-        for block in self.blocks:
-            h = h + self.act(block(h))
+        h = self.acts[0](self.stem(x))
+        for block, act in zip(self.blocks, self.acts[1:], strict=True):
+            h = h + act(block(h))
         return self.head(h)
 
 

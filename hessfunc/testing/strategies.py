@@ -178,7 +178,8 @@ def models(draw: st.DrawFn, kinds: tuple[str, ...] = KINDS, min_outputs: int = 1
     else:
         model = TwoInputNet(d_in, draw(st.integers(1, 3)), width, d_out)
     model = model.to(dtype)
-    model.name = f"{kind}({d_in}->{width}->{model.num_outputs}, {act})"
+    model.name = f"{kind}({d_in}->{width}->{model.num_outputs}, " \
+        f"{'tanh' if kind == 'two-input' else act})"
     return model
 
 
