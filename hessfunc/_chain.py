@@ -358,8 +358,10 @@ def _derivatives(module: nn.Module, z: torch.Tensor, out: torch.Tensor
     Closed forms from the output for tanh (``1 - t^2``, ``-2 t (1 - t^2)``), the
     logistic sigmoid (``s (1 - s)``, ``s (1 - s)(1 - 2 s)``), ReLU (a step and 0,
     as autograd has it) and Hardsigmoid (``1/6`` on the open interval ``(-3, 3)`` and 0
-    outside, as autograd has it, and 0: torch has no derivative of its backward, NOTE
-    [ops differentiable once] in ``hessfunc/_autodiff.py``); otherwise two backward
+    outside, where autograd has it, and 0: torch has no derivative of its backward, NOTE
+    [ops differentiable once] in ``hessfunc/_autodiff.py``; torch 2.13's
+    ``hardsigmoid_backward`` multiplies by the float32 rounding of 1/6 even in float64,
+    3e-8 off, while this is 1/6 in the working precision); otherwise two backward
     passes: elementwise means a diagonal Jacobian, so the gradient of ``sum(phi(z))`` is
     ``phi'(z)`` and the gradient of ``sum(phi'(z))`` is ``phi''(z)``. (Plain autograd
     rather than ``torch.func.jvp``: forward mode's first use in a process costs about a
