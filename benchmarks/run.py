@@ -7,10 +7,13 @@
 For every problem and task, each implementation (hessfunc, the seed's loops in
 ``hessfunc.reference``, ``torch.autograd.functional``, plain ``torch.func``
 recipes, BackPACK, PyHessian, curvlinops, hessian-eigenthings) is run once (the
-warm-up, with its peak memory sampled), its answer checked against hessfunc's
-float64 exact answer, then the implementations of a task are timed side by side,
-round-robin: the median of up to ``--repeats`` rounds within a per-case time budget
-(a single further call for slow ones). Loops whose estimate
+warm-up, with its peak memory sampled), its answer checked against a float64
+truth that hessfunc's own routes never compute (the loop oracle
+``hessfunc.reference``, ``torch.autograd.functional.hessian`` + ``eigvalsh``, or on
+the large problems a cheaper float64 computation checked against the oracle on a
+subsample; each table names its truths below it), then the implementations of a
+task are timed side by side, round-robin: the median of up to ``--repeats`` rounds
+within a per-case time budget (a single further call for slow ones). Loops whose estimate
 from a partial run exceeds ``--loop-limit`` seconds are skipped with that estimate.
 Output: one markdown table per problem, and the same in JSON with ``--json``.
 """
@@ -297,8 +300,10 @@ def _run_problem(key: str, cfg: argparse.Namespace) -> dict[str, Any]:
                       f"{rec['reason']}", file=sys.stderr, flush=True)
     unit = next(r["time_s"] for r in results if r["implementation"].endswith("(unit)"))
     _ratios(results, unit)
+    truth = {task.key: ref.source(task.key) for task in selected
+             if task.key not in skipped}
     return {"key": key, "name": problem.name, "P": ctx.P, "N": ctx.N, "unit_s": unit,
-            "inputs": inputs, "results": results, "skipped_tasks": skipped,
+            "inputs": inputs, "results": results, "skipped_tasks": skipped, "truth": truth,
             "notes": sorted(set(ref.notes)), "seconds": time.perf_counter() - t_start}
 
 
@@ -357,8 +362,8 @@ def markdown(prob: dict[str, Any], meta: dict[str, Any]) -> str:
              f"P = {prob['P']:,} parameters, N = {prob['N']:,} samples; one gradient "
              f"(the unit) = {_fmt_time(prob['unit_s'])}; {meta['dtype']}, {meta['device']}, "
              f"{meta['threads']} thread(s).", "",
-             "| task | implementation | time | × gradient | × best competitor | error "
-             "| peak memory | settings / notes |",
+             "| task | implementation | time | × gradient | × best competitor "
+             "| error (vs float64 truth, below) | peak memory | settings / notes |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
     last = None
     for r in prob["results"]:
@@ -375,6 +380,9 @@ def markdown(prob: dict[str, Any], meta: dict[str, Any]) -> str:
                      f"{_fmt_error(r)} | {_fmt_mem(r['memory_bytes'])} | {notes} |")
     for task, why in prob["skipped_tasks"].items():
         lines.append(f"| {tasks.TASKS[task].title} | all | — | — | — | skipped: {why} | — | |")
+    if prob.get("truth"):
+        lines += ["", "Float64 truth of each task (never hessfunc's own routes):", ""]
+        lines += [f"- {tasks.TASKS[t].title}: {src}" for t, src in prob["truth"].items()]
     if prob["notes"]:
         lines += [""] + [f"- {n}" for n in prob["notes"]]
     return "\n".join(lines) + "\n"
