@@ -74,6 +74,16 @@ def test_laplacian_passes_pointwise_and_batched():
     assert_laplacian_close(lambda u, z: torch.func.vmap(hf.laplacian(u))(z), u, x, batched=True)
 
 
+@given(hst.problems(kinds=hst.KINDS, max_batch=3, dtype=torch.float32, scales=(1.0, 1e-3, 10.0),
+                    loss_names=SMOOTH_LOSSES))
+def test_float32_transforms_pass_on_every_model_kind(prob):
+    """float32 within the float32 table, against the oracle run in float32 (well-scaled
+    draws: at 1e3 a float32 network is ill-conditioned, e.g. sin(1e3 w))."""
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    assert_hvp_close(_hvp, f, (params, *prob.batch))
+    assert_diag_close(_diag, f, (params, *prob.batch))
+
+
 def test_float32_results_pass_within_the_float32_table():
     model = build_mlp([3, 5, 2], "tanh", seed=1, dtype=torch.float32)
     f, params = hf.functionalize(model, nn.MSELoss())
