@@ -55,16 +55,23 @@ GROUPS: dict[str, Group] = {
     # the diagonal and dense routes
     "diagonal_dense": Group(("hessfunc/diagonal.py", "hessfunc/dense.py"),
                             ("tests/test_hessian.py", "tests/test_frozen_layers.py")),
-    # the products: H v, its JVP/VJP rules and the conv/linear chain products
-    "products": Group(("hessfunc/products.py", "hessfunc/_chain_products.py"),
-                      ("tests/test_grad_hvp.py", "tests/test_conv_settings.py",
-                       "tests/test_hessian.py")),
-    # the structured engine
+    # the products: hvp, hvp_fn, HVPFunction (route choice, batching)
+    "products": Group(("hessfunc/products.py",),
+                      ("tests/test_grad_hvp.py", "tests/test_conv_settings.py")),
+    # the structured products (R-operator rules of Linear/conv chains)
+    "chain_products": Group(("hessfunc/_chain_products.py",),
+                            ("tests/test_grad_hvp.py", "tests/test_conv_settings.py",
+                             "tests/test_hessian.py")),
+    # the structured engine (per-sample Hessian backpropagation)
     "chain": Group(("hessfunc/_chain.py",),
                    ("tests/test_hessian.py", "tests/test_grad_hvp.py",
-                    "tests/test_frozen_layers.py", "tests/test_conv_settings.py")),
-    # Hutchinson, Hutch++, Lanczos, SLQ and their probes
-    "estimators": Group(("hessfunc/estimators/*.py",), ("tests/test_estimators.py",)),
+                    "tests/test_frozen_layers.py")),
+    # the stochastic estimators and their probes
+    "hutchinson": Group(("hessfunc/estimators/_probes.py", "hessfunc/estimators/hutchinson.py",
+                         "hessfunc/estimators/hutchpp.py"), ("tests/test_estimators.py",)),
+    "lanczos": Group(("hessfunc/estimators/lanczos.py",), ("tests/test_estimators.py",)),
+    "slq": Group(("hessfunc/estimators/slq.py", "hessfunc/estimators/__init__.py"),
+                 ("tests/test_estimators.py",)),
 }
 
 # mutmut's exit-code verdicts, grouped for the score
@@ -167,6 +174,32 @@ def show(work: Path, mutant: str) -> str:
                           check=False).stdout
 
 
+def recheck(work: Path, mutants: list[str], tests: list[str]) -> dict[str, bool]:
+    """Run each surviving mutant against more test files (``tests``, as copied into the
+    group's scratch project, i.e. from the commit the group ran on): ``{mutant: killed}``.
+    mutmut selects a mutant through the ``MUTANT_UNDER_TEST`` variable its trampolines
+    read; the files must pass without a mutant first."""
+    root = work / "mutants"
+
+    def pytest(mutant: str) -> int:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MUTANT_UNDER_TEST": mutant,
+               "PYTHONPATH": str(root)}
+        return subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pytest", "-x", "-q",
+                               "-p", "no:cacheprovider", *tests], cwd=root, env=env,
+                              capture_output=True, text=True).returncode
+
+    clean = pytest("")
+    if clean != 0:
+        raise SystemExit(f"recheck: {' '.join(tests)} fail without a mutant (pytest rc {clean})")
+    killed = {}
+    for mutant in mutants:
+        rc = pytest(mutant)
+        killed[mutant] = rc == 1   # a test failed (a collection error would be rc 2)
+        print(f"  recheck {mutant}: {'killed' if killed[mutant] else f'not killed (rc {rc})'}",
+              flush=True)
+    return killed
+
+
 def read_equivalent(path: Path = EQUIVALENT_FILE) -> dict[str, str]:
     """``{mutant name: reason}``: lines ``<name> | <reason>``; ``#`` starts a comment."""
     out: dict[str, str] = {}
@@ -245,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy the working tree instead of the committed HEAD")
     ap.add_argument("--jobs", type=int, default=1, help="mutmut --max-children (default 1)")
     ap.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    ap.add_argument("--recheck", nargs="+", metavar="TEST_FILE",
+                    help="run each survivor against these (more) test files, without "
+                         "running mutmut again; reports which of them would kill it")
     args = ap.parse_args(argv)
     names = args.groups or list(GROUPS)
     for n in names:
@@ -259,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         work = WORK / n
         minutes = None
+        if args.recheck:
+            s = score(n, verdicts(work), equivalent)
+            recheck(work, [m for m in s.survivors if " " not in m], args.recheck)
+            continue
         if not args.report:
             if not (args.resume and work.exists()):
                 work = prepare(n, GROUPS[n], args.worktree)
@@ -276,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         scores.append(s)
         print(f"[{n}] {s.killed}/{s.total - s.equivalent} killed", flush=True)
         for mutant in s.survivors:
-            print(f"  survived: {mutant}")
+            print(f"  not killed: {mutant}")
             if args.survivors:
                 print(show(work, mutant.split(" ")[0]))
         for mutant in s.stale:
