@@ -1,5 +1,8 @@
 """The ``hessfunc`` command: ``hessfunc demo`` and ``hessfunc analyze``.
 
+``torchrun --nproc-per-node N -m hessfunc analyze ...`` shards the data over N
+processes (``hessfunc.app.analyze``; docs/distributed.md).
+
 Bad arguments and input files give a one-line error and exit status 2, never a
 traceback.
 """
@@ -61,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--top-k", type=_positive, default=5)
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--out", type=Path, default=Path("hessfunc-analyze"))
+    an.add_argument("--device", default="cpu",
+                    help="cpu or cuda[:N]; under torchrun, cuda means cuda:LOCAL_RANK")
+    an.add_argument("--timeout", type=_positive, default=1800, metavar="SECONDS",
+                    help="under torchrun: how long a rank waits for the others in a "
+                         "collective before failing (default 1800)")
+    an.epilog = ("Under torchrun --nproc-per-node N, `analyze` shards --data over the N "
+                     "processes (gloo on CPU, nccl with --device cuda); rank 0 writes the "
+                     "report.")
     return parser
 
 
@@ -81,11 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
                      dtype=getattr(torch, args.dtype), device=args.device)
         else:
-            from .app.analyze import run_analyze
+            from .app.analyze import run_analyze, torchrun_group
 
-            run_analyze(args.model, args.data, args.out, loss=args.loss,
-                        state_dict=args.state_dict, batch_size=args.batch_size,
-                        top_k=args.top_k, seed=args.seed)
+            if args.device.startswith("cuda") and not torch.cuda.is_available():
+                raise HessfuncError("--device cuda: no CUDA device is available here")
+            with torchrun_group(args.device, args.timeout) as group:
+                device = args.device
+                if group is not None and device == "cuda":
+                    device = f"cuda:{torch.cuda.current_device()}"
+                run_analyze(args.model, args.data, args.out, loss=args.loss,
+                            state_dict=args.state_dict, batch_size=args.batch_size,
+                            top_k=args.top_k, seed=args.seed, device=device,
+                            process_group=group)
     except HessfuncError as exc:
         print(f"hessfunc {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,12 @@ Two exact routes (NOTE [structured route] in ``hessfunc/_chain.py``):
   every ``f``, under ``vmap`` too.
 
 ``method="auto"`` (the default) takes the structured route when it applies.
+
+With ``process_group=``, each rank passes its shard of the samples: the diagonal is
+the sum over ranks of each shard's diagonal, weighted ``N_r / N`` (``reduction="mean"``,
+``N`` counted over all ranks) or 1 (``"sum"``), all-reduced so that every rank holds the
+whole data set's diagonal; per-sample diagonals stay with the rank of their samples
+(NOTE [sharded data] in ``hessfunc/operator.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _chain
+from ._autodiff import in_transform
+from ._distributed import Group, check_shards, shard_summary
 from ._memory import check_dense
-from ._tree import FlatSpec
+from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
 from .dense import _prepare, leaf_block_rows
 from .errors import ArgumentError
 from .products import HVPFunction
@@ -54,7 +62,8 @@ def _num_samples(inputs: Any) -> int:
 
 def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,
                  method: Literal["auto", "structured", "generic"] = "auto",
-                 per_sample: bool = False, max_memory: int | None = None
+                 per_sample: bool = False, max_memory: int | None = None,
+                 process_group: Any = None, reduction: Literal["mean", "sum"] = "mean"
                  ) -> Callable[..., Any]:
     """The exact diagonal of the Hessian, with the structure of the argument.
 
@@ -76,6 +85,13 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             else exactly the vmap recipe below.
         max_memory: with ``per_sample``, refuse (before computing) an ``N x P`` result
             over this many bytes; default half of the available memory.
+        process_group: a ``torch.distributed`` process group: for ``f(params, inputs,
+            targets)`` called on every rank with that rank's shard of the samples (and the
+            same ``params``, checked once per call by exact fingerprints), the diagonal of
+            the whole data set's loss, the same on every rank; with ``per_sample``, the rows
+            of this rank's samples. Not inside ``vmap`` or other transforms.
+        reduction: with ``process_group``: ``"mean"`` (``f`` averages over its samples;
+            the shards are weighted by their share of all samples) or ``"sum"``.
 
     Per-sample diagonals by hand: ``torch.func.vmap(hessian_diag(f), in_dims=(None, 0,
     0))(params, X[:, None], Y[:, None])`` gives each sample's own loss Hessian diagonal,
@@ -94,6 +110,8 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
     call = "hessfunc.hessian_diag"
     if method not in DIAG_METHODS:
         raise ArgumentError(f"{call}: `method` must be one of {DIAG_METHODS}, got {method!r}.")
+    if reduction not in ("mean", "sum"):
+        raise ArgumentError(f"{call}: `reduction` must be 'mean' or 'sum', got {reduction!r}.")
 
     def diag_f(*args: Any) -> Any:
         a, spec = _prepare(f, args, argnums, chunk_size, call)
@@ -127,4 +145,42 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
         H = HVPFunction(f, args, a, call=call)  # structured products where they apply
         return pytree.tree_unflatten(_generic_diag(H, spec, chunk_size), spec.treespec)
 
-    return diag_f
+    if process_group is None:
+        return diag_f
+    return _sharded(diag_f, f, Group(process_group, call), argnums, per_sample, reduction, call)
+
+
+def _sharded(diag_f: Callable[..., Any], f: Callable[..., Any], group: Group, argnums: int,
+             per_sample: bool, reduction: str, call: str) -> Callable[..., Any]:
+    """``diag_f`` over a process group: every rank its shard, the diagonal all-reduced."""
+
+    def sharded_diag_f(*args: Any) -> Any:
+        if in_transform():
+            raise ArgumentError(f"{call}: `process_group` cannot be used inside torch.func "
+                                "transforms (vmap, grad...): collectives see no batch axis; "
+                                "call it outside, or drop process_group.")
+        if len(args) != 3 or argnums != 0:
+            raise ArgumentError(f"{call}: `process_group` needs f(params, inputs, targets) "
+                                f"with argnums=0, each rank passing its shard; got {len(args)} "
+                                f"arguments and argnums={argnums}.")
+        group.check_device(flat_spec(args[0]).device)
+
+        def scan() -> dict[str, Any]:
+            n = _num_samples(args[1])
+            return shard_summary(f, args[0], reduction, n, 1, args[1:] if n else None)
+
+        summaries = group.exchange("set-up", scan)
+        check_shards(call, summaries)
+        if per_sample:
+            return diag_f(*args)
+        total = sum(s["samples"] for s in summaries)
+        weight = _num_samples(args[1]) / total if reduction == "mean" else 1.0
+        spec = flat_spec(args[0])
+
+        def fill(out: torch.Tensor) -> None:
+            out += weight * tree_to_vector(diag_f(*args))
+
+        like = torch.empty(0, dtype=spec.dtype, device=spec.device)
+        return vector_to_tree(group.sum("diagonal", (spec.numel,), like, fill), spec)
+
+    return sharded_diag_f

@@ -37,6 +37,30 @@ when the zeros could be among the wanted eigenvalues (the ``k``-th wanted
 eigenvalue of ``H_r`` is not on the wanted side of 0). ``spectral_density`` runs
 its quadrature on ``H_r`` too, and adds the zeros as one exact node of weight
 ``(P - P_r) / P``. ``data_span=False`` turns both off.
+
+NOTE [sharded data]: with ``process_group=``, each of the ``W`` ranks passes its shard
+and every data-dependent step sums its local share over the group
+(``hessfunc._distributed``): batch counts and sizes once at set-up (so weights use the
+global ``N``), then each product, diagonal, gradient and dense matrix in one
+``all_reduce``. The data-span basis is decided from every rank's answer and built from
+all ranks' first-layer inputs, gathered in rank order: every rank holds the same ``U``.
+At set-up the ranks also compare the parameters' exact fingerprints, the layout, the
+reduction and the samples' structure, and evaluate ``f`` on their first batch, so that
+a bad shard is refused there on every rank. Rank ``r``'s shard is the ``r``-th part of
+the data set: the operator equals the one-process operator over the shards concatenated
+in rank order.
+
+NOTE [replicated estimators]: the estimators run whole on every rank, on the reduced
+products, which are bitwise equal on all ranks; with the same seed the probes are equal
+too, so every rank follows the same path and no step but the products communicates.
+Scattering the Krylov basis (``P / W`` rows a rank) sends the same ``~2P`` words a product
+(all_reduce = reduce_scatter + all_gather, and the HVP needs all of ``v`` on every rank),
+plus one latency-bound all_reduce of ``m`` coefficients per Lanczos step; what it saves is
+the replicated reorthogonalisation, ``~4 m P`` flops a step against the product's
+``~c (N / W) P`` (``c ~ 10``), and the basis's ``m P`` words of memory on each rank. With
+``m <= 500`` steps and hundreds of samples a rank the flops favour replication; it stops
+paying when ``m P`` words no longer fit beside the model, e.g. ``P > ~10^8`` for
+``m = 100`` float32 vectors on an 80 GB device (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -51,6 +75,7 @@ from torch.utils import _pytree as pytree
 
 from ._chain_products import ChainProducts
 from ._checks import check_positive_int, describe
+from ._distributed import Group, check_shards, shard_summary
 from ._memory import auto_chunk_size, check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
 from .dense import hessian
@@ -67,6 +92,7 @@ from .estimators import (
     spectral_density,
 )
 from .functional import functionalize
+from .gradient import grad
 from .products import HVPFunction
 
 __all__ = ["HessianOperator"]
@@ -83,7 +109,8 @@ class _DataSpan(NamedTuple):
     name: str                                   # the first layer's weight
     reflectors: tuple[torch.Tensor, torch.Tensor]  # geqrf of the stacked inputs^T: U, lazily
     spec: FlatSpec                              # of the restricted parameters
-    products: list[tuple[float, ChainProducts]]  # (batch weight, H_r of the batch)
+    products: list[tuple[float, ChainProducts]]  # (batch weight, H_r of this rank's batch)
+    group: Group                                # the ranks H_r sums over
 
     @property
     def basis(self) -> torch.Tensor:
@@ -99,12 +126,14 @@ class _DataSpan(NamedTuple):
         """``H_r V`` for ``V`` of shape ``(P_r, k)``."""
         k = V.shape[1]
         trees = vector_to_tree(V[:, 0] if k == 1 else V.T, self.spec)
-        total = torch.zeros_like(V)
-        for w, H in self.products:
-            out = tree_to_vector(H(trees)) if k == 1 else torch.cat(
-                [t.reshape(k, -1) for t in pytree.tree_leaves(H(trees))], dim=1).T
-            total += w * out.reshape(total.shape)
-        return total
+
+        def fill(total: torch.Tensor) -> None:
+            for w, H in self.products:
+                out = tree_to_vector(H(trees)) if k == 1 else torch.cat(
+                    [t.reshape(k, -1) for t in pytree.tree_leaves(H(trees))], dim=1).T
+                total += w * out.reshape(total.shape)
+
+        return self.group.sum("H_r @ V", V.shape, V, fill, inputs=V)
 
     def lift(self, V: torch.Tensor) -> torch.Tensor:
         """``B^T V``: ``(P_r, k)`` restricted vectors as ``(P, k)`` vectors of ``H``."""
@@ -158,9 +187,19 @@ class HessianOperator:
             ``DataLoader`` with ``shuffle=False`` included). Iteration must be
             deterministic: a loader whose batches change between passes is refused.
         reduction: ``"mean"`` (``f`` averages over its batch) or ``"sum"``.
-        progress: show a tqdm progress bar over batches on each pass.
+        progress: show a tqdm progress bar over batches on each pass (on rank 0 only).
         cache: keep every batch's gradient graph for fast repeated products; default
             True for data in memory, False for other iterables.
+        process_group: a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``): ``data`` is then this rank's shard, and
+            the operator on every rank is the Hessian of the whole data set, the shards
+            concatenated in rank order (NOTE [sharded data]). Every rank must make the
+            same calls with the same arguments; the estimators' ``seed=`` makes their
+            probes equal everywhere (NOTE [replicated estimators]).
+
+    Attributes:
+        num_samples, num_batches: of the whole data set (over all ranks).
+        world_size: the number of ranks (1 without a process group).
 
     Example (a quadratic loss ``0.5 * sum(a * w^2)`` has ``H = diag(a)``):
         >>> a = torch.tensor([1.0, 2.0, 3.0])
@@ -170,11 +209,18 @@ class HessianOperator:
         (tensor([1., 2., 3.]), tensor(6.))
         >>> torch.allclose(H.eigenvalues(k=1, seed=0), torch.tensor([3.0]))
         True
+
+    Sharded over processes (run under ``torchrun``; docs/distributed.md)::
+
+        torch.distributed.init_process_group("gloo")       # "nccl" on GPUs
+        H = HessianOperator.from_model(model, loss_fn, my_shard,
+                                       process_group=torch.distributed.group.WORLD)
+        H.eigenvalues(k=5, seed=0)                          # the same on every rank
     """
 
     def __init__(self, f: Callable[..., Any], params: Any, data: Any, *,
                  reduction: Literal["mean", "sum"] = "mean", progress: bool = False,
-                 cache: bool | None = None):
+                 cache: bool | None = None, process_group: Any = None):
         call = "HessianOperator"
         if not callable(f):
             raise ArgumentError(f"{call}: `f` must be callable f(params, inputs, targets), "
@@ -190,16 +236,13 @@ class HessianOperator:
             if not t.is_floating_point():
                 raise ArgumentError(f"{call}: `params` holds a tensor of dtype {t.dtype}; "
                                     "expected floating point.")
+        self._group = Group(process_group, call)
+        self._group.check_device(self.device)
         self.f = f
         self.params = params
         self.reduction = reduction
-        self.progress = progress
+        self.progress = progress and self._group.rank == 0
         self._single = _is_single_batch(data)
-        if not self._single:
-            _check_not_shuffling(data)
-            if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-                raise ArgumentError(f"{call}: `data` must be one (inputs, targets) batch or an "
-                                    f"iterable of them, got {describe(data)}.")
         self._data = data
         in_memory = self._single or isinstance(data, (list, tuple))
         self._cache_enabled = in_memory if cache is None else bool(cache)
@@ -216,6 +259,25 @@ class HessianOperator:
         f, params = functionalize(model, loss_fn)
         return cls(f, params, data, **kwargs)
 
+    @property
+    def world_size(self) -> int:
+        """The number of ranks whose shards make up the data (1 without a process group)."""
+        return self._group.size
+
+    @property
+    def process_group(self) -> Any:
+        """The ``torch.distributed`` process group, or None."""
+        return self._group.process_group
+
+    def _check_data(self) -> None:
+        if self._single:
+            return
+        _check_not_shuffling(self._data)
+        if isinstance(self._data, (torch.Tensor, str, bytes)) or not isinstance(self._data,
+                                                                                Iterable):
+            raise ArgumentError(f"HessianOperator: `data` must be one (inputs, targets) batch or "
+                                f"an iterable of them, got {describe(self._data)}.")
+
     def _iter_batches(self) -> Iterator[Batch]:
         if self._single:
             yield tuple(self._data)  # type: ignore[misc]
@@ -228,8 +290,11 @@ class HessianOperator:
                 )
             yield tuple(batch)  # type: ignore[misc]
 
-    def _first_pass(self) -> list[float]:
-        sizes, prints = [], []
+    def _scan(self) -> dict[str, Any]:
+        """This rank's first pass: batch sizes and fingerprints (later passes must match);
+        with a process group also what the ranks compare (NOTE [sharded data])."""
+        self._check_data()
+        sizes, prints, first = [], [], None
         for i, batch in enumerate(self._iter_batches()):
             sizes.append(_batch_size(batch[0]))
             if sizes[-1] == 0:
@@ -237,27 +302,54 @@ class HessianOperator:
                                     "drop empty batches.")
             if not self._single:  # one batch is never re-read
                 prints.append(_fingerprint(batch))
-        if not sizes:
+            first = batch if first is None else first
+        if not sizes and not self._group.distributed:
             raise ArgumentError("HessianOperator: `data` is empty; pass at least one "
                                 "(inputs, targets) batch.")
-        self._prints = prints
-        self.num_samples = sum(sizes)
-        self.num_batches = len(sizes)
+        self._sizes, self._prints = sizes, prints
+        if not self._group.distributed:
+            return {"samples": sum(sizes), "batches": len(sizes)}
+        if first is not None:
+            self._check_fit(first)
+        return shard_summary(self.f, self.params, self.reduction, sum(sizes), len(sizes), first)
+
+    def _check_fit(self, batch: Batch) -> None:
+        """``f`` evaluates on the batch (a shard that does not fit is refused at set-up)."""
+        try:
+            with torch.no_grad():
+                self.f(self.params, *batch)
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's f
+            first = (str(exc).splitlines() or [""])[0]
+            raise ArgumentError(
+                f"{self._group.where('set-up')}: the samples of this rank's shard of `data` do "
+                f"not fit `f`: f(params, inputs, targets) on its first batch (inputs "
+                f"{describe(batch[0])}, targets {describe(batch[1])}) raised "
+                f"{type(exc).__name__}: {first}; every rank must pass a shard of the same "
+                "data set, shaped as the model expects."
+            ) from exc
+
+    def _first_pass(self) -> list[float]:
+        summaries = self._group.exchange("set-up", self._scan)
+        if self._group.distributed:
+            check_shards("HessianOperator", summaries)
+        self.num_samples = sum(s["samples"] for s in summaries)
+        self.num_batches = sum(s["batches"] for s in summaries)
         if self.reduction == "sum":
-            return [1.0] * len(sizes)
-        return [n / self.num_samples for n in sizes]
+            return [1.0] * len(self._sizes)
+        return [n / self.num_samples for n in self._sizes]
 
     def _passes(self, desc: str) -> Iterator[tuple[int, float, Batch]]:
         """One deterministic pass: (index, weight, batch), checked against the first pass."""
         batches: Iterable[Batch] = self._iter_batches()
+        local = len(self._weights)
         if self.progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, total=self.num_batches, desc=desc, leave=False)
+            batches = tqdm(batches, total=local, desc=desc, leave=False)
         count = 0
         for i, batch in enumerate(batches):
-            if i >= self.num_batches or (not self._single and self._prints is not None
-                                         and _fingerprint(batch) != self._prints[i]):
+            if i >= local or (not self._single and self._prints is not None
+                              and _fingerprint(batch) != self._prints[i]):
                 raise ArgumentError(
                     "HessianOperator: `data` gave different batches on a later pass (a "
                     "shuffling loader or a random transform?); iteration must be deterministic: "
@@ -265,10 +357,9 @@ class HessianOperator:
                 )
             count += 1
             yield i, self._weights[i], batch
-        if count != self.num_batches:
+        if count != local:
             raise ArgumentError(f"HessianOperator: `data` gave {count} batches on a later pass, "
-                                f"{self.num_batches} on the first; iteration must be "
-                                "deterministic.")
+                                f"{local} on the first; iteration must be deterministic.")
 
     def _hvp_functions(self, desc: str) -> Iterator[tuple[float, HVPFunction]]:
         if self._cached is not None:
@@ -283,11 +374,9 @@ class HessianOperator:
         if self._cache_enabled:
             self._cached = built
 
-    def _data_span(self) -> _DataSpan | None:
-        """The restricted Hessian of NOTE [data span], when it applies and pays."""
-        if self._span is not False:
-            return self._span  # type: ignore[return-value]
-        self._span = None
+    def _input_layers(self) -> tuple[list[Any], list[Any], list[Any]] | None:
+        """This rank's batch functions, chains and first-layer ``(name, inputs)``, when
+        every batch is a structured chain with the same first trainable layer."""
         if not self._cache_enabled:
             return None
         functions = list(self._hvp_functions("H @ v"))
@@ -295,22 +384,48 @@ class HessianOperator:
         layers = [None if c is None else c.input_layer() for c in chains]
         if any(layer is None for layer in layers) or len({lay[0] for lay in layers}) != 1:
             return None
-        name = layers[0][0]
-        inputs = torch.cat([lay[1] for lay in layers])
-        n, d_in = inputs.shape
+        return functions, chains, layers
+
+    def _data_span(self) -> _DataSpan | None:
+        """The restricted Hessian of NOTE [data span], when it applies and pays; over a
+        process group decided from every rank's answer (NOTE [sharded data])."""
+        if self._span is not False:
+            return self._span  # type: ignore[return-value]
+        self._span = None
+        mine: list[Any] = []
+
+        def local() -> tuple[str, int, int] | None:
+            found = self._input_layers()
+            if found is None:
+                return None
+            mine.extend(found)
+            layers = found[2]
+            return layers[0][0], layers[0][1].shape[1], sum(lay[1].shape[0] for lay in layers)
+
+        answers = self._group.exchange("data span", local)
+        if any(a is None for a in answers) or len({a[:2] for a in answers}) != 1:
+            return None
+        name, d_in = answers[0][:2]
+        counts = [a[2] for a in answers]
+        n = sum(counts)
         if 10 * n > 7 * d_in:
             return None
-        # a^T = U R: U has orthonormal columns spanning (a superset of) the rows of the
-        # inputs, and a U = R^T, split back into the batches; U itself stays in
-        # Householder form (geqrf), half the cost of forming it
+        functions, chains, layers = mine
+        # a^T = U R over all ranks' inputs in rank order: U has orthonormal columns spanning
+        # (a superset of) the rows of the inputs, and a U = R^T, split back into this rank's
+        # batches; U itself stays in Householder form (geqrf), half the cost of forming it
+        inputs = self._group.gather_rows("data span", torch.cat([lay[1] for lay in layers]),
+                                         counts)
         reflectors = torch.geqrf(inputs.T.to(self.dtype))
         R = reflectors[0][:n].triu()
-        restricted = R.T.split([lay[1].shape[0] for lay in layers])
+        lo = sum(counts[:self._group.rank])
+        restricted = R.T[lo:lo + counts[self._group.rank]].split(
+            [lay[1].shape[0] for lay in layers])
         template = {k: (v.new_empty(v.shape[0], n) if k == name else v)
                     for k, v in self.params.items()}
         self._span = _DataSpan(name, reflectors, flat_spec(template),
                                [(w, c.restricted(a)) for (w, _), c, a in zip(
-                                   functions, chains, restricted, strict=True)])
+                                   functions, chains, restricted, strict=True)], self._group)
         return self._span
 
     # ------------------------------------------------------------ structure
@@ -351,17 +466,18 @@ class HessianOperator:
 
     # ------------------------------------------------------------- products
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for a flat vector ``v`` of shape ``(P,)``."""
+        """``H v`` for a flat vector ``v`` of shape ``(P,)`` (the same on every rank)."""
         return self._product(self._check_vector(v, "v", ndim=(1,)))
 
     def _product(self, v: torch.Tensor) -> torch.Tensor:
         tree = vector_to_tree(v, self._spec)
-        total = None
-        for w, H in self._hvp_functions("H @ v"):
-            out = tree_to_vector(H._product(tree))
-            out = out if w == 1.0 else out.mul_(w)
-            total = out if total is None else total.add_(out)
-        return total
+
+        def fill(total: torch.Tensor) -> None:
+            for w, H in self._hvp_functions("H @ v"):
+                out = tree_to_vector(H._product(tree))
+                total.add_(out if w == 1.0 else out.mul_(w))
+
+        return self._group.sum("H @ v", v.shape, v, fill, inputs=v)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` for ``V`` of shape ``(P, k)``: batched backward passes of up to
@@ -369,21 +485,54 @@ class HessianOperator:
         V = self._check_vector(V, "V", ndim=(2,))
         if V.shape[1] == 1:  # one column (Lanczos): the unbatched product is cheaper
             return self._product(V[:, 0]).unsqueeze(1)
-        total = torch.zeros_like(V)
         step = auto_chunk_size(V.shape[1], 0)
         chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T, self._spec))
                   for lo in range(0, V.shape[1], step)]
-        for w, H in self._hvp_functions("H @ V"):
-            for lo, trees in chunks:
-                out = pytree.tree_leaves(H.batched(trees))
-                cols = torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1).T
-                total[:, lo:lo + cols.shape[1]] += w * cols
-        return total
+
+        def fill(total: torch.Tensor) -> None:
+            for w, H in self._hvp_functions("H @ V"):
+                for lo, trees in chunks:
+                    out = pytree.tree_leaves(H.batched(trees))
+                    cols = torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1).T
+                    total[:, lo:lo + cols.shape[1]] += w * cols
+
+        return self._group.sum("H @ V", V.shape, V, fill, inputs=V)
 
     def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
         if isinstance(other, torch.Tensor) and other.dim() == 2:
             return self.matmat(other)
         return self.matvec(other)
+
+    def grad_and_value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient ``(P,)`` and the value ``()`` of the data-set loss
+        ``L = sum_b w_b f_b`` (weights as for ``H``), in one pass over the data.
+
+        Example:
+            >>> f = lambda p, x, y: ((p["w"] * x - y) ** 2).mean()
+            >>> x, y = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])
+            >>> HessianOperator(f, {"w": torch.tensor(1.0)}, [(x[:1], y[:1]), (x[1:], y[1:])]
+            ...                 ).grad_and_value()                  # mean of w^2 x^2
+            (tensor([5.]), tensor(2.5000))
+        """
+        P = self._spec.numel
+
+        def value_and_loss(p: Any, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            value = self.f(p, x, y)
+            return value, value.detach()
+
+        grad_and_loss = grad(value_and_loss, has_aux=True)  # one forward pass for both
+
+        def fill(total: torch.Tensor) -> None:
+            for _, w, (x, y) in self._passes("gradient"):
+                g, value = grad_and_loss(self.params, x, y)
+                total[:P] += w * tree_to_vector(g)
+                total[P] += w * value
+
+        total = self._group.sum("gradient", (P + 1,), self._spec_like(), fill)
+        return total[:P], total[P]
+
+    def _spec_like(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype, device=self.device)
 
     def to_dense(self, *, chunk_size: int | None = None, max_memory: int | None = None
                  ) -> torch.Tensor:
@@ -396,17 +545,20 @@ class HessianOperator:
         if chunk_size is not None:
             check_positive_int(chunk_size, "chunk_size", "HessianOperator.to_dense")
         dense_fn = hessian(self.f, flat=True, chunk_size=chunk_size, max_memory=max_memory)
-        total = torch.zeros(P, P, dtype=self.dtype, device=self.device)
-        for _, w, (x, y) in self._passes("to_dense"):
-            total += w * dense_fn(self.params, x, y)
-        return total
+
+        def fill(total: torch.Tensor) -> None:
+            for _, w, (x, y) in self._passes("to_dense"):
+                total += w * dense_fn(self.params, x, y)
+
+        return self._group.sum("to_dense", (P, P), self._spec_like(), fill)
 
     def diagonal(self, method: Literal["exact", "hutchinson"] = "exact", *,
                  chunk_size: int | None = None, num_samples: int = 100,
                  generator: torch.Generator | None = None, seed: int | None = None
                  ) -> torch.Tensor:
-        """The diagonal ``(P,)``: exact (batch by batch through :func:`hessfunc.hessian_diag`)
-        or Hutchinson's estimate from ``num_samples`` Rademacher products."""
+        """The diagonal ``(P,)``: exact (batch by batch through :func:`hessfunc.hessian_diag`,
+        per-sample propagation where it applies) or Hutchinson's estimate from
+        ``num_samples`` Rademacher products."""
         if method == "hutchinson":
             check_positive_int(num_samples, "num_samples", "HessianOperator.diagonal")
             return hutchinson_diagonal(self.matmat, self._spec.numel, num_samples=num_samples,
@@ -416,10 +568,12 @@ class HessianOperator:
             raise ArgumentError("HessianOperator.diagonal: `method` must be 'exact' or "
                                 f"'hutchinson', got {method!r}.")
         diag_fn = hessian_diag(self.f, chunk_size=chunk_size)
-        total = torch.zeros(self._spec.numel, dtype=self.dtype, device=self.device)
-        for _, w, (x, y) in self._passes("diagonal"):
-            total += w * tree_to_vector(diag_fn(self.params, x, y))
-        return total
+
+        def fill(total: torch.Tensor) -> None:
+            for _, w, (x, y) in self._passes("diagonal"):
+                total += w * tree_to_vector(diag_fn(self.params, x, y))
+
+        return self._group.sum("diagonal", (self._spec.numel,), self._spec_like(), fill)
 
     # ----------------------------------------------------------- estimators
     def _generator(self, generator: torch.Generator | None, seed: int | None
@@ -557,5 +711,7 @@ class HessianOperator:
         return LinearOperator((P, P), matvec=mv, matmat=mm, rmatvec=mv, dtype=np.float64)
 
     def __repr__(self) -> str:
+        ranks = f", world_size={self.world_size}" if self._group.distributed else ""
         return (f"HessianOperator(P={self._spec.numel}, batches={self.num_batches}, "
-                f"samples={self.num_samples}, reduction={self.reduction!r}, dtype={self.dtype})")
+                f"samples={self.num_samples}, reduction={self.reduction!r}, dtype={self.dtype}"
+                f"{ranks})")

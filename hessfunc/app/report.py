@@ -16,7 +16,6 @@ from .. import reference
 from .._chain import analyze as analyze_chain
 from ..dense import hessian_blocks
 from ..diagonal import hessian_diag
-from ..gradient import grad
 from ..operator import HessianOperator
 
 #: The loop oracle is run for comparison only up to this many parameters.
@@ -63,33 +62,35 @@ class CurvatureReport:
 def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_k: int = 5,
                      hutchinson_samples: int = 100, density_probes: int = 10,
                      density_steps: int = 40, seed: int = 0, compare_oracle: bool = True,
-                     progress: bool = False) -> CurvatureReport:
-    """Compute the report of ``f`` at ``params`` over ``data`` (batches of ``(x, y)``)."""
+                     progress: bool = False, process_group: Any = None) -> CurvatureReport:
+    """Compute the report of ``f`` at ``params`` over ``data`` (batches of ``(x, y)``).
+
+    With ``process_group``, ``data`` is this rank's shard and every number is of the
+    whole data set, the same on every rank (``HessianOperator``'s NOTE [sharded data]);
+    the oracle comparison and the per-parameter blocks, which need the data as one
+    batch, are left out.
+    """
     rep = CurvatureReport()
     num = rep.numbers
-    op = HessianOperator(f, params, data, progress=progress)
+    op = HessianOperator(f, params, data, progress=progress, process_group=process_group)
     P = op.shape[0]
     num["num_params"] = P
     num["num_samples"] = op.num_samples
+    num["world_size"] = op.world_size
     num["dtype"] = str(op.dtype).replace("torch.", "")
     batches = list(op._passes("batches")) if op.num_batches == 1 else None
-    # gradient of the data-set loss
-    def value_and_loss(p: Any, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        value = f(p, x, y)
-        return value, value.detach()
-
-    grad_and_loss = grad(value_and_loss, has_aux=True)  # one forward pass for both
-    g = torch.zeros(P, dtype=op.dtype, device=op.device)
-    loss = 0.0
-    for _, w, (x, y) in op._passes("gradient"):
-        g_batch, value = grad_and_loss(params, x, y)
-        g += w * _flat(g_batch)
-        loss += w * float(value)
-    num["loss"] = loss
+    g, loss = op.grad_and_value()
+    num["loss"] = float(loss)
     num["grad_norm"] = float(g.norm())
     # exact diagonal: structured or generic route, or Hutchinson's estimate for large P
     one_batch = batches[0][2] if batches else None
-    structured = one_batch is not None and analyze_chain(f, (params, *one_batch), 0)[0] is not None
+    if op.world_size == 1:
+        structured = one_batch is not None and analyze_chain(
+            f, (params, *one_batch), 0)[0] is not None
+    else:  # every rank must take the same branch: decided from every rank's first batch
+        first = next(op._iter_batches())
+        structured = all(op._group.exchange(
+            "diagonal route", lambda: analyze_chain(f, (params, *first), 0)[0] is not None))
     if structured or P <= GENERIC_DIAG_MAX_PARAMS:
         if one_batch is not None:
             diag, t_fast = _timed(lambda: hessian_diag(f)(params, *one_batch))
@@ -154,6 +155,7 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 def report_rows(rep: CurvatureReport) -> list[tuple[str, str]]:
     n = rep.numbers
     rows = [("parameters", f"{n['num_params']:,}"), ("samples", f"{n['num_samples']:,}"),
+            ("processes (world size)", f"{n.get('world_size', 1)}"),
             ("loss", f"{n['loss']:.6g}"), ("gradient norm", f"{n['grad_norm']:.6g}"),
             ("diagonal", n["diagonal_method"]),
             ("diagonal time", f"{n['diagonal_time_s'] * 1e3:.2f} ms")]
