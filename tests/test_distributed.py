@@ -39,6 +39,9 @@ from hessfunc.cli import main
 
 TIMEOUT = datetime.timedelta(seconds=60)
 DEADLINE_S = 120
+#: fork where there is one: the ranks inherit the imports (torch.func's lazy ones cost a
+#: spawned rank seconds); the workers are module-level functions, so spawn works as well.
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,7 +73,7 @@ def _spawn(tmp_path: Path, world: int, name: str) -> list[Any]:
     out = tmp_path / f"{name}-{world}"
     out.mkdir()
     ctx = mp.start_processes(_entry, args=(world, str(out / "store"), str(out), name),
-                             nprocs=world, join=False, start_method="spawn")
+                             nprocs=world, join=False, start_method=START_METHOD)
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not ctx.join(timeout=1):
@@ -256,12 +259,16 @@ WORKERS = {"exact": _exact_worker, "failures": _failure_worker}
 
 # ---------------------------------------------------------------- exactness
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}-ranks")
-def sharded(request, tmp_path_factory) -> tuple[int, list[dict[str, Any]]]:
+def sharded(request, tmp_path_factory
+            ) -> tuple[int, list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(world size, every rank's results, the one-process results); the one-process ones
+    first, so that forked ranks inherit what their computation imports."""
     world = request.param
-    return world, _spawn(tmp_path_factory.mktemp("exact"), world, "exact")
+    one = {name: _one_process(name, world) for name in PROBLEMS}
+    return world, _spawn(tmp_path_factory.mktemp("exact"), world, "exact"), one
 
 
-def _one_process(name: str, world: int) -> tuple[dict[str, Any], Any]:
+def _one_process(name: str, world: int) -> dict[str, Any]:
     """The one-process operator over the shards' batches concatenated in rank order."""
     model, loss_fn, x, y = _data(name)
     f, params = hf.functionalize(model, loss_fn)
@@ -272,7 +279,7 @@ def _one_process(name: str, world: int) -> tuple[dict[str, Any], Any]:
     H = hf.HessianOperator(f, params, batches, reduction=PROBLEMS[name][2])
     got = _quantities(H, f, params, x, y)
     got["span"] = H._data_span() is not None
-    return got, (f, params, x, y)
+    return got
 
 
 def _oracle(f: Any, params: Any, x: torch.Tensor, y: torch.Tensor
@@ -289,8 +296,8 @@ EXACT = ("Hv", "HV", "dense", "diagonal", "trace", "hutchinson", "hutch++",
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_every_quantity_equals_one_process_over_the_concatenated_data(sharded, name):
-    world, ranks = sharded
-    one, _ = _one_process(name, world)
+    world, ranks, ones = sharded
+    one = ones[name]
     first = ranks[0][name]
     assert first["world_size"] == world and one["world_size"] == 1
     assert first["num_samples"] == one["num_samples"] == PROBLEMS[name][1]
@@ -306,7 +313,7 @@ def test_every_quantity_equals_one_process_over_the_concatenated_data(sharded, n
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_products_and_dense_equal_the_loop_oracle(sharded, name):
-    world, ranks = sharded
+    world, ranks, _ = sharded
     model, loss_fn, x, y = _data(name)
     f, params = hf.functionalize(model, loss_fn)
     dense, leaves = _oracle(f, params, x, y)
@@ -329,7 +336,7 @@ def test_products_and_dense_equal_the_loop_oracle(sharded, name):
 
 
 def test_every_rank_holds_the_same_answers_bitwise(sharded):
-    world, ranks = sharded
+    world, ranks, _ = sharded
     for name in PROBLEMS:
         for key in EXACT:
             if key == "per_sample":

@@ -1,0 +1,126 @@
+"""Weak scaling of a distributed product: W ranks over W x the data against one process over 1x.
+
+    nice python -m benchmarks.bench_distributed [--ranks 2] [--repeats 30] [--dtype float32]
+
+The 102k-parameter MLP (``mlp100k``: 784-128-10 tanh, cross-entropy, 256 samples a
+shard). Rank 0's shard is the problem's data, rank ``r``'s is 256 more samples drawn with
+seed ``r``. Every rank runs one thread (``torch.set_num_threads(1)``), gloo over the
+loopback interface. Each round, side by side: rank 0 alone times ``H1 @ v`` of the
+one-process operator over its shard (the others wait in a barrier, so it has a core to
+itself), then all ranks time ``H @ v`` of the distributed operator over W shards, then
+an ``all_reduce`` of the product's buffer alone. Medians over the rounds; the ratio is
+distributed / one process. Warm-up products first (the operators cache their batch
+functions, as in Lanczos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hessfunc as hf
+
+from .problems import mlp_100k
+
+
+def _loopback() -> str:
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), names[0])
+
+
+def _shard(rank: int, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    prob = mlp_100k(dtype=dtype)
+    if rank == 0:
+        return prob, prob.x, prob.y
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(prob.x.shape, generator=g).to(dtype)
+    y = torch.randint(0, 10, prob.y.shape, generator=g)
+    return prob, x, y
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _worker(rank: int, world: int, store: str, repeats: int, dtype_name: str, out: str
+            ) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = _loopback()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    dtype = getattr(torch, dtype_name)
+    prob, x, y = _shard(rank, dtype)
+    f, params = hf.functionalize(prob.model, prob.loss_fn)
+    one = hf.HessianOperator(f, params, (x, y))
+    two = hf.HessianOperator(f, params, (x, y), process_group=dist.group.WORLD)
+    P = one.shape[0]
+    v = torch.randn(P, generator=torch.Generator().manual_seed(0)).to(dtype)
+    buffer = torch.zeros(P + 9, dtype=dtype)
+    times: dict[str, list[float]] = {"one": [], "two": [], "all_reduce": []}
+    for i in range(repeats + 3):
+        dist.barrier()
+        t_one = _timed(lambda: one @ v) if rank == 0 else 0.0
+        dist.barrier()
+        t_two = _timed(lambda: two @ v)
+        dist.barrier()
+        t_ar = _timed(lambda: dist.all_reduce(buffer))
+        if i >= 3:
+            for key, t in (("one", t_one), ("two", t_two), ("all_reduce", t_ar)):
+                times[key].append(t)
+    torch.testing.assert_close(two @ v, two @ v)  # the same on repeat
+    if rank == 0:
+        result = {k: statistics.median(t) for k, t in times.items()}
+        result.update(P=P, samples_per_rank=x.shape[0], ranks=world, dtype=dtype_name,
+                      repeats=repeats, method=one._cached[0][1].method if one._cached else "?")
+        with open(out, "w") as fh:
+            json.dump(result, fh)
+    dist.destroy_process_group()
+
+
+def run(ranks: int, repeats: int, dtype: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(ranks, os.path.join(tmp, "store"), repeats, dtype, out),
+                 nprocs=ranks, join=True)
+        with open(out) as fh:
+            return json.load(fh)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args(argv)
+    res = run(args.ranks, args.repeats, args.dtype)
+    ratio = res["two"] / res["one"]
+    res["ratio"] = ratio
+    print(f"MLP 784-128-10 CE, P={res['P']:,}, {res['samples_per_rank']} samples a rank, "
+          f"{res['dtype']}, 1 thread a rank, {res['repeats']} rounds (medians), "
+          f"{res['method']} products")
+    print(f"  one process, 1x data:       H @ v  {res['one'] * 1e3:8.2f} ms")
+    print(f"  {res['ranks']} ranks, {res['ranks']}x data (gloo):  H @ v  "
+          f"{res['two'] * 1e3:8.2f} ms   ratio {ratio:.3f}")
+    print(f"  all_reduce of the P+9 buffer alone:   {res['all_reduce'] * 1e3:8.2f} ms")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()
