@@ -53,14 +53,14 @@ in rank order.
 NOTE [replicated estimators]: the estimators run whole on every rank, on the reduced
 products, which are bitwise equal on all ranks; with the same seed the probes are equal
 too, so every rank follows the same path and no step but the products communicates.
-Scattering the Krylov basis (``P / W`` rows a rank) sends the same ``~2P`` words a product
-(all_reduce = reduce_scatter + all_gather, and the HVP needs all of ``v`` on every rank),
-plus one latency-bound all_reduce of ``m`` coefficients per Lanczos step; what it saves is
+Scattering the Krylov basis (``P / W`` rows a rank) sends the same ``~2 b P`` bytes a
+product (all_reduce = reduce_scatter + all_gather, and the HVP needs all of ``v`` on every
+rank), plus one latency-bound all_reduce of ``m`` coefficients per Lanczos step. It saves
 the replicated reorthogonalisation, ``~4 m P`` flops a step against the product's
-``~c (N / W) P`` (``c ~ 10``), and the basis's ``m P`` words of memory on each rank. With
-``m <= 500`` steps and hundreds of samples a rank the flops favour replication; it stops
-paying when ``m P`` words no longer fit beside the model, e.g. ``P > ~10^8`` for
-``m = 100`` float32 vectors on an 80 GB device (docs/distributed.md).
+``~12 s P N / W`` (``s``: uses of a weight per sample), and the ``m P`` numbers of the
+basis on each rank. Flops favour replication while ``m < 3 s N / W``; memory ends it when
+the basis no longer fits beside the model: ``P > ~10^8`` for ``m = 100`` float32 vectors
+on an 80 GB device (figures in docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -358,7 +358,7 @@ def _raised(outcome: Any, kind: str, pattern: str) -> None:
     assert re.search(pattern, message), f"{pattern!r} not in: {message}"
 
 
-@pytest.mark.parametrize(("scenario", "both", "rank1"), [
+REFUSALS = [
     ("params", r"different parameter values: rank\(s\) 1 differ from rank 0 in \['2.bias'\]",
      None),
     ("empty shard",
@@ -380,7 +380,10 @@ def _raised(outcome: Any, kind: str, pattern: str) -> None:
      r"DataLoader with shuffle=True"),
     ("later pass", r"step 'H @ v'.*rank\(s\) 1 refused their input.*different batches on a "
                    r"later pass", r"different batches on a later pass"),
-])
+]
+
+
+@pytest.mark.parametrize(("scenario", "both", "rank1"), REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_bad_shards_are_refused_on_every_rank(failures, scenario, both, rank1):
     _raised(failures[0][scenario], "ArgumentError", both)
     _raised(failures[1][scenario], "ArgumentError", rank1 or both)
@@ -442,6 +445,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(nproc: int) -> list[str]:
+    """torchrun on this machine only: the rendezvous and gloo on the loopback interface."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+            str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+            "--local-addr", "127.0.0.1"]
+
+
+def _env(*paths: Path) -> dict[str, str]:
+    return dict(os.environ, GLOO_SOCKET_IFNAME=_loopback(), OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, *paths)))
+
+
+def test_the_documented_script_runs_under_torchrun(tmp_path):
+    """docs/distributed.md's script, launched as the page says, checks itself against one
+    process over all of the data on each of 2 ranks."""
+    page = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    script = re.search(r"^```python\n(.*?)^```", page, re.M | re.S).group(1)
+    (tmp_path / "curvature.py").write_text(script)
+    proc = subprocess.run([*_torchrun(2), "curvature.py"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("2 process(es): top eigenvalues") == 1, proc.stdout
+
+
 def test_analyze_under_torchrun_reports_the_one_process_numbers(tmp_path, monkeypatch):
     (tmp_path / "tinymodel.py").write_text(MODEL_FILE)
     g = torch.Generator().manual_seed(11)
@@ -450,13 +477,9 @@ def test_analyze_under_torchrun_reports_the_one_process_numbers(tmp_path, monkey
                tmp_path / "data.pt")
     args = ["analyze", "--model", "tinymodel:make", "--data", "data.pt", "--batch-size", "8",
             "--top-k", "3"]
-    env = dict(os.environ, GLOO_SOCKET_IFNAME=_loopback(), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-              "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-              str(_free_port()), "--local-addr", "127.0.0.1", "-m", "hessfunc"]
-    proc = subprocess.run([*launch, *args, "--out", "two", "--timeout", "60"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    proc = subprocess.run([*_torchrun(2), "-m", "hessfunc", *args, "--out", "two",
+                           "--timeout", "60"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=DEADLINE_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("Analysing") == 1  # rank 0 prints, rank 1 is silent
     assert "in 2 shards (20, 21 samples)" in proc.stdout
