@@ -1,16 +1,21 @@
 """Weak scaling of a distributed product: W ranks over W x the data against one process over 1x.
 
-    nice python -m benchmarks.bench_distributed [--ranks 2] [--repeats 30] [--dtype float32]
+    nice python -m benchmarks.bench_distributed [--ranks 2] [--repeats 15] [--block 10]
 
 The 102k-parameter MLP (``mlp100k``: 784-128-10 tanh, cross-entropy, 256 samples a
 shard). Rank 0's shard is the problem's data, rank ``r``'s is 256 more samples drawn with
 seed ``r``. Every rank runs one thread (``torch.set_num_threads(1)``), gloo over the
-loopback interface. Each round, side by side: rank 0 alone times ``H1 @ v`` of the
-one-process operator over its shard (the others wait in a barrier, so it has a core to
-itself), then all ranks time ``H @ v`` of the distributed operator over W shards, then
-an ``all_reduce`` of the product's buffer alone. Medians over the rounds; the ratio is
-distributed / one process. Warm-up products first (the operators cache their batch
-functions, as in Lanczos).
+loopback interface. Products are timed in blocks of ``--block`` back-to-back calls, as
+Lanczos makes them, and each round runs every case once, side by side: rank 0 alone runs
+``H1 @ v`` of the one-process operator over its shard (the others wait in a barrier, so
+it has a core to itself); all ranks at once run ``H1 @ v`` of their own one-process
+operators (the local work of a distributed product without communication: what sharing
+the cores costs when the machine has other load); all ranks run ``H @ v`` of the
+distributed operator over W shards; all ranks run the ``all_reduce`` of a product's
+buffer alone. Medians over the rounds of the time per call; the ratio is distributed /
+one process. Warm-up rounds first (the operators cache their batch functions). On an
+otherwise idle machine the concurrent local products take as long as the lone one; the
+load average is printed with the results.
 """
 
 from __future__ import annotations
@@ -49,14 +54,8 @@ def _shard(rank: int, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     return prob, x, y
 
 
-def _timed(fn: Any) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _worker(rank: int, world: int, store: str, repeats: int, dtype_name: str, out: str
-            ) -> None:
+def _worker(rank: int, world: int, store: str, repeats: int, block: int, dtype_name: str,
+            out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = _loopback()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -69,31 +68,34 @@ def _worker(rank: int, world: int, store: str, repeats: int, dtype_name: str, ou
     P = one.shape[0]
     v = torch.randn(P, generator=torch.Generator().manual_seed(0)).to(dtype)
     buffer = torch.zeros(P + 9, dtype=dtype)
-    times: dict[str, list[float]] = {"one": [], "two": [], "all_reduce": []}
-    for i in range(repeats + 3):
-        dist.barrier()
-        t_one = _timed(lambda: one @ v) if rank == 0 else 0.0
-        dist.barrier()
-        t_two = _timed(lambda: two @ v)
-        dist.barrier()
-        t_ar = _timed(lambda: dist.all_reduce(buffer))
-        if i >= 3:
-            for key, t in (("one", t_one), ("two", t_two), ("all_reduce", t_ar)):
-                times[key].append(t)
+    times: dict[str, list[float]] = {"one": [], "local": [], "two": [], "all_reduce": []}
+    cases = {"one": lambda: one @ v, "local": lambda: one @ v, "two": lambda: two @ v,
+             "all_reduce": lambda: dist.all_reduce(buffer)}
+    for i in range(repeats + 2):
+        for key, fn in cases.items():
+            dist.barrier()
+            if key == "one" and rank != 0:
+                continue
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            if i >= 2:
+                times[key].append((time.perf_counter() - t0) / block)
     torch.testing.assert_close(two @ v, two @ v)  # the same on repeat
     if rank == 0:
         result = {k: statistics.median(t) for k, t in times.items()}
         result.update(P=P, samples_per_rank=x.shape[0], ranks=world, dtype=dtype_name,
-                      repeats=repeats, method=one._cached[0][1].method if one._cached else "?")
+                      repeats=repeats, block=block,
+                      method=one._cached[0][1].method if one._cached else "?")
         with open(out, "w") as fh:
             json.dump(result, fh)
     dist.destroy_process_group()
 
 
-def run(ranks: int, repeats: int, dtype: str) -> dict[str, Any]:
+def run(ranks: int, repeats: int, block: int, dtype: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(ranks, os.path.join(tmp, "store"), repeats, dtype, out),
+        mp.spawn(_worker, args=(ranks, os.path.join(tmp, "store"), repeats, block, dtype, out),
                  nprocs=ranks, join=True)
         with open(out) as fh:
             return json.load(fh)
@@ -102,20 +104,26 @@ def run(ranks: int, repeats: int, dtype: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (default 15)")
+    parser.add_argument("--block", type=int, default=10,
+                        help="back-to-back calls per timing (default 10)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
-    res = run(args.ranks, args.repeats, args.dtype)
-    ratio = res["two"] / res["one"]
-    res["ratio"] = ratio
+    res = run(args.ranks, args.repeats, args.block, args.dtype)
+    res["ratio"] = res["two"] / res["one"]
+    res["load_average"] = os.getloadavg()
+    W = res["ranks"]
     print(f"MLP 784-128-10 CE, P={res['P']:,}, {res['samples_per_rank']} samples a rank, "
-          f"{res['dtype']}, 1 thread a rank, {res['repeats']} rounds (medians), "
-          f"{res['method']} products")
-    print(f"  one process, 1x data:       H @ v  {res['one'] * 1e3:8.2f} ms")
-    print(f"  {res['ranks']} ranks, {res['ranks']}x data (gloo):  H @ v  "
-          f"{res['two'] * 1e3:8.2f} ms   ratio {ratio:.3f}")
-    print(f"  all_reduce of the P+9 buffer alone:   {res['all_reduce'] * 1e3:8.2f} ms")
+          f"{res['dtype']}, 1 thread a rank, {res['repeats']} rounds of {res['block']} calls, "
+          f"{res['method']} products; load average {res['load_average'][0]:.2f}")
+    rows = [("one process, 1x data, H1 @ v", res["one"], ""),
+            (f"{W} ranks at once, each H1 @ v, no communication", res["local"],
+             f"x{res['local'] / res['one']:.3f}"),
+            (f"{W} ranks, {W}x data, H @ v (gloo)", res["two"], f"x{res['ratio']:.3f}"),
+            ("all_reduce of the P+9 buffer alone", res["all_reduce"], "")]
+    for name, t, ratio in rows:
+        print(f"  {name:<48} {t * 1e3:8.2f} ms  {ratio}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)

@@ -315,9 +315,8 @@ class HessianOperator:
 
     def _check_fit(self, batch: Batch) -> None:
         """``f`` evaluates on the batch (a shard that does not fit is refused at set-up)."""
-        try:
-            with torch.no_grad():
-                self.f(self.params, *batch)
+        try:  # not under no_grad: f may take derivatives of its own (a PDE residual)
+            self.f(self.params, *batch)
         except Exception as exc:  # noqa: BLE001 - any failure of the user's f
             first = (str(exc).splitlines() or [""])[0]
             raise ArgumentError(
