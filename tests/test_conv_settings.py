@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import assert_close, oracle_loss
-from strategies import random_like
 from torch import nn
 
 import hessfunc as hf
+from hessfunc.testing.strategies import random_like
 
 PRODUCTS = importlib.import_module("hessfunc._chain_products")
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import ACTIVATIONS as SHARED_ACTIVATIONS
 from torch import nn
 from torch.func import grad, hessian, vmap
 
@@ -30,6 +29,7 @@ from hessfunc.forward import (
 from hessfunc.forward._derivatives import DERIVATIVES
 from hessfunc.forward._propagate import rule_report
 from hessfunc.forward.diagonal import _input_hessian_diag_forward
+from hessfunc.testing.models import ACTIVATIONS, build_mlp
 
 #: (rtol, atol) per dtype: float64 agrees with the references to rounding.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-4, 2e-4)}
@@ -84,17 +84,8 @@ def test_reference_helpers_on_closed_forms():
 # --- models --------------------------------------------------------------------------
 
 
-ACTIVATIONS = {**SHARED_ACTIVATIONS, "silu": nn.SiLU}
-
-
 def make_mlp(d: int, widths: list[int], act: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    sizes = [d, *widths]
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), ACTIVATIONS[act]()]
-    layers.append(nn.Linear(sizes[-1], 1))
-    return nn.Sequential(*layers).double()
+    return build_mlp([d, *widths, 1], act, seed)
 
 
 @st.composite

@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import assert_close, oracle_loss
-from strategies import build_mlp, custom_loss, random_like
 from torch import nn
 
 import hessfunc as hf
 from hessfunc import _chain
+from hessfunc.testing.losses import custom_loss
+from hessfunc.testing.models import build_mlp
+from hessfunc.testing.strategies import random_like
 
 # (sizes, {layer index: "weight" | "bias" | "both"}): layer indices count Linear layers.
 # Square frozen layers (4 -> 4) matter: a Jacobian that is not pushed through them

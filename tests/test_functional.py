@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from _helpers import assert_same_state, model_state
 from hypothesis import given
-from strategies import TiedNet, problems
 from torch import nn
 
 import hessfunc as hf
+from hessfunc.testing.models import TiedNet
+from hessfunc.testing.strategies import problems
 
 
 @given(problems())

@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from _helpers import assert_close, flat, oracle_loss
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import ACTIVATIONS, Residual, build_mlp, custom_loss, mlps, problems, random_like
 from torch import nn
 from torch.func import vmap
 
 import hessfunc as hf
 from hessfunc import _chain
 from hessfunc._tree import tree_dot
+from hessfunc.testing.losses import custom_loss
+from hessfunc.testing.models import ACTIVATIONS, ResidualMLP, build_mlp
+from hessfunc.testing.strategies import mlps, problems, random_like
 
 MODES = ["reverse-over-reverse", "forward-over-reverse"]
 
@@ -102,7 +104,6 @@ def test_hvp_fn_equals_oracle_repeatedly_and_batched(prob, seed):
 def test_hvp_fn_structured_route_equals_oracle(model, n, seed, loss, frozen, k):
     """NOTE [structured products]: chains take the cached R-operator route, and it is exact
     for single and batched tangents, with frozen parameters, for every loss."""
-    model, _ = model
     for i, p in enumerate(model.parameters()):
         if i in frozen:
             p.requires_grad_(False)
@@ -377,7 +378,7 @@ def test_hvp_fn_method_choice():
     assert_close(structured(v), expected)
     assert_close(graph(v), expected)
 
-    f, params = hf.functionalize(Residual().double(), nn.MSELoss())
+    f, params = hf.functionalize(ResidualMLP(3, 3, 1, 2).double(), nn.MSELoss())
     assert hf.hvp_fn(f, (params, x, y)).method == "graph"
     with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*not a chain"):
         hf.hvp_fn(f, (params, x, y), method="structured")
@@ -460,7 +461,9 @@ def test_grad_has_aux():
     assert_close(g2[:, 0], 2 * x)
 
 
-@given(prob=problems(kinds=("mlp",)), seed=st.integers(0, 1000))
+# well-scaled draws: at 1e3 a float32 network is ill-conditioned (sin(1e3 w) loses 1e-4
+# of its argument), so float32 cannot agree with the float64 truth there
+@given(prob=problems(kinds=("mlp",), scales=(1.0, 1e-3, 10.0)), seed=st.integers(0, 1000))
 def test_float32_agrees_with_float64_oracle(prob, seed):
     f64, p64 = hf.functionalize(prob.model, prob.loss_fn)
     f32, p32 = hf.functionalize(prob.model.float(), prob.loss_fn)

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from _helpers import assert_close, oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import ACTIVATIONS, Residual, build_mlp, custom_loss, problems
 from torch import nn
 from torch.func import vmap
 
 import hessfunc as hf
 from hessfunc import _chain
+from hessfunc.testing.losses import custom_loss
+from hessfunc.testing.models import ACTIVATIONS, ResidualMLP, build_mlp
+from hessfunc.testing.strategies import problems
 
 
 def _oracle(f, params, batch):
@@ -156,7 +158,7 @@ class InPlace(nn.Module):
 @pytest.mark.parametrize(
     ("make", "loss_fn", "why"),
     [
-        (Residual, nn.MSELoss(), "not a chain"),
+        (lambda: ResidualMLP(3, 3, 1, 2), nn.MSELoss(), "not a chain"),
         (WithLayerNorm, nn.MSELoss(), "LayerNorm"),
         (InPlace, nn.MSELoss(), "in place"),
         (lambda: build_mlp([3, 4, 2], "tanh", 0), lambda o, t: ((o - t).sum()) ** 2,

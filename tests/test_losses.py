@@ -22,10 +22,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from strategies import build_mlp
 from torch import nn
 
 import hessfunc as hf
+from hessfunc.testing.models import build_mlp
 
 RTOL, ATOL = 1e-10, 1e-12
 C = 3                  # classes / outputs

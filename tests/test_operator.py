@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from _helpers import assert_close, assert_same_state, model_state, oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import build_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hessfunc as hf
+from hessfunc.testing.models import build_mlp
 
 
 def _problem(seed=0, n=24, loss="mse"):

@@ -9,9 +9,10 @@ import torch
 from _helpers import oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import build_mlp, problems, random_like
 
 import hessfunc as hf
+from hessfunc.testing.models import build_mlp
+from hessfunc.testing.strategies import problems, random_like
 
 
 def _flat_grad_at(f, params, batch, flat_p):
