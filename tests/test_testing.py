@@ -281,7 +281,7 @@ def test_strategies_reach_every_kind_loss_and_hard_case():
     seen: set[str] = set()
 
     # a fixed set of draws (derandomize): coverage is a property of the strategies
-    @settings(max_examples=200, database=None, derandomize=True)
+    @settings(max_examples=500, database=None, derandomize=True)
     @given(hst.problems(kinds=hst.KINDS, freeze=True))
     def draw(prob):
         m = prob.model
