@@ -10,7 +10,13 @@ from ._version import __version__
 from .dense import hessian, hessian_blocks
 from .derivatives import derivative
 from .diagonal import hessian_diag
-from .errors import ArgumentError, DenseMemoryError, HessfuncError, NonFiniteError
+from .errors import (
+    ArgumentError,
+    DenseMemoryError,
+    DistributedError,
+    HessfuncError,
+    NonFiniteError,
+)
 from .forward import biharmonic, hutchinson_laplacian, input_hessian_diag, taylor
 from .functional import FunctionalModel, functionalize
 from .gradient import grad
@@ -50,4 +56,5 @@ __all__ = [
     "ArgumentError",
     "DenseMemoryError",
     "NonFiniteError",
+    "DistributedError",
 ]

@@ -30,7 +30,7 @@ from typing import Any, NoReturn, TypeVar
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import ArgumentError, HessfuncError
+from .errors import ArgumentError, DistributedError
 
 __all__ = ["DistributedError", "Group", "fingerprint", "vector_codes", "point_tensors",
            "data_signature", "shard_summary", "check_shards"]
@@ -44,13 +44,6 @@ _PIECE = 1 << 22
 _MODULUS = 61
 #: Entries of an input vector whose bits the ranks compare (:func:`vector_codes`).
 SAMPLED = 256
-
-
-class DistributedError(HessfuncError, RuntimeError):
-    """A collective over the process group failed, or another rank failed in the same step.
-
-    The message names this rank, the step, and torch's error or the other rank's.
-    """
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> tuple[int, int, int, int]:

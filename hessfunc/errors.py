@@ -8,7 +8,8 @@ got, and the fix.
 
 from __future__ import annotations
 
-__all__ = ["HessfuncError", "ArgumentError", "DenseMemoryError", "NonFiniteError"]
+__all__ = ["HessfuncError", "ArgumentError", "DenseMemoryError", "NonFiniteError",
+           "DistributedError"]
 
 
 class HessfuncError(Exception):
@@ -34,3 +35,10 @@ class DenseMemoryError(HessfuncError, MemoryError):
 
 class NonFiniteError(HessfuncError, FloatingPointError):
     """``check_finite=True`` found NaN/Inf; the message names the first parameter or sample."""
+
+
+class DistributedError(HessfuncError, RuntimeError):
+    """A collective over the process group failed, or another rank failed in the same step.
+
+    The message names this rank, the step, and torch's error or the other rank's.
+    """
