@@ -50,6 +50,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from .._autodiff import second_order_kernels
 from ..errors import ArgumentError
 
 __all__ = ["Captured", "TraceCache", "capture", "fingerprint", "tensor_leaves"]
@@ -119,7 +120,8 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str) -> Capture
         return fn(*tree_unflatten(filled, treedef))
 
     def trace(f: Callable[..., Any]) -> torch.fx.GraphModule:
-        with _isolated():
+        # attention as plain ops, which have forward-mode rules (NOTE [attention kernels])
+        with _isolated(), second_order_kernels():
             examples = [torch.empty(s, dtype=dt, device=dev) for s, dt, dev in metas]
             return make_fx(
                 f,
@@ -138,9 +140,7 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str) -> Capture
     gm.recompile()
     for node in gm.graph.nodes:
         target = node.target
-        if node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(
-            target, "tags", ()
-        ):
+        if _is_random(node):
             raise ArgumentError(
                 f"{caller}: u calls the random operation {target}; its derivatives "
                 "along different directions would see different random samples. "
@@ -149,6 +149,35 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str) -> Capture
     (out_node,) = [n for n in gm.graph.nodes if n.op == "output"]
     output = torch.fx.node.map_arg(out_node.args[0], lambda n: n.meta.get("val"))
     return Captured(gm, output)
+
+
+def _argument(node: torch.fx.Node, name: str) -> Any:
+    """The value of argument ``name`` of a call node: positional, keyword or the
+    schema's default; None when the op has no such argument or no default."""
+    schema = node.target._schema.arguments
+    for i, arg in enumerate(schema):
+        if arg.name == name:
+            if name in node.kwargs:
+                return node.kwargs[name]
+            if i < len(node.args):
+                return node.args[i]
+            return arg.default_value if arg.has_default_value() else None
+    return None
+
+
+def _is_random(node: torch.fx.Node) -> bool:
+    """An op that draws random numbers here: tagged ``nondeterministic_seeded`` (dropout,
+    rand, bernoulli, and every attention kernel, which takes a ``dropout_p``), unless
+    its dropout probability is 0 (attention in eval mode or built without dropout)."""
+    if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in getattr(
+            node.target, "tags", ()):
+        return False
+    names = {a.name for a in node.target._schema.arguments}
+    for name in ("dropout_p", "p"):
+        if name in names and isinstance(_argument(node, name), (int, float)):
+            if _argument(node, name) == 0 or _argument(node, "train") is False:
+                return False
+    return True
 
 
 def _is_mutating(node: torch.fx.Node) -> bool:
