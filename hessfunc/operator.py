@@ -91,6 +91,7 @@ from .estimators import (
     lanczos_eigenvalues,
     spectral_density,
 )
+from .estimators.krylov import SolveResult, conjugate_gradient, minres
 from .functional import functionalize
 from .gradient import grad
 from .products import HVPFunction
@@ -687,6 +688,97 @@ class HessianOperator:
         return spectral_density(self.matmat, self._spec.numel, num_probes=num_probes,
                                 num_steps=num_steps, generator=gen, dtype=self.dtype,
                                 device=self.device, **kwargs)
+
+    # ------------------------------------------------------- inverse products
+    def solve(self, b: Any, damping: float = 0.0, method: Literal["cg", "minres"] = "cg", *,
+              tol: float | None = None, max_steps: int | None = None,
+              return_info: bool = False) -> Any:
+        """``x = (A + damping I)^-1 b``: an inverse product with this operator ``A``.
+
+        Krylov methods on the operator's products (:mod:`hessfunc.estimators.krylov`):
+        ``"cg"`` (conjugate gradients) for a positive definite ``A + damping I`` (a GGN or
+        Fisher with damping, a Hessian at a strict minimum), ``"minres"`` for any symmetric
+        one (a Hessian anywhere). CG refuses ``damping < 0`` and stops with an
+        :class:`~hessfunc.ArgumentError` on a direction of curvature ``<= 0``. Under a
+        process group every rank runs the same iteration on the reduced products.
+
+        Args:
+            b: a flat ``(P,)`` vector, or a tree structured like ``params``.
+            damping: added to the diagonal.
+            method: ``"cg"`` or ``"minres"``.
+            tol: the relative residual ``||b - (A + damping I) x|| / ||b||`` to reach
+                (default ``1e-10`` in float64, ``1e-5`` otherwise).
+            max_steps: cap on products (default ``10 P + 10``); a warning if reached.
+            return_info: also return the :class:`hessfunc.estimators.SolveResult`
+                (true residual, products spent, convergence).
+
+        Returns:
+            ``x`` in ``b``'s form (flat, or a tree like ``params``); with
+            ``return_info=True`` the pair ``(x, info)``.
+
+        Example (``H = diag(1, 2, 3)``, so ``(H + I)^-1 1 = (1/2, 1/3, 1/4)``):
+            >>> a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+            >>> f = lambda p, x, y: 0.5 * (a * p["w"] ** 2).sum() + 0 * x.sum()
+            >>> H = HessianOperator(f, {"w": torch.ones(3, dtype=torch.float64)},
+            ...                     (torch.zeros(1), torch.zeros(1)))
+            >>> x, info = H.solve({"w": torch.ones(3, dtype=torch.float64)}, damping=1.0,
+            ...                   return_info=True)
+            >>> torch.allclose(x["w"], 1 / (a + 1)), info.converged
+            (True, True)
+        """
+        call = f"{type(self).__name__}.solve"
+        flat = self._solve_rhs(b, call)
+        if method not in ("cg", "minres"):
+            raise ArgumentError(f"{call}: `method` must be 'cg' (positive definite) or 'minres' "
+                                f"(any symmetric operator), got {method!r}.")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+            raise ArgumentError(f"{call}: `damping` must be a number, got {describe(damping)}.")
+        if method == "cg" and damping < 0:
+            raise ArgumentError(f"{call}: `damping` must be >= 0 with method='cg', got {damping};"
+                                " a negative shift can make the operator indefinite: use "
+                                "method='minres'.")
+        solver = conjugate_gradient if method == "cg" else minres
+        try:
+            info = solver(self._product, flat, damping=damping, tol=tol, max_steps=max_steps)
+        except ArgumentError as exc:
+            raise ArgumentError(f"{call}: {exc}") from None
+        if not info.converged:
+            warnings.warn(f"{call}: {method} reached a relative residual of "
+                          f"{float(info.relative_residual):.2e}, not tol, in {info.num_matvecs} "
+                          "products; raise `max_steps`, add damping or loosen `tol`.",
+                          RuntimeWarning, stacklevel=2)
+        x = info.solution if isinstance(b, torch.Tensor) else vector_to_tree(info.solution,
+                                                                             self._spec)
+        return (x, info) if return_info else x
+
+    def _solve_rhs(self, b: Any, call: str) -> torch.Tensor:
+        """``b`` as a flat ``(P,)`` vector of the operator's dtype and device."""
+        P = self._spec.numel
+        if isinstance(b, torch.Tensor):
+            if b.shape != (P,):
+                raise ArgumentError(f"{call}: `b` must be a flat ({P},) vector or a tree like "
+                                    f"`params`, got a tensor of shape {tuple(b.shape)}; flatten "
+                                    "a tree with `params_to_flat`.")
+            leaves = [b]
+        else:
+            try:
+                spec = flat_spec(b)
+            except (ValueError, TypeError):
+                spec = None
+            if spec is None or spec.treespec != self._spec.treespec \
+                    or spec.shapes != self._spec.shapes:
+                want = ", ".join(f"{n}: {tuple(s)}" for n, s in zip(
+                    self._spec.names, self._spec.shapes, strict=True))
+                raise ArgumentError(f"{call}: `b` must be a flat ({P},) vector or a tree "
+                                    f"structured like `params` ({{{want}}}), got "
+                                    f"{describe(b)}.")
+            leaves = pytree.tree_leaves(b)
+        for t in leaves:
+            if t.dtype != self.dtype or t.device != self.device:
+                raise ArgumentError(f"{call}: `b` has dtype {t.dtype} on {t.device}, expected "
+                                    f"{self.dtype} on {self.device}; convert it with "
+                                    "`.to(dtype, device)`.")
+        return b if isinstance(b, torch.Tensor) else tree_to_vector(b)
 
     # ---------------------------------------------------------------- scipy
     def to_scipy(self) -> Any:

@@ -8,7 +8,8 @@ Hessian of a loss.
 - trace: :func:`hutchinson_trace`, :func:`hutchpp_trace`;
 - diagonal: :func:`hutchinson_diagonal`;
 - extreme eigenpairs: :func:`lanczos_eigenvalues` (and the raw :func:`lanczos`);
-- spectral density: :func:`spectral_density`, :func:`quadrature_moments`.
+- spectral density: :func:`spectral_density`, :func:`quadrature_moments`;
+- inverse products: :func:`conjugate_gradient`, :func:`minres` (they see a matvec).
 
 Every random draw comes from the ``generator`` argument, so the same generator
 state gives bit-identical results.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from hessfunc.estimators.hutchinson import TraceEstimate, hutchinson_diagonal, hutchinson_trace
 from hessfunc.estimators.hutchpp import hutchpp_trace
+from hessfunc.estimators.krylov import SolveResult, conjugate_gradient, minres
 from hessfunc.estimators.lanczos import EigenResult, LanczosResult, lanczos, lanczos_eigenvalues
 from hessfunc.estimators.slq import SpectralDensity, quadrature_moments, spectral_density
 
@@ -36,4 +38,8 @@ __all__ = [
     "SpectralDensity",
     "spectral_density",
     "quadrature_moments",
+    # inverse products
+    "SolveResult",
+    "conjugate_gradient",
+    "minres",
 ]
