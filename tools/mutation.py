@@ -5,12 +5,13 @@
     python tools/mutation.py --list                   # the groups, their files and tests
     python tools/mutation.py --report                 # the table from the last runs only
     python tools/mutation.py chain --survivors        # ... and each survivor's diff
+    python tools/mutation.py diagonal_dense --rerun-survivors --with tests/test_surface.py
 
 Each group (:data:`GROUPS`) mutates a few files and runs only the test files that
 exercise them, so that a group fits in minutes to an hour on 2 cores. A group runs
 in its own scratch project, ``build/mutation/<group>/`` (``build/`` is git-ignored):
-a copy of the committed ``hessfunc/``, ``tests/``, ``conftest.py`` and
-``pyproject.toml`` (``git archive HEAD``; ``--worktree`` copies the working tree
+a copy of the committed ``hessfunc/``, ``tests/``, ``conftest.py``, ``pyproject.toml``
+and the documentation the tests read (``git archive HEAD``; ``--worktree`` copies the working tree
 instead), whose ``pyproject.toml`` gets a generated ``[tool.mutmut]`` section, so
 the repository's own ``pyproject.toml`` needs none. mutmut then works in
 ``build/mutation/<group>/mutants/`` as usual; ``--resume`` keeps a group's scratch
@@ -28,6 +29,7 @@ is shared); ``--jobs N`` uses N workers. Not part of CI.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -54,7 +56,8 @@ GROUPS: dict[str, Group] = {
     "reference": Group(("hessfunc/reference.py",), ("tests/test_reference.py",)),
     # the diagonal and dense routes
     "diagonal_dense": Group(("hessfunc/diagonal.py", "hessfunc/dense.py"),
-                            ("tests/test_hessian.py", "tests/test_frozen_layers.py")),
+                            ("tests/test_hessian.py", "tests/test_frozen_layers.py",
+                             "tests/test_surface.py", "tests/test_robustness.py")),
     # the products: hvp, hvp_fn, HVPFunction (route choice, batching)
     "products": Group(("hessfunc/products.py",),
                       ("tests/test_grad_hvp.py", "tests/test_conv_settings.py")),
@@ -90,7 +93,7 @@ def mutmut_section(group: Group) -> str:
         f"only_mutate = {toml_list(group.files)}",  # ... and only these files are mutated
         f"pytest_add_cli_args_test_selection = {toml_list(group.tests)}",
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]',  # stop at a kill
-        'also_copy = ["conftest.py"]',
+        'also_copy = ["conftest.py", "docs", "README.md", "mkdocs.yml"]',
         # a mutant that makes a test loop much longer is a timeout (counted as killed)
         "timeout_multiplier = 10.0",
         "",
@@ -120,7 +123,9 @@ def prepare(name: str, group: Group, worktree: bool) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    paths = ["hessfunc", "tests", "conftest.py", "pyproject.toml"]
+    # docs, README.md, mkdocs.yml: some tests read them (test_robustness's catalogue check)
+    paths = ["hessfunc", "tests", "conftest.py", "pyproject.toml", "docs", "README.md",
+             "mkdocs.yml"]
     if worktree:
         for p in paths:
             src = ROOT / p
@@ -140,16 +145,40 @@ def prepare(name: str, group: Group, worktree: bool) -> Path:
     if conftest.exists():
         with open(conftest, "a") as fh:
             fh.write(HYPOTHESIS_PROFILE)
-    text = (work / "pyproject.toml").read_text()
-    text = re.sub(r"\n\[tool\.mutmut\]\n(?:(?!\n\[).)*", "", text, flags=re.S)  # replace any
-    (work / "pyproject.toml").write_text(text.rstrip("\n") + "\n" + mutmut_section(group))
+    write_section(work, group)
     return work
 
 
-def run_mutmut(work: Path, jobs: int, log: Path) -> int:
+def write_section(work: Path, group: Group) -> None:
+    """(Re)write the scratch ``pyproject.toml``'s ``[tool.mutmut]`` section for ``group``."""
+    text = (work / "pyproject.toml").read_text()
+    text = re.sub(r"\n\[tool\.mutmut\]\n(?:(?!\n\[).)*", "", text, flags=re.S)  # replace any
+    (work / "pyproject.toml").write_text(text.rstrip("\n") + "\n" + mutmut_section(group))
+
+
+def read_metas(work: Path) -> dict[Path, dict]:
+    """mutmut's per-file verdict files (``mutants/**/*.py.meta``, JSON)."""
+    return {p: json.loads(p.read_text()) for p in (work / "mutants").rglob("*.py.meta")}
+
+
+def merge_metas(work: Path, before: dict[Path, dict], rerun: set[str]) -> None:
+    """Keep the earlier verdicts, except that a re-run mutant takes its new verdict when
+    it has one (killed by the added tests, or still surviving)."""
+    for path, old in before.items():
+        new = json.loads(path.read_text()) if path.exists() else {}
+        codes = dict(old.get("exit_code_by_key", {}))
+        for key, code in new.get("exit_code_by_key", {}).items():
+            if key in rerun and code is not None:
+                codes[key] = code
+        path.write_text(json.dumps({**new, **{k: v for k, v in old.items()
+                                              if k != "exit_code_by_key"},
+                                    "exit_code_by_key": codes}, indent=4))
+
+
+def run_mutmut(work: Path, jobs: int, log: Path, mutants: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     mutmut = shutil.which("mutmut") or str(Path(sys.executable).with_name("mutmut"))
-    cmd = ["nice", "-n", "10", mutmut, "run", "--max-children", str(jobs)]
+    cmd = ["nice", "-n", "10", mutmut, "run", "--max-children", str(jobs), *(mutants or [])]
     with open(log, "w") as fh:
         return subprocess.run(cmd, cwd=work, env=env, stdout=fh,
                               stderr=subprocess.STDOUT).returncode
@@ -278,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy the working tree instead of the committed HEAD")
     ap.add_argument("--jobs", type=int, default=1, help="mutmut --max-children (default 1)")
     ap.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    ap.add_argument("--rerun-survivors", action="store_true",
+                    help="re-run only the last run's survivors, with the group's current "
+                         "test files (after adding tests, or test files to GROUPS)")
+    ap.add_argument("--with", dest="with_tests", nargs="+", metavar="TEST_FILE",
+                    help="with --rerun-survivors: these test files instead of the group's")
     ap.add_argument("--recheck", nargs="+", metavar="TEST_FILE",
                     help="run each survivor against these (more) test files, without "
                          "running mutmut again; reports which of them would kill it")
@@ -299,7 +333,23 @@ def main(argv: list[str] | None = None) -> int:
             s = score(n, verdicts(work), equivalent)
             recheck(work, [m for m in s.survivors if " " not in m], args.recheck)
             continue
-        if not args.report:
+        if args.rerun_survivors:
+            # more test files (the group's, or --with): mutmut re-collects which tests cover
+            # which function and runs only the named (surviving) mutants; a changed test
+            # selection makes mutmut forget every verdict, so they are kept and merged here
+            tests = tuple(args.with_tests or GROUPS[n].tests)
+            names_ = [m for m in score(n, verdicts(work), equivalent).survivors if " " not in m]
+            before = read_metas(work)
+            write_section(work, Group(GROUPS[n].files, tests))
+            t0 = time.time()
+            print(f"[{n}] re-running {len(names_)} survivors with {', '.join(tests)}", flush=True)
+            try:
+                if names_:
+                    run_mutmut(work, args.jobs, work / "mutmut-rerun.log", names_)
+            finally:
+                merge_metas(work, before, set(names_))
+            minutes = (time.time() - t0) / 60
+        elif not args.report:
             if not (args.resume and work.exists()):
                 work = prepare(n, GROUPS[n], args.worktree)
             t0 = time.time()
