@@ -19,6 +19,7 @@ from .errors import (
 )
 from .forward import biharmonic, hutchinson_laplacian, input_hessian_diag, taylor
 from .functional import FunctionalModel, functionalize
+from .ggn import fisher_diag, ggn, ggn_diag, ggn_vp
 from .gradient import grad
 from .laplacians import laplacian
 from .operator import HessianOperator
@@ -39,6 +40,11 @@ __all__ = [
     "hessian_diag",
     "derivative",
     "laplacian",
+    # Gauss-Newton and Fisher
+    "ggn_vp",
+    "ggn",
+    "ggn_diag",
+    "fisher_diag",
     # input-space derivatives (forward propagation)
     "input_hessian_diag",
     "taylor",

@@ -91,7 +91,7 @@ from .estimators import (
     lanczos_eigenvalues,
     spectral_density,
 )
-from .estimators.krylov import SolveResult, conjugate_gradient, minres
+from .estimators.krylov import conjugate_gradient, minres
 from .functional import functionalize
 from .gradient import grad
 from .products import HVPFunction

@@ -27,6 +27,12 @@ __all__ = [
     "derivatives",
     "laplacian",
     "input_hessian_diag",
+    "jacobian",
+    "output_hessian",
+    "ggn",
+    "ggn_residual",
+    "empirical_fisher",
+    "mc_fisher",
 ]
 
 
@@ -145,3 +151,99 @@ def input_hessian_diag(u: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 def laplacian(u: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Slow reference: trace of the Hessian of scalar ``u`` at point ``x``."""
     return input_hessian_diag(u, x).sum()
+
+
+# ------------------------------------------------------- Gauss-Newton and Fisher
+def jacobian(outputs: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Slow reference: the ``(O, P)`` Jacobian of ``outputs`` (flattened), one backward per
+    output (row by row)."""
+    params = _as_list(params)
+    flat = outputs.reshape(-1)
+    rows = [torch.cat([r.reshape(-1) for r in _grad_or_zeros(flat[k], params,
+                                                             retain_graph=True)])
+            for k in range(flat.numel())]
+    return torch.stack(rows).detach()
+
+
+def output_hessian(loss_fn: Callable[..., torch.Tensor], outputs: torch.Tensor,
+                   targets: object) -> torch.Tensor:
+    """Slow reference: ``d^2 loss_fn(o, targets) / do^2`` at ``o = outputs``, ``(O, O)``, row by
+    row (double backward)."""
+    o = outputs.detach().requires_grad_(True)
+    return hessian(loss_fn(o, targets), [o])
+
+
+def ggn(outputs: torch.Tensor, loss_fn: Callable[..., torch.Tensor], targets: object,
+        params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Slow reference: the GGN ``J^T H_o J`` ``(P, P)``, summed output by output:
+    ``sum_a J_a^T (sum_b (H_o)_ab J_b)`` with ``J`` and ``H_o`` from the loops above."""
+    J = jacobian(outputs, params)
+    Ho = output_hessian(loss_fn, outputs, targets)
+    G = torch.zeros(J.shape[1], J.shape[1], dtype=J.dtype, device=J.device)
+    for a in range(J.shape[0]):
+        row = sum(Ho[a, b] * J[b] for b in range(J.shape[0]))
+        G += torch.outer(J[a], row)
+    return G
+
+
+def ggn_residual(outputs: torch.Tensor, loss_fn: Callable[..., torch.Tensor], targets: object,
+                 params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Slow reference: ``H - G = sum_k (dL/do_k) d^2 o_k / dp^2`` ``(P, P)``, one Hessian of
+    each output by the loops of :func:`hessian`."""
+    o = outputs.detach().requires_grad_(True)
+    (dL,) = torch.autograd.grad(loss_fn(o, targets), [o])
+    flat = outputs.reshape(-1)
+    return sum(dL.reshape(-1)[k] * hessian(flat[k], params) for k in range(flat.numel()))
+
+
+def empirical_fisher(sample_losses: Iterable[torch.Tensor], params: Sequence[torch.Tensor],
+                     scale: float) -> torch.Tensor:
+    """Slow reference: ``scale * sum_n g_n g_n^T`` ``(P, P)``, ``g_n`` the gradient of the
+    ``n``-th per-sample loss (each a scalar with its own graph)."""
+    params = _as_list(params)
+    total = None
+    for loss in sample_losses:
+        g = torch.cat([t.reshape(-1) for t in _grad_or_zeros(loss, params)])
+        total = torch.outer(g, g) if total is None else total + torch.outer(g, g)
+    return (scale * total).detach()
+
+
+def mc_fisher(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor],
+              inputs: torch.Tensor, likelihood: str, scale: float, mc_samples: int,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Slow reference: the Monte-Carlo Fisher ``(scale / M) sum_m sum_n g_nm g_nm^T`` by its
+    definition, ``(P, P)``.
+
+    ``forward(x)`` evaluates the model (a graph to ``params``); draw ``m`` takes one label per
+    sample from ``p(. | o_n)``, ``o = forward(inputs)``, in the order hessfunc.ggn documents
+    (Gaussian: ``o + randn / sqrt 2``; categorical: ``multinomial(softmax(o))``;
+    log-categorical: ``multinomial(exp(o))``; Bernoulli: ``bernoulli(sigmoid(o))``), and
+    ``g_nm`` is the gradient of ``-log p(yhat_nm | forward(inputs[n:n+1]))`` (+ const).
+    """
+    params = _as_list(params)
+    with torch.no_grad():
+        out = forward(inputs)
+    draws = []
+    for _ in range(mc_samples):
+        if likelihood == "gaussian":
+            noise = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+            draws.append(out + noise * 0.5 ** 0.5)
+        elif likelihood == "bernoulli":
+            draws.append(torch.bernoulli(torch.sigmoid(out), generator=generator))
+        else:
+            probs = torch.softmax(out, 1) if likelihood == "categorical" else out.exp()
+            draws.append(torch.multinomial(probs, 1, generator=generator)[:, 0])
+    losses = []
+    for labels in draws:
+        for n in range(inputs.shape[0]):
+            o, t = forward(inputs[n:n + 1])[0], labels[n]
+            if likelihood == "gaussian":
+                losses.append(((o - t) ** 2).sum())
+            elif likelihood == "bernoulli":
+                losses.append(-(t * torch.log(torch.sigmoid(o))
+                                + (1 - t) * torch.log(1 - torch.sigmoid(o))).sum())
+            elif likelihood == "categorical":
+                losses.append(-torch.log(torch.softmax(o, 0)[t]))
+            else:
+                losses.append(-o[t])
+    return empirical_fisher(losses, params, scale / mc_samples)

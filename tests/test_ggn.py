@@ -1,0 +1,235 @@
+"""GGN and Fisher transforms against the loop oracle (float64): J row by row, J^T H_o J by
+loops, H - G against the model-curvature term by loops, Fisher by its definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import assert_close, leaf_params
+from torch import nn
+
+import hessfunc as hf
+from hessfunc.testing.models import build_mlp
+
+DT = torch.float64
+C = 3
+
+
+def _nll_of_log_softmax(o, y):
+    return F.nll_loss(F.log_softmax(o, dim=-1), y)
+
+
+LOSSES = {
+    "mse": nn.MSELoss(),
+    "sum-mse": nn.MSELoss(reduction="sum"),
+    "ce": nn.CrossEntropyLoss(),
+    "ce-smoothed": nn.CrossEntropyLoss(label_smoothing=0.1),
+    "nll-of-log-softmax": _nll_of_log_softmax,
+    "bce": nn.BCEWithLogitsLoss(),
+}
+
+
+def _targets(name, n, gen):
+    if name.startswith(("ce", "nll")):
+        return torch.randint(0, C, (n,), generator=gen)
+    if name == "bce":
+        return torch.randint(0, 2, (n, C), generator=gen).to(DT)
+    return torch.randn(n, C, generator=gen, dtype=DT)
+
+
+def _problem(name, n, seed=0, frozen=False, act="tanh"):
+    gen = torch.Generator().manual_seed(seed)
+    model = build_mlp([2, 4, C], act, seed)
+    if frozen:
+        model[0].weight.requires_grad_(False)
+    x = torch.randn(n, 2, generator=gen, dtype=DT)
+    return model, LOSSES[name], x, _targets(name, n, gen)
+
+
+def _oracle(model, loss_fn, x, y):
+    """Outputs on fresh leaves (a plain autograd graph), the leaves, the oracle GGN."""
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    out = g(leaves, x)
+    return g, params, out, leaves, hf.reference.ggn(out, loss_fn, y, list(leaves.values()))
+
+
+def _flat(tree):
+    return torch.cat([t.reshape(-1) for t in tree.values()])
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_ggn_products_dense_and_diagonal_match_oracle(name, n, frozen):
+    model, loss_fn, x, y = _problem(name, n, frozen=frozen)
+    g, params, _, _, G = _oracle(model, loss_fn, x, y)
+    assert G.shape == (sum(p.numel() for p in params.values()),) * 2
+    assert_close(hf.ggn(g, loss_fn, flat=True)(params, x, y), G)
+    blocks = hf.ggn(g, loss_fn)(params, x, y)
+    names = list(params)
+    assert blocks[names[0]][names[-1]].shape == params[names[0]].shape + params[names[-1]].shape
+    v = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(7), dtype=DT)
+         for k, t in params.items()}
+    assert_close(_flat(hf.ggn_vp(g, loss_fn, (params, x, y), v)), G @ _flat(v))
+    assert_close(_flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+
+
+@pytest.mark.parametrize("name", ["mse", "ce", "bce", "nll-of-log-softmax", "ce-smoothed"])
+def test_hessian_minus_ggn_is_the_model_curvature_term(name):
+    model, loss_fn, x, y = _problem(name, 4, seed=1)
+    g, params, out, leaves, G = _oracle(model, loss_fn, x, y)
+    H = hf.reference.hessian(loss_fn(out, y), list(leaves.values()))
+    R = hf.reference.ggn_residual(out, loss_fn, y, list(leaves.values()))
+    assert R.abs().max() > 1e-3  # a curved model: the GGN is not the Hessian
+    assert_close(H - G, R)
+    assert_close(H - hf.ggn(g, loss_fn, flat=True)(params, x, y), R)
+
+
+def test_ggn_equals_hessian_for_a_model_linear_in_its_parameters():
+    torch.manual_seed(0)
+    model = nn.Linear(3, C).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=gen, dtype=DT)
+    for name in ("mse", "ce", "bce"):
+        y = _targets(name, 6, gen)
+        loss_fn = LOSSES[name]
+        g, params, out, leaves, G = _oracle(model, loss_fn, x, y)
+        H = hf.reference.hessian(loss_fn(out, y), list(leaves.values()))
+        assert_close(G, H)
+        assert_close(hf.ggn(g, loss_fn, flat=True)(params, x, y), H)
+
+
+@pytest.mark.parametrize("name", ["mse", "sum-mse", "ce", "ce-smoothed", "bce"])
+def test_ggn_is_psd_for_convex_losses(name):
+    model, loss_fn, x, y = _problem(name, 5, seed=2)
+    g, params = hf.functionalize(model)
+    G = hf.ggn(g, loss_fn, flat=True)(params, x, y)
+    assert torch.allclose(G, G.T, rtol=0, atol=1e-13)
+    assert torch.linalg.eigvalsh(G)[0] >= -1e-12 * G.abs().max()
+
+
+def test_per_sample_ggn_diagonal():
+    model, loss_fn, x, y = _problem("ce", 4, seed=3)
+    g, params = hf.functionalize(model)
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for n in range(4):
+        *_, G = _oracle(model, loss_fn, x[n:n + 1], y[n:n + 1])
+        assert_close(_flat({k: v[n] for k, v in rows.items()}), torch.diagonal(G))
+
+
+# --------------------------------------------------------------------- Fisher
+FISHER = {"mse": "gaussian", "sum-mse": "gaussian", "ce": "categorical",
+          "ce-smoothed": "categorical", "bce": "bernoulli"}
+
+
+def _scale(name, n):
+    """(c, s) of hessfunc.ggn's docstring, computed here from the definitions."""
+    if name == "sum-mse":
+        return 1.0, 1.0
+    if name.startswith("ce"):
+        return 1.0 / n, 1.0
+    return 1.0 / (n * C), 1.0 / C
+
+
+@pytest.mark.parametrize("name", list(FISHER))
+@pytest.mark.parametrize("n", [1, 4])
+def test_mc_fisher_equals_its_definition(name, n):
+    model, loss_fn, x, y = _problem(name, n, seed=4)
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    diag = hf.fisher_diag(g, loss_fn, mc_samples=3,
+                          generator=torch.Generator().manual_seed(5))(params, x, y)
+    c, _ = _scale(name, n)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 FISHER[name], c, 3, torch.Generator().manual_seed(5))
+    assert_close(_flat(diag), torch.diagonal(ref))
+
+
+def test_mc_fisher_of_log_probabilities_equals_its_definition():
+    model, _, x, y = _problem("ce", 4, seed=4)
+    g0, params = hf.functionalize(model)
+
+    def g(p, inp):
+        return F.log_softmax(g0(p, inp), dim=-1)
+
+    leaves = leaf_params(params)
+    diag = hf.fisher_diag(g, F.nll_loss, mc_samples=2,
+                          generator=torch.Generator().manual_seed(1))(params, x, y)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 "log-categorical", 1 / 4, 2, torch.Generator().manual_seed(1))
+    assert_close(_flat(diag), torch.diagonal(ref))
+
+
+@pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce"])
+def test_mc_fisher_is_unbiased_for_the_exact_fisher_which_is_the_ggn(name):
+    """The exact Fisher equals the GGN for these losses; the mean of R one-draw estimates is
+    within 5 standard errors of diag(GGN) (of the oracle), entry by entry."""
+    model, loss_fn, x, y = _problem(name, 3, seed=6)
+    g, params, *_, G = _oracle(model, loss_fn, x, y)
+    gen = torch.Generator().manual_seed(0)
+    fisher = hf.fisher_diag(g, loss_fn, mc_samples=1, generator=gen)
+    R = 400
+    draws = torch.stack([_flat(fisher(params, x, y)) for _ in range(R)])
+    mean, se = draws.mean(0), draws.std(0) / R ** 0.5
+    assert ((mean - torch.diagonal(G)).abs() <= 5 * se + 1e-12).all()
+    # mc_samples=R with the same generator state is the same average
+    again = hf.fisher_diag(g, loss_fn, mc_samples=R, generator=torch.Generator().manual_seed(0))
+    assert_close(_flat(again(params, x, y)), mean)
+
+
+@pytest.mark.parametrize("name", list(FISHER))
+def test_empirical_fisher_is_the_sum_of_per_sample_gradient_squares(name):
+    n = 4
+    model, loss_fn, x, y = _problem(name, n, seed=7)
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    c, s = _scale(name, n)
+    losses = [loss_fn(g(leaves, x[i:i + 1]), y[i:i + 1]) for i in range(n)]
+    ref = hf.reference.empirical_fisher(losses, list(leaves.values()), c / s ** 2)
+    diag = hf.fisher_diag(g, loss_fn, kind="empirical")(params, x, y)
+    assert_close(_flat(diag), torch.diagonal(ref))
+
+
+def test_fisher_reproducible_and_refusals():
+    model, loss_fn, x, y = _problem("mse", 3)
+    g, params = hf.functionalize(model)
+
+    def run(seed):
+        return hf.fisher_diag(g, loss_fn, mc_samples=2,
+                              generator=torch.Generator().manual_seed(seed))(params, x, y)
+
+    assert all(torch.equal(a, b) for a, b in zip(run(3).values(), run(3).values(), strict=True))
+    huber = nn.HuberLoss()
+    with pytest.raises(hf.ArgumentError, match=r"fisher_diag: `loss_fn` HuberLoss.*no "
+                                               r"probabilistic interpretation.*MSE.*cross-entropy"
+                                               r".*NLL.*BCE-with-logits.*`likelihood=`"):
+        hf.fisher_diag(g, huber)
+    with pytest.raises(hf.ArgumentError, match=r"fisher_diag: `mc_samples` must be an int >= 1"
+                                               r".*got 0"):
+        hf.fisher_diag(g, loss_fn, mc_samples=0)
+    with pytest.raises(hf.ArgumentError, match=r"fisher_diag: `kind` must be 'mc' or "
+                                               r"'empirical', got 'exact'"):
+        hf.fisher_diag(g, loss_fn, kind="exact")
+    with pytest.raises(hf.ArgumentError, match=r"class weights"):
+        hf.fisher_diag(g, nn.CrossEntropyLoss(weight=torch.ones(C, dtype=DT)))
+    # a wrapper of a supported loss, stated
+    wrapped = hf.fisher_diag(g, lambda o, t: F.mse_loss(o, t), likelihood="gaussian",
+                             reduction="mean", kind="empirical")(params, x, y)
+    plain = hf.fisher_diag(g, loss_fn, kind="empirical")(params, x, y)
+    assert_close(wrapped, plain)
+
+
+def test_ggn_refusals():
+    model, loss_fn, x, y = _problem("mse", 3)
+    g, params = hf.functionalize(model)
+    with pytest.raises(hf.DenseMemoryError, match=r"ggn: the dense \d+ x \d+ GGN needs"):
+        hf.ggn(g, loss_fn, max_memory=64)(params, x, y)
+    with pytest.raises(hf.ArgumentError, match=r"ggn_vp: `v` .*shape"):
+        hf.ggn_vp(g, loss_fn, (params, x, y), {k: torch.zeros(1, dtype=DT) for k in params})
+    with pytest.raises(hf.ArgumentError, match=r"ggn_vp: `primals` must be the tuple"):
+        hf.ggn_vp(g, loss_fn, (params, x), params)
+    with pytest.raises(hf.ArgumentError, match=r"loss_fn\(outputs, targets\)` must return a "
+                                               r"scalar"):
+        hf.ggn_diag(g, nn.MSELoss(reduction="none"))(params, x, y)
