@@ -96,7 +96,7 @@ from .functional import functionalize
 from .gradient import grad
 from .products import HVPFunction
 
-__all__ = ["HessianOperator"]
+__all__ = ["CurvatureOperator", "HessianOperator"]
 
 #: Default cap on the Krylov dimension of eigenvalues(); the basis takes (P, steps) memory.
 DEFAULT_MAX_LANCZOS_STEPS = 500
@@ -168,61 +168,43 @@ def _fingerprint(batch: Batch) -> tuple[Any, ...]:
     return tuple(prints)
 
 
-def _check_not_shuffling(data: Any) -> None:
+def _check_not_shuffling(data: Any, name: str = "HessianOperator", what: str = "Hessian"
+                         ) -> None:
     sampler = getattr(data, "sampler", None)
     if isinstance(sampler, torch.utils.data.RandomSampler):
         raise ArgumentError(
-            "HessianOperator: `data` is a DataLoader with shuffle=True; the Hessian must see "
+            f"{name}: `data` is a DataLoader with shuffle=True; the {what} must see "
             "the same batches on every pass. Build it with shuffle=False."
         )
 
 
-class HessianOperator:
-    """The data-set Hessian ``H`` of a loss as a ``(P, P)`` linear operator.
+class CurvatureOperator:
+    """A curvature matrix ``A = sum_b w_b A_b`` of a loss over a data set, as a ``(P, P)``
+    linear operator: the base of :class:`HessianOperator`, :class:`hessfunc.GGNOperator`
+    and :class:`hessfunc.FisherOperator`.
 
-    Args:
-        f: ``f(params, inputs, targets) -> scalar`` loss of one batch, e.g. from
-            :func:`hessfunc.functionalize`.
-        params: the point, a dict (or tree) of floating tensors.
-        data: one ``(inputs, targets)`` batch or an iterable of them (a
-            ``DataLoader`` with ``shuffle=False`` included). Iteration must be
-            deterministic: a loader whose batches change between passes is refused.
-        reduction: ``"mean"`` (``f`` averages over its batch) or ``"sum"``.
-        progress: show a tqdm progress bar over batches on each pass (on rank 0 only).
-        cache: keep every batch's gradient graph for fast repeated products; default
-            True for data in memory, False for other iterables.
-        process_group: a ``torch.distributed`` process group (e.g.
-            ``torch.distributed.group.WORLD``): ``data`` is then this rank's shard, and
-            the operator on every rank is the Hessian of the whole data set, the shards
-            concatenated in rank order (NOTE [sharded data]). Every rank must make the
-            same calls with the same arguments; the estimators' ``seed=`` makes their
-            probes equal everywhere (NOTE [replicated estimators]).
-
-    Attributes:
-        num_samples, num_batches: of the whole data set (over all ranks).
-        world_size: the number of ranks (1 without a process group).
-
-    Example (a quadratic loss ``0.5 * sum(a * w^2)`` has ``H = diag(a)``):
-        >>> a = torch.tensor([1.0, 2.0, 3.0])
-        >>> f = lambda p, x, y: 0.5 * (a * p["w"] ** 2).sum() + 0 * x.sum()
-        >>> H = HessianOperator(f, {"w": torch.ones(3)}, (torch.zeros(1), torch.zeros(1)))
-        >>> H @ torch.ones(3), H.trace()
-        (tensor([1., 2., 3.]), tensor(6.))
-        >>> torch.allclose(H.eigenvalues(k=1, seed=0), torch.tensor([3.0]))
-        True
-
-    Sharded over processes (run under ``torchrun``; docs/distributed.md)::
-
-        torch.distributed.init_process_group("gloo")       # "nccl" on GPUs
-        H = HessianOperator.from_model(model, loss_fn, my_shard,
-                                       process_group=torch.distributed.group.WORLD)
-        H.eigenvalues(k=5, seed=0)                          # the same on every rank
+    It holds what they share: the data (one batch or an iterable, checked to be the same
+    on every pass), the batch weights ``w_b`` (``N_b / N`` for ``reduction="mean"``, 1 for
+    ``"sum"``), the optional process group (NOTE [sharded data]), and everything built on
+    products (``@``, ``matmat``, ``diagonal``, ``trace``, ``eigenvalues``,
+    ``spectral_density``, ``to_dense``, ``to_scipy``, ``solve``). A subclass says how one
+    batch's product is made (``_build_product``: an object with ``_product(tree)`` and
+    ``batched(trees)``), its dense matrix (``_dense_function``) and exact diagonal
+    (``_diagonal_function``).
     """
+
+    #: what the matrix is called in messages
+    _what = "matrix"
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
 
     def __init__(self, f: Callable[..., Any], params: Any, data: Any, *,
                  reduction: Literal["mean", "sum"] = "mean", progress: bool = False,
                  cache: bool | None = None, process_group: Any = None):
-        call = "HessianOperator"
+        call = self._name
         if not callable(f):
             raise ArgumentError(f"{call}: `f` must be callable f(params, inputs, targets), "
                                 f"got {describe(f)}.")
@@ -247,19 +229,12 @@ class HessianOperator:
         self._data = data
         in_memory = self._single or isinstance(data, (list, tuple))
         self._cache_enabled = in_memory if cache is None else bool(cache)
-        self._cached: list[tuple[float, HVPFunction]] | None = None
+        self._cached: list[tuple[float, Any]] | None = None
         self._span: _DataSpan | None | bool = False  # False: not looked for yet
         self._prints: list[tuple[Any, ...]] | None = None
         self._weights = self._first_pass()
 
     # ------------------------------------------------------------------ data
-    @classmethod
-    def from_model(cls, model: nn.Module, loss_fn: Callable[..., Any], data: Any,
-                   **kwargs: Any) -> HessianOperator:
-        """The operator of ``loss_fn(model(inputs), targets)`` at the model's parameters."""
-        f, params = functionalize(model, loss_fn)
-        return cls(f, params, data, **kwargs)
-
     @property
     def world_size(self) -> int:
         """The number of ranks whose shards make up the data (1 without a process group)."""
@@ -273,10 +248,10 @@ class HessianOperator:
     def _check_data(self) -> None:
         if self._single:
             return
-        _check_not_shuffling(self._data)
+        _check_not_shuffling(self._data, self._name, self._what)
         if isinstance(self._data, (torch.Tensor, str, bytes)) or not isinstance(self._data,
                                                                                 Iterable):
-            raise ArgumentError(f"HessianOperator: `data` must be one (inputs, targets) batch or "
+            raise ArgumentError(f"{self._name}: `data` must be one (inputs, targets) batch or "
                                 f"an iterable of them, got {describe(self._data)}.")
 
     def _iter_batches(self) -> Iterator[Batch]:
@@ -286,7 +261,7 @@ class HessianOperator:
         for i, batch in enumerate(self._data):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 raise ArgumentError(
-                    f"HessianOperator: batch {i} of `data` must be an (inputs, targets) pair, "
+                    f"{self._name}: batch {i} of `data` must be an (inputs, targets) pair, "
                     f"got {describe(batch)}."
                 )
             yield tuple(batch)  # type: ignore[misc]
@@ -299,13 +274,13 @@ class HessianOperator:
         for i, batch in enumerate(self._iter_batches()):
             sizes.append(_batch_size(batch[0]))
             if sizes[-1] == 0:
-                raise ArgumentError(f"HessianOperator: batch {i} of `data` has no samples; "
+                raise ArgumentError(f"{self._name}: batch {i} of `data` has no samples; "
                                     "drop empty batches.")
             if not self._single:  # one batch is never re-read
                 prints.append(_fingerprint(batch))
             first = batch if first is None else first
         if not sizes and not self._group.distributed:
-            raise ArgumentError("HessianOperator: `data` is empty; pass at least one "
+            raise ArgumentError(f"{self._name}: `data` is empty; pass at least one "
                                 "(inputs, targets) batch.")
         self._sizes, self._prints = sizes, prints
         if not self._group.distributed:
@@ -331,7 +306,7 @@ class HessianOperator:
     def _first_pass(self) -> list[float]:
         summaries = self._group.exchange("set-up", self._scan)
         if self._group.distributed:
-            check_shards("HessianOperator", summaries)
+            check_shards(f"{self._name}", summaries)
         self.num_samples = sum(s["samples"] for s in summaries)
         self.num_batches = sum(s["batches"] for s in summaries)
         if self.reduction == "sum":
@@ -351,82 +326,49 @@ class HessianOperator:
             if i >= local or (not self._single and self._prints is not None
                               and _fingerprint(batch) != self._prints[i]):
                 raise ArgumentError(
-                    "HessianOperator: `data` gave different batches on a later pass (a "
+                    f"{self._name}: `data` gave different batches on a later pass (a "
                     "shuffling loader or a random transform?); iteration must be deterministic: "
                     "use shuffle=False and fixed data."
                 )
             count += 1
             yield i, self._weights[i], batch
         if count != local:
-            raise ArgumentError(f"HessianOperator: `data` gave {count} batches on a later pass, "
+            raise ArgumentError(f"{self._name}: `data` gave {count} batches on a later pass, "
                                 f"{local} on the first; iteration must be deterministic.")
 
-    def _hvp_functions(self, desc: str) -> Iterator[tuple[float, HVPFunction]]:
+    def _batch_products(self, desc: str) -> Iterator[tuple[float, Any]]:
+        """``(w_b, A_b)`` for this rank's batches, ``A_b`` from ``_build_product`` (built
+        once and kept when caching, NOTE [cached linearisation])."""
         if self._cached is not None:
             yield from self._cached
             return
         built = []
-        for _, w, (x, y) in self._passes(desc):
-            H = HVPFunction(self.f, (self.params, x, y), 0)
+        for i, w, (x, y) in self._passes(desc):
+            A = self._build_product(i, x, y)
             if self._cache_enabled:
-                built.append((w, H))
-            yield w, H
+                built.append((w, A))
+            yield w, A
         if self._cache_enabled:
             self._cached = built
 
-    def _input_layers(self) -> tuple[list[Any], list[Any], list[Any]] | None:
-        """This rank's batch functions, chains and first-layer ``(name, inputs)``, when
-        every batch is a structured chain with the same first trainable layer."""
-        if not self._cache_enabled:
-            return None
-        functions = list(self._hvp_functions("H @ v"))
-        chains = [H.chain_products for _, H in functions]
-        layers = [None if c is None else c.input_layer() for c in chains]
-        if any(layer is None for layer in layers) or len({lay[0] for lay in layers}) != 1:
-            return None
-        return functions, chains, layers
+    # ------------------------------------------------------ what subclasses say
+    def _build_product(self, index: int, x: Any, y: Any) -> Any:
+        """Batch ``index``'s product: an object with ``_product(tree)`` and
+        ``batched(trees)`` (leading dimension ``k``), both in ``params``' structure."""
+        raise NotImplementedError
 
-    def _data_span(self) -> _DataSpan | None:
-        """The restricted Hessian of NOTE [data span], when it applies and pays; over a
-        process group decided from every rank's answer (NOTE [sharded data])."""
-        if self._span is not False:
-            return self._span  # type: ignore[return-value]
-        self._span = None
-        mine: list[Any] = []
+    def _dense_function(self, chunk_size: int | None, max_memory: int | None
+                        ) -> Callable[[Any, Any, Any, int], torch.Tensor]:
+        """``(params, x, y, index) -> (P, P)`` matrix of one batch."""
+        raise NotImplementedError
 
-        def local() -> tuple[str, int, int] | None:
-            found = self._input_layers()
-            if found is None:
-                return None
-            mine.extend(found)
-            layers = found[2]
-            return layers[0][0], layers[0][1].shape[1], sum(lay[1].shape[0] for lay in layers)
+    def _diagonal_function(self, chunk_size: int | None) -> Callable[[Any, Any, Any, int], Any]:
+        """``(params, x, y, index) -> diagonal`` of one batch, structured like ``params``."""
+        raise NotImplementedError
 
-        answers = self._group.exchange("data span", local)
-        if any(a is None for a in answers) or len({a[:2] for a in answers}) != 1:
-            return None
-        name, d_in = answers[0][:2]
-        counts = [a[2] for a in answers]
-        n = sum(counts)
-        if 10 * n > 7 * d_in:
-            return None
-        functions, chains, layers = mine
-        # a^T = U R over all ranks' inputs in rank order: U has orthonormal columns spanning
-        # (a superset of) the rows of the inputs, and a U = R^T, split back into this rank's
-        # batches; U itself stays in Householder form (geqrf), half the cost of forming it
-        inputs = self._group.gather_rows("data span", torch.cat([lay[1] for lay in layers]),
-                                         counts)
-        reflectors = torch.geqrf(inputs.T.to(self.dtype))
-        R = reflectors[0][:n].triu()
-        lo = sum(counts[:self._group.rank])
-        restricted = R.T[lo:lo + counts[self._group.rank]].split(
-            [lay[1].shape[0] for lay in layers])
-        template = {k: (v.new_empty(v.shape[0], n) if k == name else v)
-                    for k, v in self.params.items()}
-        self._span = _DataSpan(name, reflectors, flat_spec(template),
-                               [(w, c.restricted(a)) for (w, _), c, a in zip(
-                                   functions, chains, restricted, strict=True)], self._group)
-        return self._span
+    def _data_span(self) -> Any:
+        """A restricted operator where one is exact and cheaper (NOTE [data span]); None."""
+        return None
 
     # ------------------------------------------------------------ structure
     @property
@@ -452,14 +394,14 @@ class HessianOperator:
     def _check_vector(self, v: Any, name: str, ndim: tuple[int, ...]) -> torch.Tensor:
         P = self._spec.numel
         if not isinstance(v, torch.Tensor):
-            raise ArgumentError(f"HessianOperator: `{name}` must be a tensor, got {describe(v)}.")
+            raise ArgumentError(f"{self._name}: `{name}` must be a tensor, got {describe(v)}.")
         if v.dim() not in ndim or v.shape[-1 if name == "vector" else 0] != P:
             want = "(P,)" if ndim == (1,) else "(P, k)"
-            raise ArgumentError(f"HessianOperator: `{name}` must have shape {want} with P={P}, "
+            raise ArgumentError(f"{self._name}: `{name}` must have shape {want} with P={P}, "
                                 f"got {tuple(v.shape)}.")
         if v.dtype != self.dtype or v.device != self.device:
             raise ArgumentError(
-                f"HessianOperator: `{name}` has dtype {v.dtype} on {v.device}, expected "
+                f"{self._name}: `{name}` has dtype {v.dtype} on {v.device}, expected "
                 f"{self.dtype} on {self.device}; convert it with `.to(dtype, device)`."
             )
         return v
@@ -473,7 +415,7 @@ class HessianOperator:
         tree = vector_to_tree(v, self._spec)
 
         def fill(total: torch.Tensor) -> None:
-            for w, H in self._hvp_functions("H @ v"):
+            for w, H in self._batch_products("H @ v"):
                 out = tree_to_vector(H._product(tree))
                 total.add_(out if w == 1.0 else out.mul_(w))
 
@@ -490,7 +432,7 @@ class HessianOperator:
                   for lo in range(0, V.shape[1], step)]
 
         def fill(total: torch.Tensor) -> None:
-            for w, H in self._hvp_functions("H @ V"):
+            for w, H in self._batch_products("H @ V"):
                 for lo, trees in chunks:
                     out = pytree.tree_leaves(H.batched(trees))
                     cols = torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1).T
@@ -539,16 +481,16 @@ class HessianOperator:
         """The dense ``(P, P)`` Hessian (refused before allocating if over the memory limit),
         batch by batch through :func:`hessfunc.hessian` (structured when it applies)."""
         P = self._spec.numel
-        check_dense(P * P, self.dtype, self.device, what=f"the dense {P} x {P} Hessian",
-                    call="HessianOperator.to_dense", max_memory=max_memory,
+        check_dense(P * P, self.dtype, self.device, what=f"the dense {P} x {P} {self._what}",
+                    call=f"{self._name}.to_dense", max_memory=max_memory,
                     hint="use the operator's matvec, diagonal or eigenvalues instead")
         if chunk_size is not None:
-            check_positive_int(chunk_size, "chunk_size", "HessianOperator.to_dense")
-        dense_fn = hessian(self.f, flat=True, chunk_size=chunk_size, max_memory=max_memory)
+            check_positive_int(chunk_size, "chunk_size", f"{self._name}.to_dense")
+        dense_fn = self._dense_function(chunk_size, max_memory)
 
         def fill(total: torch.Tensor) -> None:
-            for _, w, (x, y) in self._passes("to_dense"):
-                total += w * dense_fn(self.params, x, y)
+            for i, w, (x, y) in self._passes("to_dense"):
+                total += w * dense_fn(self.params, x, y, i)
 
         return self._group.sum("to_dense", (P, P), self._spec_like(), fill)
 
@@ -560,18 +502,18 @@ class HessianOperator:
         per-sample propagation where it applies) or Hutchinson's estimate from
         ``num_samples`` Rademacher products."""
         if method == "hutchinson":
-            check_positive_int(num_samples, "num_samples", "HessianOperator.diagonal")
+            check_positive_int(num_samples, "num_samples", f"{self._name}.diagonal")
             return hutchinson_diagonal(self.matmat, self._spec.numel, num_samples=num_samples,
                                        generator=self._generator(generator, seed),
                                        dtype=self.dtype, device=self.device)
         if method != "exact":
-            raise ArgumentError("HessianOperator.diagonal: `method` must be 'exact' or "
+            raise ArgumentError(f"{self._name}.diagonal: `method` must be 'exact' or "
                                 f"'hutchinson', got {method!r}.")
-        diag_fn = hessian_diag(self.f, chunk_size=chunk_size)
+        diag_fn = self._diagonal_function(chunk_size)
 
         def fill(total: torch.Tensor) -> None:
-            for _, w, (x, y) in self._passes("diagonal"):
-                total += w * tree_to_vector(diag_fn(self.params, x, y))
+            for i, w, (x, y) in self._passes("diagonal"):
+                total += w * tree_to_vector(diag_fn(self.params, x, y, i))
 
         return self._group.sum("diagonal", (self._spec.numel,), self._spec_like(), fill)
 
@@ -579,7 +521,7 @@ class HessianOperator:
     def _generator(self, generator: torch.Generator | None, seed: int | None
                    ) -> torch.Generator | None:
         if generator is not None and seed is not None:
-            raise ArgumentError("HessianOperator: pass `generator` or `seed`, not both.")
+            raise ArgumentError(f"{self._name}: pass `generator` or `seed`, not both.")
         if seed is not None:
             return torch.Generator(device=self.device).manual_seed(seed)
         return generator
@@ -595,7 +537,7 @@ class HessianOperator:
         """
         if method == "exact":
             return self.diagonal().sum()
-        check_positive_int(num_samples, "num_samples", "HessianOperator.trace")
+        check_positive_int(num_samples, "num_samples", f"{self._name}.trace")
         gen = self._generator(generator, seed)
         kw = dict(size=self._spec.numel, distribution=distribution, generator=gen,
                   dtype=self.dtype, device=self.device)
@@ -603,7 +545,7 @@ class HessianOperator:
             return hutchinson_trace(self.matmat, num_samples=num_samples, **kw)
         if method == "hutch++":
             return hutchpp_trace(self.matmat, num_matvecs=num_samples, **kw)
-        raise ArgumentError(f"HessianOperator.trace: `method` must be 'exact', 'hutchinson' or "
+        raise ArgumentError(f"{self._name}.trace: `method` must be 'exact', 'hutchinson' or "
                             f"'hutch++', got {method!r}.")
 
     def eigenvalues(self, k: int = 1, *, which: str = "largest", tol: float = 1e-8,
@@ -639,7 +581,7 @@ class HessianOperator:
         """The full Lanczos result (eigenvalues, vectors, matvecs spent, convergence)."""
         P = self._spec.numel
         if isinstance(k, int) and not isinstance(k, bool) and k >= P:
-            raise ArgumentError(f"HessianOperator.eigenvalues: `k`={k} must be < P={P}; for all "
+            raise ArgumentError(f"{self._name}.eigenvalues: `k`={k} must be < P={P}; for all "
                                 "eigenvalues use torch.linalg.eigvalsh(H.to_dense()).")
         gen = self._generator(generator, seed)
         kw = dict(k=k, which=which, tol=tol, return_vectors=return_vectors, generator=gen,
@@ -660,10 +602,9 @@ class HessianOperator:
         return self._warn_unconverged(res._replace(num_matvecs=res.num_matvecs + spent), tol,
                                       steps)
 
-    @staticmethod
-    def _warn_unconverged(res: EigenResult, tol: float, steps: int) -> EigenResult:
+    def _warn_unconverged(self, res: EigenResult, tol: float, steps: int) -> EigenResult:
         if not res.converged:
-            warnings.warn(f"HessianOperator.eigenvalues: Lanczos did not reach tol={tol} in "
+            warnings.warn(f"{self._name}.eigenvalues: Lanczos did not reach tol={tol} in "
                           f"{steps} steps; raise `max_steps` or loosen `tol`.", RuntimeWarning,
                           stacklevel=4)
         return res
@@ -786,7 +727,7 @@ class HessianOperator:
         try:
             from scipy.sparse.linalg import LinearOperator
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ArgumentError("HessianOperator.to_scipy needs scipy: pip install scipy") \
+            raise ArgumentError(f"{self._name}.to_scipy needs scipy: pip install scipy") \
                 from exc
         import numpy as np
 
@@ -803,6 +744,124 @@ class HessianOperator:
 
     def __repr__(self) -> str:
         ranks = f", world_size={self.world_size}" if self._group.distributed else ""
-        return (f"HessianOperator(P={self._spec.numel}, batches={self.num_batches}, "
+        return (f"{self._name}(P={self._spec.numel}, batches={self.num_batches}, "
                 f"samples={self.num_samples}, reduction={self.reduction!r}, dtype={self.dtype}"
                 f"{ranks})")
+
+
+class HessianOperator(CurvatureOperator):
+    """The data-set Hessian ``H`` of a loss as a ``(P, P)`` linear operator.
+
+    Args:
+        f: ``f(params, inputs, targets) -> scalar`` loss of one batch, e.g. from
+            :func:`hessfunc.functionalize`.
+        params: the point, a dict (or tree) of floating tensors.
+        data: one ``(inputs, targets)`` batch or an iterable of them (a
+            ``DataLoader`` with ``shuffle=False`` included). Iteration must be
+            deterministic: a loader whose batches change between passes is refused.
+        reduction: ``"mean"`` (``f`` averages over its batch) or ``"sum"``.
+        progress: show a tqdm progress bar over batches on each pass (on rank 0 only).
+        cache: keep every batch's gradient graph for fast repeated products; default
+            True for data in memory, False for other iterables.
+        process_group: a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``): ``data`` is then this rank's shard, and
+            the operator on every rank is the Hessian of the whole data set, the shards
+            concatenated in rank order (NOTE [sharded data]). Every rank must make the
+            same calls with the same arguments; the estimators' ``seed=`` makes their
+            probes equal everywhere (NOTE [replicated estimators]).
+
+    Attributes:
+        num_samples, num_batches: of the whole data set (over all ranks).
+        world_size: the number of ranks (1 without a process group).
+
+    Example (a quadratic loss ``0.5 * sum(a * w^2)`` has ``H = diag(a)``):
+        >>> a = torch.tensor([1.0, 2.0, 3.0])
+        >>> f = lambda p, x, y: 0.5 * (a * p["w"] ** 2).sum() + 0 * x.sum()
+        >>> H = HessianOperator(f, {"w": torch.ones(3)}, (torch.zeros(1), torch.zeros(1)))
+        >>> H @ torch.ones(3), H.trace()
+        (tensor([1., 2., 3.]), tensor(6.))
+        >>> torch.allclose(H.eigenvalues(k=1, seed=0), torch.tensor([3.0]))
+        True
+
+    Sharded over processes (run under ``torchrun``; docs/distributed.md)::
+
+        torch.distributed.init_process_group("gloo")       # "nccl" on GPUs
+        H = HessianOperator.from_model(model, loss_fn, my_shard,
+                                       process_group=torch.distributed.group.WORLD)
+        H.eigenvalues(k=5, seed=0)                          # the same on every rank
+    """
+
+    _what = "Hessian"
+
+    @classmethod
+    def from_model(cls, model: nn.Module, loss_fn: Callable[..., Any], data: Any,
+                   **kwargs: Any) -> HessianOperator:
+        """The operator of ``loss_fn(model(inputs), targets)`` at the model's parameters."""
+        f, params = functionalize(model, loss_fn)
+        return cls(f, params, data, **kwargs)
+
+    def _build_product(self, index: int, x: Any, y: Any) -> HVPFunction:
+        return HVPFunction(self.f, (self.params, x, y), 0)
+
+    def _dense_function(self, chunk_size: int | None, max_memory: int | None
+                        ) -> Callable[[Any, Any, Any, int], torch.Tensor]:
+        dense = hessian(self.f, flat=True, chunk_size=chunk_size, max_memory=max_memory)
+        return lambda p, x, y, i: dense(p, x, y)
+
+    def _diagonal_function(self, chunk_size: int | None) -> Callable[[Any, Any, Any, int], Any]:
+        diag = hessian_diag(self.f, chunk_size=chunk_size)
+        return lambda p, x, y, i: diag(p, x, y)
+
+    def _input_layers(self) -> tuple[list[Any], list[Any], list[Any]] | None:
+        """This rank's batch functions, chains and first-layer ``(name, inputs)``, when
+        every batch is a structured chain with the same first trainable layer."""
+        if not self._cache_enabled:
+            return None
+        functions = list(self._batch_products("H @ v"))
+        chains = [H.chain_products for _, H in functions]
+        layers = [None if c is None else c.input_layer() for c in chains]
+        if any(layer is None for layer in layers) or len({lay[0] for lay in layers}) != 1:
+            return None
+        return functions, chains, layers
+
+    def _data_span(self) -> _DataSpan | None:
+        """The restricted Hessian of NOTE [data span], when it applies and pays; over a
+        process group decided from every rank's answer (NOTE [sharded data])."""
+        if self._span is not False:
+            return self._span  # type: ignore[return-value]
+        self._span = None
+        mine: list[Any] = []
+
+        def local() -> tuple[str, int, int] | None:
+            found = self._input_layers()
+            if found is None:
+                return None
+            mine.extend(found)
+            layers = found[2]
+            return layers[0][0], layers[0][1].shape[1], sum(lay[1].shape[0] for lay in layers)
+
+        answers = self._group.exchange("data span", local)
+        if any(a is None for a in answers) or len({a[:2] for a in answers}) != 1:
+            return None
+        name, d_in = answers[0][:2]
+        counts = [a[2] for a in answers]
+        n = sum(counts)
+        if 10 * n > 7 * d_in:
+            return None
+        functions, chains, layers = mine
+        # a^T = U R over all ranks' inputs in rank order: U has orthonormal columns spanning
+        # (a superset of) the rows of the inputs, and a U = R^T, split back into this rank's
+        # batches; U itself stays in Householder form (geqrf), half the cost of forming it
+        inputs = self._group.gather_rows("data span", torch.cat([lay[1] for lay in layers]),
+                                         counts)
+        reflectors = torch.geqrf(inputs.T.to(self.dtype))
+        R = reflectors[0][:n].triu()
+        lo = sum(counts[:self._group.rank])
+        restricted = R.T[lo:lo + counts[self._group.rank]].split(
+            [lay[1].shape[0] for lay in layers])
+        template = {k: (v.new_empty(v.shape[0], n) if k == name else v)
+                    for k, v in self.params.items()}
+        self._span = _DataSpan(name, reflectors, flat_spec(template),
+                               [(w, c.restricted(a)) for (w, _), c, a in zip(
+                                   functions, chains, restricted, strict=True)], self._group)
+        return self._span
