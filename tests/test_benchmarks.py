@@ -1,7 +1,7 @@
 """The benchmark runner: ``--quick`` on SimpleNet, with whatever competitors are installed.
 
 No timing is asserted; the checks are the JSON's structure and that every answer
-reported as successful agrees with hessfunc's float64 reference.
+reported as successful agrees with the float64 reference (the loop oracle, dense autograd).
 """
 
 from __future__ import annotations
