@@ -20,6 +20,7 @@ from .errors import (
 from .forward import biharmonic, hutchinson_laplacian, input_hessian_diag, taylor
 from .functional import FunctionalModel, functionalize
 from .ggn import fisher_diag, ggn, ggn_diag, ggn_vp
+from .ggn_operator import FisherOperator, GGNOperator
 from .gradient import grad
 from .laplacians import laplacian
 from .operator import HessianOperator
@@ -52,6 +53,8 @@ __all__ = [
     "hutchinson_laplacian",
     # operators and estimators
     "HessianOperator",
+    "GGNOperator",
+    "FisherOperator",
     "estimators",
     "forward",
     # oracle, and verification of users' own second-order code

@@ -233,3 +233,77 @@ def test_ggn_refusals():
     with pytest.raises(hf.ArgumentError, match=r"loss_fn\(outputs, targets\)` must return a "
                                                r"scalar"):
         hf.ggn_diag(g, nn.MSELoss(reduction="none"))(params, x, y)
+
+
+# ------------------------------------------------------------------ operators
+def _split(x, y, sizes):
+    out, lo = [], 0
+    for s in sizes:
+        out.append((x[lo:lo + s], y[lo:lo + s]))
+        lo += s
+    return out
+
+
+@pytest.mark.parametrize("name", ["mse", "ce"])
+@pytest.mark.parametrize("layout", ["one", "unequal", "loader"])
+def test_ggn_operator_is_the_full_batch_ggn(name, layout):
+    model, loss_fn, x, y = _problem(name, 9, seed=8)
+    *_, G = _oracle(model, loss_fn, x, y)
+    data = {"one": (x, y), "unequal": _split(x, y, [2, 4, 3]),
+            "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                                  batch_size=4)}[layout]
+    op = hf.GGNOperator.from_model(model, loss_fn, data)
+    P = G.shape[0]
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert_close(op @ V[:, 0], G @ V[:, 0])
+    assert_close(op @ V, G @ V)
+    assert_close(op.to_dense(), G)
+    assert_close(op.diagonal(), torch.diagonal(G))
+    assert_close(op.trace(), torch.diagonal(G).sum())
+    assert_close(op.eigenvalues(k=2, seed=0), torch.linalg.eigvalsh(G).flip(0)[:2])
+    b = V[:, 1]
+    sol = op.solve(b, damping=0.1)
+    assert_close(sol, torch.linalg.solve(G + 0.1 * torch.eye(P, dtype=DT), b), scale=1e3)
+    scipy_op = op.to_scipy()
+    assert_close(torch.from_numpy(scipy_op.matvec(b.numpy())), G @ b)
+    assert "GGNOperator(P=" in repr(op)
+
+
+@pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce"])
+def test_empirical_fisher_operator_over_batches(name):
+    n = 7
+    model, loss_fn, x, y = _problem(name, n, seed=9)
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    c, s = _scale(name, n)
+    losses = [loss_fn(g(leaves, x[i:i + 1]), y[i:i + 1]) for i in range(n)]
+    ref = hf.reference.empirical_fisher(losses, list(leaves.values()), c / s ** 2)
+    op = hf.FisherOperator.from_model(model, loss_fn, _split(x, y, [3, 4]), kind="empirical")
+    assert_close(op.to_dense(), ref)
+    assert_close(op.diagonal(), torch.diagonal(ref))
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    assert_close(op @ v, ref @ v)
+
+
+@pytest.mark.parametrize("name", ["mse", "ce", "bce"])
+def test_mc_fisher_operator_is_its_definition_with_fixed_draws(name):
+    n = 5
+    model, loss_fn, x, y = _problem(name, n, seed=10)
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    c, _ = _scale(name, n)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 FISHER[name], c, 2, torch.Generator().manual_seed(3))
+    op = hf.FisherOperator.from_model(model, loss_fn, (x, y), mc_samples=2, seed=3)
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    assert_close(op @ v, ref @ v)  # the draws are made once and kept
+    assert_close(op.to_dense(), ref)
+    assert_close(op.diagonal(), torch.diagonal(ref))
+    fast = hf.fisher_diag(g, loss_fn, mc_samples=2,
+                          generator=torch.Generator().manual_seed(3))(params, x, y)
+    assert_close(op.diagonal(), _flat(fast))
+    with pytest.raises(hf.ArgumentError, match=r"FisherOperator: `mc_samples` must be an int"):
+        hf.FisherOperator.from_model(model, loss_fn, (x, y), mc_samples=0)
+    with pytest.raises(hf.ArgumentError, match=r"FisherOperator: `loss_fn` HuberLoss.*no "
+                                               r"probabilistic interpretation"):
+        hf.FisherOperator.from_model(model, nn.HuberLoss(), (x, y))

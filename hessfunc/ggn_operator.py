@@ -1,0 +1,243 @@
+"""``GGNOperator`` and ``FisherOperator``: Gauss-Newton and Fisher matrices over a data set.
+
+Both are :class:`hessfunc.operator.CurvatureOperator` subclasses (the base of
+:class:`hessfunc.HessianOperator`): the same data handling, batch weights, process group,
+estimators, ``solve`` and scipy adapter. Each batch ``b`` contributes ``J_b^T M_b J_b``
+(``J_b`` the Jacobian of the model's outputs on the batch), applied matrix-free as a
+forward-mode product, the output matrix ``M_b``, and a reverse-mode product:
+
+* GGN: ``M_b = d^2 f_b / do^2``, the loss's Hessian in its outputs (reverse-over-reverse,
+  NOTE [ZeroTensor trap] in hessfunc/products.py);
+* Fisher (definitions and scales in :mod:`hessfunc.ggn`):
+  ``M_b = alpha sum_k diag_n(e_kn e_kn^T)``, block-diagonal over samples, with
+  ``e_kn = d l(o_n, yhat_kn) / do_n`` for ``K = mc_samples`` draws
+  ``yhat_kn ~ p(. | o_n)`` and ``alpha = c / K`` (``kind="mc"``), or ``K = 1`` and
+  ``e_n = d loss_fn(o_n, y_n) / do_n`` with ``alpha = c / s^2`` (``kind="empirical"``).
+
+The Monte-Carlo draws are made once per batch, on first use, from the operator's
+``generator`` (``seed``), in the order :func:`hessfunc.fisher_diag` draws them, and kept: the
+operator is one fixed symmetric positive semi-definite matrix, the same on every pass.
+Under a process group every rank draws for its own shard from the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.func
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ._checks import check_callable
+from ._memory import check_dense
+from ._tree import flat_spec, vector_to_tree
+from .errors import ArgumentError
+from .functional import functionalize
+from .ggn import _loss_of, draw, ggn, ggn_diag, likelihood_of, nll, scale
+from .operator import CurvatureOperator
+
+__all__ = ["GGNOperator", "FisherOperator"]
+
+
+class _BatchProduct:
+    """``v -> J^T M J v`` on one batch, ``M`` given by ``output_product(u)``."""
+
+    def __init__(self, g: Callable[..., Any], params: Any, x: Any,
+                 output_product: Callable[[torch.Tensor], torch.Tensor]):
+        self._model = lambda p: g(p, x)
+        self._params = params
+        self._out, self._vjp = torch.func.vjp(self._model, params)
+        self._output_product = output_product
+
+    def _product(self, tree: Any) -> Any:
+        _, Jv = torch.func.jvp(self._model, (self._params,), (tree,))
+        return self._vjp(self._output_product(Jv))[0]
+
+    def batched(self, trees: Any) -> Any:
+        return torch.func.vmap(self._product)(trees)
+
+
+class GGNOperator(CurvatureOperator):
+    """The data-set generalized Gauss-Newton ``G = sum_b w_b J_b^T H_o,b J_b`` as a
+    ``(P, P)`` linear operator, with :class:`hessfunc.HessianOperator`'s interface.
+
+    Args:
+        g: ``g(params, inputs) -> outputs`` (e.g. ``functionalize(model)``).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` of one batch.
+        params: the point, a dict (or tree) of floating tensors.
+        data: one ``(inputs, targets)`` batch or an iterable of them.
+        **kwargs: ``reduction`` (the loss's, ``"mean"`` or ``"sum"``), ``progress``,
+            ``cache``, ``process_group``: as for :class:`hessfunc.HessianOperator`.
+
+    Example (a linear model ``o = w x`` with a squared error: ``G = H = 2 sum x^2``):
+        >>> g = lambda p, x: p["w"] * x
+        >>> loss = lambda o, y: ((o - y) ** 2).sum()
+        >>> G = GGNOperator(g, loss, {"w": torch.ones(1)}, (torch.tensor([1.0, 2.0]),
+        ...                 torch.zeros(2)), reduction="sum")
+        >>> G @ torch.ones(1), G.to_dense()
+        (tensor([10.]), tensor([[10.]]))
+    """
+
+    _what = "GGN"
+
+    def __init__(self, g: Callable[..., Any], loss_fn: Callable[..., Any], params: Any,
+                 data: Any, **kwargs: Any):
+        check_callable(g, "g", type(self).__name__)
+        check_callable(loss_fn, "loss_fn", type(self).__name__)
+        self.g, self.loss_fn = g, loss_fn
+
+        def f(p: Any, x: Any, y: Any) -> torch.Tensor:
+            return loss_fn(g(p, x), y)
+
+        super().__init__(f, params, data, **kwargs)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, loss_fn: Callable[..., Any], data: Any,
+                   **kwargs: Any) -> Any:
+        """The operator of ``loss_fn(model(inputs), targets)`` at the model's parameters."""
+        g, params = functionalize(model)
+        return cls(g, loss_fn, params, data, **kwargs)
+
+    def _build_product(self, index: int, x: Any, y: Any) -> _BatchProduct:
+        batch = _BatchProduct(self.g, self.params, x, lambda u: u)
+        _, hvp = torch.func.vjp(torch.func.grad(_loss_of(self.loss_fn, y, self._name)),
+                                batch._out)
+        batch._output_product = lambda u: hvp(u)[0]
+        return batch
+
+    def _dense_function(self, chunk_size: int | None, max_memory: int | None
+                        ) -> Callable[[Any, Any, Any, int], torch.Tensor]:
+        dense = ggn(self.g, self.loss_fn, flat=True, max_memory=max_memory)
+        return lambda p, x, y, i: dense(p, x, y)
+
+    def _diagonal_function(self, chunk_size: int | None) -> Callable[[Any, Any, Any, int], Any]:
+        diag = ggn_diag(self.g, self.loss_fn)
+        return lambda p, x, y, i: diag(p, x, y)
+
+
+class FisherOperator(GGNOperator):
+    """The data-set Fisher (Monte-Carlo or empirical) as a ``(P, P)`` linear operator, with
+    :class:`hessfunc.HessianOperator`'s interface (module docstring for the matrix).
+
+    Args:
+        g: ``g(params, inputs) -> outputs``, as for :class:`GGNOperator`.
+        loss_fn: a torch MSE, cross-entropy, NLL or BCE-with-logits loss.
+        params: the point, as for :class:`GGNOperator`.
+        data: the batches, as for :class:`GGNOperator`.
+        kind: ``"mc"`` (labels drawn from the model's predictive distribution; its
+            expectation is the Fisher, which is the GGN for MSE, cross-entropy and
+            BCE-with-logits) or ``"empirical"`` (the true labels).
+        mc_samples: draws per sample (``kind="mc"``).
+        generator: the source of the draws.
+        seed: or a seed for a fresh generator (not both).
+        likelihood: for a loss hessfunc does not recognise (:func:`hessfunc.fisher_diag`).
+        reduction: the loss's reduction, which also weighs the batches (default: the
+            loss's own).
+        **kwargs: ``progress``, ``cache``, ``process_group`` (:class:`GGNOperator`).
+
+    Example (``o = w x`` with MSE on one sample at ``y = w x``: the empirical Fisher is 0):
+        >>> g = lambda p, x: p["w"] * x
+        >>> x = torch.tensor([[2.0]])
+        >>> F = FisherOperator(g, torch.nn.MSELoss(), {"w": torch.tensor(1.0)}, (x, x),
+        ...                    kind="empirical")
+        >>> F.to_dense()
+        tensor([[0.]])
+    """
+
+    _what = "Fisher"
+
+    def __init__(self, g: Callable[..., Any], loss_fn: Callable[..., Any], params: Any,
+                 data: Any, *, kind: Literal["mc", "empirical"] = "mc", mc_samples: int = 1,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 likelihood: str | None = None, reduction: str | None = None,
+                 **kwargs: Any):
+        call = type(self).__name__
+        if kind not in ("mc", "empirical"):
+            raise ArgumentError(f"{call}: `kind` must be 'mc' or 'empirical', got {kind!r}.")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ArgumentError(f"{call}: `mc_samples` must be an int >= 1 (draws per sample), "
+                                f"got {mc_samples!r}.")
+        if generator is not None and seed is not None:
+            raise ArgumentError(f"{call}: pass `generator` or `seed`, not both.")
+        self.kind, self.mc_samples = kind, mc_samples
+        self._likelihood, self._loss_reduction = likelihood_of(loss_fn, likelihood, reduction,
+                                                               call)
+        self._draw_generator = generator
+        self._seed = seed
+        self._labels: dict[int, torch.Tensor] = {}
+        kwargs.setdefault("reduction", self._loss_reduction)  # the batches weigh as the loss
+        super().__init__(g, loss_fn, params, data, **kwargs)
+        if seed is not None:
+            self._draw_generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, loss_fn: Callable[..., Any], data: Any,
+                   **kwargs: Any) -> Any:
+        """The operator of ``loss_fn(model(inputs), targets)`` at the model's parameters."""
+        g, params = functionalize(model)
+        return cls(g, loss_fn, params, data, **kwargs)
+
+    def _directions(self, index: int, out: torch.Tensor, y: Any
+                    ) -> tuple[torch.Tensor, float]:
+        """``E`` ``(K, *out.shape)``: the output gradients ``e_kn``, and ``alpha``."""
+        out = out.detach()
+        c, s = scale(self._likelihood, self._loss_reduction, out)
+        if self.kind == "empirical":
+            def given(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
+
+            return torch.func.vmap(torch.func.grad(given))(out, y).unsqueeze(0), c / s ** 2
+        if index not in self._labels:
+            self._labels[index] = torch.stack([draw(self._likelihood, out,
+                                                    self._draw_generator)
+                                               for _ in range(self.mc_samples)])
+        lik = self._likelihood
+        E = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda o, t: nll(lik, o, t))),
+                            in_dims=(None, 0))(out, self._labels[index])
+        return E, c / self.mc_samples
+
+    def _build_product(self, index: int, x: Any, y: Any) -> _BatchProduct:
+        batch = _BatchProduct(self.g, self.params, x, lambda u: u)
+        E, alpha = self._directions(index, batch._out, y)
+        n = E.shape[1]
+
+        def output_product(u: torch.Tensor) -> torch.Tensor:
+            dots = (E * u).reshape(E.shape[0], n, -1).sum(-1)  # (K, N)
+            return alpha * (E * dots.reshape(dots.shape + (1,) * (E.dim() - 2))).sum(0)
+
+        batch._output_product = output_product
+        return batch
+
+    def _per_sample_rows(self, p: Any, x: Any, y: Any, i: int, max_memory: int | None
+                         ) -> tuple[torch.Tensor, float]:
+        """``R`` ``(K, N, P)`` with ``R_kn = J_n^T e_kn``, and ``alpha``."""
+        spec = flat_spec(p)
+        out = self.g(p, x)
+        O, P = out.numel(), spec.numel
+        check_dense(O * P, spec.dtype, spec.device, what=f"the {O} x {P} Jacobian",
+                    call=f"{self._name}", max_memory=max_memory,
+                    hint="split the data into smaller batches")
+        jac = torch.func.jacrev(lambda q: self.g(q, x))(p)
+        J = torch.cat([t.reshape(O, -1) for t in pytree.tree_leaves(jac)], dim=1)
+        E, alpha = self._directions(i, out, y)
+        n = out.shape[0]
+        R = (E.reshape(E.shape[0], n, -1, 1) * J.reshape(1, n, -1, P)).sum(2)
+        return R, alpha
+
+    def _dense_function(self, chunk_size: int | None, max_memory: int | None
+                        ) -> Callable[[Any, Any, Any, int], torch.Tensor]:
+        def dense(p: Any, x: Any, y: Any, i: int) -> torch.Tensor:
+            R, alpha = self._per_sample_rows(p, x, y, i, max_memory)
+            R = R.reshape(-1, R.shape[-1])
+            return alpha * (R.T @ R)
+
+        return dense
+
+    def _diagonal_function(self, chunk_size: int | None) -> Callable[[Any, Any, Any, int], Any]:
+        def diagonal(p: Any, x: Any, y: Any, i: int) -> Any:
+            R, alpha = self._per_sample_rows(p, x, y, i, None)
+            return vector_to_tree(alpha * R.square().sum((0, 1)), flat_spec(p))
+
+        return diagonal
