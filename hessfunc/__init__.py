@@ -22,6 +22,7 @@ from .functional import FunctionalModel, functionalize
 from .ggn import fisher_diag, ggn, ggn_diag, ggn_vp
 from .ggn_operator import FisherOperator, GGNOperator
 from .gradient import grad
+from .kfac import KFACOperator
 from .laplacians import laplacian
 from .operator import HessianOperator
 from .products import HVPFunction, hvp, hvp_fn
@@ -55,6 +56,7 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "FisherOperator",
+    "KFACOperator",
     "estimators",
     "forward",
     # oracle, and verification of users' own second-order code

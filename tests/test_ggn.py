@@ -307,3 +307,105 @@ def test_mc_fisher_operator_is_its_definition_with_fixed_draws(name):
     with pytest.raises(hf.ArgumentError, match=r"FisherOperator: `loss_fn` HuberLoss.*no "
                                                r"probabilistic interpretation"):
         hf.FisherOperator.from_model(model, nn.HuberLoss(), (x, y))
+
+
+# ----------------------------------------------------------------------- K-FAC
+def _kron_dense(K, model):
+    """The block-diagonal dense matrix from ``K.factors``, laid out in params order, built
+    here with torch.kron and explicit index maps."""
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    offsets, lo = {}, 0
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            offsets[k] = lo
+            lo += p.numel()
+    D = torch.zeros(lo, lo, dtype=DT)
+    for layer, (A, G) in K.factors.items():
+        w, b = (f"{layer}.weight", f"{layer}.bias") if layer else ("weight", "bias")
+        d_out, d_in = dict(model.named_parameters())[w].shape
+        idx = []
+        for i in range(d_out):
+            idx += [offsets[w] + i * d_in + j for j in range(d_in)]
+            if b in names:
+                idx.append(offsets[b] + i)
+        idx = torch.tensor(idx)
+        D[idx[:, None], idx[None, :]] = torch.kron(G, A)
+    return D
+
+
+@pytest.mark.parametrize("name", ["mse", "ce", "bce", "ce-smoothed"])
+def test_kfac_is_the_exact_ggn_for_one_linear_layer_and_one_sample(name):
+    torch.manual_seed(1)
+    layer = nn.Linear(4, C).double()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, generator=gen, dtype=DT)
+    y = _targets(name, 1, gen)
+    *_, G = _oracle(layer, LOSSES[name], x, y)
+    K = hf.KFACOperator.from_model(layer, LOSSES[name], (x, y))
+    assert_close(K.to_dense(), G)
+    assert_close(_kron_dense(K, layer), G)
+
+
+@pytest.mark.parametrize("name", ["mse", "ce"])
+def test_kfac_factors_products_and_inverse_on_a_two_layer_net(name):
+    n = 6
+    model, loss_fn, x, y = _problem(name, n, seed=11)
+    W1, b1, W2 = model[0].weight, model[0].bias, model[2].weight
+    with torch.no_grad():  # the factors by their definitions, written out for this net
+        h = torch.tanh(x @ W1.T + b1)
+        out = model(x)
+    Ho = hf.reference.output_hessian(loss_fn, out, y).reshape(n, C, n, C)
+    ones = torch.ones(n, 1, dtype=DT)
+    a1, a2 = torch.cat([x, ones], 1), torch.cat([h, ones], 1)
+    G1 = sum((W2 * (1 - h[i] ** 2)).T @ Ho[i, :, i, :] @ (W2 * (1 - h[i] ** 2))
+             for i in range(n))
+    G2 = sum(Ho[i, :, i, :] for i in range(n))
+    K = hf.KFACOperator.from_model(model, loss_fn, _split(x, y, [2, 4]))
+    assert_close(K.factors["0"][0], a1.T @ a1 / n)
+    assert_close(K.factors["2"][0], a2.T @ a2 / n)
+    assert_close(K.factors["0"][1], G1)
+    assert_close(K.factors["2"][1], G2)
+    D = _kron_dense(K, model)
+    assert_close(K.to_dense(), D)
+    v = torch.randn(D.shape[0], generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert_close(K @ v, D @ v)
+    assert_close(K.diagonal(), torch.diagonal(D))
+    sol = K.solve(K.flat_to_params(v), damping=0.1)
+    truth = torch.linalg.solve(D + 0.1 * torch.eye(D.shape[0], dtype=DT), v)
+    assert_close(K.params_to_flat(sol), truth, scale=1e2)
+    assert_close(K.solve(v, damping=0.1, method="cg"), truth, scale=1e3)
+    assert_close(K.eigenvalues(k=1, seed=0), torch.linalg.eigvalsh(D)[-1:])
+
+
+def test_kfac_empirical_and_mc_fisher_for_one_linear_layer_and_one_sample():
+    torch.manual_seed(1)
+    layer = nn.Linear(3, C).double()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(1, 3, generator=gen, dtype=DT), torch.randint(0, C, (1,), generator=gen)
+    g, params = hf.functionalize(layer)
+    leaves = leaf_params(params)
+    loss_fn = nn.CrossEntropyLoss()
+    ref = hf.reference.empirical_fisher([loss_fn(g(leaves, x), y)], list(leaves.values()), 1.0)
+    K = hf.KFACOperator.from_model(layer, loss_fn, (x, y), fisher="empirical")
+    assert_close(K.to_dense(), ref)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 "categorical", 1.0, 4, torch.Generator().manual_seed(5))
+    K = hf.KFACOperator.from_model(layer, loss_fn, (x, y), fisher="mc", mc_samples=4, seed=5)
+    assert_close(K.to_dense(), ref)
+
+
+def test_kfac_refusals():
+    model = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1)).double()
+    x, y = torch.randn(4, 2, dtype=DT), torch.randn(4, 1, dtype=DT)
+    with pytest.raises(hf.ArgumentError, match=r"KFACOperator: the trainable parameters "
+                                               r"\['1.weight', '1.bias'\] do not belong to "
+                                               r"nn.Linear"):
+        hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y))
+    layer = nn.Linear(3, 1, bias=False).double()
+    K = hf.KFACOperator.from_model(layer, nn.MSELoss(), (torch.randn(1, 3, dtype=DT),
+                                                         torch.zeros(1, 1, dtype=DT)))
+    with pytest.raises(hf.ArgumentError, match=r"KFACOperator.solve: K \+ damping I is "
+                                               r"singular .*damping > 0"):
+        K.solve(torch.ones(3, dtype=DT))
+    with pytest.raises(hf.ArgumentError, match=r"`fisher` must be 'exact', 'mc' or"):
+        hf.KFACOperator.from_model(layer, nn.MSELoss(), (x[:, :1], y), fisher="true")

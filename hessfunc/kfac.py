@@ -1,0 +1,318 @@
+"""``KFACOperator``: Kronecker-factored curvature of a network of ``nn.Linear`` layers.
+
+A Linear layer ``s_n = W a_n + b`` (sample ``n``, inputs ``a_n``) enters the loss only
+through ``s_n``; write ``ã_n = (a_n, 1)`` (without the 1 when there is no bias) and
+``[W | b]`` for its ``(d_out, d_in + 1)`` parameters. Its GGN block is, row-major,
+
+    G_W = sum_n  (B_n^T M_n B_n)  ⊗  (ã_n ã_n^T),
+
+with ``B_n = d o_n / d s_n`` and ``M_n`` sample ``n``'s output matrix (the loss's output
+Hessian for ``fisher="exact"``; ``alpha sum_k e_kn e_kn^T`` for the Monte-Carlo or the
+empirical Fisher, :mod:`hessfunc.ggn_operator`). K-FAC (Martens and Grosse, 2015)
+replaces the mean of the Kronecker products by the product of the means:
+
+    G_W ≈ G ⊗ A,   G = sum_b w_b sum_(n in b) B_n^T M_n B_n,   A = (1 / N) sum_n ã_n ã_n^T,
+
+exact for one sample. Layers are independent (the operator is block-diagonal over
+layers), so products cost two small matrix products a layer,
+``(G ⊗ A) vec(V) = vec(G V A)``, and inverse products are exact through the factors'
+eigendecompositions ``G = Q_G diag(g) Q_G^T``, ``A = Q_A diag(a) Q_A^T``:
+
+    (G ⊗ A + damping I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (g a^T + damping)] Q_A^T).
+
+``B_n^T u_n`` for every sample at once is one backward pass from the outputs to a zero
+tensor added to the layer's output; the output matrices are factored per sample
+(``M_n = sum_k omega_nk u_nk u_nk^T``), one backward pass per factor column.
+
+Models: every trainable parameter belongs to an ``nn.Linear`` (weight, and bias when
+present and trainable), inputs ``(N, d)`` and outputs ``(N, C)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ._tree import tree_to_vector, vector_to_tree
+from .errors import ArgumentError
+from .functional import functionalize
+from .ggn import _loss_of, draw, likelihood_of, nll, scale
+from .operator import CurvatureOperator
+
+__all__ = ["KFACOperator"]
+
+
+class KFACOperator(CurvatureOperator):
+    """The K-FAC approximation of the GGN (or Fisher) of a loss over a data set, as a
+    ``(P, P)`` operator with :class:`hessfunc.HessianOperator`'s interface (module
+    docstring for the math).
+
+    Args:
+        model: a network whose trainable parameters all belong to ``nn.Linear`` layers.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` of one batch.
+        data: one ``(inputs, targets)`` batch or an iterable of them.
+        fisher: ``"exact"`` (the loss's output Hessian: K-FAC of the GGN), ``"mc"``
+            (``mc_samples`` labels drawn from the model's predictive distribution) or
+            ``"empirical"`` (the true labels), as in :func:`hessfunc.fisher_diag`.
+        mc_samples: draws per sample (``fisher="mc"``).
+        generator: the source of the draws.
+        seed: or a seed for a fresh generator (not both).
+        likelihood: for a loss hessfunc does not recognise (``fisher`` other than exact).
+        **kwargs: ``reduction``, ``progress``, ``cache``, ``process_group`` as for
+            :class:`hessfunc.HessianOperator`.
+
+    Attributes:
+        factors: ``{layer name: (A, G)}``, ``A`` ``(d_in [+1], d_in [+1])`` and ``G``
+            ``(d_out, d_out)``; the layer's block is ``G ⊗ A`` on ``[W | b]`` row-major.
+
+    Example (one Linear layer, one sample, squared error: K-FAC is the exact GGN,
+    ``2 (ã ã^T)`` on each output row):
+        >>> _ = torch.manual_seed(0)
+        >>> layer = torch.nn.Linear(2, 1, bias=False)
+        >>> loss = lambda o, y: ((o - y) ** 2).sum()
+        >>> K = KFACOperator(layer, loss, (torch.tensor([[1.0, 2.0]]), torch.zeros(1, 1)),
+        ...                  reduction="sum")
+        >>> K.to_dense()
+        tensor([[2., 4.],
+                [4., 8.]])
+        >>> K.solve(torch.tensor([2.0, 4.0]), damping=10.0)   # (K + 10 I)^-1 b: b is an eigenvector
+        tensor([0.1000, 0.2000])
+    """
+
+    _what = "KFAC"
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], data: Any, *,
+                 fisher: Literal["exact", "mc", "empirical"] = "exact", mc_samples: int = 1,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 likelihood: str | None = None, **kwargs: Any):
+        call = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise ArgumentError(f"{call}: `model` must be an nn.Module of Linear layers, got "
+                                f"{type(model).__name__}.")
+        if fisher not in ("exact", "mc", "empirical"):
+            raise ArgumentError(f"{call}: `fisher` must be 'exact', 'mc' or 'empirical', got "
+                                f"{fisher!r}.")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ArgumentError(f"{call}: `mc_samples` must be an int >= 1, got {mc_samples!r}.")
+        if generator is not None and seed is not None:
+            raise ArgumentError(f"{call}: pass `generator` or `seed`, not both.")
+        g, params = functionalize(model)
+        self.g, self.loss_fn, self.fisher, self.mc_samples = g, loss_fn, fisher, mc_samples
+        if fisher != "exact":
+            self._likelihood, red = likelihood_of(loss_fn, likelihood, kwargs.get("reduction"),
+                                                  call)
+            kwargs.setdefault("reduction", red)
+        self._layers = self._find_layers(g.module, params, call)
+        super().__init__(lambda p, x, y: loss_fn(g(p, x), y), params, data, **kwargs)
+        self._draws = (torch.Generator(device=self.device).manual_seed(seed)
+                       if seed is not None else generator)
+        self.factors = self._compute_factors()
+        self._eigen: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    @classmethod
+    def from_model(cls, model: nn.Module, loss_fn: Callable[..., Any], data: Any,
+                   **kwargs: Any) -> KFACOperator:
+        """The same as the constructor (K-FAC needs the model's layers)."""
+        return cls(model, loss_fn, data, **kwargs)
+
+    # --------------------------------------------------------------- factors
+    @staticmethod
+    def _find_layers(module: nn.Module, params: dict[str, torch.Tensor], call: str
+                     ) -> dict[str, tuple[str, str | None]]:
+        """``{layer name: (weight name, bias name or None)}``; every parameter covered."""
+        layers, covered = {}, set()
+        for name, mod in module.named_modules():
+            if isinstance(mod, nn.Linear):
+                w = f"{name}.weight" if name else "weight"
+                b = f"{name}.bias" if name else "bias"
+                if w not in params:
+                    if b in params:
+                        raise ArgumentError(f"{call}: layer {name!r} has a frozen weight and a "
+                                            "trainable bias; freeze both or neither.")
+                    continue
+                layers[name] = (w, b if b in params else None)
+                covered |= {w, b}
+        stray = [k for k in params if k not in covered]
+        if stray:
+            raise ArgumentError(f"{call}: the trainable parameters {stray} do not belong to "
+                                "nn.Linear layers; K-FAC here covers Linear layers only "
+                                "(freeze the others, or use GGNOperator).")
+        if not layers:
+            raise ArgumentError(f"{call}: the model has no trainable nn.Linear layer.")
+        return layers
+
+    def _output_columns(self, index: int, out: torch.Tensor, y: Any
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U`` ``(K, N, C)`` and weights ``omega`` ``(K, N)``: ``M_n = sum_k omega_kn
+        U_kn U_kn^T``."""
+        out = out.detach()
+        n = out.shape[0]
+        if self.fisher == "exact":
+            H = torch.func.jacrev(torch.func.grad(_loss_of(self.loss_fn, y, self._name)))(out)
+            H = H.reshape(n, -1, n, H.shape[-1] if out.dim() > 1 else 1)
+            blocks = torch.stack([H[i, :, i, :] for i in range(n)])  # (N, C, C)
+            lam, Q = torch.linalg.eigh(blocks)                       # (N, C), (N, C, C)
+            return Q.permute(2, 0, 1), lam.T
+        c, s = scale(self._likelihood, self.reduction, out)
+        if self.fisher == "empirical":
+            def given(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
+
+            E = torch.func.vmap(torch.func.grad(given))(out, y).unsqueeze(0)
+            return E, torch.full(E.shape[:2], c / s ** 2, dtype=out.dtype, device=out.device)
+        lik = self._likelihood
+        labels = torch.stack([draw(lik, out, self._draws) for _ in range(self.mc_samples)])
+        E = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda o, t: nll(lik, o, t))),
+                            in_dims=(None, 0))(out, labels)
+        return E, torch.full(E.shape[:2], c / self.mc_samples, dtype=out.dtype,
+                             device=out.device)
+
+    def _batch_factors(self, index: int, x: Any, y: Any
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """This batch's ``(sum_n ã ã^T, sum_n B^T M B)`` per layer."""
+        module = self.g  # functionalize's private copy, hooked for this pass only
+        inputs: dict[str, torch.Tensor] = {}
+        probes: dict[str, torch.Tensor] = {}
+        handles = []
+        mods = dict(module.module.named_modules())
+        for name in self._layers:
+            def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor,
+                     name: str = name) -> torch.Tensor:
+                inputs[name] = args[0].detach()
+                probes[name] = torch.zeros_like(out, requires_grad=True)
+                return out + probes[name]
+
+            handles.append(mods[name].register_forward_hook(hook))
+        try:
+            with torch.enable_grad():
+                p = {k: v.detach() for k, v in self.params.items()}
+                out = module(p, x)
+                if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                    raise ArgumentError(f"{self._name}: the model's outputs must be (N, C), got "
+                                        f"{getattr(out, 'shape', type(out).__name__)}.")
+                U, omega = self._output_columns(index, out, y)
+                names = list(self._layers)
+                Gs = {k: 0.0 for k in names}
+                for k in range(U.shape[0]):
+                    grads = torch.autograd.grad(out, [probes[k2] for k2 in names], U[k],
+                                                retain_graph=True)
+                    for name, gr in zip(names, grads, strict=True):
+                        if gr.dim() != 2:
+                            raise ArgumentError(f"{self._name}: layer {name!r} sees inputs of "
+                                                f"shape {tuple(gr.shape)}; K-FAC here needs "
+                                                "(N, features).")
+                        Gs[name] = Gs[name] + (gr * omega[k][:, None]).T @ gr
+        finally:
+            for h in handles:
+                h.remove()
+        result = {}
+        for name, (_, b) in self._layers.items():
+            a = inputs[name]
+            if b is not None:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+            result[name] = (a.T @ a, Gs[name])
+        return result
+
+    def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        shapes = []
+        for w, b in self._layers.values():
+            d_out, d_in = self.params[w].shape
+            d_in += b is not None
+            shapes.append((d_in, d_out))
+        sizes = [i * i + o * o for i, o in shapes]
+
+        def fill(total: torch.Tensor) -> None:
+            for i, w, (x, y) in self._passes("factors"):
+                parts = self._batch_factors(i, x, y)
+                flat = torch.cat([torch.cat([A.reshape(-1) / self.num_samples,
+                                             w * G.reshape(-1)]) for A, G in parts.values()])
+                total += flat
+
+        total = self._group.sum("factors", (sum(sizes),), self._spec_like(), fill)
+        factors, lo = {}, 0
+        for name, (d_in, d_out), size in zip(self._layers, shapes, sizes, strict=True):
+            chunk = total[lo:lo + size]
+            factors[name] = (chunk[:d_in * d_in].reshape(d_in, d_in),
+                             chunk[d_in * d_in:].reshape(d_out, d_out))
+            lo += size
+        return factors
+
+    # -------------------------------------------------------------- products
+    def _apply(self, tree: Any, op: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
+        """``op(layer, V)`` on every layer's ``[W | b]`` block (leading batch dims kept)."""
+        out = dict(tree)
+        for name, (w, b) in self._layers.items():
+            V = tree[w] if b is None else torch.cat([tree[w], tree[b].unsqueeze(-1)], dim=-1)
+            R = op(name, V)
+            if b is None:
+                out[w] = R
+            else:
+                out[w], out[b] = R[..., :-1], R[..., -1]
+        return {k: out[k] for k in tree}
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        tree = vector_to_tree(v, self._spec)
+        return tree_to_vector(self._apply(tree, lambda n, V: self.factors[n][1] @ V
+                                          @ self.factors[n][0]))
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``K V`` for ``V`` of shape ``(P, k)``."""
+        V = self._check_vector(V, "V", ndim=(2,))
+        trees = vector_to_tree(V.T, self._spec)
+        out = self._apply(trees, lambda n, X: self.factors[n][1] @ X @ self.factors[n][0])
+        return torch.cat([t.reshape(V.shape[1], -1) for t in pytree.tree_leaves(out)], 1).T
+
+    def to_dense(self, *, chunk_size: int | None = None, max_memory: int | None = None
+                 ) -> torch.Tensor:
+        """The dense ``(P, P)`` block-diagonal K-FAC matrix (memory-guarded)."""
+        from ._memory import check_dense
+
+        P = self._spec.numel
+        check_dense(P * P, self.dtype, self.device, what=f"the dense {P} x {P} KFAC matrix",
+                    call=f"{self._name}.to_dense", max_memory=max_memory,
+                    hint="use the operator's products or `factors` instead")
+        return self.matmat(torch.eye(P, dtype=self.dtype, device=self.device))
+
+    def diagonal(self, method: str = "exact", **kwargs: Any) -> torch.Tensor:
+        """The diagonal ``(P,)``: ``diag(G) diag(A)^T`` per layer (``method="exact"``)."""
+        if method != "exact":
+            return super().diagonal(method, **kwargs)  # type: ignore[arg-type]
+        ones = vector_to_tree(torch.ones(self._spec.numel, dtype=self.dtype,
+                                         device=self.device), self._spec)
+        return tree_to_vector(self._apply(ones, lambda n, V: torch.outer(
+            torch.diagonal(self.factors[n][1]), torch.diagonal(self.factors[n][0]))))
+
+    def _eigh(self, name: str) -> tuple[torch.Tensor, ...]:
+        if name not in self._eigen:
+            A, G = self.factors[name]
+            a, QA = torch.linalg.eigh(A)
+            g, QG = torch.linalg.eigh(G)
+            self._eigen[name] = (g, QG, a, QA)
+        return self._eigen[name]
+
+    def solve(self, b: Any, damping: float = 0.0,
+              method: Literal["exact", "cg", "minres"] = "exact", **kwargs: Any) -> Any:
+        """``(K + damping I)^-1 b``; ``method="exact"`` (default) through the factors'
+        eigendecompositions (module docstring), ``"cg"`` / ``"minres"`` as for every
+        operator (:meth:`hessfunc.HessianOperator.solve`)."""
+        if method != "exact":
+            return super().solve(b, damping, method, **kwargs)  # type: ignore[arg-type]
+        call = f"{self._name}.solve"
+        flat = self._solve_rhs(b, call)
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+            raise ArgumentError(f"{call}: `damping` must be a number, got {damping!r}.")
+
+        def inverse(name: str, V: torch.Tensor) -> torch.Tensor:
+            g, QG, a, QA = self._eigh(name)
+            denom = torch.outer(g, a) + damping
+            if bool((denom.abs() <= torch.finfo(denom.dtype).eps * denom.abs().max()).any()):
+                raise ArgumentError(f"{call}: K + damping I is singular for layer {name!r} "
+                                    f"(damping={damping}); pass damping > 0.")
+            return QG @ ((QG.T @ V @ QA) / denom) @ QA.T
+
+        x = tree_to_vector(self._apply(vector_to_tree(flat, self._spec), inverse))
+        return x if isinstance(b, torch.Tensor) else vector_to_tree(x, self._spec)
