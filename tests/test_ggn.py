@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import assert_close, leaf_params
+from hypothesis import given
 from torch import nn
 
 import hessfunc as hf
 from hessfunc.testing.models import build_mlp
+from hessfunc.testing.strategies import problems
 
 DT = torch.float64
 C = 3
@@ -74,6 +76,29 @@ def test_ggn_products_dense_and_diagonal_match_oracle(name, n, frozen):
          for k, t in params.items()}
     assert_close(_flat(hf.ggn_vp(g, loss_fn, (params, x, y), v)), G @ _flat(v))
     assert_close(_flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+
+
+@given(problems(max_batch=4, freeze=True))
+def test_ggn_on_drawn_problems(prob):
+    """Drawn models (MLPs, two inputs, tied weights, frozen subsets), losses (Huber and a
+    non-convex custom loss included) and batches: the GGN, its products and diagonal equal
+    the oracle's loops, and H - G is the model-curvature term."""
+    g, params = hf.functionalize(prob.model)
+    if not params:
+        return
+    leaves = leaf_params(params)
+    out = g(leaves, prob.inputs)
+    flat_leaves = list(leaves.values())
+    G = hf.reference.ggn(out, prob.loss_fn, prob.targets, flat_leaves)
+    batch = (params, prob.inputs, prob.targets)
+    assert_close(hf.ggn(g, prob.loss_fn, flat=True)(*batch), G)
+    assert_close(_flat(hf.ggn_diag(g, prob.loss_fn)(*batch)), torch.diagonal(G))
+    v = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(0), dtype=t.dtype)
+         for k, t in params.items()}
+    assert_close(_flat(hf.ggn_vp(g, prob.loss_fn, batch, v)), G @ _flat(v))
+    H = hf.reference.hessian(prob.loss_fn(out, prob.targets), flat_leaves)
+    R = hf.reference.ggn_residual(out, prob.loss_fn, prob.targets, flat_leaves)
+    assert_close(H - G, R)
 
 
 @pytest.mark.parametrize("name", ["mse", "ce", "bce", "nll-of-log-softmax", "ce-smoothed"])
