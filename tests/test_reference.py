@@ -214,3 +214,99 @@ def test_oracle_laplacian_closed_forms():
     r2 = float((x ** 2).sum())
     assert math.isclose(float(hf.reference.laplacian(gauss, x)), (r2 - 5) * math.exp(-r2 / 2),
                         rel_tol=1e-12)
+
+
+# ---- mutation-testing kills (docs/mutation.md, reference survivors) ----
+
+def _cubic(a, b):
+    """A smooth loss with mixed terms: sum(a^3 b) + sum(sin(a))."""
+    return (a ** 3 * b).sum() + torch.sin(a).sum()
+
+
+def test_oracle_gradient_matches_central_differences_and_survives_a_second_call():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = _cubic(a, b)
+    first = hf.reference.gradient(loss, [a, b])
+    second = hf.reference.gradient(loss, [a, b])   # the graph must survive the first call
+    h = 1e-5
+    with torch.no_grad():
+        for p, gp in zip([a, b], first, strict=True):
+            fd = torch.empty_like(p)
+            for i in range(p.numel()):
+                e = torch.zeros_like(p)
+                e[i] = h
+                p.add_(e)
+                up = _cubic(a, b)
+                p.sub_(2 * e)
+                down = _cubic(a, b)
+                p.add_(e)
+                fd[i] = (up - down) / (2 * h)
+            torch.testing.assert_close(gp, fd, rtol=0, atol=1e-8)
+    for x, y in zip(first, second, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    exact = [3 * a.detach() ** 2 * b.detach() + torch.cos(a.detach()), a.detach() ** 3]
+    for x, y in zip(first, exact, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-10)
+
+
+def test_oracle_hvp_twice_on_the_same_loss():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = _cubic(a, b)
+    H = hf.reference.hessian(loss, [a, b])
+    for _ in range(2):
+        v = [torch.randn(3, generator=g, dtype=torch.float64) for _ in range(2)]
+        hv = hf.reference.hvp(loss, [a, b], v)
+        torch.testing.assert_close(torch.cat(hv), H @ torch.cat(v), rtol=0, atol=1e-10)
+
+
+def test_oracle_hvp_rejects_a_vector_with_too_few_pieces():
+    a = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError):
+        hf.reference.hvp((a * b * a).sum(), [a, b], [torch.ones(2, dtype=torch.float64)])
+
+
+def test_oracle_hessian_with_gradients_that_do_not_depend_on_every_parameter():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    eye, zero = torch.eye(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)
+    expected = torch.cat([torch.cat([zero, eye], 1), torch.cat([eye, zero], 1)])
+    torch.testing.assert_close(hf.reference.hessian((a * b).sum(), [a, b]), expected,
+                               rtol=0, atol=1e-10)
+
+
+def test_oracle_hessian_of_a_linear_loss_is_zero():
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(hf.reference.hessian((3 * w).sum(), [w]),
+                               torch.zeros(3, 3, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_oracle_hessian_of_a_bare_tensor():
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(hf.reference.hessian((w ** 3).sum(), w),
+                               torch.diag(6 * w.detach()), rtol=0, atol=1e-10)
+
+
+def test_oracle_diag_and_blocks_accept_named_parameters_generators():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(),
+                                torch.nn.Linear(2, 1)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    loss = (model(x) ** 2).sum()
+    params = dict(model.named_parameters())
+    H = hf.reference.hessian(loss, list(params.values()))
+    diag = hf.reference.hessian_diag(loss, model.named_parameters())
+    blocks = hf.reference.hessian_blocks(loss, model.named_parameters())
+    assert list(diag) == list(params) == list(blocks)
+    start = 0
+    for name, p in params.items():
+        n = p.numel()
+        block = H[start:start + n, start:start + n]
+        torch.testing.assert_close(blocks[name], block, rtol=0, atol=1e-10)
+        torch.testing.assert_close(diag[name], torch.diagonal(block).reshape(p.shape),
+                                   rtol=0, atol=1e-10)
+        start += n
