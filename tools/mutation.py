@@ -57,7 +57,8 @@ GROUPS: dict[str, Group] = {
     # the diagonal and dense routes
     "diagonal_dense": Group(("hessfunc/diagonal.py", "hessfunc/dense.py"),
                             ("tests/test_hessian.py", "tests/test_frozen_layers.py",
-                             "tests/test_surface.py", "tests/test_robustness.py")),
+                             "tests/test_surface.py", "tests/test_robustness.py",
+                             "tests/test_mutation_kills.py")),
     # the products: hvp, hvp_fn, HVPFunction (route choice, batching)
     "products": Group(("hessfunc/products.py",),
                       ("tests/test_grad_hvp.py", "tests/test_conv_settings.py")),
