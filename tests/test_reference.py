@@ -310,3 +310,16 @@ def test_oracle_diag_and_blocks_accept_named_parameters_generators():
         torch.testing.assert_close(diag[name], torch.diagonal(block).reshape(p.shape),
                                    rtol=0, atol=1e-10)
         start += n
+
+
+def test_oracle_blocks_and_diag_where_a_parameter_drops_out_of_its_own_gradient():
+    # d/da (a * b).sum() = b still requires grad but does not depend on a: the block is zero
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    loss = (a * b).sum()
+    blocks = hf.reference.hessian_blocks(loss, {"a": a, "b": b})
+    diag = hf.reference.hessian_diag(loss, {"a": a, "b": b})
+    for k in ("a", "b"):
+        torch.testing.assert_close(blocks[k], torch.zeros(2, 2, dtype=torch.float64),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(diag[k], torch.zeros(2, dtype=torch.float64), rtol=0, atol=0)
