@@ -137,3 +137,78 @@ def test_estimators_on_a_matrix():
         conjugate_gradient(lambda v: spd @ v, b, damping=-0.5)
     with pytest.raises(hf.ArgumentError, match=r"`b` to be a floating \(size,\) tensor"):
         minres(lambda v: v, [1.0, 2.0])
+
+
+# ------------------------------------------------- under a process group (2 gloo ranks)
+SHARDS = [5, 9]
+
+
+def _sharded_problem():
+    model, loss_fn, x, y = _problem(seed=3, n=sum(SHARDS))
+    return model, loss_fn, x, y
+
+
+def _operators(model, loss_fn, data, group):
+    return {
+        "hessian": hf.HessianOperator.from_model(model, loss_fn, data, process_group=group),
+        "ggn": hf.GGNOperator.from_model(model, loss_fn, data, process_group=group),
+        "kfac": hf.KFACOperator.from_model(model, loss_fn, data, process_group=group),
+    }
+
+
+def _answers(ops):
+    P = ops["ggn"].shape[0]
+    b = _rhs(P, seed=4)
+    return {
+        "G b": ops["ggn"] @ b,
+        "G dense": ops["ggn"].to_dense(),
+        "G solve": ops["ggn"].solve(b, damping=0.1, tol=1e-12),
+        "H solve": ops["hessian"].solve(b, method="minres", tol=1e-12),
+        "K solve": ops["kfac"].solve(b, damping=0.1),
+        "K cg": ops["kfac"].solve(b, damping=0.1, method="cg", tol=1e-12),
+    }
+
+
+def _rank_entry(rank, world, store, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    try:
+        model, loss_fn, x, y = _sharded_problem()
+        lo = sum(SHARDS[:rank])
+        shard = (x[lo:lo + SHARDS[rank]], y[lo:lo + SHARDS[rank]])
+        torch.save(_answers(_operators(model, loss_fn, shard, dist.group.WORLD)),
+                   f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_solve_and_ggn_operators_under_a_process_group(tmp_path):
+    """Each rank passes its shard; the solves (and the GGN and K-FAC operators) equal the
+    one-process ones over the shards concatenated, and the ranks agree bitwise."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if "lo" not in [name for _, name in socket.if_nameindex()]:
+        pytest.skip("no loopback interface named lo")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.start_processes(_rank_entry, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                             nprocs=2, join=False, start_method=method)
+    try:
+        assert ctx.join(timeout=120) or ctx.join(timeout=60)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    model, loss_fn, x, y = _sharded_problem()
+    want = _answers(_operators(model, loss_fn, (x, y), None))
+    for key, value in want.items():
+        assert torch.equal(got[0][key], got[1][key]), key
+        assert torch.allclose(got[0][key], value, rtol=1e-9, atol=1e-11), key
