@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .._checks import check_argnums, check_primals
 from ..errors import ArgumentError
 
 #: ``(rtol, atol)`` per dtype against a float64 oracle. ``atol`` is relative to the
@@ -99,3 +100,10 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float, atol: float, 
             f"relative {abs(a - e) / max(abs(e), 1e-300):.3g}"
             f"; allowed {abs_tol + rtol * abs(e):.3g} = atol {atol:g} x max|expected| "
             f"{max(scale, SCALE_FLOOR):.3g} + rtol {rtol:g} x |expected|).")
+
+
+def checked_primals(primals: Any, argnums: Any, call: str) -> tuple[Any, ...]:
+    """``primals`` as a tuple (a list is accepted) that ``argnums``, one int, indexes."""
+    primals = check_primals(tuple(primals) if isinstance(primals, list) else primals, call)
+    check_argnums(argnums, len(primals), call, allow_tuple=False)
+    return primals

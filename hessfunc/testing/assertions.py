@@ -26,21 +26,16 @@ from torch.utils import _pytree as pytree
 from .. import reference
 from .._checks import check_callable, check_floating
 from ..errors import ArgumentError
-from ._compare import assert_trees_close, check_structure, tolerances
+from ._compare import assert_trees_close, check_structure, checked_primals, tolerances
 
 __all__ = ["assert_hvp_close", "assert_hessian_close", "assert_diag_close",
            "assert_laplacian_close"]
 
 
 def _primals(primals: Any, argnums: int, call: str) -> tuple[Any, ...]:
-    if not isinstance(primals, tuple | list) or not primals:
-        raise ArgumentError(f"{call}: `primals` must be a non-empty tuple of f's arguments, "
-                            f"e.g. (params, x, y), got {type(primals).__name__}.")
-    if not isinstance(argnums, int) or not -len(primals) <= argnums < len(primals):
-        raise ArgumentError(f"{call}: `argnums` must be an int indexing `primals` (of length "
-                            f"{len(primals)}), got {argnums!r}.")
+    primals = checked_primals(primals, argnums, call)
     check_floating(primals[argnums], f"primals[{argnums}]", call)
-    return tuple(primals)
+    return primals
 
 
 def _oracle_loss(f: Callable[..., Any], primals: tuple[Any, ...], argnums: int, call: str

@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .._checks import check_callable, check_positive_int
 from ..errors import ArgumentError
-from ._compare import assert_trees_close
+from ._compare import assert_trees_close, checked_primals
 
 __all__ = ["check_derivatives"]
 
@@ -149,12 +149,7 @@ def check_derivatives(f: Callable[..., Any], primals: Sequence[Any], order: int 
     if not modes or any(m not in ("fwd", "rev") for m in modes):
         raise ArgumentError(f"{call}: `modes` must be a non-empty subset of ('fwd', 'rev'), "
                             f"got {modes!r}.")
-    if not isinstance(primals, tuple | list) or not primals:
-        raise ArgumentError(f"{call}: `primals` must be a non-empty tuple of f's arguments, "
-                            f"got {type(primals).__name__}.")
-    if not isinstance(argnums, int) or not -len(primals) <= argnums < len(primals):
-        raise ArgumentError(f"{call}: `argnums` must be an int indexing `primals`, "
-                            f"got {argnums!r}.")
+    primals = checked_primals(primals, argnums, call)
     leaves, spec = pytree.tree_flatten(primals[argnums])
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         raise ArgumentError(f"{call}: primals[{argnums}] must be a tensor or a tree of tensors.")
