@@ -47,6 +47,27 @@ def flat(tree: Any) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(tree)])
 
 
+def unflat(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`flat` for a dict shaped like ``like``."""
+    out, i = {}, 0
+    for k, p in like.items():
+        out[k] = vector[i:i + p.numel()].reshape(p.shape)
+        i += p.numel()
+    return out
+
+
+def assert_nested_close(nested: Any, H: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
+    """Nested blocks ``nested[a][b]`` (shape ``a.shape + b.shape``) equal the flat ``H``."""
+    starts = dict(zip(params, [0, *torch.tensor([p.numel() for p in params.values()])
+                               .cumsum(0).tolist()], strict=False))
+    for a, pa in params.items():
+        for b, pb in params.items():
+            assert nested[a][b].shape == pa.shape + pb.shape
+            ra, rb = starts[a], starts[b]
+            assert_close(nested[a][b].reshape(pa.numel(), pb.numel()),
+                         H[ra:ra + pa.numel(), rb:rb + pb.numel()])
+
+
 def model_state(model: torch.nn.Module) -> dict[str, Any]:
     """Everything a call must not change: parameters, buffers, grads, flags, mode."""
     return {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, oracle_loss
+from _helpers import assert_close, assert_nested_close, oracle_loss
 from torch import nn
 
 import hessfunc as hf
@@ -98,13 +98,7 @@ def test_dense_quantities_with_frozen_layers_equal_the_oracle(case, act, loss):
     assert_close(H, H_ref)
     assert_close(hf.hessian(f, flat=True, chunk_size=2)(params, x, y), H_ref)
     nested = hf.hessian(f)(params, x, y)
-    sizes = [p.numel() for p in params.values()]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    for (a, pa), ra in zip(params.items(), starts, strict=True):
-        for (b, pb), rb in zip(params.items(), starts, strict=True):
-            assert nested[a][b].shape == pa.shape + pb.shape
-            assert_close(nested[a][b].reshape(pa.numel(), pb.numel()),
-                         H_ref[ra:ra + pa.numel(), rb:rb + pb.numel()])
+    assert_nested_close(nested, H_ref, params)
 
     assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
     assert_close(hf.hessian_blocks(f, chunk_size=2)(params, x, y), blocks_ref)

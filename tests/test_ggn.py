@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, leaf_params
+from _helpers import assert_close, flat, leaf_params
 from hypothesis import given
 from torch import nn
 
@@ -57,8 +57,6 @@ def _oracle(model, loss_fn, x, y):
     return g, params, out, leaves, hf.reference.ggn(out, loss_fn, y, list(leaves.values()))
 
 
-def _flat(tree):
-    return torch.cat([t.reshape(-1) for t in tree.values()])
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -74,8 +72,8 @@ def test_ggn_products_dense_and_diagonal_match_oracle(name, n, frozen):
     assert blocks[names[0]][names[-1]].shape == params[names[0]].shape + params[names[-1]].shape
     v = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(7), dtype=DT)
          for k, t in params.items()}
-    assert_close(_flat(hf.ggn_vp(g, loss_fn, (params, x, y), v)), G @ _flat(v))
-    assert_close(_flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    assert_close(flat(hf.ggn_vp(g, loss_fn, (params, x, y), v)), G @ flat(v))
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
 
 
 @given(problems(max_batch=4, freeze=True))
@@ -92,10 +90,10 @@ def test_ggn_on_drawn_problems(prob):
     G = hf.reference.ggn(out, prob.loss_fn, prob.targets, flat_leaves)
     batch = (params, prob.inputs, prob.targets)
     assert_close(hf.ggn(g, prob.loss_fn, flat=True)(*batch), G)
-    assert_close(_flat(hf.ggn_diag(g, prob.loss_fn)(*batch)), torch.diagonal(G))
+    assert_close(flat(hf.ggn_diag(g, prob.loss_fn)(*batch)), torch.diagonal(G))
     v = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(0), dtype=t.dtype)
          for k, t in params.items()}
-    assert_close(_flat(hf.ggn_vp(g, prob.loss_fn, batch, v)), G @ _flat(v))
+    assert_close(flat(hf.ggn_vp(g, prob.loss_fn, batch, v)), G @ flat(v))
     H = hf.reference.hessian(prob.loss_fn(out, prob.targets), flat_leaves)
     R = hf.reference.ggn_residual(out, prob.loss_fn, prob.targets, flat_leaves)
     assert_close(H - G, R)
@@ -141,7 +139,7 @@ def test_per_sample_ggn_diagonal():
     rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
     for n in range(4):
         *_, G = _oracle(model, loss_fn, x[n:n + 1], y[n:n + 1])
-        assert_close(_flat({k: v[n] for k, v in rows.items()}), torch.diagonal(G))
+        assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(G))
 
 
 # --------------------------------------------------------------------- Fisher
@@ -169,7 +167,7 @@ def test_mc_fisher_equals_its_definition(name, n):
     c, _ = _scale(name, n)
     ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
                                  FISHER[name], c, 3, torch.Generator().manual_seed(5))
-    assert_close(_flat(diag), torch.diagonal(ref))
+    assert_close(flat(diag), torch.diagonal(ref))
 
 
 def test_mc_fisher_of_log_probabilities_equals_its_definition():
@@ -184,7 +182,7 @@ def test_mc_fisher_of_log_probabilities_equals_its_definition():
                           generator=torch.Generator().manual_seed(1))(params, x, y)
     ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
                                  "log-categorical", 1 / 4, 2, torch.Generator().manual_seed(1))
-    assert_close(_flat(diag), torch.diagonal(ref))
+    assert_close(flat(diag), torch.diagonal(ref))
 
 
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce"])
@@ -196,12 +194,12 @@ def test_mc_fisher_is_unbiased_for_the_exact_fisher_which_is_the_ggn(name):
     gen = torch.Generator().manual_seed(0)
     fisher = hf.fisher_diag(g, loss_fn, mc_samples=1, generator=gen)
     R = 400
-    draws = torch.stack([_flat(fisher(params, x, y)) for _ in range(R)])
+    draws = torch.stack([flat(fisher(params, x, y)) for _ in range(R)])
     mean, se = draws.mean(0), draws.std(0) / R ** 0.5
     assert ((mean - torch.diagonal(G)).abs() <= 5 * se + 1e-12).all()
     # mc_samples=R with the same generator state is the same average
     again = hf.fisher_diag(g, loss_fn, mc_samples=R, generator=torch.Generator().manual_seed(0))
-    assert_close(_flat(again(params, x, y)), mean)
+    assert_close(flat(again(params, x, y)), mean)
 
 
 @pytest.mark.parametrize("name", list(FISHER))
@@ -214,7 +212,7 @@ def test_empirical_fisher_is_the_sum_of_per_sample_gradient_squares(name):
     losses = [loss_fn(g(leaves, x[i:i + 1]), y[i:i + 1]) for i in range(n)]
     ref = hf.reference.empirical_fisher(losses, list(leaves.values()), c / s ** 2)
     diag = hf.fisher_diag(g, loss_fn, kind="empirical")(params, x, y)
-    assert_close(_flat(diag), torch.diagonal(ref))
+    assert_close(flat(diag), torch.diagonal(ref))
 
 
 def test_fisher_reproducible_and_refusals():
@@ -326,7 +324,7 @@ def test_mc_fisher_operator_is_its_definition_with_fixed_draws(name):
     assert_close(op.diagonal(), torch.diagonal(ref))
     fast = hf.fisher_diag(g, loss_fn, mc_samples=2,
                           generator=torch.Generator().manual_seed(3))(params, x, y)
-    assert_close(op.diagonal(), _flat(fast))
+    assert_close(op.diagonal(), flat(fast))
     with pytest.raises(hf.ArgumentError, match=r"FisherOperator: `mc_samples` must be an int"):
         hf.FisherOperator.from_model(model, loss_fn, (x, y), mc_samples=0)
     with pytest.raises(hf.ArgumentError, match=r"FisherOperator: `loss_fn` HuberLoss.*no "

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TOL, assert_close, oracle_loss
+from _helpers import TOL, assert_close, assert_nested_close, oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -298,13 +298,7 @@ def test_jacobian_of_grad_and_jvp_of_grad_equal_the_oracle_hessian():
     f, params, x, y = _small_problem("sigmoid", "cross-entropy")
     H_ref, _, _ = _oracle(f, params, (x, y))
     nested = torch.func.jacrev(lambda p: hf.grad(f)(p, x, y))(params)
-    sizes = [t.numel() for t in params.values()]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    for (a, pa), ra in zip(params.items(), starts, strict=True):
-        for (b, pb), rb in zip(params.items(), starts, strict=True):
-            assert nested[a][b].shape == pa.shape + pb.shape
-            assert_close(nested[a][b].reshape(pa.numel(), pb.numel()),
-                         H_ref[ra:ra + pa.numel(), rb:rb + pb.numel()])
+    assert_nested_close(nested, H_ref, params)
     v = {k: torch.randn_like(t) for k, t in params.items()}
     _, hv = torch.func.jvp(lambda p: hf.grad(f)(p, x, y), (params,), (v,))
     flat_v = torch.cat([v[k].reshape(-1) for k in params])

@@ -22,6 +22,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import flat, unflat
 from torch import nn
 
 import hessfunc as hf
@@ -175,16 +176,6 @@ def _plain_loss(model, loss_fn, params, x, y):
     return loss_fn(torch.func.functional_call(model, leaves, (x,)), y), leaves
 
 
-def _unflat(vec, params):
-    out, i = {}, 0
-    for k, p in params.items():
-        out[k] = vec[i:i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    return out
-
-
-def _flat(tree):
-    return torch.cat([t.reshape(-1) for t in tree.values()])
 
 
 @functools.cache
@@ -229,11 +220,11 @@ def test_loss_quantity_equals_oracle(case, reduction, quantity):
     H = _truth(case, reduction)
     P = H.shape[0]
     assert P == sum(p.numel() for p in params.values())
-    hv_true = _unflat(H @ _flat(v), params)
+    hv_true = unflat(H @ flat(v), params)
     if quantity == "diag":
-        _close(hf.hessian_diag(f)(params, x, y), _unflat(H.diagonal(), params))
+        _close(hf.hessian_diag(f)(params, x, y), unflat(H.diagonal(), params))
     elif quantity == "diag-generic":
-        _close(hf.hessian_diag(f, method="generic")(params, x, y), _unflat(H.diagonal(), params))
+        _close(hf.hessian_diag(f, method="generic")(params, x, y), unflat(H.diagonal(), params))
     elif quantity == "diag-per-sample":
         got = hf.hessian_diag(f, per_sample=True)(params, x, y)
         _close(got, _per_sample_truth(case, reduction))
@@ -258,12 +249,12 @@ def test_loss_quantity_equals_oracle(case, reduction, quantity):
         e = {k: torch.zeros_like(p) for k, p in params.items()}
         first = next(iter(params))
         e[first].view(-1)[1] = 1.0      # a second product at the same point: column 1
-        _close(Hf(e), _unflat(H[:, 1], params))
+        _close(Hf(e), unflat(H[:, 1], params))
     elif quantity == "hessian-flat":
         _close(hf.hessian(f, flat=True)(params, x, y), H)
     elif quantity == "operator-matvec":
         op = hf.HessianOperator(f, params, (x, y))
-        _close(op @ _flat(v), H @ _flat(v))
+        _close(op @ flat(v), H @ flat(v))
     elif quantity == "operator-matmat":
         op = hf.HessianOperator(f, params, (x, y))
         V = torch.randn(P, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -18,7 +18,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TOL
+from _helpers import TOL, flat, unflat
 from torch import nn
 
 import hessfunc as hf
@@ -55,10 +55,10 @@ def _oracle(model, loss_fn, params, x, y, v=None):
     """Flat Hessian, diagonal, blocks and (given v) H v from the loop oracle."""
     loss, leaves = _plain_loss(model, loss_fn, params, x, y)
     H = hf.reference.hessian(loss, list(leaves.values()))
-    out = {"hessian": H, "diag": _unflat(H.diagonal(), params),
+    out = {"hessian": H, "diag": unflat(H.diagonal(), params),
            "blocks": hf.reference.hessian_blocks(loss, leaves)}
     if v is not None:
-        out["hvp"] = _unflat(H @ _flat(v).to(F64), params)
+        out["hvp"] = unflat(H @ flat(v).to(F64), params)
     return out
 
 
@@ -70,16 +70,6 @@ def _per_sample_oracle(model, loss_fn, params, x, y):
     return {k: torch.stack([d[k] for d in diags]) for k in params}
 
 
-def _unflat(vec, params):
-    out, i = {}, 0
-    for k, p in params.items():
-        out[k] = vec[i:i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    return out
-
-
-def _flat(tree):
-    return torch.cat([t.reshape(-1) for t in tree.values()])
 
 
 def _tangent(params, seed=1):
@@ -224,7 +214,7 @@ def test_hard_activations_on_the_generic_route(act):
         "diag": lambda: hf.hessian_diag(f)(params, x, y),
         "hessian": lambda: hf.hessian(f, flat=True)(params, x, y),
         "blocks": lambda: hf.hessian_blocks(f)(params, x, y),
-        "operator": lambda: hf.HessianOperator(f, params, (x, y)) @ _flat(v),
+        "operator": lambda: hf.HessianOperator(f, params, (x, y)) @ flat(v),
         "vmap-diag": lambda: torch.func.vmap(hf.hessian_diag(f), in_dims=(None, 0, 0))(
             params, x[:, None], y[:, None]),
     }
@@ -242,7 +232,7 @@ def test_hard_activations_on_the_generic_route(act):
     _close(calls["diag"](), truth["diag"])
     _close(calls["hessian"](), truth["hessian"])
     _close(calls["blocks"](), truth["blocks"])
-    _close(calls["operator"](), _flat(truth["hvp"]))
+    _close(calls["operator"](), flat(truth["hvp"]))
     _close(calls["vmap-diag"](), truth["per-sample"])
 
 
@@ -262,7 +252,7 @@ def test_hardsigmoid_chain_takes_the_structured_route_everywhere():
     _close(hf.hessian_blocks(f)(params, x, y), truth["blocks"])
     _close(hf.hessian(f, flat=True)(params, x, y), truth["hessian"])
     op = hf.HessianOperator.from_model(model, loss_fn, (x, y))
-    _close(op @ _flat(v), _flat(truth["hvp"]))
+    _close(op @ flat(v), flat(truth["hvp"]))
     _close(op.diagonal(), truth["hessian"].diagonal())
 
 
@@ -429,7 +419,7 @@ def test_float32_agrees_with_float64_oracle(quantity):
         assert op.dtype == F32
         H = truth["hessian"]
         if quantity == "operator-matvec":
-            _close(op @ _flat(v), H @ _flat(v).double(), F32)
+            _close(op @ flat(v), H @ flat(v).double(), F32)
         elif quantity == "operator-matmat":
             V = torch.randn(H.shape[0], 4, generator=torch.Generator().manual_seed(5))
             _close(op @ V, H @ V.double(), F32)
@@ -471,7 +461,7 @@ def test_float32_convolution_products_agree_with_float64_oracle(dim):
     _close(torch.cat([t.reshape(3, -1) for t in batched.values()], 1), (H @ V.double().T).T,
            F32)
     op = hf.HessianOperator(f, params, (x, y))
-    _close(op @ _flat(v), H @ _flat(v).double(), F32)
+    _close(op @ flat(v), H @ flat(v).double(), F32)
     _close(op.diagonal(), H.diagonal(), F32)
 
 
@@ -564,7 +554,7 @@ def test_edge_inputs_equal_oracle(case, quantity):
         _close(hf.hessian_blocks(f)(params, x, y), truth["blocks"])
     else:
         op = hf.HessianOperator.from_model(model, loss_fn, (x, y))
-        _close(op @ _flat(v), _flat(truth["hvp"]))
+        _close(op @ flat(v), flat(truth["hvp"]))
         _close(op.diagonal(), truth["hessian"].diagonal())
 
 
