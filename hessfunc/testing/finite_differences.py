@@ -64,6 +64,23 @@ def _dot(a: Any, b: Any) -> torch.Tensor:
                for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b), strict=True))
 
 
+def _forward(fn: Callable[[Leaves], Any], x: Leaves, v: Leaves, label: str) -> Any:
+    """``jvp(fn)(x; v)``, or None where torch's own forward rule fails (NOTE [ZeroTensor
+    trap] in hessfunc/products.py: not the code under test; that check is skipped)."""
+    call = "check_derivatives"
+    try:
+        return jvp(fn, (x,), (v,))[1]
+    except RuntimeError as exc:
+        if "ZeroTensors are immutable" in str(exc):
+            warnings.warn(f"{call}: torch cannot take the forward-mode derivative of {label} "
+                          "(its ZeroTensor bug, pytorch/pytorch#123996); that one check is "
+                          "skipped.", RuntimeWarning, stacklevel=3)
+            return None
+        raise ArgumentError(
+            f"{call}: forward mode failed at {label} ({exc}). If f uses a custom "
+            "autograd.Function without a jvp staticmethod, pass modes=('rev',).") from None
+
+
 def _check(fn: Callable[[Leaves], Any], x: Leaves, order: int, modes: tuple[str, ...],
            g: torch.Generator, settings: tuple[float, float, float], label: str) -> None:
     h, rtol, atol = settings
@@ -75,21 +92,8 @@ def _check(fn: Callable[[Leaves], Any], x: Leaves, order: int, modes: tuple[str,
     fd = _difference(fn, x, v, h)
     call = "check_derivatives"
     derivatives: list[tuple[str, Callable[[Leaves], Any]]] = []
-    if "fwd" in modes:
-        try:
-            _, tangent = jvp(fn, (x,), (v,))
-        except RuntimeError as exc:
-            if "ZeroTensors are immutable" in str(exc):
-                # torch's own forward rule fails here (NOTE [ZeroTensor trap] in
-                # hessfunc/products.py): not the code under test; the reverse checks run
-                warnings.warn(f"{call}: torch cannot take the forward-mode derivative of "
-                              f"{label or 'f'} (its ZeroTensor bug, pytorch/pytorch#123996); "
-                              "that one check is skipped.", RuntimeWarning, stacklevel=2)
-                return _check(fn, x, order, tuple(m for m in modes if m != "fwd") or ("rev",),
-                              g, settings, label) if modes != ("fwd",) else None
-            raise ArgumentError(
-                f"{call}: forward mode failed at {label or 'f'} ({exc}). If f uses a custom "
-                "autograd.Function without a jvp staticmethod, pass modes=('rev',).") from None
+    tangent = _forward(fn, x, v, label or "f") if "fwd" in modes else None
+    if tangent is not None:
         assert_trees_close(tangent, fd, rtol=rtol, atol=atol,
                            what=f"the forward-mode derivative of {label or 'f'} along v",
                            call=call)
