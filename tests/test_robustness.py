@@ -544,7 +544,7 @@ def test_laplacian_through_attention_without_dropout_equals_the_oracle(training)
     Found by test_model_never_changes (transformer x laplacian draw): method='auto'
     refuses aten._scaled_dot_product_flash_attention_for_cpu as a random operation by
     its nondeterministic_seeded tag, whatever its dropout_p, and advises eval mode,
-    which does not help (hessfunc/forward/_capture.py)."""
+    which does not help (hessfunc/graph/capture.py)."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=6, dropout=0.0,
                                        batch_first=True).double().train(training)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ._capture import TraceCache, tensor_leaves
+from ..graph.capture import TraceCache, tensor_leaves
 from ._fallback import generic
 from ._rules import NotApplicable, floating_outputs, lookup
 from ._series import Contracted, Jet, JetSpec, contract
@@ -198,7 +198,7 @@ def _adjoints(
 class ForwardEngine:
     """Taylor coefficients of ``u`` with respect to ``args[argnums]`` along directions.
 
-    ``u`` is traced once per argument signature (see :mod:`._capture`); when it
+    ``u`` is traced once per argument signature (see :mod:`hessfunc.graph.capture`); when it
     cannot be traced faithfully the whole of ``u`` goes through the generic
     rule instead: slower, still exact.
     """

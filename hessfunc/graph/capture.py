@@ -1,7 +1,8 @@
-"""Capture a per-point function as an ATen-level FX graph, once per input signature.
+"""Capture a function as an ATen-level FX graph, once per input signature.
 
-The forward engine never runs ``u`` itself on the batch: it traces ``u`` on a
-*fake* example of one point with :func:`torch.fx.experimental.proxy_tensor.make_fx`,
+Shared by both engines: the forward engine (``hessfunc/forward``) traces a
+per-point function ``u`` on a *fake* example of one point, the parameter engine
+(:mod:`hessfunc.graph.curvature`) traces ``p -> f(p, *batch)``. Both use :func:`torch.fx.experimental.proxy_tensor.make_fx`,
 so methods (``x.sin()``), functional calls and composite ops all arrive as ATen
 ops, and in-place ops are removed by :func:`torch.func.functionalize`. Tensors
 captured by closure (the parameters of an ``nn.Module`` called inside ``u``)
@@ -53,7 +54,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from .._autodiff import second_order_kernels
 from ..errors import ArgumentError
 
-__all__ = ["Captured", "TraceCache", "capture", "fingerprint", "tensor_leaves"]
+__all__ = ["Captured", "TraceCache", "capture", "fingerprint", "tensor_leaves",
+           "LOSS_DECOMPOSITIONS"]
 
 aten = torch.ops.aten
 
@@ -75,6 +77,18 @@ _DECOMPOSITIONS = get_decompositions(
         aten.elu,
     ]
 )
+
+#: Also decompose the losses (and var_mean), so that the parameter engine sees
+#: elementwise ops and reductions it has batch-axis rules for.
+LOSS_DECOMPOSITIONS = {
+    **_DECOMPOSITIONS,
+    **get_decompositions([
+        aten.mse_loss, aten.huber_loss, aten.smooth_l1_loss, aten.soft_margin_loss,
+        aten.binary_cross_entropy_with_logits, aten.binary_cross_entropy,
+        aten.nll_loss_forward, aten.nll_loss2d_forward, aten.var_mean,
+        aten.log_sigmoid_forward,
+    ]),
+}
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 _MAX_DEPTH = 6
@@ -102,7 +116,8 @@ def _isolated() -> Iterator[None]:
         yield
 
 
-def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str) -> Captured:
+def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
+            decompositions: dict | None = None) -> Captured:
     """Trace ``fn(*args)``: tensor leaves of ``args`` become placeholders (in
     :func:`tensor_leaves` order), other leaves stay fixed.
 
@@ -125,7 +140,8 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str) -> Capture
             examples = [torch.empty(s, dtype=dt, device=dev) for s, dt, dev in metas]
             return make_fx(
                 f,
-                decomposition_table=_DECOMPOSITIONS,
+                decomposition_table=_DECOMPOSITIONS if decompositions is None
+                else decompositions,
                 tracing_mode="fake",
                 _allow_non_fake_inputs=True,
             )(*examples)
@@ -362,9 +378,11 @@ class TraceCache:
     then uses the exact generic path.
     """
 
-    def __init__(self, fn: Callable[..., Any], caller: str, maxsize: int = 8) -> None:
+    def __init__(self, fn: Callable[..., Any], caller: str, maxsize: int = 8,
+                 decompositions: dict | None = None) -> None:
         self.fn = fn
         self.caller = caller
+        self.decompositions = decompositions
         self.maxsize = maxsize
         self._entries: OrderedDict[tuple, Captured | None] = OrderedDict()
 
@@ -378,7 +396,8 @@ class TraceCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         try:
-            captured: Captured | None = capture(self.fn, args, self.caller)
+            captured: Captured | None = capture(self.fn, args, self.caller,
+                                                 self.decompositions)
         except ArgumentError:
             raise
         except Exception:  # noqa: BLE001 - any tracing failure means: use the generic path

@@ -1,0 +1,583 @@
+"""Exact Hessian diagonals of any captured ``f(params, *batch)``: per-sample curvature
+propagated backward over the frontier of a DAG.
+
+NOTE [frontier propagation]
+    Let ``L = f(p, batch)`` have the per-sample structure of NOTE [per-sample
+    structure] (``samples.py``). Visit the per-sample values ``v`` of the graph
+    in reverse order. The *frontier* ``F`` is the set of values visited by a
+    consumer but not yet themselves; for it we hold the per-sample joint
+    Hessian ``H[a, b]`` (``N x w_a x w_b`` blocks, ``w`` the per-sample width),
+    the Hessian of ``L`` with the frontier's values as independent variables.
+    Removing ``v = op(u_1..u_m, consts, params)`` (``u_i`` its per-sample
+    operands, ``J_i`` their per-sample Jacobians, ``g = dL/dv``) gives
+        H[u_i, u_j] += J_i^T H[v, v] J_j + sum_k g_k d^2 v_k / du_i du_j
+        H[u_i, r]   += J_i^T H[v, r]            for the other frontier values r,
+    exact on DAGs: a value used twice (a skip connection) collects the blocks
+    of both uses, and the cross blocks carry their interaction. ``J^T`` is one
+    ``vmap``-ed VJP of the op over the columns of a block; the curvature term
+    is zero for linear ops, one double backward for an elementwise op of one
+    operand (its Hessian is diagonal), and ``w`` batched ones otherwise.
+    Cost per op: ``O(N w_v (w_v + sum_r w_r) w_u)``, against one Hessian-vector
+    product per parameter on the generic route.
+
+    A parameter ``p`` reaching the loss only through one per-sample op ``v``,
+    linearly and through views that keep each element (``t``, ``view``,
+    ``permute``), has ``d^2 L / dp^2 = diag(J_p^T H[v, v] J_p)``: values not
+    downstream of ``v`` do not depend on ``p``. For ``v = x W^T (+ b)`` that is
+    ``sum_n x_nj^2 H_n[i, i]`` (and ``sum_n H_n[i, i]``); other linear ops take
+    ``J_p e_k`` for each element. Parameter-only terms of the loss that are sums
+    of elementwise functions of single parameters (weight decay) add their own,
+    diagonal, Hessian. Any other parameter (tied, transformed before use,
+    inside a non-separable term) takes one-hot Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.func
+from torch import Tensor, fx
+from torch.utils import _pytree as pytree
+
+from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
+from .capture import LOSS_DECOMPOSITIONS, TraceCache
+from .samples import SampleStructure, Value, analyze_samples, where
+
+__all__ = ["GraphPlan", "plan_diagonal"]
+
+aten = torch.ops.aten
+
+#: Views that keep every element once (a permutation of the elements).
+_PERMUTATIONS = {
+    aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
+    aten._unsafe_view.default, aten.reshape.default, aten.clone.default, aten.alias.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+}
+#: Ops linear in all operands jointly (no curvature term).
+_LINEAR = _PERMUTATIONS | {
+    aten.expand.default, aten._to_copy.default, aten.add.Tensor, aten.sub.Tensor,
+    aten.neg.default, aten.sum.dim_IntList, aten.sum.default, aten.mean.dim,
+    aten.mean.default, aten.cat.default, aten.stack.default, aten.select.int,
+    aten.slice.Tensor, aten.narrow.default, aten.index_select.default, aten.gather.default,
+    aten.constant_pad_nd.default, aten.where.self, aten.masked_fill.Scalar,
+    aten.amax.default, aten.amin.default, aten.relu.default, aten.add.Scalar,
+    aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.detach.default,
+}
+#: Ops linear in each operand separately (bilinear in two live operands).
+_MULTILINEAR = {aten.mul.Tensor, aten.mm.default, aten.addmm.default, aten.bmm.default,
+                aten.convolution.default, aten.embedding.default}
+#: Reductions to a scalar that keep elementwise terms apart.
+_FULL_SUMS = {aten.sum.default, aten.mean.default}
+
+
+def _linear_in(node: fx.Node, live: list[fx.Node]) -> bool:
+    """Whether ``node`` is linear in the ``live`` operands jointly."""
+    target = node.target
+    if target in _LINEAR:
+        return True
+    if target in _MULTILINEAR:
+        return len(live) == 1
+    if target is aten.div.Tensor:
+        return len(live) == 1 and live[0] is node.args[0] and node.args[1] is not node.args[0]
+    return False
+
+
+@dataclass
+class _Site:
+    """Where a parameter enters: per-sample op ``node``, through operand ``operand``
+    (a chain of element-keeping views ``chain`` from the leaf)."""
+
+    node: fx.Node
+    operand: fx.Node
+    chain: list[fx.Node]
+
+
+@dataclass
+class GraphPlan:
+    """The captured graph of one call, its labels and the route of every leaf."""
+
+    gm: fx.GraphModule
+    structure: SampleStructure
+    leaves: list[Tensor]
+    inputs: list[Any]
+    sites: dict[int, _Site]           # leaf index -> its one per-sample site
+    separable: set[int]               # leaves whose parameter-only terms are separable
+    products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    grads: dict[fx.Node, Tensor] = field(default_factory=dict)
+    loss: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.structure.num_samples
+
+    def label(self, node: fx.Node) -> Value:
+        return _label(self.structure, node)
+
+    # ---- evaluation -------------------------------------------------------
+    def evaluate(self) -> None:
+        """Run the graph once with autograd, keep every value and ``dL/dv`` for the
+        per-sample values and the parameter-only operands of the loss's sum."""
+        params = [leaf.detach().requires_grad_() for leaf in self.leaves]
+        placeholders = iter(params + self.inputs)
+        env: dict[fx.Node, Any] = {}
+        with torch.enable_grad():
+            for node in self.gm.graph.nodes:
+                if node.op == "placeholder":
+                    env[node] = next(placeholders)
+                elif node.op == "get_attr":
+                    env[node] = operator.attrgetter(node.target)(self.gm)
+                elif node.op == "call_function":
+                    args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+                    env[node] = node.target(*args, **kwargs)
+                elif node.op == "output":
+                    self.loss = env[node.args[0]]
+        terms = self._terms()
+        wanted = [nd for nd in env if isinstance(env[nd], Tensor) and env[nd].requires_grad
+                  and (self.label(nd).per_sample or nd in terms)]
+        if self.loss is not None and self.loss.requires_grad and wanted:
+            grads = torch.autograd.grad(self.loss, [env[nd] for nd in wanted],
+                                        allow_unused=True)
+            self.grads = {nd: g for nd, g in zip(wanted, grads, strict=True) if g is not None}
+        self.env = {nd: v.detach() if isinstance(v, Tensor) else v for nd, v in env.items()}
+
+    def _terms(self) -> set[fx.Node]:
+        """Parameter-only values that enter the aggregate (the loss's parameter terms)."""
+        terms = set()
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function" and self.label(node).aggregate or node.op == "output":
+                for arg in node.all_input_nodes:
+                    value = self.label(arg)
+                    if value.live and not value.aggregate and not value.per_sample:
+                        terms.add(arg)
+        return terms
+
+    # ---- per-sample tensors ------------------------------------------------
+    def _flat(self, node: fx.Node, t: Tensor, lead: int = 0) -> Tensor:
+        """``t`` shaped like ``node`` (after ``lead`` batch dims) as ``(*lead, N, w)``."""
+        axis = self.label(node).axis
+        moved = t.movedim(lead + axis, lead)
+        return moved.reshape(*moved.shape[:lead + 1], -1)
+
+    def _unflat(self, node: fx.Node, t: Tensor) -> Tensor:
+        """``(K, N, w)`` -> ``(K, *node's shape)``."""
+        axis = self.label(node).axis
+        shape = list(self.env[node].shape)
+        moved = [shape.pop(axis), *shape]
+        return t.reshape(t.shape[0], *moved).movedim(1, axis + 1)
+
+    def _width(self, node: fx.Node) -> int:
+        return self.env[node].numel() // self.n
+
+    def _op(self, node: fx.Node, inputs: list[fx.Node]) -> Callable[..., Tensor]:
+        """``node``'s op as a function of ``inputs`` (other operands fixed)."""
+        env = self.env
+
+        def fn(*values: Tensor) -> Tensor:
+            bound = dict(zip(inputs, values, strict=True))
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                           lambda a: bound[a] if a in bound else env[a])
+            return node.target(*args, **kwargs)
+
+        return fn
+
+    def _chunks(self, k: int, per_column: int) -> Iterator[slice]:
+        step = max(1, CHUNK_BUDGET_BYTES // max(1, per_column * itemsize(self.loss.dtype)))
+        for lo in range(0, k, step):
+            yield slice(lo, min(k, lo + step))
+
+    def _pullback(self, node: fx.Node, inputs: list[fx.Node], columns: Tensor
+                  ) -> list[Tensor]:
+        """``J_i^T`` applied to ``columns`` ``(K, N, w_v)``: ``[(K, N, w_ui)]``."""
+        _, vjp = torch.func.vjp(self._op(node, inputs), *[self.env[u] for u in inputs])
+        width = sum(self._width(u) for u in inputs) + self._width(node)
+        parts: list[list[Tensor]] = [[] for _ in inputs]
+        for sl in self._chunks(columns.shape[0], self.n * width):
+            out = torch.func.vmap(vjp)(self._unflat(node, columns[sl]))
+            for i, (u, o) in enumerate(zip(inputs, out, strict=True)):
+                parts[i].append(self._flat(u, o, 1))
+        return [torch.cat(p) for p in parts]
+
+    def _curvature(self, node: fx.Node, inputs: list[fx.Node]) -> dict[tuple, Tensor]:
+        """``sum_k g_k d^2 v_k / du_i du_j`` as per-sample blocks."""
+        g = self.grads.get(node)
+        if g is None or _linear_in(node, inputs):
+            return {}
+        fn = self._op(node, inputs)
+        primals = [self.env[u] for u in inputs]
+        if len(inputs) == 1 and torch.Tag.pointwise in getattr(node.target, "tags", ()):
+            (u,) = inputs
+            x = primals[0].detach().requires_grad_()
+            with torch.enable_grad():
+                (gx,) = torch.autograd.grad(fn(x), x, g, create_graph=True)
+                (c,) = torch.autograd.grad(gx, x, torch.ones_like(gx), allow_unused=True)
+            if c is None:
+                return {}
+            d = self._flat(u, c)
+            return {(u, u): torch.diag_embed(d)}
+
+        def gradient(*values: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.vjp(fn, *values)[1](g)
+
+        _, second = torch.func.vjp(gradient, *primals)
+        blocks: dict[tuple, Tensor] = {}
+        for i, u in enumerate(inputs):
+            w = self._width(u)
+            eye = torch.eye(w, dtype=g.dtype, device=g.device)
+            basis = eye[:, None, :].expand(w, self.n, w)
+            for sl in self._chunks(w, self.n * sum(self._width(x) for x in inputs)):
+                tangents = tuple(self._unflat(x, basis[sl]) if x is u else
+                                 torch.zeros(sl.stop - sl.start, *self.env[x].shape,
+                                             dtype=g.dtype, device=g.device) for x in inputs)
+                out = torch.func.vmap(second)(tangents)
+                for x, o in zip(inputs, out, strict=True):
+                    block = self._flat(x, o, 1).permute(1, 2, 0)  # (N, w_x, w_u chunk)
+                    key = (x, u)
+                    blocks.setdefault(key, []).append(block)
+        return {k: torch.cat(v, dim=2) for k, v in blocks.items()}
+
+    # ---- the sweep ---------------------------------------------------------
+    def _per_sample_nodes(self) -> list[fx.Node]:
+        return [nd for nd in self.gm.graph.nodes
+                if nd.op == "call_function" and self.label(nd).per_sample
+                and isinstance(self.env.get(nd), Tensor) and self.env[nd].is_floating_point()]
+
+    def diagonal(self) -> list[Tensor | None]:
+        """Per leaf: its exact diagonal (leaf-shaped), None for the products route."""
+        if not self.env:
+            self.evaluate()
+        out: list[Tensor | None] = [torch.zeros_like(leaf) if i not in self.products else None
+                                    for i, leaf in enumerate(self.leaves)]
+        by_node: dict[fx.Node, list[int]] = {}
+        for i, site in self.sites.items():
+            by_node.setdefault(site.node, []).append(i)
+        H: dict[tuple[fx.Node, fx.Node], Tensor] = {}
+
+        def add(a: fx.Node, b: fx.Node, block: Tensor) -> None:
+            H[(a, b)] = H[(a, b)] + block if (a, b) in H else block
+
+        for v in reversed(self._per_sample_nodes()):
+            row = {b: blk for (a, b), blk in H.items() if a is v}
+            for key in [k for k in H if v in k]:
+                del H[key]
+            hvv = row.pop(v, None)
+            for i in by_node.get(v, ()):
+                if hvv is not None:
+                    out[i] = out[i] + self._site_diagonal(self.sites[i], hvv)
+            inputs = [u for u in v.all_input_nodes if self.label(u).per_sample
+                      and self.env[u].is_floating_point()]
+            if not inputs:
+                continue
+            for r, blk in row.items():
+                for u, pulled in zip(inputs, self._pullback(v, inputs, blk.permute(2, 0, 1)),
+                                     strict=True):
+                    block = pulled.permute(1, 2, 0)  # (N, w_u, w_r)
+                    add(u, r, block)
+                    add(r, u, block.transpose(1, 2))
+            if hvv is not None:
+                halves = self._pullback(v, inputs, hvv.permute(2, 0, 1))  # (w_v, N, w_ui)
+                for u, half in zip(inputs, halves, strict=True):
+                    rows = half.permute(2, 1, 0)  # rows of J_i^T H: (w_ui, N, w_v)
+                    for x, full in zip(inputs, self._pullback(v, inputs, rows), strict=True):
+                        add(u, x, full.permute(1, 0, 2))
+            for (a, b), blk in self._curvature(v, inputs).items():
+                add(a, b, blk)
+        for i, term in self._separable_terms().items():
+            out[i] = out[i] + term
+        return out
+
+    def _site_diagonal(self, site: _Site, hvv: Tensor) -> Tensor:
+        """``diag(J_p^T H[v, v] J_p)`` of one parameter, leaf-shaped."""
+        v, o = site.node, site.operand
+        env = self.env
+        if v.target in (aten.mm.default, aten.addmm.default) and self.label(v).axis == 0:
+            x_node, w_node = v.args[-2:]
+            d = torch.diagonal(hvv, dim1=1, dim2=2)  # (N, out)
+            if o is w_node and isinstance(x_node, fx.Node) and env[x_node].dim() == 2:
+                diag_o = (env[x_node] ** 2).T @ d
+            elif v.target is aten.addmm.default and o is v.args[0]:
+                diag_o = d.sum(0).reshape(env[o].shape) if env[o].numel() == d.shape[1] \
+                    else None
+            else:
+                diag_o = None
+            if diag_o is not None:
+                return self._to_leaf(site, diag_o)
+        k = env[o].numel()
+        fn = self._op(v, [o])
+        pieces = []
+        for sl in self._chunks(k, self.n * self._width(v)):
+            basis = torch.zeros(sl.stop - sl.start, k, dtype=hvv.dtype, device=hvv.device)
+            basis[torch.arange(sl.stop - sl.start), torch.arange(sl.start, sl.stop)] = 1
+            tangents = basis.reshape(-1, *env[o].shape)
+            pushed = torch.func.vmap(lambda t: torch.func.jvp(fn, (env[o],), (t,))[1])(tangents)
+            u = self._flat(v, pushed, 1)  # (K, N, w_v)
+            pieces.append(torch.einsum("knv,nvw,knw->k", u, hvv, u))
+        return self._to_leaf(site, torch.cat(pieces).reshape(env[o].shape))
+
+    def _to_leaf(self, site: _Site, diag_operand: Tensor) -> Tensor:
+        """Carry a diagonal back through the element-keeping views from the leaf."""
+        if not site.chain:
+            return diag_operand
+        leaf_node = site.chain[0].args[0]
+        fn = self._op_chain(site.chain)
+        _, vjp = torch.func.vjp(fn, self.env[leaf_node])
+        return vjp(diag_operand)[0]
+
+    def _op_chain(self, chain: list[fx.Node]) -> Callable[[Tensor], Tensor]:
+        def fn(x: Tensor) -> Tensor:
+            for node in chain:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                               lambda a: x if a is node.args[0] else self.env[a])
+                x = node.target(*args, **kwargs)
+            return x
+        return fn
+
+    def _separable_terms(self) -> dict[int, Tensor]:
+        """The diagonal of the parameter-only terms' Hessian for the separable leaves."""
+        terms = [t for t in self._terms() if t in self.grads]
+        if not terms or not self.separable:
+            return {}
+        placeholders = [nd for nd in self.gm.graph.nodes if nd.op == "placeholder"]
+        leaves = {placeholders[i]: self.leaves[i].detach().requires_grad_()
+                  for i in sorted(self.separable)}
+        env: dict[fx.Node, Any] = dict(leaves)
+        needed = set()
+        for t in terms:
+            stack = [t]
+            while stack:
+                nd = stack.pop()
+                if nd not in needed:
+                    needed.add(nd)
+                    stack.extend(nd.all_input_nodes)
+        with torch.enable_grad():
+            for node in self.gm.graph.nodes:
+                if node in needed and node not in env:
+                    if node.op == "call_function":
+                        args, kwargs = fx.node.map_arg(
+                            (node.args, node.kwargs),
+                            lambda a: env[a] if a in env else self.env[a])
+                        env[node] = node.target(*args, **kwargs)
+                    else:
+                        env[node] = self.env[node]
+            total = sum((env[t] * self.grads[t]).sum() for t in terms)
+            grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True,
+                                        allow_unused=True)
+            pairs = [(leaf, g) for leaf, g in zip(leaves.values(), grads, strict=True)
+                     if g is not None and g.requires_grad]
+            second = torch.autograd.grad([g for _, g in pairs], [leaf for leaf, _ in pairs],
+                                         [torch.ones_like(g) for _, g in pairs],
+                                         allow_unused=True) if pairs else ()
+        result = {}
+        index = {id(leaf): i for i, leaf in zip(sorted(self.separable), leaves.values(),
+                                                 strict=True)}
+        for (leaf, _), s in zip(pairs, second, strict=True):
+            if s is not None:
+                result[index[id(leaf)]] = s.detach()
+        return result
+
+
+# ---- planning -----------------------------------------------------------------
+
+def _label(structure: SampleStructure, node: fx.Node) -> Value:
+    value = structure.values[node]
+    return value if isinstance(value, Value) else Value(any(v.live for v in value))
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pure(f: Any) -> Callable[..., Any] | str:
+    """What to trace for ``f``: a FunctionalModel without its value checks."""
+    from ..functional import FunctionalModel
+
+    if not isinstance(f, FunctionalModel):
+        return f
+    if f.loss_fn is None:
+        return "f has no loss"
+    if f.seed is not None:
+        return "f fixes its random draws with a seed"
+    return _FunctionalLoss(f)
+
+
+class _FunctionalLoss:
+    """``loss_fn(model(x), y)`` of a FunctionalModel, traceable (no data-dependent checks)."""
+
+    _guard_targets: Any = ()  # the trace cache's fingerprint walks what the instance sets
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self._guard_targets = (f.module, f.loss_fn)
+
+    def __call__(self, params: dict[str, Tensor], inputs: Any, targets: Any) -> Any:
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        return self.f.loss_fn(self.f._apply(params, args), targets)
+
+
+def _cache(f: Any) -> TraceCache | str:
+    try:
+        cache = _CACHES.get(f)
+    except TypeError:
+        cache = None
+    if cache is None:
+        fn = _pure(f)
+        if isinstance(fn, str):
+            return fn
+        cache = TraceCache(fn, "hessfunc.hessian_diag", decompositions=LOSS_DECOMPOSITIONS)
+        try:
+            _CACHES[f] = cache
+        except TypeError:
+            pass
+    return cache
+
+
+def _route_leaves(gm: fx.GraphModule, structure: SampleStructure, num_leaves: int
+                  ) -> tuple[dict[int, _Site], set[int], dict[int, str]]:
+    """Each leaf's route: one linear per-sample site, separable parameter terms, or
+    one-hot products (with the reason)."""
+    def label(node: fx.Node) -> Value:
+        return _label(structure, node)
+
+    placeholders = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
+    sites: dict[int, _Site] = {}
+    separable: set[int] = set()
+    products: dict[int, str] = {}
+    for i in range(num_leaves):
+        leaf = placeholders[i]
+        found: list[_Site] = []
+        other: list[fx.Node] = []
+        stack: list[tuple[fx.Node, list[fx.Node]]] = [(leaf, [])]
+        while stack:
+            node, chain = stack.pop()
+            for user in node.users:
+                lab = label(user)
+                if lab.per_sample:
+                    found.append(_Site(user, node, chain))
+                elif user.target in _PERMUTATIONS and not lab.aggregate:
+                    stack.append((user, [*chain, user]))
+                else:
+                    other.append(user)
+        if len(found) > 1:
+            products[i] = f"used at {len(found)} places ({where(found[0].node)}, ...)"
+            continue
+        if found:
+            site = found[0]
+            live = [u for u in site.node.all_input_nodes if label(u).live]
+            uses = sum(a is site.operand for a in pytree.tree_leaves((site.node.args,
+                                                                      site.node.kwargs)))
+            if site.operand not in live or not _linear_in(site.node, [site.operand]) or \
+                    uses != 1:
+                products[i] = f"enters {where(site.node)} non-linearly"
+                continue
+            if site.node.target is aten.div.Tensor and site.operand is site.node.args[1]:
+                products[i] = f"is a divisor in {where(site.node)}"
+                continue
+            sites[i] = site
+        if other:
+            if all(_elementwise_term(u, leaf, label) for u in other):
+                separable.add(i)
+            else:
+                products[i] = "enters a term of the loss that is not a sum of elementwise " \
+                              "functions of single parameters"
+                sites.pop(i, None)
+    return sites, separable, products
+
+
+def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], Value]) -> bool:
+    """``node`` (a user of ``leaf`` or of its views) is elementwise in ``leaf`` up to a
+    full sum, then linear up to the aggregate (a separable parameter-only term)."""
+    same = tuple(leaf.meta["val"].shape)
+
+    def elementwise(nd: fx.Node) -> bool:
+        shape = tuple(nd.meta["val"].shape) if isinstance(nd.meta.get("val"), Tensor) else None
+        if nd is leaf:
+            return True
+        if torch.Tag.pointwise not in getattr(nd.target, "tags", ()) or shape is None or \
+                math.prod(shape) != math.prod(same):
+            return False
+        return all(elementwise(a) or not label(a).live for a in nd.all_input_nodes) and \
+            all(label(a).live or a.meta.get("val") is None or
+                math.prod(a.meta["val"].shape) <= math.prod(same) for a in nd.all_input_nodes)
+
+    def linear_to_loss(nd: fx.Node) -> bool:
+        lab = label(nd)
+        if lab.aggregate or nd.op == "output":
+            return True
+        for user in nd.users:
+            if user.op == "output" or label(user).aggregate:
+                continue
+            ok = (user.target in _LINEAR or user.target in (aten.mul.Tensor, aten.div.Tensor)
+                  and sum(label(a).live for a in user.all_input_nodes) == 1)
+            if not ok or not linear_to_loss(user):
+                return False
+        return True
+
+    nd = node
+    while torch.Tag.pointwise in getattr(nd.target, "tags", ()) and elementwise(nd):
+        users = list(nd.users)
+        if len(users) != 1:
+            return False
+        nd = users[0]
+    return nd.target in _FULL_SUMS and elementwise(nd.args[0]) and linear_to_loss(nd)
+
+
+def plan_diagonal(f: Any, args: tuple[Any, ...]) -> tuple[GraphPlan | None, str]:
+    """A :class:`GraphPlan` for ``hessian_diag(f)(*args)`` (argnums 0), or ``(None, why)``."""
+    if len(args) < 2:
+        return None, "f takes no batch after the parameters"
+    leaves, _ = pytree.tree_flatten(args[0])
+    if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
+        return None, "the parameters are not floating-point tensors"
+    inputs = [t for t in pytree.tree_leaves(list(args[1:])) if isinstance(t, Tensor)]
+    first = next((t for t in inputs if t.dim() >= 1), None)
+    if first is None or first.shape[0] < 2:
+        return None, "no batch of at least two samples after the parameters"
+    n = first.shape[0]
+    cache = _cache(f)
+    if isinstance(cache, str):
+        return None, cache
+    captured = cache.get(args)
+    if captured is None:
+        return None, "f could not be captured as a graph (data-dependent control flow, " \
+                     "an op make_fx cannot trace, or tensors of an active transform)"
+    gm = captured.graph_module
+    batch = {len(leaves) + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
+    structure = analyze_samples(gm, set(range(len(leaves))), batch, n)
+    if structure.reason is not None:
+        return None, structure.reason
+    sites, separable, products = _route_leaves(gm, structure, len(leaves))
+    plan = GraphPlan(gm, structure, leaves, inputs, sites, separable, products)
+    need = _frontier_bytes(plan)
+    budget = available_bytes(leaves[0].device) // 4
+    if need > budget:
+        return None, (f"the per-sample curvature over the widest frontier needs "
+                      f"{format_bytes(need)}, over the budget of {format_bytes(budget)}")
+    return plan, "ok"
+
+
+def _frontier_bytes(plan: GraphPlan) -> int:
+    """Largest sum of per-sample blocks held during the sweep, before evaluating."""
+    values = plan.structure.values
+    n = plan.n
+
+    def width(node: fx.Node) -> int:
+        val = node.meta.get("val")
+        return val.numel() // n if isinstance(val, Tensor) else 0
+
+    frontier: set[fx.Node] = set()
+    widest = 0
+    nodes = [nd for nd in plan.gm.graph.nodes if isinstance(values.get(nd), Value)
+             and values[nd].per_sample and nd.op == "call_function"]
+    for v in reversed(nodes):
+        frontier.discard(v)
+        frontier.update(u for u in v.all_input_nodes if isinstance(values.get(u), Value)
+                        and values[u].per_sample)
+        total = sum(width(u) for u in frontier) + width(v)
+        widest = max(widest, total)
+    dtype = plan.leaves[0].dtype
+    return 3 * n * widest * widest * itemsize(dtype)

@@ -1,0 +1,346 @@
+"""Which values of a captured ``p -> f(p, *batch)`` graph are per-sample, proved op by op.
+
+NOTE [per-sample structure]
+    Label every value of the graph. *Live* values depend on the parameters; the
+    others are constants (data, targets, literals), whatever they compute. A live
+    value is
+      * per-sample, with a batch axis ``a`` of size ``N``: its slice ``n`` along
+        ``a`` depends on the parameters and on slice ``n`` of its per-sample
+        operands only;
+      * an aggregate: it has no batch axis and is a *linear* function of
+        per-sample values (sums or means over the batch axis, then sums,
+        differences and scaling by constants);
+      * parameter-only: it depends on no per-sample value.
+    Each op has a rule (below) saying where its output's batch axis is and
+    whether it keeps slices apart; an op without a rule, or one that mixes
+    slices (a contraction or a non-linear reduction over the batch axis, a
+    per-sample value combined with an aggregate: BatchNorm's batch statistics
+    in training mode), ends the proof with the op and its place in the user's
+    code. When the output is an aggregate or parameter-only, the loss is
+    ``L = sum_n c_n l_n(a_n) + R(p)``: its Hessian with respect to every
+    per-sample value is block-diagonal over samples. Nothing is probed
+    numerically, so a loss that couples samples by 1e-6 is refused, not
+    approximated.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+__all__ = ["Value", "SampleStructure", "analyze_samples", "where"]
+
+aten = torch.ops.aten
+
+#: Views and copies that keep every element (the batch axis is tracked through them).
+_VIEWS = {
+    aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
+    aten._unsafe_view.default, aten.reshape.default, aten.clone.default, aten.alias.default,
+    aten._to_copy.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.detach.default,
+    aten.lift_fresh_copy.default,
+}
+#: Reductions: linear ones may cross the batch axis (into an aggregate), the others not.
+_LINEAR_REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default}
+_REDUCTIONS = _LINEAR_REDUCTIONS | {
+    aten.amax.default, aten.amin.default, aten.var.correction, aten.std.correction,
+    aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.logsumexp.default,
+}
+#: Ops linear in each operand when only one operand is live (and it is not a divisor).
+_SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+#: Ops that keep an aggregate linear in the per-sample values.
+_AGGREGATE_OPS = _VIEWS | _LINEAR_REDUCTIONS | _SCALINGS | {
+    aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.add.Scalar, aten.sub.Scalar,
+}
+
+
+@dataclass(frozen=True)
+class Value:
+    """What the proof knows of one value: ``live`` (depends on the parameters),
+    ``axis`` (its batch axis, or None) and ``aggregate`` (live, linear in per-sample
+    values, no batch axis)."""
+
+    live: bool
+    axis: int | None = None
+    aggregate: bool = False
+
+    @property
+    def per_sample(self) -> bool:
+        return self.live and self.axis is not None
+
+
+CONST = Value(False)
+PARAM = Value(True)
+
+
+@dataclass
+class SampleStructure:
+    """The labels of every node, the batch size, and why the proof failed (or None)."""
+
+    values: dict[fx.Node, Value | tuple[Value, ...]]
+    num_samples: int
+    reason: str | None
+
+
+class _Unproved(Exception):
+    pass
+
+
+def where(node: fx.Node) -> str:
+    """``op at file:line``: the op and the last frame of the user's code that made it."""
+    text = str(getattr(node.target, "__name__", node.target))
+    stack = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ")]
+    user = [ln for ln in lines if "/torch/" not in ln and "/hessfunc/" not in ln] or lines
+    if user:
+        text += " at " + user[-1].removeprefix("File ")
+    return text
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim % ndim if ndim else 0
+
+
+def _view_axis(src: tuple[int, ...], dst: tuple[int, ...], a: int) -> int | None:
+    """The batch axis after a row-major reshape: the output axis of the same size
+    whose leading product equals the input's (then slice ``n`` maps to slice ``n``)."""
+    lead = math.prod(src[:a])
+    for b, size in enumerate(dst):
+        if size == src[a] and math.prod(dst[:b]) == lead:
+            return b
+    return None
+
+
+def _view_rule(node: fx.Node, a: int) -> int | None:
+    target, args = node.target, node.args
+    src, dst = _shape(args[0]), _shape(node)
+    if target is aten.t.default:
+        return 1 - a if len(src) == 2 else a
+    if target is aten.transpose.int:
+        d0, d1 = _norm(args[1], len(src)), _norm(args[2], len(src))
+        return d1 if a == d0 else d0 if a == d1 else a
+    if target is aten.permute.default:
+        return [_norm(d, len(src)) for d in args[1]].index(a)
+    if target is aten.expand.default:
+        b = a + len(dst) - len(src)
+        return b if dst[b] == src[a] else None
+    return _view_axis(src, dst, a)
+
+
+def _reduction_dims(node: fx.Node, ndim: int) -> tuple[list[int], bool]:
+    """The reduced dims and keepdim of a reduction node."""
+    target, args, kwargs = node.target, node.args, node.kwargs
+    if target in (aten.sum.default, aten.mean.default):
+        return list(range(ndim)), False
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 and target not in (aten.var.correction,
+                                                      aten.std.correction) else None
+    if target in (aten.var.correction, aten.std.correction):
+        keep = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
+    if keep is None:
+        keep = kwargs.get("keepdim", False)
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return list(range(ndim)), bool(keep)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return [_norm(d, ndim) for d in dims], bool(keep)
+
+
+def _pointwise_axis(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int
+                    ) -> int | None:
+    """The output axis every batch-bearing operand aligns to under broadcasting."""
+    out = _shape(node)
+    axes = set()
+    for arg, value in operands:
+        shape = _shape(arg)
+        if value.axis is None or shape is None:
+            continue
+        b = value.axis + len(out) - len(shape)
+        if out[b] != n:
+            raise _Unproved
+        if shape[value.axis] != n:  # a size-1 batch axis broadcast over samples
+            if value.live:
+                raise _Unproved
+            continue
+        axes.add(b)
+    if len(axes) > 1:
+        raise _Unproved
+    return axes.pop() if axes else None
+
+
+def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value:
+    """The label of a call node from its operands' labels (raises :class:`_Unproved`)."""
+    target = node.target
+    live = any(v.live for _, v in operands)
+    samples = [(arg, v) for arg, v in operands if v.per_sample]
+    aggregates = [v for _, v in operands if v.aggregate]
+    if aggregates:
+        if samples or target not in _AGGREGATE_OPS:
+            raise _Unproved  # mixes a sum over samples with per-sample values
+        if target in _SCALINGS:  # linear only with one live factor, not as a divisor
+            lives = [arg for arg, v in operands if v.live]
+            if len(lives) != 1 or (target in (aten.div.Tensor, aten.div.Scalar)
+                                   and lives[0] is not node.args[0]):
+                raise _Unproved
+        return Value(True, None, True)
+    if target in _VIEWS:
+        a = operands[0][1].axis if operands else None
+        return Value(live, None if a is None else _view_rule(node, a))
+    if target in _REDUCTIONS:
+        a = operands[0][1].axis
+        if a is None:
+            return Value(live)
+        dims, keep = _reduction_dims(node, len(_shape(node.args[0])))
+        if a in dims:
+            if operands[0][1].live and target not in _LINEAR_REDUCTIONS:
+                raise _Unproved
+            return Value(live, None, live)
+        return Value(live, a if keep else a - sum(d < a for d in dims))
+    if torch.Tag.pointwise in getattr(target, "tags", ()):
+        return Value(live, _pointwise_axis(node, operands, n))
+    if target in (aten.mm.default, aten.addmm.default, aten.bmm.default):
+        lhs, rhs = (node.args[1], node.args[2]) if target is aten.addmm.default else node.args[:2]
+        vals = dict(operands)
+        la, ra = vals[lhs].axis if lhs in vals else None, vals[rhs].axis if rhs in vals else None
+        nd = len(_shape(lhs))
+        if la is not None and ra is None and la < nd - 1:
+            a = la
+        elif ra is not None and la is None and ra == nd - 1:
+            a = ra
+        elif target is aten.bmm.default and la == 0 and ra == 0:
+            a = 0
+        else:
+            raise _Unproved
+        if target is aten.addmm.default and node.args[0] in vals:
+            bias = vals[node.args[0]]
+            if bias.axis is not None and _pointwise_axis(node, [(node.args[0], bias)], n) != a:
+                raise _Unproved
+        return Value(live, a)
+    if target is aten.convolution.default:
+        vals = dict(operands)
+        x = vals.get(node.args[0], CONST)
+        if x.axis != 0 or any(vals.get(w, CONST).axis is not None for w in node.args[1:3]):
+            raise _Unproved
+        return Value(live, 0)
+    if target is aten.embedding.default:
+        vals = dict(operands)
+        if vals.get(node.args[0], CONST).axis is not None:
+            raise _Unproved
+        a = vals.get(node.args[1], CONST).axis
+        return Value(live, a)
+    if target in (aten.select.int, aten.slice.Tensor, aten.narrow.default,
+                  aten.index_select.default, aten.gather.default, aten.constant_pad_nd.default):
+        x = operands[0][1] if operands and operands[0][0] is node.args[0] else CONST
+        a = x.axis
+        if a is None:
+            if any(v.per_sample for _, v in operands):
+                raise _Unproved
+            return Value(live)
+        ndim = len(_shape(node.args[0]))
+        if target is aten.constant_pad_nd.default:
+            if len(node.args[1]) // 2 > ndim - 1 - a:
+                raise _Unproved
+            return Value(live, a)
+        dim = _norm(node.args[1], ndim)
+        if dim == a:
+            if x.live:
+                raise _Unproved  # picks samples
+            return Value(live)
+        if target is aten.gather.default:
+            index = dict(operands).get(node.args[2], CONST)
+            if _shape(node.args[2])[a] != n or (index.axis not in (None, a)):
+                raise _Unproved
+        return Value(live, a - 1 if target is aten.select.int and dim < a else a)
+    if target in (aten.cat.default, aten.stack.default):
+        tensors = node.args[0]
+        ndim = len(_shape(tensors[0]))
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        vals = dict(operands)
+        axes = {vals[t].axis for t in tensors if t in vals and vals[t].axis is not None}
+        if len(axes) > 1:
+            raise _Unproved
+        if not axes:
+            return Value(live)
+        a = axes.pop()
+        if target is aten.stack.default:
+            dim = _norm(dim, ndim + 1)
+            return Value(live, a + 1 if dim <= a else a)
+        if _norm(dim, ndim) == a:
+            raise _Unproved
+        return Value(live, a)
+    if not live:
+        return CONST
+    raise _Unproved
+
+
+def _operands(node: fx.Node, values: dict) -> list[tuple[fx.Node, Value]]:
+    found: list[tuple[fx.Node, Value]] = []
+    seen: set[fx.Node] = set()
+
+    def visit(arg: fx.Node) -> fx.Node:
+        if arg not in seen:
+            seen.add(arg)
+            found.append((arg, values[arg]))
+        return arg
+
+    fx.node.map_arg((node.args, node.kwargs), visit)
+    return found
+
+
+def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int], n: int
+                    ) -> SampleStructure:
+    """Label the nodes of ``gm`` (NOTE [per-sample structure]).
+
+    ``params``: indices of the placeholders that are parameters; ``batch``: index of
+    each data placeholder -> its batch axis; ``n``: the batch size.
+    """
+    values: dict[fx.Node, Value | tuple[Value, ...]] = {}
+    placeholders = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
+    index = {nd: i for i, nd in enumerate(placeholders)}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            i = index[node]
+            values[node] = PARAM if i in params else Value(False, batch.get(i))
+            continue
+        if node.op == "get_attr":
+            values[node] = CONST
+            continue
+        if node.op == "output":
+            (out,) = node.args
+            value = values.get(out) if isinstance(out, fx.Node) else CONST
+            if not isinstance(value, Value) or value.per_sample:
+                return SampleStructure(values, n, "f does not return a scalar loss")
+            continue
+        if node.target is operator.getitem:
+            source, i = node.args
+            value = values[source]
+            values[node] = value[i] if isinstance(value, tuple) else value
+            continue
+        operands = _operands(node, values)
+        if any(isinstance(v, tuple) for _, v in operands):
+            return SampleStructure(values, n, f"no batch-axis rule for {where(node)}")
+        try:
+            value = _rule(node, operands, n)
+        except _Unproved:
+            live = any(v.live for _, v in operands)
+            if not live:
+                value = CONST  # constants may mix samples freely
+            else:
+                return SampleStructure(values, n, f"{where(node)} mixes samples or has no "
+                                       "batch-axis rule")
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            values[node] = tuple(value if isinstance(v, torch.Tensor) else CONST for v in val)
+            if value.per_sample:
+                return SampleStructure(values, n, f"no batch-axis rule for {where(node)}")
+        else:
+            values[node] = value
+    return SampleStructure(values, n, None)
