@@ -108,14 +108,18 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
     return hess_f
 
 
-def leaf_block_rows(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
+def leaf_block_rows(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
+                    leaves: Iterable[int] | None = None
                     ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-    """Rows of every leaf's own Hessian block, ``chunk_size`` one-hot tangents at a time.
+    """Rows of every leaf's (or of ``leaves``') own Hessian block, ``chunk_size``
+    one-hot tangents at a time.
 
     Yields ``(leaf index, lo, hi, rows)`` with ``rows`` of shape ``(hi - lo, numel)``:
     row ``r`` is ``H[leaf, leaf] e_{lo + r}``.
     """
     for index, (shape, n) in enumerate(zip(spec.shapes, spec.numels, strict=True)):
+        if leaves is not None and index not in leaves:
+            continue
         chunk = chunk_size or auto_chunk_size(n, 4 * n * itemsize(spec.dtype))
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)

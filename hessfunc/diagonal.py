@@ -30,12 +30,14 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _chain
-from ._autodiff import in_transform
+from ._autodiff import in_transform, missing_derivative
 from ._distributed import Group, check_shards, shard_summary
 from ._memory import check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
 from .dense import _prepare, leaf_block_rows
 from .errors import ArgumentError
+from .functional import FunctionalModel, _report_non_finite
+from .graph.curvature import GraphPlan, plan_diagonal
 from .products import HVPFunction
 
 __all__ = ["hessian_diag", "DIAG_METHODS"]
@@ -43,12 +45,30 @@ __all__ = ["hessian_diag", "DIAG_METHODS"]
 DIAG_METHODS = ("auto", "structured", "generic")
 
 
-def _generic_diag(H: HVPFunction, spec: FlatSpec, chunk_size: int | None) -> list[torch.Tensor]:
+def _generic_diag(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
+                  leaves: set[int] | None = None) -> list[torch.Tensor | None]:
+    """Each leaf's diagonal (of ``leaves`` only, None for the others) from one-hot products."""
     pieces: list[list[torch.Tensor]] = [[] for _ in spec.numels]
-    for index, lo, hi, rows in leaf_block_rows(H, spec, chunk_size):
+    for index, lo, hi, rows in leaf_block_rows(H, spec, chunk_size, leaves):
         r = torch.arange(hi - lo, device=spec.device)
         pieces[index].append(rows[r, r + lo])
-    return [torch.cat(p).reshape(shape) for p, shape in zip(pieces, spec.shapes, strict=True)]
+    return [torch.cat(p).reshape(shape) if p else None
+            for p, shape in zip(pieces, spec.shapes, strict=True)]
+
+
+def _graph_diag(plan: GraphPlan, f: Callable[..., Any], args: tuple[Any, ...], spec: FlatSpec,
+                chunk_size: int | None, call: str) -> Any:
+    """The captured-graph route; leaves it has no rule for take one-hot products."""
+    diags = plan.diagonal()
+    if isinstance(f, FunctionalModel) and f.check_finite:
+        _report_non_finite(args[0], args[1], plan.loss, "loss")
+    rest = {i for i, d in enumerate(diags) if d is None}
+    if rest:
+        H = HVPFunction(f, args, 0, call=call)
+        for i, d in enumerate(_generic_diag(H, spec, chunk_size, rest)):
+            if d is not None:
+                diags[i] = d
+    return pytree.tree_unflatten(diags, spec.treespec)
 
 
 def _unsqueeze_samples(batch: Any) -> Any:
@@ -124,12 +144,25 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
                         max_memory=max_memory, what=f"{n} per-sample diagonals of {spec.numel}",
                         hint="pass fewer samples at a time")
         if method != "generic":
+            graph, why = (None, "per-sample diagonals take the chain route") if per_sample \
+                else plan_diagonal(f, args, a)
+            if graph is not None and (method == "auto" or not graph.products):
+                try:
+                    return _graph_diag(graph, f, args, spec, chunk_size, call)
+                except RuntimeError as e:  # an op without a second derivative in torch
+                    if missing_derivative(e) is None:
+                        raise
+                    why = f"an op has no second derivative in torch ({e})"
+            if graph is not None:
+                why = "; ".join(f"parameter {spec.names[i]!r} {r}"
+                                for i, r in graph.products.items())
             plan, reason = _chain.analyze(f, args, a, per_sample=per_sample)
             if plan is not None:
                 return plan.diagonal(chunk_size)
             if method == "structured":
-                raise ArgumentError(f"{call}: method='structured' does not apply here: {reason}; "
-                                    "use method='auto' or 'generic'.")
+                raise ArgumentError(f"{call}: method='structured' does not apply here: {why} "
+                                    f"(and the chain route: {reason}); use method='auto' or "
+                                    "'generic'.")
         if per_sample:
             one = hessian_diag(f, chunk_size=chunk_size, method="generic")
             batch = _unsqueeze_samples(args[1:])

@@ -78,15 +78,17 @@ _DECOMPOSITIONS = get_decompositions(
     ]
 )
 
-#: Also decompose the losses (and var_mean), so that the parameter engine sees
-#: elementwise ops and reductions it has batch-axis rules for.
+#: Also decompose the losses, BatchNorm and attention's softmax, so that the parameter
+#: engine sees elementwise ops and reductions it has batch-axis rules for (and
+#: hardsigmoid, whose backward has no derivative and is 5e-9 off in float64).
 LOSS_DECOMPOSITIONS = {
     **_DECOMPOSITIONS,
     **get_decompositions([
         aten.mse_loss, aten.huber_loss, aten.smooth_l1_loss, aten.soft_margin_loss,
         aten.binary_cross_entropy_with_logits, aten.binary_cross_entropy,
-        aten.nll_loss_forward, aten.nll_loss2d_forward, aten.var_mean,
-        aten.log_sigmoid_forward,
+        aten.nll_loss_forward, aten.nll_loss2d_forward, aten._safe_softmax,
+        aten.log_sigmoid_forward, aten.native_batch_norm, aten.hardsigmoid,
+        aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit,
     ]),
 }
 
@@ -117,7 +119,7 @@ def _isolated() -> Iterator[None]:
 
 
 def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
-            decompositions: dict | None = None) -> Captured:
+            decompositions: dict | None = None, stack_traces: bool = False) -> Captured:
     """Trace ``fn(*args)``: tensor leaves of ``args`` become placeholders (in
     :func:`tensor_leaves` order), other leaves stay fixed.
 
@@ -144,6 +146,7 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
                 else decompositions,
                 tracing_mode="fake",
                 _allow_non_fake_inputs=True,
+                record_stack_traces=stack_traces,
             )(*examples)
 
     gm = trace(flat_fn)
@@ -167,7 +170,7 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     return Captured(gm, output)
 
 
-def _argument(node: torch.fx.Node, name: str) -> Any:
+def argument(node: torch.fx.Node, name: str) -> Any:
     """The value of argument ``name`` of a call node: positional, keyword or the
     schema's default; None when the op has no such argument or no default."""
     schema = node.target._schema.arguments
@@ -190,8 +193,8 @@ def _is_random(node: torch.fx.Node) -> bool:
         return False
     names = {a.name for a in node.target._schema.arguments}
     for name in ("dropout_p", "p"):
-        if name in names and isinstance(_argument(node, name), (int, float)):
-            if _argument(node, name) == 0 or _argument(node, "train") is False:
+        if name in names and isinstance(argument(node, name), (int, float)):
+            if argument(node, name) == 0 or argument(node, "train") is False:
                 return False
     return True
 
@@ -379,10 +382,11 @@ class TraceCache:
     """
 
     def __init__(self, fn: Callable[..., Any], caller: str, maxsize: int = 8,
-                 decompositions: dict | None = None) -> None:
+                 decompositions: dict | None = None, stack_traces: bool = False) -> None:
         self.fn = fn
         self.caller = caller
         self.decompositions = decompositions
+        self.stack_traces = stack_traces
         self.maxsize = maxsize
         self._entries: OrderedDict[tuple, Captured | None] = OrderedDict()
 
@@ -397,7 +401,7 @@ class TraceCache:
             return self._entries[key]
         try:
             captured: Captured | None = capture(self.fn, args, self.caller,
-                                                 self.decompositions)
+                                                 self.decompositions, self.stack_traces)
         except ArgumentError:
             raise
         except Exception:  # noqa: BLE001 - any tracing failure means: use the generic path

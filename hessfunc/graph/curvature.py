@@ -45,7 +45,9 @@ import torch.func
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
+from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
+from ..errors import ArgumentError
 from .capture import LOSS_DECOMPOSITIONS, TraceCache
 from .samples import SampleStructure, Value, analyze_samples, where
 
@@ -74,6 +76,15 @@ _MULTILINEAR = {aten.mul.Tensor, aten.mm.default, aten.addmm.default, aten.bmm.d
                 aten.convolution.default, aten.embedding.default}
 #: Reductions to a scalar that keep elementwise terms apart.
 _FULL_SUMS = {aten.sum.default, aten.mean.default}
+
+
+def _source(node: fx.Node) -> tuple[fx.Node, int | None]:
+    """The op that computed ``node``: itself, or for ``out[i]`` of an op with several
+    outputs that op and ``i``."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and \
+            node.args[0].op == "call_function":
+        return node.args[0], node.args[1]
+    return node, None
 
 
 def _linear_in(node: fx.Node, live: list[fx.Node]) -> bool:
@@ -160,32 +171,46 @@ class GraphPlan:
 
     # ---- per-sample tensors ------------------------------------------------
     def _flat(self, node: fx.Node, t: Tensor, lead: int = 0) -> Tensor:
-        """``t`` shaped like ``node`` (after ``lead`` batch dims) as ``(*lead, N, w)``."""
-        axis = self.label(node).axis
-        moved = t.movedim(lead + axis, lead)
-        return moved.reshape(*moved.shape[:lead + 1], -1)
+        """``t`` shaped like ``node`` (after ``lead`` batch dims) as ``(*lead, N, w)``:
+        the batch axis split as ``(outer, N, inner)`` and ``N`` moved first."""
+        label = self.label(node)
+        outer, _ = label.layout
+        moved = t.movedim(lead + label.axis, lead)
+        front = moved.shape[:lead]
+        split = moved.reshape(*front, outer, self.n, -1).movedim(lead + 1, lead)
+        return split.reshape(*front, self.n, -1)
 
     def _unflat(self, node: fx.Node, t: Tensor) -> Tensor:
-        """``(K, N, w)`` -> ``(K, *node's shape)``."""
-        axis = self.label(node).axis
+        """``(K, N, w)`` -> ``(K, *node's shape)``, the inverse of :meth:`_flat`."""
+        label = self.label(node)
+        outer, _ = label.layout
         shape = list(self.env[node].shape)
-        moved = [shape.pop(axis), *shape]
-        return t.reshape(t.shape[0], *moved).movedim(1, axis + 1)
+        moved = [shape.pop(label.axis), *shape]
+        split = t.reshape(t.shape[0], self.n, outer, -1).movedim(2, 1)
+        return split.reshape(t.shape[0], *moved).movedim(1, label.axis + 1)
 
     def _width(self, node: fx.Node) -> int:
         return self.env[node].numel() // self.n
 
     def _op(self, node: fx.Node, inputs: list[fx.Node]) -> Callable[..., Tensor]:
-        """``node``'s op as a function of ``inputs`` (other operands fixed)."""
+        """``node``'s op as a function of ``inputs`` (other operands fixed); an output
+        of an op with several is that op followed by the selection."""
         env = self.env
+        source, index = _source(node)
 
         def fn(*values: Tensor) -> Tensor:
             bound = dict(zip(inputs, values, strict=True))
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+            args, kwargs = fx.node.map_arg((source.args, source.kwargs),
                                            lambda a: bound[a] if a in bound else env[a])
-            return node.target(*args, **kwargs)
+            out = source.target(*args, **kwargs)
+            return out if index is None else out[index]
 
         return fn
+
+    def _inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The per-sample floating-point operands of ``node`` (of its source op)."""
+        return [u for u in _source(node)[0].all_input_nodes if self.label(u).per_sample
+                and isinstance(self.env[u], Tensor) and self.env[u].is_floating_point()]
 
     def _chunks(self, k: int, per_column: int) -> Iterator[slice]:
         step = max(1, CHUNK_BUDGET_BYTES // max(1, per_column * itemsize(self.loss.dtype)))
@@ -207,7 +232,7 @@ class GraphPlan:
     def _curvature(self, node: fx.Node, inputs: list[fx.Node]) -> dict[tuple, Tensor]:
         """``sum_k g_k d^2 v_k / du_i du_j`` as per-sample blocks."""
         g = self.grads.get(node)
-        if g is None or _linear_in(node, inputs):
+        if g is None or _linear_in(_source(node)[0], inputs):
             return {}
         fn = self._op(node, inputs)
         primals = [self.env[u] for u in inputs]
@@ -216,6 +241,8 @@ class GraphPlan:
             x = primals[0].detach().requires_grad_()
             with torch.enable_grad():
                 (gx,) = torch.autograd.grad(fn(x), x, g, create_graph=True)
+                if not gx.requires_grad:  # piecewise linear: no curvature
+                    return {}
                 (c,) = torch.autograd.grad(gx, x, torch.ones_like(gx), allow_unused=True)
             if c is None:
                 return {}
@@ -270,8 +297,7 @@ class GraphPlan:
             for i in by_node.get(v, ()):
                 if hvv is not None:
                     out[i] = out[i] + self._site_diagonal(self.sites[i], hvv)
-            inputs = [u for u in v.all_input_nodes if self.label(u).per_sample
-                      and self.env[u].is_floating_point()]
+            inputs = self._inputs(v)
             if not inputs:
                 continue
             for r, blk in row.items():
@@ -296,7 +322,8 @@ class GraphPlan:
         """``diag(J_p^T H[v, v] J_p)`` of one parameter, leaf-shaped."""
         v, o = site.node, site.operand
         env = self.env
-        if v.target in (aten.mm.default, aten.addmm.default) and self.label(v).axis == 0:
+        if v.target in (aten.mm.default, aten.addmm.default) and self.label(v).axis == 0 \
+                and self.label(v).layout == (1, 1):
             x_node, w_node = v.args[-2:]
             d = torch.diagonal(hvv, dim1=1, dim2=2)  # (N, out)
             if o is w_node and isinstance(x_node, fx.Node) and env[x_node].dim() == 2:
@@ -428,7 +455,8 @@ def _cache(f: Any) -> TraceCache | str:
         fn = _pure(f)
         if isinstance(fn, str):
             return fn
-        cache = TraceCache(fn, "hessfunc.hessian_diag", decompositions=LOSS_DECOMPOSITIONS)
+        cache = TraceCache(fn, "hessfunc.hessian_diag", decompositions=LOSS_DECOMPOSITIONS,
+                           stack_traces=True)
         try:
             _CACHES[f] = cache
         except TypeError:
@@ -482,8 +510,9 @@ def _route_leaves(gm: fx.GraphModule, structure: SampleStructure, num_leaves: in
             if all(_elementwise_term(u, leaf, label) for u in other):
                 separable.add(i)
             else:
-                products[i] = "enters a term of the loss that is not a sum of elementwise " \
-                              "functions of single parameters"
+                bad = next(u for u in other if not _elementwise_term(u, leaf, label))
+                products[i] = (f"reaches the loss through {where(bad)}, which is neither one "
+                               "linear per-sample use nor a sum of elementwise terms")
                 sites.pop(i, None)
     return sites, separable, products
 
@@ -526,8 +555,13 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
     return nd.target in _FULL_SUMS and elementwise(nd.args[0]) and linear_to_loss(nd)
 
 
-def plan_diagonal(f: Any, args: tuple[Any, ...]) -> tuple[GraphPlan | None, str]:
-    """A :class:`GraphPlan` for ``hessian_diag(f)(*args)`` (argnums 0), or ``(None, why)``."""
+def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0
+                  ) -> tuple[GraphPlan | None, str]:
+    """A :class:`GraphPlan` for ``hessian_diag(f, argnums)(*args)``, or ``(None, why)``."""
+    if argnums != 0:
+        return None, "argnums is not 0 (the batch must follow the parameters)"
+    if not use_autograd(args):
+        return None, "called inside a torch.func transform or with inputs that carry a graph"
     if len(args) < 2:
         return None, "f takes no batch after the parameters"
     leaves, _ = pytree.tree_flatten(args[0])
@@ -541,7 +575,10 @@ def plan_diagonal(f: Any, args: tuple[Any, ...]) -> tuple[GraphPlan | None, str]
     cache = _cache(f)
     if isinstance(cache, str):
         return None, cache
-    captured = cache.get(args)
+    try:
+        captured = cache.get(args)
+    except ArgumentError as e:
+        return None, str(e)
     if captured is None:
         return None, "f could not be captured as a graph (data-dependent control flow, " \
                      "an op make_fx cannot trace, or tensors of an active transform)"
@@ -575,7 +612,8 @@ def _frontier_bytes(plan: GraphPlan) -> int:
              and values[nd].per_sample and nd.op == "call_function"]
     for v in reversed(nodes):
         frontier.discard(v)
-        frontier.update(u for u in v.all_input_nodes if isinstance(values.get(u), Value)
+        frontier.update(u for u in _source(v)[0].all_input_nodes
+                        if isinstance(values.get(u), Value)
                         and values[u].per_sample)
         total = sum(width(u) for u in frontier) + width(v)
         widest = max(widest, total)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .capture import argument
+
 __all__ = ["Value", "SampleStructure", "analyze_samples", "where"]
 
 aten = torch.ops.aten
@@ -48,8 +50,15 @@ _VIEWS = {
 _LINEAR_REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default}
 _REDUCTIONS = _LINEAR_REDUCTIONS | {
     aten.amax.default, aten.amin.default, aten.var.correction, aten.std.correction,
+    aten.var.dim, aten.std.dim, aten.var.default, aten.std.default,
     aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.logsumexp.default,
+    aten.var_mean.correction,
 }
+#: Ops whose output depends on the shape of their operand only.
+_FACTORIES = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+              aten.full_like.default}
+#: Ops with several outputs that all follow the op's rule.
+_TUPLES = {aten.var_mean.correction}
 #: Ops linear in each operand when only one operand is live (and it is not a divisor).
 _SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 #: Ops that keep an aggregate linear in the per-sample values.
@@ -61,13 +70,20 @@ _AGGREGATE_OPS = _VIEWS | _LINEAR_REDUCTIONS | _SCALINGS | {
 @dataclass(frozen=True)
 class Value:
     """What the proof knows of one value: ``live`` (depends on the parameters),
-    ``axis`` (its batch axis, or None) and ``aggregate`` (live, linear in per-sample
-    values, no batch axis)."""
+    ``axis`` (its batch axis, or None), ``aggregate`` (live, linear in per-sample
+    values, no batch axis) and ``layout = (outer, inner)``: the batch axis may
+    hold other positions too, as ``outer`` blocks of ``N`` runs of ``inner``
+    (``(N, T, d) -> (N * T, d)`` before a Linear on sequences has ``(1, T)``;
+    sequence-first ``(T, N, d) -> (T * N, d)`` has ``(T, 1)``)."""
 
     live: bool
     axis: int | None = None
     aggregate: bool = False
+    layout: tuple[int, int] = (1, 1)
 
+    def size(self, n: int) -> int:
+        """The length of the batch axis for ``n`` samples."""
+        return self.layout[0] * n * self.layout[1]
     @property
     def per_sample(self) -> bool:
         return self.live and self.axis is not None
@@ -87,7 +103,7 @@ class SampleStructure:
 
 
 class _Unproved(Exception):
-    pass
+    """The op's rule does not prove the per-sample structure (the message says why)."""
 
 
 def where(node: fx.Node) -> str:
@@ -110,53 +126,56 @@ def _norm(dim: int, ndim: int) -> int:
     return dim % ndim if ndim else 0
 
 
-def _view_axis(src: tuple[int, ...], dst: tuple[int, ...], a: int) -> int | None:
-    """The batch axis after a row-major reshape: the output axis of the same size
-    whose leading product equals the input's (then slice ``n`` maps to slice ``n``)."""
-    lead = math.prod(src[:a])
+def _view_axis(src: tuple[int, ...], dst: tuple[int, ...], value: Value, n: int
+               ) -> tuple[int, tuple[int, int]] | None:
+    """The batch axis and layout after a row-major reshape. Within each leading index
+    the input holds ``blocks`` runs of ``N * run`` elements, sample ``n`` the ``n``-th
+    ``run`` of each; find the output axis that splits the elements the same way."""
+    a = value.axis
+    outer, inner = value.layout
+    run = inner * math.prod(src[a + 1:])
+    blocks = math.prod(src[:a]) * outer
     for b, size in enumerate(dst):
-        if size == src[a] and math.prod(dst[:b]) == lead:
-            return b
+        after = math.prod(dst[b + 1:])
+        if run % after or size % (n * (run // after)):
+            continue
+        new_inner = run // after
+        new_outer = size // (n * new_inner)
+        if math.prod(dst[:b]) * new_outer == blocks:
+            return b, (new_outer, new_inner)
     return None
 
 
-def _view_rule(node: fx.Node, a: int) -> int | None:
-    target, args = node.target, node.args
+def _view_rule(node: fx.Node, value: Value, n: int) -> tuple[int, tuple[int, int]] | None:
+    target, args, a = node.target, node.args, value.axis
     src, dst = _shape(args[0]), _shape(node)
     if target is aten.t.default:
-        return 1 - a if len(src) == 2 else a
+        return (1 - a if len(src) == 2 else a), value.layout
     if target is aten.transpose.int:
         d0, d1 = _norm(args[1], len(src)), _norm(args[2], len(src))
-        return d1 if a == d0 else d0 if a == d1 else a
+        return (d1 if a == d0 else d0 if a == d1 else a), value.layout
     if target is aten.permute.default:
-        return [_norm(d, len(src)) for d in args[1]].index(a)
+        return [_norm(d, len(src)) for d in args[1]].index(a), value.layout
     if target is aten.expand.default:
         b = a + len(dst) - len(src)
-        return b if dst[b] == src[a] else None
-    return _view_axis(src, dst, a)
+        return (b, value.layout) if dst[b] == src[a] else None
+    return _view_axis(src, dst, value, n)
 
 
 def _reduction_dims(node: fx.Node, ndim: int) -> tuple[list[int], bool]:
-    """The reduced dims and keepdim of a reduction node."""
-    target, args, kwargs = node.target, node.args, node.kwargs
-    if target in (aten.sum.default, aten.mean.default):
-        return list(range(ndim)), False
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    keep = args[2] if len(args) > 2 and target not in (aten.var.correction,
-                                                      aten.std.correction) else None
-    if target in (aten.var.correction, aten.std.correction):
-        keep = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
-    if keep is None:
-        keep = kwargs.get("keepdim", False)
+    """The reduced dims and keepdim of a reduction node (every dim when none given)."""
+    dim = argument(node, "dim")
+    keep = bool(argument(node, "keepdim"))
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
-        return list(range(ndim)), bool(keep)
+        return list(range(ndim)), keep
     dims = [dim] if isinstance(dim, int) else list(dim)
-    return [_norm(d, ndim) for d in dims], bool(keep)
+    return [_norm(d, ndim) for d in dims], keep
 
 
 def _pointwise_axis(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int
-                    ) -> int | None:
-    """The output axis every batch-bearing operand aligns to under broadcasting."""
+                    ) -> tuple[int, int] | None:
+    """The output axis (and inner) every batch-bearing operand aligns to under
+    broadcasting."""
     out = _shape(node)
     axes = set()
     for arg, value in operands:
@@ -164,13 +183,13 @@ def _pointwise_axis(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int
         if value.axis is None or shape is None:
             continue
         b = value.axis + len(out) - len(shape)
-        if out[b] != n:
+        if out[b] != value.size(n):
             raise _Unproved
-        if shape[value.axis] != n:  # a size-1 batch axis broadcast over samples
+        if shape[value.axis] != value.size(n):  # a size-1 axis broadcast over samples
             if value.live:
                 raise _Unproved
             continue
-        axes.add(b)
+        axes.add((b, value.layout))
     if len(axes) > 1:
         raise _Unproved
     return axes.pop() if axes else None
@@ -183,59 +202,78 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
     samples = [(arg, v) for arg, v in operands if v.per_sample]
     aggregates = [v for _, v in operands if v.aggregate]
     if aggregates:
-        if samples or target not in _AGGREGATE_OPS:
-            raise _Unproved  # mixes a sum over samples with per-sample values
+        if samples:
+            raise _Unproved("combines a sum over samples with per-sample values, so "
+                            "samples interact (e.g. BatchNorm's batch statistics in training)")
+        if target not in _AGGREGATE_OPS:
+            raise _Unproved("is applied to a sum over samples non-linearly, so the loss is "
+                            "not a sum of per-sample terms")
         if target in _SCALINGS:  # linear only with one live factor, not as a divisor
             lives = [arg for arg, v in operands if v.live]
             if len(lives) != 1 or (target in (aten.div.Tensor, aten.div.Scalar)
                                    and lives[0] is not node.args[0]):
-                raise _Unproved
+                raise _Unproved("multiplies or divides a sum over samples by a value that "
+                                "depends on the parameters")
         return Value(True, None, True)
+    if not samples and all(v.axis is None for _, v in operands):
+        return Value(live)  # parameters and constants only: no batch axis to follow
+    if target in _FACTORIES:  # values not used, only the shape
+        found = _pointwise_axis(node, [(a, Value(False, v.axis, layout=v.layout))
+                                       for a, v in operands], n)
+        return Value(False, found[0], layout=found[1]) if found else CONST
     if target in _VIEWS:
-        a = operands[0][1].axis if operands else None
-        return Value(live, None if a is None else _view_rule(node, a))
+        value = operands[0][1]
+        moved = _view_rule(node, value, n)
+        if moved is None:
+            raise _Unproved
+        return Value(live, moved[0], layout=moved[1])
     if target in _REDUCTIONS:
-        a = operands[0][1].axis
+        x = operands[0][1]
+        a = x.axis
         if a is None:
             return Value(live)
         dims, keep = _reduction_dims(node, len(_shape(node.args[0])))
         if a in dims:
-            if operands[0][1].live and target not in _LINEAR_REDUCTIONS:
-                raise _Unproved
+            if x.live and target not in _LINEAR_REDUCTIONS:
+                raise _Unproved("reduces over the batch axis non-linearly, so samples "
+                                "interact")
             return Value(live, None, live)
-        return Value(live, a if keep else a - sum(d < a for d in dims))
+        return Value(live, a if keep else a - sum(d < a for d in dims), layout=x.layout)
     if torch.Tag.pointwise in getattr(target, "tags", ()):
-        return Value(live, _pointwise_axis(node, operands, n))
+        found = _pointwise_axis(node, operands, n)
+        return Value(live, found[0], layout=found[1]) if found else Value(live)
     if target in (aten.mm.default, aten.addmm.default, aten.bmm.default):
         lhs, rhs = (node.args[1], node.args[2]) if target is aten.addmm.default else node.args[:2]
         vals = dict(operands)
-        la, ra = vals[lhs].axis if lhs in vals else None, vals[rhs].axis if rhs in vals else None
+        left, right = vals.get(lhs, CONST), vals.get(rhs, CONST)
+        la, ra = left.axis, right.axis
         nd = len(_shape(lhs))
         if la is not None and ra is None and la < nd - 1:
-            a = la
+            a, layout = la, left.layout
         elif ra is not None and la is None and ra == nd - 1:
-            a = ra
-        elif target is aten.bmm.default and la == 0 and ra == 0:
-            a = 0
+            a, layout = ra, right.layout
+        elif target is aten.bmm.default and la == 0 and ra == 0 and left.layout == right.layout:
+            a, layout = 0, left.layout
         else:
             raise _Unproved
         if target is aten.addmm.default and node.args[0] in vals:
             bias = vals[node.args[0]]
-            if bias.axis is not None and _pointwise_axis(node, [(node.args[0], bias)], n) != a:
+            if bias.axis is not None and _pointwise_axis(
+                    node, [(node.args[0], bias)], n) != (a, layout):
                 raise _Unproved
-        return Value(live, a)
+        return Value(live, a, layout=layout)
     if target is aten.convolution.default:
         vals = dict(operands)
         x = vals.get(node.args[0], CONST)
         if x.axis != 0 or any(vals.get(w, CONST).axis is not None for w in node.args[1:3]):
             raise _Unproved
-        return Value(live, 0)
+        return Value(live, 0, layout=x.layout)
     if target is aten.embedding.default:
         vals = dict(operands)
         if vals.get(node.args[0], CONST).axis is not None:
             raise _Unproved
-        a = vals.get(node.args[1], CONST).axis
-        return Value(live, a)
+        indices = vals.get(node.args[1], CONST)
+        return Value(live, indices.axis, layout=indices.layout)
     if target in (aten.select.int, aten.slice.Tensor, aten.narrow.default,
                   aten.index_select.default, aten.gather.default, aten.constant_pad_nd.default):
         x = operands[0][1] if operands and operands[0][0] is node.args[0] else CONST
@@ -248,34 +286,36 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
         if target is aten.constant_pad_nd.default:
             if len(node.args[1]) // 2 > ndim - 1 - a:
                 raise _Unproved
-            return Value(live, a)
+            return Value(live, a, layout=x.layout)
         dim = _norm(node.args[1], ndim)
         if dim == a:
             if x.live:
-                raise _Unproved  # picks samples
+                raise _Unproved("selects along the batch axis")
             return Value(live)
         if target is aten.gather.default:
             index = dict(operands).get(node.args[2], CONST)
-            if _shape(node.args[2])[a] != n or (index.axis not in (None, a)):
+            if _shape(node.args[2])[a] != x.size(n) or index.axis not in (None, a):
                 raise _Unproved
-        return Value(live, a - 1 if target is aten.select.int and dim < a else a)
+        return Value(live, a - 1 if target is aten.select.int and dim < a else a,
+                     layout=x.layout)
     if target in (aten.cat.default, aten.stack.default):
         tensors = node.args[0]
         ndim = len(_shape(tensors[0]))
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         vals = dict(operands)
-        axes = {vals[t].axis for t in tensors if t in vals and vals[t].axis is not None}
+        axes = {(vals[t].axis, vals[t].layout) for t in tensors
+                if t in vals and vals[t].axis is not None}
         if len(axes) > 1:
             raise _Unproved
         if not axes:
             return Value(live)
-        a = axes.pop()
+        a, layout = axes.pop()
         if target is aten.stack.default:
             dim = _norm(dim, ndim + 1)
-            return Value(live, a + 1 if dim <= a else a)
+            return Value(live, a + 1 if dim <= a else a, layout=layout)
         if _norm(dim, ndim) == a:
-            raise _Unproved
-        return Value(live, a)
+            raise _Unproved("concatenates along the batch axis")
+        return Value(live, a, layout=layout)
     if not live:
         return CONST
     raise _Unproved
@@ -325,21 +365,24 @@ def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int],
             values[node] = value[i] if isinstance(value, tuple) else value
             continue
         operands = _operands(node, values)
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.is_floating_point():
+            # no derivative flows through integer or boolean values: constants
+            operands = [(a, v if isinstance(v, tuple) else Value(False, v.axis, layout=v.layout))
+                        for a, v in operands]
         if any(isinstance(v, tuple) for _, v in operands):
             return SampleStructure(values, n, f"no batch-axis rule for {where(node)}")
         try:
             value = _rule(node, operands, n)
-        except _Unproved:
-            live = any(v.live for _, v in operands)
-            if not live:
+        except _Unproved as e:
+            if not any(v.live for _, v in operands):
                 value = CONST  # constants may mix samples freely
             else:
-                return SampleStructure(values, n, f"{where(node)} mixes samples or has no "
-                                       "batch-axis rule")
-        val = node.meta.get("val")
+                why = str(e) or "has no batch-axis rule for these operands (or mixes samples)"
+                return SampleStructure(values, n, f"{where(node)} {why}")
         if isinstance(val, (tuple, list)):
             values[node] = tuple(value if isinstance(v, torch.Tensor) else CONST for v in val)
-            if value.per_sample:
+            if value.per_sample and node.target not in _TUPLES:
                 return SampleStructure(values, n, f"no batch-axis rule for {where(node)}")
         else:
             values[node] = value
