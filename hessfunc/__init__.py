@@ -10,6 +10,7 @@ from ._version import __version__
 from .dense import hessian, hessian_blocks
 from .derivatives import derivative
 from .diagonal import hessian_diag
+from .explain import Explanation, explain
 from .errors import (
     ArgumentError,
     DenseMemoryError,
@@ -42,6 +43,9 @@ __all__ = [
     "hessian_diag",
     "derivative",
     "laplacian",
+    # which route a call takes, and why
+    "explain",
+    "Explanation",
     # Gauss-Newton and Fisher
     "ggn_vp",
     "ggn",

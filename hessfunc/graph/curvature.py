@@ -491,7 +491,8 @@ def _route_leaves(gm: fx.GraphModule, structure: SampleStructure, num_leaves: in
                 else:
                     other.append(user)
         if len(found) > 1:
-            products[i] = f"used at {len(found)} places ({where(found[0].node)}, ...)"
+            places = "; ".join(where(site.node) for site in found)
+            products[i] = f"used at {len(found)} places ({places})"
             continue
         if found:
             site = found[0]

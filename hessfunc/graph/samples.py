@@ -57,6 +57,8 @@ _REDUCTIONS = _LINEAR_REDUCTIONS | {
 #: Ops whose output depends on the shape of their operand only.
 _FACTORIES = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
               aten.full_like.default}
+_NEW = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default,
+        aten.new_full.default}
 #: Ops with several outputs that all follow the op's rule.
 _TUPLES = {aten.var_mean.correction}
 #: Ops linear in each operand when only one operand is live (and it is not a divisor).
@@ -217,6 +219,8 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
         return Value(True, None, True)
     if not samples and all(v.axis is None for _, v in operands):
         return Value(live)  # parameters and constants only: no batch axis to follow
+    if target in _NEW:  # a fresh constant of a given shape
+        return CONST
     if target in _FACTORIES:  # values not used, only the shape
         found = _pointwise_axis(node, [(a, Value(False, v.axis, layout=v.layout))
                                        for a, v in operands], n)

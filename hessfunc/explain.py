@@ -1,0 +1,108 @@
+"""Which route each quantity takes for a call, and why: ``hessfunc.explain``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _chain
+from ._tree import flat_spec
+from .graph.curvature import plan_diagonal
+
+__all__ = ["explain", "Explanation", "Route"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """The route of one quantity: ``name`` (``"structured"``, ``"graph"`` or
+    ``"generic"``), ``engine`` (what computes it) and ``why`` (the reason for a
+    fallback, or the empty string)."""
+
+    quantity: str
+    name: str
+    engine: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The routes of a call, and for the diagonal the route of every parameter that
+    does not take the captured graph (``parameters``: name -> why)."""
+
+    routes: tuple[Route, ...]
+    parameters: dict[str, str]
+
+    def __getitem__(self, quantity: str) -> Route:
+        for route in self.routes:
+            if route.quantity == quantity:
+                return route
+        raise KeyError(f"no quantity {quantity!r}; one of {[r.quantity for r in self.routes]}")
+
+    def __str__(self) -> str:
+        width = max(len(r.quantity) for r in self.routes) + 2
+        lines = []
+        for r in self.routes:
+            lines.append(f"{r.quantity:<{width}}{r.name} ({r.engine})"
+                         + (f": {r.why}" if r.why else ""))
+            if r.quantity == "hessian_diag":
+                for name, why in self.parameters.items():
+                    lines.append(f"{'':<{width}}  parameter {name!r}: one-hot products, {why}")
+        return "\n".join(lines)
+
+
+def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
+    """Say which route every hessfunc quantity takes for ``f(*args)``, and why.
+
+    Nothing is computed beyond tracing ``f`` (and, for models made by
+    :func:`hessfunc.functionalize`, one forward pass). Routes: ``"structured"``
+    (exact, from the structure of the captured graph or of a Linear chain),
+    ``"graph"`` (products through one cached gradient graph) and ``"generic"``
+    (one-hot products). Where the captured graph cannot take the diagonal, the
+    reason names the op and the line of ``f`` that stopped it.
+
+    Args:
+        f: scalar-valued function, ``f(params, *batch)``.
+        *args: the arguments ``f`` will be called with.
+        argnums: the argument differentiated.
+
+    Returns:
+        an :class:`Explanation`; ``print`` it, or index it by quantity
+        (``"hessian_diag"``, ``"hessian_diag(per_sample=True)"``,
+        ``"hvp, hvp_fn, HessianOperator"``, ``"hessian, hessian_blocks"``).
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 1))
+        >>> params = {k: v.detach() for k, v in model.named_parameters()}
+        >>> f = lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y)
+        >>> route = explain(f, params, torch.randn(8, 3), torch.randn(8, 1))["hessian_diag"]
+        >>> route.name, route.engine
+        ('structured', 'captured graph')
+    """
+    routes = []
+    parameters: dict[str, str] = {}
+    plan, why = plan_diagonal(f, args, argnums)
+    chain, chain_why = _chain.analyze(f, args, argnums)
+    if plan is not None:
+        names = flat_spec(args[argnums]).names
+        parameters = {names[i]: reason for i, reason in plan.products.items()}
+        routes.append(Route("hessian_diag", "structured", "captured graph"))
+    elif chain is not None:
+        routes.append(Route("hessian_diag", "structured", "Linear chain", why))
+    else:
+        routes.append(Route("hessian_diag", "generic", "one-hot products",
+                            f"{why}; chain route: {chain_why}"))
+    per_sample, per_sample_why = _chain.analyze(f, args, argnums, per_sample=True)
+    routes.append(Route("hessian_diag(per_sample=True)",
+                        *(("structured", "Linear chain", "") if per_sample is not None else
+                          ("generic", "vmap of one-hot products", per_sample_why))))
+    products, products_why = _chain.analyze(f, args, argnums, products_only=True)
+    routes.append(Route("hvp, hvp_fn, HessianOperator",
+                        *(("structured", "R-operator on the chain", "") if products is not None
+                          else ("graph", "cached gradient graph", products_why))))
+    routes.append(Route("hessian, hessian_blocks",
+                        *(("structured", "Linear chain", "") if chain is not None else
+                          ("generic", "one-hot products", chain_why))))
+    return Explanation(tuple(routes), parameters)

@@ -1,0 +1,381 @@
+"""The captured-graph engine (hessfunc/graph): exact diagonals of any f, the per-sample
+proof op by op, the route of every parameter, and the trace cache.
+
+Every truth is the loop oracle (hessfunc.reference) or a dense Jacobian from autograd.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+import hessfunc as hf
+from hessfunc._autodiff import second_order_kernels
+from hessfunc.graph.capture import LOSS_DECOMPOSITIONS, capture
+from hessfunc.graph.curvature import plan_diagonal
+from hessfunc.graph.samples import analyze_samples
+from hessfunc.testing.models import ConcatNet, ResidualMLP, TiedNet, build_mlp
+from hessfunc.testing.strategies import losses
+
+from _helpers import assert_close, oracle_loss
+
+F64 = torch.float64
+
+
+def _oracle_diag(f, params, *batch):
+    with second_order_kernels():
+        loss, leaves = oracle_loss(f, params, *batch)
+        return hf.reference.hessian_diag(loss, leaves)
+
+
+def _plain(model, loss_fn):
+    """f written the torch.func way, not by functionalize."""
+    return lambda p, x, y: loss_fn(functional_call(model, p, (x,)), y)
+
+
+def _params(model, skip=()):
+    return {k: v.detach() for k, v in model.named_parameters() if k not in skip}
+
+
+# ---- DAGs drawn by hypothesis ------------------------------------------------------
+
+@st.composite
+def _dags(draw):
+    kind = draw(st.sampled_from(["residual", "concat", "mlp", "tied"]))
+    act = draw(st.sampled_from(["tanh", "sigmoid", "softplus", "gelu", "silu", "sin"]))
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    if kind == "residual":
+        model = ResidualMLP(3, draw(st.integers(2, 5)), draw(st.integers(1, 2)),
+                            draw(st.integers(1, 4)), activation=act)
+    elif kind == "concat":
+        model = ConcatNet(3, draw(st.integers(2, 4)), draw(st.integers(1, 4)), activation=act)
+    elif kind == "tied":
+        model = TiedNet(3, draw(st.integers(2, 4)), activation=act)
+    else:
+        model = build_mlp([3, *draw(st.lists(st.integers(2, 5), min_size=1, max_size=3)),
+                           draw(st.integers(1, 4))], act, seed)
+    return kind, model.double()
+
+
+def _outputs(model):
+    with torch.no_grad():
+        return model(torch.zeros(1, 3, dtype=F64)).shape[1]
+
+
+def _targets(loss, n, c):
+    if loss.targets == "class":
+        return torch.randint(0, c, (n,))
+    if loss.targets == "binary":
+        return torch.randint(0, 2, (n, c)).to(F64)
+    return torch.randn(n, c, dtype=F64)
+
+
+@settings(deadline=None)
+@given(dag=_dags(), data=st.data())
+def test_diagonal_of_any_dag_equals_the_oracle(dag, data):
+    """Skip connections, concatenations, tied weights, every activation, every loss,
+    frozen subsets, weight decay: the diagonal of the torch.func-style f equals the loop
+    oracle to rounding, and the functionalize model gives the very same numbers."""
+    kind, model = dag
+    loss = data.draw(losses(num_outputs=_outputs(model)))
+    n = data.draw(st.integers(2, 6))
+    x = torch.randn(n, 3, dtype=F64)
+    y = _targets(loss, n, _outputs(model))
+    names = [k for k, _ in model.named_parameters()]
+    frozen = set(data.draw(st.lists(st.sampled_from(names), max_size=len(names) - 1,
+                                    unique=True)))
+    decay = data.draw(st.sampled_from([0.0, 1e-2]))
+
+    def f(p, x, y):
+        out = loss.fn(functional_call(model, p, (x,)), y)
+        return out + decay * sum((w ** 2).sum() for w in p.values()) if decay else out
+
+    params = _params(model, frozen)
+    truth = _oracle_diag(f, params, x, y)
+    assert_close(hf.hessian_diag(f)(params, x, y), truth)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None, why
+    if kind == "tied" and "enc.weight" not in frozen:
+        assert plan.products  # used twice: one-hot products for that weight
+    if not frozen and not decay:
+        g, all_params = hf.functionalize(model, loss.fn)
+        assert_close(hf.hessian_diag(g)(all_params, x, y), hf.hessian_diag(f)(all_params, x, y),
+                     scale=0.0)
+
+
+# ---- architectures users bring ---------------------------------------------------------
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + torch.tanh(self.bn(self.conv(x)))
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.block = _Block(3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.block(torch.tanh(self.stem(x))).mean((2, 3)))
+
+
+class _TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 7)
+
+    def forward(self, tokens):
+        return self.head(self.layer(self.embed(tokens))).flatten(0, 1)
+
+
+def _lm_loss(out, y):
+    return F.cross_entropy(out, y.flatten())
+
+
+ARCHITECTURES = {
+    "resnet-bn-eval": (lambda: _TinyResNet().eval(), lambda n: torch.randn(n, 2, 4, 4),
+                       lambda n: torch.randint(0, 3, (n,)), F.cross_entropy),
+    "transformer": (lambda: _TinyTransformer().eval(), lambda n: torch.randint(0, 7, (n, 5)),
+                    lambda n: torch.randint(0, 7, (n, 5)), _lm_loss),
+    "layernorm-mlp": (lambda: nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.GELU(),
+                                            nn.Linear(5, 2)),
+                      lambda n: torch.randn(n, 3), lambda n: torch.randn(n, 2), F.mse_loss),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Softplus(),
+                                     nn.Flatten(), nn.Linear(9, 2)),
+               lambda n: torch.randn(n, 2, 6), lambda n: torch.randn(n, 2), F.mse_loss),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architectures_take_the_graph_route_exactly(name):
+    make, inputs, targets, loss_fn = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = inputs(3), targets(3)
+    x = x.double() if x.is_floating_point() else x
+    y = y.double() if y.is_floating_point() else y
+    f = _plain(model, loss_fn)
+    params = _params(model)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None, why
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
+def test_batchnorm_in_training_is_refused_with_the_op_and_still_exact():
+    """Batch statistics couple the samples: the proof stops at the op (named, with the
+    line), method='structured' raises, the default route is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+    model = model.double()
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
+    f = _plain(model, F.mse_loss)
+    params = _params(model)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is None and "var_mean" in why and "batch axis" in why
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(hf.ArgumentError, match="var_mean.*batch axis"):
+        hf.hessian_diag(f, method="structured")(params, x, y)
+    got = hf.hessian_diag(f)(params, x, y)
+    model.load_state_dict(state)  # the running statistics moved in every forward pass
+    assert_close(got, _oracle_diag(f, params, x, y))
+
+
+@pytest.mark.parametrize(("name", "loss", "op"), [
+    ("log of the mean", lambda o, y: torch.log(F.mse_loss(o, y)), "log"),
+    ("centred outputs", lambda o, y: F.mse_loss(o - o.mean(0), y), "sub"),
+    ("square of a sum", lambda o, y: ((o - y).sum()) ** 2, "pow"),
+    ("softmax over the batch", lambda o, y: (F.softmax(o, dim=0) * y).sum(), "amax"),
+    ("max over samples", lambda o, y: ((o - y) ** 2).amax(), "amax"),
+])
+def test_losses_that_couple_samples_are_refused(name, loss, op):
+    """Nothing is probed numerically: a loss coupling samples by any amount is refused,
+    with the op, and the default route stays exact."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 2], "tanh", 0).double()
+    x, y = torch.randn(4, 3, dtype=F64), torch.rand(4, 2, dtype=F64)
+    f = _plain(model, loss)
+    params = _params(model)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is None and why.startswith(op), why
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
+def test_weakly_coupled_loss_is_refused_not_approximated():
+    """A coupling of 1e-9 relative, which a random probe in float32 cannot see."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 1], "tanh", 0).double()
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)
+    f = lambda p, x, y: (F.mse_loss(functional_call(model, p, (x,)), y)  # noqa: E731
+                         + 1e-9 * functional_call(model, p, (x,)).sum() ** 2)
+    params = _params(model)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is None and "pow" in why
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
+def test_parameter_routes_are_named():
+    """A tied weight and a non-separable regulariser take one-hot products (said per
+    parameter); the rest take the graph; with method='structured' the call names them."""
+    torch.manual_seed(0)
+    model = TiedNet(3, 4).double()
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+
+    def f(p, x, y):
+        return F.mse_loss(functional_call(model, p, (x,)), y) + p["dec_bias"].norm()
+
+    with torch.no_grad():
+        model.dec_bias.normal_()  # the norm is not twice differentiable at 0
+    params = _params(model)
+    plan, _ = plan_diagonal(f, (params, x, y))
+    names = list(params)
+    routes = {names[i]: why for i, why in plan.products.items()}
+    assert "used at 2 places" in routes["enc.weight"]
+    assert "linalg_vector_norm" in routes["dec_bias"]
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+    with pytest.raises(hf.ArgumentError, match="parameter 'enc.weight' used at 2 places"):
+        hf.hessian_diag(f, method="structured")(params, x, y)
+    report = hf.explain(f, params, x, y)
+    assert report["hessian_diag"].engine == "captured graph"
+    assert set(report.parameters) == {"enc.weight", "dec_bias"}
+    assert "parameter 'enc.weight': one-hot products, used at 2 places" in str(report)
+
+
+def test_explain_names_every_route():
+    """A functionalize chain: structured everywhere; the same network as a torch.func
+    function: the diagonal from the captured graph, the rest by their fallbacks, each
+    with its reason; BatchNorm in training: the op that stops the graph."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 1], "tanh", 0).double()
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)
+    g, params = hf.functionalize(model, nn.MSELoss())
+    chain = hf.explain(g, params, x, y)
+    assert {r.name for r in chain.routes} == {"structured"}
+    plain = hf.explain(_plain(model, F.mse_loss), params, x, y)
+    assert plain["hessian_diag"].engine == "captured graph" and not plain.parameters
+    assert plain["hvp, hvp_fn, HessianOperator"].name == "graph"
+    assert "functionalize" in plain["hessian, hessian_blocks"].why
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    report = hf.explain(_plain(bn, F.mse_loss), _params(bn), x, y)
+    assert report["hessian_diag"].name == "generic"
+    assert "var_mean" in report["hessian_diag"].why and "batch axis" in str(report)
+
+
+# ---- the batch-axis rules, each against a dense Jacobian ------------------------------
+
+N = 3
+RULES = {
+    "reshape-merge": (lambda x: x.reshape(N * 4, 2).tanh().reshape(N, 8), (N, 4, 2)),
+    "sequence-first": (lambda x: x.transpose(0, 1).reshape(4 * N, 2).sin()
+                       .reshape(4, N, 2).transpose(0, 1).reshape(N, 8), (N, 4, 2)),
+    "permute": (lambda x: x.permute(2, 0, 1).exp().permute(1, 2, 0).reshape(N, 8),
+                (N, 4, 2)),
+    "expand": (lambda x: (x[:, None, :].expand(N, 2, 4) * 1.5).reshape(N, 8), (N, 4)),
+    "reduce-inner": (lambda x: x.pow(2).sum(-1, keepdim=True).expand(N, 4, 2)
+                     .reshape(N, 8), (N, 4, 2)),
+    "bmm": (lambda x: torch.bmm(x, x.transpose(1, 2)).reshape(N, 16), (N, 4, 2)),
+    "cat": (lambda x: torch.cat([x, x.sin()], dim=1), (N, 4)),
+    "stack": (lambda x: torch.stack([x, x.cos()], dim=0).transpose(0, 1).reshape(N, 8),
+              (N, 4)),
+    "softmax": (lambda x: F.softmax(x, dim=-1), (N, 4)),
+    "layer-norm": (lambda x: F.layer_norm(x, (4,)), (N, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_batch_axis_rules_match_the_dense_jacobian(name):
+    """Each rule says the output is per-sample along axis 0: the dense Jacobian of the
+    traced function is then zero between different samples, and non-zero within."""
+    fn, shape = RULES[name]
+    w = torch.randn(shape[1:], dtype=F64)
+    x = torch.randn(shape, dtype=F64)
+    g = lambda w, x: fn(x * w)  # noqa: E731  the parameter makes every value live
+    gm = capture(lambda w, x: g(w, x).sum(), (w, x), "t", LOSS_DECOMPOSITIONS).graph_module
+    structure = analyze_samples(gm, {0}, {1: 0}, N)
+    assert structure.reason is None
+    J = torch.autograd.functional.jacobian(lambda x: g(w, x), x)  # (N, ..., N, ...)
+    J = J.reshape(N, -1, N, x[0].numel())
+    for n in range(N):
+        for m in range(N):
+            block = J[n, :, m]
+            assert (block.abs().max() > 0) == (n == m)
+
+
+@pytest.mark.parametrize(("name", "fn", "op"), [
+    ("contract the batch", lambda x: x.T @ x, "mm"),
+    ("sum over the batch, then use", lambda x: x - x.mean(0), "sub"),
+    ("slice samples", lambda x: x[1:], "slice"),
+    ("roll samples", lambda x: torch.cat([x[1:], x[:1]]), "slice"),
+    ("flatten sequence-first wrongly", lambda x: x.reshape(-1)[:N * 4].reshape(4, N).T,
+     "slice"),
+])
+def test_ops_that_mix_samples_are_refused(name, fn, op):
+    """Each of these makes output sample n depend on other samples: refused."""
+    w = torch.randn(4, dtype=F64)
+    x = torch.randn(N, 4, dtype=F64)
+    gm = capture(lambda w, x: fn(x * w).tanh().sum(), (w, x), "t",
+                 LOSS_DECOMPOSITIONS).graph_module
+    reason = analyze_samples(gm, {0}, {1: 0}, N).reason
+    assert reason is not None and reason.startswith(op), reason
+
+
+# ---- the trace cache ---------------------------------------------------------------------
+
+def test_changed_modes_and_buffers_recapture():
+    """A model switched between eval and train, or whose running statistics change
+    between calls, is never served a stale graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+    model = model.double().eval()
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
+    f = _plain(model, F.mse_loss)
+    params = _params(model)
+    first = hf.hessian_diag(f)(params, x, y)
+    assert_close(first, _oracle_diag(f, params, x, y))
+    with torch.no_grad():
+        model[1].running_var.mul_(4.0)
+        model[1].running_mean.add_(1.0)
+    second = hf.hessian_diag(f)(params, x, y)
+    assert_close(second, _oracle_diag(f, params, x, y))
+    assert (flat_diff := (second["0.weight"] - first["0.weight"]).abs().max()) > 1e-3, flat_diff
+    model.train()
+    assert plan_diagonal(f, (params, x, y))[0] is None  # batch statistics now
+
+
+def test_data_dependent_control_flow_takes_the_exact_fallback():
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 1], "tanh", 0).double()
+
+    def f(p, x, y):
+        out = functional_call(model, p, (x,))
+        return F.mse_loss(out, y) if out.sum() > 0 else F.l1_loss(out, y)
+
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)
+    params = _params(model)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is None and "captured" in why
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
+def test_the_model_is_not_changed():
+    torch.manual_seed(0)
+    model = _TinyResNet().double().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(3, 2, 4, 4, dtype=F64), torch.randint(0, 3, (3,))
+    hf.hessian_diag(_plain(model, F.cross_entropy))(_params(model), x, y)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
