@@ -1,0 +1,190 @@
+"""The exact Hessian diagonal of ``f`` written the way users write it, side by side.
+
+    nice python -m benchmarks.bench_graph [--repeats 7] [--problems simplenet,mlp5k,...]
+
+One thread, float32. For each problem, in one process and timed round-robin (medians
+of ``--repeats`` rounds, so ratios survive a drifting machine):
+
+* ``torch.func f``: ``hessian_diag`` of ``lambda p, x, y: loss(functional_call(model, p,
+  (x,)), y)`` (the captured-graph route, hessfunc/graph);
+* ``torch.func f + decay``: the same plus ``1e-4 * sum of squared parameters``;
+* ``functionalize``: ``hessian_diag`` of ``functionalize(model, loss)`` (also the graph);
+* ``chain (before)``: the Linear-chain route that ``functionalize`` models took before
+  the graph (``hessfunc._chain``), where the model is a chain;
+* ``BackPACK DiagHessian`` where BackPACK is installed and supports the model;
+* ``generic (before)``: one-hot products (``method="generic"``, what a torch.func f got
+  before), for problems of at most ``--generic-limit`` parameters.
+
+Problems: the three MLPs of ``benchmarks/problems.py``, the residual tanh MLP of the
+captured-graph issue (20-128, three residual blocks of 128, 1 output; MSE, 512 points;
+52k parameters) and the same widths without the skips. The first call of every case
+is checked against the float64 loop oracle on a subsample of parameters (``--check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import hessfunc as hf
+from hessfunc import _chain
+
+from ._timing import interleaved_medians
+from .problems import PROBLEMS, Problem
+
+
+class ResidualMLP(nn.Module):
+    """20-128, ``blocks`` residual tanh blocks of 128, 1 output (``skips=False``: a chain)."""
+
+    def __init__(self, width: int = 128, blocks: int = 3, skips: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Linear(20, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.head = nn.Linear(width, 1)
+        self.skips = skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.stem(x))
+        for block in self.blocks:
+            h = h + torch.tanh(block(h)) if self.skips else torch.tanh(block(h))
+        return self.head(h)
+
+
+def residual(skips: bool) -> Problem:
+    torch.manual_seed(5)
+    model = ResidualMLP(skips=skips)
+    if not skips:  # the same widths as a plain Sequential chain
+        layers: list[nn.Module] = [model.stem, nn.Tanh()]
+        for block in model.blocks:
+            layers += [block, nn.Tanh()]
+        model = nn.Sequential(*layers, model.head)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(512, 20, generator=g), torch.randn(512, 1, generator=g)
+    name = "residual MLP 20-128x3-1 (512 pts)" if skips else "same widths, no skips"
+    return Problem(name, model, F.mse_loss, x, y)
+
+
+ALL = {**{k: v for k, v in PROBLEMS.items() if k != "cnn"},
+       "residual": lambda: residual(True), "chain": lambda: residual(False)}
+
+
+def _backpack(problem: Problem) -> Any:
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import DiagHessian
+    except ImportError:
+        return None
+    if not isinstance(problem.model, nn.Sequential):
+        return None
+    model = extend(problem.model)
+    loss = extend(nn.CrossEntropyLoss() if problem.loss_fn is F.cross_entropy else nn.MSELoss())
+
+    def diag() -> list[torch.Tensor]:
+        model.zero_grad()
+        with backpack(DiagHessian()):
+            loss(model(problem.x), problem.y).backward()
+        return [p.diag_h for p in model.parameters()]
+
+    return diag
+
+
+def _check(name: str, diag: Any, problem: Problem, f64: Any) -> float:
+    """Largest error of a float32 result against the float64 oracle, relative to max|d|."""
+    truth, picks = f64
+    got = diag if isinstance(diag, dict) else dict(zip(truth, diag, strict=True))
+    worst = 0.0
+    for k, idx in picks.items():
+        ref = truth[k].reshape(-1)[idx]
+        err = (got[k].double().reshape(-1)[idx] - ref).abs().max() / ref.abs().max().clamp_min(
+            1e-30)
+        worst = max(worst, float(err))
+    return worst
+
+
+def _oracle(problem: Problem, per_leaf: int = 6) -> tuple[dict, dict]:
+    """The float64 loop oracle on ``per_leaf`` entries of every parameter."""
+    model = problem.model.double()
+    try:
+        x = problem.x.double()
+        y = problem.y.double() if problem.y.is_floating_point() else problem.y
+        params = dict(model.named_parameters())
+        loss = problem.loss_fn(model(x), y)
+        truth, picks = {}, {}
+        g = torch.Generator().manual_seed(0)
+        for k, p in params.items():
+            grad = torch.autograd.grad(loss, p, create_graph=True)[0].reshape(-1)
+            idx = torch.randperm(p.numel(), generator=g)[:per_leaf]
+            d = torch.zeros(p.numel(), dtype=torch.float64)
+            for i in idx.tolist():
+                d[i] = torch.autograd.grad(grad[i], p, retain_graph=True)[0].reshape(-1)[i]
+            truth[k], picks[k] = d.reshape(p.shape), idx
+        return truth, picks
+    finally:
+        problem.model.float()
+
+
+def run(keys: list[str], repeats: int, generic_limit: int) -> list[dict]:
+    torch.set_num_threads(1)
+    rows = []
+    for key in keys:
+        problem = ALL[key]()
+        model, loss_fn, x, y = problem.model, problem.loss_fn, problem.x, problem.y
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def plain(p: Any, x: Any, y: Any, model: nn.Module = model, loss_fn: Any = loss_fn) -> Any:
+            return loss_fn(functional_call(model, p, (x,)), y)
+
+        def decayed(p: Any, x: Any, y: Any) -> Any:
+            return plain(p, x, y) + 1e-4 * sum((w ** 2).sum() for w in p.values())
+
+        fm, _ = hf.functionalize(model, loss_fn)
+        cases = {
+            "torch.func f": lambda: hf.hessian_diag(plain)(params, x, y),
+            "torch.func f + decay": lambda: hf.hessian_diag(decayed)(params, x, y),
+            "functionalize": lambda: hf.hessian_diag(fm)(params, x, y),
+        }
+        chain = _chain.analyze(fm, (params, x, y), 0)[0]
+        if chain is not None:
+            cases["chain (before)"] = lambda fm=fm: _chain.analyze(fm, (params, x, y),
+                                                                   0)[0].diagonal()
+        bp = _backpack(problem)
+        if bp is not None:
+            cases["BackPACK DiagHessian"] = bp
+        if problem.num_params <= generic_limit:
+            cases["generic (before)"] = lambda: hf.hessian_diag(plain, method="generic")(
+                params, x, y)
+        oracle = _oracle(problem)
+        errors = {name: _check(name, fn(), problem, oracle) for name, fn in cases.items()}
+        times = interleaved_medians(cases, repeats=repeats, warmup=1)
+        base = times["torch.func f"]
+        report = hf.explain(plain, params, x, y)
+        rows.append({"problem": problem.name, "params": problem.num_params,
+                     "route": f"{report['hessian_diag'].name} ({report['hessian_diag'].engine})",
+                     "times_ms": {k: v * 1e3 for k, v in times.items()},
+                     "ratio_to_torch_func_f": {k: v / base for k, v in times.items()},
+                     "max_rel_error": errors})
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problems", default=",".join(ALL))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--generic-limit", type=int, default=6000)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rows = run(args.problems.split(","), args.repeats, args.generic_limit)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
