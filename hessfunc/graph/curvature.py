@@ -49,6 +49,7 @@ from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
 from .capture import LOSS_DECOMPOSITIONS, TraceCache
+from .rules import Elementwise, Reorder, rule_for
 from .samples import SampleStructure, Value, analyze_samples, where
 
 __all__ = ["GraphPlan", "plan_diagonal"]
@@ -170,7 +171,7 @@ class GraphPlan:
         return terms
 
     # ---- per-sample tensors ------------------------------------------------
-    def _flat(self, node: fx.Node, t: Tensor, lead: int = 0) -> Tensor:
+    def flat(self, node: fx.Node, t: Tensor, lead: int = 0) -> Tensor:
         """``t`` shaped like ``node`` (after ``lead`` batch dims) as ``(*lead, N, w)``:
         the batch axis split as ``(outer, N, inner)`` and ``N`` moved first."""
         label = self.label(node)
@@ -180,8 +181,8 @@ class GraphPlan:
         split = moved.reshape(*front, outer, self.n, -1).movedim(lead + 1, lead)
         return split.reshape(*front, self.n, -1)
 
-    def _unflat(self, node: fx.Node, t: Tensor) -> Tensor:
-        """``(K, N, w)`` -> ``(K, *node's shape)``, the inverse of :meth:`_flat`."""
+    def unflat(self, node: fx.Node, t: Tensor) -> Tensor:
+        """``(K, N, w)`` -> ``(K, *node's shape)``, the inverse of :meth:`flat`."""
         label = self.label(node)
         outer, _ = label.layout
         shape = list(self.env[node].shape)
@@ -189,10 +190,10 @@ class GraphPlan:
         split = t.reshape(t.shape[0], self.n, outer, -1).movedim(2, 1)
         return split.reshape(t.shape[0], *moved).movedim(1, label.axis + 1)
 
-    def _width(self, node: fx.Node) -> int:
+    def width(self, node: fx.Node) -> int:
         return self.env[node].numel() // self.n
 
-    def _op(self, node: fx.Node, inputs: list[fx.Node]) -> Callable[..., Tensor]:
+    def op(self, node: fx.Node, inputs: list[fx.Node]) -> Callable[..., Tensor]:
         """``node``'s op as a function of ``inputs`` (other operands fixed); an output
         of an op with several is that op followed by the selection."""
         env = self.env
@@ -212,62 +213,14 @@ class GraphPlan:
         return [u for u in _source(node)[0].all_input_nodes if self.label(u).per_sample
                 and isinstance(self.env[u], Tensor) and self.env[u].is_floating_point()]
 
-    def _chunks(self, k: int, per_column: int) -> Iterator[slice]:
+    def chunks(self, k: int, per_column: int) -> Iterator[slice]:
         step = max(1, CHUNK_BUDGET_BYTES // max(1, per_column * itemsize(self.loss.dtype)))
         for lo in range(0, k, step):
             yield slice(lo, min(k, lo + step))
 
-    def _pullback(self, node: fx.Node, inputs: list[fx.Node], columns: Tensor
-                  ) -> list[Tensor]:
-        """``J_i^T`` applied to ``columns`` ``(K, N, w_v)``: ``[(K, N, w_ui)]``."""
-        _, vjp = torch.func.vjp(self._op(node, inputs), *[self.env[u] for u in inputs])
-        width = sum(self._width(u) for u in inputs) + self._width(node)
-        parts: list[list[Tensor]] = [[] for _ in inputs]
-        for sl in self._chunks(columns.shape[0], self.n * width):
-            out = torch.func.vmap(vjp)(self._unflat(node, columns[sl]))
-            for i, (u, o) in enumerate(zip(inputs, out, strict=True)):
-                parts[i].append(self._flat(u, o, 1))
-        return [torch.cat(p) for p in parts]
-
-    def _curvature(self, node: fx.Node, inputs: list[fx.Node]) -> dict[tuple, Tensor]:
-        """``sum_k g_k d^2 v_k / du_i du_j`` as per-sample blocks."""
-        g = self.grads.get(node)
-        if g is None or _linear_in(_source(node)[0], inputs):
-            return {}
-        fn = self._op(node, inputs)
-        primals = [self.env[u] for u in inputs]
-        if len(inputs) == 1 and torch.Tag.pointwise in getattr(node.target, "tags", ()):
-            (u,) = inputs
-            x = primals[0].detach().requires_grad_()
-            with torch.enable_grad():
-                (gx,) = torch.autograd.grad(fn(x), x, g, create_graph=True)
-                if not gx.requires_grad:  # piecewise linear: no curvature
-                    return {}
-                (c,) = torch.autograd.grad(gx, x, torch.ones_like(gx), allow_unused=True)
-            if c is None:
-                return {}
-            d = self._flat(u, c)
-            return {(u, u): torch.diag_embed(d)}
-
-        def gradient(*values: Tensor) -> tuple[Tensor, ...]:
-            return torch.func.vjp(fn, *values)[1](g)
-
-        _, second = torch.func.vjp(gradient, *primals)
-        blocks: dict[tuple, Tensor] = {}
-        for i, u in enumerate(inputs):
-            w = self._width(u)
-            eye = torch.eye(w, dtype=g.dtype, device=g.device)
-            basis = eye[:, None, :].expand(w, self.n, w)
-            for sl in self._chunks(w, self.n * sum(self._width(x) for x in inputs)):
-                tangents = tuple(self._unflat(x, basis[sl]) if x is u else
-                                 torch.zeros(sl.stop - sl.start, *self.env[x].shape,
-                                             dtype=g.dtype, device=g.device) for x in inputs)
-                out = torch.func.vmap(second)(tangents)
-                for x, o in zip(inputs, out, strict=True):
-                    block = self._flat(x, o, 1).permute(1, 2, 0)  # (N, w_x, w_u chunk)
-                    key = (x, u)
-                    blocks.setdefault(key, []).append(block)
-        return {k: torch.cat(v, dim=2) for k, v in blocks.items()}
+    def linear(self, node: fx.Node, inputs: list[fx.Node]) -> bool:
+        """Whether ``node`` is linear in its per-sample operands ``inputs`` jointly."""
+        return _linear_in(_source(node)[0], inputs)
 
     # ---- the sweep ---------------------------------------------------------
     def _per_sample_nodes(self) -> list[fx.Node]:
@@ -289,7 +242,9 @@ class GraphPlan:
         def add(a: fx.Node, b: fx.Node, block: Tensor) -> None:
             H[(a, b)] = H[(a, b)] + block if (a, b) in H else block
 
-        for v in reversed(self._per_sample_nodes()):
+        nodes = self._per_sample_nodes()
+        diagonal_only = self._diagonal_only(nodes, by_node)
+        for v in reversed(nodes):
             row = {b: blk for (a, b), blk in H.items() if a is v}
             for key in [k for k in H if v in k]:
                 del H[key]
@@ -300,50 +255,78 @@ class GraphPlan:
             inputs = self._inputs(v)
             if not inputs:
                 continue
+            rule = rule_for(self, v, inputs)
+            if not row and len(inputs) == 1 and inputs[0] in diagonal_only:
+                (u,) = inputs
+                if hvv is not None:
+                    add(u, u, rule.sandwich_diagonal(hvv))
+                elif (block := rule.sandwich(None).get((u, u))) is not None:
+                    add(u, u, torch.diagonal(block, dim1=1, dim2=2))
+                continue
             for r, blk in row.items():
-                for u, pulled in zip(inputs, self._pullback(v, inputs, blk.permute(2, 0, 1)),
-                                     strict=True):
-                    block = pulled.permute(1, 2, 0)  # (N, w_u, w_r)
-                    add(u, r, block)
+                for u, block in zip(inputs, rule.pull_rows(blk), strict=True):
+                    add(u, r, block)  # (N, w_u, w_r)
                     add(r, u, block.transpose(1, 2))
-            if hvv is not None:
-                halves = self._pullback(v, inputs, hvv.permute(2, 0, 1))  # (w_v, N, w_ui)
-                for u, half in zip(inputs, halves, strict=True):
-                    rows = half.permute(2, 1, 0)  # rows of J_i^T H: (w_ui, N, w_v)
-                    for x, full in zip(inputs, self._pullback(v, inputs, rows), strict=True):
-                        add(u, x, full.permute(1, 0, 2))
-            for (a, b), blk in self._curvature(v, inputs).items():
-                add(a, b, blk)
+            for (u, x), block in rule.sandwich(hvv).items():
+                add(u, x, block)
         for i, term in self._separable_terms().items():
             out[i] = out[i] + term
         return out
 
+    def _closed_form(self, site: _Site) -> bool:
+        """``x W`` or the bias of ``addmm`` on one row per sample: the parameter's diagonal
+        needs only the diagonal of ``H[v, v]``."""
+        v, o = site.node, site.operand
+        if v.target not in (aten.mm.default, aten.addmm.default) or \
+                self.label(v).axis != 0 or self.label(v).layout != (1, 1):
+            return False
+        x_node, w_node = v.args[-2:]
+        if o is w_node:
+            return isinstance(x_node, fx.Node) and self.env[x_node].dim() == 2
+        return v.target is aten.addmm.default and o is v.args[0] and \
+            self.env[o].numel() == self.env[v].shape[1]
+
+    def _diagonal_only(self, nodes: list[fx.Node], by_node: dict[fx.Node, list[int]]
+                       ) -> set[fx.Node]:
+        """Values of which only the diagonal of their block is ever read: one consumer,
+        closed-form parameter sites, and below them only elementwise or reordering ops
+        into values of the same kind (the first layers of a network)."""
+        found: set[fx.Node] = set()
+        for u in nodes:
+            if len(u.users) != 1 or not all(self._closed_form(self.sites[i])
+                                            for i in by_node.get(u, ())):
+                continue
+            inputs = self._inputs(u)
+            if inputs:
+                if len(inputs) != 1 or inputs[0] not in found:
+                    continue
+                if not isinstance(rule_for(self, u, inputs), (Elementwise, Reorder)):
+                    continue
+            found.add(u)
+        return found
+
     def _site_diagonal(self, site: _Site, hvv: Tensor) -> Tensor:
-        """``diag(J_p^T H[v, v] J_p)`` of one parameter, leaf-shaped."""
+        """``diag(J_p^T H[v, v] J_p)`` of one parameter, leaf-shaped (``hvv`` may be held
+        as its diagonal)."""
         v, o = site.node, site.operand
         env = self.env
-        if v.target in (aten.mm.default, aten.addmm.default) and self.label(v).axis == 0 \
-                and self.label(v).layout == (1, 1):
+        if self._closed_form(site):
             x_node, w_node = v.args[-2:]
-            d = torch.diagonal(hvv, dim1=1, dim2=2)  # (N, out)
-            if o is w_node and isinstance(x_node, fx.Node) and env[x_node].dim() == 2:
+            d = hvv if hvv.dim() == 2 else torch.diagonal(hvv, dim1=1, dim2=2)  # (N, out)
+            if o is w_node:
                 diag_o = (env[x_node] ** 2).T @ d
-            elif v.target is aten.addmm.default and o is v.args[0]:
-                diag_o = d.sum(0).reshape(env[o].shape) if env[o].numel() == d.shape[1] \
-                    else None
             else:
-                diag_o = None
-            if diag_o is not None:
-                return self._to_leaf(site, diag_o)
+                diag_o = d.sum(0).reshape(env[o].shape)
+            return self._to_leaf(site, diag_o)
         k = env[o].numel()
-        fn = self._op(v, [o])
+        fn = self.op(v, [o])
         pieces = []
-        for sl in self._chunks(k, self.n * self._width(v)):
+        for sl in self.chunks(k, self.n * self.width(v)):
             basis = torch.zeros(sl.stop - sl.start, k, dtype=hvv.dtype, device=hvv.device)
             basis[torch.arange(sl.stop - sl.start), torch.arange(sl.start, sl.stop)] = 1
             tangents = basis.reshape(-1, *env[o].shape)
             pushed = torch.func.vmap(lambda t: torch.func.jvp(fn, (env[o],), (t,))[1])(tangents)
-            u = self._flat(v, pushed, 1)  # (K, N, w_v)
+            u = self.flat(v, pushed, 1)  # (K, N, w_v)
             pieces.append(torch.einsum("knv,nvw,knw->k", u, hvv, u))
         return self._to_leaf(site, torch.cat(pieces).reshape(env[o].shape))
 

@@ -1,0 +1,247 @@
+"""Per-op rules of the frontier propagation (NOTE [frontier propagation]), one object per
+op family, looked up in one table.
+
+A rule gives, for a per-sample op ``v = op(u_1..u_m)`` at its primal values,
+
+* ``pullback(columns)``: ``J_i^T`` applied to ``K`` per-sample columns ``(K, N, w_v)``,
+  one ``(K, N, w_ui)`` per operand (the k-tangent axis ``K`` is always carried);
+* ``curvature()``: ``sum_k g_k d^2 v_k / du_i du_j`` as per-sample blocks
+  ``{(u_i, u_j): (N, w_ui, w_uj)}`` (empty for linear ops).
+
+Families: ``Elementwise`` (one operand, same shape: the Jacobian is a diagonal,
+``phi'(u)``, and so is the curvature, ``g phi''(u)``, both from one double backward),
+``RowAffine`` (``mm``/``addmm`` acting on the rows of a per-sample operand: ``J^T c =
+c W^T``), ``Reorder`` (reshapes that keep each sample's elements in order, and sums of
+equal-shaped operands: the identity), and ``Generic`` (any other op: ``vmap`` of torch's
+VJP over the columns, curvature from ``w`` batched second VJPs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, fx
+
+if TYPE_CHECKING:
+    from .curvature import GraphPlan
+
+__all__ = ["rule_for", "Rule"]
+
+aten = torch.ops.aten
+
+_REORDER = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+            aten.clone.default, aten.alias.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
+
+
+class Rule:
+    """The generic rule: torch's VJP, ``vmap``-ed over the columns."""
+
+    def __init__(self, plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> None:
+        self.plan, self.node, self.inputs = plan, node, inputs
+
+    def pull_rows(self, block: Tensor) -> list[Tensor]:
+        """``J_i^T B`` for a per-sample block ``B`` ``(N, w_v, w_r)``: ``[(N, w_ui, w_r)]``."""
+        return [p.permute(1, 2, 0) for p in self.pullback(block.permute(2, 0, 1))]
+
+    def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        """``J_i^T H J_j`` plus the curvature term for every pair of operands:
+        ``{(u_i, u_j): (N, w_ui, w_uj)}`` (``hvv`` None: no curvature from above)."""
+        out = self.curvature()
+        if hvv is None:
+            return out
+        halves = self.pullback(hvv.permute(2, 0, 1))  # (w_v, N, w_ui)
+        for u, half in zip(self.inputs, halves, strict=True):
+            rows = half.permute(2, 1, 0)  # rows of J_i^T H: (w_ui, N, w_v)
+            for x, full in zip(self.inputs, self.pullback(rows), strict=True):
+                block = full.permute(1, 0, 2)
+                out[(u, x)] = out[(u, x)] + block if (u, x) in out else block
+        return out
+
+    def pullback(self, columns: Tensor) -> list[Tensor]:
+        plan, node, inputs = self.plan, self.node, self.inputs
+        _, vjp = torch.func.vjp(plan.op(node, inputs), *[plan.env[u] for u in inputs])
+        width = sum(plan.width(u) for u in inputs) + plan.width(node)
+        parts: list[list[Tensor]] = [[] for _ in inputs]
+        for sl in plan.chunks(columns.shape[0], plan.n * width):
+            out = torch.func.vmap(vjp)(plan.unflat(node, columns[sl]))
+            for i, (u, o) in enumerate(zip(inputs, out, strict=True)):
+                parts[i].append(plan.flat(u, o, 1))
+        return [torch.cat(p) for p in parts]
+
+    def curvature(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        plan, node, inputs = self.plan, self.node, self.inputs
+        g = plan.grads.get(node)
+        if g is None or plan.linear(node, inputs):
+            return {}
+        fn = plan.op(node, inputs)
+
+        def gradient(*values: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.vjp(fn, *values)[1](g)
+
+        _, second = torch.func.vjp(gradient, *[plan.env[u] for u in inputs])
+        blocks: dict[tuple[fx.Node, fx.Node], list[Tensor]] = {}
+        for u in inputs:
+            w = plan.width(u)
+            basis = torch.eye(w, dtype=g.dtype, device=g.device)[:, None, :].expand(w, plan.n, w)
+            for sl in plan.chunks(w, plan.n * sum(plan.width(x) for x in inputs)):
+                tangents = tuple(plan.unflat(x, basis[sl]) if x is u else
+                                 torch.zeros(sl.stop - sl.start, *plan.env[x].shape,
+                                             dtype=g.dtype, device=g.device) for x in inputs)
+                for x, o in zip(inputs, torch.func.vmap(second)(tangents), strict=True):
+                    blocks.setdefault((x, u), []).append(plan.flat(x, o, 1).permute(1, 2, 0))
+        return {k: torch.cat(v, dim=2) for k, v in blocks.items()}
+
+    def sandwich_diagonal(self, hvv: Tensor) -> Tensor:
+        """The diagonal ``(N, w_u)`` of the one operand's new block, when nothing below
+        needs more (``hvv`` may itself be held as its diagonal ``(N, w_v)``)."""
+        if hvv.dim() == 2:
+            hvv = torch.diag_embed(hvv)
+        (u,) = self.inputs
+        return torch.diagonal(self.sandwich(hvv)[(u, u)], dim1=1, dim2=2)
+
+
+class Elementwise(Rule):
+    """``v = phi(u)`` elementwise: ``J = diag(phi'(u))``, curvature ``diag(g phi''(u))``."""
+
+    def __init__(self, plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> None:
+        super().__init__(plan, node, inputs)
+        (u,) = inputs
+        x = plan.env[u].detach().requires_grad_()
+        g = plan.grads.get(node)
+        with torch.enable_grad():
+            y = plan.op(node, inputs)(x)
+            (d,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=g is not None)
+            c = None
+            if g is not None and d.requires_grad:
+                (c,) = torch.autograd.grad(d, x, g, allow_unused=True)
+        self.derivative = plan.flat(u, d.detach())
+        self.second = None if c is None else plan.flat(u, c)
+
+    def pullback(self, columns: Tensor) -> list[Tensor]:
+        return [columns * self.derivative]
+
+    def pull_rows(self, block: Tensor) -> list[Tensor]:
+        return [self.derivative[:, :, None] * block]
+
+    def sandwich_diagonal(self, hvv: Tensor) -> Tensor:
+        d = self.derivative
+        diag = hvv if hvv.dim() == 2 else torch.diagonal(hvv, dim1=1, dim2=2)
+        return diag * d * d + (0.0 if self.second is None else self.second)
+
+    def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        (u,) = self.inputs
+        d = self.derivative
+        if hvv is None:
+            return self.curvature()
+        block = hvv * (d[:, :, None] * d[:, None, :])
+        if self.second is not None:
+            block.diagonal(dim1=1, dim2=2).add_(self.second)
+        return {(u, u): block}
+
+    def curvature(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        if self.second is None:
+            return {}
+        (u,) = self.inputs
+        return {(u, u): torch.diag_embed(self.second)}
+
+
+class RowAffine(Rule):
+    """``v = x W (+ b)`` on the rows of a per-sample ``x`` (``W``, ``b`` not per-sample):
+    ``J^T c = c W^T`` on every row of every sample."""
+
+    def pullback(self, columns: Tensor) -> list[Tensor]:
+        weight = self.plan.env[self.node.args[-1]]
+        k, n = columns.shape[:2]
+        rows = columns.reshape(k, n, -1, weight.shape[1])
+        return [(rows @ weight.T).reshape(k, n, -1)]
+
+    def pull_rows(self, block: Tensor) -> list[Tensor]:
+        weight = self.plan.env[self.node.args[-1]]  # (in, out)
+        n, _, w_r = block.shape
+        rows = block.reshape(n, -1, weight.shape[1], w_r)
+        return [torch.matmul(weight, rows).reshape(n, -1, w_r)]
+
+    def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        if hvv is None:
+            return {}
+        (u,) = self.inputs
+        weight = self.plan.env[self.node.args[-1]]  # (in, out)
+        (n, w), (d_in, d_out) = hvv.shape[:2], weight.shape
+        r = w // d_out  # rows per sample
+        left = torch.matmul(weight, hvv.reshape(n, r, d_out, w))  # (n, r, in, w)
+        full = torch.matmul(left.reshape(n, -1, d_out), weight.T)
+        return {(u, u): full.reshape(n, r * d_in, r * d_in)}
+
+    def sandwich_diagonal(self, hvv: Tensor) -> Tensor:
+        weight = self.plan.env[self.node.args[-1]]
+        if hvv.dim() == 3 and hvv.shape[1] == weight.shape[1]:  # one row per sample
+            return (torch.matmul(weight, hvv) * weight).sum(-1)
+        return super().sandwich_diagonal(hvv)
+
+
+class Reorder(Rule):
+    """Reshapes keeping every sample's elements in order, and ``a + b`` / ``a - b`` of
+    operands shaped like the output: the Jacobian is ``I`` (``-I`` for ``b`` of ``a - b``)."""
+
+    def pullback(self, columns: Tensor) -> list[Tensor]:
+        node = self.node
+        if node.target is aten.sub.Tensor:
+            return [columns if u is node.args[0] else -columns for u in self.inputs]
+        return [columns for _ in self.inputs]
+
+    def pull_rows(self, block: Tensor) -> list[Tensor]:
+        return self.pullback(block)
+
+    def sandwich_diagonal(self, hvv: Tensor) -> Tensor:
+        return hvv if hvv.dim() == 2 else torch.diagonal(hvv, dim1=1, dim2=2)
+
+    def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        if hvv is None:
+            return {}
+        signs = [-1.0 if self.node.target is aten.sub.Tensor and u is not self.node.args[0]
+                 else 1.0 for u in self.inputs]
+        return {(u, x): hvv if su * sx > 0 else -hvv
+                for u, su in zip(self.inputs, signs, strict=True)
+                for x, sx in zip(self.inputs, signs, strict=True)}
+
+    def curvature(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        return {}
+
+
+def _same(plan: GraphPlan, a: fx.Node, b: fx.Node) -> bool:
+    """Same shape, dtype and label: the per-sample flattenings coincide element by element."""
+    va, vb = plan.env[a], plan.env[b]
+    la, lb = plan.label(a), plan.label(b)
+    return va.shape == vb.shape and va.dtype == vb.dtype and la.axis == lb.axis and \
+        la.layout == lb.layout
+
+
+def _in_order(plan: GraphPlan, a: fx.Node, b: fx.Node) -> bool:
+    """Both have the batch axis first and whole samples as runs: per-sample flattening
+    is row-major order, which a reshape keeps."""
+    la, lb = plan.label(a), plan.label(b)
+    return la.axis == 0 == lb.axis and la.layout[0] == 1 == lb.layout[0] and \
+        plan.env[a].dtype == plan.env[b].dtype
+
+
+def rule_for(plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> Rule:
+    """The rule of ``node`` (with per-sample operands ``inputs``) from the table."""
+    target = node.target
+    if len(inputs) == 1:
+        (u,) = inputs
+        if torch.Tag.pointwise in getattr(target, "tags", ()) and _same(plan, u, node):
+            return Elementwise(plan, node, inputs)
+        if target in _REORDER and _in_order(plan, u, node):
+            return Reorder(plan, node, inputs)
+        if target in (aten.mm.default, aten.addmm.default) and u is node.args[-2] and \
+                _in_order(plan, u, node) and plan.env[u].dim() == 2:
+            return RowAffine(plan, node, inputs)
+    if target in (aten.add.Tensor, aten.sub.Tensor) and len(node.args) == 2 and \
+            node.args[0] is not node.args[1] and node.kwargs.get("alpha", 1) == 1 and \
+            all(isinstance(a, fx.Node) and a in inputs and _same(plan, a, node)
+                for a in node.args):
+        return Reorder(plan, node, inputs)
+    return Rule(plan, node, inputs)
+
