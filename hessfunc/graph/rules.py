@@ -3,10 +3,13 @@ op family, looked up in one table.
 
 A rule gives, for a per-sample op ``v = op(u_1..u_m)`` at its primal values,
 
-* ``pullback(columns)``: ``J_i^T`` applied to ``K`` per-sample columns ``(K, N, w_v)``,
-  one ``(K, N, w_ui)`` per operand (the k-tangent axis ``K`` is always carried);
-* ``curvature()``: ``sum_k g_k d^2 v_k / du_i du_j`` as per-sample blocks
-  ``{(u_i, u_j): (N, w_ui, w_uj)}`` (empty for linear ops).
+* ``pull_rows(B)``: ``J_i^T B`` for a per-sample block ``B`` ``(N, w_v, w_r)`` (the
+  ``w_r`` columns are the k-tangent axis, always carried), one ``(N, w_ui, w_r)`` per
+  operand;
+* ``sandwich(H)``: ``J_i^T H J_j + sum_k g_k d^2 v_k / du_i du_j`` for every pair of
+  operands, ``{(u_i, u_j): (N, w_ui, w_uj)}``;
+* ``sandwich_diagonal(H)``: only the diagonal of that block (one operand), where
+  nothing below reads more.
 
 Families: ``Elementwise`` (one operand, same shape: the Jacobian is a diagonal,
 ``phi'(u)``, and so is the curvature, ``g phi''(u)``, both from one double backward),
@@ -119,9 +122,6 @@ class Elementwise(Rule):
         self.derivative = plan.flat(u, d.detach())
         self.second = None if c is None else plan.flat(u, c)
 
-    def pullback(self, columns: Tensor) -> list[Tensor]:
-        return [columns * self.derivative]
-
     def pull_rows(self, block: Tensor) -> list[Tensor]:
         return [self.derivative[:, :, None] * block]
 
@@ -150,12 +150,6 @@ class Elementwise(Rule):
 class RowAffine(Rule):
     """``v = x W (+ b)`` on the rows of a per-sample ``x`` (``W``, ``b`` not per-sample):
     ``J^T c = c W^T`` on every row of every sample."""
-
-    def pullback(self, columns: Tensor) -> list[Tensor]:
-        weight = self.plan.env[self.node.args[-1]]
-        k, n = columns.shape[:2]
-        rows = columns.reshape(k, n, -1, weight.shape[1])
-        return [(rows @ weight.T).reshape(k, n, -1)]
 
     def pull_rows(self, block: Tensor) -> list[Tensor]:
         weight = self.plan.env[self.node.args[-1]]  # (in, out)
