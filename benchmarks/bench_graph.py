@@ -71,7 +71,7 @@ def residual(skips: bool) -> Problem:
     return Problem(name, model, F.mse_loss, x, y)
 
 
-ALL = {**{k: v for k, v in PROBLEMS.items() if k != "cnn"},
+ALL = {**PROBLEMS,
        "residual": lambda: residual(True), "chain": lambda: residual(False)}
 
 

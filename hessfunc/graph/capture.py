@@ -16,7 +16,8 @@ NOTE [trace cache and its guard]
     and a *fingerprint* of what ``u`` can reach: closure cells, defaults, bound
     ``self``, referenced globals, containers, modules (parameters, buffers,
     plain attributes, training flags), by identity for tensors and objects and
-    by value for scalars. A graph is cached only if every external tensor
+    by value for scalars; torch's own functions (``F.cross_entropy``) by name,
+    their code being fixed. A graph is cached only if every external tensor
     constant in it was found by that walk; otherwise ``u`` is re-traced on
     every call (slower, never stale). Rebinding ``params = new_params`` in a
     closure therefore re-traces instead of silently using old parameters.
@@ -317,6 +318,14 @@ def fingerprint(fn: Any) -> Fingerprint:
         if isinstance(obj, types.MethodType):
             items.append(("method",))
             visit((obj.__self__, obj.__func__), depth + 1)
+            return
+        package = (getattr(obj, "__module__", None) or "").split(".")[0]
+        if isinstance(obj, types.FunctionType) and (package == "torch" or (
+                package == "hessfunc" and obj.__closure__ is None
+                and getattr(obj, "_guard_targets", None) is None)):
+            # a library function (F.cross_entropy): its code is fixed, and walking the
+            # globals of torch's internals would only hit the depth limit
+            items.append(("library", obj.__module__, obj.__qualname__))
             return
         if isinstance(obj, types.FunctionType):
             items.append(("function", oid))
