@@ -399,15 +399,21 @@ RULE_CASES = {
     "Reorder": lambda x, w: torch.tanh(torch.tanh(x @ w).reshape(N, 2, 2).reshape(N, 4)),
     "Reorder-sum": lambda x, w: torch.tanh(torch.tanh(x @ w) - (x @ w) ** 2),
     "Rule": lambda x, w: torch.tanh(F.softmax(x @ w, dim=-1) * (x @ w)),
+    "Convolution": lambda x, w: torch.tanh(F.conv1d(torch.tanh(x @ w)[:, None], w[None, :1, :3],
+                                                    padding=1, stride=2)).flatten(1),
 }
 
 
-@pytest.mark.parametrize("name", list(RULE_CASES))
-def test_every_rule_family_equals_dense_autograd(name):
-    """Each family's pullback, row pullback and sandwich (J^T H J plus the curvature term)
-    on random per-sample blocks equal dense Jacobians and Hessians from autograd."""
-    from hessfunc.graph.rules import rule_for
+@pytest.mark.parametrize("name", [*RULE_CASES, "Convolution-batched"])
+def test_every_rule_family_equals_dense_autograd(name, monkeypatch):
+    """Each family's row pullback, sandwich (J^T H J plus the curvature term) and
+    diagonal-only sandwich on random per-sample blocks equal dense Jacobians and
+    Hessians from autograd (convolutions both with their dense Jacobian and batched)."""
+    from hessfunc.graph.rules import Convolution, rule_for
 
+    if name == "Convolution-batched":
+        monkeypatch.setattr(Convolution, "_DENSE_BYTES", 0)
+        name = "Convolution"
     torch.manual_seed(0)
     fn = RULE_CASES[name]
     w = torch.randn(4, 4, dtype=F64)
