@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--loss", default="mse", metavar="mse|cross-entropy|MODULE:FN")
     an.add_argument("--batch-size", type=_positive, default=None)
     an.add_argument("--top-k", type=_positive, default=5)
+    an.add_argument("--probes", type=_positive, default=100,
+                    help="Hutchinson probes for the stochastic trace (default 100)")
+    an.add_argument("--density-probes", type=_positive, default=10,
+                    help="probes of the spectral density (default 10)")
+    an.add_argument("--lanczos-steps", type=_positive, default=40,
+                    help="Lanczos steps per density probe (default 40)")
+    an.add_argument("--max-eigen-steps", type=_positive, default=None,
+                    help="at most this many Lanczos steps for the top eigenvalues")
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--out", type=Path, default=Path("hessfunc-analyze"))
     an.add_argument("--device", default="cpu",
@@ -103,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_analyze(args.model, args.data, args.out, loss=args.loss,
                             state_dict=args.state_dict, batch_size=args.batch_size,
                             top_k=args.top_k, seed=args.seed, device=device,
-                            process_group=group)
+                            process_group=group, probes=args.probes,
+                            density_probes=args.density_probes,
+                            lanczos_steps=args.lanczos_steps,
+                            max_eigen_steps=args.max_eigen_steps)
     except HessfuncError as exc:
         print(f"hessfunc {args.command}: error: {exc}", file=sys.stderr)
         return 2

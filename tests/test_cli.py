@@ -173,3 +173,35 @@ def test_version_and_help():
     proc = subprocess.run([sys.executable, "-m", "hessfunc", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "demo" in proc.stdout and "analyze" in proc.stdout
+
+
+def test_analyze_progress_options_and_table(user_files, capsys):
+    """One progress line per stage with the time left for the whole run; --probes,
+    --density-probes and --lanczos-steps reach the report; no table value is cut and
+    times are in the unit a person reads."""
+    tmp, *_ = user_files
+    out = tmp / "out2"
+    code = main(["analyze", "--model", "usermodels:make", "--data", "data.pt", "--loss",
+                 "usermodels:loss", "--top-k", "5", "--probes", "7", "--density-probes", "2",
+                 "--lanczos-steps", "5", "--out", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    stages = [ln for ln in captured.err.splitlines() if ln.startswith("[")]
+    assert [ln.split("]")[0] for ln in stages] == [f"[{i}/5" for i in range(1, 6)], stages
+    assert all("left" in ln for ln in stages[1:]) and "elapsed" in stages[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["density_probes"] == 2 and report["density_steps"] == 5
+    assert report["hutchinson_samples"] == 7
+    eig_line = next(ln for ln in captured.out.splitlines() if "top eigenvalues" in ln)
+    assert all(f"{v:.5g}" in eig_line for v in report["top_eigenvalues"])
+    assert " ms" in captured.out and "000.00 ms" not in captured.out
+
+
+def test_format_duration():
+    from hessfunc.app.report import format_duration
+
+    assert format_duration(2.5e-4) == "250 us"
+    assert format_duration(0.01234) == "12.3 ms"
+    assert format_duration(4.567) == "4.57 s"
+    assert format_duration(222.1) == "3 min 42 s"
+    assert format_duration(7300) == "2 h 1 min"

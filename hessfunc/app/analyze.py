@@ -220,7 +220,9 @@ def _load(model_spec: str, data_path: str, loss: str, state_dict: str | None,
 def run_analyze(model_spec: str, data_path: str, out: Path, *, loss: str = "mse",
                 state_dict: str | None = None, batch_size: int | None = None, top_k: int = 5,
                 seed: int = 0, device: str = "cpu", process_group: Any = None,
-                log: Any = print) -> dict[str, Any]:
+                log: Any = print, probes: int = 100, density_probes: int = 10,
+                lanczos_steps: int = 40, max_eigen_steps: int | None = None
+                ) -> dict[str, Any]:
     """The report of the model on the data; with ``process_group`` (under ``torchrun``)
     every rank its shard, rank 0 printing and writing (module docstring)."""
     group = Group(process_group, "hessfunc analyze")
@@ -244,7 +246,9 @@ def run_analyze(model_spec: str, data_path: str, out: Path, *, loss: str = "mse"
     log(f"Analysing {type(model).__name__} ({P:,} parameters) on {sum(counts):,} samples "
         f"from {data_path}{shards}, loss {loss}")
     rep = curvature_report(f, params, loaded["data"], top_k=top_k, seed=seed, progress=True,
-                           process_group=process_group)
+                           process_group=process_group, hutchinson_samples=probes,
+                           density_probes=density_probes, density_steps=lanczos_steps,
+                           eigen_max_steps=max_eigen_steps)
     rep.numbers.update(model=model_spec, data=data_path, loss_function=loss)
     fit = None
     if world == 1 and x.dim() == 2 and x.shape[1] == 1 and y.is_floating_point() \

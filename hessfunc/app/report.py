@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,11 +70,48 @@ def _structured_diagonal(f: Any, params: dict[str, torch.Tensor], batch: Any) ->
     return analyze_chain(f, (params, *batch), 0)[0] is not None
 
 
+class _Stages:
+    """One progress line per stage of the whole report, with an estimate of the time
+    left: each stage's cost in gradient passes (a product counts two), scaled by the
+    measured time of a gradient pass and by how far the finished stages were off."""
+
+    def __init__(self, costs: dict[str, float], enabled: bool) -> None:
+        self.costs, self.enabled = costs, enabled
+        self.start = time.perf_counter()
+        self.unit: float | None = None  # seconds per gradient pass
+        self.done: list[str] = []
+
+    def begin(self, name: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = ""
+        if self.unit is not None:
+            spent = sum(self.costs[s] for s in self.done) * self.unit
+            scale = elapsed / spent if spent > 0 else 1.0
+            rest = sum(c for s, c in self.costs.items() if s not in self.done)
+            left = f", about {format_duration(rest * self.unit * scale)} left"
+        step = len(self.done) + 1
+        print(f"[{step}/{len(self.costs)}] {name} ({format_duration(elapsed)} elapsed{left})",
+              file=sys.stderr, flush=True)
+
+    def end(self, name: str, unit: float | None = None) -> None:
+        self.done.append(name)
+        if unit is not None:
+            self.unit = unit
+
+
 def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_k: int = 5,
                      hutchinson_samples: int = 100, density_probes: int = 10,
-                     density_steps: int = 40, seed: int = 0, compare_oracle: bool = True,
+                     density_steps: int = 40, eigen_max_steps: int | None = None,
+                     seed: int = 0, compare_oracle: bool = True,
                      progress: bool = False, process_group: Any = None) -> CurvatureReport:
     """Compute the report of ``f`` at ``params`` over ``data`` (batches of ``(x, y)``).
+
+    ``hutchinson_samples`` probes for the stochastic trace (and the diagonal where it is
+    estimated), ``density_probes`` x ``density_steps`` Lanczos steps for the spectral
+    density, at most ``eigen_max_steps`` for the top eigenvalues. With ``progress``, a
+    line per stage with the time left for the whole report, and a bar per data pass.
 
     With ``process_group``, ``data`` is this rank's shard and every number is of the
     whole data set, the same on every rank (``HessianOperator``'s NOTE [sharded data]);
@@ -88,8 +126,20 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
     num["num_samples"] = op.num_samples
     num["world_size"] = op.world_size
     num["dtype"] = str(op.dtype).replace("torch.", "")
+    num.update(hutchinson_samples=hutchinson_samples, density_probes=density_probes,
+               density_steps=min(density_steps, P), eigen_max_steps=eigen_max_steps)
+    k = max(1, min(top_k, P - 1))
+    stages = _Stages({"gradient": 1.0, "diagonal": 2.0 * hutchinson_samples,
+                      "eigenvalues": 2.0 * (eigen_max_steps or 20 + 10 * k),
+                      "trace": 2.0 * hutchinson_samples,
+                      "density": 2.0 * density_probes * min(density_steps, P)},
+                     progress and op._group.rank == 0)
+    stages.begin("gradient")
+    t0 = time.perf_counter()
     batches = list(op._passes("batches")) if op.num_batches == 1 else None
     g, loss = op.grad_and_value()
+    stages.end("gradient", time.perf_counter() - t0)
+    stages.begin("diagonal")
     num["loss"] = float(loss)
     num["grad_norm"] = float(g.norm())
     # exact diagonal: structured or generic route, or Hutchinson's estimate for large P
@@ -115,7 +165,7 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
         diag = op.flat_to_params(diag_flat)
         num["diagonal_method"] = f"Hutchinson estimate ({hutchinson_samples} samples)"
         num["diagonal_time_s"] = t_fast
-    rep.diagonal = {k: v.detach() for k, v in diag.items()}
+    rep.diagonal = {name: v.detach() for name, v in diag.items()}
     if compare_oracle and one_batch is not None and P <= ORACLE_MAX_PARAMS:
         def oracle() -> dict[str, torch.Tensor]:
             leaves = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
@@ -132,21 +182,27 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
         blocks = hessian_blocks(f)(params, *one_batch)
         num["blocks"] = {k: {"shape": list(b.shape), "frobenius_norm": float(b.norm()),
                              "diag_norm": float(b.diagonal().norm())} for k, b in blocks.items()}
+    stages.end("diagonal")
     # spectrum
-    k = max(1, min(top_k, P - 1))
-    eig, t_eig = _timed(lambda: op.eigen(k, seed=seed), repeats=1)
+    stages.begin("eigenvalues")
+    eig, t_eig = _timed(lambda: op.eigen(k, seed=seed, max_steps=eigen_max_steps), repeats=1)
+    stages.end("eigenvalues")
     rep.eigenvalues = [float(v) for v in eig.eigenvalues]
     num["eigen_time_s"] = t_eig
     num["eigen_matvecs"] = eig.num_matvecs
     num["eigen_converged"] = bool(eig.converged)
     num["trace_exact"] = float(diag_flat.sum()) if "exact" in num["diagonal_method"] else None
+    stages.begin("trace")
     est = op.trace("hutchinson", num_samples=hutchinson_samples, seed=seed)
+    stages.end("trace")
+    stages.begin("density")
     num["trace_hutchinson"] = float(est.estimate)
     num["trace_hutchinson_std_error"] = float(est.std_error)
     sd = op.spectral_density(num_probes=density_probes, num_steps=min(density_steps, P), seed=seed)
     rep.density_grid = [float(t) for t in sd.grid]
     rep.density = [float(t) for t in sd.density]
     num["density_integral"] = float(torch.trapezoid(sd.density, sd.grid))
+    stages.end("density")
     return rep
 
 
