@@ -12,8 +12,11 @@ of ``--repeats`` rounds, so ratios survive a drifting machine):
 * ``chain (before)``: the Linear-chain route that ``functionalize`` models took before
   the graph (``hessfunc._chain``), where the model is a chain;
 * ``BackPACK DiagHessian`` where BackPACK is installed and supports the model;
+* ``per-sample, ...``: ``hessian_diag(per_sample=True)`` of the torch.func f, the chain
+  route's per-sample diagonals, BackPACK's ``BatchDiagHessian``;
 * ``generic (before)``: one-hot products (``method="generic"``, what a torch.func f got
-  before), for problems of at most ``--generic-limit`` parameters.
+  before), for problems of at most ``--generic-limit`` parameters, timed after the
+  others (3 calls): its large allocations slow whatever runs next.
 
 Problems: the three MLPs of ``benchmarks/problems.py``, the residual tanh MLP of the
 captured-graph issue (20-128, three residual blocks of 128, 1 output; MSE, 512 points;
@@ -75,10 +78,10 @@ ALL = {**PROBLEMS,
        "residual": lambda: residual(True), "chain": lambda: residual(False)}
 
 
-def _backpack(problem: Problem) -> Any:
+def _backpack(problem: Problem, per_sample: bool = False) -> Any:
     try:
         from backpack import backpack, extend
-        from backpack.extensions import DiagHessian
+        from backpack.extensions import BatchDiagHessian, DiagHessian
     except ImportError:
         return None
     if not isinstance(problem.model, nn.Sequential):
@@ -88,9 +91,9 @@ def _backpack(problem: Problem) -> Any:
 
     def diag() -> list[torch.Tensor]:
         model.zero_grad()
-        with backpack(DiagHessian()):
+        with backpack(BatchDiagHessian() if per_sample else DiagHessian()):
             loss(model(problem.x), problem.y).backward()
-        return [p.diag_h for p in model.parameters()]
+        return [p.diag_h_batch if per_sample else p.diag_h for p in model.parameters()]
 
     return diag
 
@@ -107,6 +110,29 @@ def _check(diag: Any, f64: Any, shift: float = 0.0) -> float:
             1e-30)
         worst = max(worst, float(err))
     return worst
+
+
+def _check_per_sample(cases: dict[str, Any], problem: Problem, samples: int = 3
+                      ) -> dict[str, float]:
+    """Per-sample cases against the float64 oracle of each of the first ``samples``
+    samples' own losses (BackPACK's ``BatchDiagHessian`` is of the batch's loss, which
+    for a mean is 1/N of each sample's own: scaled by N)."""
+    errors = {}
+    truths = []
+    for n in range(samples):
+        one = Problem(problem.name, problem.model, problem.loss_fn, problem.x[n:n + 1],
+                      problem.y[n:n + 1])
+        truths.append(_oracle(one))
+    for name, fn in cases.items():
+        if "per-sample" not in name and "Batch" not in name:
+            continue
+        got = fn()
+        if not isinstance(got, dict):
+            names = list(truths[0][0])
+            got = {k: g * problem.x.shape[0] for k, g in zip(names, got, strict=True)}
+        errors[name] = max(_check({k: v[n] for k, v in got.items()}, truths[n])
+                           for n in range(samples))
+    return errors
 
 
 def _oracle(problem: Problem, per_leaf: int = 6) -> tuple[dict, dict]:
@@ -158,13 +184,26 @@ def run(keys: list[str], repeats: int, generic_limit: int) -> list[dict]:
         bp = _backpack(problem)
         if bp is not None:
             cases["BackPACK DiagHessian"] = bp
-        if problem.num_params <= generic_limit:
-            cases["generic (before)"] = lambda: hf.hessian_diag(plain, method="generic")(
+        cases["per-sample, torch.func f"] = lambda: hf.hessian_diag(plain, per_sample=True)(
+            params, x, y)
+        if chain is not None:
+            cases["per-sample, chain (before)"] = lambda fm=fm: _chain.analyze(
+                fm, (params, x, y), 0, per_sample=True)[0].diagonal()
+        bp = _backpack(problem, per_sample=True)
+        if bp is not None:
+            cases["BackPACK BatchDiagHessian"] = bp
+        slow = {}
+        if problem.num_params <= generic_limit:  # timed apart: its allocations would
+            # slow the case after it in every round
+            slow["generic (before)"] = lambda: hf.hessian_diag(plain, method="generic")(
                 params, x, y)
         oracle = _oracle(problem)
         errors = {name: _check(fn(), oracle, 2e-4 if "decay" in name else 0.0)
-                  for name, fn in cases.items()}
+                  for name, fn in {**cases, **slow}.items() if "per-sample" not in name
+                  and "Batch" not in name}
+        errors.update(_check_per_sample(cases, problem))
         times = interleaved_medians(cases, repeats=repeats, warmup=1)
+        times.update(interleaved_medians(slow, repeats=3, warmup=0))
         base = times["torch.func f"]
         report = hf.explain(plain, params, x, y)
         rows.append({"problem": problem.name, "params": problem.num_params,

@@ -144,8 +144,7 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
                         max_memory=max_memory, what=f"{n} per-sample diagonals of {spec.numel}",
                         hint="pass fewer samples at a time")
         if method != "generic":
-            graph, why = (None, "per-sample diagonals take the chain route") if per_sample \
-                else plan_diagonal(f, args, a)
+            graph, why = plan_diagonal(f, args, a, per_sample=per_sample)
             if graph is not None and (method == "auto" or not graph.products):
                 try:
                     return _graph_diag(graph, f, args, spec, chunk_size, call)

@@ -29,6 +29,18 @@ NOTE [frontier propagation]
     of elementwise functions of single parameters (weight decay) add their own,
     diagonal, Hessian. Any other parameter (tied, transformed before use,
     inside a non-separable term) takes one-hot Hessian-vector products.
+
+NOTE [per-sample losses]
+    ``per_sample=True`` wants the diagonal of each sample's own loss,
+    ``f(p, x[n:n+1], y[n:n+1])``, which is not the batch's per-sample block: a mean
+    divides by the batch size, a weighted cross-entropy by the batch's total
+    weight, and a loss may spell the count out (``.sum() / 512``). So ``f`` is
+    traced on one sample too (the same ops in the same order are required), and
+    that graph, run on every sample under ``vmap`` with the batch's boundary
+    values ``b`` (the per-sample values the loss sums) substituted, gives each
+    sample's coefficients ``dl_n / db``. The loss is linear in ``b``, so seeding
+    the backward pass with them instead of ``dL/db`` makes every per-sample block
+    of the sweep that sample's own loss Hessian, and the sites keep the sample axis.
 """
 
 from __future__ import annotations
@@ -121,6 +133,7 @@ class GraphPlan:
     sites: dict[int, _Site]           # leaf index -> its one per-sample site
     separable: set[int]               # leaves whose parameter-only terms are separable
     products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
+    one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
     env: dict[fx.Node, Any] = field(default_factory=dict)
     grads: dict[fx.Node, Tensor] = field(default_factory=dict)
     loss: Tensor | None = None
@@ -133,9 +146,11 @@ class GraphPlan:
         return _label(self.structure, node)
 
     # ---- evaluation -------------------------------------------------------
-    def evaluate(self) -> None:
+    def evaluate(self, seeds: dict[fx.Node, Tensor] | None = None) -> None:
         """Run the graph once with autograd, keep every value and ``dL/dv`` for the
-        per-sample values and the parameter-only operands of the loss's sum."""
+        per-sample values and the parameter-only operands of the loss's sum. With
+        ``seeds`` (boundary value -> coefficient), ``L`` is replaced by
+        ``sum_b <seed_b, b>``: each sample's own loss (NOTE [per-sample losses])."""
         params = [leaf.detach().requires_grad_() for leaf in self.leaves]
         placeholders = iter(params + self.inputs)
         env: dict[fx.Node, Any] = {}
@@ -153,11 +168,57 @@ class GraphPlan:
         terms = self._terms()
         wanted = [nd for nd in env if isinstance(env[nd], Tensor) and env[nd].requires_grad
                   and (self.label(nd).per_sample or nd in terms)]
-        if self.loss is not None and self.loss.requires_grad and wanted:
-            grads = torch.autograd.grad(self.loss, [env[nd] for nd in wanted],
+        target = self.loss if seeds is None else sum(
+            (env[b] * c).sum() for b, c in seeds.items())
+        if isinstance(target, Tensor) and target.requires_grad and wanted:
+            grads = torch.autograd.grad(target, [env[nd] for nd in wanted],
                                         allow_unused=True)
             self.grads = {nd: g for nd, g in zip(wanted, grads, strict=True) if g is not None}
         self.env = {nd: v.detach() if isinstance(v, Tensor) else v for nd, v in env.items()}
+
+    def boundary(self) -> list[fx.Node]:
+        """The per-sample values the loss's sum over samples reads."""
+        return [nd for nd in self.gm.graph.nodes if nd.op == "call_function"
+                and self.label(nd).per_sample
+                and any(u.op == "output" or self.label(u).aggregate for u in nd.users)]
+
+    def _one_sample_seeds(self) -> dict[fx.Node, Tensor]:
+        """NOTE [per-sample losses]: ``dl_n / db`` for every boundary value ``b``, from
+        ``f`` traced on one sample, run on each sample under ``vmap``."""
+        gm1 = self.one_sample
+        assert gm1 is not None
+        nodes, nodes1 = list(self.gm.graph.nodes), list(gm1.graph.nodes)
+        boundary = self.boundary()
+        where1 = [nodes1[nodes.index(b)] for b in boundary]
+        batched = [t.dim() >= 1 and t.shape[0] == self.n for t in self.inputs]
+
+        def loss_of_one(data: list[Tensor], values: list[Tensor]) -> Tensor:
+            fixed = dict(zip(where1, values, strict=True))
+            feed = iter([*self.leaves, *data])
+            env: dict[fx.Node, Any] = {}
+            for node in gm1.graph.nodes:
+                if node in fixed:
+                    env[node] = fixed[node]
+                elif node.op == "placeholder":
+                    env[node] = next(feed)
+                elif node.op == "get_attr":
+                    env[node] = operator.attrgetter(node.target)(gm1)
+                elif node.op == "call_function":
+                    args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+                    env[node] = node.target(*args, **kwargs)
+                elif node.op == "output":
+                    return env[node.args[0]]
+            raise AssertionError("no output")
+
+        data = [t.unsqueeze(1) if b else t for t, b in zip(self.inputs, batched, strict=True)]
+        axes = [self.label(b).axis for b in boundary]
+        values = [self.env[b].movedim(a, 0).unsqueeze(a + 1) for b, a in
+                  zip(boundary, axes, strict=True)]
+        grad = torch.func.grad(loss_of_one, argnums=1)
+        in_dims = ([0 if b else None for b in batched], [0] * len(values))
+        seeds = torch.func.vmap(grad, in_dims=in_dims)(data, values)
+        return {b: c.squeeze(a + 1).movedim(0, a)
+                for b, c, a in zip(boundary, seeds, axes, strict=True)}
 
     def _terms(self) -> set[fx.Node]:
         """Parameter-only values that enter the aggregate (the loss's parameter terms)."""
@@ -229,10 +290,15 @@ class GraphPlan:
                 and isinstance(self.env.get(nd), Tensor) and self.env[nd].is_floating_point()]
 
     def diagonal(self) -> list[Tensor | None]:
-        """Per leaf: its exact diagonal (leaf-shaped), None for the products route."""
+        """Per leaf: its exact diagonal (leaf-shaped; with ``one_sample`` set, ``(N,
+        *leaf shape)``, each sample's own loss), None for the products route."""
+        lead = () if self.one_sample is None else (self.n,)
         if not self.env:
             self.evaluate()
-        out: list[Tensor | None] = [torch.zeros_like(leaf) if i not in self.products else None
+            if self.one_sample is not None:
+                self.evaluate(self._one_sample_seeds())
+        out: list[Tensor | None] = [leaf.new_zeros(*lead, *leaf.shape)
+                                    if i not in self.products else None
                                     for i, leaf in enumerate(self.leaves)]
         by_node: dict[fx.Node, list[int]] = {}
         for i, site in self.sites.items():
@@ -310,13 +376,16 @@ class GraphPlan:
         as its diagonal)."""
         v, o = site.node, site.operand
         env = self.env
+        each = self.one_sample is not None
         if self._closed_form(site):
             x_node, w_node = v.args[-2:]
             d = hvv if hvv.dim() == 2 else torch.diagonal(hvv, dim1=1, dim2=2)  # (N, out)
             if o is w_node:
-                diag_o = (env[x_node] ** 2).T @ d
+                x2 = env[x_node] ** 2
+                diag_o = x2[:, :, None] * d[:, None, :] if each else x2.T @ d
             else:
-                diag_o = d.sum(0).reshape(env[o].shape)
+                diag_o = d.reshape(-1, *env[o].shape) if each else \
+                    d.sum(0).reshape(env[o].shape)
             return self._to_leaf(site, diag_o)
         k = env[o].numel()
         fn = self.op(v, [o])
@@ -327,7 +396,10 @@ class GraphPlan:
             tangents = basis.reshape(-1, *env[o].shape)
             pushed = torch.func.vmap(lambda t: torch.func.jvp(fn, (env[o],), (t,))[1])(tangents)
             u = self.flat(v, pushed, 1)  # (K, N, w_v)
-            pieces.append(torch.einsum("knv,nvw,knw->k", u, hvv, u))
+            pieces.append(torch.einsum("knv,nvw,knw->nk" if each else "knv,nvw,knw->k",
+                                       u, hvv, u))
+        if each:
+            return self._to_leaf(site, torch.cat(pieces, 1).reshape(-1, *env[o].shape))
         return self._to_leaf(site, torch.cat(pieces).reshape(env[o].shape))
 
     def _to_leaf(self, site: _Site, diag_operand: Tensor) -> Tensor:
@@ -337,6 +409,8 @@ class GraphPlan:
         leaf_node = site.chain[0].args[0]
         fn = self._op_chain(site.chain)
         _, vjp = torch.func.vjp(fn, self.env[leaf_node])
+        if self.one_sample is not None:
+            return torch.func.vmap(vjp)(diag_operand)[0]
         return vjp(diag_operand)[0]
 
     def _op_chain(self, chain: list[fx.Node]) -> Callable[[Tensor], Tensor]:
@@ -539,9 +613,12 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
     return nd.target in _FULL_SUMS and elementwise(nd.args[0]) and linear_to_loss(nd)
 
 
-def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0
+def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: bool = False
                   ) -> tuple[GraphPlan | None, str]:
-    """A :class:`GraphPlan` for ``hessian_diag(f, argnums)(*args)``, or ``(None, why)``."""
+    """A :class:`GraphPlan` for ``hessian_diag(f, argnums, per_sample=...)(*args)``, or
+    ``(None, why)``."""
+    if per_sample:
+        return _plan_per_sample(f, args, argnums)
     if argnums != 0:
         return None, "argnums is not 0 (the batch must follow the parameters)"
     if not use_autograd(args):
@@ -578,6 +655,37 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0
     if need > budget:
         return None, (f"the per-sample curvature over the widest frontier needs "
                       f"{format_bytes(need)}, over the budget of {format_bytes(budget)}")
+    return plan, "ok"
+
+
+def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int
+                     ) -> tuple[GraphPlan | None, str]:
+    """The plan of the batch, with ``f`` also traced on one sample (NOTE [per-sample
+    losses]): the two graphs must have the same ops in the same order."""
+    plan, why = plan_diagonal(f, args, argnums)
+    if plan is None:
+        return None, why
+    if plan.products:
+        return None, "some parameters take one-hot products (see hessfunc.explain)"
+    if plan._terms():
+        return None, "the loss has terms of the parameters alone"
+    if any(plan.label(b).layout != (1, 1) for b in plan.boundary()):
+        return None, "a value the loss sums over has samples interleaved with other axes"
+    n = plan.n
+    one = pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() >= 1
+                          and t.shape[0] == n else t, list(args[1:]))
+    cache = _cache(f)
+    try:
+        captured = None if isinstance(cache, str) else cache.get((args[0], *one))
+    except ArgumentError as e:
+        return None, str(e)
+    if captured is None:
+        return None, "f could not be captured on one sample"
+    gm1 = captured.graph_module
+    ops = [(nd.op, nd.target) for nd in plan.gm.graph.nodes]
+    if ops != [(nd.op, nd.target) for nd in gm1.graph.nodes]:
+        return None, "f on one sample runs other ops than on the batch"
+    plan.one_sample = gm1
     return plan, "ok"
 
 
