@@ -1,18 +1,22 @@
 """The exact Hessian diagonal: ``hessian_diag``.
 
-Two exact routes (NOTE [structured route] in ``hessfunc/_chain.py``):
+Exact routes, the first that applies taken (``hessfunc.explain`` says which):
 
-* ``"structured"``: per-sample Hessian backpropagation through a chain of
-  Linear layers and elementwise activations: a few small matrix products per
-  layer. Applies to models made by :func:`hessfunc.functionalize` that are such
-  a chain, with a loss that is a sum over samples.
+* ``"structured"``, captured graph (:mod:`hessfunc.graph`): ``f`` traced to ATen ops,
+  the per-sample structure proved op by op, per-sample curvature propagated over the
+  DAG (NOTE [frontier propagation]); per-sample diagonals from ``f`` traced on one
+  sample too (NOTE [per-sample losses]). Any ``f``: ``functionalize`` models,
+  ``functional_call`` inside a loss, skip connections, normalisation in eval mode,
+  attention, regularisers.
+* ``"structured"``, Linear chain (NOTE [structured route] in ``hessfunc/_chain.py``):
+  per-sample Hessian backpropagation through a chain of Linear layers and elementwise
+  activations of a ``functionalize`` model.
 * ``"generic"``: for each leaf, chunks of one-hot tangents ``e_i`` pushed through
   the products of :func:`hessfunc.hvp_fn` (the R-operator on Linear/convolution
   chains, NOTE [structured products]; else one batched backward pass of a gradient
   graph built once); row ``i`` of the leaf's own block gives ``H_ii``. Works for
-  every ``f``, under ``vmap`` too.
-
-``method="auto"`` (the default) takes the structured route when it applies.
+  every ``f``, under ``vmap`` too. Parameters the captured graph has no rule for
+  (a tied weight) take this route while the others take the graph.
 
 With ``process_group=``, each rank passes its shard of the samples: the diagonal is
 the sum over ranks of each shard's diagonal, weighted ``N_r / N`` (``reduction="mean"``,

@@ -94,10 +94,18 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     else:
         routes.append(Route("hessian_diag", "generic", "one-hot products",
                             f"{why}; chain route: {chain_why}"))
+    graph_each, graph_each_why = plan_diagonal(f, args, argnums, per_sample=True) \
+        if len(args) == 3 else (None, "f is not called as f(params, inputs, targets)")
     per_sample, per_sample_why = _chain.analyze(f, args, argnums, per_sample=True)
-    routes.append(Route("hessian_diag(per_sample=True)",
-                        *(("structured", "Linear chain", "") if per_sample is not None else
-                          ("generic", "vmap of one-hot products", per_sample_why))))
+    if graph_each is not None:
+        routes.append(Route("hessian_diag(per_sample=True)", "structured", "captured graph"))
+    elif per_sample is not None:
+        routes.append(Route("hessian_diag(per_sample=True)", "structured", "Linear chain",
+                            graph_each_why))
+    else:
+        routes.append(Route("hessian_diag(per_sample=True)", "generic",
+                            "vmap of one-hot products",
+                            f"{graph_each_why}; chain route: {per_sample_why}"))
     products, products_why = _chain.analyze(f, args, argnums, products_only=True)
     routes.append(Route("hvp, hvp_fn, HessianOperator",
                         *(("structured", "R-operator on the chain", "") if products is not None

@@ -267,6 +267,7 @@ def test_explain_names_every_route():
     assert {r.name for r in chain.routes} == {"structured"}
     plain = hf.explain(_plain(model, F.mse_loss), params, x, y)
     assert plain["hessian_diag"].engine == "captured graph" and not plain.parameters
+    assert plain["hessian_diag(per_sample=True)"].engine == "captured graph"
     assert plain["hvp, hvp_fn, HessianOperator"].name == "graph"
     assert "functionalize" in plain["hessian, hessian_blocks"].why
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
