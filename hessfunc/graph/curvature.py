@@ -135,6 +135,7 @@ class GraphPlan:
     products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
     one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
     env: dict[fx.Node, Any] = field(default_factory=dict)
+    rules: dict[fx.Node, Any] = field(default_factory=dict)
     grads: dict[fx.Node, Tensor] = field(default_factory=dict)
     loss: Tensor | None = None
 
@@ -153,6 +154,7 @@ class GraphPlan:
         ``sum_b <seed_b, b>``: each sample's own loss (NOTE [per-sample losses])."""
         params = [leaf.detach().requires_grad_() for leaf in self.leaves]
         placeholders = iter(params + self.inputs)
+        self.rules = {}
         env: dict[fx.Node, Any] = {}
         with torch.enable_grad():
             for node in self.gm.graph.nodes:
@@ -279,6 +281,12 @@ class GraphPlan:
         for lo in range(0, k, step):
             yield slice(lo, min(k, lo + step))
 
+    def rule(self, node: fx.Node, inputs: list[fx.Node]) -> Any:
+        """The rule of ``node`` (:mod:`.rules`), made once per evaluation."""
+        if node not in self.rules:
+            self.rules[node] = rule_for(self, node, inputs)
+        return self.rules[node]
+
     def linear(self, node: fx.Node, inputs: list[fx.Node]) -> bool:
         """Whether ``node`` is linear in its per-sample operands ``inputs`` jointly."""
         return _linear_in(_source(node)[0], inputs)
@@ -297,9 +305,11 @@ class GraphPlan:
             self.evaluate()
             if self.one_sample is not None:
                 self.evaluate(self._one_sample_seeds())
-        out: list[Tensor | None] = [leaf.new_zeros(*lead, *leaf.shape)
-                                    if i not in self.products else None
-                                    for i, leaf in enumerate(self.leaves)]
+        out: list[Tensor | None] = [None] * len(self.leaves)
+
+        def collect(i: int, part: Tensor) -> None:
+            out[i] = part if out[i] is None else out[i] + part
+
         by_node: dict[fx.Node, list[int]] = {}
         for i, site in self.sites.items():
             by_node.setdefault(site.node, []).append(i)
@@ -317,11 +327,11 @@ class GraphPlan:
             hvv = row.pop(v, None)
             for i in by_node.get(v, ()):
                 if hvv is not None:
-                    out[i] = out[i] + self._site_diagonal(self.sites[i], hvv)
+                    collect(i, self._site_diagonal(self.sites[i], hvv))
             inputs = self._inputs(v)
             if not inputs:
                 continue
-            rule = rule_for(self, v, inputs)
+            rule = self.rule(v, inputs)
             if not row and len(inputs) == 1 and inputs[0] in diagonal_only:
                 (u,) = inputs
                 if hvv is not None:
@@ -336,8 +346,9 @@ class GraphPlan:
             for (u, x), block in rule.sandwich(hvv).items():
                 add(u, x, block)
         for i, term in self._separable_terms().items():
-            out[i] = out[i] + term
-        return out
+            collect(i, term)
+        return [leaf.new_zeros(*lead, *leaf.shape) if d is None and i not in self.products
+                else d for i, (leaf, d) in enumerate(zip(self.leaves, out, strict=True))]
 
     def _closed_form(self, site: _Site) -> bool:
         """``x W`` or the bias of ``addmm`` on one row per sample: the parameter's diagonal
@@ -366,7 +377,7 @@ class GraphPlan:
             if inputs:
                 if len(inputs) != 1 or inputs[0] not in found:
                     continue
-                if not isinstance(rule_for(self, u, inputs), (Elementwise, Reorder)):
+                if not isinstance(self.rule(u, inputs), (Elementwise, Reorder)):
                     continue
             found.add(u)
         return found
@@ -382,6 +393,8 @@ class GraphPlan:
             d = hvv if hvv.dim() == 2 else torch.diagonal(hvv, dim1=1, dim2=2)  # (N, out)
             if o is w_node:
                 x2 = env[x_node] ** 2
+                if each and [nd.target for nd in site.chain] == [aten.t.default]:
+                    return d[:, :, None] * x2[:, None, :]  # W of x W^T, in its own layout
                 diag_o = x2[:, :, None] * d[:, None, :] if each else x2.T @ d
             else:
                 diag_o = d.reshape(-1, *env[o].shape) if each else \
@@ -406,6 +419,9 @@ class GraphPlan:
         """Carry a diagonal back through the element-keeping views from the leaf."""
         if not site.chain:
             return diag_operand
+        if [nd.target for nd in site.chain] == [aten.t.default] and \
+                self.env[site.operand].dim() == 2:
+            return diag_operand.transpose(-1, -2)
         leaf_node = site.chain[0].args[0]
         fn = self._op_chain(site.chain)
         _, vjp = torch.func.vjp(fn, self.env[leaf_node])
