@@ -601,3 +601,32 @@ def test_products_and_diagonals_on_cuda_equal_the_cpu_oracle():
             _check_on_device("cuda")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+@pytest.mark.parametrize("choice", [None, "batched", "loop"])
+def test_batched_products_measured_or_forced_equal_the_oracle(choice):
+    """NOTE [batched or looped products]: the products through the cached graph, as one
+    batched backward or as a loop of single ones, equal the oracle column by column, and
+    the measured choice is kept for the next call."""
+    torch.manual_seed(0)
+    model = ResidualMLP(3, 4, 1, 2).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    f = lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "graph"
+    if choice is not None:
+        H._choices["products"] = choice
+        H._choices[("rows", 0)] = choice
+    tangents = [random_like(params, s) for s in range(3)]
+    batch = {k: torch.stack([t[k] for t in tangents]) for k in params}
+    out = H.batched(batch)
+    for i, t in enumerate(tangents):
+        expected = _oracle_hvp(f, params, (x, y), t)
+        assert_close({k: v[i] for k, v in out.items()}, expected)
+    assert H._choices["products"] in ("batched", "loop")
+    first = list(params)[0]
+    rows = H.block_rows(0, batch[first])
+    for i, t in enumerate(tangents):
+        zeroed = {k: t[k] if k == first else torch.zeros_like(t[k]) for k in params}
+        assert_close(rows[i], _oracle_hvp(f, params, (x, y), zeroed)[first])
