@@ -63,6 +63,7 @@ from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize
 from ._tree import flat_spec, vector_to_tree
 from .dense import _nest
 from .errors import ArgumentError
+from .graph.curvature import GGNLoss, plan_ggn_diagonal
 
 __all__ = ["ggn_vp", "ggn", "ggn_diag", "fisher_diag", "LIKELIHOODS"]
 
@@ -221,15 +222,22 @@ def ggn_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *, per_sample: 
     """
     call = "ggn_diag"
     _checked(g, loss_fn, call)
+    composed = GGNLoss(g, loss_fn)  # the captured-graph route (NOTE [Gauss-Newton over the graph])
 
-    def diag_f(params: Any, x: Any, y: Any) -> Any:
-        check_floating(params, "params", call)
+    def dense_diag(params: Any, x: Any, y: Any) -> Any:
         J, Ho = _jacobian_and_output_hessian(g, loss_fn, params, x, y, call, max_memory, False)
         return vector_to_tree((J * (Ho @ J)).sum(0), flat_spec(params))
 
-    if not per_sample:
-        return diag_f
-    return lambda params, x, y: _per_sample(diag_f, params, x, y)
+    def diag_f(params: Any, x: Any, y: Any) -> Any:
+        check_floating(params, "params", call)
+        plan, _ = plan_ggn_diagonal(composed, (params, x, y), per_sample=per_sample)
+        if plan is not None:
+            return pytree.tree_unflatten(plan.diagonal(), pytree.tree_structure(params))
+        if per_sample:
+            return _per_sample(dense_diag, params, x, y)
+        return dense_diag(params, x, y)
+
+    return diag_f
 
 
 # -------------------------------------------------------------------- Fisher

@@ -432,3 +432,32 @@ def test_kfac_refusals():
         K.solve(torch.ones(3, dtype=DT))
     with pytest.raises(hf.ArgumentError, match=r"`fisher` must be 'exact', 'mc' or"):
         hf.KFACOperator.from_model(layer, nn.MSELoss(), (x[:, :1], y), fisher="true")
+
+
+@pytest.mark.parametrize("arch", ["residual", "concat", "layernorm"])
+@pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce"])
+def test_ggn_diagonal_of_dags_from_the_captured_graph(arch, name):
+    """NOTE [Gauss-Newton over the graph]: the same sweep as the Hessian with g's own
+    curvature left out; skip connections, concatenations and LayerNorm, full and per
+    sample, equal the oracle's loops."""
+    from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
+    from hessfunc.testing.models import ConcatNet, ResidualMLP
+
+    torch.manual_seed(0)
+    model = {"residual": lambda: ResidualMLP(2, 4, 2, C),
+             "concat": lambda: ConcatNet(2, 3, C),
+             "layernorm": lambda: nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Tanh(),
+                                                nn.Linear(4, C))}[arch]().double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 2, generator=gen, dtype=DT), _targets(name, 4, gen)
+    loss_fn = LOSSES[name]
+    g, params, _, _, G = _oracle(model, loss_fn, x, y)
+    plan, why = plan_ggn_diagonal(GGNLoss(g, loss_fn), (params, x, y))
+    assert plan is not None, why
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    each = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for n in range(4):
+        leaves = leaf_params(params)
+        Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1],
+                              list(leaves.values()))
+        assert_close(torch.cat([each[k][n].reshape(-1) for k in params]), torch.diagonal(Gn))

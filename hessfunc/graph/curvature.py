@@ -30,6 +30,13 @@ NOTE [frontier propagation]
     diagonal, Hessian. Any other parameter (tied, transformed before use,
     inside a non-separable term) takes one-hot Hessian-vector products.
 
+NOTE [Gauss-Newton over the graph]
+    The GGN of ``loss_fn(g(p, x), y)`` is ``J^T H_o J``: the Hessian with the curvature
+    terms of ``g``'s own ops left out. The sweep is the same with those terms zero
+    (``GraphPlan.linearised``): the loss's ops put ``H_o`` on the frontier at the
+    outputs, and ``g``'s ops carry it down by ``J^T . J`` alone. ``g``'s ops are found
+    by tracing ``g`` alone: they are the first ops of the composition, in order.
+
 NOTE [per-sample losses]
     ``per_sample=True`` wants the diagonal of each sample's own loss,
     ``f(p, x[n:n+1], y[n:n+1])``, which is not the batch's per-sample block: a mean
@@ -134,6 +141,7 @@ class GraphPlan:
     separable: set[int]               # leaves whose parameter-only terms are separable
     products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
     one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
+    linearised: frozenset = frozenset()  # ops whose curvature is left out (the GGN's model)
     env: dict[fx.Node, Any] = field(default_factory=dict)
     rules: dict[fx.Node, Any] = field(default_factory=dict)
     grads: dict[fx.Node, Tensor] = field(default_factory=dict)
@@ -671,6 +679,58 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
     if need > budget:
         return None, (f"the per-sample curvature over the widest frontier needs "
                       f"{format_bytes(need)}, over the budget of {format_bytes(budget)}")
+    return plan, "ok"
+
+
+class GGNLoss:
+    """``loss_fn(g(params, x), y)``, traceable, one object per ``ggn_diag(g, loss_fn)``."""
+
+    _guard_targets: Any = ()
+
+    def __init__(self, g: Callable[..., Any], loss_fn: Callable[..., Any]) -> None:
+        self.g, self.loss_fn = g, loss_fn
+        self._guard_targets = (g, loss_fn)
+        self.model = _Model(g)
+
+    def __call__(self, params: Any, x: Any, y: Any) -> Any:
+        return self.loss_fn(self.g(params, x), y)
+
+
+class _Model:
+    """``g(params, x)`` alone, for finding its ops in the composition."""
+
+    _guard_targets: Any = ()
+
+    def __init__(self, g: Callable[..., Any]) -> None:
+        self.g = g
+        self._guard_targets = (g,)
+
+    def __call__(self, params: Any, x: Any) -> Any:
+        return self.g(params, x)
+
+
+def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = False
+                      ) -> tuple[GraphPlan | None, str]:
+    """The plan of ``f``'s diagonal with ``g``'s curvature left out (NOTE [Gauss-Newton
+    over the graph]), or ``(None, why)``."""
+    plan, why = plan_diagonal(f, args, 0, per_sample=per_sample)
+    if plan is None:
+        return None, why
+    if plan.products:
+        return None, "some parameters take one-hot products (see hessfunc.explain)"
+    cache = _cache(f.model)
+    try:
+        captured = None if isinstance(cache, str) else cache.get(args[:2])
+    except ArgumentError as e:
+        return None, str(e)
+    if captured is None:
+        return None, "g could not be captured as a graph"
+    model_ops = [nd.target for nd in captured.graph_module.graph.nodes
+                 if nd.op == "call_function"]
+    calls = [nd for nd in plan.gm.graph.nodes if nd.op == "call_function"]
+    if [nd.target for nd in calls[:len(model_ops)]] != model_ops:
+        return None, "g's ops are not the first ops of loss_fn(g(params, x), y)"
+    plan.linearised = frozenset(calls[:len(model_ops)])
     return plan, "ok"
 
 

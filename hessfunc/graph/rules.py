@@ -76,7 +76,7 @@ class Rule:
     def curvature(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
         plan, node, inputs = self.plan, self.node, self.inputs
         g = plan.grads.get(node)
-        if g is None or plan.linear(node, inputs):
+        if g is None or plan.linear(node, inputs) or node in plan.linearised:
             return {}
         fn = plan.op(node, inputs)
 
@@ -117,7 +117,7 @@ class Elementwise(Rule):
             y = plan.op(node, inputs)(x)
             (d,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=g is not None)
             c = None
-            if g is not None and d.requires_grad:
+            if g is not None and d.requires_grad and node not in plan.linearised:
                 (c,) = torch.autograd.grad(d, x, g, allow_unused=True)
         self.derivative = plan.flat(u, d.detach())
         self.second = None if c is None else plan.flat(u, c)
