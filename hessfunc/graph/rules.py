@@ -154,8 +154,9 @@ class RowAffine(Rule):
     def pull_rows(self, block: Tensor) -> list[Tensor]:
         weight = self.plan.env[self.node.args[-1]]  # (in, out)
         n, _, w_r = block.shape
-        rows = block.reshape(n, -1, weight.shape[1], w_r)
-        return [torch.matmul(weight, rows).reshape(n, -1, w_r)]
+        rows = block.reshape(n, -1, weight.shape[1], w_r).transpose(2, 3)  # (n, r, w_r, out)
+        pulled = rows.reshape(-1, weight.shape[1]) @ weight.T  # one 2-D product
+        return [pulled.reshape(n, -1, w_r, weight.shape[0]).transpose(2, 3).reshape(n, -1, w_r)]
 
     def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
         if hvv is None:
