@@ -499,3 +499,28 @@ def test_per_sample_losses_normalised_by_the_batch(name, loss):
     assert plan_diagonal(f, (params, x, y), per_sample=True)[0] is not None
     assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
                  _oracle_per_sample(f, params, x, y))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_convolution_weights_by_the_unfolded_input(dims):
+    """The convolution sites' closed form (weight and bias from the unfolded input):
+    non-square kernels, strides, padding and dilation; the diagonal, per-sample diagonals
+    and the GGN diagonal against the loop oracles."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2) if dims == 1 else \
+        nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    x = torch.randn(3, 2, *([7] if dims == 1 else [5, 6]), dtype=F64)
+    body = nn.Sequential(conv, nn.Tanh(), nn.Flatten()).double()
+    model = nn.Sequential(body, nn.Linear(body(x).shape[1], 2)).double()
+    y = torch.randint(0, 2, (3,))
+    f = _plain(model, F.cross_entropy)
+    params = _params(model)
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
+                 _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
+                 _oracle_per_sample(f, params, x, y))
+    g = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    G = hf.reference.ggn(g(leaves, x), F.cross_entropy, y, list(leaves.values()))
+    got = hf.ggn_diag(g, F.cross_entropy)(params, x, y)
+    assert_close(torch.cat([got[k].reshape(-1) for k in params]), torch.diagonal(G))

@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 import torch.func
+import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
@@ -499,6 +500,9 @@ class GraphPlan:
                 diag_o = d.reshape(-1, *env[o].shape) if each else \
                     d.sum(0).reshape(env[o].shape)
             return self._to_leaf(site, diag_o)
+        conv = self._convolution_site(site, hvv, signs)
+        if conv is not None:
+            return self._to_leaf(site, conv if each else conv.sum(0))
         k = env[o].numel()
         fn = self.op(v, [o])
         pieces = []
@@ -518,6 +522,43 @@ class GraphPlan:
         if each:
             return self._to_leaf(site, torch.cat(pieces, 1).reshape(-1, *env[o].shape))
         return self._to_leaf(site, torch.cat(pieces).reshape(env[o].shape))
+
+    def _convolution_site(self, site: _Site, hvv: Tensor, signs: Tensor | None
+                          ) -> Tensor | None:
+        """The weight or bias of a 1-d/2-d convolution (no groups, not transposed), per
+        sample: ``v[o, l] = sum_k W[o, k] X[k, l] + b[o]`` with ``X`` the unfolded input,
+        so ``diag_W[o, k] = sum_(l, m) X[k, l] H[(o, l), (o, m)] X[k, m]`` (with a factor
+        ``S``: ``sum_c s_c (sum_l S[(o, l), c] X[k, l])^2``). None where it does not apply."""
+        v, o = site.node, site.operand
+        if v.target is not aten.convolution.default or site.chain:
+            return None
+        x_node, w_node, b_node, stride, padding, dilation, transposed, _, groups = v.args[:9]
+        weight = self.env[w_node]
+        label = self.label(v)
+        if transposed or groups != 1 or weight.dim() not in (3, 4) or label.axis != 0 \
+                or label.layout != (1, 1) or o not in (w_node, b_node):
+            return None
+        x = self.env[x_node]
+        if weight.dim() == 3:  # 1-d as 2-d of height one
+            x, kernel = x.unsqueeze(2), (1, weight.shape[2])
+            stride, padding, dilation = (1, stride[0]), (0, padding[0]), (1, dilation[0])
+        else:
+            kernel = tuple(weight.shape[2:])
+        n, c_out = x.shape[0], weight.shape[0]
+        span = self.env[v].shape[2:].numel()
+        if o is w_node:
+            cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        if signs is not None:
+            root = hvv.reshape(n, c_out, span, -1)  # (N, o, l, c)
+            if o is b_node:
+                return (root.sum(2) ** 2 * signs[:, None, :]).sum(-1)
+            g = torch.einsum("nolc,nkl->ncok", root, cols)
+            return (g * g * signs[:, :, None, None]).sum(1).reshape(n, *weight.shape)
+        own = hvv.reshape(n, c_out, span, c_out, span).diagonal(dim1=1, dim2=3)
+        own = own.permute(0, 3, 1, 2)  # (N, o, l, m)
+        if o is b_node:
+            return own.sum((2, 3))
+        return torch.einsum("nkl,nolm,nkm->nok", cols, own, cols).reshape(n, *weight.shape)
 
     def _to_leaf(self, site: _Site, diag_operand: Tensor) -> Tensor:
         """Carry a diagonal back through the element-keeping views from the leaf."""
