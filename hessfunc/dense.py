@@ -7,22 +7,28 @@ never computing the cross blocks.
 
 Both are built from Hessian rows ``H e_i`` of one-hot tangents pushed in chunks
 through a gradient graph that is built once (``hvp_fn``), so a chunk of ``k``
-rows costs one batched backward pass. ``chunk_size`` bounds the rows in flight;
-``None`` sizes chunks to a fixed working budget (``_memory.CHUNK_BUDGET_BYTES``).
+rows costs one batched backward pass; the blocks of parameters that enter a
+captured graph once, linearly, come from the per-sample curvature at that place
+instead (NOTE [frontier propagation] in ``hessfunc/graph/curvature.py``).
+``chunk_size`` bounds the rows in flight; ``None`` sizes chunks to a fixed working
+budget (``_memory.CHUNK_BUDGET_BYTES``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from . import _chain
+from ._autodiff import missing_derivative
 from ._checks import check_argnums, check_callable, check_chunk_size, check_floating
 from ._memory import auto_chunk_size, check_dense, itemsize
 from ._tree import FlatSpec, flat_spec, one_hot_chunks
+from .functional import FunctionalModel, _report_non_finite
+from .graph.curvature import GraphPlan, plan_diagonal
 from .products import HVPFunction
 
 __all__ = ["hessian", "hessian_blocks"]
@@ -138,16 +144,36 @@ def _generic_blocks(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
     return [torch.cat(r) for r in rows]
 
 
+def _graph_blocks(plan: GraphPlan, f: Callable[..., Any], args: tuple[Any, ...], spec: FlatSpec,
+                  chunk_size: int | None, call: str) -> Any:
+    """The captured-graph route; leaves it has no rule for take batched Hessian rows."""
+    blocks = plan.blocks()
+    if isinstance(f, FunctionalModel) and f.check_finite:
+        _report_non_finite(args[0], args[1], plan.loss, "loss")
+    rest = {i for i, b in enumerate(blocks) if b is None}
+    if rest:
+        rows: dict[int, list[torch.Tensor]] = {i: [] for i in rest}
+        H = HVPFunction(f, args, 0, call=call)
+        for index, _, _, r in leaf_block_rows(H, spec, chunk_size, rest):
+            rows[index].append(r)
+        for i, r in rows.items():
+            blocks[i] = torch.cat(r)
+    return pytree.tree_unflatten(blocks, spec.treespec)
+
+
 def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,
                    max_memory: int | None = None) -> Callable[..., Any]:
     """Each leaf's own ``(numel, numel)`` Hessian block, without the cross blocks.
 
     For a parameter dict ``p``, ``hessian_blocks(f)(p, ...)[name]`` is
     ``d^2 f / d p[name]^2`` flattened row-major: diagonal and off-diagonal terms
-    of that parameter. For a model made by :func:`hessfunc.functionalize` whose
-    forward is a chain of ``nn.Linear`` layers and elementwise activations with a
-    loss that is a sum over samples, the blocks come from per-sample Hessians
-    propagated backward (``hessfunc._chain``); otherwise from batched Hessian rows.
+    of that parameter. For ``f(params, inputs, targets)`` whose captured graph keeps
+    its samples apart (any DAG: skip connections, LayerNorm, attention, weight
+    decay), the block of a parameter used once, linearly, is ``J_p^T H_v J_p`` with
+    ``H_v`` the per-sample curvature at its place in the graph (NOTE [frontier
+    propagation] in ``hessfunc/graph/curvature.py``; closed form for ``x W^T + b``);
+    other parameters, and every ``f`` the graph does not cover, take batched
+    Hessian rows. ``hessfunc.explain`` says which.
 
     Returns:
         The structure of ``args[argnums]`` with ``(numel, numel)`` leaves.
@@ -166,6 +192,13 @@ def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int |
         check_dense(sum(n * n for n in spec.numels), spec.dtype, spec.device,
                     what="storing the diagonal blocks", call=call, max_memory=max_memory,
                     hint="use `hessian_diag` or `hessfunc.HessianOperator`")
+        graph, _ = plan_diagonal(f, args, a)
+        if graph is not None:
+            try:
+                return _graph_blocks(graph, f, args, spec, chunk_size, call)
+            except RuntimeError as e:  # an op without a second derivative in torch
+                if missing_derivative(e) is None:
+                    raise
         plan = _chain.plan(f, args, a)
         if plan is not None:
             return plan.blocks(chunk_size)

@@ -27,8 +27,8 @@ class Route:
 
 @dataclass(frozen=True)
 class Explanation:
-    """The routes of a call, and for the diagonal the route of every parameter that
-    does not take the captured graph (``parameters``: name -> why)."""
+    """The routes of a call, and for the diagonal and the blocks the route of every
+    parameter that does not take the captured graph (``parameters``: name -> why)."""
 
     routes: tuple[Route, ...]
     parameters: dict[str, str]
@@ -45,7 +45,7 @@ class Explanation:
         for r in self.routes:
             lines.append(f"{r.quantity:<{width}}{r.name} ({r.engine})"
                          + (f": {r.why}" if r.why else ""))
-            if r.quantity == "hessian_diag":
+            if r.quantity in ("hessian_diag", "hessian_blocks") and r.engine == "captured graph":
                 for name, why in self.parameters.items():
                     lines.append(f"{'':<{width}}  parameter {name!r}: one-hot products, {why}")
         return "\n".join(lines)
@@ -69,7 +69,7 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     Returns:
         an :class:`Explanation`; ``print`` it, or index it by quantity
         (``"hessian_diag"``, ``"hessian_diag(per_sample=True)"``,
-        ``"hvp, hvp_fn, HessianOperator"``, ``"hessian, hessian_blocks"``).
+        ``"hvp, hvp_fn, HessianOperator"``, ``"hessian_blocks"``, ``"hessian"``).
 
     Example:
         >>> import torch.nn.functional as F
@@ -110,7 +110,14 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     routes.append(Route("hvp, hvp_fn, HessianOperator",
                         *(("structured", "R-operator on the chain", "") if products is not None
                           else ("graph", "cached gradient graph", products_why))))
-    routes.append(Route("hessian, hessian_blocks",
+    if plan is not None:
+        routes.append(Route("hessian_blocks", "structured", "captured graph"))
+    else:
+        routes.append(Route("hessian_blocks",
+                            *(("structured", "Linear chain", why) if chain is not None else
+                              ("generic", "one-hot products", f"{why}; chain route: "
+                               f"{chain_why}"))))
+    routes.append(Route("hessian",
                         *(("structured", "Linear chain", "") if chain is not None else
                           ("generic", "one-hot products", chain_why))))
     return Explanation(tuple(routes), parameters)

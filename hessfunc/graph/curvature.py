@@ -320,6 +320,31 @@ class GraphPlan:
         """Per leaf: its exact diagonal (leaf-shaped; with ``one_sample`` set, ``(N,
         *leaf shape)``, each sample's own loss), None for the products route."""
         lead = () if self.one_sample is None else (self.n,)
+        out = self._sweep(self._site_diagonal, full=False)
+        for i, term in self._separable_terms().items():
+            out[i] = term if out[i] is None else out[i] + term
+        return [leaf.new_zeros(*lead, *leaf.shape) if d is None and i not in self.products
+                else d for i, (leaf, d) in enumerate(zip(self.leaves, out, strict=True))]
+
+    def blocks(self) -> list[Tensor | None]:
+        """Per leaf: its own ``(numel, numel)`` Hessian block, ``J_p^T H[v, v] J_p`` at its
+        site plus its separable terms' diagonal; None for the products route and for
+        sites whose Jacobian would not fit the chunk budget."""
+        out = self._sweep(self._site_block, full=True)
+        for i, leaf in enumerate(self.leaves):
+            if out[i] is None and i not in self.products and (
+                    i not in self.sites or self._site_block_fits(self.sites[i])):
+                out[i] = leaf.new_zeros(leaf.numel(), leaf.numel())
+        for i, term in self._separable_terms().items():
+            if out[i] is not None:
+                out[i] = out[i] + torch.diag(term.reshape(-1))
+        return out
+
+    def _sweep(self, at_site: Callable[..., Tensor | None], full: bool
+               ) -> list[Tensor | None]:
+        """NOTE [frontier propagation]: the backward sweep, ``at_site(site, H[v, v])``
+        collected per leaf (summed over sites). ``full``: keep whole blocks everywhere
+        (else values whose block is only read on its diagonal keep the diagonal)."""
         if not self.env:
             self.evaluate()
             if self.one_sample is not None:
@@ -327,8 +352,9 @@ class GraphPlan:
                 self.evaluate(self._seeds)
         out: list[Tensor | None] = [None] * len(self.leaves)
 
-        def collect(i: int, part: Tensor) -> None:
-            out[i] = part if out[i] is None else out[i] + part
+        def collect(i: int, part: Tensor | None) -> None:
+            if part is not None:
+                out[i] = part if out[i] is None else out[i] + part
 
         by_node: dict[fx.Node, list[int]] = {}
         for i, site in self.sites.items():
@@ -339,7 +365,8 @@ class GraphPlan:
             H[(a, b)] = H[(a, b)] + block if (a, b) in H else block
 
         nodes = self._per_sample_nodes()
-        diagonal_only = set() if self.linearised else self._diagonal_only(nodes, by_node)
+        diagonal_only = set() if self.linearised or full else \
+            self._diagonal_only(nodes, by_node)
         factors: dict[fx.Node, Tensor] | None = None  # NOTE [Gauss-Newton factors]
         signs = None
         if self.linearised:
@@ -350,7 +377,7 @@ class GraphPlan:
                 if root is None:
                     continue
                 for i in by_node.get(v, ()):
-                    collect(i, self._site_diagonal(self.sites[i], root, signs))
+                    collect(i, at_site(self.sites[i], root, signs))
                 inputs = self._inputs(v)
                 if inputs:
                     for u, pulled in zip(inputs, self.rule(v, inputs).pull_rows(root),
@@ -363,7 +390,7 @@ class GraphPlan:
             hvv = row.pop(v, None)
             for i in by_node.get(v, ()):
                 if hvv is not None:
-                    collect(i, self._site_diagonal(self.sites[i], hvv))
+                    collect(i, at_site(self.sites[i], hvv))
             inputs = self._inputs(v)
             if not inputs:
                 continue
@@ -381,10 +408,7 @@ class GraphPlan:
                     add(r, u, block.transpose(1, 2))
             for (u, x), block in rule.sandwich(hvv).items():
                 add(u, x, block)
-        for i, term in self._separable_terms().items():
-            collect(i, term)
-        return [leaf.new_zeros(*lead, *leaf.shape) if d is None and i not in self.products
-                else d for i, (leaf, d) in enumerate(zip(self.leaves, out, strict=True))]
+        return out
 
     def _closed_form(self, site: _Site) -> bool:
         """``x W`` or the bias of ``addmm`` on one row per sample: the parameter's diagonal
@@ -523,12 +547,60 @@ class GraphPlan:
             return self._to_leaf(site, torch.cat(pieces, 1).reshape(-1, *env[o].shape))
         return self._to_leaf(site, torch.cat(pieces).reshape(env[o].shape))
 
-    def _convolution_site(self, site: _Site, hvv: Tensor, signs: Tensor | None
-                          ) -> Tensor | None:
-        """The weight or bias of a 1-d/2-d convolution (no groups, not transposed), per
-        sample: ``v[o, l] = sum_k W[o, k] X[k, l] + b[o]`` with ``X`` the unfolded input,
-        so ``diag_W[o, k] = sum_(l, m) X[k, l] H[(o, l), (o, m)] X[k, m]`` (with a factor
-        ``S``: ``sum_c s_c (sum_l S[(o, l), c] X[k, l])^2``). None where it does not apply."""
+    def _site_block_fits(self, site: _Site) -> bool:
+        """Whether the site's block comes without one Jacobian column per element over
+        the chunk budget (closed forms always do)."""
+        k = self.env[site.operand].numel()
+        return self._closed_form(site) or self._unfolded(site) is not None or \
+            2 * k * self.n * self.width(site.node) * itemsize(self.loss.dtype) <= \
+            CHUNK_BUDGET_BYTES
+
+    def _site_block(self, site: _Site, hvv: Tensor, signs: Tensor | None = None
+                    ) -> Tensor | None:
+        """``J_p^T H[v, v] J_p`` of one parameter, ``(numel, numel)`` in the leaf's order
+        (``hvv`` whole, or with ``signs`` as a factor); None where it does not fit."""
+        if signs is not None:
+            hvv = torch.einsum("nvc,nc,nwc->nvw", hvv, signs, hvv)
+        elif hvv.dim() == 2:  # held as its diagonal
+            hvv = torch.diag_embed(hvv)
+        v, o = site.node, site.operand
+        env = self.env
+        k = env[o].numel()
+        if self._closed_form(site):
+            x_node, w_node = v.args[-2:]
+            if o is w_node:  # v = x o: block[(j, i), (l, m)] = sum_n x_nj x_nl H_n[i, m]
+                x = env[x_node]
+                d_in, d_out = x.shape[1], hvv.shape[1]
+                cross = sum(((x[sl, :, None] * x[sl, None, :]).reshape(sl.stop - sl.start, -1).T
+                             @ hvv[sl].reshape(sl.stop - sl.start, -1))
+                            for sl in self.chunks(self.n, d_in * d_in))
+                block = cross.reshape(d_in, d_in, d_out, d_out).permute(0, 2, 1, 3).reshape(k, k)
+            else:  # the bias of addmm
+                block = hvv.sum(0)
+        elif (conv := self._convolution_block(site, hvv)) is not None:
+            block = conv
+        elif self._site_block_fits(site):
+            fn = self.op(v, [o])
+            basis = torch.eye(k, dtype=hvv.dtype, device=hvv.device).reshape(k, *env[o].shape)
+            pushed = torch.func.vmap(lambda t: torch.func.jvp(fn, (env[o],), (t,))[1])(basis)
+            u = self.flat(v, pushed, 1)  # (K, N, w_v)
+            hu = torch.einsum("nvw,knw->knv", hvv, u)
+            block = u.reshape(k, -1) @ hu.reshape(k, -1).T
+        else:
+            return None
+        if not site.chain:
+            return block
+        leaf = self.env[site.chain[0].args[0]]
+        order = torch.arange(leaf.numel(), dtype=torch.float64, device=leaf.device)
+        moved = self._op_chain(site.chain)(order.reshape(leaf.shape)).reshape(-1)
+        back = torch.argsort(moved.long())  # leaf element -> its place in the operand
+        return block[back][:, back]
+
+    def _unfolded(self, site: _Site) -> tuple[Tensor | None, int, int, torch.Size] | None:
+        """A 1-d/2-d convolution's weight or bias site (no groups, not transposed):
+        ``v[o, l] = sum_k W[o, k] X[k, l] + b[o]``. Returns the unfolded input ``X``
+        (``(N, K, L)``; None for the bias), ``C_out``, ``L`` and the weight's shape, or
+        None where this does not apply."""
         v, o = site.node, site.operand
         if v.target is not aten.convolution.default or site.chain:
             return None
@@ -538,27 +610,55 @@ class GraphPlan:
         if transposed or groups != 1 or weight.dim() not in (3, 4) or label.axis != 0 \
                 or label.layout != (1, 1) or o not in (w_node, b_node):
             return None
+        span = self.env[v].shape[2:].numel()
+        if o is b_node:
+            return None, weight.shape[0], span, weight.shape
         x = self.env[x_node]
         if weight.dim() == 3:  # 1-d as 2-d of height one
             x, kernel = x.unsqueeze(2), (1, weight.shape[2])
             stride, padding, dilation = (1, stride[0]), (0, padding[0]), (1, dilation[0])
         else:
             kernel = tuple(weight.shape[2:])
-        n, c_out = x.shape[0], weight.shape[0]
-        span = self.env[v].shape[2:].numel()
-        if o is w_node:
-            cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        return cols, weight.shape[0], span, weight.shape
+
+    def _convolution_site(self, site: _Site, hvv: Tensor, signs: Tensor | None
+                          ) -> Tensor | None:
+        """Per sample, the diagonal of a convolution's weight or bias (:meth:`_unfolded`):
+        ``diag_W[o, k] = sum_(l, m) X[k, l] H[(o, l), (o, m)] X[k, m]`` (with a factor
+        ``S``: ``sum_c s_c (sum_l S[(o, l), c] X[k, l])^2``). None where it does not apply."""
+        parts = self._unfolded(site)
+        if parts is None:
+            return None
+        cols, c_out, span, shape = parts
+        n = self.n
         if signs is not None:
             root = hvv.reshape(n, c_out, span, -1)  # (N, o, l, c)
-            if o is b_node:
+            if cols is None:
                 return (root.sum(2) ** 2 * signs[:, None, :]).sum(-1)
             g = torch.einsum("nolc,nkl->ncok", root, cols)
-            return (g * g * signs[:, :, None, None]).sum(1).reshape(n, *weight.shape)
+            return (g * g * signs[:, :, None, None]).sum(1).reshape(n, *shape)
         own = hvv.reshape(n, c_out, span, c_out, span).diagonal(dim1=1, dim2=3)
         own = own.permute(0, 3, 1, 2)  # (N, o, l, m)
-        if o is b_node:
+        if cols is None:
             return own.sum((2, 3))
-        return torch.einsum("nkl,nolm,nkm->nok", cols, own, cols).reshape(n, *weight.shape)
+        return torch.einsum("nkl,nolm,nkm->nok", cols, own, cols).reshape(n, *shape)
+
+    def _convolution_block(self, site: _Site, hvv: Tensor) -> Tensor | None:
+        """A convolution's weight or bias block (:meth:`_unfolded`): ``sum_n sum_(l, m)
+        X[k, l] H[(o, l), (p, m)] X[j, m]`` at ``((o, k), (p, j))``."""
+        parts = self._unfolded(site)
+        if parts is None:
+            return None
+        cols, c_out, span, _ = parts
+        full = hvv.reshape(self.n, c_out, span, c_out, span)
+        if cols is None:
+            return full.sum((0, 2, 4))
+        k = cols.shape[1]
+        block = sum(torch.einsum("nkopm,njm->okpj",
+                                 torch.einsum("nkl,nolpm->nkopm", cols[sl], full[sl]), cols[sl])
+                    for sl in self.chunks(self.n, k * c_out * c_out * span))
+        return block.reshape(c_out * k, c_out * k)
 
     def _to_leaf(self, site: _Site, diag_operand: Tensor) -> Tensor:
         """Carry a diagonal back through the element-keeping views from the leaf."""
