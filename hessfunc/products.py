@@ -62,6 +62,8 @@ Mode = Literal["reverse-over-reverse", "forward-over-reverse"]
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
 PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
+#: Columns of the first batched pass that NOTE [batched or looped products] times.
+_PROBE_COLUMNS = 8
 
 
 def _check_mode(mode: Any, call: str) -> None:
@@ -333,34 +335,55 @@ class HVPFunction:
             return torch.zeros_like(t) if r is None else r
 
         return self._batched_or_looped(
-            ("rows", index), tangents.shape[0], lambda: rows(tangents, True),
+            ("rows", index), tangents.shape[0], lambda lo, hi: rows(tangents[lo:hi], True),
             lambda i: rows(tangents[i], False).unsqueeze(0), lambda parts: torch.cat(parts))
 
-    def _batched_or_looped(self, kind: Any, k: int, batched: Callable[[], Any],
+    def _batched_or_looped(self, kind: Any, k: int,
+                           batched: Callable[[int, int], Any],
                            single: Callable[[int], Any], join: Callable[[list[Any]], Any]
                            ) -> Any:
         """NOTE [batched or looped products]: ``k`` products through the cached gradient
-        graph, either as one backward pass over a batch of cotangents (``vmap`` inside
-        autograd) or as a loop of single backward passes, whichever was faster for this
-        graph. Neither is faster everywhere: the batched pass wins on small layers (one
-        kernel launch for all columns), but batching rules can be slower per column
-        than the plain kernels (convolutions, BatchNorm: 1.7x on a ResNet). The first
-        batched call is timed, then one single product, and the faster per column
-        (the loop only if more than 10% faster) is kept for this kind of call."""
+        graph, as backward passes over batches of cotangents (``vmap`` inside autograd,
+        ``batched(lo, hi)`` for columns ``lo:hi``) or as a loop of single backward passes
+        (``single(i)``), whichever is faster per column for this graph. Neither is faster
+        everywhere: batching wins on small layers (one kernel launch for many columns),
+        but batching rules can be slower per column than the plain kernels, and wide
+        batches fall out of cache (on a ResNet, a Transformer and a residual MLP, 50
+        columns at once cost 1.1-1.7x a loop). The first call of three columns or more
+        times its own columns: its second single product (the first warms up), then
+        batched passes of ``_PROBE_COLUMNS`` columns, doubling
+        while that is 10% cheaper per column; the loop is kept if a single product is
+        10% cheaper than the first pass, else the best width. Choosing costs no extra
+        product; later calls of the same kind reuse the choice."""
         if k == 1:
             return single(0)
         choice = self._choices.get(kind)
-        if choice == "loop":
+        if choice == "loop" or choice is None and k == 2:
             return join([single(i) for i in range(k)])
-        if choice == "batched":
-            return batched()
+        if choice is not None:
+            return join([batched(lo, min(k, lo + choice)) for lo in range(0, k, choice)])
+        parts = [single(0)]  # the first pass over the graph pays for warming up: untimed
         start = time.perf_counter()
-        out = batched()
-        middle = time.perf_counter()
-        single(0)
-        per_column = time.perf_counter() - middle
-        self._choices[kind] = "loop" if per_column * k < 0.9 * (middle - start) else "batched"
-        return out
+        parts.append(single(1))
+        per_single = time.perf_counter() - start
+        lo, width, best, growing = 2, _PROBE_COLUMNS, None, True
+        while lo < k:
+            hi = min(k, lo + width)
+            start = time.perf_counter()
+            parts.append(batched(lo, hi))
+            per_column = (time.perf_counter() - start) / (hi - lo)
+            if best is None and per_single < 0.9 * per_column:
+                self._choices[kind] = "loop"
+                return join([*parts, *(single(i) for i in range(hi, k))])
+            if growing:
+                if best is None or hi - lo == width and per_column < 0.9 * best[1]:
+                    best = (width, per_column)
+                    width *= 2
+                else:
+                    width, growing = best[0], False
+            lo = hi
+        self._choices[kind] = best[0] if best is not None else _PROBE_COLUMNS
+        return join(parts)
 
     def batched(self, tangents: Any) -> Any:
         """``H V`` for tangents whose leaves carry a leading batch dimension ``k``."""
@@ -381,8 +404,9 @@ class HVPFunction:
 
         flat = self._batched_or_looped(
             "products", leaves[0].shape[0],
-            lambda: _second_backward(self._leaves, self._grads, leaves, retain_graph=True,
-                                     batched=True),
+            lambda lo, hi: _second_backward(self._leaves, self._grads,
+                                            [t[lo:hi] for t in leaves], retain_graph=True,
+                                            batched=True),
             single, lambda parts: [torch.cat(c) for c in zip(*parts, strict=True)])
         return pytree.tree_unflatten(flat, self._spec)
 

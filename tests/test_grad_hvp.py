@@ -603,11 +603,31 @@ def test_products_and_diagonals_on_cuda_equal_the_cpu_oracle():
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
-@pytest.mark.parametrize("choice", [None, "batched", "loop"])
-def test_batched_products_measured_or_forced_equal_the_oracle(choice):
-    """NOTE [batched or looped products]: the products through the cached graph, as one
-    batched backward or as a loop of single ones, equal the oracle column by column, and
-    the measured choice is kept for the next call."""
+@pytest.mark.parametrize("k", [2, 3, 11, 26])
+@pytest.mark.parametrize("choice", [None, "batched", "loop", "first-loop", "first-batched"])
+def test_batched_products_measured_or_forced_equal_the_oracle(choice, k, monkeypatch):
+    """NOTE [batched or looped products]: the products through the cached graph, as
+    batched backward passes or as a loop of single ones, equal the oracle column by
+    column; the first call, which times both on its first columns (``first-*``: a clock
+    that makes that one win) and finishes with the winner, too; and the choice is kept
+    for the next call."""
+    if choice is not None and choice.startswith("first-"):
+        import hessfunc.products as products
+
+        class Clock:
+            """Each timed call lasts one unit, the first single product 1e-3 (first-loop)
+            or 1 (first-batched: the batched passes are cheaper per column)."""
+
+            def __init__(self):
+                self.now, self.calls = 0.0, 0
+
+            def perf_counter(self):
+                if self.calls % 2:
+                    self.now += 1e-3 if self.calls == 1 and choice == "first-loop" else 1.0
+                self.calls += 1
+                return self.now
+
+        monkeypatch.setattr(products, "time", Clock())
     torch.manual_seed(0)
     model = ResidualMLP(3, 4, 1, 2).double()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -615,16 +635,25 @@ def test_batched_products_measured_or_forced_equal_the_oracle(choice):
     f = lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
     H = hf.hvp_fn(f, (params, x, y))
     assert H.method == "graph"
-    if choice is not None:
-        H._choices["products"] = choice
-        H._choices[("rows", 0)] = choice
-    tangents = [random_like(params, s) for s in range(3)]
+    if choice in ("batched", "loop"):  # batched: all columns in one pass
+        H._choices["products"] = choice if choice == "loop" else k
+        H._choices[("rows", 0)] = choice if choice == "loop" else k
+    tangents = [random_like(params, s) for s in range(k)]
     batch = {k: torch.stack([t[k] for t in tangents]) for k in params}
     out = H.batched(batch)
     for i, t in enumerate(tangents):
         expected = _oracle_hvp(f, params, (x, y), t)
         assert_close({k: v[i] for k, v in out.items()}, expected)
-    assert H._choices["products"] in ("batched", "loop")
+    kept = H._choices.get("products")
+    if k == 2 and choice not in ("batched", "loop"):
+        assert kept is None  # two columns are two single products, nothing timed
+    else:
+        assert kept == "loop" or isinstance(kept, int) and kept >= 1
+        if choice == "first-loop":
+            assert kept == "loop"
+        if choice == "first-batched":  # 8 columns, then 16 (where whole) were cheaper
+            assert kept == (16 if k == 26 else 8)
+    assert_close(H.batched(batch), out)  # the kept choice, all columns
     first = list(params)[0]
     rows = H.block_rows(0, batch[first])
     for i, t in enumerate(tangents):
