@@ -801,7 +801,9 @@ class HessianOperator(CurvatureOperator):
         return cls(f, params, data, **kwargs)
 
     def _build_product(self, index: int, x: Any, y: Any) -> HVPFunction:
-        return HVPFunction(self.f, (self.params, x, y), 0)
+        if not hasattr(self, "_choices"):  # NOTE [batched or looped products], per operator
+            self._choices: dict[Any, Any] = {}
+        return HVPFunction(self.f, (self.params, x, y), 0, choices=self._choices)
 
     def _dense_function(self, chunk_size: int | None, max_memory: int | None
                         ) -> Callable[[Any, Any, Any, int], torch.Tensor]:

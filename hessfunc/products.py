@@ -23,6 +23,7 @@ reverse-over-reverse instead.
 
 from __future__ import annotations
 
+import math
 import time
 
 from collections.abc import Callable
@@ -63,7 +64,7 @@ HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
 PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
 #: Columns of the first batched pass that NOTE [batched or looped products] times.
-_PROBE_COLUMNS = 8
+_PROBE_COLUMNS = 2
 
 
 def _check_mode(mode: Any, call: str) -> None:
@@ -223,7 +224,8 @@ class HVPFunction:
     """
 
     def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int,
-                 method: str = "auto", call: str = "hessfunc.hvp_fn"):
+                 method: str = "auto", call: str = "hessfunc.hvp_fn",
+                 choices: dict[Any, Any] | None = None):
         self._primal = primals[argnums]
         self._call = call
         self._spec = pytree.tree_structure(self._primal)
@@ -232,7 +234,8 @@ class HVPFunction:
         self._gradient: Any = None
         self._value: torch.Tensor | None = None
         self._value_of: tuple[Callable[..., Any], torch.Tensor, Any] | None = None
-        self._choices: dict[Any, str] = {}  # NOTE [batched or looped products]
+        # NOTE [batched or looped products]; shared by the batches of one operator
+        self._choices: dict[Any, Any] = {} if choices is None else choices
         if method != "graph":
             plan, reason = _chain.analyze(f, primals, argnums, products_only=True)
             if plan is not None:
@@ -349,30 +352,37 @@ class HVPFunction:
         everywhere: batching wins on small layers (one kernel launch for many columns),
         but batching rules can be slower per column than the plain kernels, and wide
         batches fall out of cache (on a ResNet, a Transformer and a residual MLP, 50
-        columns at once cost 1.1-1.7x a loop). The first call of three columns or more
-        times its own columns: its second single product (the first warms up), then
-        batched passes of ``_PROBE_COLUMNS`` columns, doubling
-        while that is 10% cheaper per column; the loop is kept if a single product is
-        10% cheaper than the first pass, else the best width. Choosing costs no extra
-        product; later calls of the same kind reuse the choice."""
+        columns at once cost 1.1-1.7x a loop). The first call of four columns or more
+        times its own columns: its second and third single products (the faster; the
+        first warms up), then
+        batched passes of ``_PROBE_COLUMNS`` columns, doubling while that is 10% cheaper
+        per column. Batching is kept, at the best width, only if its first (smallest)
+        pass is 10% cheaper per column than a single product, else the loop: where the
+        two are close (a ResNet), one noisy timing must not pick the batched route. Choosing costs no extra product,
+        only the slower route's time on a few columns; later calls of the same kind,
+        and the other batches of a :class:`hessfunc.HessianOperator` (the same graph on
+        other data), reuse the choice.
+        """
         if k == 1:
             return single(0)
         choice = self._choices.get(kind)
-        if choice == "loop" or choice is None and k == 2:
+        if choice == "loop" or choice is None and k <= 3:
             return join([single(i) for i in range(k)])
         if choice is not None:
             return join([batched(lo, min(k, lo + choice)) for lo in range(0, k, choice)])
         parts = [single(0)]  # the first pass over the graph pays for warming up: untimed
-        start = time.perf_counter()
-        parts.append(single(1))
-        per_single = time.perf_counter() - start
-        lo, width, best, growing = 2, _PROBE_COLUMNS, None, True
+        per_single = math.inf
+        for i in (1, 2):
+            start = time.perf_counter()
+            parts.append(single(i))
+            per_single = min(per_single, time.perf_counter() - start)
+        lo, width, best, growing = 3, _PROBE_COLUMNS, None, True
         while lo < k:
             hi = min(k, lo + width)
             start = time.perf_counter()
             parts.append(batched(lo, hi))
             per_column = (time.perf_counter() - start) / (hi - lo)
-            if best is None and per_single < 0.9 * per_column:
+            if best is None and not per_column < 0.9 * per_single:
                 self._choices[kind] = "loop"
                 return join([*parts, *(single(i) for i in range(hi, k))])
             if growing:

@@ -374,3 +374,22 @@ def test_data_span_only_where_it_is_exact_and_pays():
     assert hf.HessianOperator.from_model(frozen, loss_fn, (x, y))._data_span() is None
     odd = nn.Sequential(nn.Linear(16, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
     assert hf.HessianOperator.from_model(odd, loss_fn, (x, y))._data_span() is None
+
+
+def test_batches_share_one_batched_or_looped_choice():
+    """NOTE [batched or looped products]: the batches of one operator are one graph on
+    other data; the first batch's measurement is reused by the others (every batch's
+    products hold the operator's choices), and matmat equals the dense truth."""
+    model, loss_fn, x, y = _problem(n=24)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, x, y):  # the torch.func way: products through the cached graph
+        return loss_fn(torch.func.functional_call(model, p, (x,)), y)
+
+    op = hf.HessianOperator(f, params, _split(x, y, (8, 8, 8)))
+    V = torch.randn(op.shape[0], 12, dtype=torch.float64)
+    assert_close(op.matmat(V), _dense_truth(model, loss_fn, x, y) @ V)
+    products = [H for _, H in op._cached]
+    assert len(products) == 3 and all(H.method == "graph" for H in products)
+    assert all(H._choices is op._choices for H in products)
+    assert op._choices["products"] == "loop" or isinstance(op._choices["products"], int)
