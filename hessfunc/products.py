@@ -353,15 +353,14 @@ class HVPFunction:
         but batching rules can be slower per column than the plain kernels, and wide
         batches fall out of cache (on a ResNet, a Transformer and a residual MLP, 50
         columns at once cost 1.1-1.7x a loop). The first call of four columns or more
-        times its own columns: its second and third single products (the faster; the
-        first warms up), then
-        batched passes of ``_PROBE_COLUMNS`` columns, doubling while that is 10% cheaper
-        per column. Batching is kept, at the best width, only if its first (smallest)
-        pass is 10% cheaper per column than a single product, else the loop: where the
-        two are close (a ResNet), one noisy timing must not pick the batched route. Choosing costs no extra product,
-        only the slower route's time on a few columns; later calls of the same kind,
-        and the other batches of a :class:`hessfunc.HessianOperator` (the same graph on
-        other data), reuse the choice.
+        times its own columns: the faster of its second and third single products (the
+        first warms up), then batched passes of ``_PROBE_COLUMNS`` columns, doubling
+        while that is 10% cheaper per column. Batching is kept, at the best width, only
+        if its first (smallest) pass is 10% cheaper per column than a single product:
+        where the two are close (a ResNet), one noisy timing must not pick batching.
+        Choosing costs no extra product, only the slower route's time on a few columns;
+        later calls of the same kind, and the other batches of a
+        :class:`hessfunc.HessianOperator` (the same graph on other data), reuse it.
         """
         if k == 1:
             return single(0)
