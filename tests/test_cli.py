@@ -205,3 +205,46 @@ def test_format_duration():
     assert format_duration(4.567) == "4.57 s"
     assert format_duration(222.1) == "3 min 42 s"
     assert format_duration(7300) == "2 h 1 min"
+
+
+def test_report_estimates_diagonal_and_trace_from_one_set_of_probes(monkeypatch):
+    """Where the diagonal is a Hutchinson estimate, the report's Hutchinson trace uses
+    the same probes (one pass of products, not two); both equal the estimators run on
+    the dense oracle Hessian with the same seed, and the density (as many probes: a
+    product of that width for other probes) is not answered from them."""
+    from hessfunc.app import report as rp
+    from hessfunc.estimators import hutchinson_diagonal, hutchinson_trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    monkeypatch.setattr(rp, "GENERIC_DIAG_MAX_PARAMS", 0)
+    monkeypatch.setattr(rp, "_structured_diagonal", lambda *args: False)
+    widths = []
+    real = hf.HessianOperator.matmat
+    monkeypatch.setattr(hf.HessianOperator, "matmat",
+                        lambda self, V: widths.append(V.shape[1]) or real(self, V))
+    before_density = []
+    density_of = hf.HessianOperator.spectral_density
+    monkeypatch.setattr(hf.HessianOperator, "spectral_density",
+                        lambda self, **kw: before_density.append(len(widths))
+                        or density_of(self, **kw))
+    rep = rp.curvature_report(f, params, (x, y), top_k=1, hutchinson_samples=7,
+                              density_probes=7, density_steps=3, compare_oracle=False)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    H = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    P = H.shape[0]
+    trace = hutchinson_trace(lambda V: H @ V, P, num_samples=7, dtype=H.dtype,
+                             generator=torch.Generator().manual_seed(0))
+    diag = hutchinson_diagonal(lambda V: H @ V, P, num_samples=7, dtype=H.dtype,
+                               generator=torch.Generator().manual_seed(0))
+    density = hf.HessianOperator(f, params, (x, y)).spectral_density(num_probes=7, num_steps=3,
+                                                                     seed=0)
+    np.testing.assert_allclose(rep.density, density.density.numpy(), rtol=1e-8, atol=1e-10)
+    assert widths[:before_density[0]].count(7) == 1
+    assert rep.numbers["trace_hutchinson"] == pytest.approx(float(trace.estimate), rel=1e-10)
+    assert rep.numbers["trace_hutchinson_std_error"] == pytest.approx(float(trace.std_error),
+                                                                      rel=1e-10)
+    got = torch.cat([rep.diagonal[k].reshape(-1) for k in params])
+    torch.testing.assert_close(got, diag, rtol=1e-10, atol=1e-12)
