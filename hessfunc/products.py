@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -63,8 +63,9 @@ Mode = Literal["reverse-over-reverse", "forward-over-reverse"]
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
 PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
-#: Columns of the first batched pass that NOTE [batched or looped products] times.
-_PROBE_COLUMNS = 2
+#: Columns of the first batched pass that NOTE [batched or looped products] times
+#: (k / 16 of a call's k columns, within these bounds).
+_PROBE_COLUMNS, _PROBE_MAX = 2, 64
 
 
 def _check_mode(mode: Any, call: str) -> None:
@@ -203,6 +204,22 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
         return vjp_fn(tangent)[0]
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """NOTE [batched or looped products]: the best batched width found so far and its
+    seconds per column (None, inf before any), a single product's, and whether the
+    probing is over."""
+
+    width: int | None
+    per_column: float
+    per_single: float
+    settled: bool
+
+    @property
+    def loop(self) -> bool:
+        return self.width is None or not self.per_column < 0.9 * self.per_single
+
+
 class HVPFunction:
     """``v -> H v`` at a fixed point, with everything but ``v`` computed once.
 
@@ -338,7 +355,7 @@ class HVPFunction:
             return torch.zeros_like(t) if r is None else r
 
         return self._batched_or_looped(
-            ("rows", index), tangents.shape[0], lambda lo, hi: rows(tangents[lo:hi], True),
+            "rows", tangents.shape[0], lambda lo, hi: rows(tangents[lo:hi], True),
             lambda i: rows(tangents[i], False).unsqueeze(0), lambda parts: torch.cat(parts))
 
     def _batched_or_looped(self, kind: Any, k: int,
@@ -349,49 +366,54 @@ class HVPFunction:
         graph, as backward passes over batches of cotangents (``vmap`` inside autograd,
         ``batched(lo, hi)`` for columns ``lo:hi``) or as a loop of single backward passes
         (``single(i)``), whichever is faster per column for this graph. Neither is faster
-        everywhere: batching wins on small layers (one kernel launch for many columns),
-        but batching rules can be slower per column than the plain kernels, and wide
-        batches fall out of cache (on a ResNet, a Transformer and a residual MLP, 50
-        columns at once cost 1.1-1.7x a loop). The first call of four columns or more
-        times its own columns: the faster of its second and third single products (the
-        first warms up), then batched passes of ``_PROBE_COLUMNS`` columns, doubling
-        while that is 10% cheaper per column. Batching is kept, at the best width, only
-        if its first (smallest) pass is 10% cheaper per column than a single product:
-        where the two are close (a ResNet), one noisy timing must not pick batching.
-        Choosing costs no extra product, only the slower route's time on a few columns;
-        later calls of the same kind, and the other batches of a
-        :class:`hessfunc.HessianOperator` (the same graph on other data), reuse it.
+        everywhere: batching wins on small layers (one kernel launch for many columns;
+        the wider, the cheaper per column), but its rules can be slower per column than
+        the plain kernels (on a ResNet with BatchNorm, at every width) and wide batches
+        fall out of cache. So the calls time their own columns: two single products (the
+        faster; a first one warms up), then batched passes of ``k / 16`` columns (2 to
+        64), four times wider while that is 10% cheaper per column. When a wider pass
+        stops paying, the choice is settled: batching at the best width if that is 10%
+        cheaper per column than a single product, else the loop. Columns left when the
+        next width does not fit go by the best route so far, and the next call of the
+        same kind (products; rows of any leaf's block) goes on probing where this one
+        stopped; the other batches of a :class:`hessfunc.HessianOperator` (the same
+        graph on other data) share it. Choosing costs no extra product, only the slower
+        route's time on the probing passes.
         """
         if k == 1:
             return single(0)
-        choice = self._choices.get(kind)
-        if choice == "loop" or choice is None and k <= 3:
+        state = self._choices.get(kind)
+        if state is None and k <= 3:
             return join([single(i) for i in range(k)])
-        if choice is not None:
-            return join([batched(lo, min(k, lo + choice)) for lo in range(0, k, choice)])
-        parts = [single(0)]  # the first pass over the graph pays for warming up: untimed
-        per_single = math.inf
-        for i in (1, 2):
+        parts: list[Any] = []
+        lo = 0
+        if state is None:
+            parts.append(single(0))  # the first pass over the graph warms up: untimed
+            per_single = math.inf
+            for i in (1, 2):
+                start = time.perf_counter()
+                parts.append(single(i))
+                per_single = min(per_single, time.perf_counter() - start)
+            state = _Choice(None, math.inf, per_single, settled=False)
+            lo, width = 3, max(_PROBE_COLUMNS, min(_PROBE_MAX, k // 16))
+        else:
+            width = 4 * state.width if state.width else _PROBE_COLUMNS
+        while not state.settled and k - lo >= width:
             start = time.perf_counter()
-            parts.append(single(i))
-            per_single = min(per_single, time.perf_counter() - start)
-        lo, width, best, growing = 3, _PROBE_COLUMNS, None, True
-        while lo < k:
-            hi = min(k, lo + width)
-            start = time.perf_counter()
-            parts.append(batched(lo, hi))
-            per_column = (time.perf_counter() - start) / (hi - lo)
-            if best is None and not per_column < 0.9 * per_single:
-                self._choices[kind] = "loop"
-                return join([*parts, *(single(i) for i in range(hi, k))])
-            if growing:
-                if best is None or hi - lo == width and per_column < 0.9 * best[1]:
-                    best = (width, per_column)
-                    width *= 2
-                else:
-                    width, growing = best[0], False
-            lo = hi
-        self._choices[kind] = best[0] if best is not None else _PROBE_COLUMNS
+            parts.append(batched(lo, lo + width))
+            per_column = (time.perf_counter() - start) / width
+            lo += width
+            if per_column < 0.9 * state.per_column:
+                state = _Choice(width, per_column, state.per_single, settled=False)
+                width *= 4
+            else:
+                state = _Choice(state.width, state.per_column, state.per_single, settled=True)
+        self._choices[kind] = state
+        if state.loop:
+            parts.extend(single(i) for i in range(lo, k))
+        else:
+            step = state.width
+            parts.extend(batched(j, min(k, j + step)) for j in range(lo, k, step))
         return join(parts)
 
     def batched(self, tangents: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 
 import pytest
 import torch
@@ -604,30 +605,13 @@ def test_products_and_diagonals_on_cuda_equal_the_cpu_oracle():
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 11, 26])
-@pytest.mark.parametrize("choice", [None, "batched", "loop", "first-loop", "first-batched"])
-def test_batched_products_measured_or_forced_equal_the_oracle(choice, k, monkeypatch):
+@pytest.mark.parametrize("choice", [None, "batched", "loop"])
+def test_batched_products_measured_or_forced_equal_the_oracle(choice, k):
     """NOTE [batched or looped products]: the products through the cached graph, as
-    batched backward passes or as a loop of single ones, equal the oracle column by
-    column; the first call, which times both on its first columns (``first-*``: a clock
-    that makes that one win) and finishes with the winner, too; and the choice is kept
-    for the next call."""
-    if choice is not None and choice.startswith("first-"):
-        import hessfunc.products as products
+    batched backward passes or as a loop of single ones, or as the first call mixes
+    them while it times them, equal the oracle column by column; the choice is kept."""
+    from hessfunc.products import _Choice
 
-        class Clock:
-            """Each timed call lasts one unit, the first single product 1e-3 (first-loop)
-            or 1 (first-batched: the batched passes are cheaper per column)."""
-
-            def __init__(self):
-                self.now, self.calls = 0.0, 0
-
-            def perf_counter(self):
-                if self.calls % 2:  # two timed single products (the first fast), then batched
-                    self.now += 1e-3 if self.calls == 1 and choice == "first-loop" else 1.0
-                self.calls += 1
-                return self.now
-
-        monkeypatch.setattr(products, "time", Clock())
     torch.manual_seed(0)
     model = ResidualMLP(3, 4, 1, 2).double()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -635,9 +619,10 @@ def test_batched_products_measured_or_forced_equal_the_oracle(choice, k, monkeyp
     f = lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
     H = hf.hvp_fn(f, (params, x, y))
     assert H.method == "graph"
-    if choice in ("batched", "loop"):  # batched: all columns in one pass
-        H._choices["products"] = choice if choice == "loop" else k
-        H._choices[("rows", 0)] = choice if choice == "loop" else k
+    if choice is not None:  # batched: all columns in one pass
+        forced = _Choice(k, 0.0, 1.0, True) if choice == "batched" else \
+            _Choice(None, math.inf, 1.0, True)
+        H._choices["products"] = H._choices["rows"] = forced
     tangents = [random_like(params, s) for s in range(k)]
     batch = {k: torch.stack([t[k] for t in tangents]) for k in params}
     out = H.batched(batch)
@@ -645,18 +630,62 @@ def test_batched_products_measured_or_forced_equal_the_oracle(choice, k, monkeyp
         expected = _oracle_hvp(f, params, (x, y), t)
         assert_close({k: v[i] for k, v in out.items()}, expected)
     kept = H._choices.get("products")
-    if k <= 3 and choice not in ("batched", "loop"):
+    if k <= 3 and choice is None:
         assert kept is None  # up to three columns are single products, nothing timed
     else:
-        assert kept == "loop" or isinstance(kept, int) and kept >= 1
-        if choice == "first-loop":
-            assert kept == "loop"
-        if choice == "first-batched":  # 2, 4, 8, ... columns (where whole) were cheaper;
-            # one column left for the first pass is no cheaper than a single product
-            assert kept == {4: "loop", 11: 4, 26: 8}[k]
+        assert isinstance(kept, _Choice) and (choice is None or kept.loop == (choice == "loop"))
     assert_close(H.batched(batch), out)  # the kept choice, all columns
     first = list(params)[0]
     rows = H.block_rows(0, batch[first])
     for i, t in enumerate(tangents):
         zeroed = {k: t[k] if k == first else torch.zeros_like(t[k]) for k in params}
         assert_close(rows[i], _oracle_hvp(f, params, (x, y), zeroed)[first])
+
+
+@pytest.mark.parametrize(("single_cost", "pass_cost", "calls", "expected"), [
+    # batching never cheaper per column (a ResNet): settled at 2 wide, the loop kept
+    (1.0, lambda w: 1.0 * w, [20, 20], (2, 1.0, True, True)),
+    # 5x cheaper at 2 wide, no cheaper at 8: settled, batched 2 at a time
+    (1.0, lambda w: 0.2 * w, [20, 20], (2, 0.2, True, False)),
+    # a pass costs the same at any width: wider on every call while the next one fits
+    (1.0, lambda w: 1.0, [11, 30], (8, 1 / 8, False, False)),
+    # 8 wide only 6% cheaper per column than 2 wide: not worth growing
+    (1.0, lambda w: 0.5 * w if w <= 2 else 0.47 * w, [20, 20], (2, 0.5, True, False)),
+    # batching 5% cheaper than a single product: the loop, not batching
+    (1.0, lambda w: 0.95 * w, [20, 20], (2, 0.95, True, True)),
+    # the faster of the two timed single products (0.5) counts: 0.6 per column loses
+    ([1.0, 0.5, 1.0], lambda w: 0.6 * w, [20], (2, 0.6, True, True)),
+])
+def test_batched_or_looped_policy(single_cost, pass_cost, calls, expected, monkeypatch):
+    """NOTE [batched or looped products] on a clock that the products advance: every
+    column is computed once and in order, the loop is kept where batching does not pay
+    10%, and the width grows by four while it does, across calls."""
+    import types
+
+    import hessfunc.products as products
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(products, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    H = hf.hvp_fn(lambda x: (x ** 3).sum(), (torch.ones(2),))
+
+    widths = []
+
+    def batched(lo, hi):
+        clock["now"] += pass_cost(hi - lo)
+        widths.append(hi - lo)
+        return list(range(lo, hi))
+
+    costs = iter(single_cost) if isinstance(single_cost, list) else None
+
+    def single(i):
+        clock["now"] += next(costs, 1.0) if costs is not None else single_cost
+        return [i]
+
+    for k in calls:
+        widths.clear()
+        assert H._batched_or_looped("kind", k, batched, single,
+                                    lambda parts: sum(parts, [])) == list(range(k))
+    got = H._choices["kind"]
+    assert (got.width, got.per_column, got.settled, got.loop) == pytest.approx(expected)
+    if got.settled and len(calls) > 1:  # the last call ran only its route: that width
+        assert set(widths) == (set() if got.loop else {got.width})
