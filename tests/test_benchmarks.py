@@ -167,3 +167,34 @@ def test_cli_rejects_unknown_names() -> None:
         run.parse_args(["--only", "hessian,nonsense"])
     args = run.parse_args(["--only", "hvp,diag", "--only", "trace", "--problems", "cnn"])
     assert args.only == ["hvp", "diag", "trace"] and args.problems == ["cnn"]
+
+
+def test_blocks_benchmark_checks_against_the_oracle() -> None:
+    """``benchmarks.bench_blocks`` on SimpleNet: every route timed, the graph's blocks
+    within float32 rounding of the float64 loop oracle."""
+    from benchmarks import bench_blocks
+
+    threads = torch.get_num_threads()
+    try:
+        (row,) = bench_blocks.run(["simplenet"], repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(row["times_ms"]) == {"graph", "rows (before)", "chain"}
+    assert row["max_rel_error_vs_oracle"] < 1e-5
+
+
+def test_architectures_benchmark_on_the_residual_mlp() -> None:
+    """``benchmarks.bench_architectures`` on its residual MLP: products equal the seed's,
+    and the top eigenvalue agrees with PyHessian's where that is installed."""
+    from benchmarks import bench_architectures
+
+    threads = torch.get_num_threads()
+    try:
+        (row,) = bench_architectures.run(["residual"], repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["params"] == 52_353 and row["product route"] == "graph"
+    assert max(row["max_rel_error_vs_seed"].values()) < 1e-5
+    assert row["gradients"]["gradient"] == 1.0
+    if row["PyHessian"]:
+        assert row["eig_rel_diff"] < 1e-4
