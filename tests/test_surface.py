@@ -202,8 +202,9 @@ def _plain_f(model, loss_fn):
 def test_hard_activations_on_the_generic_route(act):
     """Hardswish, ReLU6 and Hardtanh have second-derivative rules in torch: the generic
     route equals the oracle. Hardsigmoid has none (aten::hardsigmoid_backward): the
-    diagonal, from the captured graph where hardsigmoid is decomposed into clamps, equals
-    the oracle; every other generic second-order quantity raises hessfunc's ArgumentError
+    diagonal and the blocks, from the captured graph where hardsigmoid is decomposed into
+    clamps, equal the oracle; every other generic second-order quantity raises hessfunc's
+    ArgumentError
     naming the op, the module and the fix, instead of torch's bare RuntimeError."""
     model, loss_fn, _, params, x, y = _act_problem(act)
     f = _plain_f(model, loss_fn)
@@ -221,6 +222,7 @@ def test_hard_activations_on_the_generic_route(act):
     }
     if act is nn.Hardsigmoid:
         _close(calls.pop("diag")(), _act_truth(act)["diag"])
+        _close(calls.pop("blocks")(), _act_truth(act)["blocks"])
         for name, call in calls.items():
             with pytest.raises(hf.ArgumentError,
                                match=r"no derivative for aten::hardsigmoid_backward.*"
