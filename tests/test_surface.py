@@ -204,8 +204,8 @@ def test_hard_activations_on_the_generic_route(act):
     route equals the oracle. Hardsigmoid has none (aten::hardsigmoid_backward): the
     diagonal and the blocks, from the captured graph where hardsigmoid is decomposed into
     clamps, equal the oracle; every other generic second-order quantity raises hessfunc's
-    ArgumentError
-    naming the op, the module and the fix, instead of torch's bare RuntimeError."""
+    ArgumentError naming the op, the module and the fix, instead of torch's bare
+    RuntimeError."""
     model, loss_fn, _, params, x, y = _act_problem(act)
     f = _plain_f(model, loss_fn)
     v = _tangent(params)
