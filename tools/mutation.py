@@ -70,6 +70,10 @@ GROUPS: dict[str, Group] = {
     "chain": Group(("hessfunc/_chain.py",),
                    ("tests/test_hessian.py", "tests/test_grad_hvp.py",
                     "tests/test_frozen_layers.py")),
+    # the captured-graph engine: per-sample structure, op rules, frontier propagation
+    "graph": Group(("hessfunc/graph/samples.py", "hessfunc/graph/rules.py",
+                    "hessfunc/graph/curvature.py"),
+                   ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
     # the stochastic estimators and their probes
     "hutchinson": Group(("hessfunc/estimators/_probes.py", "hessfunc/estimators/hutchinson.py",
                          "hessfunc/estimators/hutchpp.py"), ("tests/test_estimators.py",)),
