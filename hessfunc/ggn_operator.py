@@ -22,6 +22,7 @@ Under a process group every rank draws for its own shard from the same seed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -42,7 +43,12 @@ __all__ = ["GGNOperator", "FisherOperator"]
 
 
 class _BatchProduct:
-    """``v -> J^T M J v`` on one batch, ``M`` given by ``output_product(u)``."""
+    """``v -> J^T M J v`` on one batch, ``M`` given by ``output_product(u)``.
+
+    ``J v`` comes from the model linearised once (``torch.func.linearize``: the primal
+    values are kept and each product runs the tangent ops alone, 0.5-0.6 gradients
+    against 1.1-1.6 for a fresh ``jvp``, which recomputes the primal); ``J^T u`` from the
+    kept ``vjp``. Where the model cannot be traced for that, a fresh ``jvp`` each time."""
 
     def __init__(self, g: Callable[..., Any], params: Any, x: Any,
                  output_product: Callable[[torch.Tensor], torch.Tensor]):
@@ -50,10 +56,20 @@ class _BatchProduct:
         self._params = params
         self._out, self._vjp = torch.func.vjp(self._model, params)
         self._output_product = output_product
+        self._jvp: Callable[[Any], torch.Tensor] | None = None
+
+    def _tangent(self, tree: Any) -> torch.Tensor:
+        if self._jvp is None:
+            try:
+                with warnings.catch_warnings():  # torch's own constant folding inside
+                    warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node")
+                    _, self._jvp = torch.func.linearize(self._model, self._params)
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                self._jvp = lambda t: torch.func.jvp(self._model, (self._params,), (t,))[1]
+        return self._jvp(tree)
 
     def _product(self, tree: Any) -> Any:
-        _, Jv = torch.func.jvp(self._model, (self._params,), (tree,))
-        return self._vjp(self._output_product(Jv))[0]
+        return self._vjp(self._output_product(self._tangent(tree)))[0]
 
     def batched(self, trees: Any) -> Any:
         return torch.func.vmap(self._product)(trees)

@@ -185,6 +185,31 @@ def test_mc_fisher_of_log_probabilities_equals_its_definition():
     assert_close(flat(diag), torch.diagonal(ref))
 
 
+@pytest.mark.parametrize("traceable", [True, False])
+def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
+    """The operator's ``J v`` runs a model linearised once per batch (tangent ops only);
+    where ``torch.func.linearize`` cannot trace the model, a fresh ``jvp`` per product.
+    Both give the oracle's products, single and batched."""
+    model, loss_fn, x, y = _problem("ce", 9, seed=3)
+    *_, G = _oracle(model, loss_fn, x, y)
+    calls = []
+    real = torch.func.linearize
+
+    def linearize(fn, *primals):
+        calls.append(fn)
+        if not traceable:
+            raise RuntimeError("cannot trace")
+        return real(fn, *primals)
+
+    monkeypatch.setattr(torch.func, "linearize", linearize)
+    op = hf.GGNOperator.from_model(model, loss_fn, _split(x, y, [4, 5]))
+    V = torch.randn(G.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=DT)
+    for _ in range(2):
+        assert_close(op @ V[:, 0], G @ V[:, 0])
+        assert_close(op @ V, G @ V)
+    assert len(calls) == 2  # once per batch, however many products
+
+
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce"])
 def test_mc_fisher_is_unbiased_for_the_exact_fisher_which_is_the_ggn(name):
     """The exact Fisher equals the GGN for these losses; the mean of R one-draw estimates is
