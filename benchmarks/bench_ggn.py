@@ -1,0 +1,92 @@
+"""Gauss-Newton products side by side: hessfunc's cached operator, one-shot ``ggn_vp``,
+curvlinops' ``GGNLinearOperator``.
+
+    nice python -m benchmarks.bench_ggn [--repeats 15] [--problems simplenet,mlp5k,...]
+
+One thread, float32, medians of ``--repeats`` rounds timed round-robin, in units of one
+gradient (``torch.autograd.grad`` of the loss, forward included). Cases:
+``GGNOperator @ v`` (built once outside the timing: the model linearised per batch and
+its ``vjp`` kept, so a product is tangent ops, the loss's output Hessian and one
+backward pass); ``ggn_vp`` (one product from scratch); curvlinops'
+``GGNLinearOperator @ v`` where installed (``pip install curvlinops-for-pytorch
+linear_operator jaxtyping --no-deps``). The products are checked against each other
+(max relative difference; no float64 oracle needed at these sizes for a ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+import hessfunc as hf
+
+from ._timing import interleaved_medians
+from .problems import PROBLEMS
+
+
+def _curvlinops(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor
+                ) -> Any | None:
+    try:
+        from curvlinops import GGNLinearOperator
+    except ImportError:
+        return None
+    loss_module = {"mse": nn.MSELoss(), "cross_entropy": nn.CrossEntropyLoss()}.get(
+        getattr(loss_fn, "__name__", ""))
+    if loss_module is None:
+        return None
+    return GGNLinearOperator(model, loss_module, list(model.parameters()), [(x, y)],
+                             check_deterministic=False)
+
+
+def run(keys: list[str], repeats: int) -> list[dict]:
+    torch.set_num_threads(1)
+    rows = []
+    for key in keys:
+        problem = PROBLEMS[key]()
+        model, loss_fn, x, y = problem.model, problem.loss_fn, problem.x, problem.y
+        leaves = list(model.parameters())
+        g, params = hf.functionalize(model)
+        op = hf.GGNOperator(g, loss_fn, params, (x, y))
+        v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
+        tree = op.flat_to_params(v)
+        cases = {
+            "gradient": lambda: torch.autograd.grad(loss_fn(model(x), y), leaves),
+            "GGNOperator @ v": lambda: op @ v,
+            "ggn_vp": lambda: hf.ggn_vp(g, loss_fn, (params, x, y), tree),
+        }
+        theirs = _curvlinops(model, loss_fn, x, y)
+        if theirs is not None:
+            cases["curvlinops GGNLinearOperator @ v"] = lambda: theirs @ v
+        ours = op @ v
+        diffs = {"ggn_vp": float((op.params_to_flat(cases["ggn_vp"]()) - ours).abs().max()
+                                 / ours.abs().max())}
+        if theirs is not None:
+            diffs["curvlinops"] = float((theirs @ v - ours).abs().max() / ours.abs().max())
+        times = interleaved_medians(cases, repeats=repeats, warmup=2)
+        unit = times["gradient"]
+        rows.append({"problem": problem.name, "params": op.shape[0],
+                     "times_ms": {k: t * 1e3 for k, t in times.items()},
+                     "gradients": {k: t / unit for k, t in times.items()},
+                     "max_rel_difference": diffs})
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problems", default="simplenet,mlp5k,mlp100k,cnn")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rows = run(args.problems.split(","), args.repeats)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
