@@ -198,3 +198,17 @@ def test_architectures_benchmark_on_the_residual_mlp() -> None:
     assert row["gradients"]["gradient"] == 1.0
     if row["PyHessian"]:
         assert row["eig_rel_diff"] < 1e-4
+
+
+def test_ggn_benchmark_products_agree() -> None:
+    """``benchmarks.bench_ggn`` on SimpleNet: the cached operator's product and
+    ``ggn_vp`` agree (and curvlinops' where installed)."""
+    from benchmarks import bench_ggn
+
+    threads = torch.get_num_threads()
+    try:
+        (row,) = bench_ggn.run(["simplenet"], repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert {"gradient", "GGNOperator @ v", "ggn_vp"} <= set(row["times_ms"])
+    assert max(row["max_rel_difference"].values()) < 1e-5
