@@ -689,3 +689,86 @@ def test_batched_or_looped_policy(single_cost, pass_cost, calls, expected, monke
     assert (got.width, got.per_column, got.settled, got.loop) == pytest.approx(expected)
     if got.settled and len(calls) > 1:  # the last call ran only its route: that width
         assert set(widths) == (set() if got.loop else {got.width})
+
+
+@pytest.mark.parametrize("route", ["autograd", "torch.func"])
+def test_block_rows_and_linear_leaves_on_both_routes(route):
+    """``HVPFunction.block_rows`` gives rows of one leaf's own block, the other leaves'
+    tangents zero, on the autograd graph and on the torch.func path (taken when ``f``
+    captures a tensor that requires grad); a leaf ``f`` is linear in has zero rows; an
+    ``f`` linear in every leaf has zero products of the leaves' dtype and shape, single
+    and batched. All against the dense loop oracle, in float64."""
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=route == "torch.func")
+    x = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+
+    def f(p):
+        inner = torch.tanh(p["a"] * x[:3]).sum() * p["b"]
+        return scale * ((inner ** 2).sum() + (p["b"] ** 3).sum() + (p["c"] * x[:2]).sum())
+
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(3, generator=g, dtype=torch.float64),
+              "b": torch.randn(2, generator=g, dtype=torch.float64),
+              "c": torch.randn(2, generator=g, dtype=torch.float64)}
+    H = hf.hvp_fn(f, (params,))
+    assert (H._vjp is not None) == (route == "torch.func")
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    dense = hf.reference.hessian(f(leaves), list(leaves.values())).detach()
+    offsets = {"a": slice(0, 3), "b": slice(3, 5), "c": slice(5, 7)}
+    for index, (name, p) in enumerate(params.items()):
+        tangents = torch.randn(4, *p.shape, generator=g, dtype=torch.float64)
+        rows = H.block_rows(index, tangents)
+        sl = offsets[name]
+        assert rows.shape == tangents.shape and rows.dtype == torch.float64
+        assert_close(rows, tangents @ dense[sl, sl].T)
+    assert torch.equal(H.block_rows(2, torch.ones(3, 2, dtype=torch.float64)),
+                       torch.zeros(3, 2, dtype=torch.float64))
+
+    def linear(p):
+        return scale * ((p["a"] * x[:3]).sum() + p["c"].sum())
+
+    lin = hf.hvp_fn(linear, ({"a": params["a"], "c": params["c"]},))
+    single = lin({"a": torch.ones(3, dtype=torch.float64), "c": torch.ones(2, dtype=torch.float64)})
+    batch = lin.batched({"a": torch.ones(4, 3, dtype=torch.float64),
+                         "c": torch.ones(4, 2, dtype=torch.float64)})
+    for out, lead in ((single, ()), (batch, (4,))):
+        assert {k: (tuple(v.shape), v.dtype) for k, v in out.items()} == {
+            "a": ((*lead, 3), torch.float64), "c": ((*lead, 2), torch.float64)}
+        assert all(not v.any() for v in out.values())
+
+
+@pytest.mark.parametrize(("method", "mode", "route"), [
+    ("auto", "reverse-over-reverse", "structured"),
+    ("structured", "reverse-over-reverse", "structured"),
+    ("structured", "forward-over-reverse", "structured"),
+    ("auto", "forward-over-reverse", "jvp"),
+    ("graph", "reverse-over-reverse", "autograd"),
+    ("graph", "forward-over-reverse", "jvp"),
+])
+def test_hvp_takes_the_route_it_is_asked_for(method, mode, route, monkeypatch):
+    """``hvp``'s routes on a functionalize chain, seen by spies: the structured
+    R-operator for ``auto`` with reverse-over-reverse and for ``structured``; the
+    forward-over-reverse ``jvp`` otherwise when asked; the autograd double backward for
+    ``graph``. Every route equals the loop oracle; a bad ``mode`` or ``method`` is named."""
+    import hessfunc.products as products
+
+    seen = []
+    chain_call = products.ChainProducts.__call__
+    monkeypatch.setattr(products.ChainProducts, "__call__", lambda self, *a, **k:
+                        seen.append("structured") or chain_call(self, *a, **k))
+    jvp = torch.func.jvp
+    monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: seen.append("jvp") or jvp(*a, **k))
+    backward = products._second_backward
+    monkeypatch.setattr(products, "_second_backward",
+                        lambda *a, **k: seen.append("autograd") or backward(*a, **k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    f, params = hf.functionalize(model, nn.CrossEntropyLoss())  # no ZeroTensor trap
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    v = random_like(params, 1)
+    assert_close(hf.hvp(f, (params, x, y), v, method=method, mode=mode),
+                 _oracle_hvp(f, params, (x, y), v))
+    assert seen == [route]
+    with pytest.raises(hf.ArgumentError, match=r"^hessfunc\.hvp: `mode` must be one of"):
+        hf.hvp(f, (params, x, y), v, mode="reverse")
+    with pytest.raises(hf.ArgumentError, match=r"^hessfunc\.hvp: `method` must be one of"):
+        hf.hvp(f, (params, x, y), v, method="fast")

@@ -61,7 +61,8 @@ GROUPS: dict[str, Group] = {
                              "tests/test_mutation_kills.py")),
     # the products: hvp, hvp_fn, HVPFunction (route choice, batching)
     "products": Group(("hessfunc/products.py",),
-                      ("tests/test_grad_hvp.py", "tests/test_conv_settings.py")),
+                      ("tests/test_grad_hvp.py", "tests/test_conv_settings.py",
+                       "tests/test_operator.py", "tests/test_robustness.py")),
     # the structured products (R-operator rules of Linear/conv chains)
     "chain_products": Group(("hessfunc/_chain_products.py",),
                             ("tests/test_grad_hvp.py", "tests/test_conv_settings.py",
