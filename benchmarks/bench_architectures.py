@@ -33,7 +33,6 @@ eigenvalue of each library against the other.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import time
@@ -48,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import hessfunc as hf
 from hessfunc import reference
 
+from . import _cli
 from ._timing import interleaved_medians
 from .bench_graph import ResidualMLP
 
@@ -228,15 +228,7 @@ def _row(key: str, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="residual,resnet,transformer")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    rows = run(args.models.split(","), args.repeats)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    _cli.main(__doc__, run, default="residual,resnet,transformer", repeats=7, option="--models")
 
 
 def resnet_eval() -> nn.Module:

@@ -12,7 +12,6 @@ blocks are checked against the float64 loop oracle (``hessfunc.reference``).
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -25,6 +24,7 @@ from hessfunc import _chain
 from hessfunc._tree import flat_spec
 from hessfunc.dense import _generic_blocks
 
+from . import _cli
 from ._timing import interleaved_medians
 from .bench_graph import ALL
 
@@ -70,15 +70,7 @@ def run(keys: list[str], repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problems", default="simplenet,mlp5k,cnn")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    rows = run(args.problems.split(","), args.repeats)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    _cli.main(__doc__, run, default="simplenet,mlp5k,cnn", repeats=5)
 
 
 if __name__ == "__main__":

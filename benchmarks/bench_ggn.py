@@ -15,7 +15,6 @@ linear_operator jaxtyping --no-deps``). The products are checked against each ot
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 
 import hessfunc as hf
 
+from . import _cli
 from ._timing import interleaved_medians
 from .problems import PROBLEMS
 
@@ -77,15 +77,7 @@ def run(keys: list[str], repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problems", default="simplenet,mlp5k,mlp100k,cnn")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    rows = run(args.problems.split(","), args.repeats)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    _cli.main(__doc__, run, default="simplenet,mlp5k,mlp100k,cnn", repeats=15)
 
 
 if __name__ == "__main__":

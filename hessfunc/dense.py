@@ -136,29 +136,29 @@ def leaf_block_rows(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
             yield index, lo, hi, rows
 
 
-def _generic_blocks(H: HVPFunction, spec: FlatSpec, chunk_size: int | None
-                    ) -> list[torch.Tensor]:
+def _generic_blocks(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
+                    leaves: set[int] | None = None) -> list[torch.Tensor | None]:
+    """Each leaf's own block (of ``leaves`` only, None for the others) from Hessian rows."""
     rows: list[list[torch.Tensor]] = [[] for _ in spec.numels]
-    for index, _, _, r in leaf_block_rows(H, spec, chunk_size):
+    for index, _, _, r in leaf_block_rows(H, spec, chunk_size, leaves):
         rows[index].append(r)
-    return [torch.cat(r) for r in rows]
+    return [torch.cat(r) if r else None for r in rows]
 
 
-def _graph_blocks(plan: GraphPlan, f: Callable[..., Any], args: tuple[Any, ...], spec: FlatSpec,
-                  chunk_size: int | None, call: str) -> Any:
-    """The captured-graph route; leaves it has no rule for take batched Hessian rows."""
-    blocks = plan.blocks()
+def graph_route(values: list[torch.Tensor | None], plan: GraphPlan, f: Callable[..., Any],
+                args: tuple[Any, ...], spec: FlatSpec, chunk_size: int | None, call: str,
+                generic: Callable[..., list[torch.Tensor | None]]) -> Any:
+    """The captured graph's per-leaf ``values`` as a tree like the argument; the leaves it
+    has no rule for (None) from ``generic(H, spec, chunk_size, leaves)`` on Hessian rows."""
     if isinstance(f, FunctionalModel) and f.check_finite:
         _report_non_finite(args[0], args[1], plan.loss, "loss")
-    rest = {i for i, b in enumerate(blocks) if b is None}
+    rest = {i for i, v in enumerate(values) if v is None}
     if rest:
-        rows: dict[int, list[torch.Tensor]] = {i: [] for i in rest}
         H = HVPFunction(f, args, 0, call=call)
-        for index, _, _, r in leaf_block_rows(H, spec, chunk_size, rest):
-            rows[index].append(r)
-        for i, r in rows.items():
-            blocks[i] = torch.cat(r)
-    return pytree.tree_unflatten(blocks, spec.treespec)
+        for i, v in enumerate(generic(H, spec, chunk_size, rest)):
+            if v is not None:
+                values[i] = v
+    return pytree.tree_unflatten(values, spec.treespec)
 
 
 def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | None = None,
@@ -195,7 +195,8 @@ def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int |
         graph, _ = plan_diagonal(f, args, a)
         if graph is not None:
             try:
-                return _graph_blocks(graph, f, args, spec, chunk_size, call)
+                return graph_route(graph.blocks(), graph, f, args, spec, chunk_size, call,
+                                   _generic_blocks)
             except RuntimeError as e:  # an op without a second derivative in torch
                 if missing_derivative(e) is None:
                     raise

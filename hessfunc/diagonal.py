@@ -38,10 +38,9 @@ from ._autodiff import in_transform, missing_derivative
 from ._distributed import Group, check_shards, shard_summary
 from ._memory import check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
-from .dense import _prepare, leaf_block_rows
+from .dense import _prepare, graph_route, leaf_block_rows
 from .errors import ArgumentError
-from .functional import FunctionalModel, _report_non_finite
-from .graph.curvature import GraphPlan, plan_diagonal
+from .graph.curvature import plan_diagonal
 from .products import HVPFunction
 
 __all__ = ["hessian_diag", "DIAG_METHODS"]
@@ -58,21 +57,6 @@ def _generic_diag(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
         pieces[index].append(rows[r, r + lo])
     return [torch.cat(p).reshape(shape) if p else None
             for p, shape in zip(pieces, spec.shapes, strict=True)]
-
-
-def _graph_diag(plan: GraphPlan, f: Callable[..., Any], args: tuple[Any, ...], spec: FlatSpec,
-                chunk_size: int | None, call: str) -> Any:
-    """The captured-graph route; leaves it has no rule for take one-hot products."""
-    diags = plan.diagonal()
-    if isinstance(f, FunctionalModel) and f.check_finite:
-        _report_non_finite(args[0], args[1], plan.loss, "loss")
-    rest = {i for i, d in enumerate(diags) if d is None}
-    if rest:
-        H = HVPFunction(f, args, 0, call=call)
-        for i, d in enumerate(_generic_diag(H, spec, chunk_size, rest)):
-            if d is not None:
-                diags[i] = d
-    return pytree.tree_unflatten(diags, spec.treespec)
 
 
 def _unsqueeze_samples(batch: Any) -> Any:
@@ -151,7 +135,8 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             graph, why = plan_diagonal(f, args, a, per_sample=per_sample)
             if graph is not None and (method == "auto" or not graph.products):
                 try:
-                    return _graph_diag(graph, f, args, spec, chunk_size, call)
+                    return graph_route(graph.diagonal(), graph, f, args, spec, chunk_size,
+                                       call, _generic_diag)
                 except RuntimeError as e:  # an op without a second derivative in torch
                     if missing_derivative(e) is None:
                         raise

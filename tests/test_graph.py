@@ -76,13 +76,10 @@ def _targets(loss, n, c):
     return torch.randn(n, c, dtype=F64)
 
 
-@settings(deadline=None)
-@given(dag=_dags(), data=st.data())
-def test_diagonal_of_any_dag_equals_the_oracle(dag, data):
-    """Skip connections, concatenations, tied weights, every activation, every loss,
-    frozen subsets, weight decay: the diagonal of the torch.func-style f equals the loop
-    oracle to rounding, and the functionalize model gives the very same numbers."""
-    kind, model = dag
+def _drawn_loss(model, data, penalty):
+    """A drawn loss of ``model``'s outputs on 2-6 samples, a drawn frozen subset and,
+    half the time, ``1e-2 * sum(penalty(w))`` over the parameters: ``(f, loss, params,
+    x, y, frozen, decay)``."""
     loss = data.draw(losses(num_outputs=_outputs(model)))
     n = data.draw(st.integers(2, 6))
     x = torch.randn(n, 3, dtype=F64)
@@ -94,9 +91,19 @@ def test_diagonal_of_any_dag_equals_the_oracle(dag, data):
 
     def f(p, x, y):
         out = loss.fn(functional_call(model, p, (x,)), y)
-        return out + decay * sum((w ** 2).sum() for w in p.values()) if decay else out
+        return out + decay * sum(penalty(w).sum() for w in p.values()) if decay else out
 
-    params = _params(model, frozen)
+    return f, loss, _params(model, frozen), x, y, frozen, decay
+
+
+@settings(deadline=None)
+@given(dag=_dags(), data=st.data())
+def test_diagonal_of_any_dag_equals_the_oracle(dag, data):
+    """Skip connections, concatenations, tied weights, every activation, every loss,
+    frozen subsets, weight decay: the diagonal of the torch.func-style f equals the loop
+    oracle to rounding, and the functionalize model gives the very same numbers."""
+    kind, model = dag
+    f, loss, params, x, y, frozen, decay = _drawn_loss(model, data, lambda w: w ** 2)
     truth = _oracle_diag(f, params, x, y)
     assert_close(hf.hessian_diag(f)(params, x, y), truth)
     plan, why = plan_diagonal(f, (params, x, y))
@@ -128,21 +135,8 @@ def test_blocks_of_any_dag_equal_the_oracle(dag, data):
     """Each parameter's own Hessian block from the curvature at its place in the graph:
     skip connections, concatenations, every activation and loss, frozen subsets and a
     separable regulariser, against the loop oracle; only a tied weight takes rows."""
-    kind, model = dag
-    loss = data.draw(losses(num_outputs=_outputs(model)))
-    n = data.draw(st.integers(2, 5))
-    x = torch.randn(n, 3, dtype=F64)
-    y = _targets(loss, n, _outputs(model))
-    names = [k for k, _ in model.named_parameters()]
-    frozen = set(data.draw(st.lists(st.sampled_from(names), max_size=len(names) - 1,
-                                    unique=True)))
-    decay = data.draw(st.sampled_from([0.0, 1e-2]))
-
-    def f(p, x, y):
-        out = loss.fn(functional_call(model, p, (x,)), y)
-        return out + decay * sum((torch.cosh(w)).sum() for w in p.values()) if decay else out
-
-    params = _params(model, frozen)
+    _, model = dag
+    f, _, params, x, y, _, _ = _drawn_loss(model, data, torch.cosh)
     truth = _oracle_blocks(f, params, x, y)
     blocks, plan = _graph_blocks(f, params, x, y)
     rows = {k for i, k in enumerate(params) if i in plan.products}
