@@ -198,7 +198,13 @@ def test_dropout_randomness_fixed_is_reproducible_and_restores_rng():
     assert torch.equal(f_eval(params, x, y), nn.MSELoss()(model(x), y))
 
 
-def test_forward_mode_gap_warns_once_and_falls_back():
+def test_forward_mode_gap_warns_once_and_falls_back(monkeypatch):
+    import warnings
+
+    import hessfunc._autodiff as autodiff
+
+    monkeypatch.setattr(autodiff, "_WARNED_FORWARD_GAPS", set())  # whatever ran before
+
     class NoForward(torch.autograd.Function):
         @staticmethod
         def forward(x):
@@ -221,6 +227,9 @@ def test_forward_mode_gap_warns_once_and_falls_back():
     with pytest.warns(RuntimeWarning, match="no forward-mode rule"):
         got = hf.hvp(f, (x,), v, mode="forward-over-reverse")
     assert_close(got, -torch.sin(x) * v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call falls back silently
+        assert_close(hf.hvp(f, (x,), v, mode="forward-over-reverse"), -torch.sin(x) * v)
 
 
 # ----------------------------------------------------------------- never change the model
