@@ -726,8 +726,11 @@ def test_block_rows_and_linear_leaves_on_both_routes(route):
     def linear(p):
         return scale * ((p["a"] * x[:3]).sum() + p["c"].sum())
 
+    from hessfunc.products import _Choice
+
     lin = hf.hvp_fn(linear, ({"a": params["a"], "c": params["c"]},))
     single = lin({"a": torch.ones(3, dtype=torch.float64), "c": torch.ones(2, dtype=torch.float64)})
+    lin._choices["products"] = _Choice(4, 0.0, 1.0, True)  # one batched pass
     batch = lin.batched({"a": torch.ones(4, 3, dtype=torch.float64),
                          "c": torch.ones(4, 2, dtype=torch.float64)})
     for out, lead in ((single, ()), (batch, (4,))):
@@ -772,3 +775,76 @@ def test_hvp_takes_the_route_it_is_asked_for(method, mode, route, monkeypatch):
         hf.hvp(f, (params, x, y), v, mode="reverse")
     with pytest.raises(hf.ArgumentError, match=r"^hessfunc\.hvp: `method` must be one of"):
         hf.hvp(f, (params, x, y), v, method="fast")
+
+
+_X = torch.ones(3, dtype=torch.float64)
+_CUBE = lambda t: (t ** 3).sum()  # noqa: E731
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: hf.hvp(3, (_X,), _X), r"hessfunc\.hvp: `f` must be a callable, got int\."),
+    (lambda: hf.hvp(_CUBE, _X, _X), r"hessfunc\.hvp: `primals` must be a tuple"),
+    (lambda: hf.hvp(_CUBE, (_X,), _X, argnums=3), r"hessfunc\.hvp: `argnums`=3 is out of"),
+    (lambda: hf.hvp(_CUBE, (torch.ones(3, dtype=torch.long),), _X),
+     r"hessfunc\.hvp: `primals\[0\]` has dtype torch\.int64"),
+    (lambda: hf.hvp(_CUBE, (_X,), torch.ones(2, dtype=torch.float64)),
+     r"hessfunc\.hvp: `tangent` leaf 0 has shape \(2,\), expected \(3,\)"),
+    (lambda: hf.hvp(lambda t: t ** 2, (_X,), _X), r"hessfunc\.hvp: f must return a scalar"),
+    (lambda: hf.hvp(lambda t: t ** 2, (_X,), _X, method="graph"),
+     r"hessfunc\.hvp: f must return a scalar"),
+    (lambda: hf.hvp(_CUBE, (_X,), _X, method="structured"),
+     r"hessfunc\.hvp: method='structured' does not apply here: f was not made by "
+     r"hessfunc\.functionalize\(model, loss_fn\); use method='auto' or 'graph'\.$"),
+    (lambda: hf.hvp_fn(3, (_X,)), r"hessfunc\.hvp_fn: `f` must be a callable"),
+    (lambda: hf.hvp_fn(_CUBE, _X), r"hessfunc\.hvp_fn: `primals` must be a tuple"),
+    (lambda: hf.hvp_fn(_CUBE, (_X,), method="bad"), r"hessfunc\.hvp_fn: `method` must be one"),
+    (lambda: hf.hvp_fn(_CUBE, (_X,), method="structured"),
+     r"hessfunc\.hvp_fn: method='structured' does not apply here: .*use method='auto' or "
+     r"'graph'\.$"),
+    (lambda: hf.hvp_fn(lambda t: t ** 2, (_X,)), r"hessfunc\.hvp_fn: f must return a scalar"),
+    (lambda: hf.hvp_fn(_CUBE, (_X,))(torch.ones(2, dtype=torch.float64)),
+     r"HVPFunction: `tangent` leaf 0 has shape \(2,\), expected \(3,\)"),
+])
+def test_product_errors_name_the_call_and_the_argument(call, message):
+    """Every bad input to hvp, hvp_fn and an HVPFunction is refused by hessfunc's
+    ArgumentError whose text starts with the public call and names the argument."""
+    with pytest.raises(hf.ArgumentError, match="^" + message):
+        call()
+
+
+def test_structured_single_product_refuses_a_tangent_that_carries_a_graph():
+    """``hvp(method="structured")`` on a chain whose tangent requires grad: refused,
+    saying why, and the default takes the graph route exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    f, params = hf.functionalize(model, nn.MSELoss())
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    v = {k: t.clone().requires_grad_() for k, t in random_like(params, 2).items()}
+    with pytest.raises(hf.ArgumentError, match=r"^hessfunc\.hvp: method='structured' does not "
+                       r"apply here: the tangent carries a graph; use method='auto' or 'graph'\.$"):
+        hf.hvp(f, (params, x, y), v, method="structured")
+    expected = _oracle_hvp(f, params, (x, y), {k: t.detach() for k, t in v.items()})
+    assert_close({k: t.detach() for k, t in hf.hvp(f, (params, x, y), v).items()}, expected)
+
+
+def test_graph_route_with_an_unused_leaf_and_a_bilinear_term():
+    """Through the cached gradient graph: a leaf ``f`` never uses has a zero gradient and
+    zero products; in ``f = <a, b>`` the gradient of ``a`` depends on ``b`` only, so the
+    rows of ``a``'s own block are zero while the cross products are ``b``'s tangent."""
+    g = torch.Generator().manual_seed(3)
+    params = {k: torch.randn(3, generator=g, dtype=torch.float64) for k in ("a", "b", "u")}
+
+    def f(p):
+        return (p["a"] * p["b"]).sum() + (p["b"] ** 3).sum()
+
+    H = hf.hvp_fn(f, (params,), method="graph")
+    assert torch.equal(H.gradient["u"], torch.zeros(3, dtype=torch.float64))
+    v = {k: torch.randn(3, generator=g, dtype=torch.float64) for k in params}
+    out = H(v)
+    assert_close(out["a"], v["b"])
+    assert_close(out["b"], v["a"] + 6 * params["b"] * v["b"])
+    assert torch.equal(out["u"], torch.zeros(3, dtype=torch.float64))
+    T = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    assert torch.equal(H.block_rows(0, T), torch.zeros(5, 3, dtype=torch.float64))
+    assert torch.equal(H.block_rows(2, T), torch.zeros(5, 3, dtype=torch.float64))
+    assert_close(H.block_rows(1, T), 6 * params["b"] * T)
