@@ -1,4 +1,5 @@
-"""``KFACOperator``: Kronecker-factored curvature of a network of ``nn.Linear`` layers.
+"""``KFACOperator``: Kronecker-factored curvature of a network of Linear and convolution
+layers.
 
 A Linear layer ``s_n = W a_n + b`` (sample ``n``, inputs ``a_n``) enters the loss only
 through ``s_n``; write ``ã_n = (a_n, 1)`` (without the 1 when there is no bias) and
@@ -13,19 +14,43 @@ replaces the mean of the Kronecker products by the product of the means:
 
     G_W ≈ G ⊗ A,   G = sum_b w_b sum_(n in b) B_n^T M_n B_n,   A = (1 / N) sum_n ã_n ã_n^T,
 
-exact for one sample. Layers are independent (the operator is block-diagonal over
-layers), so products cost two small matrix products a layer,
-``(G ⊗ A) vec(V) = vec(G V A)``, and inverse products are exact through the factors'
-eigendecompositions ``G = Q_G diag(g) Q_G^T``, ``A = Q_A diag(a) Q_A^T``:
+exact for one sample.
+
+Weight sharing (Eschenhagen et al., 2023). A layer that applies the same ``[W | b]`` at
+``R`` places of each sample, ``s_nr = W a_nr + b``, has the block
+``sum_n sum_(r, r') (B_nr^T M_n B_nr') ⊗ (ã_nr ã_nr'^T)``: a Linear layer on inputs
+``(N, ..., d)`` (``R`` the product of the middle dimensions), or a convolution, whose
+``ã_nr`` are the unfolded input patches (``C_in k_1 ... k_d`` values, plus the 1) and
+``R`` its output positions. Two conventions make it a Kronecker product, with
+``g_nrk = B_nr^T u_nk`` for the columns ``M_n = sum_k omega_nk u_nk u_nk^T``:
+
+- ``kfac_approx="expand"`` treats every place as a sample of its own (the cross terms
+  ``r != r'`` dropped): ``A = (1 / (N R)) sum_(n, r) ã_nr ã_nr^T`` and
+  ``G = sum_(n, r, k) omega_nk g_nrk g_nrk^T``. Exact for one layer under a loss that
+  treats the places independently (squared error over all of a convolution's outputs).
+- ``kfac_approx="reduce"`` pools the places first: ``ā_n = (1 / R) sum_r ã_nr``,
+  ``A = (1 / N) sum_n ā_n ā_n^T`` and ``G = sum_(n, k) omega_nk (sum_r g_nrk)
+  (sum_r g_nrk)^T``. Exact for one sample when the layer's outputs are summed over the
+  places (a sum- or mean-pooled head).
+
+With ``R = 1`` both are the plain K-FAC above; the scalings are curvlinops' (the same
+``A``, ``G`` up to the loss's reduction, which ``M_n`` carries here).
+
+Layers are independent (the operator is block-diagonal over layers), so products cost
+two small matrix products a layer, ``(G ⊗ A) vec(V) = vec(G V A)``, and inverse products
+are exact through the factors' eigendecompositions ``G = Q_G diag(g) Q_G^T``,
+``A = Q_A diag(a) Q_A^T``:
 
     (G ⊗ A + damping I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (g a^T + damping)] Q_A^T).
 
-``B_n^T u_n`` for every sample at once is one backward pass from the outputs to a zero
-tensor added to the layer's output; the output matrices are factored per sample
-(``M_n = sum_k omega_nk u_nk u_nk^T``), one backward pass per factor column.
+``g_nrk`` for every sample and place at once is one backward pass from the outputs to a
+zero tensor added to the layer's output; the output matrices are factored per sample,
+one backward pass per factor column.
 
-Models: every trainable parameter belongs to an ``nn.Linear`` (weight, and bias when
-present and trainable), inputs ``(N, d)`` and outputs ``(N, C)``.
+Models: every trainable parameter belongs to an ``nn.Linear``, ``nn.Conv1d`` or
+``nn.Conv2d`` (weight, and bias when present and trainable; convolutions without
+groups, any stride, padding, dilation or padding mode), and the model's outputs are
+``(N, C)``.
 """
 
 from __future__ import annotations
@@ -34,6 +59,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -45,6 +71,33 @@ from .operator import CurvatureOperator
 
 __all__ = ["KFACOperator"]
 
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _places(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """A layer's inputs as ``(N, R, d_in)``: the ``R`` places of each sample its weight
+    is applied at (a Linear layer's middle dimensions, a convolution's output positions,
+    with the unfolded input patch there)."""
+    if isinstance(module, nn.Linear):
+        return a.reshape(a.shape[0], -1, a.shape[-1])
+    pad = module._reversed_padding_repeated_twice  # what the layer's own forward pads by
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    if any(pad):
+        a = F.pad(a, pad, mode=mode)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if isinstance(module, nn.Conv1d):  # as a 2-d convolution of height one
+        a, kernel = a.unsqueeze(2), (1, kernel[0])
+        stride, dilation = (1, stride[0]), (1, dilation[0])
+    return F.unfold(a, kernel, dilation=dilation, stride=stride).transpose(1, 2)
+
+
+def _output_places(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """The gradient at a layer's output as ``(N, R, d_out)``, places as in
+    :func:`_places` (a convolution's ``(N, C_out, *spatial)`` with channels last)."""
+    if isinstance(module, nn.Linear):
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+    return g.flatten(2).transpose(1, 2)
+
 
 class KFACOperator(CurvatureOperator):
     """The K-FAC approximation of the GGN (or Fisher) of a loss over a data set, as a
@@ -52,13 +105,18 @@ class KFACOperator(CurvatureOperator):
     docstring for the math).
 
     Args:
-        model: a network whose trainable parameters all belong to ``nn.Linear`` layers.
+        model: a network whose trainable parameters all belong to ``nn.Linear``,
+            ``nn.Conv1d`` or ``nn.Conv2d`` layers (convolutions without groups), with
+            outputs ``(N, C)``.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` of one batch.
         data: one ``(inputs, targets)`` batch or an iterable of them.
         fisher: ``"exact"`` (the loss's output Hessian: K-FAC of the GGN), ``"mc"``
             (``mc_samples`` labels drawn from the model's predictive distribution) or
             ``"empirical"`` (the true labels), as in :func:`hessfunc.fisher_diag`.
         mc_samples: draws per sample (``fisher="mc"``).
+        kfac_approx: ``"expand"`` or ``"reduce"``: how a layer applied at several places
+            of a sample (a convolution, a Linear layer on ``(N, ..., d)``) is made a
+            Kronecker product (module docstring); the same for a layer applied once.
         generator: the source of the draws.
         seed: or a seed for a fresh generator (not both).
         likelihood: for a loss hessfunc does not recognise (``fisher`` other than exact).
@@ -67,7 +125,8 @@ class KFACOperator(CurvatureOperator):
 
     Attributes:
         factors: ``{layer name: (A, G)}``, ``A`` ``(d_in [+1], d_in [+1])`` and ``G``
-            ``(d_out, d_out)``; the layer's block is ``G ⊗ A`` on ``[W | b]`` row-major.
+            ``(d_out, d_out)``; the layer's block is ``G ⊗ A`` on ``[W | b]`` row-major,
+            a convolution's weight read as ``(C_out, C_in k_1 ... k_d)``.
 
     Example (one Linear layer, one sample, squared error: K-FAC is the exact GGN,
     ``2 (ã ã^T)`` on each output row):
@@ -87,12 +146,16 @@ class KFACOperator(CurvatureOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], data: Any, *,
                  fisher: Literal["exact", "mc", "empirical"] = "exact", mc_samples: int = 1,
+                 kfac_approx: Literal["expand", "reduce"] = "expand",
                  generator: torch.Generator | None = None, seed: int | None = None,
                  likelihood: str | None = None, **kwargs: Any):
         call = type(self).__name__
         if not isinstance(model, nn.Module):
-            raise ArgumentError(f"{call}: `model` must be an nn.Module of Linear layers, got "
-                                f"{type(model).__name__}.")
+            raise ArgumentError(f"{call}: `model` must be an nn.Module of Linear and "
+                                f"convolution layers, got {type(model).__name__}.")
+        if kfac_approx not in ("expand", "reduce"):
+            raise ArgumentError(f"{call}: `kfac_approx` must be 'expand' or 'reduce', got "
+                                f"{kfac_approx!r}.")
         if fisher not in ("exact", "mc", "empirical"):
             raise ArgumentError(f"{call}: `fisher` must be 'exact', 'mc' or 'empirical', got "
                                 f"{fisher!r}.")
@@ -102,6 +165,7 @@ class KFACOperator(CurvatureOperator):
             raise ArgumentError(f"{call}: pass `generator` or `seed`, not both.")
         g, params = functionalize(model)
         self.g, self.loss_fn, self.fisher, self.mc_samples = g, loss_fn, fisher, mc_samples
+        self.kfac_approx = kfac_approx
         if fisher != "exact":
             self._likelihood, red = likelihood_of(loss_fn, likelihood, kwargs.get("reduction"),
                                                   call)
@@ -126,23 +190,29 @@ class KFACOperator(CurvatureOperator):
         """``{layer name: (weight name, bias name or None)}``; every parameter covered."""
         layers, covered = {}, set()
         for name, mod in module.named_modules():
-            if isinstance(mod, nn.Linear):
-                w = f"{name}.weight" if name else "weight"
-                b = f"{name}.bias" if name else "bias"
-                if w not in params:
-                    if b in params:
-                        raise ArgumentError(f"{call}: layer {name!r} has a frozen weight and a "
-                                            "trainable bias; freeze both or neither.")
-                    continue
-                layers[name] = (w, b if b in params else None)
-                covered |= {w, b}
+            if not isinstance(mod, _LAYERS):
+                continue
+            w = f"{name}.weight" if name else "weight"
+            b = f"{name}.bias" if name else "bias"
+            if w not in params:
+                if b in params:
+                    raise ArgumentError(f"{call}: layer {name!r} has a frozen weight and a "
+                                        "trainable bias; freeze both or neither.")
+                continue
+            if not isinstance(mod, nn.Linear) and mod.groups != 1:
+                raise ArgumentError(f"{call}: convolution {name!r} has groups={mod.groups}; "
+                                    "K-FAC here covers convolutions without groups (freeze "
+                                    "it, or use GGNOperator).")
+            layers[name] = (w, b if b in params else None)
+            covered |= {w, b}
         stray = [k for k in params if k not in covered]
         if stray:
             raise ArgumentError(f"{call}: the trainable parameters {stray} do not belong to "
-                                "nn.Linear layers; K-FAC here covers Linear layers only "
-                                "(freeze the others, or use GGNOperator).")
+                                "nn.Linear, nn.Conv1d or nn.Conv2d layers; K-FAC here covers "
+                                "those only (freeze the others, or use GGNOperator).")
         if not layers:
-            raise ArgumentError(f"{call}: the model has no trainable nn.Linear layer.")
+            raise ArgumentError(f"{call}: the model has no trainable nn.Linear, nn.Conv1d or "
+                                "nn.Conv2d layer.")
         return layers
 
     def _output_columns(self, index: int, out: torch.Tensor, y: Any
@@ -173,7 +243,9 @@ class KFACOperator(CurvatureOperator):
 
     def _batch_factors(self, index: int, x: Any, y: Any
                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """This batch's ``(sum_n ã ã^T, sum_n B^T M B)`` per layer."""
+        """This batch's ``(N A, G)`` per layer (module docstring: ``N A`` is the sum over
+        the batch's samples of ``ã ã^T``, scaled by ``1 / R`` for expand, or of
+        ``ā ā^T`` for reduce)."""
         module = self.g  # functionalize's private copy, hooked for this pass only
         inputs: dict[str, torch.Tensor] = {}
         probes: dict[str, torch.Tensor] = {}
@@ -187,6 +259,7 @@ class KFACOperator(CurvatureOperator):
                 return out + probes[name]
 
             handles.append(mods[name].register_forward_hook(hook))
+        reduce = self.kfac_approx == "reduce"
         try:
             with torch.enable_grad():
                 p = {k: v.detach() for k, v in self.params.items()}
@@ -201,28 +274,34 @@ class KFACOperator(CurvatureOperator):
                     grads = torch.autograd.grad(out, [probes[k2] for k2 in names], U[k],
                                                 retain_graph=True)
                     for name, gr in zip(names, grads, strict=True):
-                        if gr.dim() != 2:
-                            raise ArgumentError(f"{self._name}: layer {name!r} sees inputs of "
-                                                f"shape {tuple(gr.shape)}; K-FAC here needs "
-                                                "(N, features).")
-                        Gs[name] = Gs[name] + (gr * omega[k][:, None]).T @ gr
+                        gr = _output_places(mods[name], gr)           # (N, R, d_out)
+                        if reduce:
+                            gr, w = gr.sum(1), omega[k]
+                        else:  # each place a sample of its own, with its sample's weight
+                            w = omega[k].repeat_interleave(gr.shape[1])
+                            gr = gr.reshape(-1, gr.shape[-1])
+                        Gs[name] = Gs[name] + (gr * w[:, None]).T @ gr
         finally:
             for h in handles:
                 h.remove()
         result = {}
         for name, (_, b) in self._layers.items():
-            a = inputs[name]
+            a = _places(mods[name], inputs[name])                     # (N, R, d_in)
             if b is not None:
-                a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-            result[name] = (a.T @ a, Gs[name])
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            if reduce:
+                a = a.mean(1)
+                result[name] = (a.T @ a, Gs[name])
+            else:
+                flat = a.reshape(-1, a.shape[-1])
+                result[name] = (flat.T @ flat / a.shape[1], Gs[name])
         return result
 
     def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         shapes = []
         for w, b in self._layers.values():
-            d_out, d_in = self.params[w].shape
-            d_in += b is not None
-            shapes.append((d_in, d_out))
+            d_out = self.params[w].shape[0]
+            shapes.append((self.params[w].numel() // d_out + (b is not None), d_out))
         sizes = [i * i + o * o for i, o in shapes]
 
         def fill(total: torch.Tensor) -> None:
@@ -246,12 +325,15 @@ class KFACOperator(CurvatureOperator):
         """``op(layer, V)`` on every layer's ``[W | b]`` block (leading batch dims kept)."""
         out = dict(tree)
         for name, (w, b) in self._layers.items():
-            V = tree[w] if b is None else torch.cat([tree[w], tree[b].unsqueeze(-1)], dim=-1)
+            shape = tree[w].shape  # leading batch dims, then the weight's
+            lead = shape[:len(shape) - self.params[w].dim()]
+            V = tree[w].reshape(*lead, self.params[w].shape[0], -1)
+            V = V if b is None else torch.cat([V, tree[b].unsqueeze(-1)], dim=-1)
             R = op(name, V)
             if b is None:
-                out[w] = R
+                out[w] = R.reshape(shape)
             else:
-                out[w], out[b] = R[..., :-1], R[..., -1]
+                out[w], out[b] = R[..., :-1].reshape(shape), R[..., -1]
         return {k: out[k] for k in tree}
 
     def _product(self, v: torch.Tensor) -> torch.Tensor:

@@ -486,3 +486,114 @@ def test_ggn_diagonal_of_dags_from_the_captured_graph(arch, name):
         Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1],
                               list(leaves.values()))
         assert_close(torch.cat([each[k][n].reshape(-1) for k in params]), torch.diagonal(Gn))
+
+
+# -- K-FAC for layers applied at several places: convolutions, Linear on (N, T, d) ------
+
+class _MeanOverPlaces(nn.Module):
+    def forward(self, h):
+        return h.mean(1)
+
+
+def _convolutions():
+    torch.manual_seed(4)
+    return {
+        "conv2d": (nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                   (2, 5, 6)),
+        "conv1d-same-circular": (nn.Conv1d(2, 2, 3, padding="same", padding_mode="circular",
+                                           bias=False), (2, 7)),
+        "conv1d-strided": (nn.Conv1d(1, 2, 2, stride=3, dilation=2), (1, 9)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_convolutions()))
+def test_kfac_expand_is_the_exact_ggn_of_a_convolution_under_squared_error(kind):
+    """Squared error over every output treats the positions as independent samples with
+    the same output matrix: K-FAC-expand is then exact, for any batch."""
+    conv, shape = _convolutions()[kind]
+    model = nn.Sequential(conv, nn.Flatten()).double()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, *shape, generator=gen, dtype=DT)
+    y = torch.randn_like(model(x))
+    *_, G = _oracle(model, nn.MSELoss(), x, y)
+    K = hf.KFACOperator.from_model(model, nn.MSELoss(), _split(x, y, [2, 1]))
+    assert_close(K.to_dense(), G)
+    reduced = hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y), kfac_approx="reduce")
+    assert not torch.allclose(reduced.to_dense(), G)  # the convention matters here
+
+
+@pytest.mark.parametrize("name", ["ce", "mse"])
+def test_kfac_reduce_is_the_exact_ggn_of_a_pooled_linear_layer_for_one_sample(name):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, C), _MeanOverPlaces()).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 5, 4, generator=gen, dtype=DT)
+    y = _targets(name, 1, gen)
+    *_, G = _oracle(model, LOSSES[name], x, y)
+    K = hf.KFACOperator.from_model(model, LOSSES[name], (x, y), kfac_approx="reduce")
+    assert_close(K.to_dense(), G)
+    expanded = hf.KFACOperator.from_model(model, LOSSES[name], (x, y))
+    assert not torch.allclose(expanded.to_dense(), G)
+
+
+def _patches_by_loop(x, conv):
+    """``(N, L, C_in k1 k2)``: each output position's input patch, read off by indices."""
+    (k1, k2), (s1, s2), (p1, p2), (d1, d2) = (conv.kernel_size, conv.stride, conv.padding,
+                                              conv.dilation)
+    xp = F.pad(x, (p2, p2, p1, p1))
+    h_out = (xp.shape[2] - d1 * (k1 - 1) - 1) // s1 + 1
+    w_out = (xp.shape[3] - d2 * (k2 - 1) - 1) // s2 + 1
+    rows = [xp[:, :, i * s1:i * s1 + d1 * (k1 - 1) + 1:d1,
+               j * s2:j * s2 + d2 * (k2 - 1) + 1:d2].reshape(x.shape[0], -1)
+            for i in range(h_out) for j in range(w_out)]
+    return torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kfac_factors_of_a_conv_net_by_their_definitions(approx):
+    n = 3
+    torch.manual_seed(7)
+    conv = nn.Conv2d(2, 2, (2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 1))
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(C)).double()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(n, 2, 5, 6, generator=gen, dtype=DT)
+    model(x)
+    loss_fn = nn.CrossEntropyLoss()
+    y = torch.randint(0, C, (n,), generator=gen)
+    K = hf.KFACOperator.from_model(model, loss_fn, (x, y), kfac_approx=approx)
+    with torch.no_grad():
+        out, s = model(x), conv(x)
+    Ho = hf.reference.output_hessian(loss_fn, out, y).reshape(n, C, n, C)
+    rest = lambda z: model[1:](z)  # noqa: E731
+    J = torch.autograd.functional.jacobian(rest, s)  # (n, C, n, C_out, H, W)
+    J = torch.stack([J[i, :, i].flatten(2) for i in range(n)])  # (n, C, C_out, L)
+    a = _patches_by_loop(x, conv)
+    a = torch.cat([a, torch.ones_like(a[..., :1])], -1)  # (n, L, d_in + 1)
+    places = a.shape[1]
+    if approx == "expand":
+        A = torch.einsum("nli,nlj->ij", a, a) / (n * places)
+        G = sum(J[i, :, :, l].T @ Ho[i, :, i] @ J[i, :, :, l]
+                for i in range(n) for l in range(places))
+    else:
+        abar, Jsum = a.mean(1), J.sum(-1)
+        A = abar.T @ abar / n
+        G = sum(Jsum[i].T @ Ho[i, :, i] @ Jsum[i] for i in range(n))
+    assert_close(K.factors["0"][0], A)
+    assert_close(K.factors["0"][1], G)
+    v = torch.randn(K.shape[0], generator=gen, dtype=DT)
+    m = conv.weight.numel()
+    V = torch.cat([v[:m].reshape(2, -1), v[m:m + 2, None]], 1)  # [W | b], W as (C_out, -1)
+    KV = G @ V @ A
+    assert_close((K @ v)[:m + 2], torch.cat([KV[:, :-1].reshape(-1), KV[:, -1]]))
+
+
+def test_kfac_refuses_grouped_convolutions_and_unknown_conventions():
+    model = nn.Sequential(nn.Conv1d(2, 2, 2, groups=2), nn.Flatten()).double()
+    x = torch.randn(2, 2, 4, dtype=DT)
+    y = torch.randn(2, 6, dtype=DT)
+    with pytest.raises(hf.ArgumentError, match=r"KFACOperator: convolution '0' has groups=2"):
+        hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y))
+    model = nn.Sequential(nn.Conv1d(2, 2, 2), nn.Flatten()).double()
+    with pytest.raises(hf.ArgumentError, match=r"`kfac_approx` must be 'expand' or 'reduce', "
+                                               r"got 'mean'"):
+        hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y), kfac_approx="mean")
