@@ -249,6 +249,26 @@ _KNOWN: list[tuple[Any, str]] = [
 ]
 
 
+def separable(loss_fn: Any) -> bool:
+    """Whether ``loss_fn`` is one of torch's losses above (with any class weights and a
+    mean or sum reduction): a sum of per-sample terms, so its Hessian at the outputs is
+    block-diagonal over samples."""
+    return any((isinstance(kind, type) and isinstance(loss_fn, kind)) or loss_fn is kind
+               for kind, _ in _KNOWN) and getattr(loss_fn, "reduction", "mean") in ("mean", "sum")
+
+
+def output_hessian_blocks(loss: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor
+                          ) -> torch.Tensor:
+    """``(N, C, C)``: the diagonal blocks of ``loss``'s Hessian at outputs ``(N, C)``, for
+    a loss that is a sum of per-sample terms (:func:`separable`): one batched double
+    backward with the tangent ``e_c`` on every sample at once, ``C`` columns."""
+    width = out[0].numel()
+    basis = torch.eye(width, dtype=out.dtype, device=out.device).reshape(width, 1, *out.shape[1:])
+    _, second = torch.func.vjp(torch.func.grad(loss), out)
+    (cols,) = torch.func.vmap(second)(basis.expand(width, *out.shape))  # (C, N, ...)
+    return cols.reshape(width, out.shape[0], width).permute(1, 2, 0)
+
+
 def likelihood_of(loss_fn: Any, likelihood: str | None, reduction: str | None, call: str
                   ) -> tuple[str, str]:
     """The likelihood and reduction of ``loss_fn``: recognised for torch's MSE,
@@ -318,6 +338,27 @@ def draw(likelihood: str, out: torch.Tensor, generator: torch.Generator | None
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def fisher_columns(loss_fn: Callable[..., Any], likelihood: str, reduction: str,
+                   kind: Literal["mc", "empirical"], out: torch.Tensor, y: Any,
+                   mc_samples: int, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor, float]:
+    """The Fisher's factor at the outputs: ``E`` ``(K, *out.shape)`` and a weight ``w``
+    with ``M_n = w sum_k E_kn E_kn^T`` (module docstring): ``K = mc_samples`` gradients
+    of the negative log-likelihood at labels drawn from ``p(. | o_n)`` (draw ``k`` is one
+    label for every sample, in sample order), or the given loss's gradient at the true
+    labels (``K = 1``)."""
+    c, s = scale(likelihood, reduction, out)
+    if kind == "empirical":
+        def given(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
+
+        return torch.func.vmap(torch.func.grad(given))(out, y).unsqueeze(0), c / s ** 2
+    labels = torch.stack([draw(likelihood, out, generator) for _ in range(mc_samples)])
+    E = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda o, t: nll(likelihood, o, t))),
+                        in_dims=(None, 0))(out, labels)
+    return E, c / mc_samples
+
+
 def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
                 kind: Literal["mc", "empirical"] = "mc", mc_samples: int = 1,
                 generator: torch.Generator | None = None, likelihood: str | None = None,
@@ -359,33 +400,44 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
         raise ArgumentError(f"{call}: `mc_samples` must be an int >= 1 (draws per sample), got "
                             f"{mc_samples!r}.")
     lik, red = likelihood_of(loss_fn, likelihood, reduction, call)
+    composed = GGNLoss(g, loss_fn)  # the captured graph, with the Fisher's factor at the outputs
 
-    def sample_grad_sq(params: Any, x: Any, labels: Any, loss: Callable[..., Any]) -> Any:
-        def one(p: Any, xi: Any, yi: Any) -> torch.Tensor:
-            o = _output(g, p, pytree.tree_map(lambda t: t.unsqueeze(0), xi), call)
-            return loss(o, yi)
+    def columns(out: torch.Tensor, y: Any) -> tuple[torch.Tensor, float]:
+        return fisher_columns(loss_fn, lik, red, kind, out.detach(), y, mc_samples, generator)
+
+    def sample_grad_sq(params: Any, x: Any, y: Any) -> torch.Tensor:
+        """``w sum_(n, k) (J_n^T E_kn)^2`` by per-sample vector-Jacobian products."""
+        with torch.no_grad():
+            out = _output(g, params, x, call)
+        E, w = columns(out, y)
+
+        def one(p: Any, xi: Any, e: torch.Tensor) -> torch.Tensor:
+            _, pull = torch.func.vjp(
+                lambda q: _output(g, q, pytree.tree_map(lambda t: t.unsqueeze(0), xi), call),
+                p)
+            (grad,) = pull(e.unsqueeze(0))
+            return torch.cat([t.reshape(-1) for t in pytree.tree_leaves(grad)])
 
         spec = flat_spec(params)
         chunk = max(1, CHUNK_BUDGET_BYTES // (4 * spec.numel * itemsize(spec.dtype)))
-        grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0),
-                                chunk_size=chunk)(params, x, labels)
-        rows = torch.cat([t.reshape(t.shape[0], -1) for t in pytree.tree_leaves(grads)], 1)
-        return rows.square().sum(0)
+        total = 0
+        for e in E:
+            rows = torch.func.vmap(one, in_dims=(None, 0, 0), chunk_size=chunk)(params, x, e)
+            total = total + rows.square().sum(0)
+        return total * w
 
     def fisher_f(params: Any, x: Any, y: Any) -> Any:
         check_floating(params, "params", call)
-        spec = flat_spec(params)
-        with torch.no_grad():
-            out = _output(g, params, x, call).detach()
-        c, s = scale(lik, red, out)
-        if kind == "empirical":
-            def given(o: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-                return loss_fn(o, yi.unsqueeze(0)).reshape(())
-            total = sample_grad_sq(params, x, y, given) * (c / s ** 2)
-            return vector_to_tree(total, spec)
-        labels = torch.cat([draw(lik, out, generator) for _ in range(mc_samples)])
-        xs = pytree.tree_map(lambda t: t.repeat((mc_samples,) + (1,) * (t.dim() - 1)), x)
-        total = sample_grad_sq(params, xs, labels, lambda o, yi: nll(lik, o[0], yi))
-        return vector_to_tree(total * (c / mc_samples), spec)
+        plan, _ = plan_ggn_diagonal(composed, (params, x, y))
+        if plan is not None:
+            plan.evaluate()
+        if plan is not None and len(plan.model_outputs()) == 1:
+            def factor(out: torch.Tensor) -> torch.Tensor:
+                E, w = columns(out, y)
+                return E.movedim(0, -1) * w ** 0.5
+
+            plan.output_factor = factor
+            return pytree.tree_unflatten(plan.diagonal(), pytree.tree_structure(params))
+        return vector_to_tree(sample_grad_sq(params, x, y), flat_spec(params))
 
     return fisher_f

@@ -55,7 +55,7 @@ groups, any stride, padding, dilation or padding mode), and the model's outputs 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -63,10 +63,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._memory import CHUNK_BUDGET_BYTES, itemsize
 from ._tree import tree_to_vector, vector_to_tree
 from .errors import ArgumentError
 from .functional import functionalize
-from .ggn import _loss_of, draw, likelihood_of, nll, scale
+from .ggn import _loss_of, fisher_columns, likelihood_of, output_hessian_blocks, separable
 from .operator import CurvatureOperator
 
 __all__ = ["KFACOperator"]
@@ -222,24 +223,37 @@ class KFACOperator(CurvatureOperator):
         out = out.detach()
         n = out.shape[0]
         if self.fisher == "exact":
-            H = torch.func.jacrev(torch.func.grad(_loss_of(self.loss_fn, y, self._name)))(out)
-            H = H.reshape(n, -1, n, H.shape[-1] if out.dim() > 1 else 1)
-            blocks = torch.stack([H[i, :, i, :] for i in range(n)])  # (N, C, C)
-            lam, Q = torch.linalg.eigh(blocks)                       # (N, C), (N, C, C)
+            loss = _loss_of(self.loss_fn, y, self._name)
+            if separable(self.loss_fn):
+                blocks = output_hessian_blocks(loss, out)                # (N, C, C)
+            else:  # any loss: the whole output Hessian, then its per-sample blocks
+                H = torch.func.jacrev(torch.func.grad(loss))(out)
+                H = H.reshape(n, -1, n, H.shape[-1] if out.dim() > 1 else 1)
+                blocks = torch.stack([H[i, :, i, :] for i in range(n)])
+            lam, Q = torch.linalg.eigh(blocks)                           # (N, C), (N, C, C)
             return Q.permute(2, 0, 1), lam.T
-        c, s = scale(self._likelihood, self.reduction, out)
-        if self.fisher == "empirical":
-            def given(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
+        E, w = fisher_columns(self.loss_fn, self._likelihood, self.reduction, self.fisher, out,
+                              y, self.mc_samples, self._draws)
+        return E, torch.full(E.shape[:2], w, dtype=out.dtype, device=out.device)
 
-            E = torch.func.vmap(torch.func.grad(given))(out, y).unsqueeze(0)
-            return E, torch.full(E.shape[:2], c / s ** 2, dtype=out.dtype, device=out.device)
-        lik = self._likelihood
-        labels = torch.stack([draw(lik, out, self._draws) for _ in range(self.mc_samples)])
-        E = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda o, t: nll(lik, o, t))),
-                            in_dims=(None, 0))(out, labels)
-        return E, torch.full(E.shape[:2], c / self.mc_samples, dtype=out.dtype,
-                             device=out.device)
+    @staticmethod
+    def _columns_back(out: torch.Tensor, probes: list[torch.Tensor], U: torch.Tensor
+                      ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+        """``(k, B^T U[k] at every probe)`` for each column ``k``: batched backward passes
+        of as many columns as fit the chunk budget (one pass where torch cannot batch)."""
+        per_column = sum(p.numel() for p in probes) * itemsize(out.dtype)
+        chunk = max(1, min(U.shape[0], CHUNK_BUDGET_BYTES // max(per_column, 1)))
+        for lo in range(0, U.shape[0], chunk):
+            cols = U[lo:lo + chunk]
+            try:
+                grads = torch.autograd.grad(out, probes, cols, retain_graph=True,
+                                            is_grads_batched=True)
+            except RuntimeError:  # an op without a batching rule: one column at a time
+                for k in range(cols.shape[0]):
+                    yield lo + k, torch.autograd.grad(out, probes, cols[k], retain_graph=True)
+                continue
+            for k in range(cols.shape[0]):
+                yield lo + k, tuple(g[k] for g in grads)
 
     def _batch_factors(self, index: int, x: Any, y: Any
                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -270,9 +284,7 @@ class KFACOperator(CurvatureOperator):
                 U, omega = self._output_columns(index, out, y)
                 names = list(self._layers)
                 Gs = {k: 0.0 for k in names}
-                for k in range(U.shape[0]):
-                    grads = torch.autograd.grad(out, [probes[k2] for k2 in names], U[k],
-                                                retain_graph=True)
+                for k, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
                     for name, gr in zip(names, grads, strict=True):
                         gr = _output_places(mods[name], gr)           # (N, R, d_out)
                         if reduce:

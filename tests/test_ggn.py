@@ -3,6 +3,8 @@ loops, H - G against the model-curvature term by loops, Fisher by its definition
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,14 +158,35 @@ def _scale(name, n):
     return 1.0 / (n * C), 1.0 / C
 
 
+def _fisher_route(route, monkeypatch):
+    """Force the per-sample products route, or spy that the captured graph's sweep takes
+    the Fisher's factor."""
+    from hessfunc.graph.curvature import GraphPlan
+
+    if route == "products":  # hessfunc.ggn is also the function: the module by name
+        monkeypatch.setattr(sys.modules["hessfunc.ggn"], "plan_ggn_diagonal",
+                            lambda *args, **kwargs: (None, "forced"))
+    taken, real = [], GraphPlan._given_factor
+
+    def spy(plan):
+        taken.append(True)
+        return real(plan)
+
+    monkeypatch.setattr(GraphPlan, "_given_factor", spy)
+    return taken
+
+
+@pytest.mark.parametrize("route", ["graph", "products"])
 @pytest.mark.parametrize("name", list(FISHER))
 @pytest.mark.parametrize("n", [1, 4])
-def test_mc_fisher_equals_its_definition(name, n):
+def test_mc_fisher_equals_its_definition(name, n, route, monkeypatch):
     model, loss_fn, x, y = _problem(name, n, seed=4)
     g, params = hf.functionalize(model)
     leaves = leaf_params(params)
+    taken = _fisher_route(route, monkeypatch)
     diag = hf.fisher_diag(g, loss_fn, mc_samples=3,
                           generator=torch.Generator().manual_seed(5))(params, x, y)
+    assert taken == [True] * (route == "graph" and n > 1)  # one sample: no batch to prove
     c, _ = _scale(name, n)
     ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
                                  FISHER[name], c, 3, torch.Generator().manual_seed(5))
@@ -227,8 +250,9 @@ def test_mc_fisher_is_unbiased_for_the_exact_fisher_which_is_the_ggn(name):
     assert_close(flat(again(params, x, y)), mean)
 
 
+@pytest.mark.parametrize("route", ["graph", "products"])
 @pytest.mark.parametrize("name", list(FISHER))
-def test_empirical_fisher_is_the_sum_of_per_sample_gradient_squares(name):
+def test_empirical_fisher_is_the_sum_of_per_sample_gradient_squares(name, route, monkeypatch):
     n = 4
     model, loss_fn, x, y = _problem(name, n, seed=7)
     g, params = hf.functionalize(model)
@@ -236,7 +260,9 @@ def test_empirical_fisher_is_the_sum_of_per_sample_gradient_squares(name):
     c, s = _scale(name, n)
     losses = [loss_fn(g(leaves, x[i:i + 1]), y[i:i + 1]) for i in range(n)]
     ref = hf.reference.empirical_fisher(losses, list(leaves.values()), c / s ** 2)
+    taken = _fisher_route(route, monkeypatch)
     diag = hf.fisher_diag(g, loss_fn, kind="empirical")(params, x, y)
+    assert taken == [True] * (route == "graph")
     assert_close(flat(diag), torch.diagonal(ref))
 
 
@@ -394,12 +420,11 @@ def test_kfac_is_the_exact_ggn_for_one_linear_layer_and_one_sample(name):
     assert_close(_kron_dense(K, layer), G)
 
 
-@pytest.mark.parametrize("name", ["mse", "ce"])
-def test_kfac_factors_products_and_inverse_on_a_two_layer_net(name):
-    n = 6
-    model, loss_fn, x, y = _problem(name, n, seed=11)
+def _two_layer_factors(model, loss_fn, x, y):
+    """``{layer: (A, G)}`` of the 2-4-C tanh net by their definitions, written out."""
+    n = x.shape[0]
     W1, b1, W2 = model[0].weight, model[0].bias, model[2].weight
-    with torch.no_grad():  # the factors by their definitions, written out for this net
+    with torch.no_grad():
         h = torch.tanh(x @ W1.T + b1)
         out = model(x)
     Ho = hf.reference.output_hessian(loss_fn, out, y).reshape(n, C, n, C)
@@ -408,11 +433,17 @@ def test_kfac_factors_products_and_inverse_on_a_two_layer_net(name):
     G1 = sum((W2 * (1 - h[i] ** 2)).T @ Ho[i, :, i, :] @ (W2 * (1 - h[i] ** 2))
              for i in range(n))
     G2 = sum(Ho[i, :, i, :] for i in range(n))
+    return {"0": (a1.T @ a1 / n, G1), "2": (a2.T @ a2 / n, G2)}
+
+
+@pytest.mark.parametrize("name", ["mse", "ce"])
+def test_kfac_factors_products_and_inverse_on_a_two_layer_net(name):
+    n = 6
+    model, loss_fn, x, y = _problem(name, n, seed=11)
     K = hf.KFACOperator.from_model(model, loss_fn, _split(x, y, [2, 4]))
-    assert_close(K.factors["0"][0], a1.T @ a1 / n)
-    assert_close(K.factors["2"][0], a2.T @ a2 / n)
-    assert_close(K.factors["0"][1], G1)
-    assert_close(K.factors["2"][1], G2)
+    for layer, (A, G) in _two_layer_factors(model, loss_fn, x, y).items():
+        assert_close(K.factors[layer][0], A)
+        assert_close(K.factors[layer][1], G)
     D = _kron_dense(K, model)
     assert_close(K.to_dense(), D)
     v = torch.randn(D.shape[0], generator=torch.Generator().manual_seed(0), dtype=DT)
@@ -597,3 +628,27 @@ def test_kfac_refuses_grouped_convolutions_and_unknown_conventions():
     with pytest.raises(hf.ArgumentError, match=r"`kfac_approx` must be 'expand' or 'reduce', "
                                                r"got 'mean'"):
         hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y), kfac_approx="mean")
+
+
+@pytest.mark.parametrize("backward", ["batched", "chunks of one", "one column at a time"])
+def test_kfac_factors_the_same_however_the_columns_go_back(backward, monkeypatch):
+    """The output matrix's columns go back through the model in batched passes, in chunks
+    under a small budget, or one at a time where torch cannot batch: the same factors."""
+    kfac_module = sys.modules["hessfunc.kfac"]
+    model, loss_fn, x, y = _problem("ce", 5, seed=12)
+    truth = _two_layer_factors(model, loss_fn, x, y)
+    if backward == "chunks of one":
+        monkeypatch.setattr(kfac_module, "CHUNK_BUDGET_BYTES", 1)
+    if backward == "one column at a time":
+        real = torch.autograd.grad
+
+        def unbatched(*args, is_grads_batched=False, **kwargs):
+            if is_grads_batched:
+                raise RuntimeError("no batching rule")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", unbatched)
+    K = hf.KFACOperator.from_model(model, loss_fn, (x, y))
+    for name, (A, G) in truth.items():
+        assert_close(K.factors[name][0], A)
+        assert_close(K.factors[name][1], G)

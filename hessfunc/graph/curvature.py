@@ -152,6 +152,9 @@ class GraphPlan:
     products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
     one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
     linearised: frozenset = frozenset()  # ops whose curvature is left out (the GGN's model)
+    # in place of the loss's Hessian at the model's output: a factor ``(*out shape, K)``
+    # of that output, ``M = S S^T`` per sample (a Fisher's sampled or true-label gradients)
+    output_factor: Callable[[Tensor], Tensor] | None = None
     env: dict[fx.Node, Any] = field(default_factory=dict)
     rules: dict[fx.Node, Any] = field(default_factory=dict)
     _seeds: dict[fx.Node, Tensor] | None = None  # per-sample losses' boundary coefficients
@@ -370,7 +373,8 @@ class GraphPlan:
         factors: dict[fx.Node, Tensor] | None = None  # NOTE [Gauss-Newton factors]
         signs = None
         if self.linearised:
-            factors, signs = self._factorise(self._output_hessian())
+            factors, signs = self._given_factor() if self.output_factor is not None else \
+                self._factorise(self._output_hessian())
         for v in reversed(nodes):
             if factors is not None:
                 root = factors.pop(v, None)
@@ -442,12 +446,24 @@ class GraphPlan:
             found.add(u)
         return found
 
+    def model_outputs(self) -> list[fx.Node]:
+        """The values of ``linearised`` ops that the loss reads: the model's outputs."""
+        return [nd for nd in self._per_sample_nodes() if nd in self.linearised
+                and any(u not in self.linearised for u in nd.users)]
+
+    def _given_factor(self) -> tuple[dict[fx.Node, Tensor], Tensor]:
+        """``output_factor`` at the model's one output, as the sweep's ``(N, w, K)``
+        factor with positive signs."""
+        (out,) = self.model_outputs()
+        S = self.output_factor(self.env[out])  # (*out shape, K)
+        root = self.flat(out, S.movedim(-1, 0), 1).permute(1, 2, 0)
+        return {out: root}, root.new_ones(self.n, root.shape[2])
+
     def _output_hessian(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
         """The loss's per-sample Hessian with respect to the model's outputs (the values
         of ``linearised`` ops that the loss reads), from batched double backward passes
         through the loss's ops alone (one tangent per output column, on every sample)."""
-        outs = [nd for nd in self._per_sample_nodes() if nd in self.linearised
-                and any(u not in self.linearised for u in nd.users)]
+        outs = self.model_outputs()
         downstream: set[fx.Node] = set()
         for node in self.gm.graph.nodes:
             if node not in self.linearised and any(
