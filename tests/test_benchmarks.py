@@ -212,3 +212,22 @@ def test_ggn_benchmark_products_agree() -> None:
         torch.set_num_threads(threads)
     assert {"gradient", "GGNOperator @ v", "ggn_vp"} <= set(row["times_ms"])
     assert max(row["max_rel_difference"].values()) < 1e-5
+
+
+def test_fisher_benchmark_times_every_task_and_solves_to_its_tolerance() -> None:
+    """``benchmarks.bench_fisher`` on SimpleNet: every task has its hessfunc row, the CG
+    solve reaches the benchmark's tolerance, and the per-sample GGN diagonals agree with
+    BackPACK's where it is installed."""
+    from benchmarks import bench_fisher
+
+    threads = torch.get_num_threads()
+    try:
+        (row,) = bench_fisher.run(["simplenet"], repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    for task, cases in row["tasks"].items():
+        ours = [v for k, v in cases.items() if k.startswith("hessfunc")]
+        assert ours and all(isinstance(v, dict) and v["ms"] > 0 for v in ours), task
+    assert row["agreement"]["residual reached: hessfunc GGNOperator.solve"] <= bench_fisher.TOL
+    if "per-sample GGN diagonal vs BackPACK" in row["agreement"]:
+        assert row["agreement"]["per-sample GGN diagonal vs BackPACK"] < 1e-5
