@@ -13,11 +13,8 @@ blocks are checked against the float64 loop oracle (``hessfunc.reference``).
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
 import hessfunc as hf
 from hessfunc import _chain
@@ -26,7 +23,7 @@ from hessfunc.dense import _generic_blocks
 
 from . import _cli
 from ._timing import interleaved_medians
-from .bench_graph import ALL
+from .bench_graph import ALL, torch_func_loss
 
 
 def run(keys: list[str], repeats: int) -> list[dict]:
@@ -37,9 +34,7 @@ def run(keys: list[str], repeats: int) -> list[dict]:
         model, loss_fn, x, y = problem.model, problem.loss_fn, problem.x, problem.y
         params = {k: v.detach() for k, v in model.named_parameters()}
 
-        def plain(p: Any, x: Any, y: Any, model: nn.Module = model, loss_fn: Any = loss_fn
-                  ) -> Any:
-            return loss_fn(functional_call(model, p, (x,)), y)
+        plain = torch_func_loss(model, loss_fn)
 
         spec = flat_spec(params)
         cases = {

@@ -62,6 +62,14 @@ class ResidualMLP(nn.Module):
         return self.head(h)
 
 
+def torch_func_loss(model: nn.Module, loss_fn: Any) -> Any:
+    """``f(p, x, y) = loss_fn(functional_call(model, p, (x,)), y)``: the torch.func idiom."""
+    def f(p: Any, x: Any, y: Any) -> Any:
+        return loss_fn(functional_call(model, p, (x,)), y)
+
+    return f
+
+
 def residual(skips: bool) -> Problem:
     torch.manual_seed(5)
     model = ResidualMLP(skips=skips)
@@ -172,8 +180,7 @@ def run(keys: list[str], repeats: int, generic_limit: int) -> list[dict]:
         model, loss_fn, x, y = problem.model, problem.loss_fn, problem.x, problem.y
         params = {k: v.detach() for k, v in model.named_parameters()}
 
-        def plain(p: Any, x: Any, y: Any, model: nn.Module = model, loss_fn: Any = loss_fn) -> Any:
-            return loss_fn(functional_call(model, p, (x,)), y)
+        plain = torch_func_loss(model, loss_fn)
 
         def decayed(p: Any, x: Any, y: Any) -> Any:
             return plain(p, x, y) + 1e-4 * sum((w ** 2).sum() for w in p.values())
