@@ -10,7 +10,6 @@ from ._version import __version__
 from .dense import hessian, hessian_blocks
 from .derivatives import derivative
 from .diagonal import hessian_diag
-from .explain import Explanation, explain
 from .errors import (
     ArgumentError,
     DenseMemoryError,
@@ -18,9 +17,10 @@ from .errors import (
     HessfuncError,
     NonFiniteError,
 )
+from .explain import Explanation, explain
 from .forward import biharmonic, hutchinson_laplacian, input_hessian_diag, taylor
 from .functional import FunctionalModel, functionalize
-from .ggn import fisher_diag, ggn, ggn_diag, ggn_vp
+from .ggn import fisher_diag, ggn, ggn_blocks, ggn_diag, ggn_vp
 from .ggn_operator import FisherOperator, GGNOperator
 from .gradient import grad
 from .kfac import KFACOperator
@@ -50,6 +50,7 @@ __all__ = [
     "ggn_vp",
     "ggn",
     "ggn_diag",
+    "ggn_blocks",
     "fisher_diag",
     # input-space derivatives (forward propagation)
     "input_hessian_diag",

@@ -196,6 +196,49 @@ def ggn(g: Callable[..., Any], loss_fn: Callable[..., Any], *, flat: bool = Fals
     return ggn_f
 
 
+def ggn_blocks(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
+               max_memory: int | None = None) -> Callable[..., Any]:
+    """Each parameter's own ``(numel, numel)`` GGN block ``J_p^T H_o J_p``, without the
+    cross blocks: the GGN counterpart of :func:`hessfunc.hessian_blocks`.
+
+    From the captured graph of ``loss_fn(g(params, inputs), targets)`` with ``g``'s own
+    curvature left out (NOTE [Gauss-Newton factors] in ``hessfunc/graph/curvature.py``:
+    the loss's per-sample output Hessian carried down as a factor, each parameter's
+    block formed at its one linear place); parameters the graph does not take, and
+    every ``g`` it does not cover, from the ``(O, P)`` Jacobian (memory-guarded).
+
+    Returns ``blocks_f(params, inputs, targets)``: the structure of ``params`` with
+    ``(numel, numel)`` leaves, flattened row-major.
+
+    Example (``g = (w x, w^2)`` and ``L = sum o^2 / 2``: the block is ``x^2 + 4 w^2``):
+        >>> g = lambda p, x: torch.stack([p["w"] * x, p["w"] ** 2])
+        >>> loss = lambda o, y: 0.5 * (o ** 2).sum()
+        >>> ggn_blocks(g, loss)({"w": torch.tensor(1.0)}, torch.tensor(2.0), None)
+        {'w': tensor([[8.]])}
+    """
+    call = "ggn_blocks"
+    _checked(g, loss_fn, call)
+    composed = GGNLoss(g, loss_fn)
+
+    def blocks_f(params: Any, x: Any, y: Any) -> Any:
+        check_floating(params, "params", call)
+        spec = flat_spec(params)
+        check_dense(sum(n * n for n in spec.numels), spec.dtype, spec.device,
+                    what="storing the diagonal blocks", call=call, max_memory=max_memory,
+                    hint="use `ggn_diag` or `hessfunc.GGNOperator`")
+        plan, _ = plan_ggn_diagonal(composed, (params, x, y))
+        found = plan.blocks() if plan is not None else [None] * len(spec.numels)
+        if any(b is None for b in found):
+            J, Ho = _jacobian_and_output_hessian(g, loss_fn, params, x, y, call, max_memory,
+                                                 False)
+            for i, part in enumerate(spec.slices().values()):
+                if found[i] is None:
+                    found[i] = J[:, part].T @ (Ho @ J[:, part])
+        return pytree.tree_unflatten(found, spec.treespec)
+
+    return blocks_f
+
+
 def _per_sample(fn: Callable[..., Any], params: Any, x: Any, y: Any) -> Any:
     """``fn(params, x[n:n+1], y[n:n+1])`` for every sample ``n``, stacked (vmap)."""
     def one(xi: Any, yi: Any) -> Any:

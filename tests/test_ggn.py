@@ -652,3 +652,58 @@ def test_kfac_factors_the_same_however_the_columns_go_back(backward, monkeypatch
     for name, (A, G) in truth.items():
         assert_close(K.factors[name][0], A)
         assert_close(K.factors[name][1], G)
+
+
+def _blocks_of(G, params):
+    """Each leaf's diagonal block of the dense ``(P, P)`` matrix ``G``, in ``params`` order."""
+    out, lo = {}, 0
+    for k, p in params.items():
+        out[k] = G[lo:lo + p.numel(), lo:lo + p.numel()]
+        lo += p.numel()
+    return out
+
+
+@pytest.mark.parametrize("route", ["graph", "jacobian"])
+@pytest.mark.parametrize("arch", ["mlp", "residual", "conv", "frozen", "indefinite"])
+def test_ggn_blocks_are_the_oracles_diagonal_blocks(arch, route, monkeypatch):
+    """Each parameter's own block of the loop oracle's GGN, from the captured graph's
+    factors (a DAG and a convolution included) or from the Jacobian where it declines;
+    "indefinite": a loss whose output Hessian has negative eigenvalues (signed factors)."""
+    from hessfunc.graph.curvature import GraphPlan
+    from hessfunc.testing.models import ResidualMLP
+
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(4)
+    if arch == "conv":
+        model = nn.Sequential(nn.Conv1d(2, 3, 2, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                              nn.LazyLinear(C)).double()
+        x = torch.randn(5, 2, 6, generator=gen, dtype=DT)
+        model(x)
+    else:
+        model = ResidualMLP(2, 4, 2, C).double() if arch == "residual" else \
+            build_mlp([2, 4, 4, C], "tanh", 3)
+        x = torch.randn(5, 2, generator=gen, dtype=DT)
+    if arch == "frozen":
+        model[2].requires_grad_(False)  # a whole middle layer
+    loss_fn = nn.CrossEntropyLoss()
+    y = torch.randint(0, C, (5,), generator=gen)
+    if arch == "indefinite":
+        loss_fn = lambda o, t: (torch.sin(o) * t).mean()  # noqa: E731
+        y = torch.randn(5, C, generator=gen, dtype=DT)
+    g, params, _, _, G = _oracle(model, loss_fn, x, y)
+    calls = []
+    real = GraphPlan.blocks
+
+    def spy(plan):
+        calls.append(plan)
+        return real(plan)
+
+    monkeypatch.setattr(GraphPlan, "blocks", spy)
+    if route == "jacobian":
+        monkeypatch.setattr(sys.modules["hessfunc.ggn"], "plan_ggn_diagonal",
+                            lambda *args, **kwargs: (None, "forced"))
+    blocks = hf.ggn_blocks(g, loss_fn)(params, x, y)
+    assert len(calls) == (route == "graph")
+    assert list(blocks) == list(params)
+    for k, want in _blocks_of(G, params).items():
+        assert_close(blocks[k], want)
