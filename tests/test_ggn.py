@@ -707,3 +707,45 @@ def test_ggn_blocks_are_the_oracles_diagonal_blocks(arch, route, monkeypatch):
     assert list(blocks) == list(params)
     for k, want in _blocks_of(G, params).items():
         assert_close(blocks[k], want)
+
+
+@pytest.mark.parametrize("quantity", ["ggn", "fisher"])
+def test_wide_convolutions_take_the_graph_with_factors_within_their_own_budget(quantity,
+                                                                              monkeypatch):
+    """The Gauss-Newton sweep holds ``N x width x C`` factors, not ``N x width^2`` blocks:
+    under a budget the Hessian's frontier exceeds, the GGN and Fisher diagonals still
+    take the captured graph, and a convolution whose Jacobian is past ``_DENSE_COLUMNS``
+    pulls the factor's columns back by its input gradient. Both equal the definitions."""
+    from hessfunc.graph import curvature, rules
+    from hessfunc.graph.curvature import GGNLoss, plan_diagonal, plan_ggn_diagonal
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(4 * 12 * 12, C)).double()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 12, 12, generator=gen, dtype=DT)
+    y = torch.randint(0, C, (3,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    g, params, _, leaves, G = _oracle(model, loss_fn, x, y)
+    monkeypatch.setattr(curvature, "available_bytes", lambda device: 4 * 2 ** 23)  # 8 MiB
+    f = lambda p, a, b: loss_fn(g(p, a), b)  # noqa: E731
+    assert plan_diagonal(f, (params, x, y))[0] is None  # the Hessian's blocks: over budget
+    assert plan_ggn_diagonal(GGNLoss(g, loss_fn), (params, x, y))[0] is not None
+    widths = []
+    real = rules.Convolution._input_grad
+
+    def spy(rule, grads):
+        widths.append(grads.shape[0])
+        return real(rule, grads)
+
+    monkeypatch.setattr(rules.Convolution, "_input_grad", spy)
+    if quantity == "ggn":
+        assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+        assert widths == [C * 3]  # the second convolution's K x N columns, no Jacobian
+    else:
+        got = hf.fisher_diag(g, loss_fn, mc_samples=2,
+                             generator=torch.Generator().manual_seed(1))(params, x, y)
+        ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                     "categorical", 1 / 3, 2, torch.Generator().manual_seed(1))
+        assert_close(flat(got), torch.diagonal(ref))
+        assert widths == [2 * 3]

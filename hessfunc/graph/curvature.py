@@ -890,12 +890,13 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
     return nd.target in _FULL_SUMS and elementwise(nd.args[0]) and linear_to_loss(nd)
 
 
-def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: bool = False
-                  ) -> tuple[GraphPlan | None, str]:
+def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: bool = False,
+                  check_memory: bool = True) -> tuple[GraphPlan | None, str]:
     """A :class:`GraphPlan` for ``hessian_diag(f, argnums, per_sample=...)(*args)``, or
-    ``(None, why)``."""
+    ``(None, why)``. ``check_memory=False`` leaves the frontier's memory to the caller
+    (the Gauss-Newton sweep holds factors, not blocks)."""
     if per_sample:
-        return _plan_per_sample(f, args, argnums)
+        return _plan_per_sample(f, args, argnums, check_memory)
     if argnums != 0:
         return None, "argnums is not 0 (the batch must follow the parameters)"
     if not use_autograd(args):
@@ -927,8 +928,11 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
         return None, structure.reason
     sites, separable, products = _route_leaves(gm, structure, len(leaves))
     plan = GraphPlan(gm, structure, leaves, inputs, sites, separable, products)
-    need = _frontier_bytes(plan)
-    budget = available_bytes(leaves[0].device) // 4
+    return (_within_budget(plan, _frontier_bytes(plan)) if check_memory else (plan, "ok"))
+
+
+def _within_budget(plan: GraphPlan, need: int) -> tuple[GraphPlan | None, str]:
+    budget = available_bytes(plan.leaves[0].device) // 4
     if need > budget:
         return None, (f"the per-sample curvature over the widest frontier needs "
                       f"{format_bytes(need)}, over the budget of {format_bytes(budget)}")
@@ -966,7 +970,7 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
                       ) -> tuple[GraphPlan | None, str]:
     """The plan of ``f``'s diagonal with ``g``'s curvature left out (NOTE [Gauss-Newton
     over the graph]), or ``(None, why)``."""
-    plan, why = plan_diagonal(f, args, 0, per_sample=per_sample)
+    plan, why = plan_diagonal(f, args, 0, per_sample=per_sample, check_memory=False)
     if plan is None:
         return None, why
     if plan.products:
@@ -984,14 +988,17 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
     if [nd.target for nd in calls[:len(model_ops)]] != model_ops:
         return None, "g's ops are not the first ops of loss_fn(g(params, x), y)"
     plan.linearised = frozenset(calls[:len(model_ops)])
-    return plan, "ok"
+    outputs = [nd for nd in plan.linearised if any(u not in plan.linearised for u in nd.users)]
+    return _within_budget(plan, _frontier_bytes(plan, columns=sum(
+        nd.meta["val"].numel() // plan.n for nd in outputs
+        if isinstance(nd.meta.get("val"), Tensor))))
 
 
-def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int
+def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True
                      ) -> tuple[GraphPlan | None, str]:
     """The plan of the batch, with ``f`` also traced on one sample (NOTE [per-sample
     losses]): the two graphs must have the same ops in the same order."""
-    plan, why = plan_diagonal(f, args, argnums)
+    plan, why = plan_diagonal(f, args, argnums, check_memory=check_memory)
     if plan is None:
         return None, why
     if plan.products:
@@ -1018,8 +1025,9 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int
     return plan, "ok"
 
 
-def _frontier_bytes(plan: GraphPlan) -> int:
-    """Largest sum of per-sample blocks held during the sweep, before evaluating."""
+def _frontier_bytes(plan: GraphPlan, columns: int | None = None) -> int:
+    """Largest sum of per-sample blocks held during the sweep, before evaluating; with
+    ``columns``, of per-sample factors of that many columns (the Gauss-Newton sweep)."""
     values = plan.structure.values
     n = plan.n
 
@@ -1039,4 +1047,4 @@ def _frontier_bytes(plan: GraphPlan) -> int:
         total = sum(width(u) for u in frontier) + width(v)
         widest = max(widest, total)
     dtype = plan.leaves[0].dtype
-    return 3 * n * widest * widest * itemsize(dtype)
+    return 3 * n * widest * (widest if columns is None else columns) * itemsize(dtype)

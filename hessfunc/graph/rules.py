@@ -178,24 +178,34 @@ class RowAffine(Rule):
 
 class Convolution(Rule):
     """``v = conv(x, W) (+ b)`` on a per-sample ``x``: the same linear map for every
-    sample. Its Jacobian ``J`` ``(w_v, w_x)``, built once from the input gradient of the
-    ``w_v`` unit outputs, makes ``J^T H J`` two matrix products; where ``J`` would be
-    too large, the input gradient runs on all ``K x N`` columns as one batch (``vmap``
-    of torch's VJP runs 6-8x slower than either)."""
+    sample. Its Jacobian ``J`` ``(w_v, w_x)``, built on first use from the input gradient
+    of the ``w_v`` unit outputs, makes ``J^T H J`` two matrix products where it fits
+    ``_DENSE_BYTES``. Columns (``pullback``) take ``J`` only while it is small
+    (``_DENSE_COLUMNS`` entries): beyond, building ``J`` costs ``w_v`` input gradients
+    and each product ``w_x / (C_in k)`` times the convolution's own work (measured 8-35x
+    slower from 16 channels), so the input gradient runs on all ``K x N`` columns as one
+    batch (``vmap`` of torch's VJP runs 6-8x slower than either)."""
 
     _INPUT_GRADS = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
                     3: torch.nn.grad.conv3d_input}
     _DENSE_BYTES = 2**26
+    _DENSE_COLUMNS = 2**17
 
     def __init__(self, plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> None:
         super().__init__(plan, node, inputs)
-        w_v, w_x = plan.width(node), plan.width(inputs[0])
-        out = plan.env[node]
-        self.jacobian_t = None  # J^T, (w_v, w_x)
-        if w_v * w_x * out.element_size() <= self._DENSE_BYTES:
+        self._size = plan.width(node) * plan.width(inputs[0])
+        self._jacobian_t: Tensor | None = None
+
+    @property
+    def jacobian_t(self) -> Tensor | None:
+        """``J^T`` ``(w_v, w_x)``, or None where it would not fit ``_DENSE_BYTES``."""
+        out = self.plan.env[self.node]
+        if self._jacobian_t is None and self._size * out.element_size() <= self._DENSE_BYTES:
+            w_v = self.plan.width(self.node)
             eye = torch.eye(w_v, dtype=out.dtype, device=out.device)
-            self.jacobian_t = self._input_grad(eye.reshape(w_v, *out.shape[1:])).reshape(
-                w_v, w_x)
+            self._jacobian_t = self._input_grad(eye.reshape(w_v, *out.shape[1:])).reshape(
+                w_v, -1)
+        return self._jacobian_t
 
     def _input_grad(self, grads: Tensor) -> Tensor:
         node, plan = self.node, self.plan
@@ -207,7 +217,7 @@ class Convolution(Rule):
 
     def pullback(self, columns: Tensor) -> list[Tensor]:
         k, n = columns.shape[:2]
-        if self.jacobian_t is not None:
+        if self._size <= self._DENSE_COLUMNS and self.jacobian_t is not None:
             return [columns @ self.jacobian_t]
         grads = columns.reshape(k * n, *self.plan.env[self.node].shape[1:])
         return [self._input_grad(grads).reshape(k, n, -1)]
