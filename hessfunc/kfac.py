@@ -255,11 +255,12 @@ class KFACOperator(CurvatureOperator):
             for k in range(cols.shape[0]):
                 yield lo + k, tuple(g[k] for g in grads)
 
-    def _batch_factors(self, index: int, x: Any, y: Any
-                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """This batch's ``(N A, G)`` per layer (module docstring: ``N A`` is the sum over
-        the batch's samples of ``ã ã^T``, scaled by ``1 / R`` for expand, or of
-        ``ā ā^T`` for reduce)."""
+    def _add_batch_factors(self, index: int, x: Any, y: Any, weight: float,
+                           into: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add this batch's share to each layer's ``(A, G)`` in ``into`` (module
+        docstring): ``sum ã ã^T / (N R)`` (expand) or ``sum ā ā^T / N`` (reduce), and
+        ``weight`` times its ``sum omega g g^T``. In place: a wide layer's ``A`` is large,
+        and a fresh one per batch costs more in page faults than the product itself."""
         module = self.g  # functionalize's private copy, hooked for this pass only
         inputs: dict[str, torch.Tensor] = {}
         probes: dict[str, torch.Tensor] = {}
@@ -274,6 +275,7 @@ class KFACOperator(CurvatureOperator):
 
             handles.append(mods[name].register_forward_hook(hook))
         reduce = self.kfac_approx == "reduce"
+        names = list(self._layers)
         try:
             with torch.enable_grad():
                 p = {k: v.detach() for k, v in self.params.items()}
@@ -282,32 +284,25 @@ class KFACOperator(CurvatureOperator):
                     raise ArgumentError(f"{self._name}: the model's outputs must be (N, C), got "
                                         f"{getattr(out, 'shape', type(out).__name__)}.")
                 U, omega = self._output_columns(index, out, y)
-                names = list(self._layers)
-                Gs = {k: 0.0 for k in names}
                 for k, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
-                    for name, gr in zip(names, grads, strict=True):
+                    for (_, G), name, gr in zip(into, names, grads, strict=True):
                         gr = _output_places(mods[name], gr)           # (N, R, d_out)
                         if reduce:
                             gr, w = gr.sum(1), omega[k]
                         else:  # each place a sample of its own, with its sample's weight
                             w = omega[k].repeat_interleave(gr.shape[1])
                             gr = gr.reshape(-1, gr.shape[-1])
-                        Gs[name] = Gs[name] + (gr * w[:, None]).T @ gr
+                        G.addmm_((gr * w[:, None]).T, gr, alpha=weight)
         finally:
             for h in handles:
                 h.remove()
-        result = {}
-        for name, (_, b) in self._layers.items():
+        for (A, _), (name, (_, b)) in zip(into, self._layers.items(), strict=True):
             a = _places(mods[name], inputs[name])                     # (N, R, d_in)
             if b is not None:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            if reduce:
-                a = a.mean(1)
-                result[name] = (a.T @ a, Gs[name])
-            else:
-                flat = a.reshape(-1, a.shape[-1])
-                result[name] = (flat.T @ flat / a.shape[1], Gs[name])
-        return result
+            rows = a.mean(1) if reduce else a.reshape(-1, a.shape[-1])
+            A.addmm_(rows.T, rows,
+                     alpha=1 / (self.num_samples * (1 if reduce else a.shape[1])))
 
     def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         shapes = []
@@ -316,21 +311,23 @@ class KFACOperator(CurvatureOperator):
             shapes.append((self.params[w].numel() // d_out + (b is not None), d_out))
         sizes = [i * i + o * o for i, o in shapes]
 
+        def views(total: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """Each layer's ``(A, G)`` as views into the one buffer ranks reduce."""
+            out, lo = [], 0
+            for d_in, d_out in shapes:
+                mid = lo + d_in * d_in
+                out.append((total[lo:mid].view(d_in, d_in),
+                            total[mid:mid + d_out * d_out].view(d_out, d_out)))
+                lo = mid + d_out * d_out
+            return out
+
         def fill(total: torch.Tensor) -> None:
+            into = views(total)
             for i, w, (x, y) in self._passes("factors"):
-                parts = self._batch_factors(i, x, y)
-                flat = torch.cat([torch.cat([A.reshape(-1) / self.num_samples,
-                                             w * G.reshape(-1)]) for A, G in parts.values()])
-                total += flat
+                self._add_batch_factors(i, x, y, float(w), into)
 
         total = self._group.sum("factors", (sum(sizes),), self._spec_like(), fill)
-        factors, lo = {}, 0
-        for name, (d_in, d_out), size in zip(self._layers, shapes, sizes, strict=True):
-            chunk = total[lo:lo + size]
-            factors[name] = (chunk[:d_in * d_in].reshape(d_in, d_in),
-                             chunk[d_in * d_in:].reshape(d_out, d_out))
-            lo += size
-        return factors
+        return dict(zip(self._layers, views(total), strict=True))
 
     # -------------------------------------------------------------- products
     def _apply(self, tree: Any, op: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
