@@ -597,3 +597,35 @@ def test_convolution_weights_by_the_unfolded_input(dims):
     G = hf.reference.ggn(g(leaves, x), F.cross_entropy, y, list(leaves.values()))
     got = hf.ggn_diag(g, F.cross_entropy)(params, x, y)
     assert_close(torch.cat([got[k].reshape(-1) for k in params]), torch.diagonal(G))
+
+
+# ---- parameter-only terms: separable ones add their diagonal, the rest take rows ------
+
+_PARAMETER_TERMS = {
+    "squares": lambda p: 1e-2 * (p["0.weight"] ** 2).sum(),
+    "sin, scaled after the sum": lambda p: 2 * torch.sin(p["0.weight"]).sum(),
+    "cosh of the bias, mean": lambda p: torch.cosh(p["0.bias"]).mean(),
+    "square of the sum": lambda p: p["0.weight"].sum() ** 2,
+    "flipped product": lambda p: (p["0.weight"] * p["0.weight"].flip(0)).sum(),
+    "bias times a weight column": lambda p: (p["0.bias"] * p["0.weight"][:, 0]).sum(),
+    "broadcast product": lambda p: (p["0.bias"][:, None] * p["0.weight"]).sum(),
+    "product of two sums": lambda p: p["0.weight"].sum() * p["2.weight"].sum(),
+}
+
+
+@pytest.mark.parametrize("term", list(_PARAMETER_TERMS))
+def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
+    """A term of the parameters alone is added as its own diagonal only when it is a sum
+    of elementwise functions of single entries; coupled terms (a square of a sum, a
+    flipped or broadcast product, two leaves together) must not be: their blocks have
+    off-diagonal entries, and their diagonals cross terms."""
+    model = build_mlp([3, 4, 2], "tanh", 7)
+    loss_fn = nn.MSELoss()
+    penalty = _PARAMETER_TERMS[term]
+    f = lambda p, x, y: loss_fn(functional_call(model, p, (x,)), y) + penalty(p)  # noqa: E731
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    params = _params(model)
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
