@@ -7,6 +7,7 @@ One thread, float32, medians of ``--repeats`` rounds timed round-robin within ea
 task, in milliseconds and in units of one gradient (``torch.autograd.grad`` of the loss,
 forward included). Tasks and what they are beside:
 
+* ``GGN diagonal``: ``ggn_diag(g, loss_fn)`` and BackPACK's ``DiagGGNExact``;
 * ``per-sample GGN diagonal``: ``ggn_diag(g, loss_fn, per_sample=True)`` (the function
   built once, as a training loop would; its first call captures the graph) and BackPACK's
   ``BatchDiagGGNExact`` (scaled by N: BackPACK gives each sample's share of the mean);
@@ -21,6 +22,7 @@ forward included). Tasks and what they are beside:
   on the same ``b`` (at most 3 rounds); the relative residual each reaches is measured
   with hessfunc's own products and printed.
 
+Problems: the four of ``benchmarks/problems.py`` and ``wide_cnn`` (3-16-16 channels).
 Agreement printed beside the times: the exact quantities (per-sample GGN diagonals,
 exact K-FAC products) against BackPACK's and curvlinops' (max relative difference);
 the Monte-Carlo ones are draws and are not compared.
@@ -40,7 +42,9 @@ import hessfunc as hf
 
 from . import _cli
 from ._timing import interleaved_medians
-from .problems import PROBLEMS, Problem
+from .problems import PROBLEMS, Problem, wide_cnn
+
+ALL = {**PROBLEMS, "wide_cnn": wide_cnn}
 
 DAMPING = 1e-1
 TOL = 1e-6
@@ -57,7 +61,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _backpack_cases(problem: Problem) -> dict[str, Any]:
     try:
         from backpack import backpack, extend
-        from backpack.extensions import KFAC, KFLR, BatchDiagGGNExact, DiagGGNMC
+        from backpack.extensions import KFAC, KFLR, BatchDiagGGNExact, DiagGGNExact, DiagGGNMC
     except ImportError:
         return {}
     model = extend(copy.deepcopy(problem.model))  # BackPACK's hooks stay on its own copy
@@ -71,7 +75,8 @@ def _backpack_cases(problem: Problem) -> dict[str, Any]:
             return [getattr(p, attr) for p in model.parameters()]
         return call
 
-    return {"per-sample GGN diagonal": ("BackPACK BatchDiagGGNExact",
+    return {"GGN diagonal": ("BackPACK DiagGGNExact", run(DiagGGNExact(), "diag_ggn_exact")),
+            "per-sample GGN diagonal": ("BackPACK BatchDiagGGNExact",
                                         run(BatchDiagGGNExact(), "diag_ggn_exact_batch")),
             "MC Fisher diagonal": ("BackPACK DiagGGNMC", run(DiagGGNMC(), "diag_ggn_mc")),
             "K-FAC set-up, exact": ("BackPACK KFLR", run(KFLR(), "kflr")),
@@ -91,7 +96,7 @@ def run(keys: list[str], repeats: int) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for key in keys:
-        problem = PROBLEMS[key]()
+        problem = ALL[key]()
         model, x, y = problem.model, problem.x, problem.y
         loss_fn = _loss_module(problem)  # the Fisher needs a loss it knows the likelihood of
         n = x.shape[0]
@@ -103,9 +108,11 @@ def run(keys: list[str], repeats: int) -> list[dict]:
         gradient = lambda: torch.autograd.grad(loss_fn(model(x), y), leaves)  # noqa: E731
         ggn_op = hf.GGNOperator(g, loss_fn, params, (x, y))
         b = torch.randn(ggn_op.shape[0], generator=gen)
-        per_sample_ggn = hf.ggn_diag(g, loss_fn, per_sample=True)  # built once, as in a loop
+        ggn_diagonal = hf.ggn_diag(g, loss_fn)  # built once, as in a loop
+        per_sample_ggn = hf.ggn_diag(g, loss_fn, per_sample=True)
         mc_fisher = hf.fisher_diag(g, loss_fn, kind="mc", generator=gen)
         tasks: dict[str, dict[str, Any]] = {
+            "GGN diagonal": {"hessfunc ggn_diag": lambda: ggn_diagonal(params, x, y)},
             "per-sample GGN diagonal": {
                 "hessfunc ggn_diag(per_sample=True)": lambda: per_sample_ggn(params, x, y)},
             "MC Fisher diagonal": {
@@ -171,7 +178,7 @@ def run(keys: list[str], repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    _cli.main(__doc__, run, default="simplenet,mlp5k,mlp100k,cnn", repeats=9)
+    _cli.main(__doc__, run, default="simplenet,mlp5k,mlp100k,cnn,wide_cnn", repeats=9)
 
 
 if __name__ == "__main__":

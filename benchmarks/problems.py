@@ -83,6 +83,20 @@ def cnn(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
 PROBLEMS = {"simplenet": simplenet, "mlp5k": mlp_5k, "mlp100k": mlp_100k, "cnn": cnn}
 
 
+def wide_cnn(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    """Curvature of wider convolutions: 3-16-16 channels on 16x16 images, 32 of them
+    (not in ``PROBLEMS``: its exact Hessian diagonal takes BackPACK two minutes)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(),
+        nn.Flatten(), nn.Linear(16 * 16 * 16, 10),
+    ).to(dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(32, 3, 16, 16, generator=g).to(dtype=dtype, device=device)
+    y = torch.randint(0, 10, (32,), generator=g).to(device=device)
+    return Problem("CNN 3-16-16 channels, 16x16 CE (32 imgs)", model, F.cross_entropy, x, y)
+
+
 def input_mlp(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
     """Input derivatives: a 16-128-128-128-1 tanh MLP ``u`` and 1024 points ``x`` (``y`` unused)."""
     torch.manual_seed(4)
