@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ def _backpack_cases(problem: Problem) -> dict[str, Any]:
     def run(ext: Any, attr: str) -> Any:
         def call() -> list[torch.Tensor]:
             model.zero_grad()
-            with backpack(ext):
+            with backpack(ext), warnings.catch_warnings():
+                # BackPACK's hooks on a first layer whose input needs no gradient
+                warnings.filterwarnings("ignore", "Full backward hook is firing")
                 loss(model(problem.x), problem.y).backward()
             return [getattr(p, attr) for p in model.parameters()]
         return call
