@@ -218,7 +218,7 @@ def ggn_blocks(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
     """
     call = "ggn_blocks"
     _checked(g, loss_fn, call)
-    composed = GGNLoss(g, loss_fn)
+    composed = GGNLoss.of(g, loss_fn)
 
     def blocks_f(params: Any, x: Any, y: Any) -> Any:
         check_floating(params, "params", call)
@@ -265,7 +265,7 @@ def ggn_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *, per_sample: 
     """
     call = "ggn_diag"
     _checked(g, loss_fn, call)
-    composed = GGNLoss(g, loss_fn)  # the captured-graph route (NOTE [Gauss-Newton over the graph])
+    composed = GGNLoss.of(g, loss_fn)  # NOTE [Gauss-Newton over the graph]
 
     def dense_diag(params: Any, x: Any, y: Any) -> Any:
         J, Ho = _jacobian_and_output_hessian(g, loss_fn, params, x, y, call, max_memory, False)
@@ -443,7 +443,7 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
         raise ArgumentError(f"{call}: `mc_samples` must be an int >= 1 (draws per sample), got "
                             f"{mc_samples!r}.")
     lik, red = likelihood_of(loss_fn, likelihood, reduction, call)
-    composed = GGNLoss(g, loss_fn)  # the captured graph, with the Fisher's factor at the outputs
+    composed = GGNLoss.of(g, loss_fn)  # the captured graph, with the Fisher's factor at the outputs
 
     def columns(out: torch.Tensor, y: Any) -> tuple[torch.Tensor, float]:
         return fisher_columns(loss_fn, lik, red, kind, out.detach(), y, mc_samples, generator)

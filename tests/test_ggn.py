@@ -749,3 +749,33 @@ def test_wide_convolutions_take_the_graph_with_factors_within_their_own_budget(q
                                      "categorical", 1 / 3, 2, torch.Generator().manual_seed(1))
         assert_close(flat(got), torch.diagonal(ref))
         assert widths == [2 * 3]
+
+
+def test_ggn_diag_built_inline_traces_once_and_keeps_nothing_alive(monkeypatch):
+    """``hf.ggn_diag(g, loss_fn)(...)`` written inline in a loop reuses one capture per
+    ``(g, loss_fn)`` (not a new trace per call), and holds neither alive: once the caller
+    drops the model, its memo entry goes too."""
+    import gc
+    import weakref
+
+    from hessfunc.graph import capture as capture_module
+    from hessfunc.graph.curvature import GGNLoss
+
+    traced = []
+    real = capture_module.capture
+
+    def counting(*args, **kwargs):
+        traced.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "capture", counting)
+    model, loss_fn, x, y = _problem("ce", 5, seed=13)
+    g, params, *_, G = _oracle(model, loss_fn, x, y)
+    for _ in range(3):
+        assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    assert len(traced) == 2  # the composition and the model alone, once each
+    alive = weakref.ref(g)
+    del g
+    gc.collect()
+    assert alive() is None
+    assert all(alive() is not key for key in GGNLoss._made.keys())

@@ -940,30 +940,54 @@ def _within_budget(plan: GraphPlan, need: int) -> tuple[GraphPlan | None, str]:
 
 
 class GGNLoss:
-    """``loss_fn(g(params, x), y)``, traceable, one object per ``ggn_diag(g, loss_fn)``."""
+    """``loss_fn(g(params, x), y)``, traceable; one per ``(g, loss_fn)`` while both live
+    (:meth:`of`), so that its trace cache serves every ``ggn_diag(g, loss_fn)`` built
+    on them, also one built inline on every call. It holds ``g`` and ``loss_fn`` weakly:
+    the functions built on it hold them."""
 
-    _guard_targets: Any = ()
+    _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, g: Callable[..., Any], loss_fn: Callable[..., Any]) -> None:
-        self.g, self.loss_fn = g, loss_fn
-        self._guard_targets = (g, loss_fn)
+        self._g, self._loss_fn = weakref.ref(g), weakref.ref(loss_fn)
         self.model = _Model(g)
 
+    @classmethod
+    def of(cls, g: Callable[..., Any], loss_fn: Callable[..., Any]) -> GGNLoss:
+        try:
+            made = cls._made.setdefault(g, weakref.WeakKeyDictionary())
+            found = made.get(loss_fn)
+            if found is None:
+                found = made[loss_fn] = cls(g, loss_fn)
+        except TypeError:  # not weakly referenceable, or unhashable: a plain wrapper
+            found = cls.__new__(cls)
+            found._g, found._loss_fn = (lambda: g), (lambda: loss_fn)
+            found.model = _Model(g)
+        return found
+
+    @property
+    def _guard_targets(self) -> tuple[Any, Any]:
+        return self._g(), self._loss_fn()
+
     def __call__(self, params: Any, x: Any, y: Any) -> Any:
-        return self.loss_fn(self.g(params, x), y)
+        return self._loss_fn()(self._g()(params, x), y)
 
 
 class _Model:
-    """``g(params, x)`` alone, for finding its ops in the composition."""
-
-    _guard_targets: Any = ()
+    """``g(params, x)`` alone, for finding its ops in the composition (``g`` weakly)."""
 
     def __init__(self, g: Callable[..., Any]) -> None:
-        self.g = g
-        self._guard_targets = (g,)
+        try:
+            ref = weakref.ref(g)
+        except TypeError:
+            ref = lambda: g  # noqa: E731
+        self._g = ref
+
+    @property
+    def _guard_targets(self) -> tuple[Any]:
+        return (self._g(),)
 
     def __call__(self, params: Any, x: Any) -> Any:
-        return self.g(params, x)
+        return self._g()(params, x)
 
 
 def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = False
