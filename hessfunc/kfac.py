@@ -43,9 +43,10 @@ are exact through the factors' eigendecompositions ``G = Q_G diag(g) Q_G^T``,
 
     (G ⊗ A + damping I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (g a^T + damping)] Q_A^T).
 
-``g_nrk`` for every sample and place at once is one backward pass from the outputs to a
-zero tensor added to the layer's output; the output matrices are factored per sample,
-one backward pass per factor column.
+``g_nrk`` for every sample and place at once is a backward pass from the outputs to a
+zero tensor added to the layer's output; the output matrices are factored per sample
+(for torch's losses, their blocks from ``C`` batched double backward passes), and the
+factor's columns go back together in batched passes within the chunk budget.
 
 Models: every trainable parameter belongs to an ``nn.Linear``, ``nn.Conv1d`` or
 ``nn.Conv2d`` (weight, and bias when present and trainable; convolutions without
