@@ -292,12 +292,19 @@ _KNOWN: list[tuple[Any, str]] = [
 ]
 
 
+def _known(loss_fn: Any) -> str | None:
+    """The likelihood of ``loss_fn`` when it is one of torch's losses above, else None."""
+    return next((name for kind, name in _KNOWN
+                 if (isinstance(kind, type) and isinstance(loss_fn, kind)) or loss_fn is kind),
+                None)
+
+
 def separable(loss_fn: Any) -> bool:
     """Whether ``loss_fn`` is one of torch's losses above (with any class weights and a
     mean or sum reduction): a sum of per-sample terms, so its Hessian at the outputs is
     block-diagonal over samples."""
-    return any((isinstance(kind, type) and isinstance(loss_fn, kind)) or loss_fn is kind
-               for kind, _ in _KNOWN) and getattr(loss_fn, "reduction", "mean") in ("mean", "sum")
+    return _known(loss_fn) is not None and \
+        getattr(loss_fn, "reduction", "mean") in ("mean", "sum")
 
 
 def output_hessian_blocks(loss: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor
@@ -316,16 +323,13 @@ def likelihood_of(loss_fn: Any, likelihood: str | None, reduction: str | None, c
                   ) -> tuple[str, str]:
     """The likelihood and reduction of ``loss_fn``: recognised for torch's MSE,
     cross-entropy, NLL and BCE-with-logits losses (modules or functions), else stated."""
-    found, red = None, None
-    for kind, name in _KNOWN:
-        if (isinstance(kind, type) and isinstance(loss_fn, kind)) or loss_fn is kind:
-            found, red = name, getattr(loss_fn, "reduction", "mean")
-            if getattr(loss_fn, "weight", None) is not None \
-                    or getattr(loss_fn, "pos_weight", None) is not None:
-                raise ArgumentError(f"{call}: `loss_fn` {loss_fn!r} has class weights; the "
-                                    "Fisher needs a plain negative log-likelihood (no `weight` "
-                                    "or `pos_weight`).")
-            break
+    found = _known(loss_fn)
+    red = getattr(loss_fn, "reduction", "mean") if found is not None else None
+    if found is not None and (getattr(loss_fn, "weight", None) is not None
+                              or getattr(loss_fn, "pos_weight", None) is not None):
+        raise ArgumentError(f"{call}: `loss_fn` {loss_fn!r} has class weights; the "
+                            "Fisher needs a plain negative log-likelihood (no `weight` "
+                            "or `pos_weight`).")
     if likelihood is not None:
         if likelihood not in LIKELIHOODS:
             raise ArgumentError(f"{call}: `likelihood` must be one of {LIKELIHOODS}, got "
@@ -472,8 +476,6 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
     def fisher_f(params: Any, x: Any, y: Any) -> Any:
         check_floating(params, "params", call)
         plan, _ = plan_ggn_diagonal(composed, (params, x, y))
-        if plan is not None:
-            plan.evaluate()
         if plan is not None and len(plan.model_outputs()) == 1:
             def factor(out: torch.Tensor) -> torch.Tensor:
                 E, w = columns(out, y)

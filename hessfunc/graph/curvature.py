@@ -447,9 +447,12 @@ class GraphPlan:
         return found
 
     def model_outputs(self) -> list[fx.Node]:
-        """The values of ``linearised`` ops that the loss reads: the model's outputs."""
-        return [nd for nd in self._per_sample_nodes() if nd in self.linearised
-                and any(u not in self.linearised for u in nd.users)]
+        """The values of ``linearised`` ops that the loss reads: the model's outputs (per
+        sample and floating; read from the trace, so known before :meth:`evaluate`)."""
+        return [nd for nd in self.gm.graph.nodes if nd in self.linearised
+                and any(u not in self.linearised for u in nd.users)
+                and self.label(nd).per_sample and isinstance(nd.meta.get("val"), Tensor)
+                and nd.meta["val"].is_floating_point()]
 
     def _given_factor(self) -> tuple[dict[fx.Node, Tensor], Tensor]:
         """``output_factor`` at the model's one output, as the sweep's ``(N, w, K)``
@@ -1012,10 +1015,8 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
     if [nd.target for nd in calls[:len(model_ops)]] != model_ops:
         return None, "g's ops are not the first ops of loss_fn(g(params, x), y)"
     plan.linearised = frozenset(calls[:len(model_ops)])
-    outputs = [nd for nd in plan.linearised if any(u not in plan.linearised for u in nd.users)]
     return _within_budget(plan, _frontier_bytes(plan, columns=sum(
-        nd.meta["val"].numel() // plan.n for nd in outputs
-        if isinstance(nd.meta.get("val"), Tensor))))
+        nd.meta["val"].numel() // plan.n for nd in plan.model_outputs())))
 
 
 def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True
