@@ -217,7 +217,7 @@ class KFACOperator(CurvatureOperator):
                                 "nn.Conv2d layer.")
         return layers
 
-    def _output_columns(self, index: int, out: torch.Tensor, y: Any
+    def _output_columns(self, out: torch.Tensor, y: Any
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``U`` ``(K, N, C)`` and weights ``omega`` ``(K, N)``: ``M_n = sum_k omega_kn
         U_kn U_kn^T``."""
@@ -256,7 +256,7 @@ class KFACOperator(CurvatureOperator):
             for k in range(cols.shape[0]):
                 yield lo + k, tuple(g[k] for g in grads)
 
-    def _add_batch_factors(self, index: int, x: Any, y: Any, weight: float,
+    def _add_batch_factors(self, x: Any, y: Any, weight: float,
                            into: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Add this batch's share to each layer's ``(A, G)`` in ``into`` (module
         docstring): ``sum ã ã^T / (N R)`` (expand) or ``sum ā ā^T / N`` (reduce), and
@@ -284,7 +284,7 @@ class KFACOperator(CurvatureOperator):
                 if not isinstance(out, torch.Tensor) or out.dim() != 2:
                     raise ArgumentError(f"{self._name}: the model's outputs must be (N, C), got "
                                         f"{getattr(out, 'shape', type(out).__name__)}.")
-                U, omega = self._output_columns(index, out, y)
+                U, omega = self._output_columns(out, y)
                 for k, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
                     for (_, G), name, gr in zip(into, names, grads, strict=True):
                         gr = _output_places(mods[name], gr)           # (N, R, d_out)
@@ -324,8 +324,8 @@ class KFACOperator(CurvatureOperator):
 
         def fill(total: torch.Tensor) -> None:
             into = views(total)
-            for i, w, (x, y) in self._passes("factors"):
-                self._add_batch_factors(i, x, y, float(w), into)
+            for _, w, (x, y) in self._passes("factors"):
+                self._add_batch_factors(x, y, float(w), into)
 
         total = self._group.sum("factors", (sum(sizes),), self._spec_like(), fill)
         return dict(zip(self._layers, views(total), strict=True))
