@@ -779,3 +779,24 @@ def test_ggn_diag_built_inline_traces_once_and_keeps_nothing_alive(monkeypatch):
     gc.collect()
     assert alive() is None
     assert all(alive() is not key for key in GGNLoss._made.keys())
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_ggn_of_a_loss_linear_in_the_output_is_zero_on_the_graph(per_sample, monkeypatch):
+    from hessfunc.graph.curvature import GraphPlan
+
+    taken, real = [], GraphPlan._output_hessian
+    monkeypatch.setattr(GraphPlan, "_output_hessian",
+                        lambda plan: taken.append(True) or real(plan))
+    model, _, x, y = _problem("mse", 4, seed=2)
+
+    def linear(o, t):
+        return (o * t).sum()
+
+    g, params, out, leaves, G = _oracle(model, linear, x, y)
+    assert torch.count_nonzero(G) == 0  # the oracle's own H_o is zero
+    got = hf.ggn_diag(g, linear, per_sample=per_sample)(params, x, y)
+    assert taken, "the captured graph's sweep was not taken"
+    want = torch.diagonal(G) if not per_sample else torch.zeros(4, G.shape[0], dtype=DT)
+    assert_close(flat(got) if not per_sample else
+                 torch.cat([v.reshape(4, -1) for v in got.values()], 1), want)

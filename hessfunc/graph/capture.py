@@ -41,7 +41,7 @@ import operator
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -100,10 +100,14 @@ _MAX_ITEMS = 20_000
 
 @dataclass(frozen=True)
 class Captured:
-    """A traced per-point function: its graph and the fake meta of its output."""
+    """A traced per-point function: its graph and the fake meta of its output.
+
+    ``analyses`` holds what callers derive from the graph alone (its sample structure,
+    the leaves' routes), keyed by the caller, so a cache hit skips that work too."""
 
     graph_module: torch.fx.GraphModule
     output: Any  # FakeTensor (or pytree of them) describing u's per-point output
+    analyses: dict = field(default_factory=dict, compare=False)
 
 
 def _is_wrapped(t: Tensor) -> bool:

@@ -77,7 +77,7 @@ from torch.utils import _pytree as pytree
 from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
-from .capture import LOSS_DECOMPOSITIONS, TraceCache
+from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache
 from .rules import Elementwise, Reorder, rule_for
 from .samples import SampleStructure, Value, analyze_samples, where
 
@@ -150,6 +150,7 @@ class GraphPlan:
     sites: dict[int, _Site]           # leaf index -> its one per-sample site
     separable: set[int]               # leaves whose parameter-only terms are separable
     products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
+    captured: Captured | None = None  # the trace this plan reads (its analyses memo)
     one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
     linearised: frozenset = frozenset()  # ops whose curvature is left out (the GGN's model)
     # in place of the loss's Hessian at the model's output: a factor ``(*out shape, K)``
@@ -174,11 +175,14 @@ class GraphPlan:
         per-sample values and the parameter-only operands of the loss's sum. With
         ``seeds`` (boundary value -> coefficient), ``L`` is replaced by
         ``sum_b <seed_b, b>``: each sample's own loss (NOTE [per-sample losses])."""
-        params = [leaf.detach().requires_grad_() for leaf in self.leaves]
+        terms = self._terms()
+        # the Gauss-Newton sweep reads no gradient inside the model, only at its terms
+        need = not self.linearised or bool(terms)
+        params = [leaf.detach().requires_grad_(need) for leaf in self.leaves]
         placeholders = iter(params + self.inputs)
         self.rules = {}
         env: dict[fx.Node, Any] = {}
-        with torch.enable_grad():
+        with torch.set_grad_enabled(need):
             for node in self.gm.graph.nodes:
                 if node.op == "placeholder":
                     env[node] = next(placeholders)
@@ -189,9 +193,8 @@ class GraphPlan:
                     env[node] = node.target(*args, **kwargs)
                 elif node.op == "output":
                     self.loss = env[node.args[0]]
-        terms = self._terms()
         wanted = [nd for nd in env if isinstance(env[nd], Tensor) and env[nd].requires_grad
-                  and (self.label(nd).per_sample or nd in terms)]
+                  and (self.label(nd).per_sample and not self.linearised or nd in terms)]
         target = self.loss if seeds is None else sum(
             (env[b] * c).sum() for b, c in seeds.items())
         if isinstance(target, Tensor) and target.requires_grad and wanted:
@@ -215,16 +218,26 @@ class GraphPlan:
         boundary = self.boundary()
         where1 = [nodes1[nodes.index(b)] for b in boundary]
         batched = [t.dim() >= 1 and t.shape[0] == self.n for t in self.inputs]
+        needed: set[fx.Node] = set()  # what the loss reads past the boundary values
+        stack = [nd for nd in nodes1 if nd.op == "output"]
+        while stack:
+            nd = stack.pop()
+            if nd not in needed:
+                needed.add(nd)
+                if nd not in where1:
+                    stack.extend(nd.all_input_nodes)
 
         def loss_of_one(data: list[Tensor], values: list[Tensor]) -> Tensor:
             fixed = dict(zip(where1, values, strict=True))
             feed = iter([*self.leaves, *data])
             env: dict[fx.Node, Any] = {}
             for node in gm1.graph.nodes:
-                if node in fixed:
-                    env[node] = fixed[node]
-                elif node.op == "placeholder":
+                if node.op == "placeholder":
                     env[node] = next(feed)
+                elif node not in needed:
+                    continue
+                elif node in fixed:
+                    env[node] = fixed[node]
                 elif node.op == "get_attr":
                     env[node] = operator.attrgetter(node.target)(gm1)
                 elif node.op == "call_function":
@@ -352,7 +365,8 @@ class GraphPlan:
             self.evaluate()
             if self.one_sample is not None:
                 self._seeds = self._one_sample_seeds()
-                self.evaluate(self._seeds)
+                if not self.linearised:  # the Gauss-Newton sweep reads the seeds only
+                    self.evaluate(self._seeds)
         out: list[Tensor | None] = [None] * len(self.leaves)
 
         def collect(i: int, part: Tensor | None) -> None:
@@ -486,19 +500,26 @@ class GraphPlan:
             (result,) = [env[nd.args[0]] for nd in self.gm.graph.nodes if nd.op == "output"]
             return result
 
-        primals = [self.env[u] for u in outs]
-        gradient = torch.func.grad(loss_of, argnums=tuple(range(len(outs))))
-        _, second = torch.func.vjp(gradient, *primals)
+        primals = [self.env[u].detach().requires_grad_() for u in outs]
+        with torch.enable_grad():
+            first = torch.autograd.grad(loss_of(*primals), primals, create_graph=True,
+                                        allow_unused=True, materialize_grads=True)
         H: dict[tuple[fx.Node, fx.Node], Tensor] = {}
-        for u in outs:
-            w = self.width(u)
-            basis = torch.eye(w, dtype=primals[0].dtype, device=primals[0].device)
-            basis = basis[:, None, :].expand(w, self.n, w)
-            tangents = tuple(self.unflat(x, basis) if x is u else
-                             torch.zeros(w, *self.env[x].shape, dtype=basis.dtype,
-                                         device=basis.device) for x in outs)
-            for x, o in zip(outs, torch.func.vmap(second)(tangents), strict=True):
-                H[(x, u)] = self.flat(x, o, 1).permute(1, 2, 0)
+        for x, gx in zip(outs, first, strict=True):
+            w = self.width(x)
+            basis = torch.eye(w, dtype=gx.dtype, device=gx.device)
+            basis = self.unflat(x, basis[:, None, :].expand(w, self.n, w))
+            if not gx.requires_grad:  # the loss is linear in x
+                rows = tuple(p.new_zeros(w, *p.shape) if w > 1 else torch.zeros_like(p)
+                             for p in primals)
+            else:
+                rows = torch.autograd.grad(gx, primals, basis if w > 1 else basis[0],
+                                           retain_graph=True, allow_unused=True,
+                                           materialize_grads=True, is_grads_batched=w > 1)
+            # d(dL/dx) / du along the unit tangents of x: the rows (x, .) of the Hessian,
+            # which is symmetric, so these are its columns (., x) too
+            for u, r in zip(outs, rows, strict=True):
+                H[(u, x)] = self.flat(u, r if w > 1 else r[None], 1).permute(1, 2, 0)
         return H
 
     def _factorise(self, H: dict[tuple[fx.Node, fx.Node], Tensor]
@@ -926,12 +947,20 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
                      "an op make_fx cannot trace, or tensors of an active transform)"
     gm = captured.graph_module
     batch = {len(leaves) + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
-    structure = analyze_samples(gm, set(range(len(leaves))), batch, n)
-    if structure.reason is not None:
+    key = ("routes", len(leaves), tuple(batch), n)
+    if key not in captured.analyses:  # the graph's alone: once per capture
+        structure = analyze_samples(gm, set(range(len(leaves))), batch, n)
+        captured.analyses[key] = (structure, None if structure.reason is not None else
+                                  _route_leaves(gm, structure, len(leaves)))
+    structure, routes = captured.analyses[key]
+    if routes is None:
         return None, structure.reason
-    sites, separable, products = _route_leaves(gm, structure, len(leaves))
-    plan = GraphPlan(gm, structure, leaves, inputs, sites, separable, products)
-    return (_within_budget(plan, _frontier_bytes(plan)) if check_memory else (plan, "ok"))
+    plan = GraphPlan(gm, structure, leaves, inputs, *routes, captured=captured)
+    if not check_memory:
+        return plan, "ok"
+    if "bytes" not in captured.analyses:
+        captured.analyses["bytes"] = _frontier_bytes(plan)
+    return _within_budget(plan, captured.analyses["bytes"])
 
 
 def _within_budget(plan: GraphPlan, need: int) -> tuple[GraphPlan | None, str]:
@@ -1002,21 +1031,34 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
         return None, why
     if plan.products:
         return None, "some parameters take one-hot products (see hessfunc.explain)"
+    # f's capture is keyed by what g and loss_fn reach, so g's ops found once hold for it
+    if "model ops" not in plan.captured.analyses:
+        plan.captured.analyses["model ops"] = _model_ops(f, args, plan)
+    linearised = plan.captured.analyses["model ops"]
+    if isinstance(linearised, str):
+        return None, linearised
+    plan.linearised = linearised
+    if "ggn bytes" not in plan.captured.analyses:
+        plan.captured.analyses["ggn bytes"] = _frontier_bytes(plan, columns=sum(
+            nd.meta["val"].numel() // plan.n for nd in plan.model_outputs()))
+    return _within_budget(plan, plan.captured.analyses["ggn bytes"])
+
+
+def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset | str:
+    """The ops of ``plan`` that ``g`` computes (they come first), or why not found."""
     cache = _cache(f.model)
     try:
         captured = None if isinstance(cache, str) else cache.get(args[:2])
     except ArgumentError as e:
-        return None, str(e)
+        return str(e)
     if captured is None:
-        return None, "g could not be captured as a graph"
+        return "g could not be captured as a graph"
     model_ops = [nd.target for nd in captured.graph_module.graph.nodes
                  if nd.op == "call_function"]
     calls = [nd for nd in plan.gm.graph.nodes if nd.op == "call_function"]
     if [nd.target for nd in calls[:len(model_ops)]] != model_ops:
-        return None, "g's ops are not the first ops of loss_fn(g(params, x), y)"
-    plan.linearised = frozenset(calls[:len(model_ops)])
-    return _within_budget(plan, _frontier_bytes(plan, columns=sum(
-        nd.meta["val"].numel() // plan.n for nd in plan.model_outputs())))
+        return "g's ops are not the first ops of loss_fn(g(params, x), y)"
+    return frozenset(calls[:len(model_ops)])
 
 
 def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True
@@ -1028,10 +1070,22 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
         return None, why
     if plan.products:
         return None, "some parameters take one-hot products (see hessfunc.explain)"
+    # the batch's capture is keyed by what f reaches, so its one-sample graph holds for it
+    if "one sample" not in plan.captured.analyses:
+        plan.captured.analyses["one sample"] = _one_sample_graph(f, args, plan)
+    gm1 = plan.captured.analyses["one sample"]
+    if isinstance(gm1, str):
+        return None, gm1
+    plan.one_sample = gm1
+    return plan, "ok"
+
+
+def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan) -> fx.GraphModule | str:
+    """``f`` traced on the first sample, with the same ops as ``plan``'s, or why not."""
     if plan._terms():
-        return None, "the loss has terms of the parameters alone"
+        return "the loss has terms of the parameters alone"
     if any(plan.label(b).layout != (1, 1) for b in plan.boundary()):
-        return None, "a value the loss sums over has samples interleaved with other axes"
+        return "a value the loss sums over has samples interleaved with other axes"
     n = plan.n
     one = pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() >= 1
                           and t.shape[0] == n else t, list(args[1:]))
@@ -1039,15 +1093,14 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     try:
         captured = None if isinstance(cache, str) else cache.get((args[0], *one))
     except ArgumentError as e:
-        return None, str(e)
+        return str(e)
     if captured is None:
-        return None, "f could not be captured on one sample"
+        return "f could not be captured on one sample"
     gm1 = captured.graph_module
     ops = [(nd.op, nd.target) for nd in plan.gm.graph.nodes]
     if ops != [(nd.op, nd.target) for nd in gm1.graph.nodes]:
-        return None, "f on one sample runs other ops than on the batch"
-    plan.one_sample = gm1
-    return plan, "ok"
+        return "f on one sample runs other ops than on the batch"
+    return gm1
 
 
 def _frontier_bytes(plan: GraphPlan, columns: int | None = None) -> int:
