@@ -351,13 +351,15 @@ def likelihood_of(loss_fn: Any, likelihood: str | None, reduction: str | None, c
 
 
 def nll(likelihood: str, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``l(o, y) = -log p(y | o) + const`` of one sample (summed over its elements)."""
+    """``l(o, y) = -log p(y | o) + const`` of one sample (summed over its elements), or
+    the sum over samples of it for outputs with leading sample axes (the class axis last
+    for the categorical likelihoods)."""
     if likelihood == "gaussian":
         return ((o - y) ** 2).sum()
     if likelihood == "categorical":
-        return -torch.log_softmax(o, dim=0).gather(0, y.reshape(1).long()).sum()
+        return -torch.log_softmax(o, dim=-1).gather(-1, y.unsqueeze(-1).long()).sum()
     if likelihood == "log-categorical":
-        return -o.gather(0, y.reshape(1).long()).sum()
+        return -o.gather(-1, y.unsqueeze(-1).long()).sum()
     return F.binary_cross_entropy_with_logits(o, y, reduction="sum")
 
 
@@ -385,25 +387,35 @@ def draw(likelihood: str, out: torch.Tensor, generator: torch.Generator | None
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def draws(likelihood: str, out: torch.Tensor, mc_samples: int,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """``mc_samples`` labels per sample, ``(mc_samples, *labels of one draw)``: draw ``k``
+    is one label for every sample, in sample order."""
+    return torch.stack([draw(likelihood, out, generator) for _ in range(mc_samples)])
+
+
 def fisher_columns(loss_fn: Callable[..., Any], likelihood: str, reduction: str,
                    kind: Literal["mc", "empirical"], out: torch.Tensor, y: Any,
-                   mc_samples: int, generator: torch.Generator | None
-                   ) -> tuple[torch.Tensor, float]:
+                   mc_samples: int, generator: torch.Generator | None,
+                   labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """The Fisher's factor at the outputs: ``E`` ``(K, *out.shape)`` and a weight ``w``
     with ``M_n = w sum_k E_kn E_kn^T`` (module docstring): ``K = mc_samples`` gradients
-    of the negative log-likelihood at labels drawn from ``p(. | o_n)`` (draw ``k`` is one
-    label for every sample, in sample order), or the given loss's gradient at the true
-    labels (``K = 1``)."""
+    of the negative log-likelihood at labels drawn from ``p(. | o_n)`` (:func:`draws`, or
+    ``labels`` drawn before), or the given loss's gradient at the true labels (``K = 1``)."""
     c, s = scale(likelihood, reduction, out)
+    out = out.detach()
     if kind == "empirical":
         def given(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
 
         return torch.func.vmap(torch.func.grad(given))(out, y).unsqueeze(0), c / s ** 2
-    labels = torch.stack([draw(likelihood, out, generator) for _ in range(mc_samples)])
-    E = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda o, t: nll(likelihood, o, t))),
-                        in_dims=(None, 0))(out, labels)
-    return E, c / mc_samples
+    if labels is None:
+        labels = draws(likelihood, out, mc_samples, generator)
+    # every (draw, sample) term of the summed NLL reads its own output copy: one backward
+    o = out.expand(labels.shape[0], *out.shape).clone().requires_grad_()
+    with torch.enable_grad():
+        (E,) = torch.autograd.grad(nll(likelihood, o, labels), o)
+    return E, c / labels.shape[0]
 
 
 def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,

@@ -36,7 +36,7 @@ from ._memory import check_dense
 from ._tree import flat_spec, vector_to_tree
 from .errors import ArgumentError
 from .functional import functionalize
-from .ggn import _loss_of, draw, ggn, ggn_diag, likelihood_of, nll, scale
+from .ggn import _loss_of, draws, fisher_columns, ggn, ggn_diag, likelihood_of
 from .operator import CurvatureOperator
 
 __all__ = ["GGNOperator", "FisherOperator"]
@@ -198,21 +198,11 @@ class FisherOperator(GGNOperator):
     def _directions(self, index: int, out: torch.Tensor, y: Any
                     ) -> tuple[torch.Tensor, float]:
         """``E`` ``(K, *out.shape)``: the output gradients ``e_kn``, and ``alpha``."""
-        out = out.detach()
-        c, s = scale(self._likelihood, self._loss_reduction, out)
-        if self.kind == "empirical":
-            def given(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
-
-            return torch.func.vmap(torch.func.grad(given))(out, y).unsqueeze(0), c / s ** 2
-        if index not in self._labels:
-            self._labels[index] = torch.stack([draw(self._likelihood, out,
-                                                    self._draw_generator)
-                                               for _ in range(self.mc_samples)])
-        lik = self._likelihood
-        E = torch.func.vmap(torch.func.vmap(torch.func.grad(lambda o, t: nll(lik, o, t))),
-                            in_dims=(None, 0))(out, self._labels[index])
-        return E, c / self.mc_samples
+        if self.kind == "mc" and index not in self._labels:  # fixed per batch
+            self._labels[index] = draws(self._likelihood, out.detach(), self.mc_samples,
+                                        self._draw_generator)
+        return fisher_columns(self.loss_fn, self._likelihood, self._loss_reduction, self.kind,
+                              out, y, self.mc_samples, None, labels=self._labels.get(index))
 
     def _build_product(self, index: int, x: Any, y: Any) -> _BatchProduct:
         batch = _BatchProduct(self.g, self.params, x, lambda u: u)
