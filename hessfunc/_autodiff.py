@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from .errors import ArgumentError
 
 __all__ = ["in_transform", "use_autograd", "leaf_copies", "zeros_for_none", "normalize_argnums",
-           "reaches_other_leaves",
+           "reaches_other_leaves", "batched_vjp",
            "second_order_kernels", "forward_ad_gap", "warn_forward_gap_once",
            "missing_derivative", "explain_missing_derivative"]
 
@@ -77,6 +77,26 @@ def reaches_other_leaves(f: Any, out: Any, leaves: Sequence[torch.Tensor]) -> bo
             continue
         stack.extend(fn for fn, _ in node.next_functions)
     return False
+
+
+def batched_vjp(outputs: torch.Tensor, inputs: Sequence[torch.Tensor], columns: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+    """``(k, *input.shape)`` per input: the vector-Jacobian products of ``outputs`` with each
+    of the ``k`` rows of ``columns`` ``(k, *outputs.shape)``, in one batched backward pass
+    (or one pass per row where an op has no batching rule). The graph is kept; inputs
+    that ``outputs`` does not reach get zeros."""
+    if columns.shape[0] == 1:  # no vmap for one row
+        return tuple(r[None] for r in torch.autograd.grad(
+            outputs, list(inputs), columns[0], retain_graph=True, allow_unused=True,
+            materialize_grads=True))
+    try:
+        return torch.autograd.grad(outputs, list(inputs), columns, retain_graph=True,
+                                   allow_unused=True, materialize_grads=True,
+                                   is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule
+        rows = [torch.autograd.grad(outputs, list(inputs), c, retain_graph=True,
+                                    allow_unused=True, materialize_grads=True) for c in columns]
+        return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
 
 
 def normalize_argnums(argnums: int | tuple[int, ...], nargs: int) -> tuple[int, ...]:

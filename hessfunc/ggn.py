@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._autodiff import batched_vjp
 from ._checks import check_callable, check_floating, check_like, describe
 from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize
 from ._tree import flat_spec, vector_to_tree
@@ -275,6 +276,8 @@ def ggn_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *, per_sample: 
         check_floating(params, "params", call)
         plan, _ = plan_ggn_diagonal(composed, (params, x, y), per_sample=per_sample)
         if plan is not None:
+            if len(plan.model_outputs()) == 1:  # the loss's Hessian in closed form, if known
+                plan.output_factor = lambda out: output_factor(loss_fn, out, y, per_sample)
             return pytree.tree_unflatten(plan.diagonal(), pytree.tree_structure(params))
         if per_sample:
             return _per_sample(dense_diag, params, x, y)
@@ -307,6 +310,45 @@ def separable(loss_fn: Any) -> bool:
         getattr(loss_fn, "reduction", "mean") in ("mean", "sum")
 
 
+def output_factor(loss_fn: Any, out: torch.Tensor, y: Any, own: bool = False
+                  ) -> torch.Tensor | None:
+    """``S`` ``(N, C, C)`` with ``S_n S_n^T`` the loss's Hessian at outputs ``(N, C)``
+    (``c H(l_n)``, or with ``own`` the given loss of sample ``n`` alone, ``s H(l_n)``), in
+    closed form for torch's MSE, cross-entropy with class targets (none ignored) and
+    BCE-with-logits without weights; None for any other loss, shape or target:
+
+    * MSE: ``H(l_n) = 2 I``, ``S_n = (2c)^(1/2) I``;
+    * cross-entropy: ``H(l_n) = diag(p) - p p^T`` (``p = softmax(o_n)``; label smoothing
+      leaves it, the smoothed targets summing to 1), ``S_n = c^(1/2) (diag(p^(1/2)) -
+      p (p^(1/2))^T)``, since ``sum p = 1``;
+    * BCE-with-logits: ``H(l_n) = diag(sigma (1 - sigma))``.
+    """
+    lik = _known(loss_fn)
+    red = getattr(loss_fn, "reduction", "mean")
+    if lik not in ("gaussian", "categorical", "bernoulli") or red not in ("mean", "sum") or \
+            not isinstance(y, torch.Tensor) or out.dim() != 2 or \
+            getattr(loss_fn, "weight", None) is not None or \
+            getattr(loss_fn, "pos_weight", None) is not None:
+        return None
+    c, s = scale(lik, red, out)
+    c = s if own else c
+    n, width = out.shape
+    if lik == "gaussian":
+        if y.shape != out.shape:  # broadcasting targets
+            return None
+        eye = torch.eye(width, dtype=out.dtype, device=out.device)
+        return (2 * c) ** 0.5 * eye.expand(n, width, width)
+    if lik == "bernoulli":
+        sigma = torch.sigmoid(out)
+        return torch.diag_embed((c * sigma * (1 - sigma)).sqrt())
+    if y.shape != (n,) or y.is_floating_point() or \
+            (y == getattr(loss_fn, "ignore_index", -100)).any():
+        return None
+    p = torch.softmax(out, dim=1)
+    root = p.sqrt()
+    return c ** 0.5 * (torch.diag_embed(root) - p[:, :, None] * root[:, None, :])
+
+
 def output_hessian_blocks(loss: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor
                           ) -> torch.Tensor:
     """``(N, C, C)``: the diagonal blocks of ``loss``'s Hessian at outputs ``(N, C)``, for
@@ -314,9 +356,13 @@ def output_hessian_blocks(loss: Callable[[torch.Tensor], torch.Tensor], out: tor
     backward with the tangent ``e_c`` on every sample at once, ``C`` columns."""
     width = out[0].numel()
     basis = torch.eye(width, dtype=out.dtype, device=out.device).reshape(width, 1, *out.shape[1:])
-    _, second = torch.func.vjp(torch.func.grad(loss), out)
-    (cols,) = torch.func.vmap(second)(basis.expand(width, *out.shape))  # (C, N, ...)
-    return cols.reshape(width, out.shape[0], width).permute(1, 2, 0)
+    o = out.detach().requires_grad_()
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss(o), o, create_graph=True)
+        if not grad.requires_grad:  # the loss is linear in its outputs
+            return out.new_zeros(out.shape[0], width, width)
+        (cols,) = batched_vjp(grad, [o], basis.expand(width, *out.shape))
+    return cols.reshape(width, out.shape[0], width).permute(1, 2, 0)  # from (C, N, ...)
 
 
 def likelihood_of(loss_fn: Any, likelihood: str | None, reduction: str | None, call: str

@@ -64,11 +64,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._autodiff import batched_vjp
 from ._memory import CHUNK_BUDGET_BYTES, itemsize
 from ._tree import tree_to_vector, vector_to_tree
 from .errors import ArgumentError
 from .functional import functionalize
-from .ggn import _loss_of, fisher_columns, likelihood_of, output_hessian_blocks, separable
+from .ggn import (
+    _loss_of,
+    fisher_columns,
+    likelihood_of,
+    output_factor,
+    output_hessian_blocks,
+    separable,
+)
 from .operator import CurvatureOperator
 
 __all__ = ["KFACOperator"]
@@ -224,6 +232,9 @@ class KFACOperator(CurvatureOperator):
         out = out.detach()
         n = out.shape[0]
         if self.fisher == "exact":
+            S = output_factor(self.loss_fn, out, y)                      # (N, C, C)
+            if S is not None:
+                return S.permute(2, 0, 1), S.new_ones(S.shape[2], n)
             loss = _loss_of(self.loss_fn, y, self._name)
             if separable(self.loss_fn):
                 blocks = output_hessian_blocks(loss, out)                # (N, C, C)
@@ -246,13 +257,7 @@ class KFACOperator(CurvatureOperator):
         chunk = max(1, min(U.shape[0], CHUNK_BUDGET_BYTES // max(per_column, 1)))
         for lo in range(0, U.shape[0], chunk):
             cols = U[lo:lo + chunk]
-            try:
-                grads = torch.autograd.grad(out, probes, cols, retain_graph=True,
-                                            is_grads_batched=True)
-            except RuntimeError:  # an op without a batching rule: one column at a time
-                for k in range(cols.shape[0]):
-                    yield lo + k, torch.autograd.grad(out, probes, cols[k], retain_graph=True)
-                continue
+            grads = batched_vjp(out, probes, cols)
             for k in range(cols.shape[0]):
                 yield lo + k, tuple(g[k] for g in grads)
 

@@ -800,3 +800,46 @@ def test_ggn_of_a_loss_linear_in_the_output_is_zero_on_the_graph(per_sample, mon
     want = torch.diagonal(G) if not per_sample else torch.zeros(4, G.shape[0], dtype=DT)
     assert_close(flat(got) if not per_sample else
                  torch.cat([v.reshape(4, -1) for v in got.values()], 1), want)
+
+
+@pytest.mark.parametrize("name", ["mse", "sum-mse", "ce", "ce-smoothed", "bce", "ce-function",
+                                  "mse-function"])
+@pytest.mark.parametrize("own", [False, True])
+def test_closed_form_output_factor_is_the_oracles_output_hessian(name, own):
+    """S_n S_n^T against the loop oracle's d^2 loss / do^2, block by block: the batch's
+    loss, or (own) the given loss on each sample alone."""
+    ggn_module = sys.modules["hessfunc.ggn"]
+    n = 4
+    gen = torch.Generator().manual_seed(7)
+    loss_fn = {"ce-function": F.cross_entropy, "mse-function": F.mse_loss}.get(name)
+    loss_fn = loss_fn or LOSSES[name]
+    y = _targets(name.replace("-function", ""), n, gen)
+    out = 3 * torch.randn(n, C, generator=gen, dtype=DT)
+    S = ggn_module.output_factor(loss_fn, out, y, own)
+    assert S is not None and S.shape == (n, C, C)
+    for i in range(n):
+        rows = slice(i, i + 1) if own else slice(None)
+        Ho = hf.reference.output_hessian(loss_fn, out[rows], y[rows])
+        k = 0 if own else i
+        want = Ho.reshape(Ho.shape[0] // C, C, -1, C)[k, :, k, :]
+        assert_close(S[i] @ S[i].T, want)
+
+
+def test_closed_form_output_factor_declines_what_it_does_not_know():
+    ggn_module = sys.modules["hessfunc.ggn"]
+    out = torch.randn(4, C, dtype=DT)
+    classes = torch.tensor([0, 1, 2, 1])
+    declined = {
+        "class weights": (nn.CrossEntropyLoss(weight=torch.ones(C, dtype=DT)), classes),
+        "an ignored target": (nn.CrossEntropyLoss(ignore_index=1), classes),
+        "probability targets": (nn.CrossEntropyLoss(), torch.softmax(out, 1)),
+        "pos_weight": (nn.BCEWithLogitsLoss(pos_weight=torch.ones(C, dtype=DT)),
+                       torch.zeros(4, C, dtype=DT)),
+        "broadcast targets": (nn.MSELoss(), torch.zeros(1, C, dtype=DT)),
+        "reduction none": (nn.MSELoss(reduction="none"), torch.zeros(4, C, dtype=DT)),
+        "an unknown loss": (lambda o, t: ((o - t) ** 2).mean(), torch.zeros(4, C, dtype=DT)),
+        "log-probabilities": (nn.NLLLoss(), classes),
+    }
+    for why, (loss_fn, y) in declined.items():
+        assert ggn_module.output_factor(loss_fn, out, y) is None, why
+    assert ggn_module.output_factor(nn.MSELoss(), out[:, :, None], out[:, :, None]) is None

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
-from .._autodiff import use_autograd
+from .._autodiff import batched_vjp, use_autograd
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
 from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache
@@ -154,8 +154,9 @@ class GraphPlan:
     one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
     linearised: frozenset = frozenset()  # ops whose curvature is left out (the GGN's model)
     # in place of the loss's Hessian at the model's output: a factor ``(*out shape, K)``
-    # of that output, ``M = S S^T`` per sample (a Fisher's sampled or true-label gradients)
-    output_factor: Callable[[Tensor], Tensor] | None = None
+    # of that output, ``M = S S^T`` per sample (a Fisher's sampled or true-label gradients,
+    # a known loss's Hessian in closed form), or None from it: the Hessian by autograd
+    output_factor: Callable[[Tensor], Tensor | None] | None = None
     env: dict[fx.Node, Any] = field(default_factory=dict)
     rules: dict[fx.Node, Any] = field(default_factory=dict)
     _seeds: dict[fx.Node, Tensor] | None = None  # per-sample losses' boundary coefficients
@@ -387,7 +388,8 @@ class GraphPlan:
         factors: dict[fx.Node, Tensor] | None = None  # NOTE [Gauss-Newton factors]
         signs = None
         if self.linearised:
-            factors, signs = self._given_factor() if self.output_factor is not None else \
+            given = self._given_factor() if self.output_factor is not None else None
+            factors, signs = given if given is not None else \
                 self._factorise(self._output_hessian())
         for v in reversed(nodes):
             if factors is not None:
@@ -468,11 +470,13 @@ class GraphPlan:
                 and self.label(nd).per_sample and isinstance(nd.meta.get("val"), Tensor)
                 and nd.meta["val"].is_floating_point()]
 
-    def _given_factor(self) -> tuple[dict[fx.Node, Tensor], Tensor]:
+    def _given_factor(self) -> tuple[dict[fx.Node, Tensor], Tensor] | None:
         """``output_factor`` at the model's one output, as the sweep's ``(N, w, K)``
-        factor with positive signs."""
+        factor with positive signs (None where it gives none)."""
         (out,) = self.model_outputs()
         S = self.output_factor(self.env[out])  # (*out shape, K)
+        if S is None:
+            return None
         root = self.flat(out, S.movedim(-1, 0), 1).permute(1, 2, 0)
         return {out: root}, root.new_ones(self.n, root.shape[2])
 
@@ -510,16 +514,13 @@ class GraphPlan:
             basis = torch.eye(w, dtype=gx.dtype, device=gx.device)
             basis = self.unflat(x, basis[:, None, :].expand(w, self.n, w))
             if not gx.requires_grad:  # the loss is linear in x
-                rows = tuple(p.new_zeros(w, *p.shape) if w > 1 else torch.zeros_like(p)
-                             for p in primals)
+                rows = tuple(p.new_zeros(w, *p.shape) for p in primals)
             else:
-                rows = torch.autograd.grad(gx, primals, basis if w > 1 else basis[0],
-                                           retain_graph=True, allow_unused=True,
-                                           materialize_grads=True, is_grads_batched=w > 1)
+                rows = batched_vjp(gx, primals, basis)
             # d(dL/dx) / du along the unit tangents of x: the rows (x, .) of the Hessian,
             # which is symmetric, so these are its columns (., x) too
             for u, r in zip(outs, rows, strict=True):
-                H[(u, x)] = self.flat(u, r if w > 1 else r[None], 1).permute(1, 2, 0)
+                H[(u, x)] = self.flat(u, r, 1).permute(1, 2, 0)
         return H
 
     def _factorise(self, H: dict[tuple[fx.Node, fx.Node], Tensor]
