@@ -714,8 +714,8 @@ def test_wide_convolutions_take_the_graph_with_factors_within_their_own_budget(q
                                                                               monkeypatch):
     """The Gauss-Newton sweep holds ``N x width x C`` factors, not ``N x width^2`` blocks:
     under a budget the Hessian's frontier exceeds, the GGN and Fisher diagonals still
-    take the captured graph, and a convolution whose Jacobian is past ``_DENSE_COLUMNS``
-    pulls the factor's columns back by its input gradient. Both equal the definitions."""
+    take the captured graph, and a convolution pulls the factor's columns back by its
+    input gradient, without building its Jacobian. Both equal the definitions."""
     from hessfunc.graph import curvature, rules
     from hessfunc.graph.curvature import GGNLoss, plan_diagonal, plan_ggn_diagonal
 

@@ -180,16 +180,14 @@ class Convolution(Rule):
     """``v = conv(x, W) (+ b)`` on a per-sample ``x``: the same linear map for every
     sample. Its Jacobian ``J`` ``(w_v, w_x)``, built on first use from the input gradient
     of the ``w_v`` unit outputs, makes ``J^T H J`` two matrix products where it fits
-    ``_DENSE_BYTES``. Columns (``pullback``) take ``J`` only while it is small
-    (``_DENSE_COLUMNS`` entries): beyond, building ``J`` costs ``w_v`` input gradients
-    and each product ``w_x / (C_in k)`` times the convolution's own work (measured 8-35x
-    slower from 16 channels), so the input gradient runs on all ``K x N`` columns as one
-    batch (``vmap`` of torch's VJP runs 6-8x slower than either)."""
+    ``_DENSE_BYTES``. Columns (``pullback``) go back by the input gradient on all ``K x N``
+    columns as one batch: a product with ``J`` costs ``w_x / (C_in k)`` times that
+    convolution's work, besides the ``w_v`` input gradients that build ``J`` (``vmap`` of
+    torch's VJP runs 6-8x slower than either)."""
 
     _INPUT_GRADS = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
                     3: torch.nn.grad.conv3d_input}
     _DENSE_BYTES = 2**26
-    _DENSE_COLUMNS = 2**17
 
     def __init__(self, plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> None:
         super().__init__(plan, node, inputs)
@@ -217,8 +215,6 @@ class Convolution(Rule):
 
     def pullback(self, columns: Tensor) -> list[Tensor]:
         k, n = columns.shape[:2]
-        if self._size <= self._DENSE_COLUMNS and self.jacobian_t is not None:
-            return [columns @ self.jacobian_t]
         grads = columns.reshape(k * n, *self.plan.env[self.node].shape[1:])
         return [self._input_grad(grads).reshape(k, n, -1)]
 
