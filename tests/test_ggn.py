@@ -135,8 +135,15 @@ def test_ggn_is_psd_for_convex_losses(name):
     assert torch.linalg.eigvalsh(G)[0] >= -1e-12 * G.abs().max()
 
 
-def test_per_sample_ggn_diagonal():
-    model, loss_fn, x, y = _problem("ce", 4, seed=3)
+@pytest.mark.parametrize("name", ["ce", "mse", "sum-mse", "bce", "ce-smoothed"])
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_per_sample_ggn_diagonal(name, closed_form, monkeypatch):
+    """Each sample's own loss (for mean-MSE of C outputs, 1/C of its squared error), with
+    the loss's output Hessian in closed form or by autograd."""
+    if not closed_form:
+        monkeypatch.setattr(sys.modules["hessfunc.ggn"], "output_factor",
+                            lambda *args: None)
+    model, loss_fn, x, y = _problem(name, 4, seed=3)
     g, params = hf.functionalize(model)
     rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
     for n in range(4):

@@ -364,10 +364,9 @@ class GraphPlan:
         (else values whose block is only read on its diagonal keep the diagonal)."""
         if not self.env:
             self.evaluate()
-            if self.one_sample is not None:
+            if self.one_sample is not None and not self.linearised:
                 self._seeds = self._one_sample_seeds()
-                if not self.linearised:  # the Gauss-Newton sweep reads the seeds only
-                    self.evaluate(self._seeds)
+                self.evaluate(self._seeds)
         out: list[Tensor | None] = [None] * len(self.leaves)
 
         def collect(i: int, part: Tensor | None) -> None:
@@ -389,8 +388,11 @@ class GraphPlan:
         signs = None
         if self.linearised:
             given = self._given_factor() if self.output_factor is not None else None
-            factors, signs = given if given is not None else \
-                self._factorise(self._output_hessian())
+            if given is None:  # the loss's Hessian by autograd (of each sample's own loss)
+                if self.one_sample is not None and self._seeds is None:
+                    self._seeds = self._one_sample_seeds()
+                given = self._factorise(self._output_hessian())
+            factors, signs = given
         for v in reversed(nodes):
             if factors is not None:
                 root = factors.pop(v, None)
