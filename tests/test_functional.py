@@ -54,6 +54,12 @@ def test_params_are_detached_copies_and_later_model_changes_do_not_leak():
     assert torch.equal(f(params, x), before)
     assert all(not t.requires_grad for t in params.values())
     assert params["weight"].data_ptr() != model.weight.data_ptr()
+    model.bias.requires_grad_(False)  # a frozen parameter is held as it was, too
+    f, params = hf.functionalize(model)
+    before = f(params, x)
+    with torch.no_grad():
+        model.bias.add_(1.0)
+    assert torch.equal(f(params, x), before)
 
 
 def test_frozen_parameters_left_out_and_held_fixed():
