@@ -36,23 +36,17 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import hessfunc as hf
 
 from . import _cli
 from ._timing import interleaved_medians
-from .problems import PROBLEMS, Problem, wide_cnn
+from .problems import PROBLEMS, Problem, loss_module, wide_cnn
 
 ALL = {**PROBLEMS, "wide_cnn": wide_cnn}
 
 DAMPING = 1e-1
 TOL = 1e-6
-
-
-def _loss_module(problem: Problem) -> nn.Module:
-    return nn.CrossEntropyLoss() if problem.loss_fn is F.cross_entropy else nn.MSELoss()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,7 +60,7 @@ def _backpack_cases(problem: Problem) -> dict[str, Any]:
     except ImportError:
         return {}
     model = extend(copy.deepcopy(problem.model))  # BackPACK's hooks stay on its own copy
-    loss = extend(_loss_module(problem))
+    loss = extend(loss_module(problem))
 
     def run(ext: Any, attr: str) -> Any:
         def call() -> list[torch.Tensor]:
@@ -101,7 +95,7 @@ def run(keys: list[str], repeats: int) -> list[dict]:
     for key in keys:
         problem = ALL[key]()
         model, x, y = problem.model, problem.x, problem.y
-        loss_fn = _loss_module(problem)  # the Fisher needs a loss it knows the likelihood of
+        loss_fn = loss_module(problem)  # the Fisher needs a loss it knows the likelihood of
         n = x.shape[0]
         leaves = list(model.parameters())
         g, params = hf.functionalize(model)

@@ -80,6 +80,12 @@ def cnn(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
     return Problem("CNN 2conv-tanh-linear CE (64 imgs)", model, F.cross_entropy, x, y)
 
 
+def loss_module(problem: Problem) -> nn.Module:
+    """The problem's loss as the torch module a user passes (and curvlinops and BackPACK
+    need): ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()``."""
+    return nn.CrossEntropyLoss() if problem.loss_fn is F.cross_entropy else nn.MSELoss()
+
+
 PROBLEMS = {"simplenet": simplenet, "mlp5k": mlp_5k, "mlp100k": mlp_100k, "cnn": cnn}
 
 

@@ -36,7 +36,7 @@ from ._memory import check_dense
 from ._tree import flat_spec, vector_to_tree
 from .errors import ArgumentError
 from .functional import functionalize
-from .ggn import _loss_of, draws, fisher_columns, ggn, ggn_diag, likelihood_of
+from .ggn import _loss_of, draws, fisher_columns, ggn, ggn_diag, likelihood_of, output_factor
 from .operator import CurvatureOperator
 
 __all__ = ["GGNOperator", "FisherOperator"]
@@ -118,6 +118,11 @@ class GGNOperator(CurvatureOperator):
 
     def _build_product(self, index: int, x: Any, y: Any) -> _BatchProduct:
         batch = _BatchProduct(self.g, self.params, x, lambda u: u)
+        S = output_factor(self.loss_fn, batch._out.detach(), y)  # H_o = S S^T per sample
+        if S is not None:
+            batch._output_product = lambda u: torch.einsum(
+                "nck,nk->nc", S, torch.einsum("nck,nc->nk", S, u))
+            return batch
         _, hvp = torch.func.vjp(torch.func.grad(_loss_of(self.loss_fn, y, self._name)),
                                 batch._out)
         batch._output_product = lambda u: hvp(u)[0]
