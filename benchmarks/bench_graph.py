@@ -14,8 +14,6 @@ of ``--repeats`` rounds, so ratios survive a drifting machine):
 * ``BackPACK DiagHessian`` where BackPACK is installed and supports the model;
 * ``per-sample, ...``: ``hessian_diag(per_sample=True)`` of the torch.func f, the chain
   route's per-sample diagonals, BackPACK's ``BatchDiagHessian``;
-* ``GGN diagonal``: ``ggn_diag`` of the model alone and the loss, beside BackPACK's
-  ``DiagGGNExact`` (checked against each other: no float64 GGN oracle at these sizes);
 * ``generic (before)``: one-hot products (``method="generic"``, what a torch.func f got
   before), for problems of at most ``--generic-limit`` parameters, timed after the
   others (3 calls): its large allocations slow whatever runs next.
@@ -88,11 +86,10 @@ ALL = {**PROBLEMS,
        "residual": lambda: residual(True), "chain": lambda: residual(False)}
 
 
-def _backpack(problem: Problem, per_sample: bool = False, extension: str | None = None
-              ) -> Any:
+def _backpack(problem: Problem, per_sample: bool = False) -> Any:
     try:
         from backpack import backpack, extend
-        from backpack.extensions import BatchDiagHessian, DiagGGNExact, DiagHessian
+        from backpack.extensions import BatchDiagHessian, DiagHessian
     except ImportError:
         return None
     if not isinstance(problem.model, nn.Sequential):
@@ -102,10 +99,6 @@ def _backpack(problem: Problem, per_sample: bool = False, extension: str | None 
 
     def diag() -> list[torch.Tensor]:
         model.zero_grad()
-        if extension == "DiagGGNExact":
-            with backpack(DiagGGNExact()):
-                loss(model(problem.x), problem.y).backward()
-            return [p.diag_ggn_exact for p in model.parameters()]
         with backpack(BatchDiagHessian() if per_sample else DiagHessian()):
             loss(model(problem.x), problem.y).backward()
         return [p.diag_h_batch if per_sample else p.diag_h for p in model.parameters()]
@@ -207,14 +200,6 @@ def run(keys: list[str], repeats: int, generic_limit: int) -> list[dict]:
         if bp is not None:
             cases["BackPACK BatchDiagHessian"] = bp
 
-        def model_only(p: Any, x: Any, model: nn.Module = model) -> Any:
-            return functional_call(model, p, (x,))
-
-        ggn = hf.ggn_diag(model_only, loss_fn)
-        cases["GGN diagonal"] = lambda: ggn(params, x, y)
-        bp = _backpack(problem, extension="DiagGGNExact")
-        if bp is not None:
-            cases["BackPACK DiagGGNExact"] = bp
         slow = {}
         if problem.num_params <= generic_limit:  # timed apart: its allocations would
             # slow the case after it in every round
@@ -223,14 +208,7 @@ def run(keys: list[str], repeats: int, generic_limit: int) -> list[dict]:
         oracle = _oracle(problem)
         errors = {name: _check(fn(), oracle, 2e-4 if "decay" in name else 0.0)
                   for name, fn in {**cases, **slow}.items() if "per-sample" not in name
-                  and "Batch" not in name and "GGN" not in name}
-        if "BackPACK DiagGGNExact" in cases:  # no float64 GGN oracle at these sizes:
-            # the two independent implementations against each other
-            ours = cases["GGN diagonal"]()
-            theirs = dict(zip(params, cases["BackPACK DiagGGNExact"](), strict=True))
-            errors["GGN diagonal vs BackPACK"] = max(
-                float((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max().clamp_min(1e-30))
-                for k in params)
+                  and "Batch" not in name}
         errors.update(_check_per_sample(cases, problem))
         times = interleaved_medians(cases, repeats=repeats, warmup=1)
         times.update(interleaved_medians(slow, repeats=3, warmup=0))

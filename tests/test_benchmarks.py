@@ -231,3 +231,19 @@ def test_fisher_benchmark_times_every_task_and_solves_to_its_tolerance() -> None
     assert row["agreement"]["residual reached: hessfunc GGNOperator.solve"] <= bench_fisher.TOL
     if "per-sample GGN diagonal vs BackPACK" in row["agreement"]:
         assert row["agreement"]["per-sample GGN diagonal vs BackPACK"] < 1e-5
+
+
+def test_graph_benchmark_checks_every_route_against_the_oracle() -> None:
+    """``benchmarks.bench_graph`` on SimpleNet: the torch.func ``f`` takes the captured
+    graph, and every diagonal it times is within float32 rounding of the float64 loop
+    oracle on its subsample (weight decay's own term within its stated shift)."""
+    from benchmarks import bench_graph
+
+    threads = torch.get_num_threads()
+    try:
+        (row,) = bench_graph.run(["simplenet"], repeats=1, generic_limit=200)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["route"] == "structured (captured graph)"
+    assert {"torch.func f", "functionalize", "generic (before)"} <= set(row["times_ms"])
+    assert max(row["max_rel_error"].values()) < 2e-5
