@@ -378,8 +378,17 @@ class GraphPlan:
             by_node.setdefault(site.node, []).append(i)
         H: dict[tuple[fx.Node, fx.Node], Tensor] = {}
 
+        owned: set[tuple[fx.Node, fx.Node]] = set()  # sums made here: added to in place
+
         def add(a: fx.Node, b: fx.Node, block: Tensor) -> None:
-            H[(a, b)] = H[(a, b)] + block if (a, b) in H else block
+            key = (a, b)
+            if key not in H:
+                H[key] = block  # may be a rule's operand or a view shared with (b, a)
+            elif key in owned:
+                H[key].add_(block)
+            else:
+                H[key] = H[key] + block
+                owned.add(key)
 
         nodes = self._per_sample_nodes()
         diagonal_only = set() if self.linearised or full else \
@@ -409,6 +418,7 @@ class GraphPlan:
             row = {b: blk for (a, b), blk in H.items() if a is v}
             for key in [k for k in H if v in k]:
                 del H[key]
+                owned.discard(key)
             hvv = row.pop(v, None)
             for i in by_node.get(v, ()):
                 if hvv is not None:
