@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -99,7 +100,10 @@ def _backpack(problem: Problem, per_sample: bool = False) -> Any:
 
     def diag() -> list[torch.Tensor]:
         model.zero_grad()
-        with backpack(BatchDiagHessian() if per_sample else DiagHessian()):
+        with backpack(BatchDiagHessian() if per_sample else DiagHessian()), \
+                warnings.catch_warnings():
+            # BackPACK's hooks on a first layer whose input needs no gradient
+            warnings.filterwarnings("ignore", "Full backward hook is firing")
             loss(model(problem.x), problem.y).backward()
         return [p.diag_h_batch if per_sample else p.diag_h for p in model.parameters()]
 

@@ -75,6 +75,8 @@ GROUPS: dict[str, Group] = {
     "graph": Group(("hessfunc/graph/samples.py", "hessfunc/graph/rules.py",
                     "hessfunc/graph/curvature.py"),
                    ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
+    # Gauss-Newton and Fisher: output factors, Fisher columns, GGN routes
+    "ggn": Group(("hessfunc/ggn.py",), ("tests/test_ggn.py", "tests/test_solve.py")),
     # the stochastic estimators and their probes
     "hutchinson": Group(("hessfunc/estimators/_probes.py", "hessfunc/estimators/hutchinson.py",
                          "hessfunc/estimators/hutchpp.py"), ("tests/test_estimators.py",)),
