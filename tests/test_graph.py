@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import assert_close, oracle_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,8 +22,6 @@ from hessfunc.graph.curvature import plan_diagonal
 from hessfunc.graph.samples import analyze_samples
 from hessfunc.testing.models import ConcatNet, ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import losses
-
-from _helpers import assert_close, oracle_loss
 
 F64 = torch.float64
 

@@ -15,9 +15,9 @@ import torch
 
 from .. import reference
 from .._chain import analyze as analyze_chain
-from ..graph.curvature import plan_diagonal
 from ..dense import hessian_blocks
 from ..diagonal import hessian_diag
+from ..graph.curvature import plan_diagonal
 from ..operator import HessianOperator
 
 #: The loop oracle is run for comparison only up to this many parameters.

@@ -2,12 +2,13 @@
 
 Shared by both engines: the forward engine (``hessfunc/forward``) traces a
 per-point function ``u`` on a *fake* example of one point, the parameter engine
-(:mod:`hessfunc.graph.curvature`) traces ``p -> f(p, *batch)``. Both use :func:`torch.fx.experimental.proxy_tensor.make_fx`,
-so methods (``x.sin()``), functional calls and composite ops all arrive as ATen
-ops, and in-place ops are removed by :func:`torch.func.functionalize`. Tensors
-captured by closure (the parameters of an ``nn.Module`` called inside ``u``)
-become ``get_attr`` constants of the graph that point to the very same tensor
-objects, so in-place parameter updates and autograd through them both work.
+(:mod:`hessfunc.graph.curvature`) traces ``p -> f(p, *batch)``. Both use
+:func:`torch.fx.experimental.proxy_tensor.make_fx`, so methods (``x.sin()``), functional
+calls and composite ops all arrive as ATen ops, and in-place ops are removed by
+:func:`torch.func.functionalize`. Tensors captured by closure (the parameters of an
+``nn.Module`` called inside ``u``) become ``get_attr`` constants of the graph that point
+to the very same tensor objects, so in-place parameter updates and autograd through
+them both work.
 
 NOTE [trace cache and its guard]
     Tracing costs milliseconds, so a graph is reused across calls. Reuse is
@@ -108,6 +109,12 @@ class Captured:
     graph_module: torch.fx.GraphModule
     output: Any  # FakeTensor (or pytree of them) describing u's per-point output
     analyses: dict = field(default_factory=dict, compare=False)
+
+    def analysis(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per capture: kept under ``key`` in :attr:`analyses`."""
+        if key not in self.analyses:
+            self.analyses[key] = compute()
+        return self.analyses[key]
 
 
 def _is_wrapped(t: Tensor) -> bool:

@@ -730,8 +730,10 @@ class GraphPlan:
     def _op_chain(self, chain: list[fx.Node]) -> Callable[[Tensor], Tensor]:
         def fn(x: Tensor) -> Tensor:
             for node in chain:
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                               lambda a: x if a is node.args[0] else self.env[a])
+                first = node.args[0]
+                args, kwargs = fx.node.map_arg(
+                    (node.args, node.kwargs),
+                    lambda a, x=x, first=first: x if a is first else self.env[a])
                 x = node.target(*args, **kwargs)
             return x
         return fn
@@ -960,20 +962,19 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
                      "an op make_fx cannot trace, or tensors of an active transform)"
     gm = captured.graph_module
     batch = {len(leaves) + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
-    key = ("routes", len(leaves), tuple(batch), n)
-    if key not in captured.analyses:  # the graph's alone: once per capture
+
+    def routes_of() -> tuple[SampleStructure, Any]:  # the graph's alone: once per capture
         structure = analyze_samples(gm, set(range(len(leaves))), batch, n)
-        captured.analyses[key] = (structure, None if structure.reason is not None else
-                                  _route_leaves(gm, structure, len(leaves)))
-    structure, routes = captured.analyses[key]
+        return structure, (None if structure.reason is not None else
+                           _route_leaves(gm, structure, len(leaves)))
+
+    structure, routes = captured.analysis(("routes", len(leaves), tuple(batch), n), routes_of)
     if routes is None:
         return None, structure.reason
     plan = GraphPlan(gm, structure, leaves, inputs, *routes, captured=captured)
     if not check_memory:
         return plan, "ok"
-    if "bytes" not in captured.analyses:
-        captured.analyses["bytes"] = _frontier_bytes(plan)
-    return _within_budget(plan, captured.analyses["bytes"])
+    return _within_budget(plan, captured.analysis("bytes", lambda: _frontier_bytes(plan)))
 
 
 def _within_budget(plan: GraphPlan, need: int) -> tuple[GraphPlan | None, str]:
@@ -1045,16 +1046,13 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
     if plan.products:
         return None, "some parameters take one-hot products (see hessfunc.explain)"
     # f's capture is keyed by what g and loss_fn reach, so g's ops found once hold for it
-    if "model ops" not in plan.captured.analyses:
-        plan.captured.analyses["model ops"] = _model_ops(f, args, plan)
-    linearised = plan.captured.analyses["model ops"]
+    linearised = plan.captured.analysis("model ops", lambda: _model_ops(f, args, plan))
     if isinstance(linearised, str):
         return None, linearised
     plan.linearised = linearised
-    if "ggn bytes" not in plan.captured.analyses:
-        plan.captured.analyses["ggn bytes"] = _frontier_bytes(plan, columns=sum(
-            nd.meta["val"].numel() // plan.n for nd in plan.model_outputs()))
-    return _within_budget(plan, plan.captured.analyses["ggn bytes"])
+    need = plan.captured.analysis("ggn bytes", lambda: _frontier_bytes(plan, columns=sum(
+        nd.meta["val"].numel() // plan.n for nd in plan.model_outputs())))
+    return _within_budget(plan, need)
 
 
 def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset | str:
@@ -1084,9 +1082,7 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     if plan.products:
         return None, "some parameters take one-hot products (see hessfunc.explain)"
     # the batch's capture is keyed by what f reaches, so its one-sample graph holds for it
-    if "one sample" not in plan.captured.analyses:
-        plan.captured.analyses["one sample"] = _one_sample_graph(f, args, plan)
-    gm1 = plan.captured.analyses["one sample"]
+    gm1 = plan.captured.analysis("one sample", lambda: _one_sample_graph(f, args, plan))
     if isinstance(gm1, str):
         return None, gm1
     plan.one_sample = gm1
