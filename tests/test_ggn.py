@@ -850,3 +850,102 @@ def test_closed_form_output_factor_declines_what_it_does_not_know():
     for why, (loss_fn, y) in declined.items():
         assert ggn_module.output_factor(loss_fn, out, y) is None, why
     assert ggn_module.output_factor(nn.MSELoss(), out[:, :, None], out[:, :, None]) is None
+
+
+CALLS = {
+    "ggn_diag": lambda g, loss: (lambda p, x, y: hf.ggn_diag(g, loss)(p, x, y)),
+    "ggn": lambda g, loss: (lambda p, x, y: hf.ggn(g, loss)(p, x, y)),
+    "ggn_blocks": lambda g, loss: (lambda p, x, y: hf.ggn_blocks(g, loss)(p, x, y)),
+    "ggn_vp": lambda g, loss: (lambda p, x, y: hf.ggn_vp(g, loss, (p, x, y), p)),
+    "fisher_diag": lambda g, loss: (lambda p, x, y: hf.fisher_diag(g, loss)(p, x, y)),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_gauss_newton_errors_name_the_call_the_argument_and_the_fix(name):
+    """Every Gauss-Newton entry point names itself and the argument at fault."""
+    model, loss_fn, x, y = _problem("mse", 3)
+    g, params = hf.functionalize(model)
+    call = CALLS[name]
+    with pytest.raises(hf.ArgumentError, match=rf"^{name}: `params\[.0\.weight.\]` has"):
+        call(g, loss_fn)({k: v.long() for k, v in params.items()}, x, y)
+    with pytest.raises(hf.ArgumentError, match=rf"^{name}: `g` "):
+        call(None, loss_fn)(params, x, y)
+    with pytest.raises(hf.ArgumentError, match=rf"^{name}: `loss_fn` "):
+        call(g, "mse")(params, x, y)
+    if name in ("ggn", "ggn_vp"):  # the routes that evaluate g and loss_fn directly
+        with pytest.raises(hf.ArgumentError,
+                           match=rf"^{name}: `g\(params, inputs\)` must return one floating"):
+            call(lambda p, inp: (g(p, inp),), loss_fn)(params, x, y)
+        with pytest.raises(hf.ArgumentError,
+                           match=rf"^{name}: `loss_fn\(outputs, targets\)` must return a "
+                                 r"scalar, got Tensor\(shape=\(3, 3\)"):
+            call(g, nn.MSELoss(reduction="none"))(params, x, y)
+    with pytest.raises(hf.ArgumentError, match=r"^ggn_vp: `primals` must be the tuple .*got "
+                                               r"list of length 3"):
+        hf.ggn_vp(g, loss_fn, [params, x, y], params)
+
+
+def test_dense_gauss_newton_memory_guards_say_what_they_refuse(monkeypatch):
+    """The dense GGN and the Jacobian fallback of the blocks are refused before allocating,
+    each naming what would not fit and what to do instead."""
+    model = build_mlp([2, 4, C], "tanh", 0)
+    g, params = hf.functionalize(model)
+    n = 200  # O = 600 outputs against P = 27 parameters: the P x P GGN fits, J does not
+    x, y = torch.randn(n, 2, dtype=DT), torch.randn(n, C, dtype=DT)
+    with pytest.raises(hf.DenseMemoryError, match=r"^ggn: the 600 x 27 Jacobian and 600 x "
+                                                  r"600 output Hessian .*split the batch"):
+        hf.ggn(g, nn.MSELoss(), max_memory=100_000)(params, x, y)
+    with pytest.raises(hf.DenseMemoryError,
+                       match=r"^ggn_blocks: storing the diagonal blocks .*use `ggn_diag`"):
+        hf.ggn_blocks(g, nn.MSELoss(), max_memory=64)(params, x, y)
+    monkeypatch.setattr(sys.modules["hessfunc.ggn"], "plan_ggn_diagonal",
+                        lambda *args, **kwargs: (None, "forced"))
+    with pytest.raises(hf.DenseMemoryError, match=r"^ggn_blocks: the 600 x 27 Jacobian"):
+        hf.ggn_blocks(g, nn.MSELoss(), max_memory=100_000)(params, x, y)
+
+
+def test_dense_ggn_of_a_single_tensor_parameter_is_shaped_like_it():
+    """``ggn(g, loss)(w, ...)`` with a tensor ``w`` (not a dict) nests as ``w.shape * 2``."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(2, 3, generator=gen, dtype=DT)
+    x = torch.randn(5, 3, generator=gen, dtype=DT)
+    y = torch.randn(5, 2, generator=gen, dtype=DT)
+
+    def g(p, inp):
+        return torch.tanh(inp @ p.T)
+
+    leaf = w.clone().requires_grad_()
+    want = hf.reference.ggn(g(leaf, x), nn.MSELoss(), y, [leaf])
+    got = hf.ggn(g, nn.MSELoss())(w, x, y)
+    assert got.shape == (2, 3, 2, 3)
+    assert_close(got.reshape(6, 6), want)
+
+
+def test_fisher_likelihood_and_reduction_are_checked_and_used():
+    model, _, x, y = _problem("bce", 4)
+    g, params = hf.functionalize(model)
+    with pytest.raises(hf.ArgumentError, match=r"^fisher_diag: `loss_fn` .* has class "
+                                               r"weights; the Fisher needs a plain negative "
+                                               r"log-likelihood \(no `weight` or `pos_weight`\)"):
+        hf.fisher_diag(g, nn.BCEWithLogitsLoss(pos_weight=torch.ones(C, dtype=DT)))
+    with pytest.raises(hf.ArgumentError, match=r"^fisher_diag: `likelihood` must be one of"):
+        hf.fisher_diag(g, lambda o, t: o.sum(), likelihood="poisson")
+    with pytest.raises(hf.ArgumentError, match=r"^fisher_diag: the loss's reduction must be "
+                                               r"'mean' or 'sum', got 'none'"):
+        hf.fisher_diag(g, nn.MSELoss(reduction="none"))
+    with pytest.raises(hf.ArgumentError, match=r"no probabilistic interpretation hessfunc "
+                                               r"knows; the Fisher is defined for negative "
+                                               r"log-likelihoods: MSE \(Gaussian\).*pass "
+                                               r"`likelihood=`"):
+        hf.fisher_diag(g, lambda o, t: ((o - t) ** 4).mean())
+    # a wrapper's stated reduction is the one used; the empirical Fisher of the summed
+    # MSE is N C times that of the mean (c = 1 against 1 / (N C), module docstring)
+    yy = torch.randn(4, C, dtype=DT)
+    summed = hf.fisher_diag(g, lambda o, t: F.mse_loss(o, t, reduction="sum"),
+                            likelihood="gaussian", reduction="sum", kind="empirical")
+    plain = hf.fisher_diag(g, nn.MSELoss(reduction="sum"), kind="empirical")
+    assert_close(summed(params, x, yy), plain(params, x, yy))
+    meaned = hf.fisher_diag(g, nn.MSELoss(), kind="empirical")(params, x, yy)
+    ratio = flat(plain(params, x, yy)) / flat(meaned)
+    assert_close(ratio, torch.full_like(ratio, 4 * C))
