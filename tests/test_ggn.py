@@ -949,3 +949,27 @@ def test_fisher_likelihood_and_reduction_are_checked_and_used():
     meaned = hf.fisher_diag(g, nn.MSELoss(), kind="empirical")(params, x, yy)
     ratio = flat(plain(params, x, yy)) / flat(meaned)
     assert_close(ratio, torch.full_like(ratio, 4 * C))
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0],
+                                                                             dtype=DT)),
+                                     lambda o, t: ((o - t) ** 4).mean()],
+                         ids=["class-weighted ce (batched blocks)", "own loss (jacobian)"])
+def test_kfac_factors_for_losses_without_a_closed_form(loss_fn, monkeypatch):
+    """Losses ``output_factor`` declines take the per-sample output Hessian from autograd
+    (batched double backward for torch's losses, the whole Jacobian of the gradient for
+    any other): the factors still equal their definitions."""
+    kfac_module = sys.modules["hessfunc.kfac"]
+    batched, real = [], kfac_module.output_hessian_blocks
+    monkeypatch.setattr(kfac_module, "output_hessian_blocks",
+                        lambda *args: batched.append(True) or real(*args))
+    n = 5
+    model, _, x, _ = _problem("mse", n, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    y = torch.randint(0, C, (n,), generator=gen) if isinstance(loss_fn, nn.Module) else \
+        torch.randn(n, C, generator=gen, dtype=DT)
+    K = hf.KFACOperator.from_model(model, loss_fn, (x, y))
+    assert bool(batched) == isinstance(loss_fn, nn.Module)
+    for layer, (A, G) in _two_layer_factors(model, loss_fn, x, y).items():
+        assert_close(K.factors[layer][0], A)
+        assert_close(K.factors[layer][1], G)
