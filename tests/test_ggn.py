@@ -136,13 +136,17 @@ def test_ggn_is_psd_for_convex_losses(name):
 
 
 @pytest.mark.parametrize("name", ["ce", "mse", "sum-mse", "bce", "ce-smoothed"])
-@pytest.mark.parametrize("closed_form", [True, False])
-def test_per_sample_ggn_diagonal(name, closed_form, monkeypatch):
+@pytest.mark.parametrize("route", ["closed form", "autograd", "no graph"])
+def test_per_sample_ggn_diagonal(name, route, monkeypatch):
     """Each sample's own loss (for mean-MSE of C outputs, 1/C of its squared error), with
-    the loss's output Hessian in closed form or by autograd."""
-    if not closed_form:
+    the loss's output Hessian in closed form or by autograd, or where the graph declines,
+    one dense GGN diagonal per sample under vmap."""
+    if route == "autograd":
         monkeypatch.setattr(sys.modules["hessfunc.ggn"], "output_factor",
                             lambda *args: None)
+    if route == "no graph":
+        monkeypatch.setattr(sys.modules["hessfunc.ggn"], "plan_ggn_diagonal",
+                            lambda *args, **kwargs: (None, "forced"))
     model, loss_fn, x, y = _problem(name, 4, seed=3)
     g, params = hf.functionalize(model)
     rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
