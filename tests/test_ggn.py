@@ -843,6 +843,7 @@ def test_closed_form_output_factor_declines_what_it_does_not_know():
     declined = {
         "class weights": (nn.CrossEntropyLoss(weight=torch.ones(C, dtype=DT)), classes),
         "an ignored target": (nn.CrossEntropyLoss(ignore_index=1), classes),
+        "torch's default ignored target": (F.cross_entropy, torch.tensor([0, -100, 2, 1])),
         "probability targets": (nn.CrossEntropyLoss(), torch.softmax(out, 1)),
         "pos_weight": (nn.BCEWithLogitsLoss(pos_weight=torch.ones(C, dtype=DT)),
                        torch.zeros(4, C, dtype=DT)),
