@@ -294,6 +294,15 @@ def test_fisher_reproducible_and_refusals():
     with pytest.raises(hf.ArgumentError, match=r"fisher_diag: `mc_samples` must be an int >= 1"
                                                r".*got 0"):
         hf.fisher_diag(g, loss_fn, mc_samples=0)
+    for bad in (True, 2.0):  # a bool is an int to Python, not a count of draws
+        with pytest.raises(hf.ArgumentError, match=rf"`mc_samples` .*got {bad!r}"):
+            hf.fisher_diag(g, loss_fn, mc_samples=bad)
+    # the default is one draw a sample
+    assert all(torch.equal(a, b) for a, b in zip(
+        hf.fisher_diag(g, loss_fn, generator=torch.Generator().manual_seed(5))(
+            params, x, y).values(),
+        hf.fisher_diag(g, loss_fn, mc_samples=1, generator=torch.Generator().manual_seed(5))(
+            params, x, y).values(), strict=True))
     with pytest.raises(hf.ArgumentError, match=r"fisher_diag: `kind` must be 'mc' or "
                                                r"'empirical', got 'exact'"):
         hf.fisher_diag(g, loss_fn, kind="exact")
@@ -900,14 +909,15 @@ def test_dense_gauss_newton_memory_guards_say_what_they_refuse(monkeypatch):
     x, y = torch.randn(n, 2, dtype=DT), torch.randn(n, C, dtype=DT)
     with pytest.raises(hf.DenseMemoryError, match=r"^ggn: the 600 x 27 Jacobian and 600 x "
                                                   r"600 output Hessian .*split the batch"):
-        hf.ggn(g, nn.MSELoss(), max_memory=100_000)(params, x, y)
+        # 600 x 27 + 600^2 float64 entries are 3,009,600 bytes: over, by the Jacobian alone
+        hf.ggn(g, nn.MSELoss(), max_memory=2_950_000)(params, x, y)
     with pytest.raises(hf.DenseMemoryError,
                        match=r"^ggn_blocks: storing the diagonal blocks .*use `ggn_diag`"):
         hf.ggn_blocks(g, nn.MSELoss(), max_memory=64)(params, x, y)
     monkeypatch.setattr(sys.modules["hessfunc.ggn"], "plan_ggn_diagonal",
                         lambda *args, **kwargs: (None, "forced"))
     with pytest.raises(hf.DenseMemoryError, match=r"^ggn_blocks: the 600 x 27 Jacobian"):
-        hf.ggn_blocks(g, nn.MSELoss(), max_memory=100_000)(params, x, y)
+        hf.ggn_blocks(g, nn.MSELoss(), max_memory=2_950_000)(params, x, y)
 
 
 def test_dense_ggn_of_a_single_tensor_parameter_is_shaped_like_it():
