@@ -656,3 +656,34 @@ def test_generic_curvature_in_chunks_of_columns_equals_the_oracle(monkeypatch):
     assert len(list(plan.chunks(4, 1))) == 4  # one column per chunk
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
     assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
+
+
+@pytest.mark.parametrize("loss", ["bce-with-logits", "logsigmoid", "bce pos_weight"])
+def test_a_logit_of_exactly_zero_keeps_its_curvature(loss):
+    """log sigmoid is smooth, but torch's decomposition ``min(0, x) - log1p(exp(-|x|))``
+    has autograd derivatives 0 and 1/2 at ``x = 0``: a sample whose logit is exactly 0
+    (here by cancellation, as GELU's exact zeros also give) lost its curvature 1/4. The
+    graph's diagonal, blocks and per-sample diagonals against the loop oracle."""
+    torch.manual_seed(0)
+    w = {"w": torch.tensor([[1.0, 1.0]], dtype=F64), "b": torch.zeros(1, dtype=F64)}
+    x = torch.tensor([[1.0, -1.0], [2.0, 1.0], [-0.5, 0.5]], dtype=F64)  # logits 0, 3, 0
+    y = torch.tensor([[1.0], [0.0], [1.0]], dtype=F64)
+
+    def f(p, x, y):
+        o = x @ p["w"].T + p["b"]
+        if loss == "logsigmoid":
+            return -(F.logsigmoid(o) * y + F.logsigmoid(-o) * (1 - y)).mean()
+        pos_weight = torch.tensor([2.5], dtype=F64) if loss == "bce pos_weight" else None
+        return F.binary_cross_entropy_with_logits(o, y, pos_weight=pos_weight)
+
+    loss_value, leaves = oracle_loss(f, w, x, y)
+    want = hf.reference.hessian_diag(loss_value, leaves)
+    assert hf.explain(f, w, x, y)["hessian_diag"].engine == "captured graph"
+    assert_close(hf.hessian_diag(f)(w, x, y), want)
+    blocks = hf.hessian_blocks(f)(w, x, y)
+    assert_close({k: torch.diagonal(v) for k, v in blocks.items()},
+                 {k: v.reshape(-1) for k, v in want.items()})
+    rows = hf.hessian_diag(f, per_sample=True)(w, x, y)
+    for n in range(3):
+        one, leaves = oracle_loss(f, w, x[n:n + 1], y[n:n + 1])
+        assert_close({k: v[n] for k, v in rows.items()}, hf.reference.hessian_diag(one, leaves))

@@ -94,6 +94,25 @@ LOSS_DECOMPOSITIONS = {
     ]),
 }
 
+
+
+def _smooth_log_sigmoid_forward(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``log sigmoid(x)`` (what BCE-with-logits and ``F.logsigmoid`` decompose into) from
+    pieces whose derivatives are smooth at every ``x``. torch's own decomposition,
+    ``min(0, x) - log1p(exp(-|x|))``, is exact in value, but autograd takes the
+    derivatives of ``|x|`` and ``min`` at ``x = 0`` as 0 and 1/2, so a logit that is
+    exactly 0 lost its curvature 1/4. Here each branch sees ``x`` only where it is
+    taken: ``-log1p(exp(-x))`` for ``x >= 0`` and ``x - log1p(exp(x))`` below."""
+    up = x >= 0
+    zero = x.new_zeros(())
+    xp, xn = torch.where(up, x, zero), torch.where(up, zero, x)
+    mask = up.to(x.dtype)
+    value = mask * -torch.log1p(torch.exp(-xp)) + (1 - mask) * (xn - torch.log1p(torch.exp(xn)))
+    return value, x.new_zeros((0,))
+
+
+LOSS_DECOMPOSITIONS[aten.log_sigmoid_forward.default] = _smooth_log_sigmoid_forward
+
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 _MAX_DEPTH = 6
 _MAX_ITEMS = 20_000
