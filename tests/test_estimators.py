@@ -946,3 +946,71 @@ def test_spectral_density_num_zeros_adds_an_exact_null_space():
         assert_close(sd.moments([p])[0], (full**p).mean(), rtol=1e-12, atol=1e-12)
     with pytest.raises(ArgumentError, match="num_zeros"):
         spectral_density(lambda v: a @ v, 5, num_zeros=-1)
+
+
+_CALLERS = {
+    "hutchinson_trace": lambda **kw: hutchinson_trace(**{"num_samples": 3, **kw}),
+    "hutchinson_diagonal": lambda **kw: hutchinson_diagonal(**{"num_samples": 3, **kw}),
+    "hutchpp_trace": lambda **kw: hutchpp_trace(**{"num_matvecs": 6, **kw}),
+}
+
+
+@pytest.mark.parametrize("caller", list(_CALLERS))
+def test_estimator_errors_name_the_caller_and_the_argument(caller):
+    """Each stochastic estimator names itself, the argument and what it got."""
+    call = _CALLERS[caller]
+    ok = {"matmat": _identity, "size": 5}
+    cases = [
+        ({"size": 0}, r"size .*got 0"),
+        ({"distribution": "normal"}, r"distribution .*got 'normal'"),
+        ({"batch_size": 0}, r"batch_size .*got 0"),
+        ({"matmat": "a"}, r"matmat .*got str"),
+        ({"generator": 0}, r"generator .*got int"),
+    ]
+    cases.append(({"num_matvecs": 2}, r"num_matvecs .*got 2") if caller == "hutchpp_trace"
+                 else ({"num_samples": 0}, r"num_samples .*got 0"))
+    for bad, match in cases:
+        with pytest.raises(ArgumentError, match=rf"^{caller}\(\): expected {match}"):
+            call(**{**ok, **bad})
+    for bad, got in ((lambda v: v.tolist(), "list"), (lambda v: v[:-1], r"\(4, \d\)")):
+        with pytest.raises(ArgumentError, match=rf"^{caller}\(\): matmat must map .*got {got}"):
+            call(**{**ok, "matmat": bad})
+
+
+def test_positive_floats_refuse_infinity_and_bools():
+    for bad in (float("inf"), True):
+        with pytest.raises(ArgumentError, match=rf"tol to be a finite number > 0, got {bad!r}"):
+            lanczos_eigenvalues(_identity, 5, tol=bad)
+
+
+def test_gaussian_hutchinson_diagonal_of_a_diagonal_matrix_is_exact():
+    """Bekas et al.'s normalisation: sum_k z_k * (A z_k) / sum_k z_k * z_k is exactly
+    diag(A) for a diagonal A with any probes, Gaussian ones too (the plain average of
+    z * A z would not be), and it stays in float64 throughout."""
+    d = torch.linspace(-2.0, 5.0, 9, dtype=F64) * (1 + 1e-9)
+    est = hutchinson_diagonal(lambda v: d[:, None] * v, 9, num_samples=3,
+                              distribution="gaussian", generator=_gen(2), dtype=F64)
+    assert est.dtype == F64
+    assert_close(est, d, rtol=1e-15, atol=0)
+
+
+def test_hutchinson_std_error_of_two_samples_is_finite():
+    a = _symmetric(_uniform(6, -1.0, 3.0, seed=3), seed=3)
+    est = hutchinson_trace(lambda v: a @ v, 6, num_samples=2, generator=_gen(0), dtype=F64)
+    assert torch.isfinite(est.std_error) and est.std_error > 0
+
+
+def test_hutchpp_draws_its_sketch_from_the_distribution_asked_for():
+    seen = []
+
+    def matmat(v):
+        seen.append(v.clone())
+        return v
+
+    hutchpp_trace(matmat, 8, num_matvecs=6, distribution="rademacher", generator=_gen(0),
+                  dtype=F64)
+    assert torch.equal(seen[0].abs(), torch.ones_like(seen[0]))  # the sketch is +-1
+    seen.clear()
+    hutchpp_trace(matmat, 8, num_matvecs=6, distribution="gaussian", generator=_gen(0),
+                  dtype=F64)
+    assert not torch.equal(seen[0].abs(), torch.ones_like(seen[0]))
