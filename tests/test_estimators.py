@@ -1014,3 +1014,33 @@ def test_hutchpp_draws_its_sketch_from_the_distribution_asked_for():
     hutchpp_trace(matmat, 8, num_matvecs=6, distribution="gaussian", generator=_gen(0),
                   dtype=F64)
     assert not torch.equal(seen[0].abs(), torch.ones_like(seen[0]))
+
+
+def test_lanczos_errors_name_the_caller_the_argument_and_what_it_got():
+    cases = [
+        (lambda: lanczos_eigenvalues(_identity, 5, k=0),
+         r"^lanczos_eigenvalues\(\): expected k to be an int in \[1, 4\], got 0"),
+        (lambda: lanczos_eigenvalues(_identity, 5, which="x"),
+         r"^lanczos_eigenvalues\(\): expected which to be one of .*got 'x'"),
+        (lambda: lanczos_eigenvalues(_identity, 5, tol=0.0),
+         r"^lanczos_eigenvalues\(\): expected tol to be a finite number > 0, got 0\.0"),
+        (lambda: lanczos_eigenvalues(_identity, 5, k=3, max_steps=2),
+         r"^lanczos_eigenvalues\(\): expected max_steps to be an int >= 3, got 2"),
+        (lambda: lanczos(_identity, 5, num_steps=0),
+         r"^lanczos\(\): expected num_steps to be an int in \[1, 5\], got 0"),
+        (lambda: lanczos(_identity, 5, num_steps=2, start=torch.ones(4)),
+         r"^lanczos\(\): expected start of shape \(5,\), got \(4,\)"),
+        (lambda: lanczos("a", 5, num_steps=2), r"^lanczos\(\): expected matmat .*got str"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ArgumentError, match=match):
+            call()
+
+
+def test_lanczos_defaults_one_eigenvalue_no_vectors_no_basis():
+    d = torch.arange(1.0, 7.0, dtype=F64)
+    result = lanczos_eigenvalues(lambda v: d[:, None] * v, 6, generator=_gen(0), dtype=F64)
+    assert result.eigenvalues.shape == (1,) and result.eigenvectors is None
+    assert_close(result.eigenvalues, torch.tensor([6.0], dtype=F64), rtol=1e-8, atol=0)
+    assert lanczos(lambda v: d[:, None] * v, 6, num_steps=3, generator=_gen(0),
+                   dtype=F64).basis is None
