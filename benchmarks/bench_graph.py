@@ -41,7 +41,7 @@ import hessfunc as hf
 from hessfunc import _chain
 
 from ._timing import interleaved_medians
-from .problems import PROBLEMS, Problem
+from .problems import PROBLEMS, Problem, loss_module
 
 
 class ResidualMLP(nn.Module):
@@ -96,7 +96,7 @@ def _backpack(problem: Problem, per_sample: bool = False) -> Any:
     if not isinstance(problem.model, nn.Sequential):
         return None
     model = extend(copy.deepcopy(problem.model))  # BackPACK's hooks stay on its own copy
-    loss = extend(nn.CrossEntropyLoss() if problem.loss_fn is F.cross_entropy else nn.MSELoss())
+    loss = extend(loss_module(problem))
 
     def diag() -> list[torch.Tensor]:
         model.zero_grad()
