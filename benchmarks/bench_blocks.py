@@ -1,4 +1,5 @@
-"""Per-parameter Hessian blocks of ``f`` written the torch.func way, side by side.
+"""Per-parameter Hessian blocks and full Hessians of ``f`` written the torch.func way,
+side by side.
 
     nice python -m benchmarks.bench_blocks [--repeats 5] [--problems simplenet,mlp5k]
 
@@ -6,8 +7,12 @@ One thread, float32, medians of ``--repeats`` rounds timed round-robin. For each
 problem: ``hessian_blocks`` of ``lambda p, x, y: loss(functional_call(model, p, (x,)),
 y)`` (the captured graph: the curvature at each parameter's place), the batched Hessian
 rows it took before (``hessfunc.dense._generic_blocks``), and the Linear-chain route of
-``functionalize`` models (``hessfunc._chain``) where the model is a chain. The graph's
-blocks are checked against the float64 loop oracle (``hessfunc.reference``).
+``functionalize`` models (``hessfunc._chain``) where the model is a chain. Then the
+full Hessian, ``hessian(flat=True)`` of the same ``f`` (the largest parameter's block
+from the graph, the other parameters' rows), every row ``H e_i`` (what it took
+before, ``hessfunc.dense.rows_and_block`` without a block), and the chain's. The
+graph's blocks and full Hessian are checked against the float64 loop oracle
+(``hessfunc.reference``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import hessfunc as hf
 from hessfunc import _chain
 from hessfunc._tree import flat_spec
-from hessfunc.dense import _generic_blocks
+from hessfunc.dense import _generic_blocks, rows_and_block
 
 from . import _cli
 from ._timing import interleaved_medians
@@ -43,23 +48,37 @@ def run(keys: list[str], repeats: int) -> list[dict]:
                                                      None),
         }
         fm, _ = hf.functionalize(model, loss_fn)
+        full = {
+            "full: graph": lambda: hf.hessian(plain, flat=True)(params, x, y),
+            "full: rows (before)": lambda: rows_and_block(hf.hvp_fn(plain, (params, x, y)),
+                                                          spec, None),
+        }
         if _chain.plan(fm, (params, x, y), 0) is not None:
             cases["chain"] = lambda fm=fm: _chain.plan(fm, (params, x, y), 0).blocks()
+            full["full: chain"] = lambda fm=fm: _chain.plan(fm, (params, x, y), 0).full()
         model.double()
         try:
             p64 = dict(model.named_parameters())
             y64 = y.double() if y.is_floating_point() else y
-            truth = hf.reference.hessian_blocks(loss_fn(model(x.double()), y64), p64)
+            loss64 = loss_fn(model(x.double()), y64)
+            truth = hf.reference.hessian_blocks(loss64, p64)
+            full_truth = hf.reference.hessian(loss64, list(p64.values())).float()
         finally:
             model.float()
         ours = cases["graph"]()
         error = max(float((ours[k] - truth[k]).abs().max() / truth[k].abs().max().clamp_min(
             1e-30)) for k in params)
+        full_error = float((full["full: graph"]() - full_truth).abs().max() /
+                           full_truth.abs().max())
         times = interleaved_medians(cases, repeats=repeats, warmup=1)
+        full_times = interleaved_medians(full, repeats=repeats, warmup=1)
         rows.append({"problem": problem.name, "params": problem.num_params,
-                     "times_ms": {k: v * 1e3 for k, v in times.items()},
-                     "ratio_to_graph": {k: v / times["graph"] for k, v in times.items()},
-                     "max_rel_error_vs_oracle": error})
+                     "times_ms": {k: v * 1e3 for k, v in {**times, **full_times}.items()},
+                     "ratio_to_graph": {**{k: v / times["graph"] for k, v in times.items()},
+                                        **{k: v / full_times["full: graph"]
+                                           for k, v in full_times.items()}},
+                     "max_rel_error_vs_oracle": error,
+                     "full_max_rel_error_vs_oracle": full_error})
         print(json.dumps(rows[-1], indent=1), flush=True)
     return rows
 

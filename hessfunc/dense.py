@@ -9,7 +9,8 @@ Both are built from Hessian rows ``H e_i`` of one-hot tangents pushed in chunks
 through a gradient graph that is built once (``hvp_fn``), so a chunk of ``k``
 rows costs one batched backward pass; the blocks of parameters that enter a
 captured graph once, linearly, come from the per-sample curvature at that place
-instead (NOTE [frontier propagation] in ``hessfunc/graph/curvature.py``).
+instead (NOTE [frontier propagation] in ``hessfunc/graph/curvature.py``): all of them
+for ``hessian_blocks``, the largest for ``hessian``.
 ``chunk_size`` bounds the rows in flight; ``None`` sizes chunks to a fixed working
 budget (``_memory.CHUNK_BUDGET_BYTES``).
 """
@@ -75,7 +76,11 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
     samples, the whole matrix is assembled from per-sample Hessians propagated
     backward (NOTE [full Hessian] in ``hessfunc/_chain.py``); otherwise from
     batched Hessian rows ``H e_i`` of :func:`hessfunc.hvp_fn` (structured products on
-    chains with convolutions, else a gradient graph built once).
+    chains with convolutions, else a gradient graph built once). Where the captured
+    graph gives the largest parameter's own block (any DAG whose samples stay apart:
+    NOTE [frontier propagation] in ``hessfunc/graph/curvature.py``), that block comes
+    from there and only the other parameters' rows are computed: they hold every cross
+    block (on a 20-64-64-1 MLP, 1,409 rows instead of 5,569).
 
     Returns:
         For a tensor ``p``: shape ``p.shape + p.shape``. For a dict or tuple of
@@ -102,16 +107,58 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         if plan is not None:
             M = plan.full(chunk_size)
             return M if flat else _nest(M, args[a], spec)
-        chunk = chunk_size or auto_chunk_size(P, 4 * P * itemsize(spec.dtype))
+        skip, block = _largest_block(f, args, a, spec)
         H = HVPFunction(f, args, a, call=call)  # structured products where they apply
-        rows = []
-        for _, _, basis in one_hot_chunks(spec, chunk):
-            out = pytree.tree_leaves(H.batched(basis))
-            rows.append(torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1))
-        M = torch.cat(rows)
+        M = rows_and_block(H, spec, chunk_size, skip, block)
         return M if flat else _nest(M, args[a], spec)
 
     return hess_f
+
+
+def rows_and_block(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
+                   skip: int | None = None, block: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The ``(P, P)`` Hessian from batched rows ``H e_i``; with a leaf ``skip`` and its
+    own ``block``, only the other leaves' rows (``skip``'s rows are their columns, by
+    symmetry, and ``block``)."""
+    P = spec.numel
+    lo = 0 if skip is None else spec.offsets[skip]
+    hi = lo if skip is None else lo + spec.numels[skip]
+    chunk = chunk_size or auto_chunk_size(P, 4 * P * itemsize(spec.dtype))
+    parts: list[torch.Tensor | None] = []  # rows 0..lo, lo..hi (None: to come), hi..P
+    for start, stop in ((0, lo), (hi, P)):
+        for _, _, basis in one_hot_chunks(spec, chunk, start=start, stop=stop):
+            out = pytree.tree_leaves(H.batched(basis))
+            parts.append(torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1))
+        if block is not None and start == 0:
+            parts.append(None)
+    if block is not None:  # not in place: the rows may be vmapped or carry a graph
+        mid = parts.index(None)
+        parts[mid] = torch.cat([p[:, lo:hi] for p in parts[:mid]] + [block] +
+                               [p[:, lo:hi] for p in parts[mid + 1:]]).T
+    return torch.cat(parts)
+
+
+def _largest_block(f: Callable[..., Any], args: tuple[Any, ...], argnums: int,
+                   spec: FlatSpec) -> tuple[int | None, torch.Tensor | None]:
+    """The largest leaf whose own block the captured graph gives (NOTE [frontier
+    propagation]), with that block: the full Hessian then needs Hessian rows of the
+    other leaves only, their rows holding every cross block. ``(None, None)`` where the
+    graph gives none."""
+    graph, _ = plan_diagonal(f, args, argnums)
+    if graph is None:
+        return None, None
+    order = sorted((i for i in range(len(spec.numels)) if i not in graph.products),
+                   key=lambda i: -spec.numels[i])
+    if not order:
+        return None, None
+    try:
+        block = graph.blocks({order[0]})[order[0]]
+    except RuntimeError as e:  # an op without a second derivative in torch
+        if missing_derivative(e) is None:
+            raise
+        return None, None
+    return (None, None) if block is None else (order[0], block)
 
 
 def leaf_block_rows(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,

@@ -170,8 +170,8 @@ def test_cli_rejects_unknown_names() -> None:
 
 
 def test_blocks_benchmark_checks_against_the_oracle() -> None:
-    """``benchmarks.bench_blocks`` on SimpleNet: every route timed, the graph's blocks
-    within float32 rounding of the float64 loop oracle."""
+    """``benchmarks.bench_blocks`` on SimpleNet: every route timed, the graph's blocks and
+    full Hessian within float32 rounding of the float64 loop oracle."""
     from benchmarks import bench_blocks
 
     threads = torch.get_num_threads()
@@ -179,8 +179,10 @@ def test_blocks_benchmark_checks_against_the_oracle() -> None:
         (row,) = bench_blocks.run(["simplenet"], repeats=1)
     finally:
         torch.set_num_threads(threads)
-    assert set(row["times_ms"]) == {"graph", "rows (before)", "chain"}
+    assert set(row["times_ms"]) == {"graph", "rows (before)", "chain", "full: graph",
+                                    "full: rows (before)", "full: chain"}
     assert row["max_rel_error_vs_oracle"] < 1e-5
+    assert row["full_max_rel_error_vs_oracle"] < 1e-5
 
 
 def test_architectures_benchmark_on_the_residual_mlp() -> None:

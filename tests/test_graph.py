@@ -18,7 +18,7 @@ from torch.func import functional_call
 import hessfunc as hf
 from hessfunc._autodiff import second_order_kernels
 from hessfunc.graph.capture import LOSS_DECOMPOSITIONS, capture
-from hessfunc.graph.curvature import plan_diagonal
+from hessfunc.graph.curvature import GraphPlan, plan_diagonal
 from hessfunc.graph.samples import analyze_samples
 from hessfunc.testing.models import ConcatNet, ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import losses
@@ -143,6 +143,37 @@ def test_blocks_of_any_dag_equal_the_oracle(dag, data):
     assert_close({k: b for k, b in blocks.items() if k not in rows},
                  {k: b for k, b in truth.items() if k not in rows})
     assert_close(hf.hessian_blocks(f)(params, x, y), truth)
+
+
+@settings(deadline=None)
+@given(dag=_dags(), data=st.data())
+def test_full_hessian_of_any_dag_equals_the_oracle(dag, data):
+    """The full Hessian takes the largest leaf's block from the graph and the rest from
+    the other leaves' Hessian rows (their rows hold every cross block): against the loop
+    oracle's full Hessian, over drawn DAGs, losses, frozen subsets and a regulariser."""
+    _, model = dag
+    f, _, params, x, y, _, _ = _drawn_loss(model, data, torch.cosh)
+    with second_order_kernels():
+        loss, leaves = oracle_loss(f, params, x, y)
+        truth = hf.reference.hessian(loss, list(leaves.values()))
+    plan, _ = plan_diagonal(f, (params, x, y))
+    largest = max((i for i in range(len(params)) if i not in plan.products),
+                  key=lambda i: list(params.values())[i].numel(), default=None)
+    calls = []
+    blocks = GraphPlan.blocks
+
+    def spy(self, leaves=None):
+        calls.append(leaves)
+        return blocks(self, leaves)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(GraphPlan, "blocks", spy)
+        H = hf.hessian(f, flat=True)(params, x, y)
+    assert calls == ([] if largest is None else [{largest}])
+    assert_close(H, truth)
+    a, b = list(params)[-1], list(params)[0]  # a cross block, nested like torch.func's
+    na, nb = params[a].numel(), params[b].numel()
+    assert_close(hf.hessian(f)(params, x, y)[a][b].reshape(na, nb), truth[-na:, :nb])
 
 
 def test_blocks_in_sample_chunks(monkeypatch):

@@ -343,25 +343,29 @@ class GraphPlan:
         return [leaf.new_zeros(*lead, *leaf.shape) if d is None and i not in self.products
                 else d for i, (leaf, d) in enumerate(zip(self.leaves, out, strict=True))]
 
-    def blocks(self) -> list[Tensor | None]:
-        """Per leaf: its own ``(numel, numel)`` Hessian block, ``J_p^T H[v, v] J_p`` at its
-        site plus its separable terms' diagonal; None for the products route and for
-        sites whose Jacobian would not fit the chunk budget."""
-        out = self._sweep(self._site_block, full=True)
-        for i, leaf in enumerate(self.leaves):
+    def blocks(self, leaves: set[int] | None = None) -> list[Tensor | None]:
+        """Per leaf (of ``leaves`` only, if given; None for the others): its own
+        ``(numel, numel)`` Hessian block, ``J_p^T H[v, v] J_p`` at its site plus its
+        separable terms' diagonal; None for the products route and for sites whose
+        Jacobian would not fit the chunk budget."""
+        out = self._sweep(self._site_block, full=True, leaves=leaves)
+        wanted = range(len(self.leaves)) if leaves is None else leaves
+        for i in wanted:
             if out[i] is None and i not in self.products and (
                     i not in self.sites or self._site_block_fits(self.sites[i])):
-                out[i] = leaf.new_zeros(leaf.numel(), leaf.numel())
+                out[i] = self.leaves[i].new_zeros(self.leaves[i].numel(),
+                                                  self.leaves[i].numel())
         for i, term in self._separable_terms().items():
             if out[i] is not None:
                 out[i] = out[i] + torch.diag(term.reshape(-1))
         return out
 
-    def _sweep(self, at_site: Callable[..., Tensor | None], full: bool
-               ) -> list[Tensor | None]:
+    def _sweep(self, at_site: Callable[..., Tensor | None], full: bool,
+               leaves: set[int] | None = None) -> list[Tensor | None]:
         """NOTE [frontier propagation]: the backward sweep, ``at_site(site, H[v, v])``
-        collected per leaf (summed over sites). ``full``: keep whole blocks everywhere
-        (else values whose block is only read on its diagonal keep the diagonal)."""
+        collected per leaf (summed over sites; of ``leaves`` only, if given). ``full``: keep
+        whole blocks everywhere (else values whose block is only read on its diagonal keep
+        the diagonal)."""
         if not self.env:
             self.evaluate()
             if self.one_sample is not None and not self.linearised:
@@ -375,7 +379,8 @@ class GraphPlan:
 
         by_node: dict[fx.Node, list[int]] = {}
         for i, site in self.sites.items():
-            by_node.setdefault(site.node, []).append(i)
+            if leaves is None or i in leaves:
+                by_node.setdefault(site.node, []).append(i)
         H: dict[tuple[fx.Node, fx.Node], Tensor] = {}
 
         owned: set[tuple[fx.Node, fx.Node]] = set()  # sums made here: added to in place
