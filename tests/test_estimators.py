@@ -952,6 +952,7 @@ _CALLERS = {
     "hutchinson_trace": lambda **kw: hutchinson_trace(**{"num_samples": 3, **kw}),
     "hutchinson_diagonal": lambda **kw: hutchinson_diagonal(**{"num_samples": 3, **kw}),
     "hutchpp_trace": lambda **kw: hutchpp_trace(**{"num_matvecs": 6, **kw}),
+    "spectral_density": lambda **kw: spectral_density(**{"num_steps": 3, **kw}),
 }
 
 
@@ -967,12 +968,13 @@ def test_estimator_errors_name_the_caller_and_the_argument(caller):
         ({"matmat": "a"}, r"matmat .*got str"),
         ({"generator": 0}, r"generator .*got int"),
     ]
-    cases.append(({"num_matvecs": 2}, r"num_matvecs .*got 2") if caller == "hutchpp_trace"
-                 else ({"num_samples": 0}, r"num_samples .*got 0"))
+    cases.append({"hutchpp_trace": ({"num_matvecs": 2}, r"num_matvecs .*got 2"),
+                  "spectral_density": ({"num_probes": 0}, r"num_probes .*got 0")}.get(
+                      caller, ({"num_samples": 0}, r"num_samples .*got 0")))
     for bad, match in cases:
         with pytest.raises(ArgumentError, match=rf"^{caller}\(\): expected {match}"):
             call(**{**ok, **bad})
-    for bad, got in ((lambda v: v.tolist(), "list"), (lambda v: v[:-1], r"\(4, \d\)")):
+    for bad, got in ((lambda v: v.tolist(), "list"), (lambda v: v[:-1], r"\(4, \d+\)")):
         with pytest.raises(ArgumentError, match=rf"^{caller}\(\): matmat must map .*got {got}"):
             call(**{**ok, "matmat": bad})
 
@@ -1044,3 +1046,82 @@ def test_lanczos_defaults_one_eigenvalue_no_vectors_no_basis():
     assert_close(result.eigenvalues, torch.tensor([6.0], dtype=F64), rtol=1e-8, atol=0)
     assert lanczos(lambda v: d[:, None] * v, 6, num_steps=3, generator=_gen(0),
                    dtype=F64).basis is None
+
+
+def test_spectral_density_errors_name_the_caller_the_argument_and_what_it_got():
+    ok = {"matmat": _identity, "size": 5}
+    cases = [
+        ({"num_steps": 0}, r"num_steps .*got 0"),
+        ({"num_zeros": -1}, r"num_zeros .*got -1"),
+        ({"num_points": 1}, r"num_points to be an int >= 2, got 1"),
+        ({"sigma": -1.0}, r"sigma .*got -1\.0"),
+        ({"relative_sigma": 0.0}, r"relative_sigma .*got 0\.0"),
+        ({"grid": torch.zeros(3, 3)}, r"grid .*got \(3, 3\)"),
+        ({"grid": torch.zeros(1)}, r"grid .*at least 2 points, got \(1,\)"),
+        ({"grid": [0.0, 1.0]}, r"grid .*got list"),
+        ({"grid": torch.tensor([0.0, 2.0, 1.0])}, r"grid to be strictly ascending"),
+        ({"probes": torch.ones(4, 2)}, r"probes of shape \(5, 2\), got \(4, 2\)"),
+        ({"probes": [[1.0]]}, r"probes to be a \(size, num_probes\) tensor or None, got list"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ArgumentError, match=rf"^spectral_density\(\): expected {match}"):
+            spectral_density(**{**ok, **bad})
+    with pytest.raises(ArgumentError, match=r"^quadrature_moments\(\): expected powers .*-1"):
+        quadrature_moments(torch.ones(3), torch.ones(3), (-1,))
+
+
+def test_spectral_density_defaults_and_dtypes():
+    """Ten probes, 64 steps (capped at the size), a grid of 1,024 points: num_points
+    2 is enough, and a float32 grid is evaluated in the operator's float64."""
+    d = torch.linspace(-1.0, 2.0, 100, dtype=F64)
+    sd = spectral_density(lambda v: d[:, None] * v, 100, generator=_gen(0), dtype=F64)
+    assert sd.nodes.shape == sd.weights.shape == (10, 64)
+    assert sd.grid.shape == sd.density.shape == (1024,)
+    assert spectral_density(lambda v: d[:, None] * v, 100, num_steps=3, num_points=2,
+                            generator=_gen(0), dtype=F64).grid.shape == (2,)
+    on_grid = spectral_density(lambda v: d[:, None] * v, 100, num_steps=3, generator=_gen(0),
+                               dtype=F64, grid=torch.tensor([0.0, 1.0]))
+    assert on_grid.grid.dtype == on_grid.density.dtype == F64
+
+
+@pytest.mark.parametrize(("values", "sigma"), [([3.0] * 4, 0.03), ([0.0] * 4, 0.01),
+                                               ([1.0, 2.0, 1.0, 2.0], 0.01)])
+def test_spectral_density_default_width_is_a_hundredth_of_the_spread(values, sigma):
+    """Nodes spread over [1, 2]: sigma 0.01; all at 3 (no spread): 0.01 of their size;
+    all at 0: 0.01."""
+    d = torch.tensor(values, dtype=F64)
+    sd = spectral_density(lambda v: d[:, None] * v, 4, probes=torch.eye(4, dtype=F64),
+                          num_steps=1)  # one node per probe: e_i^T A e_i, exactly
+    assert sd.sigma == pytest.approx(sigma, rel=1e-12)
+
+
+def test_spectral_density_num_zeros_with_fewer_probes_than_steps():
+    d = torch.tensor([3.0, -1.0, 2.0, 0.5, 4.0], dtype=F64)
+    sd = spectral_density(lambda v: d[:, None] * v, 5, num_steps=4, num_zeros=2,
+                          probes=torch.ones(5, 2, dtype=F64))
+    assert sd.nodes.shape == sd.weights.shape == (2, 5)
+    assert_close(sd.weights.sum(1), torch.ones(2, dtype=F64), rtol=1e-12, atol=0)
+    assert_close(sd.weights[:, -1], torch.full((2,), 2 / 7, dtype=F64), rtol=1e-12, atol=0)
+
+
+def test_quadrature_moments_keep_leading_axes():
+    nodes = torch.rand(2, 3, 4, generator=_gen(0), dtype=F64)
+    weights = torch.rand(2, 3, 4, generator=_gen(1), dtype=F64)
+    moments = quadrature_moments(nodes, weights, (0, 1, 2))
+    assert moments.shape == (2, 3, 3)
+    assert_close(moments[1, 2, 2], (weights[1, 2] * nodes[1, 2] ** 2).sum(), rtol=1e-14,
+                 atol=0)
+
+
+def test_spectral_density_restarts_from_its_generator():
+    """A probe in a 3-dimensional Krylov space: Lanczos breaks down and restarts from a
+    random vector of ``generator``, so the same generator state gives the same nodes
+    whatever torch's global seed."""
+    d = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 0.0], dtype=F64)
+    probe = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]], dtype=F64).T
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append(spectral_density(lambda v: d[:, None] * v, 6, num_steps=5, probes=probe,
+                                     generator=_gen(7)).nodes)
+    assert torch.equal(runs[0], runs[1])
