@@ -250,16 +250,15 @@ class KFACOperator(CurvatureOperator):
 
     @staticmethod
     def _columns_back(out: torch.Tensor, probes: list[torch.Tensor], U: torch.Tensor
-                      ) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
-        """``(k, B^T U[k] at every probe)`` for each column ``k``: batched backward passes
-        of as many columns as fit the chunk budget (one pass where torch cannot batch)."""
+                      ) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """``(columns, B^T U[columns] at every probe, each (k, *probe shape))``: batched
+        backward passes of as many columns as fit the chunk budget (one pass where torch
+        cannot batch)."""
         per_column = sum(p.numel() for p in probes) * itemsize(out.dtype)
         chunk = max(1, min(U.shape[0], CHUNK_BUDGET_BYTES // max(per_column, 1)))
         for lo in range(0, U.shape[0], chunk):
-            cols = U[lo:lo + chunk]
-            grads = batched_vjp(out, probes, cols)
-            for k in range(cols.shape[0]):
-                yield lo + k, tuple(g[k] for g in grads)
+            cols = slice(lo, min(lo + chunk, U.shape[0]))
+            yield cols, batched_vjp(out, probes, U[cols])
 
     def _add_batch_factors(self, x: Any, y: Any, weight: float,
                            into: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -290,15 +289,17 @@ class KFACOperator(CurvatureOperator):
                     raise ArgumentError(f"{self._name}: the model's outputs must be (N, C), got "
                                         f"{getattr(out, 'shape', type(out).__name__)}.")
                 U, omega = self._output_columns(out, y)
-                for k, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
+                for cols, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
                     for (_, G), name, gr in zip(into, names, grads, strict=True):
-                        gr = _output_places(mods[name], gr)           # (N, R, d_out)
+                        k = gr.shape[0]
+                        gr = _output_places(mods[name], gr.flatten(0, 1))  # (kN, R, d_out)
+                        w = omega[cols].reshape(-1, 1)
                         if reduce:
-                            gr, w = gr.sum(1), omega[k]
+                            gr = gr.sum(1)
                         else:  # each place a sample of its own, with its sample's weight
-                            w = omega[k].repeat_interleave(gr.shape[1])
+                            w = w.expand(k * out.shape[0], gr.shape[1]).reshape(-1, 1)
                             gr = gr.reshape(-1, gr.shape[-1])
-                        G.addmm_((gr * w[:, None]).T, gr, alpha=weight)
+                        G.addmm_((gr * w).T, gr, alpha=weight)
         finally:
             for h in handles:
                 h.remove()

@@ -600,8 +600,11 @@ def _patches_by_loop(x, conv):
     return torch.stack(rows, 1)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["ce", "class-weighted ce"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-def test_kfac_factors_of_a_conv_net_by_their_definitions(approx):
+def test_kfac_factors_of_a_conv_net_by_their_definitions(approx, weighted):
+    """Also for a loss without a closed-form factor: its eigenvalues weigh each sample's
+    columns differently, at every place of that sample."""
     n = 3
     torch.manual_seed(7)
     conv = nn.Conv2d(2, 2, (2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 1))
@@ -609,7 +612,8 @@ def test_kfac_factors_of_a_conv_net_by_their_definitions(approx):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(n, 2, 5, 6, generator=gen, dtype=DT)
     model(x)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=DT)
+                                  if weighted else None)
     y = torch.randint(0, C, (n,), generator=gen)
     K = hf.KFACOperator.from_model(model, loss_fn, (x, y), kfac_approx=approx)
     with torch.no_grad():
