@@ -16,6 +16,8 @@ forward included). Tasks and what they are beside:
 * ``K-FAC set-up``: ``KFACOperator`` with ``fisher="exact"`` and ``"mc"`` (factors
   computed), curvlinops' ``KFACLinearOperator`` (``type-2`` and ``mc``, factors computed
   by ``compute_kronecker_factors``), BackPACK's ``KFLR`` and ``KFAC`` (one backward);
+* ``EKFAC set-up, exact``: ``KFACOperator(eigenvalue_correction=True)`` and curvlinops'
+  ``EKFACLinearOperator`` (``type-2``; factors and eigenvalue correction computed);
 * ``CG solve``: ``GGNOperator.solve(b, damping, tol=1e-6)`` with the operator built once,
   and curvlinops' ``CGInverseLinearOperator`` of ``GGNLinearOperator + damping I``
   (GPyTorch's ``linear_cg``, ``tolerance=1e-6``, its default cap of 1,000 steps), both
@@ -120,6 +122,10 @@ def run(keys: list[str], repeats: int) -> list[dict]:
             "K-FAC set-up, mc": {
                 "hessfunc KFACOperator(fisher='mc')":
                     lambda: hf.KFACOperator(model, loss_fn, (x, y), fisher="mc", seed=0)},
+            "EKFAC set-up, exact": {
+                "hessfunc KFACOperator(eigenvalue_correction=True)":
+                    lambda: hf.KFACOperator(model, loss_fn, (x, y), fisher="exact",
+                                            eigenvalue_correction=True)},
             "CG solve": {
                 "hessfunc GGNOperator.solve":
                     lambda: ggn_op.solve(b, damping=DAMPING, tol=TOL)},
@@ -137,6 +143,15 @@ def run(keys: list[str], repeats: int) -> list[dict]:
                     op.compute_kronecker_factors()
                     return op
                 tasks[task]["curvlinops KFACLinearOperator"] = kfac
+
+            def ekfac() -> Any:
+                op = cl_mod.EKFACLinearOperator(
+                    model, loss_fn, leaves, [(x, y)], check_deterministic=False,
+                    fisher_type="type-2", separate_weight_and_bias=False)
+                op.compute_kronecker_factors()
+                op.compute_eigenvalue_correction()
+                return op
+            tasks["EKFAC set-up, exact"]["curvlinops EKFACLinearOperator"] = ekfac
             ggn_cl = cl_mod.GGNLinearOperator(model, loss_fn, leaves, [(x, y)],
                                               check_deterministic=False)
             damped = ggn_cl + DAMPING * Identity([tuple(p.shape) for p in leaves],
@@ -148,6 +163,9 @@ def run(keys: list[str], repeats: int) -> list[dict]:
             agreement["K-FAC exact products vs curvlinops"] = _rel(
                 hf.KFACOperator(model, loss_fn, (x, y)) @ v, tasks["K-FAC set-up, exact"][
                     "curvlinops KFACLinearOperator"]() @ v)
+            agreement["EKFAC exact products vs curvlinops"] = _rel(
+                hf.KFACOperator(model, loss_fn, (x, y), eigenvalue_correction=True) @ v,
+                ekfac() @ v)
         for name, solve in tasks["CG solve"].items():
             sol = solve()
             agreement[f"residual reached: {name}"] = float(

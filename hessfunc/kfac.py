@@ -43,6 +43,17 @@ are exact through the factors' eigendecompositions ``G = Q_G diag(g) Q_G^T``,
 
     (G ⊗ A + damping I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (g a^T + damping)] Q_A^T).
 
+NOTE [eigenvalue correction] (EKFAC; George et al., 2018). In the factors' eigenbases
+the layer's block, ``sum omega vec(g ã^T) vec(g ã^T)^T`` over samples, columns and (with
+"expand") places, has the diagonal ``S = sum omega (Q_G^T g)^2 ((Q_A^T ã)^2)^T``
+(elementwise squares; with "reduce", ``g`` summed and ``ã`` averaged over the places
+first, as for the factors). K-FAC's eigenvalues ``g a^T`` approximate it; EKFAC keeps
+the eigenbases and takes ``S``, the diagonal matrix in that basis closest to the block
+in Frobenius norm: ``K = (Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)^T``, inverse products
+dividing by ``S + damping``. ``S`` needs the eigenbases of the whole data's factors,
+hence a second pass (with fresh draws for a Monte-Carlo Fisher). It equals K-FAC, and
+the exact block, for one Linear layer and one sample.
+
 ``g_nrk`` for every sample and place at once is a backward pass from the outputs to a
 zero tensor added to the layer's output; the output matrices are factored per sample
 (for torch's losses, their blocks from ``C`` batched double backward passes), and the
@@ -127,6 +138,9 @@ class KFACOperator(CurvatureOperator):
         kfac_approx: ``"expand"`` or ``"reduce"``: how a layer applied at several places
             of a sample (a convolution, a Linear layer on ``(N, ..., d)``) is made a
             Kronecker product (module docstring); the same for a layer applied once.
+        eigenvalue_correction: EKFAC: keep the factors' eigenbases, replace their
+            eigenvalues by the block's diagonal in that basis (NOTE [eigenvalue
+            correction]; a second pass over the data).
         generator: the source of the draws.
         seed: or a seed for a fresh generator (not both).
         likelihood: for a loss hessfunc does not recognise (``fisher`` other than exact).
@@ -137,6 +151,8 @@ class KFACOperator(CurvatureOperator):
         factors: ``{layer name: (A, G)}``, ``A`` ``(d_in [+1], d_in [+1])`` and ``G``
             ``(d_out, d_out)``; the layer's block is ``G ⊗ A`` on ``[W | b]`` row-major,
             a convolution's weight read as ``(C_out, C_in k_1 ... k_d)``.
+        corrections: with ``eigenvalue_correction=True``, ``{layer name: S}``, ``S``
+            ``(d_out, d_in [+1])``; else None.
 
     Example (one Linear layer, one sample, squared error: K-FAC is the exact GGN,
     ``2 (ã ã^T)`` on each output row):
@@ -157,6 +173,7 @@ class KFACOperator(CurvatureOperator):
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Any], data: Any, *,
                  fisher: Literal["exact", "mc", "empirical"] = "exact", mc_samples: int = 1,
                  kfac_approx: Literal["expand", "reduce"] = "expand",
+                 eigenvalue_correction: bool = False,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  likelihood: str | None = None, **kwargs: Any):
         call = type(self).__name__
@@ -173,6 +190,9 @@ class KFACOperator(CurvatureOperator):
             raise ArgumentError(f"{call}: `mc_samples` must be an int >= 1, got {mc_samples!r}.")
         if generator is not None and seed is not None:
             raise ArgumentError(f"{call}: pass `generator` or `seed`, not both.")
+        if not isinstance(eigenvalue_correction, bool):
+            raise ArgumentError(f"{call}: `eigenvalue_correction` must be True or False, got "
+                                f"{eigenvalue_correction!r}.")
         g, params = functionalize(model)
         self.g, self.loss_fn, self.fisher, self.mc_samples = g, loss_fn, fisher, mc_samples
         self.kfac_approx = kfac_approx
@@ -186,6 +206,7 @@ class KFACOperator(CurvatureOperator):
                        if seed is not None else generator)
         self.factors = self._compute_factors()
         self._eigen: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.corrections = self._compute_corrections() if eigenvalue_correction else None
 
     @classmethod
     def from_model(cls, model: nn.Module, loss_fn: Callable[..., Any], data: Any,
@@ -260,12 +281,13 @@ class KFACOperator(CurvatureOperator):
             cols = slice(lo, min(lo + chunk, U.shape[0]))
             yield cols, batched_vjp(out, probes, U[cols])
 
-    def _add_batch_factors(self, x: Any, y: Any, weight: float,
-                           into: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Add this batch's share to each layer's ``(A, G)`` in ``into`` (module
-        docstring): ``sum ã ã^T / (N R)`` (expand) or ``sum ā ā^T / N`` (reduce), and
-        ``weight`` times its ``sum omega g g^T``. In place: a wide layer's ``A`` is large,
-        and a fresh one per batch costs more in page faults than the product itself."""
+    def _batch_pass(self, x: Any, y: Any,
+                    on_columns: Callable[[int, torch.Tensor, torch.Tensor], None]
+                    ) -> list[torch.Tensor]:
+        """One forward and the batched backward passes of the output matrix's columns
+        over a batch: ``on_columns(layer index, g, omega)`` for each chunk of ``k``
+        columns, ``g`` ``(k, N, R, d_out)`` at the layer's places and ``omega`` ``(k,
+        N)``; returns each layer's ``ã`` ``(N, R, d_in [+1])``."""
         module = self.g  # functionalize's private copy, hooked for this pass only
         inputs: dict[str, torch.Tensor] = {}
         probes: dict[str, torch.Tensor] = {}
@@ -279,7 +301,6 @@ class KFACOperator(CurvatureOperator):
                 return out + probes[name]
 
             handles.append(mods[name].register_forward_hook(hook))
-        reduce = self.kfac_approx == "reduce"
         names = list(self._layers)
         try:
             with torch.enable_grad():
@@ -290,26 +311,60 @@ class KFACOperator(CurvatureOperator):
                                         f"{getattr(out, 'shape', type(out).__name__)}.")
                 U, omega = self._output_columns(out, y)
                 for cols, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
-                    for (_, G), name, gr in zip(into, names, grads, strict=True):
-                        k = gr.shape[0]
-                        gr = _output_places(mods[name], gr.flatten(0, 1))  # (kN, R, d_out)
-                        w = omega[cols].reshape(-1, 1)
-                        if reduce:
-                            gr = gr.sum(1)
-                        else:  # each place a sample of its own, with its sample's weight
-                            w = w.expand(k * out.shape[0], gr.shape[1]).reshape(-1, 1)
-                            gr = gr.reshape(-1, gr.shape[-1])
-                        G.addmm_((gr * w).T, gr, alpha=weight)
+                    for i, (name, gr) in enumerate(zip(names, grads, strict=True)):
+                        places = _output_places(mods[name], gr.flatten(0, 1))  # (kN, R, d)
+                        on_columns(i, places.unflatten(0, gr.shape[:2]), omega[cols])
         finally:
             for h in handles:
                 h.remove()
-        for (A, _), (name, (_, b)) in zip(into, self._layers.items(), strict=True):
+        out_a = []
+        for name, (_, b) in self._layers.items():
             a = _places(mods[name], inputs[name])                     # (N, R, d_in)
-            if b is not None:
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            out_a.append(a if b is None else torch.cat([a, torch.ones_like(a[..., :1])], -1))
+        return out_a
+
+    def _add_batch_factors(self, x: Any, y: Any, weight: float,
+                           into: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add this batch's share to each layer's ``(A, G)`` in ``into`` (module
+        docstring): ``sum ã ã^T / (N R)`` (expand) or ``sum ā ā^T / N`` (reduce), and
+        ``weight`` times its ``sum omega g g^T``. In place: a wide layer's ``A`` is large,
+        and a fresh one per batch costs more in page faults than the product itself."""
+        reduce = self.kfac_approx == "reduce"
+
+        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor) -> None:
+            if reduce:
+                g, w = g.sum(2), omega[..., None]                     # (k, N, d_out)
+            else:  # each place a sample of its own, with its sample's weight
+                w = omega[..., None, None].expand(*g.shape[:3], 1)
+            rows = g.reshape(-1, g.shape[-1])
+            into[i][1].addmm_((rows * w.reshape(-1, 1)).T, rows, alpha=weight)
+
+        for (A, _), a in zip(into, self._batch_pass(x, y, on_columns), strict=True):
             rows = a.mean(1) if reduce else a.reshape(-1, a.shape[-1])
             A.addmm_(rows.T, rows,
                      alpha=1 / (self.num_samples * (1 if reduce else a.shape[1])))
+
+    def _add_batch_corrections(self, x: Any, y: Any, weight: float,
+                               into: list[torch.Tensor]) -> None:
+        """Add ``weight sum omega (Q_G^T g)^2 (Q_A^T ã)^2^T`` of this batch to each
+        layer's ``S`` in ``into`` (NOTE [eigenvalue correction]), the places as the
+        convention takes them."""
+        reduce = self.kfac_approx == "reduce"
+        per_place: list[torch.Tensor | None] = [None] * len(into)  # sum_k omega ĝ^2
+
+        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor) -> None:
+            _, QG, _, _ = self._eigh(list(self._layers)[i])
+            g = (g.sum(2, keepdim=True) if reduce else g) @ QG       # (k, N, R', d_out)
+            part = torch.einsum("kn,knri->nri", omega, g * g)
+            per_place[i] = part if per_place[i] is None else per_place[i] + part
+
+        a_all = self._batch_pass(x, y, on_columns)
+        for i, (S, a) in enumerate(zip(into, a_all, strict=True)):
+            _, _, _, QA = self._eigh(list(self._layers)[i])
+            a = (a.mean(1, keepdim=True) if reduce else a) @ QA      # (N, R', d_in [+1])
+            t = per_place[i]
+            S.addmm_(t.reshape(-1, t.shape[-1]).T, (a * a).reshape(-1, a.shape[-1]),
+                     alpha=weight)
 
     def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         shapes = []
@@ -336,6 +391,27 @@ class KFACOperator(CurvatureOperator):
         total = self._group.sum("factors", (sum(sizes),), self._spec_like(), fill)
         return dict(zip(self._layers, views(total), strict=True))
 
+    def _compute_corrections(self) -> dict[str, torch.Tensor]:
+        """Each layer's ``S`` ``(d_out, d_in [+1])``: a second pass over the data in the
+        factors' eigenbases (NOTE [eigenvalue correction])."""
+        shapes = [(G.shape[0], A.shape[0]) for A, G in self.factors.values()]
+
+        def views(total: torch.Tensor) -> list[torch.Tensor]:
+            out, lo = [], 0
+            for d_out, d_in in shapes:
+                out.append(total[lo:lo + d_out * d_in].view(d_out, d_in))
+                lo += d_out * d_in
+            return out
+
+        def fill(total: torch.Tensor) -> None:
+            into = views(total)
+            for _, w, (x, y) in self._passes("eigenvalue corrections"):
+                self._add_batch_corrections(x, y, float(w), into)
+
+        total = self._group.sum("corrections", (sum(o * i for o, i in shapes),),
+                                self._spec_like(), fill)
+        return dict(zip(self._layers, views(total), strict=True))
+
     # -------------------------------------------------------------- products
     def _apply(self, tree: Any, op: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
         """``op(layer, V)`` on every layer's ``[W | b]`` block (leading batch dims kept)."""
@@ -352,16 +428,22 @@ class KFACOperator(CurvatureOperator):
                 out[w], out[b] = R[..., :-1].reshape(shape), R[..., -1]
         return {k: out[k] for k in tree}
 
+    def _layer_product(self, name: str, V: torch.Tensor) -> torch.Tensor:
+        """One layer's block times ``V`` (``(..., d_out, d_in [+1])``): ``G V A``, or with
+        the eigenvalue correction ``Q_G (S * (Q_G^T V Q_A)) Q_A^T``."""
+        if self.corrections is None:
+            return self.factors[name][1] @ V @ self.factors[name][0]
+        _, QG, _, QA = self._eigh(name)
+        return QG @ (self.corrections[name] * (QG.T @ V @ QA)) @ QA.T
+
     def _product(self, v: torch.Tensor) -> torch.Tensor:
         tree = vector_to_tree(v, self._spec)
-        return tree_to_vector(self._apply(tree, lambda n, V: self.factors[n][1] @ V
-                                          @ self.factors[n][0]))
+        return tree_to_vector(self._apply(tree, self._layer_product))
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``K V`` for ``V`` of shape ``(P, k)``."""
         V = self._check_vector(V, "V", ndim=(2,))
-        trees = vector_to_tree(V.T, self._spec)
-        out = self._apply(trees, lambda n, X: self.factors[n][1] @ X @ self.factors[n][0])
+        out = self._apply(vector_to_tree(V.T, self._spec), self._layer_product)
         return torch.cat([t.reshape(V.shape[1], -1) for t in pytree.tree_leaves(out)], 1).T
 
     def to_dense(self, *, chunk_size: int | None = None, max_memory: int | None = None
@@ -376,13 +458,21 @@ class KFACOperator(CurvatureOperator):
         return self.matmat(torch.eye(P, dtype=self.dtype, device=self.device))
 
     def diagonal(self, method: str = "exact", **kwargs: Any) -> torch.Tensor:
-        """The diagonal ``(P,)``: ``diag(G) diag(A)^T`` per layer (``method="exact"``)."""
+        """The diagonal ``(P,)``: ``diag(G) diag(A)^T`` per layer (``method="exact"``;
+        with the eigenvalue correction ``(Q_G * Q_G) S (Q_A * Q_A)^T``)."""
         if method != "exact":
             return super().diagonal(method, **kwargs)  # type: ignore[arg-type]
+
+        def layer(name: str, _: torch.Tensor) -> torch.Tensor:
+            if self.corrections is None:
+                A, G = self.factors[name]
+                return torch.outer(torch.diagonal(G), torch.diagonal(A))
+            _, QG, _, QA = self._eigh(name)
+            return (QG * QG) @ self.corrections[name] @ (QA * QA).T
+
         ones = vector_to_tree(torch.ones(self._spec.numel, dtype=self.dtype,
                                          device=self.device), self._spec)
-        return tree_to_vector(self._apply(ones, lambda n, V: torch.outer(
-            torch.diagonal(self.factors[n][1]), torch.diagonal(self.factors[n][0]))))
+        return tree_to_vector(self._apply(ones, layer))
 
     def _eigh(self, name: str) -> tuple[torch.Tensor, ...]:
         if name not in self._eigen:
@@ -406,7 +496,8 @@ class KFACOperator(CurvatureOperator):
 
         def inverse(name: str, V: torch.Tensor) -> torch.Tensor:
             g, QG, a, QA = self._eigh(name)
-            denom = torch.outer(g, a) + damping
+            scale = torch.outer(g, a) if self.corrections is None else self.corrections[name]
+            denom = scale + damping
             if bool((denom.abs() <= torch.finfo(denom.dtype).eps * denom.abs().max()).any()):
                 raise ArgumentError(f"{call}: K + damping I is singular for layer {name!r} "
                                     f"(damping={damping}); pass damping > 0.")

@@ -404,26 +404,32 @@ def test_mc_fisher_operator_is_its_definition_with_fixed_draws(name):
 
 
 # ----------------------------------------------------------------------- K-FAC
-def _kron_dense(K, model):
-    """The block-diagonal dense matrix from ``K.factors``, laid out in params order, built
-    here with torch.kron and explicit index maps."""
+def _layer_indices(model, layer):
+    """Where a layer's ``[W | b]``, row-major, sits in the flat trainable parameters."""
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     offsets, lo = {}, 0
     for k, p in model.named_parameters():
         if p.requires_grad:
             offsets[k] = lo
             lo += p.numel()
-    D = torch.zeros(lo, lo, dtype=DT)
+    w, b = (f"{layer}.weight", f"{layer}.bias") if layer else ("weight", "bias")
+    d_out, d_in = dict(model.named_parameters())[w].shape
+    idx = []
+    for i in range(d_out):
+        idx += [offsets[w] + i * d_in + j for j in range(d_in)]
+        if b in names:
+            idx.append(offsets[b] + i)
+    return torch.tensor(idx), lo
+
+
+def _kron_dense(K, model, block=lambda layer, A, G: torch.kron(G, A)):
+    """The block-diagonal dense matrix from ``K.factors`` (each ``block(layer, A, G)``),
+    laid out in params order, built here with torch.kron and explicit index maps."""
+    D = None
     for layer, (A, G) in K.factors.items():
-        w, b = (f"{layer}.weight", f"{layer}.bias") if layer else ("weight", "bias")
-        d_out, d_in = dict(model.named_parameters())[w].shape
-        idx = []
-        for i in range(d_out):
-            idx += [offsets[w] + i * d_in + j for j in range(d_in)]
-            if b in names:
-                idx.append(offsets[b] + i)
-        idx = torch.tensor(idx)
-        D[idx[:, None], idx[None, :]] = torch.kron(G, A)
+        idx, total = _layer_indices(model, layer)
+        D = torch.zeros(total, total, dtype=DT) if D is None else D
+        D[idx[:, None], idx[None, :]] = block(layer, A, G)
     return D
 
 
@@ -438,6 +444,72 @@ def test_kfac_is_the_exact_ggn_for_one_linear_layer_and_one_sample(name):
     K = hf.KFACOperator.from_model(layer, LOSSES[name], (x, y))
     assert_close(K.to_dense(), G)
     assert_close(_kron_dense(K, layer), G)
+
+
+def _eigenbasis(A, G):
+    """``Q_G ⊗ Q_A`` of the factors, by torch.linalg.eigh."""
+    return torch.kron(torch.linalg.eigh(G)[1], torch.linalg.eigh(A)[1])
+
+
+@pytest.mark.parametrize("name", ["mse", "ce", "bce"])
+def test_ekfac_is_the_exact_ggn_diagonal_in_the_kfac_eigenbasis(name):
+    """EKFAC's ``S`` is the diagonal of each layer's exact GGN block (the loop oracle's)
+    in the eigenbasis of K-FAC's factors, over batches; its products, dense matrix,
+    diagonal and inverse are those of ``Q diag(S) Q^T``."""
+    n = 6
+    model, loss_fn, x, y = _problem(name, n, seed=21)
+    *_, GGN = _oracle(model, loss_fn, x, y)
+    data = _split(x, y, [2, 4])
+    K = hf.KFACOperator.from_model(model, loss_fn, data)
+    E = hf.KFACOperator.from_model(model, loss_fn, data, eigenvalue_correction=True)
+    assert K.corrections is None
+    for layer, (A, G) in E.factors.items():
+        assert_close(A, K.factors[layer][0])
+        assert_close(G, K.factors[layer][1])
+        idx, _ = _layer_indices(model, layer)
+        Q = _eigenbasis(A, G)
+        S = torch.diagonal(Q.T @ GGN[idx[:, None], idx[None, :]] @ Q)
+        assert_close(E.corrections[layer], S.reshape(G.shape[0], A.shape[0]))
+    D = _kron_dense(E, model, lambda layer, A, G: _eigenbasis(A, G) @ torch.diag(
+        E.corrections[layer].reshape(-1)) @ _eigenbasis(A, G).T)
+    assert_close(E.to_dense(), D)
+    assert_close(E.diagonal(), torch.diagonal(D))
+    v = torch.randn(D.shape[0], generator=torch.Generator().manual_seed(3), dtype=DT)
+    assert_close(E @ v, D @ v)
+    assert_close(E.solve(v, damping=0.1), torch.linalg.solve(D + 0.1 * torch.eye(len(v),
+                                                                                  dtype=DT), v))
+    assert not torch.allclose(E.to_dense(), K.to_dense())  # a correction, not a copy
+
+
+def test_ekfac_is_kfac_and_the_exact_ggn_for_one_linear_layer_and_one_sample():
+    torch.manual_seed(1)
+    layer = nn.Linear(4, C).double()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(1, 4, generator=gen, dtype=DT), torch.randint(0, C, (1,), generator=gen)
+    *_, G = _oracle(layer, LOSSES["ce"], x, y)
+    E = hf.KFACOperator.from_model(layer, LOSSES["ce"], (x, y), eigenvalue_correction=True)
+    assert_close(E.to_dense(), G)
+
+
+def test_ekfac_of_the_mc_fisher_draws_again_from_its_generator():
+    """The correction's pass draws fresh labels from the same generator: the same seed
+    gives the same ``S``, non-negative, and one draw per pass differs from the exact."""
+    model, loss_fn, x, y = _problem("ce", 5, seed=3)
+    runs = [hf.KFACOperator.from_model(model, loss_fn, (x, y), fisher="mc", seed=4,
+                                       eigenvalue_correction=True) for _ in range(2)]
+    exact = hf.KFACOperator.from_model(model, loss_fn, (x, y), eigenvalue_correction=True)
+    for layer, S in runs[0].corrections.items():
+        assert torch.equal(S, runs[1].corrections[layer])
+        assert bool((S >= 0).all())
+        assert S.shape == exact.corrections[layer].shape
+        assert not torch.allclose(S, exact.corrections[layer])
+
+
+def test_ekfac_refuses_a_non_boolean_switch():
+    model, loss_fn, x, y = _problem("mse", 2)
+    with pytest.raises(hf.ArgumentError, match=r"KFACOperator: `eigenvalue_correction` must "
+                                               r"be True or False, got 'yes'"):
+        hf.KFACOperator.from_model(model, loss_fn, (x, y), eigenvalue_correction="yes")
 
 
 def _two_layer_factors(model, loss_fn, x, y):
@@ -635,6 +707,18 @@ def test_kfac_factors_of_a_conv_net_by_their_definitions(approx, weighted):
         G = sum(Jsum[i].T @ Ho[i, :, i] @ Jsum[i] for i in range(n))
     assert_close(K.factors["0"][0], A)
     assert_close(K.factors["0"][1], G)
+    # EKFAC: sum omega (Q_G^T g)^2 (Q_A^T a)^2, each sample's sum over k from J^T Ho J
+    E = hf.KFACOperator.from_model(model, loss_fn, (x, y), kfac_approx=approx,
+                                   eigenvalue_correction=True)
+    QA, QG = torch.linalg.eigh(A)[1], torch.linalg.eigh(G)[1]
+    if approx == "expand":
+        S = sum(torch.outer(torch.diagonal(QG.T @ J[i, :, :, l].T @ Ho[i, :, i] @
+                                           J[i, :, :, l] @ QG), (QA.T @ a[i, l]) ** 2)
+                for i in range(n) for l in range(places))
+    else:
+        S = sum(torch.outer(torch.diagonal(QG.T @ Jsum[i].T @ Ho[i, :, i] @ Jsum[i] @ QG),
+                            (QA.T @ abar[i]) ** 2) for i in range(n))
+    assert_close(E.corrections["0"], S)
     v = torch.randn(K.shape[0], generator=gen, dtype=DT)
     m = conv.weight.numel()
     V = torch.cat([v[:m].reshape(2, -1), v[m:m + 2, None]], 1)  # [W | b], W as (C_out, -1)
