@@ -1107,10 +1107,22 @@ def test_spectral_density_num_zeros_with_fewer_probes_than_steps():
 def test_quadrature_moments_keep_leading_axes():
     nodes = torch.rand(2, 3, 4, generator=_gen(0), dtype=F64)
     weights = torch.rand(2, 3, 4, generator=_gen(1), dtype=F64)
-    moments = quadrature_moments(nodes, weights, (0, 1, 2))
-    assert moments.shape == (2, 3, 3)
-    assert_close(moments[1, 2, 2], (weights[1, 2] * nodes[1, 2] ** 2).sum(), rtol=1e-14,
+    moments = quadrature_moments(nodes, weights, (0, 1, 2, 3))
+    assert moments.shape == (2, 3, 4)
+    assert_close(moments[1, 0, 3], (weights[1, 0] * nodes[1, 0] ** 3).sum(), rtol=1e-14,
                  atol=0)
+
+
+def test_spectral_density_has_no_lanczos_ghosts():
+    """80 steps on eigenvalues 100 and 50 above 198 in [0, 1]: plain Lanczos loses
+    orthogonality and repeats the outliers (11 and 9 nodes there); the semi-orthogonal
+    run keeps one node at each."""
+    d = torch.cat([torch.tensor([100.0, 50.0], dtype=F64), torch.linspace(0, 1, 198,
+                                                                         dtype=F64)])
+    sd = spectral_density(lambda v: d[:, None] * v, 200, num_steps=80,
+                          probes=torch.ones(200, 1, dtype=F64))
+    assert int((sd.nodes > 99).sum()) == 1
+    assert int(((sd.nodes > 49) & (sd.nodes < 51)).sum()) == 1
 
 
 def test_spectral_density_restarts_from_its_generator():

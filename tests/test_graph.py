@@ -276,6 +276,10 @@ def test_architectures_take_the_graph_route_exactly(name):
     assert_close({k: b for k, b in blocks.items() if k not in rows},
                  {k: b for k, b in truth.items() if k not in rows})
     assert_close(hf.hessian_blocks(f)(params, x, y), truth)
+    with second_order_kernels():  # the full Hessian: the largest block and the other rows
+        loss, leaves = oracle_loss(f, params, x, y)
+        full = hf.reference.hessian(loss, list(leaves.values()))
+    assert_close(hf.hessian(f, flat=True)(params, x, y), full)
 
 
 def test_batchnorm_in_training_is_refused_with_the_op_and_still_exact():
