@@ -116,8 +116,10 @@ class ChainPlan:
     def __init__(self, steps: list[Any], out_hessian: torch.Tensor | None,
                  out_grad: torch.Tensor, params: dict[str, torch.Tensor],
                  per_sample: bool = False, output: torch.Tensor | None = None,
-                 loss_graph: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 loss_graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 value: torch.Tensor | None = None):
         self.per_sample = per_sample
+        self.value = value                # the loss at the point, where already known
         self.output = output              # (N, C) model output, detached
         self.loss_graph = loss_graph      # (o, dL/do with its graph), when out_hessian is None
         self.steps = steps

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import _chain
 from ._tree import flat_spec
+from .graph.chain import graph_chain
 from .graph.curvature import plan_diagonal
 
 __all__ = ["explain", "Explanation", "Route"]
@@ -107,8 +108,13 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
                             "vmap of one-hot products",
                             f"{graph_each_why}; chain route: {per_sample_why}"))
     products, products_why = _chain.analyze(f, args, argnums, products_only=True)
+    engine = "R-operator on the chain"
+    if products is None:  # NOTE [chains from the graph]; a single hvp asks for it by name
+        products, why_graph = graph_chain(f, args, argnums)
+        products_why = f"{why_graph} (Linear chain: {products_why})"
+        engine += " in the captured graph (hvp: with method='structured')"
     routes.append(Route("hvp, hvp_fn, HessianOperator",
-                        *(("structured", "R-operator on the chain", "") if products is not None
+                        *(("structured", engine, "") if products is not None
                           else ("graph", "cached gradient graph", products_why))))
     if plan is not None:
         routes.append(Route("hessian_blocks", "structured", "captured graph"))
@@ -117,7 +123,13 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
                             *(("structured", "Linear chain", why) if chain is not None else
                               ("generic", "one-hot products", f"{why}; chain route: "
                                f"{chain_why}"))))
-    routes.append(Route("hessian",
-                        *(("structured", "Linear chain", "") if chain is not None else
-                          ("generic", "one-hot products", chain_why))))
+    if chain is not None:
+        routes.append(Route("hessian", "structured", "Linear chain"))
+    elif plan is not None and len(plan.products) < len(plan.leaves):
+        routes.append(Route("hessian", "structured", "captured graph",
+                            "the largest parameter's block from the graph, one-hot products "
+                            f"for the others; chain route: {chain_why}"))
+    else:
+        routes.append(Route("hessian", "generic", "one-hot products",
+                            f"{why}; chain route: {chain_why}"))
     return Explanation(tuple(routes), parameters)

@@ -56,6 +56,7 @@ from ._checks import (
 )
 from ._tree import tree_leaves
 from .errors import ArgumentError
+from .graph.chain import graph_chain
 
 __all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES", "PRODUCT_METHODS"]
 
@@ -173,6 +174,9 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
         # NOTE [single structured product]: no graph at all, and not even the gradient's
         # own weight products (the double backward forms them for its second pass)
         plan, reason = _chain.analyze(f, primals, argnums, output="graph")
+        if plan is None and method == "structured":  # asked for: also a chain in the graph
+            plan, why = graph_chain(f, primals, argnums)
+            reason = reason if plan is not None else f"{why} (Linear chain: {reason})"
         if plan is not None and use_autograd((tangent,)):
             with explain_missing_derivative(call):  # the loss's own second derivatives
                 return ChainProducts(plan)(tangent)
@@ -223,10 +227,12 @@ class _Choice:
 class HVPFunction:
     """``v -> H v`` at a fixed point, with everything but ``v`` computed once.
 
-    Two routes, both exact. ``"structured"``: for a chain of Linear layers and
-    activations made by :func:`hessfunc.functionalize` (NOTE [structured route]),
-    activations, activation derivatives and per-sample output Hessians are cached
-    and each product is a few dense matrix products (NOTE [structured products]).
+    Two routes, both exact. ``"structured"``: for a chain of Linear layers,
+    convolutions and activations, made by :func:`hessfunc.functionalize` (NOTE
+    [structured route]) or read off the captured graph of any ``f`` (NOTE [chains from
+    the graph] in ``hessfunc/graph/chain.py``), activations, activation derivatives and
+    the loss's output Hessian are cached and each product is a few dense matrix
+    products (NOTE [structured products]).
     ``"graph"``: the gradient's autograd graph is built once and each product is one
     backward pass through it (on the ``torch.func`` path inside transforms). Repeated
     products (what Lanczos and Hutchinson need) cost about one gradient each or less;
@@ -255,9 +261,15 @@ class HVPFunction:
         self._choices: dict[Any, Any] = {} if choices is None else choices
         if method != "graph":
             plan, reason = _chain.analyze(f, primals, argnums, products_only=True)
+            if plan is None:
+                plan, why = graph_chain(f, primals, argnums)
+                reason = reason if plan is not None else f"{why} (Linear chain: {reason})"
             if plan is not None:
                 self._chain = ChainProducts(plan)
-                self._value_of = (f.loss_fn, plan.output, primals[2])
+                if plan.value is not None:
+                    self._value = plan.value
+                else:
+                    self._value_of = (f.loss_fn, plan.output, primals[2])
                 self.method = "structured"
                 return
             if method == "structured":

@@ -19,7 +19,7 @@ import hessfunc as hf
 from hessfunc import _chain
 from hessfunc._tree import tree_dot
 from hessfunc.testing.losses import custom_loss
-from hessfunc.testing.models import ACTIVATIONS, ResidualMLP, build_mlp
+from hessfunc.testing.models import ResidualMLP, build_mlp
 from hessfunc.testing.strategies import mlps, problems, random_like
 
 MODES = ["reverse-over-reverse", "forward-over-reverse"]
@@ -104,7 +104,8 @@ def test_hvp_fn_equals_oracle_repeatedly_and_batched(prob, seed):
        frozen=st.sets(st.integers(0, 5), max_size=3), k=st.integers(1, 4))
 def test_hvp_fn_structured_route_equals_oracle(model, n, seed, loss, frozen, k):
     """NOTE [structured products]: chains take the cached R-operator route, and it is exact
-    for single and batched tangents, with frozen parameters, for every loss."""
+    for single and batched tangents, with frozen parameters, for every loss; a user's own
+    activation module too (NOTE [chains from the graph]: its ops are elementwise)."""
     for i, p in enumerate(model.parameters()):
         if i in frozen:
             p.requires_grad_(False)
@@ -121,8 +122,7 @@ def test_hvp_fn_structured_route_equals_oracle(model, n, seed, loss, frozen, k):
                    "custom": custom_loss}[loss]
     f, params = hf.functionalize(model, loss_fn)
     H = hf.hvp_fn(f, (params, x, y))
-    user_defined = any(isinstance(m, ACTIVATIONS["sin"]) for m in model)  # no known rule
-    assert H.method == ("graph" if user_defined else "structured")
+    assert H.method == "structured"
     vs = [random_like(params, seed + i) for i in range(k)]
     _check_products(H, f, params, (x, y), vs)
     assert_close(H.gradient, _oracle_grad(f, params, (x, y)))
@@ -321,10 +321,20 @@ def test_convolutions_without_product_rules_fall_back():
             nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 2))
         f, params = hf.functionalize(model.double(), nn.MSELoss())
         v = random_like(params, 0)
-        with pytest.raises(hf.ArgumentError, match="groups > 1, padding given as a string"):
-            hf.hvp(f, (params, x, y), v, method="structured")
-        assert hf.hvp_fn(f, (params, x, y)).method == "graph"
-        assert_close(hf.hvp(f, (params, x, y), v), _oracle_hvp(f, params, (x, y), v))
+        # in the captured graph "same" zero padding is the convolution's own padding: a
+        # chain (NOTE [chains from the graph]); groups and circular padding (a pad op) not
+        chain = conv.padding == "same"
+        truth = _oracle_hvp(f, params, (x, y), v)
+        if chain:
+            assert_close(hf.hvp(f, (params, x, y), v, method="structured"), truth)
+        else:
+            with pytest.raises(hf.ArgumentError, match="groups > 1, padding given as a "
+                                                       "string.*not a chain|chain of layers"):
+                hf.hvp(f, (params, x, y), v, method="structured")
+        H = hf.hvp_fn(f, (params, x, y))
+        assert H.method == ("structured" if chain else "graph")
+        assert_close(H(v), truth)
+        assert_close(hf.hvp(f, (params, x, y), v), truth)
     # the chain route has no per-sample rule for Unflatten; the captured graph has
     model = nn.Sequential(nn.Unflatten(1, (1, 10)), nn.Conv1d(1, 2, 3), nn.Tanh(),
                           nn.Flatten(), nn.Linear(16, 2)).double()
@@ -793,8 +803,9 @@ _CUBE = lambda t: (t ** 3).sum()  # noqa: E731
     (lambda: hf.hvp(lambda t: t ** 2, (_X,), _X, method="graph"),
      r"hessfunc\.hvp: f must return a scalar"),
     (lambda: hf.hvp(_CUBE, (_X,), _X, method="structured"),
-     r"hessfunc\.hvp: method='structured' does not apply here: f was not made by "
-     r"hessfunc\.functionalize\(model, loss_fn\); use method='auto' or 'graph'\.$"),
+     r"hessfunc\.hvp: method='structured' does not apply here: argnums is not 0 or f takes "
+     r"no batch after the parameters \(Linear chain: f was not made by "
+     r"hessfunc\.functionalize\(model, loss_fn\)\); use method='auto' or 'graph'\.$"),
     (lambda: hf.hvp_fn(3, (_X,)), r"hessfunc\.hvp_fn: `f` must be a callable"),
     (lambda: hf.hvp_fn(_CUBE, _X), r"hessfunc\.hvp_fn: `primals` must be a tuple"),
     (lambda: hf.hvp_fn(_CUBE, (_X,), method="bad"), r"hessfunc\.hvp_fn: `method` must be one"),
@@ -848,3 +859,99 @@ def test_graph_route_with_an_unused_leaf_and_a_bilinear_term():
     assert torch.equal(H.block_rows(0, T), torch.zeros(5, 3, dtype=torch.float64))
     assert torch.equal(H.block_rows(2, T), torch.zeros(5, 3, dtype=torch.float64))
     assert_close(H.block_rows(1, T), 6 * params["b"] * T)
+
+
+# ---- chains read off the captured graph (NOTE [chains from the graph]) -----------------
+
+def _torch_func(model, loss_fn):
+    return lambda p, x, y: loss_fn(torch.func.functional_call(model, p, (x,)), y)
+
+
+@given(prob=problems(kinds=("mlp",), freeze=True), seed=st.integers(0, 1000),
+       k=st.integers(1, 3))
+def test_torch_func_chains_take_the_structured_products(prob, seed, k):
+    """The same chains written the torch.func way (functional_call inside the loss):
+    hvp_fn finds the chain in the captured graph, every activation an elementwise run
+    of ops (GELU, softplus, a user's Sin), frozen parameters constants; its products,
+    gradient and value equal the oracle's."""
+    f = _torch_func(prob.model, prob.loss_fn)
+    params = {n: p.detach() for n, p in prob.model.named_parameters() if p.requires_grad}
+    assume(params)
+    batch = (prob.inputs, prob.targets)
+    H = hf.hvp_fn(f, (params, *batch))
+    assert H.method == "structured"
+    vs = [random_like(params, seed + i) for i in range(k)]
+    _check_products(H, f, params, batch, vs, single=True)
+    assert_close(H.gradient, _oracle_grad(f, params, batch))
+    assert torch.allclose(H.value, f(params, *batch), rtol=1e-12, atol=0)
+
+
+def test_torch_func_conv_chain_and_hand_written_layers():
+    """A convolution chain through functional_call, and a chain written with F.linear,
+    F.gelu and a frozen bias held by the closure: structured, equal to the oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Softplus(), nn.Flatten(),
+                          nn.Linear(3 * 9, 4)).double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    f = _torch_func(model, F.cross_entropy)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "structured"
+    _check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
+    bias = torch.randn(4, dtype=torch.float64)
+
+    def g(p, x, y):
+        h = F.gelu(F.linear(x, p["w1"], bias))
+        return F.mse_loss(h @ p["w2"].T + p["b2"], y, reduction="sum")
+
+    p = {"w1": torch.randn(4, 3, dtype=torch.float64), "w2": torch.randn(2, 4, dtype=torch.float64),
+         "b2": torch.randn(2, dtype=torch.float64)}
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    H = hf.hvp_fn(g, (p, x, y))
+    assert H.method == "structured"
+    _check_products(H, g, p, (x, y), [random_like(p, i) for i in range(2)], single=True)
+
+
+_NOT_CHAINS = {
+    "weight decay": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])),
+                                                        p["w2"]), y) + (p["w1"] ** 2).sum(),
+    "skip connection": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])) +
+                                                           x, p["w2"]), y),
+    "tied weight": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])),
+                                                       p["w1"].T[:2] + p["w2"]), y),
+    "untransposed weight": lambda p, x, y: F.mse_loss(torch.tanh(x @ p["w1"]) @ p["w2"].T, y),
+    "parameter in an activation": lambda p, x, y: F.mse_loss(F.linear(
+        torch.tanh(F.linear(x, p["w1"])) * p["w2"][0, 0], p["w2"]), y),
+    "identity permute": lambda p, x, y: F.mse_loss(F.linear(x @ p["w1"].permute(0, 1),
+                                                            p["w2"]), y),
+    "penalty on a layer's output": lambda p, x, y: _penalised(p, x, y, lambda z, a: z),
+    "penalty inside an activation": lambda p, x, y: _penalised(p, x, y, lambda z, a: a),
+    "an activation read by the loss": lambda p, x, y: (lambda h: F.mse_loss(
+        F.linear(h, p["w2"]), y) + h.sum())(torch.tanh(F.linear(x, p["w1"]))),
+}
+
+
+def _penalised(p, x, y, penalised):
+    z = F.linear(x, p["w1"])
+    a = torch.tanh(z)
+    return F.mse_loss(F.linear(a * 2, p["w2"]), y) + (penalised(z, a) ** 2).mean()
+
+
+@pytest.mark.parametrize("name", list(_NOT_CHAINS))
+def test_what_is_not_a_chain_takes_the_cached_graph(name):
+    """A regulariser, a skip connection, a tied weight, a weight used as is, a parameter
+    inside an activation, a penalty on a value inside the model: not a chain of layers;
+    the cached gradient graph, exact, and method='structured' says where the chain
+    stops."""
+    f = _NOT_CHAINS[name]
+    gen = torch.Generator().manual_seed(0)
+    p = {"w1": torch.randn(3, 3, generator=gen, dtype=torch.float64),
+         "w2": torch.randn(2, 3, generator=gen, dtype=torch.float64)}
+    x, y = torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(4, 2,
+                                                                             dtype=torch.float64)
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "graph"
+    _check_products(H, f, p, (x, y), [random_like(p, 1)])
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply here: "
+                                               "(parameters .* stops at|no layer)"):
+        hf.hvp_fn(f, (p, x, y), method="structured")

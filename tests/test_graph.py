@@ -363,8 +363,10 @@ def test_parameter_routes_are_named():
 
 def test_explain_names_every_route():
     """A functionalize chain: structured everywhere; the same network as a torch.func
-    function: the diagonal from the captured graph, the rest by their fallbacks, each
-    with its reason; BatchNorm in training: the op that stops the graph."""
+    function: the diagonal, the blocks and the full Hessian from the captured graph, the
+    products from the chain read off it; with a weight decay the products take the
+    cached gradient graph, saying where the chain stops; BatchNorm in training: the op
+    that stops the graph."""
     torch.manual_seed(0)
     model = build_mlp([3, 4, 1], "tanh", 0).double()
     x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)
@@ -374,9 +376,16 @@ def test_explain_names_every_route():
     plain = hf.explain(_plain(model, F.mse_loss), params, x, y)
     assert plain["hessian_diag"].engine == "captured graph" and not plain.parameters
     assert plain["hessian_diag(per_sample=True)"].engine == "captured graph"
-    assert plain["hvp, hvp_fn, HessianOperator"].name == "graph"
+    products = plain["hvp, hvp_fn, HessianOperator"]
+    assert products.name == "structured" and "captured graph" in products.engine
     assert plain["hessian_blocks"].engine == "captured graph"
-    assert "functionalize" in plain["hessian"].why
+    assert plain["hessian"].engine == "captured graph" and "largest" in plain["hessian"].why
+
+    def decayed(p, x, y):
+        return F.mse_loss(functional_call(model, p, (x,)), y) + 1e-3 * (p["0.weight"] ** 2).sum()
+
+    products = hf.explain(decayed, params, x, y)["hvp, hvp_fn, HessianOperator"]
+    assert products.name == "graph" and "stops at addmm" in products.why
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
     report = hf.explain(_plain(bn, F.mse_loss), _params(bn), x, y)
     assert report["hessian_diag"].name == "generic"

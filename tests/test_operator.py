@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -376,14 +378,16 @@ def test_data_span_only_where_it_is_exact_and_pays():
     assert hf.HessianOperator.from_model(odd, loss_fn, (x, y))._data_span() is None
 
 
-def test_batches_share_one_batched_or_looped_choice():
+def test_batches_share_one_batched_or_looped_choice(monkeypatch):
     """NOTE [batched or looped products]: the batches of one operator are one graph on
     other data; the first batch's measurement is reused by the others (every batch's
     products hold the operator's choices), and matmat equals the dense truth."""
     model, loss_fn, x, y = _problem(n=24)
     params = {k: v.detach() for k, v in model.named_parameters()}
+    monkeypatch.setattr(sys.modules["hessfunc.products"], "graph_chain",
+                        lambda *args: (None, "forced: the cached gradient graph"))
 
-    def f(p, x, y):  # the torch.func way: products through the cached graph
+    def f(p, x, y):
         return loss_fn(torch.func.functional_call(model, p, (x,)), y)
 
     op = hf.HessianOperator(f, params, _split(x, y, (8, 8, 8)))

@@ -202,10 +202,10 @@ def _plain_f(model, loss_fn):
 def test_hard_activations_on_the_generic_route(act):
     """Hardswish, ReLU6 and Hardtanh have second-derivative rules in torch: the generic
     route equals the oracle. Hardsigmoid has none (aten::hardsigmoid_backward): the
-    diagonal and the blocks, from the captured graph where hardsigmoid is decomposed into
-    clamps, equal the oracle; every other generic second-order quantity raises hessfunc's
-    ArgumentError naming the op, the module and the fix, instead of torch's bare
-    RuntimeError."""
+    diagonal, the blocks, and the products, the operator and the full Hessian on the chain
+    read off the captured graph, where hardsigmoid is decomposed into clamps, equal the
+    oracle; every other generic second-order quantity raises hessfunc's ArgumentError
+    naming the op, the module and the fix, instead of torch's bare RuntimeError."""
     model, loss_fn, _, params, x, y = _act_problem(act)
     f = _plain_f(model, loss_fn)
     v = _tangent(params)
@@ -221,8 +221,13 @@ def test_hard_activations_on_the_generic_route(act):
             params, x[:, None], y[:, None]),
     }
     if act is nn.Hardsigmoid:
-        _close(calls.pop("diag")(), _act_truth(act)["diag"])
-        _close(calls.pop("blocks")(), _act_truth(act)["blocks"])
+        truth = _act_truth(act)
+        _close(calls.pop("diag")(), truth["diag"])
+        _close(calls.pop("blocks")(), truth["blocks"])
+        # a chain in the captured graph, hardsigmoid's clamps an elementwise map
+        _close(calls.pop("hvp_fn")(), truth["hvp"])
+        _close(calls.pop("operator")(), flat(truth["hvp"]))
+        _close(calls.pop("hessian")(), truth["hessian"])
         for name, call in calls.items():
             with pytest.raises(hf.ArgumentError,
                                match=r"no derivative for aten::hardsigmoid_backward.*"

@@ -1,0 +1,316 @@
+"""Chains of affine layers and elementwise maps, read off the captured graph of ``f``.
+
+NOTE [chains from the graph]: the R-operator products of
+:class:`hessfunc._chain_products.ChainProducts` (NOTE [structured products]) need the
+model as a chain ``x -> layer -> ... -> o`` followed by a loss of ``o``: Linear layers
+(``addmm``/``mm`` with a transposed weight), convolutions (``groups=1``, no transposed
+convolution), flattening views and elementwise maps, each value read only by the next
+link. This module finds that chain in the ATen graph of ``p -> f(p, x, y)`` by its ops,
+so a function written with ``functional_call`` and ``torch.nn.functional`` takes the same
+route as a :func:`hessfunc.functionalize` model. An elementwise map is any run of
+pointwise ops of one per-sample operand (and constants), however many ops it
+decomposes into (GELU: ``x * (1 + erf(x / sqrt 2)) / 2``): its ``phi'`` and ``phi''``
+come from two backward passes through that run. The loss is whatever follows ``o``;
+its Hessian is applied through its own gradient graph, exact whether or not it couples
+samples. Every parameter must enter exactly once, as a layer's weight or bias; anything
+else (a regulariser, a skip connection, a tied weight) is not a chain.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from .._autodiff import missing_derivative, use_autograd
+from .._chain import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear
+from .samples import where
+
+__all__ = ["chain_from_graph"]
+
+aten = torch.ops.aten
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    """``W.t()`` of a matrix, by ``t``, ``transpose(0, 1)`` or ``permute([1, 0])``."""
+    value = node.meta.get("val")
+    if value is None or value.dim() != 2:
+        return False
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.transpose.int:
+        return {d % 2 for d in node.args[1:3]} == {0, 1}
+    return node.target is aten.permute.default and [d % 2 for d in node.args[1]] == [1, 0]
+
+
+def _values(gm: fx.GraphModule, placeholders: list[Tensor]) -> dict[fx.Node, Any]:
+    """Every node's value at the point, without autograd."""
+    env: dict[fx.Node, Any] = {}
+    feed = iter(placeholders)
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(feed)
+            elif node.op == "get_attr":
+                env[node] = operator.attrgetter(node.target)(gm)
+            elif node.op == "call_function":
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+                env[node] = node.target(*args, **kwargs)
+    return env
+
+
+class _Walk:
+    """The chain's steps from the input placeholder, one link at a time."""
+
+    def __init__(self, gm: fx.GraphModule, env: dict[fx.Node, Any], names: dict[fx.Node, str],
+                 inputs: set[fx.Node]) -> None:
+        self.gm, self.env, self.names, self.inputs = gm, env, names, inputs
+        self._variable: dict[fx.Node, bool] = {}
+
+    def variable(self, node: Any) -> bool:
+        """Whether ``node`` depends on a placeholder (parameters or data)."""
+        if not isinstance(node, fx.Node):
+            return False
+        if node not in self._variable:
+            self._variable[node] = node.op == "placeholder" or any(
+                self.variable(a) for a in node.all_input_nodes)
+        return self._variable[node]
+
+    def operand(self, node: Any, transposed: bool) -> tuple[Tensor, str | None] | None:
+        """A layer's weight or bias: a parameter placeholder (read only here) or a
+        constant; ``transposed``: reached through ``t``/``permute`` of a matrix."""
+        if not isinstance(node, fx.Node):
+            return None
+        if transposed:
+            if not _is_transpose(node) or len(node.users) != 1:
+                return None
+            node = node.args[0]  # W of ``x W^T``
+        value = self.env[node]
+        if node in self.names:
+            return (value, self.names[node]) if len(node.users) == 1 else None
+        if self.variable(node):
+            return None
+        return value, None
+
+    def linear(self, node: fx.Node, cur: fx.Node) -> tuple[_Linear, fx.Node] | None:
+        """``x W^T + b`` as ``addmm``, or as ``mm`` and then ``add`` of a vector: the step
+        and the node of its output."""
+        end = node
+        if node.target is aten.addmm.default and len(node.args) == 3 and node.args[1] is cur \
+                and not node.kwargs:
+            bias_node, weight_node = node.args[0], node.args[2]
+        elif node.target is aten.mm.default and node.args[0] is cur:
+            bias_node, weight_node = None, node.args[1]
+            (add,) = node.users if len(node.users) == 1 else (None,)
+            if add is not None and add.target is aten.add.Tensor and add.args[0] is node and \
+                    not add.kwargs and isinstance(add.args[1], fx.Node) and \
+                    self.env[add.args[1]].shape == self.env[node].shape[1:]:
+                bias_node, end = add.args[1], add
+        else:
+            return None
+        if self.env[cur].dim() != 2:
+            return None
+        weight = self.operand(weight_node, transposed=True)
+        bias = None if bias_node is None else self.operand(bias_node, transposed=False)
+        if weight is None or (bias_node is not None and (bias is None or bias[0].dim() != 1)):
+            return None
+        return _Linear(weight[0], None if bias is None else bias[0], self.env[cur].detach(),
+                       weight[1], None if bias is None else bias[1]), end
+
+    def conv(self, node: fx.Node, cur: fx.Node) -> _Conv | None:
+        if node.target is not aten.convolution.default or node.args[0] is not cur:
+            return None
+        _, weight_node, bias_node, stride, padding, dilation, transposed, _, groups = node.args
+        if transposed or groups != 1 or self.env[cur].dim() not in (3, 4):
+            return None
+        weight = self.operand(weight_node, transposed=False)
+        bias = None if bias_node is None else self.operand(bias_node, transposed=False)
+        if weight is None or (bias_node is not None and bias is None):
+            return None
+        return _Conv(weight[0], None if bias is None else bias[0], self.env[cur].detach(),
+                     weight[1], None if bias is None else bias[1], tuple(stride),
+                     tuple(padding), tuple(dilation))
+
+    def pointwise_run(self, cur: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
+        """The longest run of pointwise ops of ``cur`` (and constants), of its shape, with
+        one value leaving it: ``(run in graph order, its output)``."""
+        shape = self.env[cur].shape
+        run: list[fx.Node] = []
+        inside = {cur}
+        for node in self.gm.graph.nodes:  # topological order
+            if node.op != "call_function" or not any(a in inside for a in node.all_input_nodes):
+                continue
+            pointwise = torch.Tag.pointwise in getattr(node.target, "tags", ())
+            if not pointwise or not isinstance(self.env[node], Tensor) or \
+                    self.env[node].shape != shape or \
+                    any(a not in inside and self.variable(a) for a in node.all_input_nodes):
+                break
+            run.append(node)
+            inside.add(node)
+        while run:  # trim to a run whose only value read outside is its last
+            out = run[-1]
+            leaks = [n for n in [cur, *run[:-1]] if any(u not in inside for u in n.users)]
+            if not leaks:
+                return run, out
+            inside.discard(run.pop())
+        return None
+
+    def elementwise(self, run: list[fx.Node], cur: fx.Node) -> _Elementwise | str:
+        """``phi'`` and ``phi''`` of the run as a function of ``cur``: two backward passes
+        (elementwise: the gradient of ``sum phi(z)`` is ``phi'(z)``)."""
+        z = self.env[cur].detach().requires_grad_(True)
+        with torch.enable_grad():
+            local = {cur: z}
+            for node in run:
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                               lambda n: local.get(n, self.env[n]))
+                local[node] = node.target(*args, **kwargs)
+            out = local[run[-1]]
+            if not out.requires_grad:
+                return _Elementwise(torch.zeros_like(z), torch.zeros_like(z))
+            (phi1,) = torch.autograd.grad(out.sum(), z, create_graph=True)
+            phi2 = None
+            if phi1.requires_grad:
+                try:
+                    (phi2,) = torch.autograd.grad(phi1.sum(), z, allow_unused=True)
+                except (RuntimeError, NotImplementedError) as exc:
+                    op = missing_derivative(exc)
+                    if op is None:
+                        raise
+                    return f"an elementwise op has no second derivative in torch ({op})"
+        return _Elementwise(phi1.detach(), torch.zeros_like(z) if phi2 is None
+                            else phi2.detach())
+
+
+def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor]
+                     ) -> tuple[ChainPlan | None, str]:
+    """A products-only :class:`hessfunc._chain.ChainPlan` from the captured graph of
+    ``p -> f(p, x, ...)`` (``inputs``: the tensor leaves after ``p``, ``x`` first), or
+    ``(None, why)``: NOTE [chains from the graph]."""
+    gm = captured.graph_module
+    leaves = list(params.values())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(leaves) + len(inputs) or not inputs:
+        return None, "the graph's inputs are not the parameters and the batch"
+    env = _values(gm, leaves + inputs)
+    names = dict(zip(placeholders, params, strict=False))
+    walk = _Walk(gm, env, names, set(placeholders[len(leaves):]))
+    x = placeholders[len(leaves)]
+    if env[x].dim() < 2:
+        return None, "the inputs are not one tensor with a batch axis"
+    steps: list[Any] = []
+    cur = x
+    while True:
+        users = list(cur.users)
+        if len(users) != 1 or users[0].op != "call_function":
+            stop = f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
+            break
+        stop = where(users[0])
+        node = users[0]
+        if node.target in _VIEWS and env[cur].dim() > 2 and env[node].dim() == 2 \
+                and env[node].shape[0] == env[cur].shape[0]:
+            steps.append(_Flatten(tuple(env[cur].shape[1:])))
+            cur = node
+            continue
+        linear = walk.linear(node, cur)
+        if linear is not None:
+            steps.append(linear[0])
+            cur = linear[1]
+            continue
+        step = walk.conv(node, cur)
+        if step is not None:
+            steps.append(step)
+            cur = node
+            continue
+        run = walk.pointwise_run(cur)
+        if run is None:
+            break
+        element = walk.elementwise(run[0], cur)
+        if isinstance(element, str):
+            return None, element
+        steps.append(element)
+        cur = run[1]
+    taken = {n for st in steps for n in (getattr(st, "weight_name", None),
+                                          getattr(st, "bias_name", None)) if n}
+    stray = [names[p] for p in placeholders[:len(leaves)] if names[p] not in taken and p.users]
+    if stray:
+        return None, f"parameters {stray} are used outside the chain of layers from the " \
+                     f"inputs, which stops at {stop} (a regulariser, a skip connection, a " \
+                     "tied weight or an op without a chain rule)"
+    if not any(isinstance(s, (_Linear, _Conv)) and (s.weight_name or s.bias_name)
+               for s in steps):
+        return None, "no layer with a parameter on a chain from the inputs"
+    o = env[cur]
+    if o.dim() != 2 or o.shape[0] != env[x].shape[0]:
+        return None, "the chain does not end in an (N, C) output"
+    for p in placeholders[:len(leaves)]:  # unused parameters: zero rows, not a chain step
+        if names[p] not in taken:
+            return None, f"parameter {names[p]!r} does not enter f"
+    graph = _loss_graph(gm, env, cur)
+    if isinstance(graph, str):
+        return None, graph
+    o_leaf, g, loss = graph
+    return ChainPlan(steps, None, g.detach(), params, False, o.detach(), (o_leaf, g),
+                     value=loss), "ok"
+
+
+def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node
+                ) -> tuple[Tensor, Tensor, Tensor] | str:
+    """``(o, dL/do with its graph, L)``: the graph after ``o`` replayed on a leaf."""
+    leaf = env[o].detach().requires_grad_(True)
+    local: dict[fx.Node, Any] = {o: leaf}
+    after = False
+    loss = None
+    with torch.enable_grad():
+        for node in gm.graph.nodes:
+            if node is o:
+                after = True
+                continue
+            if not after or node.op not in ("call_function", "output"):
+                continue
+            if node.op == "output":
+                loss = fx.node.map_arg(node.args[0], lambda n: local.get(n, env[n]))
+                break
+            if not any(a in local for a in node.all_input_nodes):
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                           lambda n: local.get(n, env[n]))
+            local[node] = node.target(*args, **kwargs)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            return "the loss is not a scalar"
+        if not loss.requires_grad:
+            return "the loss does not depend on the model output"
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    return leaf, g, loss.detach()
+
+
+def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan | None, str]:
+    """:func:`chain_from_graph` for ``f(*args)``: captured through the parameter engine's
+    trace cache, ``args[argnums]`` a dict of parameters followed by the batch."""
+    from .curvature import _cache
+
+    if argnums != 0 or len(args) < 2:
+        return None, "argnums is not 0 or f takes no batch after the parameters"
+    if not isinstance(args[0], dict) or not args[0] or not all(
+            isinstance(t, Tensor) and t.is_floating_point() for t in args[0].values()):
+        return None, "the parameters are not a dict of floating-point tensors"
+    if not use_autograd(args):
+        return None, "called inside a torch.func transform or with inputs that carry a graph"
+    inputs = [t for t in torch.utils._pytree.tree_leaves(list(args[1:])) if
+              isinstance(t, Tensor)]
+    if not isinstance(args[1], Tensor) or not inputs or inputs[0] is not args[1]:
+        return None, "the inputs are not one tensor"
+    cache = _cache(f)
+    if isinstance(cache, str):
+        return None, cache
+    try:
+        captured = cache.get(args)
+    except Exception as e:  # noqa: BLE001 - a trace that fails: the graph route says so
+        return None, f"f could not be captured as a graph ({str(e)[:80]})"
+    if captured is None:
+        return None, "f could not be captured as a graph"
+    return chain_from_graph(captured, args[0], inputs)
