@@ -1068,6 +1068,11 @@ def test_spectral_density_errors_name_the_caller_the_argument_and_what_it_got():
             spectral_density(**{**ok, **bad})
     with pytest.raises(ArgumentError, match=r"^quadrature_moments\(\): expected powers .*-1"):
         quadrature_moments(torch.ones(3), torch.ones(3), (-1,))
+    probes = torch.ones(5, 2)  # num_probes is checked against the columns, not the size
+    with pytest.raises(ArgumentError, match=r"num_probes=5 disagrees with the 2 columns"):
+        spectral_density(_identity, 5, num_probes=5, probes=probes)
+    assert spectral_density(_identity, 5, num_probes=2, probes=probes,
+                            num_steps=2).nodes.shape == (2, 2)
 
 
 def test_spectral_density_defaults_and_dtypes():
