@@ -417,16 +417,14 @@ def _loss_graph(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
 _PLAIN_COLUMNS = 2
 
 
-def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
-                    ) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """Per-sample output Hessians ``(N, C, C)`` and gradients ``(N, C)``, or why not."""
-    N, C = out.shape
-    graph = _loss_graph(loss_fn, out, targets)
-    if isinstance(graph, str):
-        return graph
-    o, g, _ = graph
+def output_blocks(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``H[n] = d g_n / d o_n`` ``(N, C, C)`` from the loss's gradient ``g`` ``(N, C)``
+    with its graph: the per-sample blocks of the output Hessian, which is all of it when
+    the loss is a sum over samples (the caller knows; ``C`` backward passes of unit
+    columns at every sample at once). Keeps ``g``'s graph."""
+    N, C = o.shape
     if not g.requires_grad:  # loss linear in the output
-        return torch.zeros(N, C, C, dtype=o.dtype, device=o.device), g.detach()
+        return torch.zeros(N, C, C, dtype=o.dtype, device=o.device)
     with torch.enable_grad():
         eye = torch.eye(C, dtype=o.dtype, device=o.device)
         basis = eye[:, None, :].expand(C, N, C)
@@ -436,10 +434,25 @@ def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
         else:
             (cols,) = torch.autograd.grad(g, o, grad_outputs=basis, retain_graph=True,
                                           is_grads_batched=True)
+    return cols.permute(1, 2, 0).contiguous().detach()    # H[n, i, c]
+
+
+def _output_hessian(loss_fn: Callable[..., Any], out: torch.Tensor, targets: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """Per-sample output Hessians ``(N, C, C)`` and gradients ``(N, C)``, or why not (a
+    loss that couples samples, seen by one random probe)."""
+    N, C = out.shape
+    graph = _loss_graph(loss_fn, out, targets)
+    if isinstance(graph, str):
+        return graph
+    o, g, _ = graph
+    H = output_blocks(o, g)
+    if not g.requires_grad:
+        return H, g.detach()
+    with torch.enable_grad():
         gen = torch.Generator(device=o.device).manual_seed(0)
         probe = torch.randn(N, C, generator=gen, dtype=o.dtype, device=o.device)
         (full,) = torch.autograd.grad(g, o, grad_outputs=probe)
-    H = cols.permute(1, 2, 0).contiguous()            # H[n, i, c]
     blockwise = torch.einsum("nic,nc->ni", H, probe)
     tol = 1e3 * torch.finfo(o.dtype).eps
     if (full - blockwise).norm() > tol * (full.norm() + blockwise.norm()):

@@ -912,6 +912,23 @@ def test_torch_func_conv_chain_and_hand_written_layers():
     _check_products(H, g, p, (x, y), [random_like(p, i) for i in range(2)], single=True)
 
 
+@pytest.mark.parametrize("n", [1, 4])
+def test_torch_func_chain_keeps_output_blocks_only_where_samples_are_proved_apart(n):
+    """A sum over samples (proved on the graph) keeps the loss's per-sample blocks; a loss
+    that couples samples keeps its gradient graph (one sample: its block is all of it);
+    both products equal the oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
+    for loss_fn, apart in ((nn.MSELoss(), True), (lambda o, t: ((o - t).sum()) ** 2, n == 1)):
+        f = _torch_func(model, loss_fn)
+        H = hf.hvp_fn(f, (params, x, y))
+        assert H.method == "structured"
+        assert (H.chain_products._out_hessian is not None) == apart
+        _check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
+
+
 _NOT_CHAINS = {
     "weight decay": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])),
                                                         p["w2"]), y) + (p["w1"] ** 2).sum(),

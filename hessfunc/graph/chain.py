@@ -12,8 +12,10 @@ pointwise ops of one per-sample operand (and constants), however many ops it
 decomposes into (GELU: ``x * (1 + erf(x / sqrt 2)) / 2``): its ``phi'`` and ``phi''``
 come from two backward passes through that run. The loss is whatever follows ``o``;
 its Hessian is applied through its own gradient graph, exact whether or not it couples
-samples. Every parameter must enter exactly once, as a layer's weight or bias; anything
-else (a regulariser, a skip connection, a tied weight) is not a chain.
+samples; where the graph is proved a sum over samples (NOTE [per-sample structure]),
+its per-sample blocks are kept instead. Every parameter must enter exactly once, as a
+layer's weight or bias; anything else (a regulariser, a skip connection, a tied weight)
+is not a chain.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from torch import Tensor, fx
 
 from .._autodiff import missing_derivative, use_autograd
-from .._chain import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear
+from .._chain import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear, output_blocks
+from .._memory import CHUNK_BUDGET_BYTES
 from .samples import where
 
 __all__ = ["chain_from_graph"]
@@ -186,11 +189,13 @@ class _Walk:
                             else phi2.detach())
 
 
-def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor]
-                     ) -> tuple[ChainPlan | None, str]:
+def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor],
+                     per_sample: bool = False) -> tuple[ChainPlan | None, str]:
     """A products-only :class:`hessfunc._chain.ChainPlan` from the captured graph of
     ``p -> f(p, x, ...)`` (``inputs``: the tensor leaves after ``p``, ``x`` first), or
-    ``(None, why)``: NOTE [chains from the graph]."""
+    ``(None, why)``: NOTE [chains from the graph]. ``per_sample``: the graph is proved a
+    sum over samples, so the loss's Hessian in ``o`` is its per-sample blocks, kept
+    (within the chunk budget) instead of its gradient graph."""
     gm = captured.graph_module
     leaves = list(params.values())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -254,6 +259,10 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     if isinstance(graph, str):
         return None, graph
     o_leaf, g, loss = graph
+    if (per_sample or o.shape[0] == 1) and \
+            o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
+        return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, False,
+                         o.detach(), value=loss), "ok"
     return ChainPlan(steps, None, g.detach(), params, False, o.detach(), (o_leaf, g),
                      value=loss), "ok"
 
@@ -313,4 +322,7 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan 
         return None, f"f could not be captured as a graph ({str(e)[:80]})"
     if captured is None:
         return None, "f could not be captured as a graph"
-    return chain_from_graph(captured, args[0], inputs)
+    from .curvature import plan_diagonal
+
+    proved = plan_diagonal(f, args, 0, check_memory=False)[0] is not None  # memoised
+    return chain_from_graph(captured, args[0], inputs, per_sample=proved)
