@@ -153,6 +153,12 @@ class ChainPlan:
                     H.diagonal(dim1=1, dim2=2).add_(p2 * g)
                     g = p1 * g
 
+    def per_sample_blocks(self) -> bool:
+        """Whether the plan serves the per-sample backward propagation (diagonal, blocks,
+        full Hessian): Linear layers and activations only, per-sample output Hessians."""
+        return self.out_hessian is not None and all(
+            isinstance(s, (_Linear, _Elementwise)) for s in self.steps)
+
     def _widest(self) -> int:
         return max([self.out_hessian.shape[-1]]
                    + [s.weight.shape[1] for s in self.steps if isinstance(s, _Linear)])

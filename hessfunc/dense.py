@@ -29,6 +29,7 @@ from ._checks import check_argnums, check_callable, check_chunk_size, check_floa
 from ._memory import auto_chunk_size, check_dense, itemsize
 from ._tree import FlatSpec, flat_spec, one_hot_chunks
 from .functional import FunctionalModel, _report_non_finite
+from .graph.chain import graph_chain
 from .graph.curvature import GraphPlan, plan_diagonal
 from .products import HVPFunction
 
@@ -71,10 +72,11 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         max_memory: refuse (before allocating) a result over this many bytes;
             default half of the memory available (see ``hessfunc._memory``).
 
-    For a model made by :func:`hessfunc.functionalize` whose forward pass is a chain
-    of Linear layers and elementwise activations with a loss that is a sum over
-    samples, the whole matrix is assembled from per-sample Hessians propagated
-    backward (NOTE [full Hessian] in ``hessfunc/_chain.py``); otherwise from
+    For a chain of Linear layers and elementwise activations with a loss that is a sum
+    over samples (a :func:`hessfunc.functionalize` model, or any ``f`` whose captured
+    graph is one: NOTE [chains from the graph]), the whole matrix is assembled from
+    per-sample Hessians propagated backward (NOTE [full Hessian] in
+    ``hessfunc/_chain.py``); otherwise from
     batched Hessian rows ``H e_i`` of :func:`hessfunc.hvp_fn` (structured products on
     chains with convolutions, else a gradient graph built once). Where the captured
     graph gives the largest parameter's own block (any DAG whose samples stay apart:
@@ -104,6 +106,9 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
                     call=call, max_memory=max_memory, copies=2,
                     hint="use `hessian_blocks`, `hessian_diag` or `hessfunc.HessianOperator`")
         plan = _chain.plan(f, args, a) if isinstance(args[a], dict) else None
+        if plan is None and isinstance(args[a], dict):  # NOTE [chains from the graph]
+            plan, _ = graph_chain(f, args, a)
+            plan = plan if plan is not None and plan.per_sample_blocks() else None
         if plan is not None:
             M = plan.full(chunk_size)
             return M if flat else _nest(M, args[a], spec)

@@ -109,8 +109,10 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
                             f"{graph_each_why}; chain route: {per_sample_why}"))
     products, products_why = _chain.analyze(f, args, argnums, products_only=True)
     engine = "R-operator on the chain"
+    in_graph = None
     if products is None:  # NOTE [chains from the graph]; a single hvp asks for it by name
         products, why_graph = graph_chain(f, args, argnums)
+        in_graph = products
         products_why = f"{why_graph} (Linear chain: {products_why})"
         engine += " in the captured graph (hvp: with method='structured')"
     routes.append(Route("hvp, hvp_fn, HessianOperator",
@@ -125,6 +127,8 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
                                f"{chain_why}"))))
     if chain is not None:
         routes.append(Route("hessian", "structured", "Linear chain"))
+    elif in_graph is not None and in_graph.per_sample_blocks():
+        routes.append(Route("hessian", "structured", "Linear chain in the captured graph"))
     elif plan is not None and len(plan.products) < len(plan.leaves):
         routes.append(Route("hessian", "structured", "captured graph",
                             "the largest parameter's block from the graph, one-hot products "

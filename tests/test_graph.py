@@ -18,6 +18,7 @@ from torch.func import functional_call
 import hessfunc as hf
 from hessfunc._autodiff import second_order_kernels
 from hessfunc.graph.capture import LOSS_DECOMPOSITIONS, capture
+from hessfunc.graph.chain import graph_chain
 from hessfunc.graph.curvature import GraphPlan, plan_diagonal
 from hessfunc.graph.samples import analyze_samples
 from hessfunc.testing.models import ConcatNet, ResidualMLP, TiedNet, build_mlp
@@ -148,11 +149,15 @@ def test_blocks_of_any_dag_equal_the_oracle(dag, data):
 @settings(deadline=None)
 @given(dag=_dags(), data=st.data())
 def test_full_hessian_of_any_dag_equals_the_oracle(dag, data):
-    """The full Hessian takes the largest leaf's block from the graph and the rest from
-    the other leaves' Hessian rows (their rows hold every cross block): against the loop
-    oracle's full Hessian, over drawn DAGs, losses, frozen subsets and a regulariser."""
+    """The full Hessian of a chain comes from the chain read off the graph (NOTE [chains
+    from the graph]); of any other DAG, the largest leaf's block from the graph and the
+    rest from the other leaves' Hessian rows (their rows hold every cross block): against
+    the loop oracle's full Hessian, over drawn DAGs, losses, frozen subsets and a
+    regulariser."""
     _, model = dag
     f, _, params, x, y, _, _ = _drawn_loss(model, data, torch.cosh)
+    chain = graph_chain(f, (params, x, y), 0)[0]
+    chain = chain is not None and chain.per_sample_blocks()
     with second_order_kernels():
         loss, leaves = oracle_loss(f, params, x, y)
         truth = hf.reference.hessian(loss, list(leaves.values()))
@@ -169,11 +174,33 @@ def test_full_hessian_of_any_dag_equals_the_oracle(dag, data):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(GraphPlan, "blocks", spy)
         H = hf.hessian(f, flat=True)(params, x, y)
-    assert calls == ([] if largest is None else [{largest}])
+    assert calls == ([] if largest is None or chain else [{largest}])
     assert_close(H, truth)
     a, b = list(params)[-1], list(params)[0]  # a cross block, nested like torch.func's
     na, nb = params[a].numel(), params[b].numel()
     assert_close(hf.hessian(f)(params, x, y)[a][b].reshape(na, nb), truth[-na:, :nb])
+
+
+def test_full_hessian_of_a_torch_func_chain_takes_the_chain(monkeypatch):
+    """A chain written the torch.func way gets the chain route's full Hessian (NOTE [full
+    Hessian]) from the graph's chain, as a functionalize model does: equal to the
+    oracle; with a coupling loss (no per-sample blocks) the graph's block and rows."""
+    from hessfunc._chain import ChainPlan
+
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 4, 2], "softplus", 0).double()
+    params = _params(model)
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    full, real = [], ChainPlan.full
+    monkeypatch.setattr(ChainPlan, "full", lambda self, *a: full.append(1) or real(self, *a))
+    for loss_fn, chained in ((F.mse_loss, True), (lambda o, t: ((o - t).sum()) ** 2, False)):
+        f = _plain(model, loss_fn)
+        with second_order_kernels():
+            loss, leaves = oracle_loss(f, params, x, y)
+            truth = hf.reference.hessian(loss, list(leaves.values()))
+        full.clear()
+        assert_close(hf.hessian(f, flat=True)(params, x, y), truth)
+        assert full == ([1] if chained else [])
 
 
 def test_blocks_in_sample_chunks(monkeypatch):
@@ -379,13 +406,15 @@ def test_explain_names_every_route():
     products = plain["hvp, hvp_fn, HessianOperator"]
     assert products.name == "structured" and "captured graph" in products.engine
     assert plain["hessian_blocks"].engine == "captured graph"
-    assert plain["hessian"].engine == "captured graph" and "largest" in plain["hessian"].why
+    assert plain["hessian"].engine == "Linear chain in the captured graph"
 
     def decayed(p, x, y):
         return F.mse_loss(functional_call(model, p, (x,)), y) + 1e-3 * (p["0.weight"] ** 2).sum()
 
-    products = hf.explain(decayed, params, x, y)["hvp, hvp_fn, HessianOperator"]
+    report = hf.explain(decayed, params, x, y)
+    products = report["hvp, hvp_fn, HessianOperator"]
     assert products.name == "graph" and "stops at addmm" in products.why
+    assert report["hessian"].engine == "captured graph" and "largest" in report["hessian"].why
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
     report = hf.explain(_plain(bn, F.mse_loss), _params(bn), x, y)
     assert report["hessian_diag"].name == "generic"
