@@ -502,6 +502,30 @@ def test_changed_modes_and_buffers_recapture():
     assert plan_diagonal(f, (params, x, y))[0] is None  # batch statistics now
 
 
+def test_a_lambda_made_afresh_reuses_the_trace_only_over_the_same_objects(monkeypatch):
+    """``lambda p, x, y: ...`` made anew on every call: one trace while it reaches the same
+    model and scale; another model, or another scale, is traced again and exact."""
+    import hessfunc.graph.capture as capture_module
+
+    traces, real = [], capture_module.capture
+    monkeypatch.setattr(capture_module, "capture", lambda *a, **k: traces.append(1) or
+                        real(*a, **k))
+    torch.manual_seed(0)
+    models = [build_mlp([3, 4, 1], "tanh", s).double() for s in (0, 1)]
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
+
+    def make(model, scale):
+        return lambda p, x, y: scale * F.mse_loss(functional_call(model, p, (x,)), y)
+
+    for model, scale, new_traces in ((models[0], 1.0, 1), (models[0], 1.0, 0),
+                                     (models[1], 1.0, 1), (models[0], 2.0, 1)):
+        f = make(model, scale)
+        params = _params(model)
+        before = len(traces)
+        assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+        assert len(traces) - before == new_traces
+
+
 def test_data_dependent_control_flow_takes_the_exact_fallback():
     torch.manual_seed(0)
     model = build_mlp([3, 4, 1], "tanh", 0).double()

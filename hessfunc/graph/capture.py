@@ -18,7 +18,9 @@ NOTE [trace cache and its guard]
     ``self``, referenced globals, containers, modules (parameters, buffers,
     plain attributes, training flags), by identity for tensors and objects and
     by value for scalars; torch's own functions (``F.cross_entropy``) by name,
-    their code being fixed. A graph is cached only if every external tensor
+    their code being fixed; other functions by their code object and what they
+    reach (so a lambda made afresh over the same objects matches, one over other
+    objects does not). A graph is cached only if every external tensor
     constant in it was found by that walk; otherwise ``u`` is re-traced on
     every call (slower, never stale). Rebinding ``params = new_params`` in a
     closure therefore re-traces instead of silently using old parameters.
@@ -357,8 +359,8 @@ def fingerprint(fn: Any) -> Fingerprint:
             # globals of torch's internals would only hit the depth limit
             items.append(("library", obj.__module__, obj.__qualname__))
             return
-        if isinstance(obj, types.FunctionType):
-            items.append(("function", oid))
+        if isinstance(obj, types.FunctionType):  # by its code: a fresh closure may match
+            items.append(("function", id(obj.__code__)))
             for cell in obj.__closure__ or ():
                 try:
                     visit(cell.cell_contents, depth + 1)

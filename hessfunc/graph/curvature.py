@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import math
 import operator
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -827,8 +828,13 @@ class _FunctionalLoss:
 
 
 def _cache(f: Any) -> TraceCache | str:
+    """The trace cache of ``f``. A plain function's is shared by every function object of
+    its code (a lambda made afresh on each call): the guard's fingerprint compares what
+    this one reaches (NOTE [trace cache and its guard]), and the cache traces this one."""
+    plain = isinstance(f, types.FunctionType)
+    key = f.__code__ if plain else f
     try:
-        cache = _CACHES.get(f)
+        cache = _CACHES.get(key)
     except TypeError:
         cache = None
     if cache is None:
@@ -838,9 +844,11 @@ def _cache(f: Any) -> TraceCache | str:
         cache = TraceCache(fn, "hessfunc.hessian_diag", decompositions=LOSS_DECOMPOSITIONS,
                            stack_traces=True)
         try:
-            _CACHES[f] = cache
+            _CACHES[key] = cache
         except TypeError:
             pass
+    elif plain:
+        cache.fn = f
     return cache
 
 
