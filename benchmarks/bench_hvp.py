@@ -5,7 +5,9 @@
 Compares, on each problem: a plain autograd gradient (the unit), torch.func.grad,
 the seed's double backward (``hessfunc.reference.hvp``), ``hessfunc.hvp`` (structured
 products, and the graph route in both modes), plain ``torch.func`` recipes, and
-``hessfunc.hvp_fn`` (cached products, structured and through the graph). The cases
+``hessfunc.hvp_fn`` (cached products, structured and through the graph; and for ``f``
+written the torch.func way, whose chain is read off the captured graph, its products
+and the set-up of a lambda made afresh on every call). The cases
 are timed round-robin (``interleaved_medians``), so drift of the machine cancels in
 the ratios.
 """
@@ -13,10 +15,11 @@ the ratios.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
+from torch.func import functional_call, jvp, vjp
 from torch.func import grad as func_grad
-from torch.func import jvp, vjp
 
 import hessfunc as hf
 
@@ -48,6 +51,12 @@ def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict
 
         cached = hf.hvp_fn(f, (params, x, y))
         cached_graph = hf.hvp_fn(f, (params, x, y), method="graph")
+
+        def plain() -> Any:  # f the torch.func way, a new function object on every call
+            return lambda p, x, y: prob.loss_fn(functional_call(prob.model, p, (x,)), y)
+
+        cached_plain = hf.hvp_fn(plain(), (params, x, y))
+        assert cached_plain.method == "structured"
         cases = {
             "one autograd gradient (unit)": autograd_grad,
             "torch.func.grad": lambda: func_grad(f)(params, x, y),
@@ -63,6 +72,12 @@ def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict
                 lambda: hf.hvp(f, (params, x, y), v, mode="forward-over-reverse"),
             "hessfunc.hvp_fn per product (structured)": lambda: cached(v),
             "hessfunc.hvp_fn per product (graph route)": lambda: cached_graph(v),
+            "hessfunc.hvp_fn per product, torch.func f (chain from the captured graph)":
+                lambda: cached_plain(v),
+            "hessfunc.hvp_fn set-up, torch.func f made afresh":
+                lambda: hf.hvp_fn(plain(), (params, x, y)),
+            "hessfunc.hvp_fn set-up, torch.func f made afresh, graph route":
+                lambda: hf.hvp_fn(plain(), (params, x, y), method="graph"),
         }
         times = interleaved_medians(cases, repeats=repeats)
         unit = times.pop("one autograd gradient (unit)")
