@@ -69,9 +69,9 @@ def _values(gm: fx.GraphModule, placeholders: list[Tensor]) -> dict[fx.Node, Any
 class _Walk:
     """The chain's steps from the input placeholder, one link at a time."""
 
-    def __init__(self, gm: fx.GraphModule, env: dict[fx.Node, Any], names: dict[fx.Node, str],
-                 inputs: set[fx.Node]) -> None:
-        self.gm, self.env, self.names, self.inputs = gm, env, names, inputs
+    def __init__(self, gm: fx.GraphModule, env: dict[fx.Node, Any],
+                 names: dict[fx.Node, str]) -> None:
+        self.gm, self.env, self.names = gm, env, names
         self._variable: dict[fx.Node, bool] = {}
 
     def variable(self, node: Any) -> bool:
@@ -189,24 +189,15 @@ class _Walk:
                             else phi2.detach())
 
 
-def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor],
-                     per_sample: bool = False) -> tuple[ChainPlan | None, str]:
-    """A products-only :class:`hessfunc._chain.ChainPlan` from the captured graph of
-    ``p -> f(p, x, ...)`` (``inputs``: the tensor leaves after ``p``, ``x`` first), or
-    ``(None, why)``: NOTE [chains from the graph]. ``per_sample``: the graph is proved a
-    sum over samples, so the loss's Hessian in ``o`` is its per-sample blocks, kept
-    (within the chunk budget) instead of its gradient graph."""
-    gm = captured.graph_module
-    leaves = list(params.values())
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(leaves) + len(inputs) or not inputs:
-        return None, "the graph's inputs are not the parameters and the batch"
-    env = _values(gm, leaves + inputs)
-    names = dict(zip(placeholders, params, strict=False))
-    walk = _Walk(gm, env, names, set(placeholders[len(leaves):]))
-    x = placeholders[len(leaves)]
+def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
+                 names: dict[fx.Node, str], values: bool) -> tuple[list[Any], fx.Node] | str:
+    """The chain's steps from the input placeholder and its last value, or why not.
+    ``values``: ``walk`` holds the values (the activations' derivatives are computed),
+    else only the trace's shapes."""
+    env = walk.env
+    x = placeholders[num_params]
     if env[x].dim() < 2:
-        return None, "the inputs are not one tensor with a batch axis"
+        return "the inputs are not one tensor with a batch axis"
     steps: list[Any] = []
     cur = x
     while True:
@@ -234,27 +225,57 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
         run = walk.pointwise_run(cur)
         if run is None:
             break
-        element = walk.elementwise(run[0], cur)
-        if isinstance(element, str):
-            return None, element
-        steps.append(element)
+        if values:
+            element = walk.elementwise(run[0], cur)
+            if isinstance(element, str):
+                return element
+            steps.append(element)
         cur = run[1]
     taken = {n for st in steps for n in (getattr(st, "weight_name", None),
                                           getattr(st, "bias_name", None)) if n}
-    stray = [names[p] for p in placeholders[:len(leaves)] if names[p] not in taken and p.users]
+    stray = [names[p] for p in placeholders[:num_params] if names[p] not in taken and p.users]
     if stray:
-        return None, f"parameters {stray} are used outside the chain of layers from the " \
-                     f"inputs, which stops at {stop} (a regulariser, a skip connection, a " \
-                     "tied weight or an op without a chain rule)"
+        return f"parameters {stray} are used outside the chain of layers from the inputs, " \
+               f"which stops at {stop} (a regulariser, a skip connection, a tied weight or " \
+               "an op without a chain rule)"
     if not any(isinstance(s, (_Linear, _Conv)) and (s.weight_name or s.bias_name)
                for s in steps):
-        return None, "no layer with a parameter on a chain from the inputs"
-    o = env[cur]
-    if o.dim() != 2 or o.shape[0] != env[x].shape[0]:
-        return None, "the chain does not end in an (N, C) output"
-    for p in placeholders[:len(leaves)]:  # unused parameters: zero rows, not a chain step
+        return "no layer with a parameter on a chain from the inputs"
+    if env[cur].dim() != 2 or env[cur].shape[0] != env[x].shape[0]:
+        return "the chain does not end in an (N, C) output"
+    for p in placeholders[:num_params]:  # unused parameters: zero rows, not a chain step
         if names[p] not in taken:
-            return None, f"parameter {names[p]!r} does not enter f"
+            return f"parameter {names[p]!r} does not enter f"
+    return steps, cur
+
+
+def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor],
+                     per_sample: bool = False) -> tuple[ChainPlan | None, str]:
+    """A products-only :class:`hessfunc._chain.ChainPlan` from the captured graph of
+    ``p -> f(p, x, ...)`` (``inputs``: the tensor leaves after ``p``, ``x`` first), or
+    ``(None, why)``: NOTE [chains from the graph]. ``per_sample``: the graph is proved a
+    sum over samples, so the loss's Hessian in ``o`` is its per-sample blocks, kept
+    (within the chunk budget) instead of its gradient graph."""
+    gm = captured.graph_module
+    leaves = list(params.values())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(leaves) + len(inputs) or not inputs:
+        return None, "the graph's inputs are not the parameters and the batch"
+    names = dict(zip(placeholders, params, strict=False))
+    # the walk on the trace's shapes first: a graph that is not a chain costs no forward
+    shapes = {n: n.meta.get("val") if n.op != "get_attr" else
+              operator.attrgetter(n.target)(gm) for n in gm.graph.nodes}
+    found = _chain_steps(_Walk(gm, shapes, names), placeholders, len(leaves), names,
+                         values=False)
+    if isinstance(found, str):
+        return None, found
+    env = _values(gm, leaves + inputs)
+    found = _chain_steps(_Walk(gm, env, names), placeholders, len(leaves), names,
+                         values=True)
+    if isinstance(found, str):
+        return None, found
+    steps, cur = found
+    o = env[cur]
     graph = _loss_graph(gm, env, cur)
     if isinstance(graph, str):
         return None, graph
