@@ -387,9 +387,22 @@ def _derivatives(module: nn.Module, z: torch.Tensor, out: torch.Tensor
         return (z > 0).to(z.dtype), torch.zeros_like(z)
     if kind is nn.Hardsigmoid:
         return ((z > -3) & (z < 3)).to(z.dtype) / 6, torch.zeros_like(z)
+    return elementwise_derivatives(module, z)
+
+
+def elementwise_derivatives(phi: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """``phi'(z)`` and ``phi''(z)`` of an elementwise ``phi`` by two backward passes (a
+    diagonal Jacobian: the gradient of ``sum(phi(z))`` is ``phi'(z)``, that of
+    ``sum(phi'(z))`` is ``phi''(z)``), or the name of the op torch has no derivative of
+    ``phi'`` for."""
     t = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        (phi1,) = torch.autograd.grad(module(t).sum(), t, create_graph=True)
+        out = phi(t)
+        if not out.requires_grad:  # constant
+            return torch.zeros_like(t), torch.zeros_like(t)
+        (phi1,) = torch.autograd.grad(out.sum(), t, create_graph=True)
+        phi2 = None
         if phi1.requires_grad:
             try:
                 (phi2,) = torch.autograd.grad(phi1.sum(), t, allow_unused=True)
@@ -398,8 +411,6 @@ def _derivatives(module: nn.Module, z: torch.Tensor, out: torch.Tensor
                 if op is None:
                     raise
                 return op
-        else:
-            phi2 = None
     return phi1.detach(), (torch.zeros_like(t) if phi2 is None else phi2.detach())
 
 

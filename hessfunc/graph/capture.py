@@ -59,7 +59,7 @@ from .._autodiff import second_order_kernels
 from ..errors import ArgumentError
 
 __all__ = ["Captured", "TraceCache", "capture", "fingerprint", "tensor_leaves",
-           "LOSS_DECOMPOSITIONS"]
+           "run_nodes", "LOSS_DECOMPOSITIONS"]
 
 aten = torch.ops.aten
 
@@ -201,6 +201,24 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     (out_node,) = [n for n in gm.graph.nodes if n.op == "output"]
     output = torch.fx.node.map_arg(out_node.args[0], lambda n: n.meta.get("val"))
     return Captured(gm, output)
+
+
+def run_nodes(gm: torch.fx.GraphModule, placeholders: Sequence[Any]) -> dict[torch.fx.Node, Any]:
+    """Evaluate ``gm`` on ``placeholders`` (in order), keeping every node's value; the
+    output node maps to what the graph returns. Under the caller's grad mode."""
+    env: dict[torch.fx.Node, Any] = {}
+    feed = iter(placeholders)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(feed)
+        elif node.op == "get_attr":
+            env[node] = operator.attrgetter(node.target)(gm)
+        elif node.op == "call_function":
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "output":
+            env[node] = torch.fx.node.map_arg(node.args[0], env.__getitem__)
+    return env
 
 
 def argument(node: torch.fx.Node, name: str) -> Any:

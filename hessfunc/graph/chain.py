@@ -26,9 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from .._autodiff import missing_derivative, use_autograd
-from .._chain import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear, output_blocks
+from .._autodiff import use_autograd
+from .._chain import (
+    ChainPlan,
+    _Conv,
+    _Elementwise,
+    _Flatten,
+    _Linear,
+    elementwise_derivatives,
+    output_blocks,
+)
 from .._memory import CHUNK_BUDGET_BYTES
+from .capture import run_nodes
 from .samples import where
 
 __all__ = ["chain_from_graph"]
@@ -52,18 +61,8 @@ def _is_transpose(node: fx.Node) -> bool:
 
 def _values(gm: fx.GraphModule, placeholders: list[Tensor]) -> dict[fx.Node, Any]:
     """Every node's value at the point, without autograd."""
-    env: dict[fx.Node, Any] = {}
-    feed = iter(placeholders)
     with torch.no_grad():
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                env[node] = next(feed)
-            elif node.op == "get_attr":
-                env[node] = operator.attrgetter(node.target)(gm)
-            elif node.op == "call_function":
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-                env[node] = node.target(*args, **kwargs)
-    return env
+        return run_nodes(gm, placeholders)
 
 
 class _Walk:
@@ -163,30 +162,20 @@ class _Walk:
         return None
 
     def elementwise(self, run: list[fx.Node], cur: fx.Node) -> _Elementwise | str:
-        """``phi'`` and ``phi''`` of the run as a function of ``cur``: two backward passes
-        (elementwise: the gradient of ``sum phi(z)`` is ``phi'(z)``)."""
-        z = self.env[cur].detach().requires_grad_(True)
-        with torch.enable_grad():
+        """``phi'`` and ``phi''`` of the run as a function of ``cur``."""
+
+        def phi(z: Tensor) -> Tensor:
             local = {cur: z}
             for node in run:
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs),
                                                lambda n: local.get(n, self.env[n]))
                 local[node] = node.target(*args, **kwargs)
-            out = local[run[-1]]
-            if not out.requires_grad:
-                return _Elementwise(torch.zeros_like(z), torch.zeros_like(z))
-            (phi1,) = torch.autograd.grad(out.sum(), z, create_graph=True)
-            phi2 = None
-            if phi1.requires_grad:
-                try:
-                    (phi2,) = torch.autograd.grad(phi1.sum(), z, allow_unused=True)
-                except (RuntimeError, NotImplementedError) as exc:
-                    op = missing_derivative(exc)
-                    if op is None:
-                        raise
-                    return f"an elementwise op has no second derivative in torch ({op})"
-        return _Elementwise(phi1.detach(), torch.zeros_like(z) if phi2 is None
-                            else phi2.detach())
+            return local[run[-1]]
+
+        found = elementwise_derivatives(phi, self.env[cur])
+        if isinstance(found, str):
+            return f"an elementwise op has no second derivative in torch ({found})"
+        return _Elementwise(*found)
 
 
 def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,

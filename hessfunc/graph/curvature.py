@@ -78,7 +78,7 @@ from torch.utils import _pytree as pytree
 from .._autodiff import batched_vjp, use_autograd
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
-from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache
+from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, run_nodes
 from .rules import Elementwise, Reorder, rule_for
 from .samples import SampleStructure, Value, analyze_samples, where
 
@@ -181,20 +181,11 @@ class GraphPlan:
         # the Gauss-Newton sweep reads no gradient inside the model, only at its terms
         need = not self.linearised or bool(terms)
         params = [leaf.detach().requires_grad_(need) for leaf in self.leaves]
-        placeholders = iter(params + self.inputs)
         self.rules = {}
-        env: dict[fx.Node, Any] = {}
         with torch.set_grad_enabled(need):
-            for node in self.gm.graph.nodes:
-                if node.op == "placeholder":
-                    env[node] = next(placeholders)
-                elif node.op == "get_attr":
-                    env[node] = operator.attrgetter(node.target)(self.gm)
-                elif node.op == "call_function":
-                    args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-                    env[node] = node.target(*args, **kwargs)
-                elif node.op == "output":
-                    self.loss = env[node.args[0]]
+            env = run_nodes(self.gm, params + self.inputs)
+        (out,) = [nd for nd in self.gm.graph.nodes if nd.op == "output"]
+        self.loss = env.pop(out)
         wanted = [nd for nd in env if isinstance(env[nd], Tensor) and env[nd].requires_grad
                   and (self.label(nd).per_sample and not self.linearised or nd in terms)]
         target = self.loss if seeds is None else sum(
