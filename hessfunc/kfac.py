@@ -43,16 +43,18 @@ are exact through the factors' eigendecompositions ``G = Q_G diag(g) Q_G^T``,
 
     (G ⊗ A + damping I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (g a^T + damping)] Q_A^T).
 
-NOTE [eigenvalue correction] (EKFAC; George et al., 2018). In the factors' eigenbases
-the layer's block, ``sum omega vec(g ã^T) vec(g ã^T)^T`` over samples, columns and (with
-"expand") places, has the diagonal ``S = sum omega (Q_G^T g)^2 ((Q_A^T ã)^2)^T``
-(elementwise squares; with "reduce", ``g`` summed and ``ã`` averaged over the places
-first, as for the factors). K-FAC's eigenvalues ``g a^T`` approximate it; EKFAC keeps
-the eigenbases and takes ``S``, the diagonal matrix in that basis closest to the block
-in Frobenius norm: ``K = (Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)^T``, inverse products
-dividing by ``S + damping``. ``S`` needs the eigenbases of the whole data's factors,
-hence a second pass (with fresh draws for a Monte-Carlo Fisher). It equals K-FAC, and
-the exact block, for one Linear layer and one sample.
+NOTE [eigenvalue correction] (EKFAC; George et al., 2018). The layer's exact block is
+``sum omega vec(Γ) vec(Γ)^T`` over samples and columns, ``Γ = sum_r g_r ã_r^T`` a
+sample's gradient for one column (all places summed, whatever the convention). In the
+factors' eigenbases its diagonal is ``S = sum omega (Q_G^T Γ Q_A)^2`` (elementwise
+squares; with one place ``(Q_G^T g)^2 ((Q_A^T ã)^2)^T``). K-FAC's eigenvalues
+``g a^T`` approximate it; EKFAC keeps the eigenbases and takes ``S``, the diagonal
+matrix in that basis closest to the block in Frobenius norm: ``K = (Q_G ⊗ Q_A)
+diag(vec S) (Q_G ⊗ Q_A)^T``, inverse products dividing by ``S + damping`` (curvlinops'
+``EKFACLinearOperator`` computes the same ``S``). ``S`` needs the eigenbases of the
+whole data's factors, hence a second pass (with fresh draws for a Monte-Carlo Fisher);
+per-sample gradients of layers applied at several places are formed a chunk of samples
+at a time. It equals K-FAC, and the exact block, for one Linear layer and one sample.
 
 ``g_nrk`` for every sample and place at once is a backward pass from the outputs to a
 zero tensor added to the layer's output; the output matrices are factored per sample
@@ -281,13 +283,12 @@ class KFACOperator(CurvatureOperator):
             cols = slice(lo, min(lo + chunk, U.shape[0]))
             yield cols, batched_vjp(out, probes, U[cols])
 
-    def _batch_pass(self, x: Any, y: Any,
-                    on_columns: Callable[[int, torch.Tensor, torch.Tensor], None]
+    def _batch_pass(self, x: Any, y: Any, on_columns: Callable[..., None]
                     ) -> list[torch.Tensor]:
         """One forward and the batched backward passes of the output matrix's columns
-        over a batch: ``on_columns(layer index, g, omega)`` for each chunk of ``k``
-        columns, ``g`` ``(k, N, R, d_out)`` at the layer's places and ``omega`` ``(k,
-        N)``; returns each layer's ``ã`` ``(N, R, d_in [+1])``."""
+        over a batch: ``on_columns(layer index, g, omega, ã)`` for each chunk of ``k``
+        columns, ``g`` ``(k, N, R, d_out)`` at the layer's places, ``omega`` ``(k, N)``
+        and the layer's ``ã`` ``(N, R, d_in [+1])``; returns every layer's ``ã``."""
         module = self.g  # functionalize's private copy, hooked for this pass only
         inputs: dict[str, torch.Tensor] = {}
         probes: dict[str, torch.Tensor] = {}
@@ -309,18 +310,20 @@ class KFACOperator(CurvatureOperator):
                 if not isinstance(out, torch.Tensor) or out.dim() != 2:
                     raise ArgumentError(f"{self._name}: the model's outputs must be (N, C), got "
                                         f"{getattr(out, 'shape', type(out).__name__)}.")
+                out_a = []
+                for name, (_, b) in self._layers.items():
+                    a = _places(mods[name], inputs[name])             # (N, R, d_in)
+                    out_a.append(a if b is None else
+                                 torch.cat([a, torch.ones_like(a[..., :1])], -1))
                 U, omega = self._output_columns(out, y)
                 for cols, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
                     for i, (name, gr) in enumerate(zip(names, grads, strict=True)):
                         places = _output_places(mods[name], gr.flatten(0, 1))  # (kN, R, d)
-                        on_columns(i, places.unflatten(0, gr.shape[:2]), omega[cols])
+                        on_columns(i, places.unflatten(0, gr.shape[:2]), omega[cols],
+                                   out_a[i])
         finally:
             for h in handles:
                 h.remove()
-        out_a = []
-        for name, (_, b) in self._layers.items():
-            a = _places(mods[name], inputs[name])                     # (N, R, d_in)
-            out_a.append(a if b is None else torch.cat([a, torch.ones_like(a[..., :1])], -1))
         return out_a
 
     def _add_batch_factors(self, x: Any, y: Any, weight: float,
@@ -331,7 +334,8 @@ class KFACOperator(CurvatureOperator):
         and a fresh one per batch costs more in page faults than the product itself."""
         reduce = self.kfac_approx == "reduce"
 
-        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor) -> None:
+        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor, _: torch.Tensor
+                       ) -> None:
             if reduce:
                 g, w = g.sum(2), omega[..., None]                     # (k, N, d_out)
             else:  # each place a sample of its own, with its sample's weight
@@ -346,25 +350,29 @@ class KFACOperator(CurvatureOperator):
 
     def _add_batch_corrections(self, x: Any, y: Any, weight: float,
                                into: list[torch.Tensor]) -> None:
-        """Add ``weight sum omega (Q_G^T g)^2 (Q_A^T ã)^2^T`` of this batch to each
-        layer's ``S`` in ``into`` (NOTE [eigenvalue correction]), the places as the
-        convention takes them."""
-        reduce = self.kfac_approx == "reduce"
-        per_place: list[torch.Tensor | None] = [None] * len(into)  # sum_k omega ĝ^2
+        """Add ``weight sum omega (Q_G^T Γ Q_A)^2`` of this batch to each layer's ``S`` in
+        ``into``, ``Γ = sum_r g_r ã_r^T`` a sample's gradient for one column (NOTE
+        [eigenvalue correction]); one place: ``(Q_G^T g)^2 ((Q_A^T ã)^2)^T``."""
+        names = list(self._layers)
 
-        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor) -> None:
-            _, QG, _, _ = self._eigh(list(self._layers)[i])
-            g = (g.sum(2, keepdim=True) if reduce else g) @ QG       # (k, N, R', d_out)
-            part = torch.einsum("kn,knri->nri", omega, g * g)
-            per_place[i] = part if per_place[i] is None else per_place[i] + part
+        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor, a: torch.Tensor
+                       ) -> None:
+            _, QG, _, QA = self._eigh(names[i])
+            g, a = g @ QG, a @ QA                       # (k, N, R, d_out), (N, R, d_in)
+            if g.shape[2] == 1:
+                w = torch.einsum("kn,kni->ni", omega, g[:, :, 0] * g[:, :, 0])
+                into[i].addmm_(w.T, a[:, 0] * a[:, 0], alpha=weight)
+                return
+            k, n, _, d_out = g.shape
+            per_sample = k * d_out * a.shape[-1] * itemsize(a.dtype)
+            step = max(1, CHUNK_BUDGET_BYTES // max(per_sample, 1))
+            for lo in range(0, n, step):
+                rows = slice(lo, lo + step)
+                gamma = torch.einsum("kmri,mrj->kmij", g[:, rows], a[rows])
+                into[i].add_(torch.einsum("km,kmij->ij", omega[:, rows], gamma * gamma),
+                             alpha=weight)
 
-        a_all = self._batch_pass(x, y, on_columns)
-        for i, (S, a) in enumerate(zip(into, a_all, strict=True)):
-            _, _, _, QA = self._eigh(list(self._layers)[i])
-            a = (a.mean(1, keepdim=True) if reduce else a) @ QA      # (N, R', d_in [+1])
-            t = per_place[i]
-            S.addmm_(t.reshape(-1, t.shape[-1]).T, (a * a).reshape(-1, a.shape[-1]),
-                     alpha=weight)
+        self._batch_pass(x, y, on_columns)
 
     def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         shapes = []

@@ -413,7 +413,8 @@ def _layer_indices(model, layer):
             offsets[k] = lo
             lo += p.numel()
     w, b = (f"{layer}.weight", f"{layer}.bias") if layer else ("weight", "bias")
-    d_out, d_in = dict(model.named_parameters())[w].shape
+    weight = dict(model.named_parameters())[w]
+    d_out, d_in = weight.shape[0], weight[0].numel()  # a convolution's as (C_out, C_in k)
     idx = []
     for i in range(d_out):
         idx += [offsets[w] + i * d_in + j for j in range(d_in)]
@@ -503,6 +504,21 @@ def test_ekfac_of_the_mc_fisher_draws_again_from_its_generator():
         assert bool((S >= 0).all())
         assert S.shape == exact.corrections[layer].shape
         assert not torch.allclose(S, exact.corrections[layer])
+
+
+def test_ekfac_per_sample_gradients_in_chunks_of_samples(monkeypatch):
+    """A convolution's per-sample gradients are formed a chunk of samples at a time: a
+    budget of one sample per chunk gives the same corrections."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(15, C)).double()
+    x, y = torch.randn(4, 2, 5, dtype=DT), torch.randint(0, C, (4,))
+    whole = hf.KFACOperator.from_model(model, nn.CrossEntropyLoss(), (x, y),
+                                       eigenvalue_correction=True).corrections
+    monkeypatch.setattr(sys.modules["hessfunc.kfac"], "CHUNK_BUDGET_BYTES", 8)
+    chunked = hf.KFACOperator.from_model(model, nn.CrossEntropyLoss(), (x, y),
+                                         eigenvalue_correction=True).corrections
+    assert_close(chunked, whole)
 
 
 def test_ekfac_refuses_a_non_boolean_switch():
@@ -707,18 +723,15 @@ def test_kfac_factors_of_a_conv_net_by_their_definitions(approx, weighted):
         G = sum(Jsum[i].T @ Ho[i, :, i] @ Jsum[i] for i in range(n))
     assert_close(K.factors["0"][0], A)
     assert_close(K.factors["0"][1], G)
-    # EKFAC: sum omega (Q_G^T g)^2 (Q_A^T a)^2, each sample's sum over k from J^T Ho J
+    # EKFAC: the diagonal of the layer's exact GGN block (the oracle's) in K-FAC's
+    # eigenbasis, whichever convention made the basis
     E = hf.KFACOperator.from_model(model, loss_fn, (x, y), kfac_approx=approx,
                                    eigenvalue_correction=True)
-    QA, QG = torch.linalg.eigh(A)[1], torch.linalg.eigh(G)[1]
-    if approx == "expand":
-        S = sum(torch.outer(torch.diagonal(QG.T @ J[i, :, :, l].T @ Ho[i, :, i] @
-                                           J[i, :, :, l] @ QG), (QA.T @ a[i, l]) ** 2)
-                for i in range(n) for l in range(places))
-    else:
-        S = sum(torch.outer(torch.diagonal(QG.T @ Jsum[i].T @ Ho[i, :, i] @ Jsum[i] @ QG),
-                            (QA.T @ abar[i]) ** 2) for i in range(n))
-    assert_close(E.corrections["0"], S)
+    *_, GGN = _oracle(model, loss_fn, x, y)
+    idx, _ = _layer_indices(model, "0")
+    Q = _eigenbasis(*E.factors["0"])  # its own: reduce's A is singular, its basis not unique
+    S = torch.diagonal(Q.T @ GGN[idx[:, None], idx[None, :]] @ Q)
+    assert_close(E.corrections["0"], S.reshape(G.shape[0], A.shape[0]))
     v = torch.randn(K.shape[0], generator=gen, dtype=DT)
     m = conv.weight.numel()
     V = torch.cat([v[:m].reshape(2, -1), v[m:m + 2, None]], 1)  # [W | b], W as (C_out, -1)
