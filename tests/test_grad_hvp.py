@@ -972,3 +972,17 @@ def test_what_is_not_a_chain_takes_the_cached_graph(name):
     with pytest.raises(hf.ArgumentError, match="method='structured' does not apply here: "
                                                "(parameters .* stops at|no layer)"):
         hf.hvp_fn(f, (p, x, y), method="structured")
+
+
+def test_a_functionalize_chain_read_off_the_graph_keeps_check_finite():
+    """A LogSoftmax module ends the Linear chain of the hook route but not the chain read
+    off the graph; ``check_finite=True`` still names the sample that is NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3),
+                          nn.LogSoftmax(dim=1)).double()
+    f, params = hf.functionalize(model, nn.NLLLoss(), check_finite=True)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert hf.hvp_fn(f, (params, x, y)).method == "structured"
+    x[2, 1] = float("nan")
+    with pytest.raises(hf.NonFiniteError, match="input 0, sample 2"):
+        hf.hvp_fn(f, (params, x, y))

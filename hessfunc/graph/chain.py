@@ -37,6 +37,7 @@ from .._chain import (
     output_blocks,
 )
 from .._memory import CHUNK_BUDGET_BYTES
+from ..functional import FunctionalModel, _report_non_finite
 from .capture import run_nodes
 from .samples import where
 
@@ -335,4 +336,7 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan 
     from .curvature import plan_diagonal
 
     proved = plan_diagonal(f, args, 0, check_memory=False)[0] is not None  # memoised
-    return chain_from_graph(captured, args[0], inputs, per_sample=proved)
+    plan, why = chain_from_graph(captured, args[0], inputs, per_sample=proved)
+    if plan is not None and isinstance(f, FunctionalModel) and f.check_finite:
+        _report_non_finite(args[0], args[1], plan.value, "loss")  # as f itself would
+    return plan, why
