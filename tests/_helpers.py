@@ -39,6 +39,34 @@ def oracle_loss(f: Any, params: dict[str, torch.Tensor], *batch: Any
     return f(leaves, *batch), leaves
 
 
+def oracle_grad(f: Any, params: dict[str, torch.Tensor], batch: tuple[Any, ...]
+                ) -> dict[str, torch.Tensor]:
+    """The loop oracle's gradient of ``f(params, *batch)``."""
+    loss, leaves = oracle_loss(f, params, *batch)
+    return dict(zip(params, hf.reference.gradient(loss, list(leaves.values())), strict=True))
+
+
+def oracle_hvp(f: Any, params: dict[str, torch.Tensor], batch: tuple[Any, ...],
+               v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loop oracle's (the seed's double backward) ``H v``."""
+    loss, leaves = oracle_loss(f, params, *batch)
+    hv = hf.reference.hvp(loss, list(leaves.values()), [v[k] for k in params])
+    return dict(zip(params, hv, strict=True))
+
+
+def check_products(H: Any, f: Any, params: dict[str, torch.Tensor], batch: tuple[Any, ...],
+                   vs: list[dict[str, torch.Tensor]], *, single: bool = False) -> None:
+    """``H(v)``, the batched ``H`` (and with ``single`` one ``hvp`` with
+    ``method="structured"``) equal the oracle for every tangent in ``vs``."""
+    batched = H.batched({k: torch.stack([v[k] for v in vs]) for k in params})
+    for i, v in enumerate(vs):
+        expected = oracle_hvp(f, params, batch, v)
+        if single:
+            assert_close(hf.hvp(f, (params, *batch), v, method="structured"), expected)
+        assert_close(H(v), expected)
+        assert_close({k: t[i] for k, t in batched.items()}, expected)
+
+
 def as_dict(names: list[str], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(names, tensors, strict=True))
 
