@@ -4,6 +4,9 @@ gradients and values against the loop oracle."""
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hessfunc as hf
+from hessfunc.graph.chain import graph_chain
+from hessfunc.testing.models import ResidualMLP
 from hessfunc.testing.strategies import problems, random_like
+
+F64 = torch.float64
 
 
 def _torch_func(model, loss_fn):
@@ -59,7 +66,7 @@ def test_torch_func_conv_chain_and_hand_written_layers():
 
     p = {"w1": torch.randn(4, 3, dtype=torch.float64), "w2": torch.randn(2, 4, dtype=torch.float64),
          "b2": torch.randn(2, dtype=torch.float64)}
-    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
     H = hf.hvp_fn(g, (p, x, y))
     assert H.method == "structured"
     check_products(H, g, p, (x, y), [random_like(p, i) for i in range(2)], single=True)
@@ -139,3 +146,189 @@ def test_a_functionalize_chain_read_off_the_graph_keeps_check_finite():
     x[2, 1] = float("nan")
     with pytest.raises(hf.NonFiniteError, match="input 0, sample 2"):
         hf.hvp_fn(f, (params, x, y))
+
+
+# ---- what the walk accepts and why it declines (from the graph_chain mutation group) --
+
+def _problem(n=4, d=3, c=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p = {"w1": torch.randn(d, d, generator=gen, dtype=torch.float64),
+         "w2": torch.randn(c, d, generator=gen, dtype=torch.float64)}
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    return p, x, y
+
+
+_TRANSPOSED = {
+    "t": lambda w: w.t(),
+    "transpose(0, 1)": lambda w: w.transpose(0, 1),
+    "transpose(-1, -2)": lambda w: w.transpose(-1, -2),
+    "permute(1, 0)": lambda w: w.permute(1, 0),
+    "permute(-1, -2)": lambda w: w.permute(-1, -2),
+}
+
+
+@pytest.mark.parametrize("name", list(_TRANSPOSED))
+def test_every_spelling_of_a_transposed_weight_is_a_layer(name):
+    tr = _TRANSPOSED[name]
+    p, x, y = _problem()
+
+    def f(p, x, y):
+        return F.mse_loss(torch.tanh(x @ tr(p["w1"])) @ tr(p["w2"]), y)
+
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "structured"
+    check_products(H, f, p, (x, y), [random_like(p, 0)])
+
+
+_NOT_LAYERS = {
+    "identity transpose(1, 1)": lambda p, x, y: F.mse_loss(
+        torch.tanh(x @ p["w1"].transpose(1, 1)) @ p["w2"].t(), y),
+    "softmax between layers": lambda p, x, y: F.mse_loss(
+        torch.softmax(x @ p["w1"].t(), -1) @ p["w2"].t(), y),
+    "a per-sample bias parameter": lambda p, x, y: F.mse_loss(
+        torch.addmm(p["B"], torch.tanh(x @ p["w1"].t()), p["w2"].t()), y),
+}
+
+
+@pytest.mark.parametrize("name", list(_NOT_LAYERS))
+def test_look_alikes_of_layers_and_activations_are_not_a_chain(name):
+    """A transpose that is the identity, softmax (same shape, not elementwise), a bias
+    with a row per sample: the cached gradient graph, exact."""
+    f = _NOT_LAYERS[name]
+    p, x, y = _problem()
+    if name == "a per-sample bias parameter":
+        p["B"] = torch.randn(4, 2, dtype=torch.float64)
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "graph"
+    check_products(H, f, p, (x, y), [random_like(p, 0)])
+
+
+def test_conv1d_chains_and_what_ends_them():
+    """A Conv1d chain flattened into a Linear layer is a chain (its 3-D values
+    flattened), with or without a bias; a sum over positions in place of the flattening,
+    a grouped convolution and a chain ending in 3-D outputs are not (the cached gradient
+    graph, exact)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 2, 5, generator=gen, dtype=F64), torch.randn(3, 2, generator=gen,
+                                                                     dtype=F64)
+    p = {"cw": torch.randn(3, 2, 3, generator=gen, dtype=F64),
+         "cb": torch.randn(3, generator=gen, dtype=F64),
+         "hw": torch.randn(2, 9, generator=gen, dtype=F64),
+         "hb": torch.randn(2, generator=gen, dtype=F64)}
+
+    def flat(p, x, y):
+        h = torch.tanh(F.conv1d(x, p["cw"], p["cb"]))
+        return F.mse_loss(F.linear(h.flatten(1), p["hw"], p["hb"]), y)
+
+    def no_bias(p, x, y):
+        h = torch.tanh(F.conv1d(x, p["cw"]))
+        return F.mse_loss(F.linear(h.flatten(1), p["hw"], p["hb"]), y)
+
+    for f, params in ((flat, p), (no_bias, {k: v for k, v in p.items() if k != "cb"})):
+        H = hf.hvp_fn(f, (params, x, y))
+        assert H.method == "structured"
+        check_products(H, f, params, (x, y), [random_like(params, 0)])
+
+    def summed(p, x, y):
+        h = torch.tanh(F.conv1d(x, p["cw"], p["cb"]))
+        return F.mse_loss(F.linear(h.sum(-1), p["hw"][:, :3], p["hb"]), y)
+
+    def grouped(p, x, y):
+        h = torch.tanh(F.conv1d(x, p["cw"][:2, :1], p["cb"][:2], groups=2))
+        return F.mse_loss(F.linear(h.flatten(1), p["hw"][:, :6], p["hb"]), y)
+
+    def outputs_3d(p, x, t):
+        return F.mse_loss(F.conv1d(x, p["cw"], p["cb"]), t)
+
+    for f, target, why in ((summed, y, "which stops at sum"),
+                           (grouped, y, "which stops at"),
+                           (outputs_3d, torch.randn(3, 3, 3, generator=gen, dtype=F64),
+                            r"the chain does not end in an \(N, C\) output")):
+        plan, reason = graph_chain(f, (p, x, target), 0)
+        assert plan is None and re.search(why, reason), (f.__name__, reason)
+        H = hf.hvp_fn(f, (p, x, target))
+        assert H.method == "graph"
+        check_products(H, f, p, (x, target), [random_like(p, 1)])
+
+
+def test_a_chain_with_only_the_inputs_and_parameters():
+    """f(params, inputs) without targets is a chain too."""
+    p, x, _ = _problem()
+
+    def f(p, x):
+        return (torch.tanh(x @ p["w1"].t()) @ p["w2"].t()).pow(2).sum()
+
+    H = hf.hvp_fn(f, (p, x))
+    assert H.method == "structured"
+    check_products(H, f, p, (x,), [random_like(p, 0)])
+
+
+def test_why_a_call_is_not_a_chain():
+    """Each reason the chain route declines, word for word."""
+    p, x, y = _problem()
+
+    def f(p, x, y):
+        return F.mse_loss(torch.tanh(x @ p["w1"].t()) @ p["w2"].t(), y)
+
+    def skip(p, x, y):
+        h = torch.tanh(x @ p["w1"].t())
+        return F.mse_loss((h + h.exp()) @ p["w2"].t(), y) + h.sum()
+
+    def random_f(p, x, y):
+        return F.mse_loss(F.dropout(x @ p["w1"].t(), 0.5) @ p["w2"].t(), y)
+
+    cases = [
+        ((f, (p, x, y), 1), "^argnums is not 0 or f takes no batch after the parameters$"),
+        ((f, (p,), 0), "^argnums is not 0 or f takes no batch after the parameters$"),
+        ((f, ({}, x, y), 0), "^the parameters are not a dict of floating-point tensors$"),
+        ((f, ({**p, "i": torch.ones(2, dtype=torch.int64)}, x, y), 0),
+         "^the parameters are not a dict of floating-point tensors$"),
+        ((f, ((p["w1"], p["w2"]), x, y), 0),
+         "^the parameters are not a dict of floating-point tensors$"),
+        ((f, (p, (x, x), y), 0), "^the inputs are not one tensor$"),
+        ((f, (p, x[0], y), 0), "^the inputs are not one tensor with a batch axis$"),
+        ((random_f, (p, x, y), 0), "^f could not be captured as a graph \\(.*random"),
+        ((lambda p, x, y: torch.tanh(x).sum(), (p, x, y), 0),
+         "^no layer with a parameter on a chain from the inputs$"),
+        ((skip, (p, x, y), 0),
+         r"^parameters \['w2'\] are used outside the chain of layers from the inputs, which "
+         r"stops at a value read by 3 ops \(exp[^,]*, add[^,]*, sum[^,]*\) \(a regulariser, "
+         r"a skip connection, a tied weight or an op without a chain rule\)$"),
+        ((lambda p, x, y: (x @ p["w1"].t() @ p["w2"].t()).detach().sum(), (p, x, y), 0),
+         "^the loss does not depend on the model output$"),
+    ]
+    for (fn, args, argnums), why in cases:
+        plan, reason = graph_chain(fn, args, argnums)
+        assert plan is None and re.search(why, reason), (why, reason)
+    with torch.enable_grad():
+        carried = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+        _, reason = graph_chain(f, (carried, x * torch.ones((), requires_grad=True), y), 0)
+    assert reason == "called inside a torch.func transform or with inputs that carry a graph"
+
+
+def test_output_blocks_kept_up_to_the_budget(monkeypatch):
+    """The per-sample output blocks ``(N, C, C)`` are kept when they fit the chunk budget,
+    the loss's gradient graph used otherwise; the products agree."""
+    p, x, y = _problem()
+    f = lambda p, x, y: F.mse_loss(torch.tanh(x @ p["w1"].t()) @ p["w2"].t(), y)  # noqa: E731
+    need = 4 * 2 * 2 * 8
+    chain_module = sys.modules["hessfunc.graph.chain"]
+    for budget, kept in ((need, True), (need - 1, False)):
+        monkeypatch.setattr(chain_module, "CHUNK_BUDGET_BYTES", budget)
+        plan, _ = graph_chain(f, (p, x, y), 0)
+        assert (plan.out_hessian is not None) == kept
+        H = hf.hvp_fn(f, (p, x, y))
+        check_products(H, f, p, (x, y), [random_like(p, 0)])
+
+
+def test_check_finite_on_a_functionalize_model_that_is_not_a_chain():
+    """``check_finite=True`` and a model the graph does not read as a chain (a residual
+    net): no chain, no check on a plan that is not there; the cached gradient graph."""
+    model = ResidualMLP(3, 4, 1, 2, activation="tanh").double()
+    f, params = hf.functionalize(model, nn.MSELoss(), check_finite=True)
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)
+    assert graph_chain(f, (params, x, y), 0)[0] is None
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "graph"
+    check_products(H, f, params, (x, y), [random_like(params, 0)])
