@@ -144,7 +144,8 @@ def test_a_functionalize_chain_read_off_the_graph_keeps_check_finite():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
     assert hf.hvp_fn(f, (params, x, y)).method == "structured"
     x[2, 1] = float("nan")
-    with pytest.raises(hf.NonFiniteError, match="input 0, sample 2"):
+    with pytest.raises(hf.NonFiniteError,
+                       match="input 0, sample 2 holds NaN/Inf, so the loss is not finite"):
         hf.hvp_fn(f, (params, x, y))
 
 
@@ -235,21 +236,44 @@ def test_conv1d_chains_and_what_ends_them():
         return F.mse_loss(F.linear(h.sum(-1), p["hw"][:, :3], p["hb"]), y)
 
     def grouped(p, x, y):
-        h = torch.tanh(F.conv1d(x, p["cw"][:2, :1], p["cb"][:2], groups=2))
-        return F.mse_loss(F.linear(h.flatten(1), p["hw"][:, :6], p["hb"]), y)
+        h = torch.tanh(F.conv1d(x, p["gw"], groups=2))
+        return F.mse_loss(F.linear(h.flatten(1), p["gh"]), y)
+
+    def computed_weight(p, x, y):
+        h = torch.tanh(F.conv1d(x, 2.0 * p["cw"], p["cb"]))
+        return F.mse_loss(F.linear(h.flatten(1), p["hw"], p["hb"]), y)
 
     def outputs_3d(p, x, t):
         return F.mse_loss(F.conv1d(x, p["cw"], p["cb"]), t)
 
-    for f, target, why in ((summed, y, "which stops at sum"),
-                           (grouped, y, "which stops at"),
-                           (outputs_3d, torch.randn(3, 3, 3, generator=gen, dtype=F64),
-                            r"the chain does not end in an \(N, C\) output")):
-        plan, reason = graph_chain(f, (p, x, target), 0)
+    g = {"gw": torch.randn(4, 1, 3, generator=gen, dtype=F64),
+         "gh": torch.randn(2, 12, generator=gen, dtype=F64)}
+    for f, params, target, why in (
+            (summed, p, y, "which stops at sum"),
+            (grouped, g, y, "which stops at convolution"),
+            (computed_weight, p, y, "which stops at convolution"),
+            (outputs_3d, p, torch.randn(3, 3, 3, generator=gen, dtype=F64),
+             r"^the chain does not end in an \(N, C\) output$")):
+        plan, reason = graph_chain(f, (params, x, target), 0)
         assert plan is None and re.search(why, reason), (f.__name__, reason)
-        H = hf.hvp_fn(f, (p, x, target))
+        H = hf.hvp_fn(f, (params, x, target))
         assert H.method == "graph"
-        check_products(H, f, p, (x, target), [random_like(p, 1)])
+        check_products(H, f, params, (x, target), [random_like(params, 1)])
+
+
+def test_elementwise_runs_with_constants_and_keyword_arguments():
+    """An elementwise map that reads a tensor constant of the closure (a mask) and an op
+    with keyword arguments (tanh-approximated GELU): a chain, exact."""
+    p, x, y = _problem()
+    mask = torch.tensor([1.0, 0.5, -2.0], dtype=F64)
+
+    def f(p, x, y):
+        h = F.gelu(x @ p["w1"].t(), approximate="tanh") * mask
+        return F.mse_loss(h @ p["w2"].t(), y)
+
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "structured"
+    check_products(H, f, p, (x, y), [random_like(p, i) for i in range(2)])
 
 
 def test_a_chain_with_only_the_inputs_and_parameters():
@@ -297,6 +321,11 @@ def test_why_a_call_is_not_a_chain():
          r"a skip connection, a tied weight or an op without a chain rule\)$"),
         ((lambda p, x, y: (x @ p["w1"].t() @ p["w2"].t()).detach().sum(), (p, x, y), 0),
          "^the loss does not depend on the model output$"),
+        ((lambda p, x, y: (torch.tanh(x @ p["w1"].t()) @ p["w2"].t()).pow(2).sum(0),
+          (p, x, y), 0), "^the loss is not a scalar$"),
+        ((lambda p, x, y: (x @ p["w1"].t() @ p["w2"].t()).sum() if bool(x.sum() > 0) else
+          (x @ p["w1"].t() @ p["w2"].t()).mean(), (p, x, y), 0),
+         "^f could not be captured as a graph"),
     ]
     for (fn, args, argnums), why in cases:
         plan, reason = graph_chain(fn, args, argnums)
