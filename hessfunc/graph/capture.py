@@ -43,7 +43,7 @@ import functools
 import operator
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,7 @@ from .._autodiff import second_order_kernels
 from ..errors import ArgumentError
 
 __all__ = ["Captured", "TraceCache", "capture", "fingerprint", "tensor_leaves",
-           "run_nodes", "LOSS_DECOMPOSITIONS"]
+           "run_nodes", "replay", "LOSS_DECOMPOSITIONS"]
 
 aten = torch.ops.aten
 
@@ -95,7 +95,6 @@ LOSS_DECOMPOSITIONS = {
         aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit,
     ]),
 }
-
 
 
 def _smooth_log_sigmoid_forward(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,6 +218,18 @@ def run_nodes(gm: torch.fx.GraphModule, placeholders: Sequence[Any]) -> dict[tor
         elif node.op == "output":
             env[node] = torch.fx.node.map_arg(node.args[0], env.__getitem__)
     return env
+
+
+def replay(nodes: Iterable[torch.fx.Node], env: Mapping[torch.fx.Node, Any],
+           values: dict[torch.fx.Node, Any]) -> dict[torch.fx.Node, Any]:
+    """Evaluate the call nodes ``nodes`` (in graph order) again, each operand read from
+    ``values`` before ``env``, the results added to ``values``: a part of a captured graph
+    on new values of some of its nodes (``values``), the rest as they were (``env``)."""
+    for node in nodes:
+        args, kwargs = torch.fx.node.map_arg(
+            (node.args, node.kwargs), lambda n: values[n] if n in values else env[n])
+        values[node] = node.target(*args, **kwargs)
+    return values
 
 
 def argument(node: torch.fx.Node, name: str) -> Any:

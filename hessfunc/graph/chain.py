@@ -38,7 +38,7 @@ from .._chain import (
 )
 from .._memory import CHUNK_BUDGET_BYTES
 from ..functional import FunctionalModel, _report_non_finite
-from .capture import run_nodes
+from .capture import replay, run_nodes
 from .samples import where
 
 __all__ = ["chain_from_graph"]
@@ -166,12 +166,7 @@ class _Walk:
         """``phi'`` and ``phi''`` of the run as a function of ``cur``."""
 
         def phi(z: Tensor) -> Tensor:
-            local = {cur: z}
-            for node in run:
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                               lambda n: local.get(n, self.env[n]))
-                local[node] = node.target(*args, **kwargs)
-            return local[run[-1]]
+            return replay(run, self.env, {cur: z})[run[-1]]
 
         found = elementwise_derivatives(phi, self.env[cur])
         if isinstance(found, str):
@@ -282,24 +277,15 @@ def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node
                 ) -> tuple[Tensor, Tensor, Tensor] | str:
     """``(o, dL/do with its graph, L)``: the graph after ``o`` replayed on a leaf."""
     leaf = env[o].detach().requires_grad_(True)
-    local: dict[fx.Node, Any] = {o: leaf}
-    after = False
-    loss = None
+    reads, loss_nodes = {o}, []  # what depends on o, in graph order
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(a in reads for a in node.all_input_nodes):
+            reads.add(node)
+            loss_nodes.append(node)
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     with torch.enable_grad():
-        for node in gm.graph.nodes:
-            if node is o:
-                after = True
-                continue
-            if not after or node.op not in ("call_function", "output"):
-                continue
-            if node.op == "output":
-                loss = fx.node.map_arg(node.args[0], lambda n: local.get(n, env[n]))
-                break
-            if not any(a in local for a in node.all_input_nodes):
-                continue
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs),
-                                           lambda n: local.get(n, env[n]))
-            local[node] = node.target(*args, **kwargs)
+        local = replay(loss_nodes, env, {o: leaf})
+        loss = fx.node.map_arg(out.args[0], lambda n: local.get(n, env[n]))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             return "the loss is not a scalar"
         if not loss.requires_grad:
