@@ -173,10 +173,9 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
     if method == "structured" or (method == "auto" and mode == HVP_MODES[0]):
         # NOTE [single structured product]: no graph at all, and not even the gradient's
         # own weight products (the double backward forms them for its second pass)
-        plan, reason = _chain.analyze(f, primals, argnums, output="graph")
-        if plan is None and method == "structured":  # asked for: also a chain in the graph
-            plan, why = graph_chain(f, primals, argnums)
-            reason = reason if plan is not None else f"{why} (Linear chain: {reason})"
+        # a chain in the captured graph only when asked for: a new f costs a trace
+        plan, reason = _products_chain(f, primals, argnums, in_graph=method == "structured",
+                                      output="graph")
         if plan is not None and use_autograd((tangent,)):
             with explain_missing_derivative(call):  # the loss's own second derivatives
                 return ChainProducts(plan)(tangent)
@@ -206,6 +205,19 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
         grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
         _, vjp_fn = torch.func.vjp(grad_fn, primals[argnums])
         return vjp_fn(tangent)[0]
+
+
+def _products_chain(f: Callable[..., Any], primals: tuple[Any, ...], argnums: int, *,
+                   in_graph: bool = True, **hooked: Any) -> tuple[Any, str]:
+    """The chain the R-operator products run on, or ``(None, why)``: a
+    :func:`hessfunc.functionalize` model's Linear chain (``hooked``: the arguments of
+    :func:`hessfunc._chain.analyze`), else, with ``in_graph``, one read off the captured
+    graph of any ``f`` (NOTE [chains from the graph])."""
+    plan, reason = _chain.analyze(f, primals, argnums, **hooked)
+    if plan is None and in_graph:
+        plan, why = graph_chain(f, primals, argnums)
+        reason = reason if plan is not None else f"{why} (Linear chain: {reason})"
+    return plan, reason
 
 
 @dataclass(frozen=True)
@@ -260,10 +272,7 @@ class HVPFunction:
         # NOTE [batched or looped products]; shared by the batches of one operator
         self._choices: dict[Any, Any] = {} if choices is None else choices
         if method != "graph":
-            plan, reason = _chain.analyze(f, primals, argnums, products_only=True)
-            if plan is None:
-                plan, why = graph_chain(f, primals, argnums)
-                reason = reason if plan is not None else f"{why} (Linear chain: {reason})"
+            plan, reason = _products_chain(f, primals, argnums, products_only=True)
             if plan is not None:
                 self._chain = ChainProducts(plan)
                 if plan.value is not None:
