@@ -374,51 +374,49 @@ class KFACOperator(CurvatureOperator):
 
         self._batch_pass(x, y, on_columns)
 
-    def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        shapes = []
-        for w, b in self._layers.values():
-            d_out = self.params[w].shape[0]
-            shapes.append((self.params[w].numel() // d_out + (b is not None), d_out))
-        sizes = [i * i + o * o for i, o in shapes]
+    def _summed(self, step: str, passes: str, shapes: list[tuple[int, int]],
+                add: Callable[[Any, Any, float, list[torch.Tensor]], None]
+                ) -> list[torch.Tensor]:
+        """Matrices of ``shapes`` summed over the batches (and the ranks, as one buffer
+        they reduce, collective ``step``): ``add(x, y, batch weight, views)`` adds each
+        batch's share into the views in place."""
 
-        def views(total: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            """Each layer's ``(A, G)`` as views into the one buffer ranks reduce."""
+        def views(total: torch.Tensor) -> list[torch.Tensor]:
             out, lo = [], 0
-            for d_in, d_out in shapes:
-                mid = lo + d_in * d_in
-                out.append((total[lo:mid].view(d_in, d_in),
-                            total[mid:mid + d_out * d_out].view(d_out, d_out)))
-                lo = mid + d_out * d_out
+            for rows, cols in shapes:
+                out.append(total[lo:lo + rows * cols].view(rows, cols))
+                lo += rows * cols
             return out
 
         def fill(total: torch.Tensor) -> None:
             into = views(total)
-            for _, w, (x, y) in self._passes("factors"):
-                self._add_batch_factors(x, y, float(w), into)
+            for _, w, (x, y) in self._passes(passes):
+                add(x, y, float(w), into)
 
-        total = self._group.sum("factors", (sum(sizes),), self._spec_like(), fill)
-        return dict(zip(self._layers, views(total), strict=True))
+        size = sum(rows * cols for rows, cols in shapes)
+        return views(self._group.sum(step, (size,), self._spec_like(), fill))
+
+    def _compute_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        shapes = []
+        for w, b in self._layers.values():
+            d_out = self.params[w].shape[0]
+            d_in = self.params[w].numel() // d_out + (b is not None)
+            shapes += [(d_in, d_in), (d_out, d_out)]  # each layer's A, then its G
+
+        def pairs(views: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return list(zip(views[::2], views[1::2], strict=True))
+
+        factors = self._summed("factors", "factors", shapes, lambda x, y, w, views:
+                               self._add_batch_factors(x, y, w, pairs(views)))
+        return dict(zip(self._layers, pairs(factors), strict=True))
 
     def _compute_corrections(self) -> dict[str, torch.Tensor]:
         """Each layer's ``S`` ``(d_out, d_in [+1])``: a second pass over the data in the
         factors' eigenbases (NOTE [eigenvalue correction])."""
         shapes = [(G.shape[0], A.shape[0]) for A, G in self.factors.values()]
-
-        def views(total: torch.Tensor) -> list[torch.Tensor]:
-            out, lo = [], 0
-            for d_out, d_in in shapes:
-                out.append(total[lo:lo + d_out * d_in].view(d_out, d_in))
-                lo += d_out * d_in
-            return out
-
-        def fill(total: torch.Tensor) -> None:
-            into = views(total)
-            for _, w, (x, y) in self._passes("eigenvalue corrections"):
-                self._add_batch_corrections(x, y, float(w), into)
-
-        total = self._group.sum("corrections", (sum(o * i for o, i in shapes),),
-                                self._spec_like(), fill)
-        return dict(zip(self._layers, views(total), strict=True))
+        corrections = self._summed("corrections", "eigenvalue corrections", shapes,
+                                   self._add_batch_corrections)
+        return dict(zip(self._layers, corrections, strict=True))
 
     # -------------------------------------------------------------- products
     def _apply(self, tree: Any, op: Callable[[str, torch.Tensor], torch.Tensor]) -> Any:
