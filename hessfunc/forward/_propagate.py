@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ..graph.capture import TraceCache, tensor_leaves
+from ..graph.capture import TraceCache, run_nodes, tensor_leaves
 from ._fallback import generic
 from ._rules import NotApplicable, floating_outputs, lookup
 from ._series import Contracted, Jet, JetSpec, contract
@@ -168,27 +168,11 @@ def _adjoints(
     )
     index = {n: i for i, n in enumerate(nodes)}
 
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+
     def perturbed(*e: Tensor) -> Tensor:
-        env: dict[torch.fx.Node, Any] = {}
-        placeholders = iter(inputs)
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                env[node] = next(placeholders)
-            elif node.op == "get_attr":
-                env[node] = operator.attrgetter(node.target)(gm)
-            elif node.op == "call_function":
-                args = torch.fx.node.map_arg(node.args, env.__getitem__)
-                kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
-                if node.target is operator.getitem:
-                    val = args[0][args[1]]
-                else:
-                    val = node.target(*args, **kwargs)
-                if node in index:
-                    val = val + e[index[node]]
-                env[node] = val
-            elif node.op == "output":
-                return torch.fx.node.map_arg(node.args[0], env.__getitem__)
-        raise RuntimeError("graph without output")
+        return run_nodes(gm, inputs, lambda node, value: value + e[index[node]]
+                         if node in index else value)[output]
 
     out, pullback = torch.func.vjp(perturbed, *eps)
     grads = pullback(torch.ones_like(out))

@@ -202,9 +202,13 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     return Captured(gm, output)
 
 
-def run_nodes(gm: torch.fx.GraphModule, placeholders: Sequence[Any]) -> dict[torch.fx.Node, Any]:
+def run_nodes(gm: torch.fx.GraphModule, placeholders: Sequence[Any],
+              adjust: Callable[[torch.fx.Node, Any], Any] | None = None
+              ) -> dict[torch.fx.Node, Any]:
     """Evaluate ``gm`` on ``placeholders`` (in order), keeping every node's value; the
-    output node maps to what the graph returns. Under the caller's grad mode."""
+    output node maps to what the graph returns. Under the caller's grad mode (and
+    transforms). ``adjust(node, value)``: what a call node's value becomes before later
+    nodes read it (a perturbation)."""
     env: dict[torch.fx.Node, Any] = {}
     feed = iter(placeholders)
     for node in gm.graph.nodes:
@@ -214,7 +218,8 @@ def run_nodes(gm: torch.fx.GraphModule, placeholders: Sequence[Any]) -> dict[tor
             env[node] = operator.attrgetter(node.target)(gm)
         elif node.op == "call_function":
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-            env[node] = node.target(*args, **kwargs)
+            value = node.target(*args, **kwargs)
+            env[node] = value if adjust is None else adjust(node, value)
         elif node.op == "output":
             env[node] = torch.fx.node.map_arg(node.args[0], env.__getitem__)
     return env
