@@ -428,7 +428,9 @@ class CurvatureOperator:
         if V.shape[1] == 1:  # one column (Lanczos): the unbatched product is cheaper
             return self._product(V[:, 0]).unsqueeze(1)
         step = auto_chunk_size(V.shape[1], 0)
-        chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T, self._spec))
+        # each column's leaves contiguous: a backward pass through the gradient graph
+        # with strided cotangents measured 10-14% slower
+        chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T.contiguous(), self._spec))
                   for lo in range(0, V.shape[1], step)]
 
         def fill(total: torch.Tensor) -> None:

@@ -64,9 +64,8 @@ Mode = Literal["reverse-over-reverse", "forward-over-reverse"]
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
 PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
-#: Columns of the first batched pass that NOTE [batched or looped products] times
-#: (k / 16 of a call's k columns, within these bounds).
-_PROBE_COLUMNS, _PROBE_MAX = 2, 64
+#: Columns of the first batched pass that NOTE [batched or looped products] times.
+_PROBE_COLUMNS = 2
 
 
 def _check_mode(mode: Any, call: str) -> None:
@@ -391,10 +390,12 @@ class HVPFunction:
         the wider, the cheaper per column), but its rules can be slower per column than
         the plain kernels (on a ResNet with BatchNorm, at every width) and wide batches
         fall out of cache. So the calls time their own columns: two single products (the
-        faster; a first one warms up), then batched passes of ``k / 16`` columns (2 to
-        64), four times wider while that is 10% cheaper per column. When a wider pass
-        stops paying, the choice is settled: batching at the best width if that is 10%
-        cheaper per column than a single product, else the loop. Columns left when the
+        faster; a first one warms up), then a batched pass of 2 columns, four times wider
+        while each pass is 10% cheaper per column than the last and cheaper than a single
+        product (a pass that loses to the loop ends the probing: a wider one cost 2 to 16
+        products' time on the residual MLP and the ResNet and never won). Then the choice
+        is settled: batching at the best width if that is 10% cheaper per column than a
+        single product, else the loop. Columns left when the
         next width does not fit go by the best route so far, and the next call of the
         same kind (products; rows of any leaf's block) goes on probing where this one
         stopped; the other batches of a :class:`hessfunc.HessianOperator` (the same
@@ -416,7 +417,7 @@ class HVPFunction:
                 parts.append(single(i))
                 per_single = min(per_single, time.perf_counter() - start)
             state = _Choice(None, math.inf, per_single, settled=False)
-            lo, width = 3, max(_PROBE_COLUMNS, min(_PROBE_MAX, k // 16))
+            lo, width = 3, _PROBE_COLUMNS
         else:
             width = 4 * state.width if state.width else _PROBE_COLUMNS
         while not state.settled and k - lo >= width:
@@ -425,7 +426,8 @@ class HVPFunction:
             per_column = (time.perf_counter() - start) / width
             lo += width
             if per_column < 0.9 * state.per_column:
-                state = _Choice(width, per_column, state.per_single, settled=False)
+                state = _Choice(width, per_column, state.per_single,
+                                settled=not per_column < state.per_single)
                 width *= 4
             else:
                 state = _Choice(state.width, state.per_column, state.per_single, settled=True)

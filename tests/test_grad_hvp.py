@@ -645,6 +645,11 @@ def test_batched_products_measured_or_forced_equal_the_oracle(choice, k):
     (1.0, lambda w: 0.95 * w, [20, 20], (2, 0.95, True, True)),
     # the faster of the two timed single products (0.5) counts: 0.6 per column loses
     ([1.0, 0.5, 1.0], lambda w: 0.6 * w, [20], (2, 0.6, True, True)),
+    # 2 wide loses to the loop: no wider pass is tried, though 8 wide would win
+    (1.0, lambda w: 1.3 * w if w <= 2 else 0.1 * w, [20, 20], (2, 1.3, True, True)),
+    # 2 and 8 wide win, 32 wide loses to the loop: settled at 8 on the second call
+    (1.0, lambda w: 0.85 * w if w <= 2 else 0.5 * w if w <= 8 else 2.0 * w, [40, 80, 24],
+     (8, 0.5, True, False)),
 ])
 def test_batched_or_looped_policy(single_cost, pass_cost, calls, expected, monkeypatch):
     """NOTE [batched or looped products] on a clock that the products advance: every
