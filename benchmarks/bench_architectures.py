@@ -24,17 +24,18 @@ gradient (``torch.autograd.grad`` of the loss, forward included):
   once, outside the timing), and ``matmat / column`` for 10 columns of
   ``HessianOperator.matmat``.
 
-Then, timed once each (seconds, building the operator included), hessfunc beside
-PyHessian (installed with ``pip install pyhessian --no-deps``) on the same model: the
-top eigenvalue to a relative tolerance of 1e-6 and a 50-probe Hutchinson trace. Each
-result is checked: the products against the seed's (max relative error), the
-eigenvalue of each library against the other.
+Then, timed in 3 rounds alternating (medians; seconds, building the operator
+included), hessfunc beside PyHessian (installed with ``pip install pyhessian
+--no-deps``) on the same model: the top eigenvalue to a relative tolerance of 1e-6
+and a 50-probe Hutchinson trace. Each result is checked: the products against the
+seed's (max relative error), the eigenvalue of each library against the other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import time
 from typing import Any
 
@@ -164,18 +165,18 @@ def _pyhessian(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor
             "trace_s": build_s + tr_s}
 
 
-def run(keys: list[str], repeats: int) -> list[dict]:
+def run(keys: list[str], repeats: int, rounds: int = 3) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for key in keys:
         # torch's fused CPU attention kernel has no double backward: the seed's loop and
         # PyHessian need the math kernel, so every case of the row runs with it
         with sdpa_kernel(SDPBackend.MATH) if key == "transformer" else contextlib.nullcontext():
-            rows.append(_row(key, repeats))
+            rows.append(_row(key, repeats, rounds))
     return rows
 
 
-def _row(key: str, repeats: int) -> dict:
+def _row(key: str, repeats: int, rounds: int) -> dict:
     name, model, loss_fn, x, y = build(key)
     params = {k: v.detach() for k, v in model.named_parameters()}
     leaves = list(model.parameters())
@@ -205,11 +206,22 @@ def _row(key: str, repeats: int) -> dict:
     times = interleaved_medians(cases, repeats=repeats, warmup=1)
     times["matmat / column"] /= V.shape[1]
     unit = times["gradient"]
-    # as a user calls them: a fresh operator each (PyHessian's times include its own)
-    eig_s, eig = _once(lambda: hf.HessianOperator(f, params, (x, y)).eigenvalues(1, tol=1e-6))
-    tr_s, tr = _once(lambda: hf.HessianOperator(f, params, (x, y)).trace(
-        "hutchinson", num_samples=50, seed=0))
-    theirs = _pyhessian(model, loss_fn, x, y)
+    # as a user calls them: a fresh operator each (PyHessian's times include its own),
+    # alternating with PyHessian, medians of the rounds
+    eig_times, tr_times, their_rounds = [], [], []
+    for _ in range(rounds):
+        eig_s, eig = _once(lambda: hf.HessianOperator(f, params, (x, y)).eigenvalues(
+            1, tol=1e-6))
+        tr_s, tr = _once(lambda: hf.HessianOperator(f, params, (x, y)).trace(
+            "hutchinson", num_samples=50, seed=0))
+        eig_times.append(eig_s)
+        tr_times.append(tr_s)
+        their_rounds.append(_pyhessian(model, loss_fn, x, y))
+    eig_s, tr_s = statistics.median(eig_times), statistics.median(tr_times)
+    theirs = their_rounds[-1]
+    if theirs:
+        for key in ("eig_s", "trace_s"):
+            theirs[key] = statistics.median(r[key] for r in their_rounds)
     row = {"model": name, "params": sum(t.numel() for t in params.values()),
            "product route": H.method,
            "times_ms": {k: t * 1e3 for k, t in times.items()},

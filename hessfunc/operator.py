@@ -438,7 +438,7 @@ class CurvatureOperator:
                 for lo, trees in chunks:
                     out = pytree.tree_leaves(H.batched(trees))
                     cols = torch.cat([t.reshape(t.shape[0], -1) for t in out], dim=1).T
-                    total[:, lo:lo + cols.shape[1]] += w * cols
+                    total[:, lo:lo + cols.shape[1]].add_(cols, alpha=w)
 
         return self._group.sum("H @ V", V.shape, V, fill, inputs=V)
 

@@ -192,7 +192,7 @@ def test_architectures_benchmark_on_the_residual_mlp() -> None:
 
     threads = torch.get_num_threads()
     try:
-        (row,) = bench_architectures.run(["residual"], repeats=1)
+        (row,) = bench_architectures.run(["residual"], repeats=1, rounds=1)
     finally:
         torch.set_num_threads(threads)
     assert row["params"] == 52_353 and row["product route"] == "graph"

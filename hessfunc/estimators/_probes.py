@@ -184,11 +184,13 @@ class Operator:
     def probes(
         self, num: int, distribution: str, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """``num`` random probe vectors as the columns of a ``(size, num)`` tensor."""
-        shape = (self.size, num)
+        """``num`` random probe vectors as the columns of a ``(size, num)`` tensor, each
+        column contiguous (drawn as rows, then transposed): the operators split columns
+        into parameter-shaped tangents, and strided ones slow a backward pass."""
+        shape = (num, self.size)
         if distribution == "rademacher":
             signs = torch.randint(
                 0, 2, shape, generator=generator, dtype=self.dtype, device=self.device
             )
-            return signs.mul_(2).sub_(1)
-        return torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device)
+            return signs.mul_(2).sub_(1).T
+        return torch.randn(shape, generator=generator, dtype=self.dtype, device=self.device).T
