@@ -70,9 +70,15 @@ class _Walk:
     """The chain's steps from the input placeholder, one link at a time."""
 
     def __init__(self, gm: fx.GraphModule, env: dict[fx.Node, Any],
-                 names: dict[fx.Node, str]) -> None:
-        self.gm, self.env, self.names = gm, env, names
+                 names: dict[fx.Node, str], values: bool) -> None:
+        self.gm, self.env, self.names, self.values = gm, env, names, values
         self._variable: dict[fx.Node, bool] = {}
+
+    def layer_input(self, node: fx.Node) -> Any:
+        """A layer's input: its value, detached (``values``), else the trace's fake
+        tensor as it is (a fake tensor's ``detach`` dispatches through the fake mode:
+        a third of the set-up on SimpleNet)."""
+        return self.env[node].detach() if self.values else self.env[node]
 
     def variable(self, node: Any) -> bool:
         """Whether ``node`` depends on a placeholder (parameters or data)."""
@@ -121,7 +127,7 @@ class _Walk:
         bias = None if bias_node is None else self.operand(bias_node, transposed=False)
         if weight is None or (bias_node is not None and (bias is None or bias[0].dim() != 1)):
             return None
-        return _Linear(weight[0], None if bias is None else bias[0], self.env[cur].detach(),
+        return _Linear(weight[0], None if bias is None else bias[0], self.layer_input(cur),
                        weight[1], None if bias is None else bias[1]), end
 
     def conv(self, node: fx.Node, cur: fx.Node) -> _Conv | None:
@@ -134,7 +140,7 @@ class _Walk:
         bias = None if bias_node is None else self.operand(bias_node, transposed=False)
         if weight is None or (bias_node is not None and bias is None):
             return None
-        return _Conv(weight[0], None if bias is None else bias[0], self.env[cur].detach(),
+        return _Conv(weight[0], None if bias is None else bias[0], self.layer_input(cur),
                      weight[1], None if bias is None else bias[1], tuple(stride),
                      tuple(padding), tuple(dilation))
 
@@ -175,10 +181,10 @@ class _Walk:
 
 
 def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
-                 names: dict[fx.Node, str], values: bool) -> tuple[list[Any], fx.Node] | str:
+                 names: dict[fx.Node, str]) -> tuple[list[Any], fx.Node] | str:
     """The chain's steps from the input placeholder and its last value, or why not.
-    ``values``: ``walk`` holds the values (the activations' derivatives are computed),
-    else only the trace's shapes."""
+    With ``walk.values`` the walk holds the values (the activations' derivatives are
+    computed), else only the trace's shapes."""
     env = walk.env
     x = placeholders[num_params]
     if env[x].dim() < 2:
@@ -188,9 +194,9 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     while True:
         users = list(cur.users)
         if len(users) != 1 or users[0].op != "call_function":
-            stop = f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
+            stop = users
             break
-        stop = where(users[0])
+        stop = users[:1]
         node = users[0]
         if node.target in _VIEWS and env[cur].dim() > 2 and env[node].dim() == 2 \
                 and env[node].shape[0] == env[cur].shape[0]:
@@ -210,7 +216,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
         run = walk.pointwise_run(cur)
         if run is None:
             break
-        if values:
+        if walk.values:
             element = walk.elementwise(run[0], cur)
             if isinstance(element, str):
                 return element
@@ -220,8 +226,10 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
                                           getattr(st, "bias_name", None)) if n}
     stray = [names[p] for p in placeholders[:num_params] if names[p] not in taken and p.users]
     if stray:
+        at = where(stop[0]) if len(stop) == 1 else \
+            f"a value read by {len(stop)} ops ({', '.join(where(u) for u in stop)})"
         return f"parameters {stray} are used outside the chain of layers from the inputs, " \
-               f"which stops at {stop} (a regulariser, a skip connection, a tied weight or " \
+               f"which stops at {at} (a regulariser, a skip connection, a tied weight or " \
                "an op without a chain rule)"
     if not any(isinstance(s, (_Linear, _Conv)) and (s.weight_name or s.bias_name)
                for s in steps):
@@ -247,16 +255,20 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     if len(placeholders) != len(leaves) + len(inputs) or not inputs:
         return None, "the graph's inputs are not the parameters and the batch"
     names = dict(zip(placeholders, params, strict=False))
-    # the walk on the trace's shapes first: a graph that is not a chain costs no forward
-    shapes = {n: n.meta.get("val") if n.op != "get_attr" else
-              operator.attrgetter(n.target)(gm) for n in gm.graph.nodes}
-    found = _chain_steps(_Walk(gm, shapes, names), placeholders, len(leaves), names,
-                         values=False)
+    def shape_walk() -> tuple[list[Any], fx.Node] | str:
+        shapes = {n: n.meta.get("val") if n.op != "get_attr" else
+                  operator.attrgetter(n.target)(gm) for n in gm.graph.nodes}
+        return _chain_steps(_Walk(gm, shapes, names, values=False), placeholders,
+                            len(leaves), names)
+
+    # the walk on the trace's shapes first, once per capture: a graph that is not a chain
+    # costs no forward pass
+    found = captured.analysis(("chain", tuple(params), len(inputs)), shape_walk)
     if isinstance(found, str):
         return None, found
     env = _values(gm, leaves + inputs)
-    found = _chain_steps(_Walk(gm, env, names), placeholders, len(leaves), names,
-                         values=True)
+    found = _chain_steps(_Walk(gm, env, names, values=True), placeholders, len(leaves),
+                         names)
     if isinstance(found, str):
         return None, found
     steps, cur = found
@@ -319,9 +331,10 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan 
         return None, f"f could not be captured as a graph ({str(e)[:80]})"
     if captured is None:
         return None, "f could not be captured as a graph"
-    from .curvature import plan_diagonal
+    from .curvature import sample_routes
 
-    proved = plan_diagonal(f, args, 0, check_memory=False)[0] is not None  # memoised
+    proved = inputs[0].dim() >= 1 and inputs[0].shape[0] >= 2 and \
+        sample_routes(captured, len(args[0]), inputs)[1] is not None  # memoised
     plan, why = chain_from_graph(captured, args[0], inputs, per_sample=proved)
     if plan is not None and isinstance(f, FunctionalModel) and f.check_finite:
         _report_non_finite(args[0], args[1], plan.value, "loss")  # as f itself would

@@ -955,7 +955,6 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
     first = next((t for t in inputs if t.dim() >= 1), None)
     if first is None or first.shape[0] < 2:
         return None, "no batch of at least two samples after the parameters"
-    n = first.shape[0]
     cache = _cache(f)
     if isinstance(cache, str):
         return None, cache
@@ -966,21 +965,31 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
     if captured is None:
         return None, "f could not be captured as a graph (data-dependent control flow, " \
                      "an op make_fx cannot trace, or tensors of an active transform)"
-    gm = captured.graph_module
-    batch = {len(leaves) + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
-
-    def routes_of() -> tuple[SampleStructure, Any]:  # the graph's alone: once per capture
-        structure = analyze_samples(gm, set(range(len(leaves))), batch, n)
-        return structure, (None if structure.reason is not None else
-                           _route_leaves(gm, structure, len(leaves)))
-
-    structure, routes = captured.analysis(("routes", len(leaves), tuple(batch), n), routes_of)
+    structure, routes = sample_routes(captured, len(leaves), inputs)
     if routes is None:
         return None, structure.reason
-    plan = GraphPlan(gm, structure, leaves, inputs, *routes, captured=captured)
+    plan = GraphPlan(captured.graph_module, structure, leaves, inputs, *routes,
+                     captured=captured)
     if not check_memory:
         return plan, "ok"
     return _within_budget(plan, captured.analysis("bytes", lambda: _frontier_bytes(plan)))
+
+
+def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
+                  ) -> tuple[SampleStructure, Any]:
+    """The captured graph's sample structure (the batch: the inputs' leading axis of the
+    first input's size) and each leaf's route, or None for the routes when the graph is
+    not proved a sum over samples; memoised with the capture."""
+    n = next(t for t in inputs if t.dim() >= 1).shape[0]
+    gm = captured.graph_module
+    batch = {num_leaves + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
+
+    def routes_of() -> tuple[SampleStructure, Any]:  # the graph's alone: once per capture
+        structure = analyze_samples(gm, set(range(num_leaves)), batch, n)
+        return structure, (None if structure.reason is not None else
+                           _route_leaves(gm, structure, num_leaves))
+
+    return captured.analysis(("routes", num_leaves, tuple(batch), n), routes_of)
 
 
 def _within_budget(plan: GraphPlan, need: int) -> tuple[GraphPlan | None, str]:
