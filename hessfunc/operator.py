@@ -66,6 +66,7 @@ on an 80 GB device (figures in docs/distributed.md).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -142,6 +143,21 @@ class _DataSpan(NamedTuple):
         trees = vector_to_tree(V.T, self.spec)
         trees[self.name] = trees[self.name] @ self.basis.T
         return torch.cat([t.reshape(k, -1) for t in pytree.tree_leaves(trees)], dim=1).T
+
+
+#: NOTE [batched or looped products] for each ``f`` (while it lives) and shapes of the
+#: point and the first batch: operators built again on the same function (a fresh one per
+#: epoch, per call) reuse the measurement instead of paying its slower passes again.
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _choices_of(f: Any, params: Any, x: Any, y: Any) -> dict[Any, Any]:
+    key = tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves((params, x, y))
+                if isinstance(t, torch.Tensor))
+    try:
+        return _CHOICES.setdefault(f, {}).setdefault(key, {})
+    except TypeError:  # f cannot be weakly referenced or hashed: this operator's own
+        return {}
 
 
 def _is_single_batch(data: Any) -> bool:
@@ -803,8 +819,8 @@ class HessianOperator(CurvatureOperator):
         return cls(f, params, data, **kwargs)
 
     def _build_product(self, index: int, x: Any, y: Any) -> HVPFunction:
-        if not hasattr(self, "_choices"):  # NOTE [batched or looped products], per operator
-            self._choices: dict[Any, Any] = {}
+        if not hasattr(self, "_choices"):
+            self._choices: dict[Any, Any] = _choices_of(self.f, self.params, x, y)
         return HVPFunction(self.f, (self.params, x, y), 0, choices=self._choices)
 
     def _dense_function(self, chunk_size: int | None, max_memory: int | None

@@ -399,8 +399,9 @@ class HVPFunction:
         next width does not fit go by the best route so far, and the next call of the
         same kind (products; rows of any leaf's block) goes on probing where this one
         stopped; the other batches of a :class:`hessfunc.HessianOperator` (the same
-        graph on other data) share it. Choosing costs no extra product, only the slower
-        route's time on the probing passes.
+        graph on other data) share it, and so do operators built again on the same ``f``
+        and shapes. Choosing costs no extra product, only the slower route's time on the
+        probing passes.
         """
         if k == 1:
             return single(0)

@@ -397,3 +397,15 @@ def test_batches_share_one_batched_or_looped_choice(monkeypatch):
     assert len(products) == 3 and all(H.method == "graph" for H in products)
     assert all(H._choices is op._choices for H in products)
     assert op._choices["products"].per_single > 0  # measured once, on the first batch
+
+    # an operator built again on the same f and shapes reuses the measurement; other
+    # shapes, or another f, measure their own
+    again = hf.HessianOperator(f, params, _split(x, y, (8, 8, 8)))
+    again.matmat(V[:, :1])
+    assert again._choices is op._choices
+    other_shapes = hf.HessianOperator(f, params, _split(x, y, (12, 12)))
+    other_shapes.matmat(V[:, :1])
+    assert other_shapes._choices is not op._choices and not other_shapes._choices
+    other_f = hf.HessianOperator(lambda p, x, y: f(p, x, y), params, _split(x, y, (8, 8, 8)))
+    other_f.matmat(V[:, :1])
+    assert other_f._choices is not op._choices
