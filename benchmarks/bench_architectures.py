@@ -228,7 +228,10 @@ def _row(key: str, repeats: int, rounds: int) -> dict:
            "gradients": {k: t / unit for k, t in times.items()},
            "max_rel_error_vs_seed": errors,
            "hessfunc": {"top eigenvalue": float(eig[0]), "eig_s": eig_s,
-                        "trace": float(tr.estimate), "trace_s": tr_s},
+                        "trace": float(tr.estimate), "trace_s": tr_s,
+                        # the first operator on f also measures batched against looped
+                        # products (NOTE [batched or looped products]); later ones reuse it
+                       "trace_first_round_s": tr_times[0]},
            "PyHessian": theirs}
     if theirs:
         row["eig_rel_diff"] = abs(float(eig[0]) - theirs["top eigenvalue"]) / abs(
