@@ -231,7 +231,7 @@ def _row(key: str, repeats: int, rounds: int) -> dict:
                         "trace": float(tr.estimate), "trace_s": tr_s,
                         # the first operator on f also measures batched against looped
                         # products (NOTE [batched or looped products]); later ones reuse it
-                       "trace_first_round_s": tr_times[0]},
+                        "trace_first_round_s": tr_times[0]},
            "PyHessian": theirs}
     if theirs:
         row["eig_rel_diff"] = abs(float(eig[0]) - theirs["top eigenvalue"]) / abs(
