@@ -361,3 +361,37 @@ def test_check_finite_on_a_functionalize_model_that_is_not_a_chain():
     H = hf.hvp_fn(f, (params, x, y))
     assert H.method == "graph"
     check_products(H, f, params, (x, y), [random_like(params, 0)])
+
+
+def test_the_walk_on_shapes_runs_once_per_capture(monkeypatch):
+    """The walk on the trace's shapes is kept with the capture: a second call (a lambda
+    made afresh, the same code) walks only the values, a non-chain not at all and with
+    the same reason. The plan stays exact."""
+    import hessfunc.graph.chain as chain_module
+
+    walks = []
+    real = chain_module._chain_steps
+
+    def spy(walk, *args):
+        walks.append(walk.values)
+        return real(walk, *args)
+
+    monkeypatch.setattr(chain_module, "_chain_steps", spy)
+    p, x, y = _problem()
+
+    def make():
+        return lambda p, x, y: F.mse_loss(torch.tanh(x @ p["w1"].t()) @ p["w2"].t(), y)
+
+    def skip(p, x, y):
+        h = torch.tanh(x @ p["w1"].t())
+        return F.mse_loss(h @ p["w2"].t(), y) + h.sum()
+
+    assert graph_chain(make(), (p, x, y), 0)[0] is not None and walks == [False, True]
+    walks.clear()
+    plan, _ = graph_chain(make(), (p, x, y), 0)
+    assert plan is not None and walks == [True]
+    f = make()
+    check_products(hf.hvp_fn(f, (p, x, y)), f, p, (x, y), [random_like(p, 0)])
+    walks.clear()
+    first = graph_chain(skip, (p, x, y), 0)[1]
+    assert graph_chain(skip, (p, x, y), 0) == (None, first) and walks == [False]
