@@ -49,11 +49,16 @@ __all__ = ["ChainProducts"]
 class ChainProducts:
     """``V -> H V`` for a chain plan, with everything but the tangents cached.
 
+    ``patches``: a convolution's products may run on its patches (NOTE [convolutions as
+    matrix products]); building them costs more than one product saves, so a single
+    product passes False.
+
     Attributes:
         gradient: ``{name: tensor}``, the gradient at the point.
     """
 
-    def __init__(self, plan: ChainPlan):
+    def __init__(self, plan: ChainPlan, patches: bool = True):
+        self._patches = patches
         self._steps = plan.steps[plan.first:]   # below the first trainable layer R{a} = 0
         self._out_hessian = plan.out_hessian    # (N, C, C), or None: the loss graph
         self._loss_graph = plan.loss_graph
@@ -223,7 +228,7 @@ class ChainProducts:
         """The products with the cached ``a`` and ``g`` of conv step ``i``, built once."""
         terms = self._conv_cache.get(i)
         if terms is None:
-            terms = self._conv_cache[i] = _ConvTerms(step, self._grads[i])
+            terms = self._conv_cache[i] = _ConvTerms(step, self._grads[i], self._patches)
         return terms
 
     def _conv_forward(self, i: int, step: _Conv, r: torch.Tensor | None,
@@ -338,9 +343,9 @@ class _ConvTerms:
     Elsewhere the products are aten's (grouped over the ``k`` tangents).
     """
 
-    def __init__(self, step: _Conv, g: torch.Tensor):
+    def __init__(self, step: _Conv, g: torch.Tensor, patches: bool = True):
         self.step, self.g = step, g
-        self.patches = _conv_patches(step, g) if step.weight_name else None
+        self.patches = _conv_patches(step, g) if patches and step.weight_name else None
 
     def forward(self, dW: torch.Tensor, k: int | None) -> torch.Tensor:
         step, a = self.step, self.step.inputs

@@ -177,7 +177,7 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
                                       output="graph")
         if plan is not None and use_autograd((tangent,)):
             with explain_missing_derivative(call):  # the loss's own second derivatives
-                return ChainProducts(plan)(tangent)
+                return ChainProducts(plan, patches=False)(tangent)
         if method == "structured":
             raise ArgumentError(f"{call}: method='structured' does not apply here: "
                                 f"{reason if plan is None else 'the tangent carries a graph'}; "

@@ -132,6 +132,22 @@ def test_products_with_per_axis_settings_equal_the_oracle(variant, frozen, path)
             assert_close(rows[i], _oracle_hvp(f, params, (x, y), only)[key])
 
 
+def test_a_single_product_builds_no_patches(monkeypatch):
+    """One ``hvp`` runs its convolutions on aten: patches cost more to build than one
+    product saves. A cached ``hvp_fn`` on the same narrow chain builds them; both equal
+    the oracle."""
+    built = []
+    real = PRODUCTS._conv_patches
+    monkeypatch.setattr(PRODUCTS, "_conv_patches", lambda *a: built.append(1) or real(*a))
+    _, f, params, x, y = _problem("2d-a", "none", "mse")
+    v = random_like(params, 0)
+    expected = _oracle_hvp(f, params, (x, y), v)
+    assert_close(hf.hvp(f, (params, x, y), v, method="structured"), expected)
+    assert not built
+    assert_close(hf.hvp_fn(f, (params, x, y))(v), expected)
+    assert built
+
+
 @pytest.mark.parametrize("frozen", ["none", "first-weight", "second-conv"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dense_quantities_with_per_axis_settings_equal_the_oracle(variant, frozen, path):
