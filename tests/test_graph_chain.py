@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import weakref
 
 import pytest
 import torch
@@ -377,6 +378,9 @@ def test_the_walk_on_shapes_runs_once_per_capture(monkeypatch):
         return real(walk, *args)
 
     monkeypatch.setattr(chain_module, "_chain_steps", spy)
+    # fresh trace caches: the process may have captured these functions before
+    monkeypatch.setattr(sys.modules["hessfunc.graph.curvature"], "_CACHES",
+                        weakref.WeakKeyDictionary())
     p, x, y = _problem()
 
     def make():
