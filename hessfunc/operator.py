@@ -445,7 +445,7 @@ class CurvatureOperator:
             return self._product(V[:, 0]).unsqueeze(1)
         step = auto_chunk_size(V.shape[1], 0)
         # each column's leaves contiguous: a backward pass through the gradient graph
-        # with strided cotangents measured 10-14% slower
+        # is slower with strided cotangents (docs/benchmarks.md)
         chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T.contiguous(), self._spec))
                   for lo in range(0, V.shape[1], step)]
 

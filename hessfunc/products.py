@@ -392,10 +392,10 @@ class HVPFunction:
         fall out of cache. So the calls time their own columns: two single products (the
         faster; a first one warms up), then a batched pass of 2 columns, four times wider
         while each pass is 10% cheaper per column than the last and cheaper than a single
-        product (a pass that loses to the loop ends the probing: a wider one cost 2 to 16
-        products' time on the residual MLP and the ResNet and never won). Then the choice
-        is settled: batching at the best width if that is 10% cheaper per column than a
-        single product, else the loop. Columns left when the
+        product (a pass that loses to the loop ends the probing: wider passes after a
+        losing one cost several products' time and never won, docs/benchmarks.md). Then
+        the choice is settled: batching at the best width if that is 10% cheaper per
+        column than a single product, else the loop. Columns left when the
         next width does not fit go by the best route so far, and the next call of the
         same kind (products; rows of any leaf's block) goes on probing where this one
         stopped; the other batches of a :class:`hessfunc.HessianOperator` (the same

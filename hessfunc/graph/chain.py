@@ -76,8 +76,8 @@ class _Walk:
 
     def layer_input(self, node: fx.Node) -> Any:
         """A layer's input: its value, detached (``values``), else the trace's fake
-        tensor as it is (a fake tensor's ``detach`` dispatches through the fake mode:
-        a third of the set-up on SimpleNet)."""
+        tensor as it is (a fake tensor's ``detach`` dispatches through the fake mode, a
+        large part of a small chain's set-up)."""
         return self.env[node].detach() if self.values else self.env[node]
 
     def variable(self, node: Any) -> bool:
@@ -255,6 +255,7 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     if len(placeholders) != len(leaves) + len(inputs) or not inputs:
         return None, "the graph's inputs are not the parameters and the batch"
     names = dict(zip(placeholders, params, strict=False))
+
     def shape_walk() -> tuple[list[Any], fx.Node] | str:
         shapes = {n: n.meta.get("val") if n.op != "get_attr" else
                   operator.attrgetter(n.target)(gm) for n in gm.graph.nodes}
