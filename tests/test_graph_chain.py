@@ -24,6 +24,16 @@ from hessfunc.testing.strategies import problems, random_like
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def fresh_trace_caches(monkeypatch):
+    """Every test starts from empty trace caches: they are keyed by code, and a test's
+    own functions keep their code across runs in one process (a mutation tester's
+    workers run the tests again after a clean run), so what a capture memoises would
+    otherwise hide the code under test."""
+    monkeypatch.setattr(sys.modules["hessfunc.graph.curvature"], "_CACHES",
+                        weakref.WeakKeyDictionary())
+
+
 def _torch_func(model, loss_fn):
     return lambda p, x, y: loss_fn(torch.func.functional_call(model, p, (x,)), y)
 
@@ -378,9 +388,6 @@ def test_the_walk_on_shapes_runs_once_per_capture(monkeypatch):
         return real(walk, *args)
 
     monkeypatch.setattr(chain_module, "_chain_steps", spy)
-    # fresh trace caches: the process may have captured these functions before
-    monkeypatch.setattr(sys.modules["hessfunc.graph.curvature"], "_CACHES",
-                        weakref.WeakKeyDictionary())
     p, x, y = _problem()
 
     def make():
