@@ -83,7 +83,7 @@ def test_torch_func_conv_chain_and_hand_written_layers():
     check_products(H, g, p, (x, y), [random_like(p, i) for i in range(2)], single=True)
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 2, 4])
 def test_torch_func_chain_keeps_output_blocks_only_where_samples_are_proved_apart(n):
     """A sum over samples (proved on the graph) keeps the loss's per-sample blocks; a loss
     that couples samples keeps its gradient graph (one sample: its block is all of it);
@@ -313,6 +313,8 @@ def test_why_a_call_is_not_a_chain():
     def random_f(p, x, y):
         return F.mse_loss(F.dropout(x @ p["w1"].t(), 0.5) @ p["w2"].t(), y)
 
+    fixed = p["w2"].clone()  # a constant layer: a chain step with no parameter
+
     cases = [
         ((f, (p, x, y), 1), "^argnums is not 0 or f takes no batch after the parameters$"),
         ((f, (p,), 0), "^argnums is not 0 or f takes no batch after the parameters$"),
@@ -325,6 +327,8 @@ def test_why_a_call_is_not_a_chain():
         ((f, (p, x[0], y), 0), "^the inputs are not one tensor with a batch axis$"),
         ((random_f, (p, x, y), 0), "^f could not be captured as a graph \\(.*random"),
         ((lambda p, x, y: torch.tanh(x).sum(), (p, x, y), 0),
+         "^no layer with a parameter on a chain from the inputs$"),
+        ((lambda p, x, y: F.mse_loss(torch.tanh(x @ fixed.t()), y), (p, x, y), 0),
          "^no layer with a parameter on a chain from the inputs$"),
         ((skip, (p, x, y), 0),
          r"^parameters \['w2'\] are used outside the chain of layers from the inputs, which "

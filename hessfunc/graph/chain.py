@@ -61,7 +61,8 @@ def _is_transpose(node: fx.Node) -> bool:
 
 
 def _values(gm: fx.GraphModule, placeholders: list[Tensor]) -> dict[fx.Node, Any]:
-    """Every node's value at the point, without autograd."""
+    """Every node's value at the point, without autograd (the layers' inputs that a plan
+    keeps carry no graph: graph_chain refuses inputs that require grad)."""
     with torch.no_grad():
         return run_nodes(gm, placeholders)
 
@@ -73,12 +74,6 @@ class _Walk:
                  names: dict[fx.Node, str], values: bool) -> None:
         self.gm, self.env, self.names, self.values = gm, env, names, values
         self._variable: dict[fx.Node, bool] = {}
-
-    def layer_input(self, node: fx.Node) -> Any:
-        """A layer's input: its value, detached (``values``), else the trace's fake
-        tensor as it is (a fake tensor's ``detach`` dispatches through the fake mode, a
-        large part of a small chain's set-up)."""
-        return self.env[node].detach() if self.values else self.env[node]
 
     def variable(self, node: Any) -> bool:
         """Whether ``node`` depends on a placeholder (parameters or data)."""
@@ -127,7 +122,7 @@ class _Walk:
         bias = None if bias_node is None else self.operand(bias_node, transposed=False)
         if weight is None or (bias_node is not None and (bias is None or bias[0].dim() != 1)):
             return None
-        return _Linear(weight[0], None if bias is None else bias[0], self.layer_input(cur),
+        return _Linear(weight[0], None if bias is None else bias[0], self.env[cur],
                        weight[1], None if bias is None else bias[1]), end
 
     def conv(self, node: fx.Node, cur: fx.Node) -> _Conv | None:
@@ -140,7 +135,7 @@ class _Walk:
         bias = None if bias_node is None else self.operand(bias_node, transposed=False)
         if weight is None or (bias_node is not None and bias is None):
             return None
-        return _Conv(weight[0], None if bias is None else bias[0], self.layer_input(cur),
+        return _Conv(weight[0], None if bias is None else bias[0], self.env[cur],
                      weight[1], None if bias is None else bias[1], tuple(stride),
                      tuple(padding), tuple(dilation))
 
