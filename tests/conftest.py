@@ -10,10 +10,14 @@ which replays it first on the next run (``--hypothesis-seed=N`` fixes a whole ru
 from __future__ import annotations
 
 import os
+import sys
+import weakref
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+import hessfunc.graph.curvature  # noqa: F401 - its trace caches are reset per test
 
 settings.register_profile(
     "ci", max_examples=15, deadline=None, print_blob=True,
@@ -38,6 +42,16 @@ def pytest_report_header(config: pytest.Config) -> str:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts from empty trace caches. They are keyed by code, and a test's own
+    functions keep their code across runs in one process (a mutation tester's workers run
+    the tests again after a clean run), so what a capture memoises would otherwise hide
+    the code under test."""
+    monkeypatch.setattr(sys.modules["hessfunc.graph.curvature"], "_CACHES",
+                        weakref.WeakKeyDictionary())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import sys
-import weakref
 
 import pytest
 import torch
@@ -22,16 +21,6 @@ from hessfunc.testing.models import ResidualMLP
 from hessfunc.testing.strategies import problems, random_like
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def fresh_trace_caches(monkeypatch):
-    """Every test starts from empty trace caches: they are keyed by code, and a test's
-    own functions keep their code across runs in one process (a mutation tester's
-    workers run the tests again after a clean run), so what a capture memoises would
-    otherwise hide the code under test."""
-    monkeypatch.setattr(sys.modules["hessfunc.graph.curvature"], "_CACHES",
-                        weakref.WeakKeyDictionary())
 
 
 def _torch_func(model, loss_fn):
