@@ -145,9 +145,10 @@ class _DataSpan(NamedTuple):
         return torch.cat([t.reshape(k, -1) for t in pytree.tree_leaves(trees)], dim=1).T
 
 
-#: NOTE [batched or looped products] for each ``f`` (while it lives) and shapes of the
-#: point and the first batch: operators built again on the same function (a fresh one per
-#: epoch, per call) reuse the measurement instead of paying its slower passes again.
+#: NOTE [batched or looped products] for each ``f`` (the function object, while it lives)
+#: and shapes of the point and the first batch: operators built again on the same function
+#: (a fresh operator per epoch or per call) reuse the measurement instead of paying its
+#: slower passes again.
 _CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -445,7 +446,8 @@ class CurvatureOperator:
             return self._product(V[:, 0]).unsqueeze(1)
         step = auto_chunk_size(V.shape[1], 0)
         # each column's leaves contiguous: a backward pass through the gradient graph
-        # is slower with strided cotangents (docs/benchmarks.md)
+        # is slower with strided cotangents (docs/benchmarks.md). The estimators' probes
+        # already are; a row-major V is copied once (P k more numbers at the peak)
         chunks = [(lo, vector_to_tree(V[:, lo:lo + step].T.contiguous(), self._spec))
                   for lo in range(0, V.shape[1], step)]
 

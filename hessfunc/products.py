@@ -268,7 +268,8 @@ class HVPFunction:
         self._gradient: Any = None
         self._value: torch.Tensor | None = None
         self._value_of: tuple[Callable[..., Any], torch.Tensor, Any] | None = None
-        # NOTE [batched or looped products]; shared by the batches of one operator
+        # NOTE [batched or looped products]; shared by the batches of one operator and by
+        # operators on the same function object and shapes
         self._choices: dict[Any, Any] = {} if choices is None else choices
         if method != "graph":
             plan, reason = _products_chain(f, primals, argnums, products_only=True)
@@ -395,13 +396,14 @@ class HVPFunction:
         product (a pass that loses to the loop ends the probing: wider passes after a
         losing one cost several products' time and never won, docs/benchmarks.md). Then
         the choice is settled: batching at the best width if that is 10% cheaper per
-        column than a single product, else the loop. Columns left when the
-        next width does not fit go by the best route so far, and the next call of the
-        same kind (products; rows of any leaf's block) goes on probing where this one
-        stopped; the other batches of a :class:`hessfunc.HessianOperator` (the same
-        graph on other data) share it, and so do operators built again on the same ``f``
-        and shapes. Choosing costs no extra product, only the slower route's time on the
-        probing passes.
+        column than a single product, else the loop. Columns left when the next width
+        does not fit go by the best route so far, and the next call of the same kind
+        (products; rows of any leaf's block) goes on probing where this one stopped; the
+        other batches of a :class:`hessfunc.HessianOperator` (the same graph on other
+        data) share it, and so do operators built again on the same function object and
+        shapes (a torch.func-style ``f`` kept across epochs; not
+        ``from_model``, which makes a new function on each call). Choosing costs no
+        extra product, only the slower route's time on the probing passes.
         """
         if k == 1:
             return single(0)

@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import hessfunc.graph.curvature  # noqa: F401 - its trace caches are reset per test
+import hessfunc.operator  # noqa: F401 - and its batched-or-looped choices
 
 settings.register_profile(
     "ci", max_examples=15, deadline=None, print_blob=True,
@@ -46,11 +47,13 @@ def _seed() -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_trace_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test starts from empty trace caches. They are keyed by code, and a test's own
-    functions keep their code across runs in one process (a mutation tester's workers run
-    the tests again after a clean run), so what a capture memoises would otherwise hide
-    the code under test."""
+    """Every test starts from empty trace caches and batched-or-looped choices. They are
+    keyed by code or by function, and a test's own functions keep their code across runs
+    in one process (a mutation tester's workers run the tests again after a clean run), so
+    what an earlier run memoised would otherwise hide the code under test."""
     monkeypatch.setattr(sys.modules["hessfunc.graph.curvature"], "_CACHES",
+                        weakref.WeakKeyDictionary())
+    monkeypatch.setattr(sys.modules["hessfunc.operator"], "_CHOICES",
                         weakref.WeakKeyDictionary())
 
 

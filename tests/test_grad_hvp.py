@@ -645,6 +645,8 @@ def test_batched_products_measured_or_forced_equal_the_oracle(choice, k):
     (1.0, lambda w: 0.95 * w, [20, 20], (2, 0.95, True, True)),
     # the faster of the two timed single products (0.5) counts: 0.6 per column loses
     ([1.0, 0.5, 1.0], lambda w: 0.6 * w, [20], (2, 0.6, True, True)),
+    # 2 wide only ties with the loop: that ends the probing too
+    (1.0, lambda w: 1.0 * w if w <= 2 else 0.1 * w, [20, 20], (2, 1.0, True, True)),
     # 2 wide loses to the loop: no wider pass is tried, though 8 wide would win
     (1.0, lambda w: 1.3 * w if w <= 2 else 0.1 * w, [20, 20], (2, 1.3, True, True)),
     # 2 and 8 wide win, 32 wide loses to the loop: settled at 8 on the second call

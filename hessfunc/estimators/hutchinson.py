@@ -89,7 +89,9 @@ def hutchinson_trace(
     """Estimate ``tr(A)`` as the mean of ``v^T A v`` over random probes ``v``.
 
     Args:
-        matmat: maps a ``(size, k)`` tensor ``V`` to ``A @ V`` (``A`` symmetric).
+        matmat: maps a ``(size, k)`` tensor ``V`` to ``A @ V`` (``A`` symmetric). The
+            probes come column-major (each column contiguous): reshape ``V``, do not
+            ``view`` it.
         size: the operator's side length ``n``.
         num_samples: number of probes ``N >= 1`` (= matvecs spent).
         distribution: ``"rademacher"`` (lower variance) or ``"gaussian"``.

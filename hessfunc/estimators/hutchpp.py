@@ -64,7 +64,9 @@ def hutchpp_trace(
     """Estimate ``tr(A)`` with Hutch++ on a budget of ``num_matvecs`` products.
 
     Args:
-        matmat: maps a ``(size, k)`` tensor ``V`` to ``A @ V`` (``A`` symmetric).
+        matmat: maps a ``(size, k)`` tensor ``V`` to ``A @ V`` (``A`` symmetric). The
+            probes come column-major (each column contiguous): reshape ``V``, do not
+            ``view`` it.
         size: the operator's side length ``n``.
         num_matvecs: the budget ``m >= 3``; the sketch gets
             ``s = min(m // 3, size)`` columns, the exact part ``s`` products and

@@ -189,9 +189,9 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     while True:
         users = list(cur.users)
         if len(users) != 1 or users[0].op != "call_function":
-            stop = users
+            stop = ("read", users)
             break
-        stop = users[:1]
+        stop = ("op", users[0])
         node = users[0]
         if node.target in _VIEWS and env[cur].dim() > 2 and env[node].dim() == 2 \
                 and env[node].shape[0] == env[cur].shape[0]:
@@ -221,8 +221,8 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
                                           getattr(st, "bias_name", None)) if n}
     stray = [names[p] for p in placeholders[:num_params] if names[p] not in taken and p.users]
     if stray:
-        at = where(stop[0]) if len(stop) == 1 else \
-            f"a value read by {len(stop)} ops ({', '.join(where(u) for u in stop)})"
+        at = where(stop[1]) if stop[0] == "op" else \
+            f"a value read by {len(stop[1])} ops ({', '.join(where(u) for u in stop[1])})"
         return f"parameters {stray} are used outside the chain of layers from the inputs, " \
                f"which stops at {at} (a regulariser, a skip connection, a tied weight or " \
                "an op without a chain rule)"
@@ -251,17 +251,18 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
         return None, "the graph's inputs are not the parameters and the batch"
     names = dict(zip(placeholders, params, strict=False))
 
-    def shape_walk() -> tuple[list[Any], fx.Node] | str:
+    def shape_walk() -> str | None:
         shapes = {n: n.meta.get("val") if n.op != "get_attr" else
                   operator.attrgetter(n.target)(gm) for n in gm.graph.nodes}
-        return _chain_steps(_Walk(gm, shapes, names, values=False), placeholders,
-                            len(leaves), names)
+        found = _chain_steps(_Walk(gm, shapes, names, values=False), placeholders,
+                             len(leaves), names)
+        return found if isinstance(found, str) else None
 
-    # the walk on the trace's shapes first, once per capture: a graph that is not a chain
-    # costs no forward pass
-    found = captured.analysis(("chain", tuple(params), len(inputs)), shape_walk)
-    if isinstance(found, str):
-        return None, found
+    # the walk on the trace's shapes first, once per capture (its verdict: why not, or
+    # None): a graph that is not a chain costs no forward pass
+    why = captured.analysis(("chain", tuple(params), len(inputs)), shape_walk)
+    if why is not None:
+        return None, why
     env = _values(gm, leaves + inputs)
     found = _chain_steps(_Walk(gm, env, names, values=True), placeholders, len(leaves),
                          names)

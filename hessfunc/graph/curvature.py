@@ -979,7 +979,8 @@ def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
                   ) -> tuple[SampleStructure, Any]:
     """The captured graph's sample structure (the batch: the inputs' leading axis of the
     first input's size) and each leaf's route, or None for the routes when the graph is
-    not proved a sum over samples; memoised with the capture."""
+    not proved a sum over samples; memoised with the capture. Some input must have an
+    axis (the callers check first)."""
     n = next(t for t in inputs if t.dim() >= 1).shape[0]
     gm = captured.graph_module
     batch = {num_leaves + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
