@@ -774,6 +774,35 @@ def test_hvp_takes_the_route_it_is_asked_for(method, mode, route, monkeypatch):
         hf.hvp(f, (params, x, y), v, method="fast")
 
 
+def test_torch_func_chain_one_shot_and_cached_routes(monkeypatch):
+    """A chain written the torch.func way: one ``hvp`` does not capture ``f`` (a trace
+    costs more than one product saves) and takes the double backward; ``hvp_fn`` reads
+    the chain off the captured graph and carries the loss's value. Both equal the
+    oracle."""
+    import hessfunc.products as products
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+    def f(p, x, y):
+        return F.mse_loss(torch.func.functional_call(model, p, (x,)), y)
+
+    v = random_like(params, 2)
+    expected = _oracle_hvp(f, params, (x, y), v)
+    looked = []
+    find = products.graph_chain
+    monkeypatch.setattr(products, "graph_chain",
+                        lambda *a: looked.append(1) or find(*a))
+    assert_close(hf.hvp(f, (params, x, y), v), expected)
+    assert not looked
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "structured" and looked
+    assert_close(H(v), expected)
+    assert torch.allclose(H.value, f(params, x, y), rtol=1e-12, atol=0)
+
+
 _X = torch.ones(3, dtype=torch.float64)
 _CUBE = lambda t: (t ** 3).sum()  # noqa: E731
 
