@@ -39,6 +39,7 @@ from .._chain import (
 from .._memory import CHUNK_BUDGET_BYTES
 from ..functional import FunctionalModel, _report_non_finite
 from .capture import replay, run_nodes
+from .curvature import _cache, sample_routes
 from .samples import where
 
 __all__ = ["chain_from_graph"]
@@ -306,8 +307,6 @@ def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node
 def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan | None, str]:
     """:func:`chain_from_graph` for ``f(*args)``: captured through the parameter engine's
     trace cache, ``args[argnums]`` a dict of parameters followed by the batch."""
-    from .curvature import _cache
-
     if argnums != 0 or len(args) < 2:
         return None, "argnums is not 0 or f takes no batch after the parameters"
     if not isinstance(args[0], dict) or not args[0] or not all(
@@ -328,8 +327,6 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan 
         return None, f"f could not be captured as a graph ({str(e)[:80]})"
     if captured is None:
         return None, "f could not be captured as a graph"
-    from .curvature import sample_routes
-
     proved = inputs[0].dim() >= 1 and inputs[0].shape[0] >= 2 and \
         sample_routes(captured, len(args[0]), inputs)[1] is not None  # memoised
     plan, why = chain_from_graph(captured, args[0], inputs, per_sample=proved)
