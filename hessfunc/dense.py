@@ -106,14 +106,16 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
                     call=call, max_memory=max_memory, copies=2,
                     hint="use `hessian_blocks`, `hessian_diag` or `hessfunc.HessianOperator`")
         plan = _chain.plan(f, args, a) if isinstance(args[a], dict) else None
-        if plan is None and isinstance(args[a], dict):  # NOTE [chains from the graph]
-            plan, _ = graph_chain(f, args, a)
-            plan = plan if plan is not None and plan.per_sample_blocks() else None
+        found = None  # NOTE [chains from the graph]: its products serve the rows below
+        if plan is None and isinstance(args[a], dict):
+            found, _ = graph_chain(f, args, a)
+            plan = found if found is not None and found.per_sample_blocks() else None
         if plan is not None:
             M = plan.full(chunk_size)
             return M if flat else _nest(M, args[a], spec)
         skip, block = _largest_block(f, args, a, spec)
-        H = HVPFunction(f, args, a, call=call)  # structured products where they apply
+        # structured products where they apply
+        H = HVPFunction(f, args, a, call=call, plan=found)
         M = rows_and_block(H, spec, chunk_size, skip, block)
         return M if flat else _nest(M, args[a], spec)
 

@@ -259,7 +259,7 @@ class HVPFunction:
 
     def __init__(self, f: Callable[..., Any], primals: tuple[Any, ...], argnums: int,
                  method: str = "auto", call: str = "hessfunc.hvp_fn",
-                 choices: dict[Any, Any] | None = None):
+                 choices: dict[Any, Any] | None = None, plan: Any = None):
         self._primal = primals[argnums]
         self._call = call
         self._spec = pytree.tree_structure(self._primal)
@@ -272,7 +272,9 @@ class HVPFunction:
         # operators on the same function object and shapes
         self._choices: dict[Any, Any] = {} if choices is None else choices
         if method != "graph":
-            plan, reason = _products_chain(f, primals, argnums, products_only=True)
+            # ``plan``: a chain the caller already found at these primals (``hessian``)
+            plan, reason = (plan, "ok") if plan is not None else \
+                _products_chain(f, primals, argnums, products_only=True)
             if plan is not None:
                 self._chain = ChainProducts(plan)
                 if plan.value is not None:

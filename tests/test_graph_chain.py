@@ -399,3 +399,28 @@ def test_the_walk_on_shapes_runs_once_per_capture(monkeypatch):
     walks.clear()
     first = graph_chain(skip, (p, x, y), 0)[1]
     assert graph_chain(skip, (p, x, y), 0) == (None, first) and walks == [False]
+
+
+def test_full_hessian_of_a_conv_chain_finds_the_chain_once(monkeypatch):
+    """A convolution chain written the torch.func way has no per-sample propagation, so
+    its full Hessian is rows of the chain's products: the chain that ``hessian`` found
+    serves them, without a second search. Equal to the oracle's dense Hessian."""
+    import hessfunc.dense as dense
+    import hessfunc.products as products
+
+    calls = []
+    for module in (dense, products):
+        real = module.graph_chain
+        monkeypatch.setattr(module, "graph_chain",
+                            lambda *a, real=real: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3)).double()
+    x, y = torch.randn(3, 2, 4, 4, dtype=F64), torch.tensor([0, 2, 1])
+    f = _torch_func(model, F.cross_entropy)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    H = hf.hessian(f, flat=True)(params, x, y)
+    assert len(calls) == 1
+    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    expected = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    assert_close(H, expected)
