@@ -6,11 +6,11 @@ side by side.
 One thread, float32, medians of ``--repeats`` rounds timed round-robin. For each
 problem: ``hessian_blocks`` of ``lambda p, x, y: loss(functional_call(model, p, (x,)),
 y)`` (the captured graph: the curvature at each parameter's place), the batched Hessian
-rows it took before (``hessfunc.dense._generic_blocks``), and the Linear-chain route of
-``functionalize`` models (``hessfunc._chain``) where the model is a chain. Then the
-full Hessian, ``hessian(flat=True)`` of the same ``f`` (the largest parameter's block
-from the graph, the other parameters' rows), every row ``H e_i`` (what it took
-before, ``hessfunc.dense.rows_and_block`` without a block), and the chain's. The
+rows it took before (``hessfunc.dense._generic_blocks``). Then the full Hessian,
+``hessian(flat=True)`` of the same ``f`` (per-sample backpropagation where the graph
+is a chain, else the largest parameter's block from the graph and the other
+parameters' rows) and every row ``H e_i`` (``hessfunc.dense.rows_and_block`` without a
+block). The
 graph's blocks and full Hessian are checked against the float64 loop oracle
 (``hessfunc.reference``).
 """
@@ -22,7 +22,6 @@ import json
 import torch
 
 import hessfunc as hf
-from hessfunc import _chain
 from hessfunc._tree import flat_spec
 from hessfunc.dense import _generic_blocks, rows_and_block
 
@@ -47,15 +46,11 @@ def run(keys: list[str], repeats: int) -> list[dict]:
             "rows (before)": lambda: _generic_blocks(hf.hvp_fn(plain, (params, x, y)), spec,
                                                      None),
         }
-        fm, _ = hf.functionalize(model, loss_fn)
         full = {
             "full: graph": lambda: hf.hessian(plain, flat=True)(params, x, y),
             "full: rows (before)": lambda: rows_and_block(hf.hvp_fn(plain, (params, x, y)),
                                                           spec, None),
         }
-        if _chain.plan(fm, (params, x, y), 0) is not None:
-            cases["chain"] = lambda fm=fm: _chain.plan(fm, (params, x, y), 0).blocks()
-            full["full: chain"] = lambda fm=fm: _chain.plan(fm, (params, x, y), 0).full()
         model.double()
         try:
             p64 = dict(model.named_parameters())

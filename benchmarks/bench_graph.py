@@ -9,11 +9,9 @@ of ``--repeats`` rounds, so ratios survive a drifting machine):
   (x,)), y)`` (the captured-graph route, hessfunc/graph);
 * ``torch.func f + decay``: the same plus ``1e-4 * sum of squared parameters``;
 * ``functionalize``: ``hessian_diag`` of ``functionalize(model, loss)`` (also the graph);
-* ``chain (before)``: the Linear-chain route that ``functionalize`` models took before
-  the graph (``hessfunc._chain``), where the model is a chain;
 * ``BackPACK DiagHessian`` where BackPACK is installed and supports the model;
-* ``per-sample, ...``: ``hessian_diag(per_sample=True)`` of the torch.func f, the chain
-  route's per-sample diagonals, BackPACK's ``BatchDiagHessian``;
+* ``per-sample, ...``: ``hessian_diag(per_sample=True)`` of the torch.func f and
+  BackPACK's ``BatchDiagHessian``;
 * ``generic (before)``: one-hot products (``method="generic"``, what a torch.func f got
   before), for problems of at most ``--generic-limit`` parameters, timed after the
   others (3 calls): its large allocations slow whatever runs next.
@@ -38,7 +36,6 @@ from torch import nn
 from torch.func import functional_call
 
 import hessfunc as hf
-from hessfunc import _chain
 
 from ._timing import interleaved_medians
 from .problems import PROBLEMS, Problem, loss_module
@@ -188,18 +185,11 @@ def run(keys: list[str], repeats: int, generic_limit: int) -> list[dict]:
             "torch.func f + decay": lambda: hf.hessian_diag(decayed)(params, x, y),
             "functionalize": lambda: hf.hessian_diag(fm)(params, x, y),
         }
-        chain = _chain.analyze(fm, (params, x, y), 0)[0]
-        if chain is not None:
-            cases["chain (before)"] = lambda fm=fm: _chain.analyze(fm, (params, x, y),
-                                                                   0)[0].diagonal()
         bp = _backpack(problem)
         if bp is not None:
             cases["BackPACK DiagHessian"] = bp
         cases["per-sample, torch.func f"] = lambda: hf.hessian_diag(plain, per_sample=True)(
             params, x, y)
-        if chain is not None:
-            cases["per-sample, chain (before)"] = lambda fm=fm: _chain.analyze(
-                fm, (params, x, y), 0, per_sample=True)[0].diagonal()
         bp = _backpack(problem, per_sample=True)
         if bp is not None:
             cases["BackPACK BatchDiagHessian"] = bp

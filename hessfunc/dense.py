@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _chain
 from ._autodiff import missing_derivative
 from ._checks import check_argnums, check_callable, check_chunk_size, check_floating
 from ._memory import auto_chunk_size, check_dense, itemsize
@@ -72,11 +71,11 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         max_memory: refuse (before allocating) a result over this many bytes;
             default half of the memory available (see ``hessfunc._memory``).
 
-    For a chain of Linear layers and elementwise activations with a loss that is a sum
-    over samples (a :func:`hessfunc.functionalize` model, or any ``f`` whose captured
-    graph is one: NOTE [chains from the graph]), the whole matrix is assembled from
+    For a chain of Linear layers and elementwise maps with a loss that is a sum over
+    samples (any ``f`` whose captured graph is one, a :func:`hessfunc.functionalize`
+    model included: NOTE [chains from the graph]), the whole matrix is assembled from
     per-sample Hessians propagated backward (NOTE [full Hessian] in
-    ``hessfunc/_chain.py``); otherwise from
+    ``hessfunc/graph/chain_plan.py``); otherwise from
     batched Hessian rows ``H e_i`` of :func:`hessfunc.hvp_fn` (structured products on
     chains with convolutions, else a gradient graph built once). Where the captured
     graph gives the largest parameter's own block (any DAG whose samples stay apart:
@@ -105,13 +104,10 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         check_dense(P * P, spec.dtype, spec.device, what=f"the dense {P} x {P} Hessian",
                     call=call, max_memory=max_memory, copies=2,
                     hint="use `hessian_blocks`, `hessian_diag` or `hessfunc.HessianOperator`")
-        plan = _chain.plan(f, args, a) if isinstance(args[a], dict) else None
-        found = None  # NOTE [chains from the graph]: its products serve the rows below
-        if plan is None and isinstance(args[a], dict):
-            found, _ = graph_chain(f, args, a)
-            plan = found if found is not None and found.per_sample_blocks() else None
-        if plan is not None:
-            M = plan.full(chunk_size)
+        # NOTE [chains from the graph]: a chain that is not per-sample serves the rows
+        found = graph_chain(f, args, a)[0] if isinstance(args[a], dict) else None
+        if found is not None and found.per_sample_blocks():
+            M = found.full(chunk_size)
             return M if flat else _nest(M, args[a], spec)
         skip, block = _largest_block(f, args, a, spec)
         # structured products where they apply
@@ -254,9 +250,6 @@ def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int |
             except RuntimeError as e:  # an op without a second derivative in torch
                 if missing_derivative(e) is None:
                     raise
-        plan = _chain.plan(f, args, a)
-        if plan is not None:
-            return plan.blocks(chunk_size)
         H = HVPFunction(f, args, a, call=call)  # structured products where they apply
         return pytree.tree_unflatten(_generic_blocks(H, spec, chunk_size), spec.treespec)
 

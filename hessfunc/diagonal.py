@@ -8,9 +8,6 @@ Exact routes, the first that applies taken (``hessfunc.explain`` says which):
   sample too (NOTE [per-sample losses]). Any ``f``: ``functionalize`` models,
   ``functional_call`` inside a loss, skip connections, normalisation in eval mode,
   attention, regularisers.
-* ``"structured"``, Linear chain (NOTE [structured route] in ``hessfunc/_chain.py``):
-  per-sample Hessian backpropagation through a chain of Linear layers and elementwise
-  activations of a ``functionalize`` model.
 * ``"generic"``: for each leaf, chunks of one-hot tangents ``e_i`` pushed through
   the products of :func:`hessfunc.hvp_fn` (the R-operator on Linear/convolution
   chains, NOTE [structured products]; else one batched backward pass of a gradient
@@ -33,7 +30,6 @@ from typing import Any, Literal
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _chain
 from ._autodiff import in_transform, missing_derivative
 from ._distributed import Group, check_shards, shard_summary
 from ._memory import check_dense
@@ -144,13 +140,9 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             if graph is not None:
                 why = "; ".join(f"parameter {spec.names[i]!r} {r}"
                                 for i, r in graph.products.items())
-            plan, reason = _chain.analyze(f, args, a, per_sample=per_sample)
-            if plan is not None:
-                return plan.diagonal(chunk_size)
             if method == "structured":
-                raise ArgumentError(f"{call}: method='structured' does not apply here: {why} "
-                                    f"(and the chain route: {reason}); use method='auto' or "
-                                    "'generic'.")
+                raise ArgumentError(f"{call}: method='structured' does not apply here: {why}; "
+                                    "use method='auto' or 'generic'.")
         if per_sample:
             one = hessian_diag(f, chunk_size=chunk_size, method="generic")
             batch = _unsqueeze_samples(args[1:])

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _chain
 from ._tree import flat_spec
 from .graph.chain import graph_chain
 from .graph.curvature import plan_diagonal
@@ -55,9 +54,8 @@ class Explanation:
 def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     """Say which route every hessfunc quantity takes for ``f(*args)``, and why.
 
-    Nothing is computed beyond tracing ``f`` (and, for models made by
-    :func:`hessfunc.functionalize`, one forward pass). Routes: ``"structured"``
-    (exact, from the structure of the captured graph or of a Linear chain),
+    Nothing is computed beyond tracing ``f`` and one evaluation of its graph. Routes:
+    ``"structured"`` (exact, from the structure of the captured graph),
     ``"graph"`` (products through one cached gradient graph) and ``"generic"``
     (one-hot products). Where the captured graph cannot take the diagonal, the
     reason names the op and the line of ``f`` that stopped it.
@@ -85,50 +83,30 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     routes = []
     parameters: dict[str, str] = {}
     plan, why = plan_diagonal(f, args, argnums)
-    chain, chain_why = _chain.analyze(f, args, argnums)
     if plan is not None:
         names = flat_spec(args[argnums]).names
         parameters = {names[i]: reason for i, reason in plan.products.items()}
         routes.append(Route("hessian_diag", "structured", "captured graph"))
-    elif chain is not None:
-        routes.append(Route("hessian_diag", "structured", "Linear chain", why))
     else:
-        routes.append(Route("hessian_diag", "generic", "one-hot products",
-                            f"{why}; chain route: {chain_why}"))
+        routes.append(Route("hessian_diag", "generic", "one-hot products", why))
     graph_each, graph_each_why = plan_diagonal(f, args, argnums, per_sample=True) \
         if len(args) == 3 else (None, "f is not called as f(params, inputs, targets)")
-    per_sample, per_sample_why = _chain.analyze(f, args, argnums, per_sample=True)
     if graph_each is not None:
         routes.append(Route("hessian_diag(per_sample=True)", "structured", "captured graph"))
-    elif per_sample is not None:
-        routes.append(Route("hessian_diag(per_sample=True)", "structured", "Linear chain",
-                            graph_each_why))
     else:
         routes.append(Route("hessian_diag(per_sample=True)", "generic",
-                            "vmap of one-hot products",
-                            f"{graph_each_why}; chain route: {per_sample_why}"))
-    products, products_why = _chain.analyze(f, args, argnums, products_only=True)
-    engine = "R-operator on the chain"
-    in_graph = None
-    if products is None:  # NOTE [chains from the graph]; a single hvp asks for it by name
-        products, why_graph = graph_chain(f, args, argnums)
-        in_graph = products
-        products_why = f"{why_graph} (Linear chain: {products_why})"
-        engine += " in the captured graph (hvp: with method='structured')"
+                            "vmap of one-hot products", graph_each_why))
+    chain, chain_why = graph_chain(f, args, argnums)  # NOTE [chains from the graph]
     routes.append(Route("hvp, hvp_fn, HessianOperator",
-                        *(("structured", engine, "") if products is not None
-                          else ("graph", "cached gradient graph", products_why))))
+                        *(("structured", "R-operator on the chain in the captured graph "
+                           "(hvp: with method='structured')", "") if chain is not None
+                          else ("graph", "cached gradient graph", chain_why))))
     if plan is not None:
         routes.append(Route("hessian_blocks", "structured", "captured graph"))
     else:
-        routes.append(Route("hessian_blocks",
-                            *(("structured", "Linear chain", why) if chain is not None else
-                              ("generic", "one-hot products", f"{why}; chain route: "
-                               f"{chain_why}"))))
-    if chain is not None:
-        routes.append(Route("hessian", "structured", "Linear chain"))
-    elif in_graph is not None and in_graph.per_sample_blocks():
-        routes.append(Route("hessian", "structured", "Linear chain in the captured graph"))
+        routes.append(Route("hessian_blocks", "generic", "one-hot products", why))
+    if chain is not None and chain.per_sample_blocks():
+        routes.append(Route("hessian", "structured", "chain in the captured graph"))
     elif plan is not None and len(plan.products) < len(plan.leaves):
         routes.append(Route("hessian", "structured", "captured graph",
                             "the largest parameter's block from the graph, one-hot products "

@@ -74,7 +74,6 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._chain_products import ChainProducts
 from ._checks import check_positive_int, describe
 from ._distributed import Group, check_shards, shard_summary
 from ._memory import auto_chunk_size, check_dense
@@ -95,6 +94,7 @@ from .estimators import (
 from .estimators.krylov import conjugate_gradient, minres
 from .functional import functionalize
 from .gradient import grad
+from .graph.chain_products import ChainProducts
 from .products import HVPFunction
 
 __all__ = ["CurvatureOperator", "HessianOperator"]

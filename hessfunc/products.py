@@ -9,9 +9,9 @@ NOTE [HVP modes, chosen by measurement]: two compositions give the same H v.
 pushes ``v`` forward through the gradient (``jvp(grad(f))``). On torch 2.13 CPU
 reverse-over-reverse measured 2.2-2.7x a gradient against 4.1-6.7x for
 forward-over-reverse (``python -m benchmarks.bench_hvp``), so it is the default.
-Both are the graph route; for a chain of known layers made by
-:func:`hessfunc.functionalize`, ``method="auto"`` takes structured products instead
-(NOTE [structured products] in ``hessfunc/_chain_products.py``).
+Both are the graph route; ``method="structured"`` takes the R-operator on a chain
+read off the captured graph instead (NOTE [structured products] in
+``hessfunc/graph/chain_products.py``), as :func:`hvp_fn` does by default.
 
 NOTE [ZeroTensor trap]: on torch 2.13 (pytorch/pytorch#123996)
 ``jvp(grad(f))`` raises "ZeroTensors are immutable" when ``f`` uses
@@ -33,18 +33,18 @@ import torch
 import torch.func
 from torch.utils import _pytree as pytree
 
-from . import _chain
 from ._autodiff import (
     explain_missing_derivative,
     forward_ad_gap,
     leaf_copies,
+    missing_derivative,
+    missing_derivative_message,
     reaches_other_leaves,
     second_order_kernels,
     use_autograd,
     warn_forward_gap_once,
     zeros_for_none,
 )
-from ._chain_products import ChainProducts
 from ._checks import (
     check_argnums,
     check_callable,
@@ -57,6 +57,7 @@ from ._checks import (
 from ._tree import tree_leaves
 from .errors import ArgumentError
 from .graph.chain import graph_chain
+from .graph.chain_products import ChainProducts
 
 __all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES", "PRODUCT_METHODS"]
 
@@ -149,10 +150,13 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
         mode: how the graph route composes autodiff: ``"reverse-over-reverse"``
             (default, measured fastest on CPU) or ``"forward-over-reverse"``; see
             NOTE [HVP modes].
-        method: ``"auto"`` (default): structured products (NOTE [structured products])
-            for a Linear/activation chain made by :func:`hessfunc.functionalize`, with
-            the default ``mode``; otherwise the graph route. ``"structured"`` raises,
-            saying why, where they do not apply; ``"graph"`` never takes them.
+        method: ``"auto"`` (default) and ``"graph"``: the graph route (one product
+            does not repay finding a chain; for many, :func:`hvp_fn`). Where torch has
+            no second derivative of an op that the captured graph decomposes
+            (hardsigmoid), ``"auto"`` takes the chain in the graph.
+            ``"structured"``: the R-operator on a chain read off the captured graph
+            (NOTE [structured products]); it raises, saying why, where that does not
+            apply.
 
     Returns:
         ``H v`` with the structure of ``primals[argnums]``.
@@ -169,54 +173,57 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
     _check_method(method, call)
     primals, argnums = _validate(f, primals, argnums, call)
     check_like(tangent, primals[argnums], "tangent", call)
-    if method == "structured" or (method == "auto" and mode == HVP_MODES[0]):
-        # NOTE [single structured product]: no graph at all, and not even the gradient's
-        # own weight products (the double backward forms them for its second pass)
-        # a chain in the captured graph only when asked for: a new f costs a trace
-        plan, reason = _products_chain(f, primals, argnums, in_graph=method == "structured",
-                                      output="graph")
+    if method == "structured":
+        # one product: the loss's gradient graph rather than its per-sample blocks
+        plan, reason = graph_chain(f, primals, argnums, blocks=False)
         if plan is not None and use_autograd((tangent,)):
             with explain_missing_derivative(call):  # the loss's own second derivatives
                 return ChainProducts(plan, patches=False)(tangent)
-        if method == "structured":
-            raise ArgumentError(f"{call}: method='structured' does not apply here: "
-                                f"{reason if plan is None else 'the tangent carries a graph'}; "
-                                "use method='auto' or 'graph'.")
-    with second_order_kernels(), explain_missing_derivative(call):
-        if mode == "forward-over-reverse":
-            grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
-            try:
-                return torch.func.jvp(grad_fn, (primals[argnums],), (tangent,))[1]
-            except (RuntimeError, NotImplementedError) as exc:
-                op = forward_ad_gap(exc)
-                if op is not None:
-                    warn_forward_gap_once(op)
-                elif _ZERO_TENSOR_BUG not in str(exc):
-                    raise
-                # NOTE [ZeroTensor trap] / forward-mode gap: same product, reverse-over-reverse.
-        graph = (_first_order_graph(f, primals, argnums, call)
-                 if use_autograd(primals + (tangent,)) else None)
-        if graph is not None:
-            leaves, grads, _ = graph
-            spec = pytree.tree_structure(primals[argnums])
-            flat = _second_backward(leaves, grads, tree_leaves(tangent), retain_graph=False)
-            return pytree.tree_unflatten(flat, spec)
+        raise ArgumentError(f"{call}: method='structured' does not apply here: "
+                            f"{reason if plan is None else 'the tangent carries a graph'}; "
+                            "use method='auto' or 'graph'.")
+    try:
+        with second_order_kernels():
+            return _graph_hvp(f, primals, tangent, argnums, mode, call)
+    except (RuntimeError, NotImplementedError) as exc:
+        op = missing_derivative(exc)
+        if op is None:
+            raise
+        # NOTE [ops differentiable once]: the captured graph's decompositions may have the
+        # second derivative torch's kernel lacks (hardsigmoid: a clamp), and a chain in it
+        # gives the product
+        plan = graph_chain(f, primals, argnums, blocks=False)[0] \
+            if method == "auto" and use_autograd((tangent,)) else None
+        if plan is None:
+            raise ArgumentError(missing_derivative_message(op, call)) from None
+        with explain_missing_derivative(call):
+            return ChainProducts(plan, patches=False)(tangent)
+
+
+def _graph_hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, argnums: int,
+               mode: str, call: str) -> Any:
+    """``H v`` through autograd (the graph route), composed as ``mode`` says."""
+    if mode == "forward-over-reverse":
         grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
-        _, vjp_fn = torch.func.vjp(grad_fn, primals[argnums])
-        return vjp_fn(tangent)[0]
-
-
-def _products_chain(f: Callable[..., Any], primals: tuple[Any, ...], argnums: int, *,
-                   in_graph: bool = True, **hooked: Any) -> tuple[Any, str]:
-    """The chain the R-operator products run on, or ``(None, why)``: a
-    :func:`hessfunc.functionalize` model's Linear chain (``hooked``: the arguments of
-    :func:`hessfunc._chain.analyze`), else, with ``in_graph``, one read off the captured
-    graph of any ``f`` (NOTE [chains from the graph])."""
-    plan, reason = _chain.analyze(f, primals, argnums, **hooked)
-    if plan is None and in_graph:
-        plan, why = graph_chain(f, primals, argnums)
-        reason = reason if plan is not None else f"{why} (Linear chain: {reason})"
-    return plan, reason
+        try:
+            return torch.func.jvp(grad_fn, (primals[argnums],), (tangent,))[1]
+        except (RuntimeError, NotImplementedError) as exc:
+            op = forward_ad_gap(exc)
+            if op is not None:
+                warn_forward_gap_once(op)
+            elif _ZERO_TENSOR_BUG not in str(exc):
+                raise
+            # NOTE [ZeroTensor trap] / forward-mode gap: same product, reverse-over-reverse.
+    graph = (_first_order_graph(f, primals, argnums, call)
+             if use_autograd(primals + (tangent,)) else None)
+    if graph is not None:
+        leaves, grads, _ = graph
+        spec = pytree.tree_structure(primals[argnums])
+        flat = _second_backward(leaves, grads, tree_leaves(tangent), retain_graph=False)
+        return pytree.tree_unflatten(flat, spec)
+    grad_fn = torch.func.grad(wrap_scalar(_partial(f, primals, argnums), call))
+    _, vjp_fn = torch.func.vjp(grad_fn, primals[argnums])
+    return vjp_fn(tangent)[0]
 
 
 @dataclass(frozen=True)
@@ -239,11 +246,11 @@ class HVPFunction:
     """``v -> H v`` at a fixed point, with everything but ``v`` computed once.
 
     Two routes, both exact. ``"structured"``: for a chain of Linear layers,
-    convolutions and activations, made by :func:`hessfunc.functionalize` (NOTE
-    [structured route]) or read off the captured graph of any ``f`` (NOTE [chains from
-    the graph] in ``hessfunc/graph/chain.py``), activations, activation derivatives and
-    the loss's output Hessian are cached and each product is a few dense matrix
-    products (NOTE [structured products]).
+    convolutions and elementwise maps read off the captured graph of ``f`` (NOTE
+    [chains from the graph] in ``hessfunc/graph/chain.py``; a
+    :func:`hessfunc.functionalize` model or any function), activations, their
+    derivatives and the loss's output Hessian are cached and each product is a few
+    dense matrix products (NOTE [structured products]).
     ``"graph"``: the gradient's autograd graph is built once and each product is one
     backward pass through it (on the ``torch.func`` path inside transforms). Repeated
     products (what Lanczos and Hutchinson need) cost about one gradient each or less;
@@ -267,20 +274,16 @@ class HVPFunction:
         self._vjp = None
         self._gradient: Any = None
         self._value: torch.Tensor | None = None
-        self._value_of: tuple[Callable[..., Any], torch.Tensor, Any] | None = None
         # NOTE [batched or looped products]; shared by the batches of one operator and by
         # operators on the same function object and shapes
         self._choices: dict[Any, Any] = {} if choices is None else choices
         if method != "graph":
             # ``plan``: a chain the caller already found at these primals (``hessian``)
             plan, reason = (plan, "ok") if plan is not None else \
-                _products_chain(f, primals, argnums, products_only=True)
+                graph_chain(f, primals, argnums)
             if plan is not None:
                 self._chain = ChainProducts(plan)
-                if plan.value is not None:
-                    self._value = plan.value
-                else:
-                    self._value_of = (f.loss_fn, plan.output, primals[2])
+                self._value = plan.value
                 self.method = "structured"
                 return
             if method == "structured":
@@ -301,10 +304,6 @@ class HVPFunction:
     @property
     def value(self) -> torch.Tensor | None:
         """f at the point, or None (see the class docstring)."""
-        if self._value is None and self._value_of is not None:
-            loss_fn, output, targets = self._value_of
-            with torch.no_grad():
-                self._value = loss_fn(output, targets).detach()
         return self._value
 
     @property

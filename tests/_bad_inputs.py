@@ -96,7 +96,7 @@ CASES: list[Case] = [
     Case("hvp-structured-not-a-chain", "method='structured' where it does not apply",
          lambda: hf.hvp(SCALAR, (VEC,), VEC, method="structured"), hf.ArgumentError,
          "method='structured' does not apply here: argnums is not 0 or f takes no batch "
-         r"after the parameters \(Linear chain: f was not made by"),
+         r"after the parameters; use method='auto' or 'graph'\.$"),
     Case("hvp-fn-method", "unknown hvp_fn method",
          lambda: hf.hvp_fn(F_, (PARAMS, X, Y), method="autograd"), hf.ArgumentError,
          "`method` must be one of"),

@@ -6,7 +6,7 @@ spatial axes, so a rule that mixes up the axes (padding in the wrong order for
 passes them. Here each axis has its own kernel size, stride, padding and dilation,
 inputs are not square, layers have bias or not and may be frozen, and both ways of
 the conv terms are exercised (NOTE [convolutions as matrix products] in
-``hessfunc/_chain_products.py``): matrix products on patches for narrow layers on
+``hessfunc/graph/chain_products.py``): matrix products on patches for narrow layers on
 the CPU (channels x kernel <= ``_PATCH_WIDTH`` = 48, patches <= 16 MiB) and aten's
 convolutions elsewhere (forced by ``_PATCH_WIDTH = 0``, and met naturally by a wide
 layer). ``_conv_input_grad`` has a path of its own for stride 1 (a flipped plain
@@ -26,7 +26,7 @@ from torch import nn
 import hessfunc as hf
 from hessfunc.testing.strategies import random_like
 
-PRODUCTS = importlib.import_module("hessfunc._chain_products")
+PRODUCTS = importlib.import_module("hessfunc.graph.chain_products")
 
 
 def _conv_body(variant):

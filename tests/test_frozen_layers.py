@@ -3,7 +3,7 @@
 A layer whose parameters are all frozen has no blocks of its own, but every
 structured route must still carry curvature and Jacobians *through* it: the full
 Hessian pushes the Jacobian of a lower trainable layer forward across it (NOTE [full
-Hessian] in ``hessfunc/_chain.py``), the products run their R-operator through it
+Hessian] in ``hessfunc/graph/chain_plan.py``), the products run their R-operator through it
 (NOTE [structured products]) and the per-sample Hessians are propagated back through
 it. Each case freezes the weight, the bias or both of whole layers (first, middle,
 last, several, consecutive) of chains of depth >= 3 with curved activations, and
@@ -19,7 +19,7 @@ from _helpers import assert_close, assert_nested_close, oracle_loss
 from torch import nn
 
 import hessfunc as hf
-from hessfunc import _chain
+from hessfunc.graph.chain import graph_chain
 from hessfunc.testing.losses import custom_loss
 from hessfunc.testing.models import build_mlp
 from hessfunc.testing.strategies import random_like
@@ -89,8 +89,8 @@ def _cases():
 @pytest.mark.parametrize(("case", "act", "loss"), list(_cases()))
 def test_dense_quantities_with_frozen_layers_equal_the_oracle(case, act, loss):
     _, _, f, params, x, y = _problem(case, act, loss)
-    plan, reason = _chain.analyze(f, (params, x, y), 0)
-    assert plan is not None, reason  # the structured route is what is under test
+    plan, reason = graph_chain(f, (params, x, y), 0)
+    assert plan is not None and plan.per_sample_blocks(), reason  # the route under test
     H_ref, blocks_ref, diag_ref = _oracle(f, params, x, y)
     assert float(H_ref.abs().max()) > 1e-3  # curved: a zero Hessian would prove nothing
 

@@ -185,7 +185,7 @@ def test_full_hessian_of_a_torch_func_chain_takes_the_chain(monkeypatch):
     """A chain written the torch.func way gets the chain route's full Hessian (NOTE [full
     Hessian]) from the graph's chain, as a functionalize model does: equal to the
     oracle; with a coupling loss (no per-sample blocks) the graph's block and rows."""
-    from hessfunc._chain import ChainPlan
+    from hessfunc.graph.chain_plan import ChainPlan
 
     torch.manual_seed(0)
     model = build_mlp([3, 4, 4, 2], "softplus", 0).double()
@@ -406,7 +406,8 @@ def test_explain_names_every_route():
     products = plain["hvp, hvp_fn, HessianOperator"]
     assert products.name == "structured" and "captured graph" in products.engine
     assert plain["hessian_blocks"].engine == "captured graph"
-    assert plain["hessian"].engine == "Linear chain in the captured graph"
+    assert plain["hessian"].engine == "chain in the captured graph"
+    assert {r.name for r in plain.routes} == {"structured"}
 
     def decayed(p, x, y):
         return F.mse_loss(functional_call(model, p, (x,)), y) + 1e-3 * (p["0.weight"] ** 2).sum()

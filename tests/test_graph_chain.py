@@ -135,8 +135,8 @@ def test_what_is_not_a_chain_takes_the_cached_graph(name):
 
 
 def test_a_functionalize_chain_read_off_the_graph_keeps_check_finite():
-    """A LogSoftmax module ends the Linear chain of the hook route but not the chain read
-    off the graph; ``check_finite=True`` still names the sample that is NaN."""
+    """A LogSoftmax module after the chain is part of the loss; ``check_finite=True``
+    still names the sample that is NaN."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3),
                           nn.LogSoftmax(dim=1)).double()

@@ -14,7 +14,8 @@ from torch import nn
 from torch.func import vmap
 
 import hessfunc as hf
-from hessfunc import _chain
+from hessfunc.graph.chain import graph_chain
+from hessfunc.graph.curvature import plan_diagonal
 from hessfunc.testing.losses import custom_loss
 from hessfunc.testing.models import ACTIVATIONS, ResidualMLP, build_mlp
 from hessfunc.testing.strategies import problems
@@ -120,13 +121,10 @@ def test_structured_route_taken_and_exact(act, loss):
         loss_fn = {"mse": nn.MSELoss(), "sum-mse": nn.MSELoss(reduction="sum"),
                    "custom": custom_loss}[loss]
     f, params = hf.functionalize(model, loss_fn)
-    plan, reason = _chain.analyze(f, (params, x, y), 0)
+    plan, reason = graph_chain(f, (params, x, y), 0)
     _, blocks_ref, diag_ref = _oracle(f, params, (x, y))
-    if act == "sin":  # a user-defined module: not known to be elementwise, so refused
-        assert plan is None and "Sin has no per-sample rule" in reason
-        assert_close(hf.hessian_diag(f)(params, x, y), diag_ref)
-        return
-    assert plan is not None, reason
+    # a user-defined module (sin) is an elementwise map in the graph like any other
+    assert plan is not None and plan.per_sample_blocks(), reason
     assert_close(hf.hessian_diag(f, method="structured")(params, x, y), diag_ref)
     assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
     loss_value, leaves = oracle_loss(f, params, x, y)
@@ -144,7 +142,7 @@ def test_structured_route_on_the_seed_network_with_frozen_layer():
     H_ref, blocks_ref, diag_ref = _oracle(f, params, (x, y))
     assert_close(hf.hessian_diag(f, method="structured")(params, x, y), diag_ref)
     assert_close(hf.hessian_blocks(f)(params, x, y), blocks_ref)
-    assert _chain.plan(f, (params, x, y), 0) is not None
+    assert graph_chain(f, (params, x, y), 0)[0].per_sample_blocks()
     assert_close(hf.hessian(f, flat=True)(params, x, y), H_ref)  # structured full Hessian
 
 
@@ -169,26 +167,33 @@ class InPlace(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("make", "loss_fn", "why", "graph"),
+    ("make", "loss_fn", "chain", "graph"),
     [
-        (lambda: ResidualMLP(3, 3, 1, 2), nn.MSELoss(), "not a chain", True),
-        (WithLayerNorm, nn.MSELoss(), "LayerNorm", True),
-        (InPlace, nn.MSELoss(), "in place", True),
+        (lambda: ResidualMLP(3, 3, 1, 2), nn.MSELoss(), None, True),
+        (WithLayerNorm, nn.MSELoss(), None, True),
+        (InPlace, nn.MSELoss(), "per-sample", True),
         (lambda: build_mlp([3, 4, 2], "tanh", 0), lambda o, t: ((o - t).sum()) ** 2,
-         "couples samples", False),
+         "products", False),
     ],
 )
-def test_fallback_is_detected_and_still_exact(make, loss_fn, why, graph):
-    """Outside the chain route: the captured graph takes skips, LayerNorm and in-place
-    edits (method='structured' holds); a loss that couples samples is refused by both
-    and takes one-hot products. Every route equals the oracle."""
+def test_fallback_is_detected_and_still_exact(make, loss_fn, chain, graph):
+    """The chain in the graph: skips and LayerNorm end it; an in-place edit after an
+    activation is one more elementwise op of the functional trace; a loss that couples
+    samples keeps its gradient graph for products, and the full Hessian takes rows.
+    The captured graph's diagonal takes skips, LayerNorm and in-place edits
+    (method='structured' holds); a loss that couples samples takes one-hot products.
+    Every route equals the oracle."""
     torch.manual_seed(0)
     model = make().double()
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     f, params = hf.functionalize(model, loss_fn)
-    plan, reason = _chain.analyze(f, (params, x, y), 0)
-    assert plan is None and why in reason
-    _, _, diag_ref = _oracle(f, params, (x, y))
+    plan, reason = graph_chain(f, (params, x, y), 0)
+    if chain is None:
+        assert plan is None and "used outside the chain of layers" in reason
+    else:
+        assert plan is not None and plan.per_sample_blocks() == (chain == "per-sample")
+    H_ref, _, diag_ref = _oracle(f, params, (x, y))
+    assert_close(hf.hessian(f, flat=True)(params, x, y), H_ref)
     assert_close(hf.hessian_diag(f)(params, x, y), diag_ref)
     if graph:
         assert_close(hf.hessian_diag(f, method="structured")(params, x, y), diag_ref)
@@ -202,7 +207,7 @@ def test_every_chunk_size_gives_the_oracle(prob, chunk):
     f, params = hf.functionalize(prob.model, prob.loss_fn)
     H_ref, blocks_ref, diag_ref = _oracle(f, params, prob.batch)
     for method in ("structured", "generic"):
-        if method == "structured" and _chain.plan(f, (params, *prob.batch), 0) is None:
+        if method == "structured" and plan_diagonal(f, (params, *prob.batch), 0)[0] is None:
             continue
         _close_to_rounding(
             hf.hessian_diag(f, chunk_size=chunk, method=method)(params, *prob.batch),
@@ -405,7 +410,8 @@ def test_bad_input():
         hf.laplacian(f, method="taylor")
     with pytest.raises(hf.ArgumentError, match="`argnums`=2 is out of range"):
         hf.hessian_blocks(f, argnums=2)(x)
-    with pytest.raises(hf.ArgumentError, match="f was not made by hessfunc.functionalize"):
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply here: f "
+                                               "takes no batch after the parameters"):
         hf.hessian_diag(f, method="structured")(x)
 
 
@@ -427,8 +433,8 @@ def test_per_sample_structured_route_is_taken_for_chains():
     model = build_mlp([3, 5, 4, 3], "tanh", seed=2)
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
     f, params = hf.functionalize(model, F.cross_entropy)
-    plan, reason = _chain.analyze(f, (params, x, y), 0, per_sample=True)
-    assert plan is not None, reason
+    plan, reason = plan_diagonal(f, (params, x, y), 0, per_sample=True)
+    assert plan is not None and not plan.products, reason
     structured = hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y)
     recipe = vmap(hf.hessian_diag(f), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
     assert structured["0.weight"].shape == (6, 5, 3)

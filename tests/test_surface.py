@@ -22,7 +22,8 @@ from _helpers import TOL, flat, unflat
 from torch import nn
 
 import hessfunc as hf
-from hessfunc import _chain
+from hessfunc.graph.chain import graph_chain
+from hessfunc.graph.chain_plan import _Elementwise, _Linear
 
 F64, F32 = torch.float64, torch.float32
 
@@ -102,9 +103,17 @@ ACT_SIZES = [3, 5, 4, 2]
 ACT_N = 10
 
 
-def test_every_elementwise_module_of_the_engine_is_tested_here():
-    assert set(ACTIVATION_MODULES) == set(_chain.ELEMENTWISE)
-    assert len(ACTIVATION_MODULES) == len(_chain.ELEMENTWISE) == 19
+@pytest.mark.parametrize("act", ACTIVATION_MODULES, ids=lambda a: a.__name__)
+def test_every_activation_is_one_elementwise_link_of_the_graph_chain(act):
+    """Whatever ops an activation decomposes into (ELU's where of two branches reads its
+    input three times, LogSigmoid's a zeros_like of it), the chain in the captured graph
+    takes it as one elementwise map; Identity leaves no op."""
+    _, _, f, params, x, y = _act_problem(act)
+    plan, reason = graph_chain(f, (params, x, y), 0)
+    assert plan is not None, reason
+    kinds = [type(s) for s in plan.steps]
+    between = [] if act is nn.Identity else [_Elementwise]
+    assert kinds == [_Linear, *between, _Linear, *between, _Linear]
 
 
 def _act_model(act, oracle=False):
@@ -184,8 +193,8 @@ def test_activation_quantity_equals_oracle(act, quantity):
         got = hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y)
         _close(got, truth["per-sample"])
     else:
-        plan, reason = _chain.analyze(f, (params, x, y), 0)
-        assert plan is not None, reason  # hf.hessian takes the structured full Hessian
+        plan, reason = graph_chain(f, (params, x, y), 0)
+        assert plan.per_sample_blocks(), reason  # hf.hessian takes the structured full Hessian
         _close(hf.hessian(f, flat=True)(params, x, y), truth["hessian"])
 
 
@@ -202,9 +211,10 @@ def _plain_f(model, loss_fn):
 def test_hard_activations_on_the_generic_route(act):
     """Hardswish, ReLU6 and Hardtanh have second-derivative rules in torch: the generic
     route equals the oracle. Hardsigmoid has none (aten::hardsigmoid_backward): the
-    diagonal, the blocks, and the products, the operator and the full Hessian on the chain
-    read off the captured graph, where hardsigmoid is decomposed into clamps, equal the
-    oracle; every other generic second-order quantity raises hessfunc's ArgumentError
+    diagonal, the blocks, and the products (a single ``hvp`` too, when the double backward
+    meets the missing derivative), the operator and the full Hessian on the chain read off
+    the captured graph, where hardsigmoid is decomposed into clamps, equal the oracle;
+    every other generic second-order quantity raises hessfunc's ArgumentError
     naming the op, the module and the fix, instead of torch's bare RuntimeError."""
     model, loss_fn, _, params, x, y = _act_problem(act)
     f = _plain_f(model, loss_fn)
@@ -226,6 +236,8 @@ def test_hard_activations_on_the_generic_route(act):
         _close(calls.pop("blocks")(), truth["blocks"])
         # a chain in the captured graph, hardsigmoid's clamps an elementwise map
         _close(calls.pop("hvp_fn")(), truth["hvp"])
+        _close(calls.pop("hvp")(), truth["hvp"])
+        _close(calls.pop("hvp-forward")(), truth["hvp"])
         _close(calls.pop("operator")(), flat(truth["hvp"]))
         _close(calls.pop("hessian")(), truth["hessian"])
         for name, call in calls.items():
@@ -265,20 +277,24 @@ def test_hardsigmoid_chain_takes_the_structured_route_everywhere():
     _close(op.diagonal(), truth["hessian"].diagonal())
 
 
-def test_hardsigmoid_closed_form_derivatives():
-    """phi' = 1/6 strictly inside (-3, 3), 0 outside (where torch's hardsigmoid_backward
-    is nonzero: zero at +-3 themselves); phi'' = 0. In float64 phi' is 1/6 to double
-    precision: torch 2.13's own backward multiplies by float32(1/6), 5e-9 off."""
+def test_hardsigmoid_derivatives_in_the_graph_chain():
+    """The captured graph decomposes Hardsigmoid into ``clamp(z + 3, 0, 6) / 6``, whose
+    derivatives torch has: phi' = 1/6 inside (-3, 3) and 0 outside, phi'' = 0. In float64
+    phi' is 1/6 to double precision: torch 2.13's own hardsigmoid_backward multiplies by
+    float32(1/6), 5e-9 off."""
     for dtype in (F64, F32):
-        z = torch.tensor([[-5.0, -3.0, -2.9, 0.0, 1.0, 2.99, 3.0, 7.0]], dtype=dtype)
-        phi1, phi2 = _chain._derivatives(nn.Hardsigmoid(), z, F.hardsigmoid(z))
-        t = z.clone().requires_grad_(True)
-        (auto,) = torch.autograd.grad(F.hardsigmoid(t).sum(), t)
-        assert torch.equal(phi1 != 0, auto != 0)
-        expected = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]], dtype=dtype) / 6
-        assert torch.equal(phi1, expected)
-        torch.testing.assert_close(auto, expected, rtol=1e-7, atol=0)
-        assert torch.equal(phi2, torch.zeros_like(z))
+        z = torch.tensor([[-5.0, -3.5, -2.9, 0.0, 1.0, 2.99, 3.5, 7.0]], dtype=dtype)
+        model = nn.Sequential(nn.Linear(1, 1), nn.Hardsigmoid(), nn.Linear(1, 1)).to(dtype)
+        with torch.no_grad():  # the first layer is the identity: z is the pre-activation
+            model[0].weight.fill_(1.0)
+            model[0].bias.zero_()
+        f, params = hf.functionalize(model, nn.MSELoss())
+        plan, reason = graph_chain(f, (params, z.T, torch.zeros(8, 1, dtype=dtype)), 0)
+        assert plan is not None, reason
+        (act,) = [s for s in plan.steps if isinstance(s, _Elementwise)]
+        expected = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]], dtype=dtype).T / 6
+        assert torch.equal(act.phi1, expected)
+        assert torch.equal(act.phi2, torch.zeros_like(expected))
 
 
 # ------------------------------------------------------------------------- argnums

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from .. import reference
-from .._chain import analyze as analyze_chain
 from ..dense import hessian_blocks
 from ..diagonal import hessian_diag
 from ..graph.curvature import plan_diagonal
@@ -63,11 +62,9 @@ class CurvatureReport:
 
 def _structured_diagonal(f: Any, params: dict[str, torch.Tensor], batch: Any) -> bool:
     """Whether the exact diagonal of ``f`` over ``batch`` takes a structured route for
-    every parameter (the captured graph, or the Linear chain)."""
+    every parameter (the captured graph)."""
     plan, _ = plan_diagonal(f, (params, *batch))
-    if plan is not None and not plan.products:
-        return True
-    return analyze_chain(f, (params, *batch), 0)[0] is not None
+    return plan is not None and not plan.products
 
 
 def _remembering(matmat: Callable[[torch.Tensor], torch.Tensor]

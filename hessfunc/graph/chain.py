@@ -1,7 +1,7 @@
 """Chains of affine layers and elementwise maps, read off the captured graph of ``f``.
 
 NOTE [chains from the graph]: the R-operator products of
-:class:`hessfunc._chain_products.ChainProducts` (NOTE [structured products]) need the
+:class:`hessfunc.graph.chain_products.ChainProducts` (NOTE [structured products]) need the
 model as a chain ``x -> layer -> ... -> o`` followed by a loss of ``o``: Linear layers
 (``addmm``/``mm`` with a transposed weight), convolutions (``groups=1``, no transposed
 convolution), flattening views and elementwise maps, each value read only by the next
@@ -27,7 +27,10 @@ import torch
 from torch import Tensor, fx
 
 from .._autodiff import use_autograd
-from .._chain import (
+from .._memory import CHUNK_BUDGET_BYTES
+from ..functional import FunctionalModel, _report_non_finite
+from .capture import replay, run_nodes
+from .chain_plan import (
     ChainPlan,
     _Conv,
     _Elementwise,
@@ -36,17 +39,35 @@ from .._chain import (
     elementwise_derivatives,
     output_blocks,
 )
-from .._memory import CHUNK_BUDGET_BYTES
-from ..functional import FunctionalModel, _report_non_finite
-from .capture import replay, run_nodes
 from .curvature import _cache, sample_routes
-from .samples import where
+from .samples import _FACTORIES, _NEW, pointwise, where
 
 __all__ = ["chain_from_graph"]
 
 aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+#: Ops whose value depends on their operand's shape only: constants to an elementwise map.
+_SHAPE_ONLY = _FACTORIES | _NEW
+
+
+def _tanh(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    phi1 = 1 - t * t
+    return phi1, -2 * t * phi1
+
+
+def _sigmoid(z: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    phi1 = s * (1 - s)
+    return phi1, phi1 * (1 - 2 * s)
+
+
+def _relu(z: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    return (z > 0).to(z.dtype), torch.zeros_like(z)  # autograd's step, 0 at z = 0
+
+
+#: ``(phi'(z), phi''(z))`` from ``z`` and ``phi(z)`` for single-op elementwise maps
+_CLOSED_FORMS = {aten.tanh.default: _tanh, aten.sigmoid.default: _sigmoid,
+                 aten.relu.default: _relu}
 
 
 def _is_transpose(node: fx.Node) -> bool:
@@ -81,8 +102,9 @@ class _Walk:
         if not isinstance(node, fx.Node):
             return False
         if node not in self._variable:
-            self._variable[node] = node.op == "placeholder" or any(
-                self.variable(a) for a in node.all_input_nodes)
+            self._variable[node] = node.op == "placeholder" or (
+                node.target not in _SHAPE_ONLY and
+                any(self.variable(a) for a in node.all_input_nodes))
         return self._variable[node]
 
     def operand(self, node: Any, transposed: bool) -> tuple[Tensor, str | None] | None:
@@ -141,16 +163,20 @@ class _Walk:
                      tuple(padding), tuple(dilation))
 
     def pointwise_run(self, cur: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
-        """The longest run of pointwise ops of ``cur`` (and constants), of its shape, with
-        one value leaving it: ``(run in graph order, its output)``."""
+        """The longest run of pointwise ops of ``cur`` (and constants, ``zeros_like(cur)``
+        among them), of its shape, with one value leaving it, of ``cur``'s dtype:
+        ``(run in graph order, its output)``."""
         shape = self.env[cur].shape
         run: list[fx.Node] = []
         inside = {cur}
         for node in self.gm.graph.nodes:  # topological order
             if node.op != "call_function" or not any(a in inside for a in node.all_input_nodes):
                 continue
-            pointwise = torch.Tag.pointwise in getattr(node.target, "tags", ())
-            if not pointwise or not isinstance(self.env[node], Tensor) or \
+            if node.target in _SHAPE_ONLY:
+                continue
+            # a cast (``_to_copy``) inside a map is elementwise too
+            elementwise = pointwise(node.target) or node.target is aten._to_copy.default
+            if not elementwise or not isinstance(self.env[node], Tensor) or \
                     self.env[node].shape != shape or \
                     any(a not in inside and self.variable(a) for a in node.all_input_nodes):
                 break
@@ -158,14 +184,19 @@ class _Walk:
             inside.add(node)
         while run:  # trim to a run whose only value read outside is its last
             out = run[-1]
-            leaks = [n for n in [cur, *run[:-1]] if any(u not in inside for u in n.users)]
-            if not leaks:
+            leaks = [n for n in [cur, *run[:-1]]
+                     if any(u not in inside and u.target not in _SHAPE_ONLY for u in n.users)]
+            if not leaks and self.env[out].dtype == self.env[cur].dtype:
                 return run, out
             inside.discard(run.pop())
         return None
 
     def elementwise(self, run: list[fx.Node], cur: fx.Node) -> _Elementwise | str:
-        """``phi'`` and ``phi''`` of the run as a function of ``cur``."""
+        """``phi'`` and ``phi''`` of the run as a function of ``cur``: closed forms for a
+        run of one tanh, sigmoid or relu (from its output ``t = phi(z)``), else two
+        backward passes through the run."""
+        if len(run) == 1 and run[0].target in _CLOSED_FORMS:
+            return _Elementwise(*_CLOSED_FORMS[run[0].target](self.env[cur], self.env[run[0]]))
 
         def phi(z: Tensor) -> Tensor:
             return replay(run, self.env, {cur: z})[run[-1]]
@@ -189,27 +220,26 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     cur = x
     while True:
         users = list(cur.users)
-        if len(users) != 1 or users[0].op != "call_function":
-            stop = ("read", users)
-            break
-        stop = ("op", users[0])
-        node = users[0]
-        if node.target in _VIEWS and env[cur].dim() > 2 and env[node].dim() == 2 \
-                and env[node].shape[0] == env[cur].shape[0]:
-            steps.append(_Flatten(tuple(env[cur].shape[1:])))
-            cur = node
-            continue
-        linear = walk.linear(node, cur)
-        if linear is not None:
-            steps.append(linear[0])
-            cur = linear[1]
-            continue
-        step = walk.conv(node, cur)
-        if step is not None:
-            steps.append(step)
-            cur = node
-            continue
-        run = walk.pointwise_run(cur)
+        single = len(users) == 1 and users[0].op == "call_function"
+        stop = ("op", users[0]) if single else ("read", users)
+        if single:
+            node = users[0]
+            if node.target in _VIEWS and env[cur].dim() > 2 and env[node].dim() == 2 \
+                    and env[node].shape[0] == env[cur].shape[0]:
+                steps.append(_Flatten(tuple(env[cur].shape[1:])))
+                cur = node
+                continue
+            linear = walk.linear(node, cur)
+            if linear is not None:
+                steps.append(linear[0])
+                cur = linear[1]
+                continue
+            step = walk.conv(node, cur)
+            if step is not None:
+                steps.append(step)
+                cur = node
+                continue
+        run = walk.pointwise_run(cur)  # also a map that reads cur at several ops
         if run is None:
             break
         if walk.values:
@@ -240,7 +270,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
 
 def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor],
                      per_sample: bool = False) -> tuple[ChainPlan | None, str]:
-    """A products-only :class:`hessfunc._chain.ChainPlan` from the captured graph of
+    """A :class:`hessfunc.graph.chain_plan.ChainPlan` from the captured graph of
     ``p -> f(p, x, ...)`` (``inputs``: the tensor leaves after ``p``, ``x`` first), or
     ``(None, why)``: NOTE [chains from the graph]. ``per_sample``: the graph is proved a
     sum over samples, so the loss's Hessian in ``o`` is its per-sample blocks, kept
@@ -277,10 +307,8 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     o_leaf, g, loss = graph
     if (per_sample or o.shape[0] == 1) and \
             o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
-        return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, False,
-                         o.detach(), value=loss), "ok"
-    return ChainPlan(steps, None, g.detach(), params, False, o.detach(), (o_leaf, g),
-                     value=loss), "ok"
+        return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, None, loss), "ok"
+    return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss), "ok"
 
 
 def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node
@@ -304,9 +332,12 @@ def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node
     return leaf, g, loss.detach()
 
 
-def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan | None, str]:
+def graph_chain(f: Any, args: tuple[Any, ...], argnums: int, *, blocks: bool = True
+                ) -> tuple[ChainPlan | None, str]:
     """:func:`chain_from_graph` for ``f(*args)``: captured through the parameter engine's
-    trace cache, ``args[argnums]`` a dict of parameters followed by the batch."""
+    trace cache, ``args[argnums]`` a dict of parameters followed by the batch. ``blocks``:
+    keep the loss's per-sample blocks where the graph is proved a sum over samples (what
+    the full Hessian and repeated products use); else its gradient graph serves."""
     if argnums != 0 or len(args) < 2:
         return None, "argnums is not 0 or f takes no batch after the parameters"
     if not isinstance(args[0], dict) or not args[0] or not all(
@@ -327,7 +358,7 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int) -> tuple[ChainPlan 
         return None, f"f could not be captured as a graph ({str(e)[:80]})"
     if captured is None:
         return None, "f could not be captured as a graph"
-    proved = inputs[0].dim() >= 1 and inputs[0].shape[0] >= 2 and \
+    proved = blocks and inputs[0].dim() >= 1 and inputs[0].shape[0] >= 2 and \
         sample_routes(captured, len(args[0]), inputs)[1] is not None  # memoised
     plan, why = chain_from_graph(captured, args[0], inputs, per_sample=proved)
     if plan is not None and isinstance(f, FunctionalModel) and f.check_finite:

@@ -80,7 +80,7 @@ from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsiz
 from ..errors import ArgumentError
 from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, run_nodes
 from .rules import Elementwise, Reorder, rule_for
-from .samples import SampleStructure, Value, analyze_samples, where
+from .samples import SampleStructure, Value, analyze_samples, pointwise, where
 
 __all__ = ["GraphPlan", "plan_diagonal"]
 
@@ -906,7 +906,7 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
         shape = tuple(nd.meta["val"].shape) if isinstance(nd.meta.get("val"), Tensor) else None
         if nd is leaf:
             return True
-        if torch.Tag.pointwise not in getattr(nd.target, "tags", ()) or shape is None or \
+        if not pointwise(nd.target) or shape is None or \
                 math.prod(shape) != math.prod(same):
             return False
         return all(elementwise(a) or not label(a).live for a in nd.all_input_nodes) and \
@@ -927,7 +927,7 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
         return True
 
     nd = node
-    while torch.Tag.pointwise in getattr(nd.target, "tags", ()) and elementwise(nd):
+    while pointwise(nd.target) and elementwise(nd):
         users = list(nd.users)
         if len(users) != 1:
             return False

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from .samples import pointwise
+
 if TYPE_CHECKING:
     from .curvature import GraphPlan
 
@@ -284,7 +286,7 @@ def rule_for(plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> Rule:
     target = node.target
     if len(inputs) == 1:
         (u,) = inputs
-        if torch.Tag.pointwise in getattr(target, "tags", ()) and _same(plan, u, node):
+        if pointwise(target) and _same(plan, u, node):
             return Elementwise(plan, node, inputs)
         if target in _REORDER and _in_order(plan, u, node):
             return Reorder(plan, node, inputs)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -59,6 +60,16 @@ _FACTORIES = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.d
               aten.full_like.default}
 _NEW = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default,
         aten.new_full.default}
+#: Elementwise ops that torch does not tag pointwise.
+_UNTAGGED_POINTWISE = {aten.hardswish.default}
+
+
+def pointwise(target: Any) -> bool:
+    """Whether an op is elementwise in its broadcast operands (torch's pointwise tag, or
+    one of the few elementwise ops left untagged)."""
+    return torch.Tag.pointwise in getattr(target, "tags", ()) or target in _UNTAGGED_POINTWISE
+
+
 #: Ops with several outputs that all follow the op's rule.
 _TUPLES = {aten.var_mean.correction}
 #: Ops linear in each operand when only one operand is live (and it is not a divisor).
@@ -243,7 +254,7 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
                                 "interact")
             return Value(live, None, live)
         return Value(live, a if keep else a - sum(d < a for d in dims), layout=x.layout)
-    if torch.Tag.pointwise in getattr(target, "tags", ()):
+    if pointwise(target):
         found = _pointwise_axis(node, operands, n)
         return Value(live, found[0], layout=found[1]) if found else Value(live)
     if target in (aten.mm.default, aten.addmm.default, aten.bmm.default):

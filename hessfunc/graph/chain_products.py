@@ -1,9 +1,9 @@
 """Hessian-vector products on a verified chain, by Pearlmutter's R-operator.
 
-NOTE [structured products]: on a chain found by :func:`hessfunc._chain.analyze`
-(NOTE [structured route]; for products, convolutions and ``Flatten`` may be links
-too) the product ``H v`` needs no autograd graph through the model. Write ``R{.}``
-for the directional derivative along ``v = (dW_l, db_l)_l``. With the activations
+NOTE [structured products]: on a chain read off the captured graph (NOTE [chains
+from the graph]: Linear layers, convolutions, flattening views and elementwise maps)
+the product ``H v`` needs no autograd graph through the model. Write ``R{.}`` for the
+directional derivative along ``v = (dW_l, db_l)_l``. With the activations
 ``a``, the derivatives ``phi'``/``phi''`` of every activation and the gradients
 ``g`` at every layer output cached once at the point, one product is
 
@@ -24,12 +24,10 @@ That is the exact product (the second term of each backward rule is the curvatur
 of the layer itself, the first the curvature propagated from above), in a handful
 of dense products per layer with no graph bookkeeping, and ``k`` tangents at once
 are the same products with a ``k`` axis (sample-major, one GEMM for all of them).
-It needs neither the gradient's weight products nor a graph, so even one product
-with its set-up costs less than the double backward. Measured
-(``python -m benchmarks.bench_hvp``) 0.8-0.9x a gradient per cached product on
-the MLPs against 1.1-1.4x through the cached graph, and one ``hvp`` at 0.89-1.0x
-the seed's double backward; see docs/benchmarks.md. The tests compare it with the
-loop oracle to 1e-10 in float64.
+It needs neither the gradient's weight products nor a graph: cached, a product costs
+about one gradient (docs/benchmarks.md). Finding the chain costs about another, so one
+``hvp`` alone takes the double backward unless asked for ``method="structured"``. The
+tests compare the products with the loop oracle to 1e-10 in float64.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-from ._chain import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear
+from .chain_plan import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear
 
 __all__ = ["ChainProducts"]
 
