@@ -3,11 +3,11 @@
     python -m benchmarks.bench_hvp [--threads 1] [--repeats 20]
 
 Compares, on each problem: a plain autograd gradient (the unit), torch.func.grad,
-the seed's double backward (``hessfunc.reference.hvp``), ``hessfunc.hvp`` (structured
-products, and the graph route in both modes), plain ``torch.func`` recipes, and
-``hessfunc.hvp_fn`` (cached products, structured and through the graph; and for ``f``
-written the torch.func way, whose chain is read off the captured graph, its products
-and the set-up of a lambda made afresh on every call). The cases
+the seed's double backward (``hessfunc.reference.hvp``), ``hessfunc.hvp`` (the graph
+route in both modes, and structured products on the chain found afresh), plain
+``torch.func`` recipes, and ``hessfunc.hvp_fn`` (cached products, structured and
+through the graph; and for ``f`` written the torch.func way, its products and the
+set-up of a lambda made afresh on every call). The cases
 are timed round-robin (``interleaved_medians``), so drift of the machine cancels in
 the ratios.
 """
@@ -64,8 +64,10 @@ def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict
             "seed double backward": seed_double_backward,
             "torch.func vjp(grad)": func_rev_rev,
             "torch.func jvp(grad)": func_fwd_rev,
-            "hessfunc.hvp (default: structured where it applies)":
+            "hessfunc.hvp (default: the double backward)":
                 lambda: hf.hvp(f, (params, x, y), v),
+            "hessfunc.hvp method='structured' (chain found on each call)":
+                lambda: hf.hvp(f, (params, x, y), v, method="structured"),
             "hessfunc.hvp graph route, reverse-over-reverse":
                 lambda: hf.hvp(f, (params, x, y), v, method="graph"),
             "hessfunc.hvp graph route, forward-over-reverse":

@@ -359,6 +359,21 @@ def test_large_output_hessians_are_not_cached(monkeypatch):
     _check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
 
 
+def test_one_structured_hvp_builds_no_per_sample_blocks(monkeypatch):
+    """One product applies the loss's Hessian through its gradient graph; only cached
+    products (``hvp_fn``) keep its per-sample blocks."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 5, 4], "tanh", 0)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    f, params = hf.functionalize(model, F.cross_entropy)
+    v = random_like(params, 0)
+    assert hf.hvp_fn(f, (params, x, y)).chain_products._loss_graph is None
+    chain = importlib.import_module("hessfunc.graph.chain")
+    monkeypatch.setattr(chain, "output_blocks", None)  # would fail if called
+    assert_close(hf.hvp(f, (params, x, y), v, method="structured"),
+                 _oracle_hvp(f, params, (x, y), v))
+
+
 def test_hvp_fn_method_choice():
     torch.manual_seed(0)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)

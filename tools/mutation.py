@@ -64,12 +64,12 @@ GROUPS: dict[str, Group] = {
                       ("tests/test_grad_hvp.py", "tests/test_conv_settings.py",
                        "tests/test_operator.py", "tests/test_robustness.py")),
     # the structured products (R-operator rules of Linear/conv chains)
-    "chain_products": Group(("hessfunc/_chain_products.py",),
+    "chain_products": Group(("hessfunc/graph/chain_products.py",),
                             ("tests/test_grad_hvp.py", "tests/test_conv_settings.py",
                              "tests/test_hessian.py")),
-    # the structured engine (per-sample Hessian backpropagation)
-    "chain": Group(("hessfunc/_chain.py",),
-                   ("tests/test_hessian.py", "tests/test_grad_hvp.py",
+    # the chain's full Hessian (per-sample Hessian backpropagation)
+    "chain": Group(("hessfunc/graph/chain_plan.py",),
+                   ("tests/test_hessian.py", "tests/test_graph.py",
                     "tests/test_frozen_layers.py")),
     # the captured-graph engine: per-sample structure, op rules, frontier propagation
     "graph": Group(("hessfunc/graph/samples.py", "hessfunc/graph/rules.py",
