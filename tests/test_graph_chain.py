@@ -424,3 +424,55 @@ def test_full_hessian_of_a_conv_chain_finds_the_chain_once(monkeypatch):
     leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
     expected = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
     assert_close(H, expected)
+
+
+_MAPS = {
+    "tanh": torch.tanh,                      # closed forms from the output
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "tanhshrink": F.tanhshrink,              # runs that start with tanh: not tanh's form
+    "2 tanh": lambda z: 2 * torch.tanh(z),
+    "logsigmoid": F.logsigmoid,              # reads zeros_like of its input
+    "elu": F.elu,                            # reads its input at three ops
+}
+
+
+@pytest.mark.parametrize("name", list(_MAPS))
+def test_elementwise_derivatives_equal_autograds(name):
+    """Each map's ``phi'`` and ``phi''`` in the chain against plain autograd of the map
+    (float64, equal to rounding); relu's ``phi'`` at an exact zero is autograd's 0."""
+    phi = _MAPS[name]
+    p, x, y = _problem(n=6)
+    p["w1"] = torch.eye(3, dtype=F64)         # the pre-activations are the inputs
+    if name == "relu":  # elsewhere a kink's convention is the decomposition's, not torch's
+        x[0, 0] = 0.0
+    f = lambda p, x, y: F.mse_loss(F.linear(phi(F.linear(x, p["w1"])), p["w2"]), y)  # noqa: E731
+    plan, reason = graph_chain(f, (p, x, y), 0)
+    assert plan is not None, reason
+    (step,) = [s for s in plan.steps if type(s).__name__ == "_Elementwise"]
+    z = x.clone().requires_grad_(True)
+    (d1,) = torch.autograd.grad(phi(z).sum(), z, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), z, allow_unused=True)
+    d2 = torch.zeros_like(z) if d2 is None else d2
+    torch.testing.assert_close(step.phi1, d1.detach(), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(step.phi2, d2, rtol=1e-14, atol=1e-15)
+    assert step.phi1.dtype == F64
+    check_products(hf.hvp_fn(f, (p, x, y)), f, p, (x, y), [random_like(p, 2)])
+
+
+def test_a_map_gated_by_an_earlier_layer_is_not_a_chain():
+    """``tanh(h2) * h1`` with ``h1`` an earlier layer's activation is elementwise in
+    ``h2`` only with ``h1`` held fixed, and ``h1`` depends on the parameters: not a chain
+    link; the cached graph gives the products."""
+    p, x, y = _problem(n=5)
+    p["w3"] = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+    def f(p, x, y):
+        h1 = torch.tanh(F.linear(x, p["w1"]))
+        return F.mse_loss(F.linear(torch.tanh(F.linear(h1, p["w3"])) * h1, p["w2"]), y)
+
+    plan, reason = graph_chain(f, (p, x, y), 0)
+    assert plan is None and "used outside the chain of layers" in reason
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "graph"
+    check_products(H, f, p, (x, y), [random_like(p, 3)])
