@@ -416,6 +416,9 @@ def test_explain_names_every_route():
     products = report["hvp, hvp_fn, HessianOperator"]
     assert products.name == "graph" and "stops at addmm" in products.why
     assert report["hessian"].engine == "captured graph" and "largest" in report["hessian"].why
+    coupled = hf.explain(_plain(model, lambda o, t: ((o - t).sum()) ** 2), params, x, y)
+    assert coupled["hvp, hvp_fn, HessianOperator"].name == "structured"
+    assert "not kept per sample" in coupled["hessian"].why
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
     report = hf.explain(_plain(bn, F.mse_loss), _params(bn), x, y)
     assert report["hessian_diag"].name == "generic"
