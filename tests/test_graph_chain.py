@@ -86,6 +86,7 @@ def test_torch_func_chain_keeps_output_blocks_only_where_samples_are_proved_apar
         H = hf.hvp_fn(f, (params, x, y))
         assert H.method == "structured"
         assert (H.chain_products._out_hessian is not None) == apart
+        assert_close(H.value, f(params, x, y))  # either way the loss at the point
         check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
 
 
