@@ -37,6 +37,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hessfunc",
@@ -64,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--top-k", type=_positive, default=5)
     an.add_argument("--probes", type=_positive, default=100,
                     help="Hutchinson probes for the stochastic trace (default 100)")
-    an.add_argument("--density-probes", type=_positive, default=10,
-                    help="probes of the spectral density (default 10)")
+    an.add_argument("--density-probes", type=_positive, default=None,
+                    help="probes of the spectral density (default: from 3, one at a time, "
+                         "up to 10, until its integrated standard error is at most "
+                         "--density-tol)")
+    an.add_argument("--density-tol", type=_positive_float, default=0.02,
+                    help="the spectral density's integrated standard error to reach when "
+                         "--density-probes is not given (default 0.02: 2%% of its mass)")
     an.add_argument("--lanczos-steps", type=_positive, default=40,
                     help="Lanczos steps per density probe (default 40)")
     an.add_argument("--max-eigen-steps", type=_positive, default=None,
@@ -113,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             top_k=args.top_k, seed=args.seed, device=device,
                             process_group=group, probes=args.probes,
                             density_probes=args.density_probes,
+                            density_tol=args.density_tol,
                             lanczos_steps=args.lanczos_steps,
                             max_eigen_steps=args.max_eigen_steps)
     except HessfuncError as exc:

@@ -122,6 +122,10 @@ def test_analyze_report_matches_library(user_files, data):
                                torch.linalg.eigvalsh(H.to_dense()).flip(0)[:3].numpy(),
                                rtol=1e-4)
     assert report["trace_exact"] == pytest.approx(float(H.trace()), rel=1e-4)
+    # the density's probes by default: from 3 until its standard error is below 2 %
+    runs, error = report["density_probes_run"], report["density_standard_error"]
+    assert report["density_probes"] is None and 3 <= runs <= 10
+    assert error <= 0.02 or runs == 10
     for name in ("spectrum.png", "diagonal.png"):
         assert _png_size(out / name) in {(800, 500), (900, 500)}
 
@@ -191,6 +195,7 @@ def test_analyze_progress_options_and_table(user_files, capsys):
     assert all("left" in ln for ln in stages[1:]) and "elapsed" in stages[0]
     report = json.loads((out / "report.json").read_text())
     assert report["density_probes"] == 2 and report["density_steps"] == 5
+    assert report["density_probes_run"] == 2
     assert report["hutchinson_samples"] == 7
     eig_line = next(ln for ln in captured.out.splitlines() if "top eigenvalues" in ln)
     assert all(f"{v:.5g}" in eig_line for v in report["top_eigenvalues"])

@@ -774,6 +774,82 @@ def test_spectral_density_batches_the_probes():
     assert_close(batched.weights, whole.weights, rtol=1e-10, atol=1e-12)
 
 
+def test_spectral_density_standard_error_is_the_spread_of_the_probes():
+    """The integrated standard error, from each probe's Gaussian mixture written out
+    here: int std_r(d_r(t)) dt / sqrt(R); one probe has none."""
+    a = _symmetric(_uniform(30, 0.0, 4.0, seed=30), seed=30)
+    sd = spectral_density(lambda v: a @ v, 30, num_probes=4, num_steps=6, generator=_gen(13),
+                          dtype=F64)
+    z = (sd.grid[None, :, None] - sd.nodes[:, None, :]) / sd.sigma       # (R, points, m)
+    each = (torch.exp(-z * z / 2) * sd.weights[:, None, :]).sum(-1) / (
+        sd.sigma * math.sqrt(2 * math.pi))
+    assert_close(each.mean(0), sd.density)
+    spread = each.std(0, correction=1) / 2.0
+    assert sd.standard_error() == pytest.approx(float(torch.trapezoid(spread, sd.grid)),
+                                                rel=1e-12)
+    one = spectral_density(lambda v: a @ v, 30, num_probes=1, num_steps=6, generator=_gen(13),
+                           dtype=F64)
+    assert math.isnan(one.standard_error())
+
+
+def test_spectral_density_runs_probes_until_its_standard_error_is_below_tol():
+    """With ``tol``: three probes, then one at a time, stopping at the first count whose
+    standard error is at most ``tol`` (the same draws as a fixed count); ``num_probes``
+    caps it; a ``tol`` met at once still takes three."""
+    values = torch.cat([_uniform(56, 0.0, 1.0, seed=31), torch.tensor([3.0, 5.0, 8.0, 9.0],
+                                                                       dtype=F64)])
+    a = _symmetric(values, seed=31)
+    errors = []
+    for r in range(2, 11):
+        fixed = spectral_density(lambda v: a @ v, 60, num_probes=r, num_steps=8,
+                                 generator=_gen(14), dtype=F64, batch_size=1)
+        errors.append(fixed.standard_error())
+    by_count = dict(zip(range(2, 11), errors, strict=True))
+    # the first count past three with a new smallest error, and a tol between it and the
+    # smallest before it (clear of rounding)
+    want = next(r for r in range(4, 11) if by_count[r] < min(by_count[q] for q in range(3, r)))
+    tol = (by_count[want] + min(by_count[q] for q in range(3, want))) / 2
+    matmat = _Counting(a)
+    sd = spectral_density(matmat, 60, num_probes=10, num_steps=8, generator=_gen(14),
+                          dtype=F64, tol=tol)
+    assert sd.nodes.shape[0] == want and sd.standard_error() <= tol
+    assert matmat.widths == [3] * 8 + [1] * 8 * (want - 3)
+    fixed = spectral_density(lambda v: a @ v, 60, num_probes=10, num_steps=8,
+                             generator=_gen(14), dtype=F64)
+    assert_close(sd.nodes, fixed.nodes[:want], rtol=1e-10, atol=1e-12)
+    capped = spectral_density(lambda v: a @ v, 60, num_probes=5, num_steps=8,
+                              generator=_gen(14), dtype=F64, tol=1e-12)
+    assert capped.nodes.shape[0] == 5
+    easy = spectral_density(lambda v: a @ v, 60, num_probes=10, num_steps=8,
+                            generator=_gen(14), dtype=F64, tol=10.0)
+    assert easy.nodes.shape[0] == 3
+    with pytest.raises(ArgumentError, match="tol"):
+        spectral_density(lambda v: a @ v, 60, tol=0.0)
+
+
+def test_spectral_density_standard_error_predicts_its_error():
+    """With as many steps as the size, each probe's quadrature is exact, so the mean of
+    many probes is the smoothed spectrum ``(1/n) sum_i N(t; lambda_i, sigma^2)``. Over 200
+    runs of 4 probes the integrated error from it averages 0.5-1.5 times the reported
+    standard error (Gaussian errors: E|X| = 0.8 sigma)."""
+    values = torch.cat([_uniform(36, 0.0, 1.0, seed=32), torch.tensor([2.0, 3.0, 4.0, 6.0],
+                                                                       dtype=F64)])
+    a = _symmetric(values, seed=32)
+    grid = torch.linspace(-1.0, 7.0, 801, dtype=F64)
+    sigma = 0.1
+    z = (grid[:, None] - values[None, :]) / sigma
+    truth = torch.exp(-z * z / 2).mean(1) / (sigma * math.sqrt(2 * math.pi))
+    gen = _gen(15)
+    errors, reported = [], []
+    for _ in range(200):
+        sd = spectral_density(lambda v: a @ v, 40, num_probes=4, num_steps=40, grid=grid,
+                              sigma=sigma, generator=gen, dtype=F64)
+        errors.append(float(torch.trapezoid((sd.density - truth).abs(), grid)))
+        reported.append(sd.standard_error())
+    ratio = sum(errors) / sum(reported)
+    assert 0.5 < ratio < 1.5, ratio
+
+
 # ---------------------------------------------------------------------------
 # reproducibility and dtypes
 

@@ -33,7 +33,7 @@ from .._distributed import Group
 from ..errors import HessfuncError
 from ..functional import functionalize
 from . import plots
-from .report import curvature_report
+from .report import DENSITY_TOL, curvature_report
 
 
 class CLIError(HessfuncError):
@@ -220,8 +220,9 @@ def _load(model_spec: str, data_path: str, loss: str, state_dict: str | None,
 def run_analyze(model_spec: str, data_path: str, out: Path, *, loss: str = "mse",
                 state_dict: str | None = None, batch_size: int | None = None, top_k: int = 5,
                 seed: int = 0, device: str = "cpu", process_group: Any = None,
-                log: Any = print, probes: int = 100, density_probes: int = 10,
-                lanczos_steps: int = 40, max_eigen_steps: int | None = None
+                log: Any = print, probes: int = 100, density_probes: int | None = None,
+                lanczos_steps: int = 40, max_eigen_steps: int | None = None,
+                density_tol: float = DENSITY_TOL
                 ) -> dict[str, Any]:
     """The report of the model on the data; with ``process_group`` (under ``torchrun``)
     every rank its shard, rank 0 printing and writing (module docstring)."""
@@ -248,6 +249,7 @@ def run_analyze(model_spec: str, data_path: str, out: Path, *, loss: str = "mse"
     rep = curvature_report(f, params, loaded["data"], top_k=top_k, seed=seed, progress=True,
                            process_group=process_group, hutchinson_samples=probes,
                            density_probes=density_probes, density_steps=lanczos_steps,
+                           density_tol=density_tol,
                            eigen_max_steps=max_eigen_steps)
     rep.numbers.update(model=model_spec, data=data_path, loss_function=loss)
     fit = None

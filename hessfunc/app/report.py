@@ -19,6 +19,12 @@ from ..diagonal import hessian_diag
 from ..graph.curvature import plan_diagonal
 from ..operator import HessianOperator
 
+#: The spectral density's probes when not given: from DENSITY_FEWEST_PROBES until its
+#: integrated standard error is at most DENSITY_TOL (2 % of the mass), at most
+#: DENSITY_MAX_PROBES (NOTE [probes until the density is known]).
+DENSITY_TOL = 0.02
+DENSITY_FEWEST_PROBES = 3
+DENSITY_MAX_PROBES = 10
 #: The loop oracle is run for comparison only up to this many parameters.
 ORACLE_MAX_PARAMS = 20_000
 #: Per-parameter blocks are computed up to this many entries in all.
@@ -115,15 +121,18 @@ class _Stages:
 
 
 def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_k: int = 5,
-                     hutchinson_samples: int = 100, density_probes: int = 10,
-                     density_steps: int = 40, eigen_max_steps: int | None = None,
+                     hutchinson_samples: int = 100, density_probes: int | None = None,
+                     density_steps: int = 40, density_tol: float = DENSITY_TOL,
+                     eigen_max_steps: int | None = None,
                      seed: int = 0, compare_oracle: bool = True,
                      progress: bool = False, process_group: Any = None) -> CurvatureReport:
     """Compute the report of ``f`` at ``params`` over ``data`` (batches of ``(x, y)``).
 
     ``hutchinson_samples`` probes for the stochastic trace (and the diagonal where it is
     estimated), ``density_probes`` x ``density_steps`` Lanczos steps for the spectral
-    density, at most ``eigen_max_steps`` for the top eigenvalues. With ``progress``, a
+    density (``None``: from 3 probes up to ``DENSITY_MAX_PROBES`` until the density's
+    integrated standard error is at most ``density_tol``, NOTE [probes until the density
+    is known]), at most ``eigen_max_steps`` for the top eigenvalues. With ``progress``, a
     line per stage with the time left for the whole report, and a bar per data pass.
 
     With ``process_group``, ``data`` is this rank's shard and every number is of the
@@ -145,7 +154,8 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
     stages = _Stages({"gradient": 1.0, "diagonal": 2.0 * hutchinson_samples,
                       "eigenvalues": 2.0 * (eigen_max_steps or 20 + 10 * k),
                       "trace": 2.0 * hutchinson_samples,
-                      "density": 2.0 * density_probes * min(density_steps, P)},
+                      "density": 2.0 * (density_probes or DENSITY_FEWEST_PROBES)
+                      * min(density_steps, P)},
                      progress and op._group.rank == 0)
     stages.begin("gradient")
     t0 = time.perf_counter()
@@ -214,10 +224,14 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
     stages.begin("density")
     num["trace_hutchinson"] = float(est.estimate)
     num["trace_hutchinson_std_error"] = float(est.std_error)
-    sd = op.spectral_density(num_probes=density_probes, num_steps=min(density_steps, P), seed=seed)
+    sd = op.spectral_density(num_probes=density_probes or DENSITY_MAX_PROBES,
+                             num_steps=min(density_steps, P), seed=seed,
+                             tol=None if density_probes else density_tol)
     rep.density_grid = [float(t) for t in sd.grid]
     rep.density = [float(t) for t in sd.density]
     num["density_integral"] = float(torch.trapezoid(sd.density, sd.grid))
+    num["density_probes_run"] = int(sd.nodes.shape[0])
+    num["density_standard_error"] = sd.standard_error()
     stages.end("density")
     return rep
 
@@ -266,5 +280,7 @@ def report_rows(rep: CurvatureReport) -> list[tuple[str, str]]:
         rows.append(("trace (exact)", f"{n['trace_exact']:.6g}"))
     rows += [("trace (Hutchinson)", f"{n['trace_hutchinson']:.6g} "
                                     f"+- {n['trace_hutchinson_std_error']:.2g}"),
-             ("density integral", f"{n['density_integral']:.4f}")]
+             ("density integral", f"{n['density_integral']:.4f}"),
+             ("density probes", f"{n['density_probes_run']}, integrated standard error "
+                                f"{n['density_standard_error']:.2g}")]
     return rows

@@ -24,6 +24,16 @@ Probes are normalised Rademacher vectors (``v^T v`` is then the same for all)
 or normalised Gaussian ones; both make ``E[v v^T] = I / n``, so the averaged
 quadrature moments estimate ``tr(A^p) / n`` without bias for ``p <= 2m - 1``.
 
+NOTE [probes until the density is known]: the probes' densities ``d_r(t)`` are
+independent draws of one random function, so the standard error of their mean at
+``t`` is ``s(t) / sqrt(R)``, ``s`` their sample standard deviation. Its integral over
+the grid, ``int s(t) dt / sqrt(R)``, is the typical error of any mass read off the
+density (the share of eigenvalues in an interval), on the scale of the total mass 1:
+:meth:`SpectralDensity.standard_error`. With ``tol``, probes run one batch at a time
+from three (the fewest that estimate ``s``) until that error is at most ``tol`` or
+``num_probes`` have run. For a Hessian of many parameters most of the mass sits in a
+bulk every probe sees alike, so a few probes suffice (docs/benchmarks.md).
+
 References:
     S. Ubaru, J. Chen and Y. Saad, "Fast estimation of tr(f(A)) via stochastic
     Lanczos quadrature", SIAM J. Matrix Anal. Appl. 38(4), 2017.
@@ -75,6 +85,8 @@ __all__ = ["SpectralDensity", "spectral_density", "quadrature_moments"]
 
 _DEFAULT_RELATIVE_SIGMA = 0.01
 _PAD_IN_SIGMAS = 6.0
+#: Probes before the standard error is read: the fewest that estimate a spread.
+_FEWEST_PROBES = 3
 
 
 class SpectralDensity(NamedTuple):
@@ -96,6 +108,11 @@ class SpectralDensity(NamedTuple):
     weights: torch.Tensor
     sigma: float
 
+    def standard_error(self) -> float:
+        """The integrated standard error of ``density`` over ``grid`` (NOTE [probes until
+        the density is known]): on the scale of the total mass 1; ``nan`` for one probe."""
+        return _integrated_error(self.grid, self.nodes, self.weights, self.sigma)
+
     def moments(self, powers: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
         """Estimates of ``tr(A^p) / size``, ``(len(powers),)``: the probe average of
         :func:`quadrature_moments`."""
@@ -116,6 +133,7 @@ def spectral_density(
     probes: torch.Tensor | None = None,
     batch_size: int | None = None,
     num_zeros: int = 0,
+    tol: float | None = None,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -148,6 +166,10 @@ def spectral_density(
             zero eigenvalues (an operator restricted away from a known null space):
             every rule gets a node at 0 with weight ``num_zeros / (size + num_zeros)``
             and its other weights scaled by ``size / (size + num_zeros)``.
+        tol: run probes one batch at a time, from three, until the density's integrated
+            standard error (:meth:`SpectralDensity.standard_error`) is at most ``tol``;
+            ``num_probes`` is then the most that run (NOTE [probes until the density is
+            known]). ``None``: every probe runs.
         generator: source of the probes (and of restart vectors, see
             :func:`hessfunc.estimators.lanczos`); the same state gives the same result.
         dtype: of the vectors; default from ``probes``, else torch's default dtype.
@@ -180,6 +202,8 @@ def spectral_density(
         sigma = check_positive_float(sigma, "sigma", caller)
     if relative_sigma is not None:
         relative_sigma = check_positive_float(relative_sigma, "relative_sigma", caller)
+    if tol is not None:
+        tol = check_positive_float(tol, "tol", caller)
     if grid is None:
         num_points = check_int(num_points, "num_points", caller, minimum=2)
     else:
@@ -196,20 +220,33 @@ def spectral_density(
         )
     probes = _unit_columns(probes, (op.size, probes.shape[-1]), "probes", caller)
 
-    nodes, weights = _gauss_quadrature(op, probes, num_steps, batch_size, generator)
-    if num_zeros:
-        share = num_zeros / (op.size + num_zeros)
-        nodes = torch.cat([nodes, nodes.new_zeros(nodes.shape[0], 1)], dim=1)
-        weights = torch.cat([weights * (1 - share), weights.new_full((weights.shape[0], 1),
-                                                                      share)], dim=1)
-    if sigma is None:
-        sigma = _relative_width(nodes, relative_sigma or _DEFAULT_RELATIVE_SIGMA)
-    if grid is None:
-        pad = _PAD_IN_SIGMAS * sigma
-        lower, upper = float(nodes.min()) - pad, float(nodes.max()) + pad
-        grid = torch.linspace(lower, upper, num_points, dtype=op.dtype, device=op.device)
-    density = _gaussian_mixture(grid, nodes, weights, sigma)
-    return SpectralDensity(grid, density, nodes, weights, sigma)
+    def density_of(nodes: torch.Tensor, weights: torch.Tensor) -> SpectralDensity:
+        if num_zeros:
+            share = num_zeros / (op.size + num_zeros)
+            nodes = torch.cat([nodes, nodes.new_zeros(nodes.shape[0], 1)], dim=1)
+            weights = torch.cat([weights * (1 - share),
+                                 weights.new_full((weights.shape[0], 1), share)], dim=1)
+        width = sigma or _relative_width(nodes, relative_sigma or _DEFAULT_RELATIVE_SIGMA)
+        points = grid
+        if points is None:
+            pad = _PAD_IN_SIGMAS * width
+            lower, upper = float(nodes.min()) - pad, float(nodes.max()) + pad
+            points = torch.linspace(lower, upper, num_points, dtype=op.dtype, device=op.device)
+        return SpectralDensity(points, _gaussian_mixture(points, nodes, weights, width),
+                               nodes, weights, width)
+
+    if tol is None:
+        return density_of(*_gauss_quadrature(op, probes, num_steps, batch_size, generator))
+    rules: list[tuple[torch.Tensor, torch.Tensor]] = []
+    done = 0
+    while True:  # NOTE [probes until the density is known]
+        step = max(_FEWEST_PROBES - done, 1) if batch_size is None else batch_size
+        block = probes[:, done:done + step]
+        rules.append(_gauss_quadrature(op, block, num_steps, batch_size, generator))
+        done += block.shape[1]
+        found = density_of(torch.cat([n for n, _ in rules]), torch.cat([w for _, w in rules]))
+        if done >= probes.shape[1] or (done >= _FEWEST_PROBES and found.standard_error() <= tol):
+            return found
 
 
 def quadrature_moments(
@@ -262,6 +299,18 @@ def _gauss_quadrature(
         nodes.append(theta)
         weights.append(vectors[..., 0, :] ** 2)
     return torch.cat(nodes).to(op.dtype), torch.cat(weights).to(op.dtype)
+
+
+def _integrated_error(grid: torch.Tensor, nodes: torch.Tensor, weights: torch.Tensor,
+                      sigma: float) -> float:
+    """``int s(t) dt / sqrt(R)`` over ``grid``, ``s`` the sample standard deviation of
+    the ``R`` probes' densities (NOTE [probes until the density is known])."""
+    R = nodes.shape[0]
+    if R < 2:
+        return math.nan
+    each = torch.stack([_gaussian_mixture(grid, nodes[r:r + 1], weights[r:r + 1], sigma)
+                        for r in range(R)])
+    return float(torch.trapezoid(each.std(dim=0) / math.sqrt(R), grid))
 
 
 def _relative_width(nodes: torch.Tensor, fraction: float) -> float:
