@@ -374,6 +374,34 @@ def test_one_structured_hvp_builds_no_per_sample_blocks(monkeypatch):
                  _oracle_hvp(f, params, (x, y), v))
 
 
+@pytest.mark.parametrize("mode", ["reverse-over-reverse", "forward-over-reverse"])
+def test_one_hvp_through_an_op_torch_differentiates_once(mode, monkeypatch):
+    """Hardsigmoid: torch has no derivative of its backward, so the double backward
+    fails; the captured graph decomposes it into clamps, and one ``hvp`` takes the chain
+    read off it (one product: no per-sample blocks) and equals the oracle's product for
+    ``hardtanh(z / 6 + 1/2)``, the same function. ``method="graph"`` names the op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Hardsigmoid(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(4.0)  # pre-activations on all three pieces
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    v = random_like(params, 4)
+
+    def f(p, x, y):
+        return F.mse_loss(torch.func.functional_call(model, p, (x,)), y)
+
+    def twin(p, x, y):
+        h = F.hardtanh(F.linear(x, p["0.weight"], p["0.bias"]) / 6 + 0.5, 0.0, 1.0)
+        return F.mse_loss(F.linear(h, p["2.weight"], p["2.bias"]), y)
+
+    chain = importlib.import_module("hessfunc.graph.chain")
+    monkeypatch.setattr(chain, "output_blocks", None)  # would fail if called
+    assert_close(hf.hvp(f, (params, x, y), v, mode=mode), _oracle_hvp(twin, params, (x, y), v))
+    with pytest.raises(hf.ArgumentError, match="no derivative for aten::hardsigmoid_backward"):
+        hf.hvp(f, (params, x, y), v, method="graph", mode=mode)
+
+
 def test_hvp_fn_method_choice():
     torch.manual_seed(0)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
