@@ -790,6 +790,9 @@ def test_spectral_density_standard_error_is_the_spread_of_the_probes():
     one = spectral_density(lambda v: a @ v, 30, num_probes=1, num_steps=6, generator=_gen(13),
                            dtype=F64)
     assert math.isnan(one.standard_error())
+    two = spectral_density(lambda v: a @ v, 30, num_probes=2, num_steps=6, generator=_gen(13),
+                           dtype=F64)
+    assert 0 < two.standard_error() < math.inf  # two probes have a spread
 
 
 def test_spectral_density_runs_probes_until_its_standard_error_is_below_tol():
@@ -823,7 +826,16 @@ def test_spectral_density_runs_probes_until_its_standard_error_is_below_tol():
     easy = spectral_density(lambda v: a @ v, 60, num_probes=10, num_steps=8,
                             generator=_gen(14), dtype=F64, tol=10.0)
     assert easy.nodes.shape[0] == 3
-    with pytest.raises(ArgumentError, match="tol"):
+    three = spectral_density(lambda v: a @ v, 60, num_probes=3, num_steps=8,
+                             generator=_gen(14), dtype=F64)
+    at = spectral_density(lambda v: a @ v, 60, num_probes=10, num_steps=8,
+                          generator=_gen(14), dtype=F64, tol=three.standard_error())
+    assert at.nodes.shape[0] == 3  # "at most tol": met exactly
+    matmat = _Counting(a)
+    paired = spectral_density(matmat, 60, num_probes=10, num_steps=8, generator=_gen(14),
+                              dtype=F64, tol=tol, batch_size=2)
+    assert matmat.widths[::8] == [2] * (paired.nodes.shape[0] // 2)  # batches of batch_size
+    with pytest.raises(ArgumentError, match=r"^spectral_density\(\): expected tol to be"):
         spectral_density(lambda v: a @ v, 60, tol=0.0)
 
 
