@@ -403,6 +403,28 @@ def test_one_hvp_through_an_op_torch_differentiates_once(mode, monkeypatch):
         hf.hvp(f, (params, x, y), v, method="graph", mode=mode)
 
 
+def test_hvp_fn_value_is_none_only_on_the_torch_func_path():
+    """An input that carries a graph sends ``hvp_fn`` to the torch.func path, where
+    ``value`` is None (the class docstring); the plain path holds the loss. Both
+    products equal the oracle."""
+    torch.manual_seed(0)
+    w = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def f(w, x):
+        return (torch.tanh(x @ w) ** 2).sum()
+
+    v = torch.randn(3, dtype=torch.float64)
+    plain = hf.hvp_fn(f, (w, x))
+    assert_close(plain.value, f(w, x))
+    carried = hf.hvp_fn(f, (w, x.clone().requires_grad_(True)))
+    assert carried.value is None
+    leaf = w.clone().requires_grad_(True)
+    (expected,) = hf.reference.hvp(f(leaf, x), [leaf], [v])  # the loop oracle
+    assert_close(plain(v), expected)
+    assert_close(carried(v).detach(), expected)
+
+
 def test_hvp_fn_method_choice():
     torch.manual_seed(0)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
