@@ -40,15 +40,13 @@ from .chain_plan import (
     output_blocks,
 )
 from .curvature import _cache, sample_routes
-from .samples import _FACTORIES, _NEW, pointwise, where
+from .samples import SHAPE_ONLY, pointwise, where
 
 __all__ = ["chain_from_graph"]
 
 aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-#: Ops whose value depends on their operand's shape only: constants to an elementwise map.
-_SHAPE_ONLY = _FACTORIES | _NEW
 
 
 def _tanh(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +101,7 @@ class _Walk:
             return False
         if node not in self._variable:
             self._variable[node] = node.op == "placeholder" or (
-                node.target not in _SHAPE_ONLY and
+                node.target not in SHAPE_ONLY and
                 any(self.variable(a) for a in node.all_input_nodes))
         return self._variable[node]
 
@@ -172,7 +170,7 @@ class _Walk:
         for node in self.gm.graph.nodes:  # topological order
             if node.op != "call_function" or not any(a in inside for a in node.all_input_nodes):
                 continue
-            if node.target in _SHAPE_ONLY:
+            if node.target in SHAPE_ONLY:
                 continue
             # a cast (``_to_copy``) inside a map is elementwise too
             elementwise = pointwise(node.target) or node.target is aten._to_copy.default
@@ -185,7 +183,7 @@ class _Walk:
         while run:  # trim to a run whose only value read outside is its last
             out = run[-1]
             leaks = [n for n in [cur, *run[:-1]]
-                     if any(u not in inside and u.target not in _SHAPE_ONLY for u in n.users)]
+                     if any(u not in inside and u.target not in SHAPE_ONLY for u in n.users)]
             if not leaks and self.env[out].dtype == self.env[cur].dtype:
                 return run, out
             inside.discard(run.pop())
@@ -221,7 +219,6 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     while True:
         users = list(cur.users)
         single = len(users) == 1 and users[0].op == "call_function"
-        stop = ("op", users[0]) if single else ("read", users)
         if single:
             node = users[0]
             if node.target in _VIEWS and env[cur].dim() > 2 and env[node].dim() == 2 \
@@ -251,9 +248,9 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     taken = {n for st in steps for n in (getattr(st, "weight_name", None),
                                           getattr(st, "bias_name", None)) if n}
     stray = [names[p] for p in placeholders[:num_params] if names[p] not in taken and p.users]
-    if stray:
-        at = where(stop[1]) if stop[0] == "op" else \
-            f"a value read by {len(stop[1])} ops ({', '.join(where(u) for u in stop[1])})"
+    if stray:  # the walk stopped at cur: its one op, or the values that read it
+        at = where(users[0]) if single else \
+            f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
         return f"parameters {stray} are used outside the chain of layers from the inputs, " \
                f"which stops at {at} (a regulariser, a skip connection, a tied weight or " \
                "an op without a chain rule)"

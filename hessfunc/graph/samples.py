@@ -35,7 +35,7 @@ from torch import fx
 
 from .capture import argument
 
-__all__ = ["Value", "SampleStructure", "analyze_samples", "where"]
+__all__ = ["Value", "SampleStructure", "analyze_samples", "where", "pointwise", "SHAPE_ONLY"]
 
 aten = torch.ops.aten
 
@@ -60,6 +60,8 @@ _FACTORIES = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.d
               aten.full_like.default}
 _NEW = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default,
         aten.new_full.default}
+#: Ops whose value depends on their operand's shape only.
+SHAPE_ONLY = _FACTORIES | _NEW
 #: Elementwise ops that torch does not tag pointwise.
 _UNTAGGED_POINTWISE = {aten.hardswish.default}
 
