@@ -16,14 +16,14 @@ import torch
 from .. import reference
 from ..dense import hessian_blocks
 from ..diagonal import hessian_diag
+from ..estimators.slq import FEWEST_PROBES
 from ..graph.curvature import plan_diagonal
 from ..operator import HessianOperator
 
-#: The spectral density's probes when not given: from DENSITY_FEWEST_PROBES until its
+#: The spectral density's probes when not given: from slq.FEWEST_PROBES until its
 #: integrated standard error is at most DENSITY_TOL (2 % of the mass), at most
 #: DENSITY_MAX_PROBES (NOTE [probes until the density is known]).
 DENSITY_TOL = 0.02
-DENSITY_FEWEST_PROBES = 3
 DENSITY_MAX_PROBES = 10
 #: The loop oracle is run for comparison only up to this many parameters.
 ORACLE_MAX_PARAMS = 20_000
@@ -154,7 +154,7 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
     stages = _Stages({"gradient": 1.0, "diagonal": 2.0 * hutchinson_samples,
                       "eigenvalues": 2.0 * (eigen_max_steps or 20 + 10 * k),
                       "trace": 2.0 * hutchinson_samples,
-                      "density": 2.0 * (density_probes or DENSITY_FEWEST_PROBES)
+                      "density": 2.0 * (density_probes or FEWEST_PROBES)
                       * min(density_steps, P)},
                      progress and op._group.rank == 0)
     stages.begin("gradient")

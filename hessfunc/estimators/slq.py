@@ -85,8 +85,8 @@ __all__ = ["SpectralDensity", "spectral_density", "quadrature_moments"]
 
 _DEFAULT_RELATIVE_SIGMA = 0.01
 _PAD_IN_SIGMAS = 6.0
-#: Probes before the standard error is read: the fewest that estimate a spread.
-_FEWEST_PROBES = 3
+#: Probes before the standard error is read (``tol``): the fewest that estimate a spread.
+FEWEST_PROBES = 3
 
 
 class SpectralDensity(NamedTuple):
@@ -240,12 +240,12 @@ def spectral_density(
     rules: list[tuple[torch.Tensor, torch.Tensor]] = []
     done = 0
     while True:  # NOTE [probes until the density is known]
-        step = max(_FEWEST_PROBES - done, 1) if batch_size is None else batch_size
+        step = max(FEWEST_PROBES - done, 1) if batch_size is None else batch_size
         block = probes[:, done:done + step]
         rules.append(_gauss_quadrature(op, block, num_steps, batch_size, generator))
         done += block.shape[1]
         found = density_of(torch.cat([n for n, _ in rules]), torch.cat([w for _, w in rules]))
-        if done >= probes.shape[1] or (done >= _FEWEST_PROBES and found.standard_error() <= tol):
+        if done >= probes.shape[1] or (done >= FEWEST_PROBES and found.standard_error() <= tol):
             return found
 
 
