@@ -174,13 +174,10 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
     primals, argnums = _validate(f, primals, argnums, call)
     check_like(tangent, primals[argnums], "tangent", call)
     if method == "structured":
-        # one product: the loss's gradient graph rather than its per-sample blocks
-        plan, reason = graph_chain(f, primals, argnums, blocks=False)
-        if plan is not None and use_autograd((tangent,)):
-            with explain_missing_derivative(call):  # the loss's own second derivatives
-                return ChainProducts(plan, patches=False)(tangent)
-        raise ArgumentError(f"{call}: method='structured' does not apply here: "
-                            f"{reason if plan is None else 'the tangent carries a graph'}; "
+        product, reason = _chain_product(f, primals, argnums, tangent, call)
+        if reason is None:
+            return product
+        raise ArgumentError(f"{call}: method='structured' does not apply here: {reason}; "
                             "use method='auto' or 'graph'.")
     try:
         with second_order_kernels():
@@ -192,12 +189,25 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
         # NOTE [ops differentiable once]: the captured graph's decompositions may have the
         # second derivative torch's kernel lacks (hardsigmoid: a clamp), and a chain in it
         # gives the product
-        plan = graph_chain(f, primals, argnums, blocks=False)[0] \
-            if method == "auto" and use_autograd((tangent,)) else None
-        if plan is None:
-            raise ArgumentError(missing_derivative_message(op, call)) from None
-        with explain_missing_derivative(call):
-            return ChainProducts(plan, patches=False)(tangent)
+        if method == "auto" and use_autograd((tangent,)):
+            product, reason = _chain_product(f, primals, argnums, tangent, call)
+            if reason is None:
+                return product
+        raise ArgumentError(missing_derivative_message(op, call)) from None
+
+
+def _chain_product(f: Callable[..., Any], primals: tuple[Any, ...], argnums: int,
+                   tangent: Any, call: str) -> tuple[Any, str | None]:
+    """One R-operator product on the chain read off the captured graph, with the loss's
+    gradient graph rather than its per-sample blocks: ``(H v, None)``, or ``(None, why
+    not)``."""
+    plan, reason = graph_chain(f, primals, argnums, blocks=False)
+    if plan is None:
+        return None, reason
+    if not use_autograd((tangent,)):
+        return None, "the tangent carries a graph"
+    with explain_missing_derivative(call):  # the loss's own second derivatives
+        return ChainProducts(plan, patches=False)(tangent), None
 
 
 def _graph_hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, argnums: int,
