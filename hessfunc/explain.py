@@ -105,13 +105,9 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
         routes.append(Route("hessian_blocks", "structured", "captured graph"))
     else:
         routes.append(Route("hessian_blocks", "generic", "one-hot products", why))
-    if chain is not None and not chain.per_sample_blocks():
-        chain_why = ("a chain, but its loss's Hessian is not kept per sample (not proved a "
-                     "sum over samples, or over the memory budget)"
-                     if chain.out_hessian is None else
-                     "a chain with convolutions or flattening views, which the full "
-                     "Hessian's backpropagation has no rule for")
-    if chain is not None and chain.per_sample_blocks():
+    if chain is not None:
+        chain_why = chain.why_not_per_sample()
+    if chain is not None and chain_why is None:
         routes.append(Route("hessian", "structured", "chain in the captured graph"))
     elif plan is not None and len(plan.products) < len(plan.leaves):
         routes.append(Route("hessian", "structured", "captured graph",

@@ -130,8 +130,17 @@ class ChainPlan:
     def per_sample_blocks(self) -> bool:
         """Whether the plan serves the per-sample backward propagation of the full
         Hessian: Linear layers and activations only, per-sample output Hessians."""
-        return self.out_hessian is not None and all(
-            isinstance(s, (_Linear, _Elementwise)) for s in self.steps)
+        return self.why_not_per_sample() is None
+
+    def why_not_per_sample(self) -> str | None:
+        """Why :meth:`per_sample_blocks` is False, or None."""
+        if self.out_hessian is None:
+            return ("a chain, but its loss's Hessian is not kept per sample (not proved a "
+                    "sum over samples, or over the memory budget)")
+        if not all(isinstance(s, (_Linear, _Elementwise)) for s in self.steps):
+            return ("a chain with convolutions or flattening views, which the full "
+                    "Hessian's backpropagation has no rule for")
+        return None
 
     def _widest(self) -> int:
         return max([self.out_hessian.shape[-1]]
