@@ -64,7 +64,9 @@ factor's columns go back together in batched passes within the chunk budget.
 Models: every trainable parameter belongs to an ``nn.Linear``, ``nn.Conv1d`` or
 ``nn.Conv2d`` (weight, and bias when present and trainable; convolutions without
 groups, any stride, padding, dilation or padding mode), and the model's outputs are
-``(N, C)``.
+``(N, C)``. A layer called several times in a forward pass (a weight shared between the
+calls) is one layer applied at the places of all its calls; each call's inputs have the
+samples first.
 """
 
 from __future__ import annotations
@@ -288,21 +290,23 @@ class KFACOperator(CurvatureOperator):
         """One forward and the batched backward passes of the output matrix's columns
         over a batch: ``on_columns(layer index, g, omega, ã)`` for each chunk of ``k``
         columns, ``g`` ``(k, N, R, d_out)`` at the layer's places, ``omega`` ``(k, N)``
-        and the layer's ``ã`` ``(N, R, d_in [+1])``; returns every layer's ``ã``."""
+        and the layer's ``ã`` ``(N, R, d_in [+1])``; returns every layer's ``ã``.
+
+        A layer called several times in one forward pass (its weight shared between the
+        calls) has the places of all its calls, in call order; a layer the pass never
+        calls has none (``R = 0``: its factors get nothing from this batch)."""
         module = self.g  # functionalize's private copy, hooked for this pass only
-        inputs: dict[str, torch.Tensor] = {}
-        probes: dict[str, torch.Tensor] = {}
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in self._layers}
         handles = []
         mods = dict(module.module.named_modules())
         for name in self._layers:
             def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor,
                      name: str = name) -> torch.Tensor:
-                inputs[name] = args[0].detach()
-                probes[name] = torch.zeros_like(out, requires_grad=True)
-                return out + probes[name]
+                probe = torch.zeros_like(out, requires_grad=True)
+                calls[name].append((args[0].detach(), probe))
+                return out + probe
 
             handles.append(mods[name].register_forward_hook(hook))
-        names = list(self._layers)
         try:
             with torch.enable_grad():
                 p = {k: v.detach() for k, v in self.params.items()}
@@ -310,21 +314,38 @@ class KFACOperator(CurvatureOperator):
                 if not isinstance(out, torch.Tensor) or out.dim() != 2:
                     raise ArgumentError(f"{self._name}: the model's outputs must be (N, C), got "
                                         f"{getattr(out, 'shape', type(out).__name__)}.")
-                out_a = []
-                for name, (_, b) in self._layers.items():
-                    a = _places(mods[name], inputs[name])             # (N, R, d_in)
-                    out_a.append(a if b is None else
-                                 torch.cat([a, torch.ones_like(a[..., :1])], -1))
+                out_a = [self._layer_places(name, mods[name], calls[name], out.shape[0])
+                         for name in self._layers]
+                probes = [probe for name in self._layers for _, probe in calls[name]]
                 U, omega = self._output_columns(out, y)
-                for cols, grads in self._columns_back(out, [probes[k2] for k2 in names], U):
-                    for i, (name, gr) in enumerate(zip(names, grads, strict=True)):
-                        places = _output_places(mods[name], gr.flatten(0, 1))  # (kN, R, d)
-                        on_columns(i, places.unflatten(0, gr.shape[:2]), omega[cols],
-                                   out_a[i])
+                for cols, grads in self._columns_back(out, probes, U):
+                    grads = iter(grads)
+                    for i, name in enumerate(self._layers):
+                        g = [_output_places(mods[name], next(grads).flatten(0, 1))
+                             for _ in calls[name]]                     # each (kN, R_call, d)
+                        if g:
+                            on_columns(i, torch.cat(g, 1).unflatten(0, (-1, out.shape[0])),
+                                       omega[cols], out_a[i])
         finally:
             for h in handles:
                 h.remove()
         return out_a
+
+    def _layer_places(self, name: str, mod: nn.Module,
+                      calls: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+        """Layer ``name``'s ``ã`` ``(N, R, d_in [+1])`` over all its calls, ``N = n``."""
+        w, b = self._layers[name]
+        weight = self.params[w]
+        places = [_places(mod, a) for a, _ in calls]
+        for a in places:
+            if a.shape[0] != n:
+                raise ArgumentError(f"{self._name}: layer {name!r} was called on inputs of "
+                                    f"{a.shape[0]} rows in a batch of {n} samples; K-FAC needs "
+                                    "each layer's inputs to have the samples first (freeze the "
+                                    "layer, or use GGNOperator).")
+        a = (torch.cat(places, 1) if places else
+             weight.new_zeros(n, 0, weight.numel() // weight.shape[0]))
+        return a if b is None else torch.cat([a, torch.ones_like(a[..., :1])], -1)
 
     def _add_batch_factors(self, x: Any, y: Any, weight: float,
                            into: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -344,6 +365,8 @@ class KFACOperator(CurvatureOperator):
             into[i][1].addmm_((rows * w.reshape(-1, 1)).T, rows, alpha=weight)
 
         for (A, _), a in zip(into, self._batch_pass(x, y, on_columns), strict=True):
+            if a.shape[1] == 0:  # a layer this batch does not reach
+                continue
             rows = a.mean(1) if reduce else a.reshape(-1, a.shape[-1])
             A.addmm_(rows.T, rows,
                      alpha=1 / (self.num_samples * (1 if reduce else a.shape[1])))

@@ -739,6 +739,80 @@ def test_kfac_factors_of_a_conv_net_by_their_definitions(approx, weighted):
     assert_close((K @ v)[:m + 2], torch.cat([KV[:, :-1].reshape(-1), KV[:, -1]]))
 
 
+class _SharedTwice(nn.Module):
+    """``o(tanh(l(tanh(l(x)))))``: layer ``l`` called twice, its weight shared; ``unused``
+    is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.o, self.unused = nn.Linear(3, 3), nn.Linear(3, C), nn.Linear(3, 3)
+
+    def forward(self, x, d1=0.0, d2=0.0):
+        s1 = self.l(x) + d1
+        s2 = self.l(torch.tanh(s1)) + d2
+        return self.o(torch.tanh(s2))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", ["mse", "ce"])
+def test_kfac_of_a_layer_called_twice_has_the_places_of_both_calls(approx, name):
+    """A weight shared between two calls is one layer applied at ``R = 2`` places a
+    sample (Eschenhagen et al.'s weight sharing); its factors by their definitions from
+    the oracle's output Hessian and the Jacobians to each call's output. A layer the
+    forward pass never calls has zero factors."""
+    n = 4
+    torch.manual_seed(3)
+    model = _SharedTwice().double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(n, 3, generator=gen, dtype=DT)
+    y = _targets(name, n, gen)
+    loss_fn = LOSSES[name]
+    K = hf.KFACOperator.from_model(model, loss_fn, (x, y), kfac_approx=approx)
+    with torch.no_grad():
+        out = model(x)
+        s1 = model.l(x)
+        a = torch.stack([x, torch.tanh(s1)], 1)  # (n, 2, 3): the inputs of the two calls
+    a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+    Ho = hf.reference.output_hessian(loss_fn, out, y).reshape(n, C, n, C)
+    zero = torch.zeros(n, 3, dtype=DT)
+    J1, J2 = torch.autograd.functional.jacobian(lambda d1, d2: model(x, d1, d2), (zero, zero))
+    B = torch.stack([torch.stack([J1[i, :, i], J2[i, :, i]]) for i in range(n)])  # (n, 2, C, 3)
+    if approx == "expand":
+        A = torch.einsum("nri,nrj->ij", a, a) / (n * 2)
+        G = sum(B[i, r].T @ Ho[i, :, i] @ B[i, r] for i in range(n) for r in range(2))
+    else:
+        abar, Bsum = a.mean(1), B.sum(1)
+        A = abar.T @ abar / n
+        G = sum(Bsum[i].T @ Ho[i, :, i] @ Bsum[i] for i in range(n))
+    assert_close(K.factors["l"][0], A)
+    assert_close(K.factors["l"][1], G)
+    assert not K.factors["unused"][0].any() and not K.factors["unused"][1].any()
+    # EKFAC: the exact GGN block's diagonal in the factors' eigenbasis (both calls' terms)
+    E = hf.KFACOperator.from_model(model, loss_fn, (x, y), kfac_approx=approx,
+                                   eigenvalue_correction=True)
+    *_, GGN = _oracle(model, loss_fn, x, y)
+    idx, _ = _layer_indices(model, "l")
+    Q = _eigenbasis(*E.factors["l"])
+    S = torch.diagonal(Q.T @ GGN[idx[:, None], idx[None, :]] @ Q)
+    assert_close(E.corrections["l"], S.reshape(G.shape[0], A.shape[0]))
+
+
+def test_kfac_refuses_a_layer_whose_inputs_do_not_have_the_samples_first():
+    class SamplesLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, C)
+
+        def forward(self, x):  # the layer sees (d, N) -> the wrong rows
+            return self.l(x.T.reshape(4, -1).T.reshape(-1, 4)[:2]).repeat(2, 1)
+
+    model = SamplesLast().double()
+    x, y = torch.randn(4, 4, dtype=DT), torch.randn(4, C, dtype=DT)
+    with pytest.raises(hf.ArgumentError, match=r"KFACOperator: layer 'l' was called on inputs "
+                                               r"of 2 rows in a batch of 4 samples"):
+        hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y))
+
+
 def test_kfac_refuses_grouped_convolutions_and_unknown_conventions():
     model = nn.Sequential(nn.Conv1d(2, 2, 2, groups=2), nn.Flatten()).double()
     x = torch.randn(2, 2, 4, dtype=DT)
