@@ -124,6 +124,36 @@ def test_private_copy_gets_its_own_parameters_back_even_when_the_forward_fails()
     assert {name: p for name, p in f.module.named_parameters()} == own
 
 
+def test_private_copy_shares_no_container_with_the_model():
+    """Every dict, OrderedDict and set of the copy's modules (hooks, parameters, buffers,
+    a user's own cache), empty or not, is a fresh object of the same type and contents;
+    one two modules share stays shared between their copies, as ``copy.deepcopy``
+    makes it. Hooks added to either side later do not reach the other."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    cache: dict[str, int] = {}
+    model[0].cache, model[2].cache, model[1].seen = cache, cache, set()
+    model[2].register_forward_hook(lambda *_: None)
+    f, _ = hf.functionalize(model, nn.MSELoss())
+    pairs = list(zip(model.modules(), f.module.modules(), strict=True))
+    for mine, theirs in pairs:
+        assert type(mine) is type(theirs)
+        for key, value in vars(mine).items():
+            if isinstance(value, (dict, set)):
+                copied = vars(theirs)[key]
+                assert copied is not value and type(copied) is type(value), key
+                assert len(copied) == len(value), key
+    assert f.module[0].cache is f.module[2].cache
+    assert len(f.module[2]._forward_hooks) == 1
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append("model"))
+    f.module[0].cache["k"] = 1
+    f.module[1].seen.add(1)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    f(dict(f.module.named_parameters()), x, x[:, :1])
+    assert calls == [] and cache == {} and model[1].seen == set()
+
+
 def test_buffers_captured_as_they_are():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
