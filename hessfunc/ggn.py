@@ -396,17 +396,24 @@ def likelihood_of(loss_fn: Any, likelihood: str | None, reduction: str | None, c
     return found, red
 
 
-def nll(likelihood: str, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``l(o, y) = -log p(y | o) + const`` of one sample (summed over its elements), or
-    the sum over samples of it for outputs with leading sample axes (the class axis last
-    for the categorical likelihoods)."""
+def nll_gradient(likelihood: str, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``d l(o, y) / d o`` for ``l = -log p(y | o) + const`` of each sample (summed over
+    its elements), for outputs with leading sample axes (the class axis last for the
+    categorical likelihoods), in closed form:
+
+    - Gaussian, ``l = ||o - y||^2``: ``2 (o - y)``;
+    - categorical (logits), ``l = -log softmax(o)_y``: ``softmax(o) - e_y``;
+    - log-categorical (log-probabilities), ``l = -o_y``: ``-e_y``;
+    - Bernoulli (logits), BCE-with-logits: ``sigmoid(o) - y``.
+    """
     if likelihood == "gaussian":
-        return ((o - y) ** 2).sum()
+        return 2 * (o - y)
+    if likelihood == "bernoulli":
+        return torch.sigmoid(o) - y
+    onehot = F.one_hot(y.long(), o.shape[-1]).to(o.dtype)
     if likelihood == "categorical":
-        return -torch.log_softmax(o, dim=-1).gather(-1, y.unsqueeze(-1).long()).sum()
-    if likelihood == "log-categorical":
-        return -o.gather(-1, y.unsqueeze(-1).long()).sum()
-    return F.binary_cross_entropy_with_logits(o, y, reduction="sum")
+        return torch.softmax(o, dim=-1) - onehot
+    return -onehot
 
 
 def scale(likelihood: str, reduction: str, out: torch.Tensor) -> tuple[float, float]:
@@ -457,10 +464,7 @@ def fisher_columns(loss_fn: Callable[..., Any], likelihood: str, reduction: str,
         return torch.func.vmap(torch.func.grad(given))(out, y).unsqueeze(0), c / s ** 2
     if labels is None:
         labels = draws(likelihood, out, mc_samples, generator)
-    # every (draw, sample) term of the summed NLL reads its own output copy: one backward
-    o = out.expand(labels.shape[0], *out.shape).clone().requires_grad_()
-    with torch.enable_grad():
-        (E,) = torch.autograd.grad(nll(likelihood, o, labels), o)
+    E = nll_gradient(likelihood, out.expand(labels.shape[0], *out.shape), labels)
     return E, c / labels.shape[0]
 
 

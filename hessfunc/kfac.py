@@ -251,15 +251,15 @@ class KFACOperator(CurvatureOperator):
         return layers
 
     def _output_columns(self, out: torch.Tensor, y: Any
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U`` ``(K, N, C)`` and weights ``omega`` ``(K, N)``: ``M_n = sum_k omega_kn
-        U_kn U_kn^T``."""
+                        ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``U`` ``(K, N, C)`` and weights ``omega`` ``(K, N)``, or one float where every
+        column has the same weight: ``M_n = sum_k omega_kn U_kn U_kn^T``."""
         out = out.detach()
         n = out.shape[0]
         if self.fisher == "exact":
             S = output_factor(self.loss_fn, out, y)                      # (N, C, C)
             if S is not None:
-                return S.permute(2, 0, 1), S.new_ones(S.shape[2], n)
+                return S.permute(2, 0, 1), 1.0
             loss = _loss_of(self.loss_fn, y, self._name)
             if separable(self.loss_fn):
                 blocks = output_hessian_blocks(loss, out)                # (N, C, C)
@@ -271,7 +271,7 @@ class KFACOperator(CurvatureOperator):
             return Q.permute(2, 0, 1), lam.T
         E, w = fisher_columns(self.loss_fn, self._likelihood, self.reduction, self.fisher, out,
                               y, self.mc_samples, self._draws)
-        return E, torch.full(E.shape[:2], w, dtype=out.dtype, device=out.device)
+        return E, w
 
     @staticmethod
     def _columns_back(out: torch.Tensor, probes: list[torch.Tensor], U: torch.Tensor
@@ -289,8 +289,8 @@ class KFACOperator(CurvatureOperator):
                     ) -> list[torch.Tensor]:
         """One forward and the batched backward passes of the output matrix's columns
         over a batch: ``on_columns(layer index, g, omega, ã)`` for each chunk of ``k``
-        columns, ``g`` ``(k, N, R, d_out)`` at the layer's places, ``omega`` ``(k, N)``
-        and the layer's ``ã`` ``(N, R, d_in [+1])``; returns every layer's ``ã``.
+        columns, ``g`` ``(k, N, R, d_out)`` at the layer's places, ``omega`` ``(k, N)`` (or
+        one float) and the layer's ``ã`` ``(N, R, d_in [+1])``; returns every layer's ``ã``.
 
         A layer called several times in one forward pass (its weight shared between the
         calls) has the places of all its calls, in call order; a layer the pass never
@@ -325,7 +325,8 @@ class KFACOperator(CurvatureOperator):
                              for _ in calls[name]]                     # each (kN, R_call, d)
                         if g:
                             on_columns(i, torch.cat(g, 1).unflatten(0, (-1, out.shape[0])),
-                                       omega[cols], out_a[i])
+                                       omega if isinstance(omega, float) else omega[cols],
+                                       out_a[i])
         finally:
             for h in handles:
                 h.remove()
@@ -355,13 +356,16 @@ class KFACOperator(CurvatureOperator):
         and a fresh one per batch costs more in page faults than the product itself."""
         reduce = self.kfac_approx == "reduce"
 
-        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor, _: torch.Tensor
+        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor | float, _: torch.Tensor
                        ) -> None:
             if reduce:
-                g, w = g.sum(2), omega[..., None]                     # (k, N, d_out)
-            else:  # each place a sample of its own, with its sample's weight
-                w = omega[..., None, None].expand(*g.shape[:3], 1)
+                g = g.sum(2)                                          # (k, N, d_out)
             rows = g.reshape(-1, g.shape[-1])
+            if isinstance(omega, float):
+                into[i][1].addmm_(rows.T, rows, alpha=weight * omega)
+                return
+            # each place a sample of its own, with its sample's weight
+            w = omega[..., None] if reduce else omega[..., None, None].expand(*g.shape[:3], 1)
             into[i][1].addmm_((rows * w.reshape(-1, 1)).T, rows, alpha=weight)
 
         for (A, _), a in zip(into, self._batch_pass(x, y, on_columns), strict=True):
@@ -378,9 +382,11 @@ class KFACOperator(CurvatureOperator):
         [eigenvalue correction]); one place: ``(Q_G^T g)^2 ((Q_A^T ã)^2)^T``."""
         names = list(self._layers)
 
-        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor, a: torch.Tensor
+        def on_columns(i: int, g: torch.Tensor, omega: torch.Tensor | float, a: torch.Tensor
                        ) -> None:
             _, QG, _, QA = self._eigh(names[i])
+            if isinstance(omega, float):
+                omega = g.new_full(g.shape[:2], omega)
             g, a = g @ QG, a @ QA                       # (k, N, R, d_out), (N, R, d_in)
             if g.shape[2] == 1:
                 w = torch.einsum("kn,kni->ni", omega, g[:, :, 0] * g[:, :, 0])

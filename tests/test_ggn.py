@@ -187,6 +187,34 @@ def _fisher_route(route, monkeypatch):
     return taken
 
 
+def _distribution_nll(likelihood, o, y):
+    """``-log p(y | o)`` summed, from torch.distributions (the Gaussian of variance 1/2,
+    whose NLL is ``||o - y||^2`` up to a constant), or torch's NLL of log-probabilities."""
+    D = torch.distributions
+    if likelihood == "gaussian":
+        return -D.Normal(o, 0.5 ** 0.5).log_prob(y).sum()
+    if likelihood == "categorical":
+        return -D.Categorical(logits=o).log_prob(y).sum()
+    if likelihood == "bernoulli":
+        return -D.Bernoulli(logits=o).log_prob(y).sum()
+    return F.nll_loss(o.reshape(-1, o.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "categorical", "log-categorical",
+                                        "bernoulli"])
+def test_nll_gradient_is_autograd_of_the_distributions_log_likelihood(likelihood):
+    gen = torch.Generator().manual_seed(5)
+    o = torch.randn(2, 5, C, generator=gen, dtype=DT)  # (draws, samples, classes)
+    if likelihood == "log-categorical":
+        o = torch.log_softmax(o, -1)
+    y = {"gaussian": torch.randn(2, 5, C, generator=gen, dtype=DT),
+         "bernoulli": torch.randint(0, 2, (2, 5, C), generator=gen).to(DT)}.get(
+        likelihood, torch.randint(0, C, (2, 5), generator=gen))
+    leaf = o.clone().requires_grad_()
+    (truth,) = torch.autograd.grad(_distribution_nll(likelihood, leaf, y), leaf)
+    assert_close(sys.modules["hessfunc.ggn"].nll_gradient(likelihood, o, y), truth)
+
+
 @pytest.mark.parametrize("route", ["graph", "products"])
 @pytest.mark.parametrize("name", list(FISHER))
 @pytest.mark.parametrize("n", [1, 4])
