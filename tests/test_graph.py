@@ -6,6 +6,8 @@ Every truth is the loop oracle (hessfunc.reference) or a dense Jacobian from aut
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -423,6 +425,60 @@ def test_explain_names_every_route():
     report = hf.explain(_plain(bn, F.mse_loss), _params(bn), x, y)
     assert report["hessian_diag"].name == "generic"
     assert "var_mean" in report["hessian_diag"].why and "batch axis" in str(report)
+
+
+def _gaussian_nll(o, t):
+    return F.gaussian_nll_loss(o[:, :1], t, F.softplus(o[:, 1:]) + 1e-3)  # checks var < 0
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 1)
+
+    def forward(self, x):
+        h = self.l(x)
+        if h.sum() > 0:  # a Python branch on a value
+            return h
+        return -h
+
+
+def test_a_failed_capture_names_the_op_and_the_line_of_the_users_code():
+    """explain, and method='structured', say why f could not be captured and where:
+    the torch function that read a value (gaussian_nll_loss checking its variance), the
+    line of the user's code that called it, a branch in a module's forward, .item() in
+    f; the numbers still come from the generic route."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 2], "tanh", 0).double()
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
+    here = re.escape(__file__)
+
+    def branchy(p, x, y):
+        loss = F.mse_loss(functional_call(model, p, (x,))[:, :1], y)
+        return loss if loss.item() < 1e3 else loss / 2
+
+    g_gated, p_gated = hf.functionalize(_Gated().double(), nn.MSELoss())
+    cases = [
+        (*hf.functionalize(model, _gaussian_nll),
+         r"in torch\.nn\.functional\.gaussian_nll_loss \(`.*var < 0.*`\), called at "
+         + here + r":\d+ in _gaussian_nll \(`return F\.gaussian_nll_loss"),
+        (branchy, _params(model),
+         r"at " + here + r":\d+ in branchy \(`return loss if loss\.item\(\) < 1e3"),
+        (g_gated, p_gated, r"at " + here + r":\d+ in forward \(`if h\.sum\(\) > 0:"),
+    ]
+    for f, params, where in cases:
+        why = r"f could not be captured as a graph: Python reads a tensor's value .*" + where
+        report = hf.explain(f, params, x, y)
+        for route in ("hessian_diag", "hvp, hvp_fn, HessianOperator", "hessian"):
+            assert re.search(why, report[route].why), (route, report[route].why)
+        with pytest.raises(hf.ArgumentError, match=r"method='structured' does not apply "
+                                                   r"here: " + why):
+            hf.hessian_diag(f, method="structured")(params, x, y)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        truth = hf.reference.hessian_diag(f(leaves, x, y), leaves)
+        got = hf.hessian_diag(f)(params, x, y)
+        for k in params:
+            torch.testing.assert_close(got[k], truth[k], rtol=1e-10, atol=1e-12)
 
 
 # ---- the batch-axis rules, each against a dense Jacobian ------------------------------

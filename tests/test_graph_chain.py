@@ -330,7 +330,8 @@ def test_why_a_call_is_not_a_chain():
           (p, x, y), 0), "^the loss is not a scalar$"),
         ((lambda p, x, y: (x @ p["w1"].t() @ p["w2"].t()).sum() if bool(x.sum() > 0) else
           (x @ p["w1"].t() @ p["w2"].t()).mean(), (p, x, y), 0),
-         "^f could not be captured as a graph"),
+         r"^f could not be captured as a graph: Python reads a tensor's value .* at .*"
+         r"test_graph_chain\.py:\d+ in <lambda> \(`.*bool\(x\.sum\(\) > 0\)"),
     ]
     for (fn, args, argnums), why in cases:
         plan, reason = graph_chain(fn, args, argnums)

@@ -275,7 +275,7 @@ class ForwardEngine:
         out = self.u(*args)
         self._check_output(out, scalar)
         if record is not None:
-            record.append(("u", "generic (untraceable u)"))
+            record.append(("u", f"generic (untraceable u: {self.cache.failure})"))
         call_args = list(args)
         call_args[argnum] = seed
         call = _Call(self.u)
@@ -340,8 +340,8 @@ def rule_report(
     """``(op, rule)`` pairs the engine used for a collapsed order-``order`` pass.
 
     A debugging aid (and what the tests use to check that an op really went
-    through the generic rule): ``("u", "generic (untraceable u)")`` means ``u``
-    could not be traced and ran whole under the generic rule.
+    through the generic rule): ``("u", "generic (untraceable u: why, where)")`` means
+    ``u`` could not be traced and ran whole under the generic rule.
     """
     engine = ForwardEngine(u, argnums, "rule_report")
     x = engine.point(args)

@@ -41,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import os
+import traceback
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -447,13 +449,50 @@ def _signature(args: Sequence[Any]) -> tuple | None:
     return tuple(sig)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# torch's files whose frames name the op a user called (not the dispatch machinery)
+_TORCH_API = ("nn" + os.sep + "functional.py", "functional.py", "nn" + os.sep + "modules" + os.sep)
+
+
+def capture_failure(exc: BaseException) -> str:
+    """Why tracing failed, and where: the deepest frame of the user's code in the
+    traceback, and the torch function it called there when that is where the trace
+    stopped (``F.gaussian_nll_loss`` checking ``torch.any(var < 0)``)."""
+    if "DataDependent" in type(exc).__name__:
+        what = "Python reads a tensor's value (data-dependent control flow or .item())"
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        what = f"{type(exc).__name__}: {first[:120]}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [i for i, fr in enumerate(frames) if not fr.filename.startswith(
+        (_TORCH_DIR, _OWN_DIR, "<")) and os.path.abspath(fr.filename) != __file__]
+    start = mine[-1] + 1 if mine else 0
+    api = [fr for fr in frames[start:] if fr.filename.startswith(_TORCH_DIR)
+           and fr.filename[len(_TORCH_DIR):].startswith(_TORCH_API)
+           and not fr.filename.endswith("module.py")]
+    where = []
+    if api:
+        fr = api[-1]
+        name = fr.filename[len(_TORCH_DIR):-3].replace(os.sep, ".")
+        where.append(f"in torch.{name}.{fr.name} (`{fr.line}`)")
+    if mine:
+        fr = frames[mine[-1]]
+        where.append(f"{'called ' if api else ''}at {fr.filename}:{fr.lineno} in {fr.name} "
+                     f"(`{fr.line}`)")
+    return what + (" " + ", ".join(where) if where else "")
+
+
+_WRAPPED = "its closure holds tensors of an active torch.func transform"
+
+
 class TraceCache:
     """Graphs of ``fn`` keyed by argument signature and fingerprint (small LRU).
 
     :meth:`get` returns a :class:`Captured`, or ``None`` when ``fn`` cannot be
     traced faithfully (data-dependent control flow, tensors wrapped by an
     active transform in its closure, an op make_fx cannot trace): the caller
-    then uses the exact generic path.
+    then uses the exact generic path, and :attr:`failure` says why and where.
     """
 
     def __init__(self, fn: Callable[..., Any], caller: str, maxsize: int = 8,
@@ -463,37 +502,49 @@ class TraceCache:
         self.decompositions = decompositions
         self.stack_traces = stack_traces
         self.maxsize = maxsize
-        self._entries: OrderedDict[tuple, Captured | None] = OrderedDict()
+        self._entries: OrderedDict[tuple, Captured | str] = OrderedDict()
+        #: why the last :meth:`get` returned None (:func:`capture_failure`), else None
+        self.failure: str | None = None
 
     def get(self, args: Sequence[Any]) -> Captured | None:
+        self.failure = None
         sig = _signature(args)
         fp = fingerprint(self.fn)
         if fp.wrapped:
+            self.failure = _WRAPPED
             return None
         key = None if sig is None or not fp.complete else (sig, fp.items)
         if key is not None and key in self._entries:
             self._entries.move_to_end(key)
-            return self._entries[key]
+            entry = self._entries[key]
+            if isinstance(entry, str):
+                self.failure = entry
+                return None
+            return entry
         try:
-            captured: Captured | None = capture(self.fn, args, self.caller,
-                                                 self.decompositions, self.stack_traces)
+            captured: Captured | str = capture(self.fn, args, self.caller,
+                                               self.decompositions, self.stack_traces)
         except ArgumentError:
             raise
-        except Exception:  # noqa: BLE001 - any tracing failure means: use the generic path
-            captured = None
-        if captured is not None:
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: use the generic path
+            captured = capture_failure(e)
+        if isinstance(captured, str):
+            self.failure = captured
+        else:
             constants = external_constants(captured.graph_module)
             if any(_is_wrapped(c) for c in constants):
+                self.failure = _WRAPPED
                 return None
             if any(id(c) not in fp.tensor_ids for c in constants):
                 # Not found by the walk: under an active transform it may be a
                 # wrapped tensor seen through the cleared stack, so refuse the
                 # trace; outside transforms it is exact now but must not be reused.
                 if torch._C._functorch.peek_interpreter_stack() is not None:
+                    self.failure = _WRAPPED
                     return None
                 return captured
         if key is not None:
             self._entries[key] = captured
             if len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
-        return captured
+        return None if isinstance(captured, str) else captured

@@ -354,7 +354,7 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int, *, blocks: bool = T
     except Exception as e:  # noqa: BLE001 - a trace that fails: the graph route says so
         return None, f"f could not be captured as a graph ({str(e)[:80]})"
     if captured is None:
-        return None, "f could not be captured as a graph"
+        return None, f"f could not be captured as a graph: {cache.failure}"
     proved = blocks and inputs[0].dim() >= 1 and inputs[0].shape[0] >= 2 and \
         sample_routes(captured, len(args[0]), inputs)[1] is not None  # memoised
     plan, why = chain_from_graph(captured, args[0], inputs, per_sample=proved)

@@ -963,8 +963,7 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
     except ArgumentError as e:
         return None, str(e)
     if captured is None:
-        return None, "f could not be captured as a graph (data-dependent control flow, " \
-                     "an op make_fx cannot trace, or tensors of an active transform)"
+        return None, f"f could not be captured as a graph: {cache.failure}"
     structure, routes = sample_routes(captured, len(leaves), inputs)
     if routes is None:
         return None, structure.reason
@@ -1074,12 +1073,14 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
 def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset | str:
     """The ops of ``plan`` that ``g`` computes (they come first), or why not found."""
     cache = _cache(f.model)
+    if isinstance(cache, str):
+        return cache
     try:
-        captured = None if isinstance(cache, str) else cache.get(args[:2])
+        captured = cache.get(args[:2])
     except ArgumentError as e:
         return str(e)
     if captured is None:
-        return "g could not be captured as a graph"
+        return f"g could not be captured as a graph: {cache.failure}"
     model_ops = [nd.target for nd in captured.graph_module.graph.nodes
                  if nd.op == "call_function"]
     calls = [nd for nd in plan.gm.graph.nodes if nd.op == "call_function"]
@@ -1115,12 +1116,14 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan) -> fx.Grap
     one = pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() >= 1
                           and t.shape[0] == n else t, list(args[1:]))
     cache = _cache(f)
+    if isinstance(cache, str):
+        return cache
     try:
-        captured = None if isinstance(cache, str) else cache.get((args[0], *one))
+        captured = cache.get((args[0], *one))
     except ArgumentError as e:
         return str(e)
     if captured is None:
-        return "f could not be captured on one sample"
+        return f"f could not be captured on one sample: {cache.failure}"
     gm1 = captured.graph_module
     ops = [(nd.op, nd.target) for nd in plan.gm.graph.nodes]
     if ops != [(nd.op, nd.target) for nd in gm1.graph.nodes]:
