@@ -364,7 +364,7 @@ class KFACOperator(CurvatureOperator):
             if isinstance(omega, float):
                 into[i][1].addmm_(rows.T, rows, alpha=weight * omega)
                 return
-            # each place a sample of its own, with its sample's weight
+            # each row with its sample's weight (every place of a sample alike)
             w = omega[..., None] if reduce else omega[..., None, None].expand(*g.shape[:3], 1)
             into[i][1].addmm_((rows * w.reshape(-1, 1)).T, rows, alpha=weight)
 

@@ -465,8 +465,8 @@ def capture_failure(exc: BaseException) -> str:
         first = (str(exc).strip().splitlines() or [""])[0]
         what = f"{type(exc).__name__}: {first[:120]}"
     frames = traceback.extract_tb(exc.__traceback__)
-    mine = [i for i, fr in enumerate(frames) if not fr.filename.startswith(
-        (_TORCH_DIR, _OWN_DIR, "<")) and os.path.abspath(fr.filename) != __file__]
+    mine = [i for i, fr in enumerate(frames)
+            if not fr.filename.startswith((_TORCH_DIR, _OWN_DIR, "<"))]
     start = mine[-1] + 1 if mine else 0
     api = [fr for fr in frames[start:] if fr.filename.startswith(_TORCH_DIR)
            and fr.filename[len(_TORCH_DIR):].startswith(_TORCH_API)
