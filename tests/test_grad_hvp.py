@@ -308,8 +308,8 @@ def test_convolutions_without_product_rules_fall_back():
         if chain:
             assert_close(hf.hvp(f, (params, x, y), v, method="structured"), truth)
         else:
-            with pytest.raises(hf.ArgumentError, match="groups > 1, padding given as a "
-                                                       "string.*not a chain|chain of layers"):
+            with pytest.raises(hf.ArgumentError, match="chain of layers|writes into a tensor "
+                                                       "that is read later"):
                 hf.hvp(f, (params, x, y), v, method="structured")
         H = hf.hvp_fn(f, (params, x, y))
         assert H.method == ("structured" if chain else "graph")

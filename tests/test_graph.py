@@ -394,8 +394,8 @@ def test_explain_names_every_route():
     """A functionalize chain: structured everywhere; the same network as a torch.func
     function: the diagonal, the blocks and the full Hessian from the captured graph, the
     products from the chain read off it; with a weight decay the products take the
-    cached gradient graph, saying where the chain stops; BatchNorm in training: the op
-    that stops the graph."""
+    chain too, with the decay's own products; BatchNorm in training: the op that stops
+    the graph."""
     torch.manual_seed(0)
     model = build_mlp([3, 4, 1], "tanh", 0).double()
     x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)
@@ -416,8 +416,9 @@ def test_explain_names_every_route():
 
     report = hf.explain(decayed, params, x, y)
     products = report["hvp, hvp_fn, HessianOperator"]
-    assert products.name == "graph" and "stops at addmm" in products.why
+    assert products.name == "structured" and "captured graph" in products.engine
     assert report["hessian"].engine == "captured graph" and "largest" in report["hessian"].why
+    assert "the loss has terms of the parameters alone" in report["hessian"].why
     coupled = hf.explain(_plain(model, lambda o, t: ((o - t).sum()) ** 2), params, x, y)
     assert coupled["hvp, hvp_fn, HessianOperator"].name == "structured"
     assert "not kept per sample" in coupled["hessian"].why
@@ -479,6 +480,33 @@ def test_a_failed_capture_names_the_op_and_the_line_of_the_users_code():
         got = hf.hessian_diag(f)(params, x, y)
         for k in params:
             torch.testing.assert_close(got[k], truth[k], rtol=1e-10, atol=1e-12)
+
+
+def test_an_in_place_write_left_after_functionalization_is_refused():
+    """Circular padding writes the padded tensor by ``copy_`` into its slices, which
+    functionalization leaves in the graph; its functional twin would drop the write
+    (the graph then saw an uninitialised tensor). The capture is refused, naming the op;
+    an in-place view op (metadata only) is still rewritten."""
+    x = torch.randn(2, 1, 3, 3, dtype=F64)
+
+    def padded(x):
+        return (F.pad(x, (1, 1, 1, 1), mode="circular") ** 2).sum()
+
+    with pytest.raises(RuntimeError, match=r"copy_\.default( at .*)? writes into a tensor "
+                                           r"that is read later"):
+        capture(padded, (x,), "test")
+    v = torch.randn(3, dtype=F64)
+    captured = capture(lambda w: torch.tanh(w @ x[0, 0]).sum(), (v,), "test")  # squeeze_
+    assert_close(captured.graph_module(v), torch.tanh(v @ x[0, 0]).sum())
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(18, 1)).double()
+    f, params = hf.functionalize(model, nn.MSELoss())
+    y = torch.randn(2, 1, dtype=F64)
+    why = hf.explain(f, params, x, y)["hessian_diag"].why
+    assert re.search(r"could not be captured as a graph: RuntimeError: copy_\.default", why)
+    loss, leaves = oracle_loss(f, params, x, y)
+    truth = hf.reference.hessian_diag(loss, leaves)
+    assert_close(hf.hessian_diag(f)(params, x, y), truth)
 
 
 # ---- the batch-axis rules, each against a dense Jacobian ------------------------------

@@ -90,9 +90,65 @@ def test_torch_func_chain_keeps_output_blocks_only_where_samples_are_proved_apar
         check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
 
 
+def _chain_loss(p, x, y, reduction="mean"):
+    return F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"], p["b1"])), p["w2"]), y,
+                      reduction=reduction)
+
+
+_TERMS = {
+    "weight decay": lambda p, x, y: _chain_loss(p, x, y) + 1e-2 * sum(
+        (w ** 2).sum() for k, w in p.items() if k != "s"),
+    "coupled terms, the sum scaled": lambda p, x, y: (
+        _chain_loss(p, x, y) + (p["w1"] ** 2).sum() * (p["b1"] ** 2).sum()
+        + p["w2"].pow(4).sum() - 0.5 * p["b1"].sum()) / 3,
+    "a parameter only the terms read": lambda p, x, y: _chain_loss(p, x, y)
+        + torch.cosh(p["s"] * p["w1"][0]).sum(),
+    "a term subtracted from a summed loss": lambda p, x, y: _chain_loss(
+        p, x, y, "none").sum(1).mean() - torch.log((p["w2"] ** 2).sum()),
+}
+
+
+@pytest.mark.parametrize("n", [2, 6])
+@pytest.mark.parametrize("name", list(_TERMS))
+def test_terms_of_the_parameters_alone_join_the_chains_products(name, n):
+    """NOTE [parameter terms]: a loss ``l(o) + R(p)`` (weight decay, penalties coupling
+    several parameters, a parameter only ``R`` reads) keeps the chain: products, batched
+    products, the gradient, the value and the operator's dense matrix equal the oracle's.
+    With two samples of three features the first layer's inputs span less than its
+    weight, and a term on that weight must keep the operator off the data span."""
+    f = _TERMS[name]
+    gen = torch.Generator().manual_seed(3)
+    p = {"w1": torch.randn(4, 3, generator=gen, dtype=F64),
+         "b1": torch.randn(4, generator=gen, dtype=F64),
+         "w2": torch.randn(2, 4, generator=gen, dtype=F64)}
+    if name == "a parameter only the terms read":
+        p["s"] = torch.randn(3, generator=gen, dtype=F64)
+    x, y = torch.randn(n, 3, generator=gen, dtype=F64), torch.randn(n, 2, generator=gen,
+                                                                      dtype=F64)
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "structured"
+    check_products(H, f, p, (x, y), [random_like(p, i) for i in range(3)], single=True)
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    loss = f(leaves, x, y)
+    assert_close(H.value, loss.detach())
+    assert_close(H.gradient, dict(zip(p, torch.autograd.grad(loss, list(leaves.values())),
+                                      strict=True)))
+    dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    op = hf.HessianOperator(f, p, (x, y))
+    assert_close(op.to_dense(), dense)
+    eig = torch.linalg.eigvalsh(dense)
+    for which, truth in (("largest", eig[-2:].flip(0)), ("smallest", eig[:2])):
+        torch.testing.assert_close(op.eigenvalues(2, which=which, tol=1e-12, seed=0), truth,
+                                   rtol=1e-8, atol=1e-10)
+
+
 _NOT_CHAINS = {
-    "weight decay": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])),
-                                                        p["w2"]), y) + (p["w1"] ** 2).sum(),
+    "weight decay times the loss": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"])), p["w2"]), y) * (1 + (p["w1"] ** 2).sum()),
+    "a penalty added to the output": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"])), p["w2"]) + (p["w2"] ** 2).sum(), y),
+    "tied layers": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(
+        torch.tanh(F.linear(x, p["w1"])), p["w1"])), p["w2"]), y),
     "skip connection": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])) +
                                                            x, p["w2"]), y),
     "tied weight": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])),
@@ -131,7 +187,8 @@ def test_what_is_not_a_chain_takes_the_cached_graph(name):
     assert H.method == "graph"
     check_products(H, f, p, (x, y), [random_like(p, 1)])
     with pytest.raises(hf.ArgumentError, match="method='structured' does not apply here: "
-                                               "(parameters .* stops at|no layer)"):
+                                               "(parameters .* (stops at|several layers)|no "
+                                               "layer|the loss (combines|is not a sum))"):
         hf.hvp_fn(f, (p, x, y), method="structured")
 
 

@@ -273,12 +273,52 @@ def _is_mutating(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
+def where(node: torch.fx.Node) -> str:
+    """``op at file:line``: the op and the last frame of the user's code that made it."""
+    text = str(getattr(node.target, "__name__", node.target))
+    stack = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ")]
+    user = [ln for ln in lines if "/torch/" not in ln and "/hessfunc/" not in ln] or lines
+    if user:
+        text += " at " + user[-1].removeprefix("File ")
+    return text
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    """An op whose result aliases its first argument (a view, not an in-place op)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def _read_after(node: torch.fx.Node, mutated: torch.fx.Node) -> bool:
+    """Whether anything after ``node`` reads the storage ``mutated`` shares (its base
+    through views, and every view of that base)."""
+    root = mutated
+    while _is_view(root) and isinstance(root.args[0], torch.fx.Node):
+        root = root.args[0]
+    aliases, stack = set(), [root]
+    while stack:
+        alias = stack.pop()
+        if alias not in aliases:
+            aliases.add(alias)
+            stack.extend(u for u in alias.users if _is_view(u) and u.args[0] is alias)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return any(order[u] > order[node] and not (_is_view(u) and u in aliases)
+               for alias in aliases for u in alias.users)
+
+
 def _rewrite_inplace(gm: torch.fx.GraphModule) -> None:
     """Replace in-place ops left after functionalization by their functional twin.
 
-    Only safe when nothing reads the mutated tensor afterwards (an in-place
-    ``squeeze_`` on a fresh intermediate, as matmul's decomposition emits);
-    anything else is refused and the caller uses the generic path.
+    Only safe when nothing reads the mutated tensor afterwards: an in-place ``squeeze_``
+    on a fresh intermediate, as matmul's decomposition emits, or BatchNorm's update of
+    ``num_batches_tracked``, which the result does not read. A write that is read later
+    (circular padding's ``copy_`` into slices of the padded tensor, which
+    functionalization leaves) is refused, and the caller uses the generic path: the
+    twin's result would be unused, and the write lost.
     """
     for node in gm.graph.nodes:
         if not _is_mutating(node):
@@ -292,6 +332,10 @@ def _rewrite_inplace(gm: torch.fx.GraphModule) -> None:
             functional = getattr(packet, op._overloadname, None) if packet else None
         if functional is None or len(mutated.users) != 1:
             raise RuntimeError(f"cannot remove the mutation {op} from the captured graph")
+        if torch.Tag.inplace_view not in getattr(op, "tags", ()) and \
+                _read_after(node, mutated):
+            raise RuntimeError(f"{where(node)} writes into a tensor that is read later, which "
+                               "the captured graph cannot express")
         node.target = functional
 
 
@@ -463,7 +507,7 @@ def capture_failure(exc: BaseException) -> str:
         what = "Python reads a tensor's value (data-dependent control flow or .item())"
     else:
         first = (str(exc).strip().splitlines() or [""])[0]
-        what = f"{type(exc).__name__}: {first[:120]}"
+        what = f"{type(exc).__name__}: {first[:300]}"
     frames = traceback.extract_tb(exc.__traceback__)
     mine = [i for i, fr in enumerate(frames)
             if not fr.filename.startswith((_TORCH_DIR, _OWN_DIR, "<"))]

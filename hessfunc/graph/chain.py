@@ -13,14 +13,28 @@ decomposes into (GELU: ``x * (1 + erf(x / sqrt 2)) / 2``): its ``phi'`` and ``ph
 come from two backward passes through that run. The loss is whatever follows ``o``;
 its Hessian is applied through its own gradient graph, exact whether or not it couples
 samples; where the graph is proved a sum over samples (NOTE [per-sample structure]),
-its per-sample blocks are kept instead. Every parameter must enter exactly once, as a
-layer's weight or bias; anything else (a regulariser, a skip connection, a tied weight)
-is not a chain.
+its per-sample blocks are kept instead. Every parameter enters the model exactly once,
+as a layer's weight or bias; anything else (a skip connection, a tied weight, a
+parameter inside an activation) is not a chain.
+
+NOTE [parameter terms]: a loss ``L = l(o) + R(p)`` with terms of the parameters alone
+(weight decay, a norm penalty, terms coupling several parameters, a parameter only ``R``
+reads) has ``H = H_chain + H_R``: no second derivative mixes ``o`` and ``p`` when ``R``
+joins the loss by a sum and everything after that sum is linear (sums, differences,
+scaling by constants, reductions, views). The graph is checked for exactly that: each
+op of the loss that reads a value of the parameters alone is an ``add`` or ``sub``,
+and each op below it is linear; otherwise the chain is refused with the op. ``H_R v``
+is one backward pass through ``R``'s ops alone (its gradient's graph on fresh parameter
+leaves, built once per point), parameter-sized and cheap beside the chain's product.
+The full Hessian's backpropagation (NOTE [full Hessian]) does not add ``H_R`` and is
+not offered for such a plan, nor the data-span restriction of a weight ``R`` reads
+(NOTE [data span]: ``R`` sees the whole weight, not its product with the inputs).
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -29,9 +43,10 @@ from torch import Tensor, fx
 from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES
 from ..functional import FunctionalModel, _report_non_finite
-from .capture import replay, run_nodes
+from .capture import replay, run_nodes, where
 from .chain_plan import (
     ChainPlan,
+    ParameterTerms,
     _Conv,
     _Elementwise,
     _Flatten,
@@ -40,13 +55,14 @@ from .chain_plan import (
     output_blocks,
 )
 from .curvature import _cache, sample_routes
-from .samples import SHAPE_ONLY, pointwise, where
+from .samples import SHAPE_ONLY, pointwise
 
 __all__ = ["chain_from_graph"]
 
 aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_SUMS = (aten.add.Tensor, aten.sub.Tensor)  # how a term of the parameters alone joins the loss
 
 
 def _tanh(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,6 +110,9 @@ class _Walk:
                  names: dict[fx.Node, str], values: bool) -> None:
         self.gm, self.env, self.names, self.values = gm, env, names, values
         self._variable: dict[fx.Node, bool] = {}
+        self._data: dict[fx.Node, bool] = {}
+        #: the nodes the steps read their weights and biases through
+        self.operands: set[fx.Node] = set()
 
     def variable(self, node: Any) -> bool:
         """Whether ``node`` depends on a placeholder (parameters or data)."""
@@ -105,18 +124,33 @@ class _Walk:
                 any(self.variable(a) for a in node.all_input_nodes))
         return self._variable[node]
 
+    def data(self, node: Any) -> bool:
+        """Whether ``node`` depends on the batch (a placeholder after the parameters)."""
+        if not isinstance(node, fx.Node):
+            return False
+        if node not in self._data:
+            self._data[node] = (node.op == "placeholder" and node not in self.names) or (
+                node.target not in SHAPE_ONLY and any(self.data(a) for a in node.all_input_nodes))
+        return self._data[node]
+
     def operand(self, node: Any, transposed: bool) -> tuple[Tensor, str | None] | None:
-        """A layer's weight or bias: a parameter placeholder (read only here) or a
-        constant; ``transposed``: reached through ``t``/``permute`` of a matrix."""
+        """A layer's weight or bias: a parameter placeholder or a constant; ``transposed``:
+        reached through ``t``/``permute`` of a matrix. The layer is the parameter's one
+        reader that depends on the batch; its other readers are terms of the parameters
+        alone (NOTE [parameter terms])."""
         if not isinstance(node, fx.Node):
             return None
+        path = node
         if transposed:
             if not _is_transpose(node) or len(node.users) != 1:
                 return None
             node = node.args[0]  # W of ``x W^T``
         value = self.env[node]
         if node in self.names:
-            return (value, self.names[node]) if len(node.users) == 1 else None
+            if sum(self.data(u) for u in node.users) != (0 if transposed else 1):
+                return None
+            self.operands.update((path, node))
+            return value, self.names[node]
         if self.variable(node):
             return None
         return value, None
@@ -205,6 +239,24 @@ class _Walk:
         return _Elementwise(*found)
 
 
+def _loss_nodes(gm: fx.GraphModule, o: fx.Node) -> list[fx.Node]:
+    """The call nodes that read ``o``, directly or not, in graph order: the loss."""
+    reads, nodes = {o}, []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(a in reads for a in node.all_input_nodes):
+            reads.add(node)
+            nodes.append(node)
+    return nodes
+
+
+def _enters_model(walk: _Walk, node: fx.Node, loss: Collection[fx.Node]) -> bool:
+    """Whether a value of the parameters alone, ``node``, is read by an op of the batch
+    other than a sum or difference in the loss (directly, or through other values of the
+    parameters): not a term added to the loss."""
+    return any((walk.data(u) and (u not in loss or u.target not in _SUMS)) or (
+        not walk.data(u) and _enters_model(walk, u, loss)) for u in node.users)
+
+
 def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
                  names: dict[fx.Node, str]) -> tuple[list[Any], fx.Node] | str:
     """The chain's steps from the input placeholder and its last value, or why not.
@@ -245,9 +297,17 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
                 return element
             steps.append(element)
         cur = run[1]
-    taken = {n for st in steps for n in (getattr(st, "weight_name", None),
-                                          getattr(st, "bias_name", None)) if n}
-    stray = [names[p] for p in placeholders[:num_params] if names[p] not in taken and p.users]
+    entered = [n for st in steps for n in (getattr(st, "weight_name", None),
+                                            getattr(st, "bias_name", None)) if n]
+    taken = set(entered)
+    tied = sorted({n for n in entered if entered.count(n) > 1})
+    if tied:
+        return f"parameters {tied} enter the chain at several layers (tied weights)"
+    # a parameter that enters the model outside the layers; one that only terms of the
+    # parameters alone read is checked with them (NOTE [parameter terms])
+    after = _loss_nodes(walk.gm, cur)
+    stray = [names[p] for p in placeholders[:num_params]
+             if names[p] not in taken and _enters_model(walk, p, after)]
     if stray:  # the walk stopped at cur: its one op, or the values that read it
         at = where(users[0]) if single else \
             f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
@@ -260,7 +320,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     if env[cur].dim() != 2 or env[cur].shape[0] != env[x].shape[0]:
         return "the chain does not end in an (N, C) output"
     for p in placeholders[:num_params]:  # unused parameters: zero rows, not a chain step
-        if names[p] not in taken:
+        if names[p] not in taken and not p.users:
             return f"parameter {names[p]!r} does not enter f"
     return steps, cur
 
@@ -282,9 +342,12 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     def shape_walk() -> str | None:
         shapes = {n: n.meta.get("val") if n.op != "get_attr" else
                   operator.attrgetter(n.target)(gm) for n in gm.graph.nodes}
-        found = _chain_steps(_Walk(gm, shapes, names, values=False), placeholders,
-                             len(leaves), names)
-        return found if isinstance(found, str) else None
+        walk = _Walk(gm, shapes, names, values=False)
+        found = _chain_steps(walk, placeholders, len(leaves), names)
+        if isinstance(found, str):
+            return found
+        terms = _terms_structure(walk, found[1])
+        return terms if isinstance(terms, str) else None
 
     # the walk on the trace's shapes first, once per capture (its verdict: why not, or
     # None): a graph that is not a chain costs no forward pass
@@ -292,8 +355,8 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     if why is not None:
         return None, why
     env = _values(gm, leaves + inputs)
-    found = _chain_steps(_Walk(gm, env, names, values=True), placeholders, len(leaves),
-                         names)
+    walk = _Walk(gm, env, names, values=True)
+    found = _chain_steps(walk, placeholders, len(leaves), names)
     if isinstance(found, str):
         return None, found
     steps, cur = found
@@ -302,21 +365,91 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     if isinstance(graph, str):
         return None, graph
     o_leaf, g, loss = graph
+    structure = _terms_structure(walk, cur)
+    if isinstance(structure, str):  # not for a graph whose shape walk passed
+        return None, structure
+    terms = None if structure is None else _parameter_terms(gm, env, names, *structure)
     if (per_sample or o.shape[0] == 1) and \
             o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
-        return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, None, loss), "ok"
-    return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss), "ok"
+        return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, None, loss,
+                         terms), "ok"
+    return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss, terms), "ok"
+
+
+#: ops through which the loss stays a sum ``l(o) + R(p)`` when one operand is ``R``'s:
+#: sums, differences, negation, scaling by constants, reductions and views
+_LINEAR = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.sum.default,
+           aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.expand.default,
+           aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, *_VIEWS}
+_SCALINGS = {aten.mul.Tensor, aten.div.Tensor}  # linear when the divisor or a factor is constant
+
+
+def _terms_structure(walk: _Walk, o: fx.Node
+                     ) -> tuple[list[fx.Node], list[fx.Node]] | str | None:
+    """The loss's terms of the parameters alone (NOTE [parameter terms]): ``(nodes that
+    compute them and add them to the loss, in graph order; the parameter placeholders
+    they read)``, None when there are none, or why they do not make ``L = l(o) + R(p)``."""
+    gm = walk.gm
+    loss = _loss_nodes(gm, o)
+    in_loss = set(loss)
+    starts = []  # the loss's ops that read a value of the parameters alone
+    for node in loss:
+        for a in node.all_input_nodes:
+            if walk.variable(a) and not walk.data(a) and a not in walk.operands:
+                if node.target not in _SUMS:
+                    return (f"the loss combines a term of the parameters alone with the model "
+                            f"output other than by a sum, at {where(node)}")
+                starts.append(node)
+    if not starts:
+        return None
+    below, stack = set(starts), list(starts)  # the loss's ops the terms flow into
+    while stack:
+        for u in stack.pop().users:
+            if u in in_loss and u not in below:
+                below.add(u)
+                stack.append(u)
+    for node in below:
+        if node.target in _SCALINGS:  # by a constant: not a product of two variables
+            a, b = node.args[:2]
+            if not (walk.variable(b) if node.target is aten.div.Tensor else
+                    walk.variable(a) and walk.variable(b)):
+                continue
+        if node.target not in _LINEAR:
+            return (f"the loss is not a sum of a function of the model output and terms of "
+                    f"the parameters alone: {where(node)} acts on their sum")
+    # the terms' own ops: everything of the parameters alone they are computed from
+    above, stack = set(), [a for n in starts for a in n.all_input_nodes
+                           if walk.variable(a) and not walk.data(a)]
+    while stack:
+        node = stack.pop()
+        if node not in above:
+            above.add(node)
+            stack.extend(a for a in node.all_input_nodes if walk.variable(a))
+    order = [n for n in gm.graph.nodes
+             if n.op == "call_function" and (n in above or n in below)]
+    return order, [n for n in gm.graph.nodes if n.op == "placeholder" and n in above]
+
+
+def _parameter_terms(gm: fx.GraphModule, env: dict[fx.Node, Any], names: dict[fx.Node, str],
+                     order: list[fx.Node], placeholders: list[fx.Node]) -> ParameterTerms:
+    """``R``'s gradient with its graph on fresh parameter leaves: the ops of
+    :func:`_terms_structure` replayed, the rest of the loss held at its value (a constant
+    added to ``R``, since the loss is ``l(o) + R(p)``)."""
+    leaves = {names[p]: env[p].detach().requires_grad_(True) for p in placeholders}
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    with torch.enable_grad():
+        local = replay(order, env, {p: leaves[names[p]] for p in placeholders})
+        total = fx.node.map_arg(out.args[0], lambda n: local.get(n, env[n]))
+        grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True,
+                                    allow_unused=True, materialize_grads=True)
+    return ParameterTerms(leaves, dict(zip(leaves, grads, strict=True)))
 
 
 def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node
                 ) -> tuple[Tensor, Tensor, Tensor] | str:
     """``(o, dL/do with its graph, L)``: the graph after ``o`` replayed on a leaf."""
     leaf = env[o].detach().requires_grad_(True)
-    reads, loss_nodes = {o}, []  # what depends on o, in graph order
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and any(a in reads for a in node.all_input_nodes):
-            reads.add(node)
-            loss_nodes.append(node)
+    loss_nodes = _loss_nodes(gm, o)
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     with torch.enable_grad():
         local = replay(loss_nodes, env, {o: leaf})

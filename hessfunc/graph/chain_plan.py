@@ -47,7 +47,7 @@ import torch
 from .._autodiff import missing_derivative
 from .._memory import CHUNK_BUDGET_BYTES, itemsize
 
-__all__ = ["ChainPlan", "elementwise_derivatives", "output_blocks"]
+__all__ = ["ChainPlan", "ParameterTerms", "elementwise_derivatives", "output_blocks"]
 
 
 @dataclass
@@ -85,16 +85,46 @@ class _Elementwise:
     phi2: torch.Tensor            # (N, d) second derivative
 
 
+class ParameterTerms:
+    """The loss's terms of the parameters alone, ``L = l(o) + R(p)`` (weight decay, a
+    norm penalty; NOTE [parameter terms] in ``hessfunc/graph/chain.py``): ``R``'s
+    gradient at the point, with its graph on the parameter ``leaves`` that ``R`` reads,
+    so that ``H_R V`` is one backward pass through ``R``'s ops alone."""
+
+    def __init__(self, leaves: dict[str, torch.Tensor], grad: dict[str, torch.Tensor]):
+        self.leaves, self.grad = leaves, grad
+
+    def products(self, tangents: dict[str, torch.Tensor], k: int | None
+                 ) -> dict[str, torch.Tensor]:
+        """``(H_R V)`` for ``R``'s parameters (``k``: tangents with a leading axis of
+        ``k``, or None); a parameter missing from ``tangents`` has a zero tangent."""
+        names = [n for n in self.grad if self.grad[n].requires_grad]
+        if not names:  # R is linear in the parameters
+            return {}
+        lead = () if k is None else (k,)
+        columns = [tangents[n] if n in tangents else
+                   self.grad[n].new_zeros(*lead, *self.grad[n].shape) for n in names]
+        leaves = list(self.leaves.values())
+        with torch.enable_grad():
+            found = torch.autograd.grad([self.grad[n] for n in names], leaves, columns,
+                                        retain_graph=True, allow_unused=True,
+                                        materialize_grads=True, is_grads_batched=k is not None)
+        return dict(zip(self.leaves, found, strict=True))
+
+
 class ChainPlan:
     """A verified chain at a point: its steps, and the loss's Hessian in the model output
     as per-sample blocks ``out_hessian`` ``(N, C, C)`` or as ``loss_graph``, ``(o, dL/do)``
     with the graph of ``dL/do`` (exact when samples are coupled); ``out_grad`` ``(N, C)``
-    is ``dL/do`` and ``value`` the loss."""
+    is ``dL/do``, ``value`` the loss and ``terms`` its terms of the parameters alone
+    (:class:`ParameterTerms`, or None)."""
 
     def __init__(self, steps: list[Any], out_hessian: torch.Tensor | None,
                  out_grad: torch.Tensor, params: dict[str, torch.Tensor],
-                 loss_graph: tuple[torch.Tensor, torch.Tensor] | None, value: torch.Tensor):
+                 loss_graph: tuple[torch.Tensor, torch.Tensor] | None, value: torch.Tensor,
+                 terms: ParameterTerms | None = None):
         self.value = value
+        self.terms = terms
         self.loss_graph = loss_graph
         self.steps = steps
         self.out_hessian = out_hessian
@@ -137,6 +167,8 @@ class ChainPlan:
         if self.out_hessian is None:
             return ("a chain, but its loss's Hessian is not kept per sample (not proved a "
                     "sum over samples, or over the memory budget)")
+        if self.terms is not None:
+            return "a chain, but the loss has terms of the parameters alone"
         if not all(isinstance(s, (_Linear, _Elementwise)) for s in self.steps):
             return ("a chain with convolutions or flattening views, which the full "
                     "Hessian's backpropagation has no rule for")

@@ -77,6 +77,7 @@ class ChainProducts:
         self._curvature = [s.phi2 * grads[i] if isinstance(s, _Elementwise) else None
                            for i, s in enumerate(self._steps)]
         self._names = list(plan.params)
+        self._terms = plan.terms                # the loss's terms of the parameters alone
         self._params_dim = {name: p.dim() for name, p in plan.params.items()}
         self._gradient: dict[str, torch.Tensor] | None = None
         self._conv_cache: dict[int, _ConvTerms] = {}
@@ -102,6 +103,10 @@ class ChainProducts:
                             step, step.inputs, g, step.weight.shape)
                     if step.bias_name:
                         gradient[step.bias_name] = g.sum([0, *range(2, g.dim())])
+            if self._terms is not None:
+                for name, g in self._terms.grad.items():
+                    g = g.detach()
+                    gradient[name] = gradient[name] + g if name in gradient else g
             self._gradient = {name: gradient[name] for name in self._names}
         return self._gradient
 
@@ -109,9 +114,10 @@ class ChainProducts:
         """``(weight name, inputs (N, d_in))`` of the first trainable layer, whose inputs do
         not depend on the parameters; None when its weight is frozen."""
         first = self._steps[0]
-        if isinstance(first, _Linear) and first.weight_name:
+        if isinstance(first, _Linear) and first.weight_name and (
+                self._terms is None or first.weight_name not in self._terms.leaves):
             return first.weight_name, first.inputs
-        return None
+        return None  # a frozen weight, or one a term of the parameters alone also reads
 
     def restricted(self, inputs: torch.Tensor) -> ChainProducts:
         """The same products on the first layer's weights restricted to ``W U``.
@@ -173,11 +179,13 @@ class ChainProducts:
                 shape = (step.inputs.shape[0], *db.shape)
                 z = db.expand(shape) if z is None else z.add_(db)
             r = z
-        if r is None:  # no tangent reaches the output (not for a verified chain)
-            return {name: self._zeros(name, k) for name in order}
-        lowest = min((self._layer_of[name] for name in wanted), default=len(steps))
-        rg = self._output_product(r, k)               # R{g_o}[n] = H_o[n] R{o}[n]
         out: dict[str, torch.Tensor] = {}
+        lowest = min((self._layer_of[name] for name in wanted if name in self._layer_of),
+                     default=len(steps))
+        if r is None:  # no tangent reaches the output: the parameter terms' products only
+            lowest = len(steps)
+        else:
+            rg = self._output_product(r, k)           # R{g_o}[n] = H_o[n] R{o}[n]
         for i in range(len(steps) - 1, lowest - 1, -1):
             step = steps[i]
             if isinstance(step, _Elementwise):
@@ -205,7 +213,11 @@ class ChainProducts:
             rg = rg @ step.weight
             if step.weight_name in tangents:  # + g_z dW
                 rg.add_(_grad_times(g, tangents[step.weight_name], k))
-        return {name: out[name] for name in order}   # every wanted layer was passed
+        if self._terms is not None:  # + H_R v
+            for name, hv in self._terms.products(tangents, k).items():
+                if name in wanted:
+                    out[name] = out[name] + hv if name in out else hv
+        return {name: out[name] if name in out else self._zeros(name, k) for name in order}
 
     def _zeros(self, name: str, k: int | None) -> torch.Tensor:
         """A zero product for parameter ``name``, ``(k, *shape)`` with ``k`` tangents (a
@@ -220,7 +232,8 @@ class ChainProducts:
             else:
                 continue
             return weight.new_zeros(shape if k is None else (k, *shape))
-        raise KeyError(name)
+        leaf = self._terms.leaves[name]  # a parameter that only the terms read
+        return leaf.new_zeros(leaf.shape if k is None else (k, *leaf.shape))
 
     def _conv_terms(self, i: int, step: _Conv) -> _ConvTerms:
         """The products with the cached ``a`` and ``g`` of conv step ``i``, built once."""

@@ -78,9 +78,9 @@ from torch.utils import _pytree as pytree
 from .._autodiff import batched_vjp, use_autograd
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
-from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, run_nodes
+from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, run_nodes, where
 from .rules import Elementwise, Reorder, rule_for
-from .samples import SampleStructure, Value, analyze_samples, pointwise, where
+from .samples import SampleStructure, Value, analyze_samples, pointwise
 
 __all__ = ["GraphPlan", "plan_diagonal"]
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .capture import argument
+from .capture import argument, where
 
 __all__ = ["Value", "SampleStructure", "analyze_samples", "where", "pointwise", "SHAPE_ONLY"]
 
@@ -119,17 +119,6 @@ class SampleStructure:
 
 class _Unproved(Exception):
     """The op's rule does not prove the per-sample structure (the message says why)."""
-
-
-def where(node: fx.Node) -> str:
-    """``op at file:line``: the op and the last frame of the user's code that made it."""
-    text = str(getattr(node.target, "__name__", node.target))
-    stack = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ")]
-    user = [ln for ln in lines if "/torch/" not in ln and "/hessfunc/" not in ln] or lines
-    if user:
-        text += " at " + user[-1].removeprefix("File ")
-    return text
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
