@@ -384,6 +384,24 @@ def test_generic_rule_runs_for_an_op_without_a_rule():
     close(forward_laplacian(u)(x), hessian(u)(x).trace())
 
 
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+def test_laplacian_through_every_padding_mode(mode):
+    """Circular padding writes its output by ``copy_`` into slices, which
+    functionalization leaves in the graph: the capture once dropped the writes and gave
+    a Laplacian of 0. Now that capture is refused (the generic rule); every mode
+    equals the Hessian's trace and diagonal."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode=mode).double()
+
+    def u(x):
+        return torch.tanh(conv(x.reshape(1, 1, 4, 4))).pow(2).sum()
+
+    x = torch.randn(16, dtype=F64)
+    H = hessian(u)(x)
+    close(forward_laplacian(u)(x), H.trace())
+    close(input_hessian_diag(u)(x), H.diagonal())
+
+
 def test_untraceable_function_takes_the_exact_generic_path():
     def u(x):  # data-dependent control flow: cannot be traced with fake tensors
         if x.sum() > 0:
