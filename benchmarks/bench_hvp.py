@@ -6,8 +6,9 @@ Compares, on each problem: a plain autograd gradient (the unit), torch.func.grad
 the seed's double backward (``hessfunc.reference.hvp``), ``hessfunc.hvp`` (the graph
 route in both modes, and structured products on the chain found afresh), plain
 ``torch.func`` recipes, and ``hessfunc.hvp_fn`` (cached products, structured and
-through the graph; and for ``f`` written the torch.func way, its products and the
-set-up of a lambda made afresh on every call). The cases
+through the graph; and for ``f`` written the torch.func way, its products, with a
+weight decay added to the loss, and the set-up of a lambda made afresh on every call).
+The cases
 are timed round-robin (``interleaved_medians``), so drift of the machine cancels in
 the ratios.
 """
@@ -57,6 +58,13 @@ def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict
 
         cached_plain = hf.hvp_fn(plain(), (params, x, y))
         assert cached_plain.method == "structured"
+
+        def decayed(p: Any, x: Any, y: Any) -> Any:  # NOTE [parameter terms]
+            return plain()(p, x, y) + 1e-4 * sum((w ** 2).sum() for w in p.values())
+
+        cached_decayed = hf.hvp_fn(decayed, (params, x, y))
+        assert cached_decayed.method == "structured"
+        cached_decayed_graph = hf.hvp_fn(decayed, (params, x, y), method="graph")
         cases = {
             "one autograd gradient (unit)": autograd_grad,
             "torch.func.grad": lambda: func_grad(f)(params, x, y),
@@ -76,6 +84,10 @@ def run(problem_names: list[str], repeats: int, dtype: torch.dtype) -> list[dict
             "hessfunc.hvp_fn per product (graph route)": lambda: cached_graph(v),
             "hessfunc.hvp_fn per product, torch.func f (chain from the captured graph)":
                 lambda: cached_plain(v),
+            "hessfunc.hvp_fn per product, torch.func f + weight decay (chain and the "
+            "decay's own products)": lambda: cached_decayed(v),
+            "hessfunc.hvp_fn per product, torch.func f + weight decay, graph route":
+                lambda: cached_decayed_graph(v),
             "hessfunc.hvp_fn set-up, torch.func f made afresh":
                 lambda: hf.hvp_fn(plain(), (params, x, y)),
             "hessfunc.hvp_fn set-up, torch.func f made afresh, graph route":

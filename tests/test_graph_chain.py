@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, check_products, oracle_grad
+from _helpers import assert_close, assert_nested_close, check_products, oracle_grad
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
@@ -98,9 +98,11 @@ def _chain_loss(p, x, y, reduction="mean"):
 _TERMS = {
     "weight decay": lambda p, x, y: _chain_loss(p, x, y) + 1e-2 * sum(
         (w ** 2).sum() for k, w in p.items() if k != "s"),
+    "separable penalties": lambda p, x, y: _chain_loss(p, x, y) + 0.1 * (p["w1"] ** 4).sum()
+        + torch.cosh(p["b1"]).mean() - 0.5 * (p["w2"].t() ** 2).sum(),
     "coupled terms, the sum scaled": lambda p, x, y: (
         _chain_loss(p, x, y) + (p["w1"] ** 2).sum() * (p["b1"] ** 2).sum()
-        + p["w2"].pow(4).sum() - 0.5 * p["b1"].sum()) / 3,
+        + p["w2"].pow(4).sum() - 0.5 * p["b1"].sum() + (p["w2"] ** 2).sum() ** 2) / 3,
     "a parameter only the terms read": lambda p, x, y: _chain_loss(p, x, y)
         + torch.cosh(p["s"] * p["w1"][0]).sum(),
     "a term subtracted from a summed loss": lambda p, x, y: _chain_loss(
@@ -111,9 +113,10 @@ _TERMS = {
 @pytest.mark.parametrize("n", [2, 6])
 @pytest.mark.parametrize("name", list(_TERMS))
 def test_terms_of_the_parameters_alone_join_the_chains_products(name, n):
-    """NOTE [parameter terms]: a loss ``l(o) + R(p)`` (weight decay, penalties coupling
-    several parameters, a parameter only ``R`` reads) keeps the chain: products, batched
-    products, the gradient, the value and the operator's dense matrix equal the oracle's.
+    """NOTE [parameter terms]: a loss ``l(o) + R(p)`` (weight decay, separable penalties,
+    penalties coupling several parameters, a parameter only ``R`` reads) keeps the chain:
+    products, batched products, the gradient, the value, the full Hessian and the
+    operator's dense matrix and eigenvalues equal the oracle's.
     With two samples of three features the first layer's inputs span less than its
     weight, and a term on that weight must keep the operator off the data span."""
     f = _TERMS[name]
@@ -127,6 +130,9 @@ def test_terms_of_the_parameters_alone_join_the_chains_products(name, n):
                                                                       dtype=F64)
     H = hf.hvp_fn(f, (p, x, y))
     assert H.method == "structured"
+    # separable terms have a diagonal H_R, kept; others take a backward pass through R
+    separable = name in ("weight decay", "separable penalties")
+    assert (H.chain_products._terms.diagonal is not None) == separable
     check_products(H, f, p, (x, y), [random_like(p, i) for i in range(3)], single=True)
     leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
     loss = f(leaves, x, y)
@@ -134,6 +140,8 @@ def test_terms_of_the_parameters_alone_join_the_chains_products(name, n):
     assert_close(H.gradient, dict(zip(p, torch.autograd.grad(loss, list(leaves.values())),
                                       strict=True)))
     dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    assert_nested_close(hf.hessian(f)(p, x, y), dense, p)  # the chain's, + H_R
+    assert hf.explain(f, p, x, y)["hessian"].engine == "chain in the captured graph"
     op = hf.HessianOperator(f, p, (x, y))
     assert_close(op.to_dense(), dense)
     eig = torch.linalg.eigvalsh(dense)

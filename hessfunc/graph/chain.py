@@ -25,10 +25,12 @@ scaling by constants, reductions, views). The graph is checked for exactly that:
 op of the loss that reads a value of the parameters alone is an ``add`` or ``sub``,
 and each op below it is linear; otherwise the chain is refused with the op. ``H_R v``
 is one backward pass through ``R``'s ops alone (its gradient's graph on fresh parameter
-leaves, built once per point), parameter-sized and cheap beside the chain's product.
-The full Hessian's backpropagation (NOTE [full Hessian]) does not add ``H_R`` and is
-not offered for such a plan, nor the data-span restriction of a weight ``R`` reads
-(NOTE [data span]: ``R`` sees the whole weight, not its product with the inputs).
+leaves, built once per point), parameter-sized; where ``R`` is separable (each op
+elementwise in one parameter up to a full sum, as weight decay is), ``H_R`` is diagonal,
+found once as ``d/dp_j sum_i dR/dp_i``, and a product is ``h * v``.
+The full Hessian (NOTE [full Hessian]) adds ``H_R`` from unit tangents through the
+same graph. The data-span restriction (NOTE [data span]) is not offered for a weight
+``R`` reads: ``R`` sees the whole weight, not its product with the inputs.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from .chain_plan import (
     elementwise_derivatives,
     output_blocks,
 )
-from .curvature import _cache, sample_routes
+from .curvature import _FULL_SUMS, _LINEAR, _PERMUTATIONS, _cache, sample_routes
 from .samples import SHAPE_ONLY, pointwise
 
 __all__ = ["chain_from_graph"]
@@ -368,7 +370,7 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     structure = _terms_structure(walk, cur)
     if isinstance(structure, str):  # not for a graph whose shape walk passed
         return None, structure
-    terms = None if structure is None else _parameter_terms(gm, env, names, *structure)
+    terms = None if structure is None else _parameter_terms(walk, *structure)
     if (per_sample or o.shape[0] == 1) and \
             o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
         return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, None, loss,
@@ -376,11 +378,6 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss, terms), "ok"
 
 
-#: ops through which the loss stays a sum ``l(o) + R(p)`` when one operand is ``R``'s:
-#: sums, differences, negation, scaling by constants, reductions and views
-_LINEAR = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.sum.default,
-           aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.expand.default,
-           aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, *_VIEWS}
 _SCALINGS = {aten.mul.Tensor, aten.div.Tensor}  # linear when the divisor or a factor is constant
 
 
@@ -430,11 +427,49 @@ def _terms_structure(walk: _Walk, o: fx.Node
     return order, [n for n in gm.graph.nodes if n.op == "placeholder" and n in above]
 
 
-def _parameter_terms(gm: fx.GraphModule, env: dict[fx.Node, Any], names: dict[fx.Node, str],
-                     order: list[fx.Node], placeholders: list[fx.Node]) -> ParameterTerms:
+def _separable(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]) -> bool:
+    """Whether ``R`` is a sum over its parameters of full sums of elementwise functions
+    of each (weight decay, ``sum p^4``): then ``H_R`` is diagonal. Each of ``R``'s ops is
+    elementwise in one parameter (or reorders it), a full sum of such, or a sum,
+    difference or constant multiple of those sums; ``R`` joins the loss as a scalar."""
+    elementwise: dict[fx.Node, fx.Node] = {p: p for p in placeholders}  # node -> its leaf
+    scalars: set[fx.Node] = set()
+    for node in order:
+        if walk.data(node):  # the loss's ops: linear (checked), R must arrive as a scalar
+            if any(a in elementwise for a in node.all_input_nodes):
+                return False
+            continue
+        inputs = [a for a in node.all_input_nodes if walk.variable(a)]
+        if all(a in elementwise for a in inputs) and len({elementwise[a] for a in inputs}) == 1:
+            leaf = elementwise[inputs[0]]
+            numel = walk.env[leaf].numel()
+            if node.target in _FULL_SUMS:
+                scalars.add(node)
+                continue
+            if (pointwise(node.target) or node.target in _PERMUTATIONS) and \
+                    walk.env[node].numel() == numel and all(
+                    walk.env[a].numel() in (1, numel) for a in node.all_input_nodes):
+                elementwise[node] = leaf
+                continue
+            return False
+        if not all(a in scalars for a in inputs) or walk.env[node].dim() != 0:
+            return False
+        if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.neg.default) or (
+                node.target in _SCALINGS and len(inputs) == 1 and not (
+                    node.target is aten.div.Tensor and node.args[1] in inputs)):
+            scalars.add(node)
+            continue
+        return False
+    return True
+
+
+def _parameter_terms(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]
+                     ) -> ParameterTerms:
     """``R``'s gradient with its graph on fresh parameter leaves: the ops of
     :func:`_terms_structure` replayed, the rest of the loss held at its value (a constant
-    added to ``R``, since the loss is ``l(o) + R(p)``)."""
+    added to ``R``, since the loss is ``l(o) + R(p)``); for a separable ``R``, its
+    diagonal Hessian too: ``d/dp_j sum_i dR/dp_i = H_jj`` when ``H_R`` is diagonal."""
+    gm, env, names = walk.gm, walk.env, walk.names
     leaves = {names[p]: env[p].detach().requires_grad_(True) for p in placeholders}
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     with torch.enable_grad():
@@ -442,7 +477,14 @@ def _parameter_terms(gm: fx.GraphModule, env: dict[fx.Node, Any], names: dict[fx
         total = fx.node.map_arg(out.args[0], lambda n: local.get(n, env[n]))
         grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True,
                                     allow_unused=True, materialize_grads=True)
-    return ParameterTerms(leaves, dict(zip(leaves, grads, strict=True)))
+        diagonal = None
+        if _separable(walk, order, placeholders):
+            curved = [(k, g) for k, g in zip(leaves, grads, strict=True) if g.requires_grad]
+            second = torch.autograd.grad([g for _, g in curved], [leaves[k] for k, _ in curved],
+                                         [torch.ones_like(g) for _, g in curved],
+                                         allow_unused=True, materialize_grads=True)
+            diagonal = {k: h.detach() for (k, _), h in zip(curved, second, strict=True)}
+    return ParameterTerms(leaves, dict(zip(leaves, grads, strict=True)), diagonal)
 
 
 def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node

@@ -91,13 +91,18 @@ class ParameterTerms:
     gradient at the point, with its graph on the parameter ``leaves`` that ``R`` reads,
     so that ``H_R V`` is one backward pass through ``R``'s ops alone."""
 
-    def __init__(self, leaves: dict[str, torch.Tensor], grad: dict[str, torch.Tensor]):
+    def __init__(self, leaves: dict[str, torch.Tensor], grad: dict[str, torch.Tensor],
+                 diagonal: dict[str, torch.Tensor] | None = None):
         self.leaves, self.grad = leaves, grad
+        #: ``H_R``'s diagonal where ``R`` is separable (``H_R`` is then diagonal), else None
+        self.diagonal = diagonal
 
     def products(self, tangents: dict[str, torch.Tensor], k: int | None
                  ) -> dict[str, torch.Tensor]:
         """``(H_R V)`` for ``R``'s parameters (``k``: tangents with a leading axis of
         ``k``, or None); a parameter missing from ``tangents`` has a zero tangent."""
+        if self.diagonal is not None:
+            return {n: h * tangents[n] for n, h in self.diagonal.items() if n in tangents}
         names = [n for n in self.grad if self.grad[n].requires_grad]
         if not names:  # R is linear in the parameters
             return {}
@@ -110,6 +115,26 @@ class ParameterTerms:
                                         retain_graph=True, allow_unused=True,
                                         materialize_grads=True, is_grads_batched=k is not None)
         return dict(zip(self.leaves, found, strict=True))
+
+    def add_dense(self, M: torch.Tensor, span: dict[str, slice]) -> None:
+        """Add ``H_R`` into the full ``(P, P)`` Hessian ``M`` (each parameter's rows and
+        columns at ``span``): its columns a chunk of unit tangents at a time."""
+        if self.diagonal is not None:
+            for name, h in self.diagonal.items():
+                M[span[name], span[name]].diagonal().add_(h.reshape(-1))
+            return
+        total = sum(t.numel() for t in self.leaves.values())
+        for name, g in self.grad.items():
+            if not g.requires_grad:
+                continue
+            m = g.numel()
+            step = max(1, CHUNK_BUDGET_BYTES // max(1, 2 * total * itemsize(g.dtype)))
+            for lo in range(0, m, step):
+                cols = torch.eye(m, dtype=g.dtype, device=g.device)[lo:lo + step]
+                rows = self.products({name: cols.reshape(-1, *g.shape)}, cols.shape[0])
+                for other, block in rows.items():  # block[i] = H_R e_(lo + i), at other
+                    M[span[other], span[name].start + lo:span[name].start + lo
+                      + cols.shape[0]] += block.reshape(cols.shape[0], -1).T
 
 
 class ChainPlan:
@@ -167,8 +192,6 @@ class ChainPlan:
         if self.out_hessian is None:
             return ("a chain, but its loss's Hessian is not kept per sample (not proved a "
                     "sum over samples, or over the memory budget)")
-        if self.terms is not None:
-            return "a chain, but the loss has terms of the parameters alone"
         if not all(isinstance(s, (_Linear, _Elementwise)) for s in self.steps):
             return ("a chain with convolutions or flattening views, which the full "
                     "Hessian's backpropagation has no rule for")
@@ -214,6 +237,8 @@ class ChainPlan:
             M[span[a], span[b]] += block
             if a != b:
                 M[span[b], span[a]] += block.T
+        if self.terms is not None:  # NOTE [parameter terms]
+            self.terms.add_dense(M, span)
         return M
 
     def _full_chunk(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: slice,
