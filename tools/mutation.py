@@ -70,7 +70,7 @@ GROUPS: dict[str, Group] = {
     # the chain's full Hessian (per-sample Hessian backpropagation)
     "chain": Group(("hessfunc/graph/chain_plan.py",),
                    ("tests/test_hessian.py", "tests/test_graph.py",
-                    "tests/test_frozen_layers.py")),
+                    "tests/test_frozen_layers.py", "tests/test_graph_chain.py")),
     # the captured-graph engine: per-sample structure, op rules, frontier propagation
     "graph": Group(("hessfunc/graph/samples.py", "hessfunc/graph/rules.py",
                     "hessfunc/graph/curvature.py"),
