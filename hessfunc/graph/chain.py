@@ -307,9 +307,9 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
         return f"parameters {tied} enter the chain at several layers (tied weights)"
     # a parameter that enters the model outside the layers; one that only terms of the
     # parameters alone read is checked with them (NOTE [parameter terms])
-    after = _loss_nodes(walk.gm, cur)
-    stray = [names[p] for p in placeholders[:num_params]
-             if names[p] not in taken and _enters_model(walk, p, after)]
+    untaken = [p for p in placeholders[:num_params] if names[p] not in taken and p.users]
+    after = set(_loss_nodes(walk.gm, cur)) if untaken else set()
+    stray = [names[p] for p in untaken if _enters_model(walk, p, after)]
     if stray:  # the walk stopped at cur: its one op, or the values that read it
         at = where(users[0]) if single else \
             f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
@@ -341,21 +341,24 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
         return None, "the graph's inputs are not the parameters and the batch"
     names = dict(zip(placeholders, params, strict=False))
 
-    def shape_walk() -> str | None:
+    def shape_walk() -> str | tuple[list[fx.Node], list[fx.Node], bool] | None:
         shapes = {n: n.meta.get("val") if n.op != "get_attr" else
                   operator.attrgetter(n.target)(gm) for n in gm.graph.nodes}
         walk = _Walk(gm, shapes, names, values=False)
         found = _chain_steps(walk, placeholders, len(leaves), names)
         if isinstance(found, str):
             return found
-        terms = _terms_structure(walk, found[1])
-        return terms if isinstance(terms, str) else None
+        terms = _terms_structure(walk, _loss_nodes(gm, found[1]))
+        if terms is None or isinstance(terms, str):
+            return terms
+        return (*terms, _separable(walk, *terms))
 
     # the walk on the trace's shapes first, once per capture (its verdict: why not, or
-    # None): a graph that is not a chain costs no forward pass
-    why = captured.analysis(("chain", tuple(params), len(inputs)), shape_walk)
-    if why is not None:
-        return None, why
+    # the loss's terms of the parameters alone): a graph that is not a chain costs no
+    # forward pass
+    structure = captured.analysis(("chain", tuple(params), len(inputs)), shape_walk)
+    if isinstance(structure, str):
+        return None, structure
     env = _values(gm, leaves + inputs)
     walk = _Walk(gm, env, names, values=True)
     found = _chain_steps(walk, placeholders, len(leaves), names)
@@ -363,13 +366,10 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
         return None, found
     steps, cur = found
     o = env[cur]
-    graph = _loss_graph(gm, env, cur)
+    graph = _loss_graph(gm, env, cur, _loss_nodes(gm, cur))
     if isinstance(graph, str):
         return None, graph
     o_leaf, g, loss = graph
-    structure = _terms_structure(walk, cur)
-    if isinstance(structure, str):  # not for a graph whose shape walk passed
-        return None, structure
     terms = None if structure is None else _parameter_terms(walk, *structure)
     if (per_sample or o.shape[0] == 1) and \
             o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
@@ -381,13 +381,13 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
 _SCALINGS = {aten.mul.Tensor, aten.div.Tensor}  # linear when the divisor or a factor is constant
 
 
-def _terms_structure(walk: _Walk, o: fx.Node
+def _terms_structure(walk: _Walk, loss: list[fx.Node]
                      ) -> tuple[list[fx.Node], list[fx.Node]] | str | None:
     """The loss's terms of the parameters alone (NOTE [parameter terms]): ``(nodes that
     compute them and add them to the loss, in graph order; the parameter placeholders
-    they read)``, None when there are none, or why they do not make ``L = l(o) + R(p)``."""
+    they read)``, None when there are none, or why they do not make ``L = l(o) + R(p)``;
+    ``loss``: the ops after the chain's output ``o`` (:func:`_loss_nodes`)."""
     gm = walk.gm
-    loss = _loss_nodes(gm, o)
     in_loss = set(loss)
     starts = []  # the loss's ops that read a value of the parameters alone
     for node in loss:
@@ -463,8 +463,8 @@ def _separable(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]) -
     return True
 
 
-def _parameter_terms(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]
-                     ) -> ParameterTerms:
+def _parameter_terms(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node],
+                     separable: bool) -> ParameterTerms:
     """``R``'s gradient with its graph on fresh parameter leaves: the ops of
     :func:`_terms_structure` replayed, the rest of the loss held at its value (a constant
     added to ``R``, since the loss is ``l(o) + R(p)``); for a separable ``R``, its
@@ -478,7 +478,7 @@ def _parameter_terms(walk: _Walk, order: list[fx.Node], placeholders: list[fx.No
         grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True,
                                     allow_unused=True, materialize_grads=True)
         diagonal = None
-        if _separable(walk, order, placeholders):
+        if separable:  # :func:`_separable`
             curved = [(k, g) for k, g in zip(leaves, grads, strict=True) if g.requires_grad]
             second = torch.autograd.grad([g for _, g in curved], [leaves[k] for k, _ in curved],
                                          [torch.ones_like(g) for _, g in curved],
@@ -487,11 +487,11 @@ def _parameter_terms(walk: _Walk, order: list[fx.Node], placeholders: list[fx.No
     return ParameterTerms(leaves, dict(zip(leaves, grads, strict=True)), diagonal)
 
 
-def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node
-                ) -> tuple[Tensor, Tensor, Tensor] | str:
-    """``(o, dL/do with its graph, L)``: the graph after ``o`` replayed on a leaf."""
+def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node,
+                loss_nodes: list[fx.Node]) -> tuple[Tensor, Tensor, Tensor] | str:
+    """``(o, dL/do with its graph, L)``: the graph after ``o`` (``loss_nodes``) replayed
+    on a leaf."""
     leaf = env[o].detach().requires_grad_(True)
-    loss_nodes = _loss_nodes(gm, o)
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     with torch.enable_grad():
         local = replay(loss_nodes, env, {o: leaf})
