@@ -99,7 +99,8 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     chain, chain_why = graph_chain(f, args, argnums)  # NOTE [chains from the graph]
     routes.append(Route("hvp, hvp_fn, HessianOperator",
                         *(("structured", "R-operator on the chain in the captured graph "
-                           "(hvp: with method='structured')", "") if chain is not None
+                           "(hvp: with method='structured')",
+                           "" if chain_why == "ok" else chain_why) if chain is not None
                           else ("graph", "cached gradient graph", chain_why))))
     if plan is not None:
         routes.append(Route("hessian_blocks", "structured", "captured graph"))

@@ -150,6 +150,51 @@ def test_terms_of_the_parameters_alone_join_the_chains_products(name, n):
                                    rtol=1e-8, atol=1e-10)
 
 
+def _gaussian_nll(o, t):
+    return F.gaussian_nll_loss(o[:, :1], t, F.softplus(o[:, 1:]) + 1e-3)
+
+
+def _branching_loss(o, t):  # a Python branch on a value; couples the samples
+    loss = ((o - t) ** 2).mean()
+    return loss * loss if loss.item() < 1e6 else loss
+
+
+@pytest.mark.parametrize("loss_fn", [_gaussian_nll, _branching_loss])
+def test_a_loss_the_trace_cannot_take_keeps_the_models_chain(loss_fn):
+    """NOTE [a loss the trace cannot take]: a functionalize model whose loss cannot be
+    captured (gaussian_nll_loss checks its variance; a branch on a value) takes the chain
+    of the model's own graph, the loss run as it is: products, batched and one-shot,
+    equal the oracle, and explain says why. A model that cannot be captured either
+    keeps the cached gradient graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    f, params = hf.functionalize(model, loss_fn)
+    x = torch.randn(5, 3, dtype=F64)
+    y = torch.randn(5, 1 if loss_fn is _gaussian_nll else 2, dtype=F64)
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "structured"
+    check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)],
+                   single=True)
+    assert_close(H.value, f(params, x, y))
+    why = hf.explain(f, params, x, y)["hvp, hvp_fn, HessianOperator"].why
+    assert why.startswith("the model's graph, its loss run as it is (f could not be "
+                          "captured as a graph: Python reads a tensor's value"), why
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            out = self.net(x)
+            return out if out.sum() > -1e9 else -out
+
+    f, params = hf.functionalize(Gated(), loss_fn)
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "graph"
+    check_products(H, f, params, (x, y), [random_like(params, 0)])
+
+
 _NOT_CHAINS = {
     "weight decay times the loss": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
         F.linear(x, p["w1"])), p["w2"]), y) * (1 + (p["w1"] ** 2).sum()),

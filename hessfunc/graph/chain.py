@@ -31,12 +31,19 @@ found once as ``d/dp_j sum_i dR/dp_i``, and a product is ``h * v``.
 The full Hessian (NOTE [full Hessian]) adds ``H_R`` from unit tangents through the
 same graph. The data-span restriction (NOTE [data span]) is not offered for a weight
 ``R`` reads: ``R`` sees the whole weight, not its product with the inputs.
+
+NOTE [a loss the trace cannot take]: ``F.gaussian_nll_loss`` checks its variance with
+``torch.any(var < 0)``, which no trace can follow, and a user's loss may branch on a
+value. For a :func:`hessfunc.functionalize` model with such a loss, the chain is read
+off the model's own graph, and the loss runs as it is on the output: its gradient in
+``o`` with its graph, exact whether or not it couples samples (its per-sample blocks
+are not kept: nothing proves it a sum over samples).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -44,6 +51,7 @@ from torch import Tensor, fx
 
 from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES
+from ..errors import ArgumentError
 from ..functional import FunctionalModel, _report_non_finite
 from .capture import replay, run_nodes, where
 from .chain_plan import (
@@ -56,7 +64,14 @@ from .chain_plan import (
     elementwise_derivatives,
     output_blocks,
 )
-from .curvature import _FULL_SUMS, _LINEAR, _PERMUTATIONS, _cache, sample_routes
+from .curvature import (
+    _FULL_SUMS,
+    _LINEAR,
+    _PERMUTATIONS,
+    _cache,
+    model_output,
+    sample_routes,
+)
 from .samples import SHAPE_ONLY, pointwise
 
 __all__ = ["chain_from_graph"]
@@ -328,12 +343,16 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
 
 
 def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor],
-                     per_sample: bool = False) -> tuple[ChainPlan | None, str]:
+                     per_sample: bool = False,
+                     loss: Callable[[Tensor], Tensor] | None = None
+                     ) -> tuple[ChainPlan | None, str]:
     """A :class:`hessfunc.graph.chain_plan.ChainPlan` from the captured graph of
     ``p -> f(p, x, ...)`` (``inputs``: the tensor leaves after ``p``, ``x`` first), or
     ``(None, why)``: NOTE [chains from the graph]. ``per_sample``: the graph is proved a
     sum over samples, so the loss's Hessian in ``o`` is its per-sample blocks, kept
-    (within the chunk budget) instead of its gradient graph."""
+    (within the chunk budget) instead of its gradient graph. ``loss``: the graph is the
+    model's alone, ending at ``o``, and ``loss(o)`` is run as it is (NOTE [a loss the
+    trace cannot take])."""
     gm = captured.graph_module
     leaves = list(params.values())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -366,7 +385,7 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
         return None, found
     steps, cur = found
     o = env[cur]
-    graph = _loss_graph(gm, env, cur, _loss_nodes(gm, cur))
+    graph = _loss_graph(gm, env, cur, _loss_nodes(gm, cur), loss)
     if isinstance(graph, str):
         return None, graph
     o_leaf, g, loss = graph
@@ -488,14 +507,20 @@ def _parameter_terms(walk: _Walk, order: list[fx.Node], placeholders: list[fx.No
 
 
 def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node,
-                loss_nodes: list[fx.Node]) -> tuple[Tensor, Tensor, Tensor] | str:
+                loss_nodes: list[fx.Node], eager: Callable[[Tensor], Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor] | str:
     """``(o, dL/do with its graph, L)``: the graph after ``o`` (``loss_nodes``) replayed
-    on a leaf."""
+    on a leaf, or ``eager(o)`` run on it."""
     leaf = env[o].detach().requires_grad_(True)
     (out,) = [n for n in gm.graph.nodes if n.op == "output"]
     with torch.enable_grad():
-        local = replay(loss_nodes, env, {o: leaf})
-        loss = fx.node.map_arg(out.args[0], lambda n: local.get(n, env[n]))
+        if eager is not None:
+            if out.args[0] is not o:
+                return "the model's graph does not end at its output"
+            loss = eager(leaf)
+        else:
+            local = replay(loss_nodes, env, {o: leaf})
+            loss = fx.node.map_arg(out.args[0], lambda n: local.get(n, env[n]))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             return "the loss is not a scalar"
         if not loss.requires_grad:
@@ -529,10 +554,26 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int, *, blocks: bool = T
     except Exception as e:  # noqa: BLE001 - a trace that fails: the graph route says so
         return None, f"f could not be captured as a graph ({str(e)[:80]})"
     if captured is None:
-        return None, f"f could not be captured as a graph: {cache.failure}"
-    proved = blocks and inputs[0].dim() >= 1 and inputs[0].shape[0] >= 2 and \
-        sample_routes(captured, len(args[0]), inputs)[1] is not None  # memoised
-    plan, why = chain_from_graph(captured, args[0], inputs, per_sample=proved)
+        why = f"f could not be captured as a graph: {cache.failure}"
+        model = model_output(f) if len(args) == 3 else None
+        if model is None:
+            return None, why
+        try:  # NOTE [a loss the trace cannot take]: the model alone, the loss as it is
+            captured = _cache(model).get(args[:2])  # type: ignore[union-attr]
+        except ArgumentError:  # random ops: the reason f gave stands
+            captured = None
+        if captured is None:
+            return None, why
+        targets = args[2]
+        plan, found = chain_from_graph(captured, args[0], [args[1]],
+                                       loss=lambda o: f.loss_fn(o, targets))
+        if plan is None:
+            return None, f"{why}; the model alone: {found}"
+        why = f"the model's graph, its loss run as it is ({why})"
+    else:
+        proved = blocks and inputs[0].dim() >= 1 and inputs[0].shape[0] >= 2 and \
+            sample_routes(captured, len(args[0]), inputs)[1] is not None  # memoised
+        plan, why = chain_from_graph(captured, args[0], inputs, per_sample=proved)
     if plan is not None and isinstance(f, FunctionalModel) and f.check_finite:
         _report_non_finite(args[0], args[1], plan.value, "loss")  # as f itself would
     return plan, why

@@ -818,6 +818,33 @@ class _FunctionalLoss:
         return self.f.loss_fn(self.f._apply(params, args), targets)
 
 
+class _ModelOutput:
+    """``model(x)`` of a FunctionalModel alone, traceable: what the chain takes when the
+    trace cannot take the loss (NOTE [a loss the trace cannot take])."""
+
+    _guard_targets: Any = ()
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self._guard_targets = (f.module,)
+
+    def __call__(self, params: dict[str, Tensor], inputs: Any) -> Any:
+        return self.f._apply(params, inputs if isinstance(inputs, tuple) else (inputs,))
+
+
+def model_output(f: Any) -> _ModelOutput | None:
+    """The model part of a FunctionalModel with a loss (one per ``f``, so one trace
+    cache), or None for anything else or a model with fixed random draws."""
+    from ..functional import FunctionalModel
+
+    if not isinstance(f, FunctionalModel) or f.loss_fn is None or f.seed is not None:
+        return None
+    part = f.__dict__.get("_model_output")
+    if part is None:
+        part = f.__dict__["_model_output"] = _ModelOutput(f)
+    return part
+
+
 def _cache(f: Any) -> TraceCache | str:
     """The trace cache of ``f``. A plain function's is shared by every function object of
     its code (a lambda made afresh on each call): the guard's fingerprint compares what
