@@ -126,29 +126,31 @@ class _Walk:
     def __init__(self, gm: fx.GraphModule, env: dict[fx.Node, Any],
                  names: dict[fx.Node, str], values: bool) -> None:
         self.gm, self.env, self.names, self.values = gm, env, names, values
-        self._variable: dict[fx.Node, bool] = {}
-        self._data: dict[fx.Node, bool] = {}
+        # what each node depends on, in one pass in graph order (no recursion: graphs
+        # of real models are thousands of ops deep)
+        self._variable: set[fx.Node] = set()  # on a placeholder (parameters or data)
+        self._data: set[fx.Node] = set()      # on the batch (placeholders after the params)
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                self._variable.add(node)
+                if node not in names:
+                    self._data.add(node)
+            elif node.target not in SHAPE_ONLY:
+                inputs = node.all_input_nodes
+                if any(a in self._variable for a in inputs):
+                    self._variable.add(node)
+                if any(a in self._data for a in inputs):
+                    self._data.add(node)
         #: the nodes the steps read their weights and biases through
         self.operands: set[fx.Node] = set()
 
     def variable(self, node: Any) -> bool:
         """Whether ``node`` depends on a placeholder (parameters or data)."""
-        if not isinstance(node, fx.Node):
-            return False
-        if node not in self._variable:
-            self._variable[node] = node.op == "placeholder" or (
-                node.target not in SHAPE_ONLY and
-                any(self.variable(a) for a in node.all_input_nodes))
-        return self._variable[node]
+        return isinstance(node, fx.Node) and node in self._variable
 
     def data(self, node: Any) -> bool:
         """Whether ``node`` depends on the batch (a placeholder after the parameters)."""
-        if not isinstance(node, fx.Node):
-            return False
-        if node not in self._data:
-            self._data[node] = (node.op == "placeholder" and node not in self.names) or (
-                node.target not in SHAPE_ONLY and any(self.data(a) for a in node.all_input_nodes))
-        return self._data[node]
+        return isinstance(node, fx.Node) and node in self._data
 
     def operand(self, node: Any, transposed: bool) -> tuple[Tensor, str | None] | None:
         """A layer's weight or bias: a parameter placeholder or a constant; ``transposed``:
@@ -266,12 +268,16 @@ def _loss_nodes(gm: fx.GraphModule, o: fx.Node) -> list[fx.Node]:
     return nodes
 
 
-def _enters_model(walk: _Walk, node: fx.Node, loss: Collection[fx.Node]) -> bool:
+def _enters_model(walk: _Walk, node: fx.Node, loss: Collection[fx.Node],
+                  seen: dict[fx.Node, bool] | None = None) -> bool:
     """Whether a value of the parameters alone, ``node``, is read by an op of the batch
     other than a sum or difference in the loss (directly, or through other values of the
     parameters): not a term added to the loss."""
-    return any((walk.data(u) and (u not in loss or u.target not in _SUMS)) or (
-        not walk.data(u) and _enters_model(walk, u, loss)) for u in node.users)
+    seen = {} if seen is None else seen
+    if node not in seen:
+        seen[node] = any((walk.data(u) and (u not in loss or u.target not in _SUMS)) or (
+            not walk.data(u) and _enters_model(walk, u, loss, seen)) for u in node.users)
+    return seen[node]
 
 
 def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
@@ -324,7 +330,8 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     # parameters alone read is checked with them (NOTE [parameter terms])
     untaken = [p for p in placeholders[:num_params] if names[p] not in taken and p.users]
     after = set(_loss_nodes(walk.gm, cur)) if untaken else set()
-    stray = [names[p] for p in untaken if _enters_model(walk, p, after)]
+    seen: dict[fx.Node, bool] = {}
+    stray = [names[p] for p in untaken if _enters_model(walk, p, after, seen)]
     if stray:  # the walk stopped at cur: its one op, or the values that read it
         at = where(users[0]) if single else \
             f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
