@@ -105,6 +105,9 @@ _TERMS = {
         + p["w2"].pow(4).sum() - 0.5 * p["b1"].sum() + (p["w2"] ** 2).sum() ** 2) / 3,
     "a parameter only the terms read": lambda p, x, y: _chain_loss(p, x, y)
         + torch.cosh(p["s"] * p["w1"][0]).sum(),
+    "reordered copies of one parameter": lambda p, x, y: _chain_loss(p, x, y)
+        + (p["b1"].view(2, 2) * p["b1"].view(2, 2).t()).sum()
+        + ((p["b1"].view(2, 2) - p["b1"].view(2, 2).t()) ** 2).sum(),
     "a term subtracted from a summed loss": lambda p, x, y: _chain_loss(
         p, x, y, "none").sum(1).mean() - torch.log((p["w2"] ** 2).sum()),
 }
@@ -159,7 +162,12 @@ def _branching_loss(o, t):  # a Python branch on a value; couples the samples
     return loss * loss if loss.item() < 1e6 else loss
 
 
-@pytest.mark.parametrize("loss_fn", [_gaussian_nll, _branching_loss])
+def _in_place_loss(o, t):  # writes into the model's output, then branches on a value
+    o.sub_(t)
+    return (o ** 2).sum() if bool(o.sum() > -1e9) else o.sum()
+
+
+@pytest.mark.parametrize("loss_fn", [_gaussian_nll, _branching_loss, _in_place_loss])
 def test_a_loss_the_trace_cannot_take_keeps_the_models_chain(loss_fn):
     """NOTE [a loss the trace cannot take]: a functionalize model whose loss cannot be
     captured (gaussian_nll_loss checks its variance; a branch on a value) takes the chain
@@ -195,11 +203,36 @@ def test_a_loss_the_trace_cannot_take_keeps_the_models_chain(loss_fn):
     check_products(H, f, params, (x, y), [random_like(params, 0)])
 
 
+def test_a_penalty_over_hundreds_of_parameters_is_one_term():
+    """A penalty summed in Python over 400 parameter tensors is a chain of 400 adds of
+    values of the parameters alone (walked without recursion), separable: its products
+    and gradient equal the oracle's."""
+    gen = torch.Generator().manual_seed(5)
+    p = {"w1": torch.randn(4, 3, generator=gen, dtype=F64),
+         "b1": torch.randn(4, generator=gen, dtype=F64),
+         "w2": torch.randn(2, 4, generator=gen, dtype=F64)}
+    p.update({f"s{i}": torch.randn(2, generator=gen, dtype=F64) for i in range(400)})
+
+    def f(p, x, y):
+        return _chain_loss(p, x, y) + sum(torch.cosh(t).sum() for t in p.values())
+
+    x, y = torch.randn(5, 3, generator=gen, dtype=F64), torch.randn(5, 2, generator=gen,
+                                                                      dtype=F64)
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "structured" and H.chain_products._terms.diagonal is not None
+    check_products(H, f, p, (x, y), [random_like(p, 0)])
+    assert_close(H.gradient, oracle_grad(f, p, (x, y)))
+
+
 _NOT_CHAINS = {
     "weight decay times the loss": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
         F.linear(x, p["w1"])), p["w2"]), y) * (1 + (p["w1"] ** 2).sum()),
     "a penalty added to the output": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
         F.linear(x, p["w1"])), p["w2"]) + (p["w2"] ** 2).sum(), y),
+    "a penalty scaled by the targets": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"])), p["w2"]), y) + y.sum() * (p["w1"] ** 2).sum(),
+    "targets scaled by a weight's norm": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"])), p["w2"]), y * p["w2"].norm()),
     "tied layers": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(
         torch.tanh(F.linear(x, p["w1"])), p["w1"])), p["w2"]), y),
     "skip connection": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])) +

@@ -296,17 +296,21 @@ def _is_view(node: torch.fx.Node) -> bool:
 def _read_after(node: torch.fx.Node, mutated: torch.fx.Node) -> bool:
     """Whether anything after ``node`` reads the storage ``mutated`` shares (its base
     through views, and every view of that base)."""
+    def view(n: torch.fx.Node) -> bool:  # also one piece of a split or unbind
+        return _is_view(n) or (n.target is operator.getitem and
+                               isinstance(n.args[0], torch.fx.Node) and _is_view(n.args[0]))
+
     root = mutated
-    while _is_view(root) and isinstance(root.args[0], torch.fx.Node):
+    while view(root) and isinstance(root.args[0], torch.fx.Node):
         root = root.args[0]
     aliases, stack = set(), [root]
     while stack:
         alias = stack.pop()
         if alias not in aliases:
             aliases.add(alias)
-            stack.extend(u for u in alias.users if _is_view(u) and u.args[0] is alias)
+            stack.extend(u for u in alias.users if view(u) and u.args[0] is alias)
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return any(order[u] > order[node] and not (_is_view(u) and u in aliases)
+    return any(order[u] > order[node] and u not in aliases
                for alias in aliases for u in alias.users)
 
 

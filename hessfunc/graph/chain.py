@@ -141,8 +141,9 @@ class _Walk:
                     self._variable.add(node)
                 if any(a in self._data for a in inputs):
                     self._data.add(node)
-        #: the nodes the steps read their weights and biases through
+        #: the nodes the steps read their weights and biases through, and the steps' ops
         self.operands: set[fx.Node] = set()
+        self.layers: set[fx.Node] = set()
 
     def variable(self, node: Any) -> bool:
         """Whether ``node`` depends on a placeholder (parameters or data)."""
@@ -196,6 +197,7 @@ class _Walk:
         bias = None if bias_node is None else self.operand(bias_node, transposed=False)
         if weight is None or (bias_node is not None and (bias is None or bias[0].dim() != 1)):
             return None
+        self.layers.update((node, end))
         return _Linear(weight[0], None if bias is None else bias[0], self.env[cur],
                        weight[1], None if bias is None else bias[1]), end
 
@@ -209,6 +211,7 @@ class _Walk:
         bias = None if bias_node is None else self.operand(bias_node, transposed=False)
         if weight is None or (bias_node is not None and bias is None):
             return None
+        self.layers.add(node)
         return _Conv(weight[0], None if bias is None else bias[0], self.env[cur],
                      weight[1], None if bias is None else bias[1], tuple(stride),
                      tuple(padding), tuple(dilation))
@@ -268,16 +271,18 @@ def _loss_nodes(gm: fx.GraphModule, o: fx.Node) -> list[fx.Node]:
     return nodes
 
 
-def _enters_model(walk: _Walk, node: fx.Node, loss: Collection[fx.Node],
-                  seen: dict[fx.Node, bool] | None = None) -> bool:
-    """Whether a value of the parameters alone, ``node``, is read by an op of the batch
-    other than a sum or difference in the loss (directly, or through other values of the
-    parameters): not a term added to the loss."""
-    seen = {} if seen is None else seen
-    if node not in seen:
-        seen[node] = any((walk.data(u) and (u not in loss or u.target not in _SUMS)) or (
-            not walk.data(u) and _enters_model(walk, u, loss, seen)) for u in node.users)
-    return seen[node]
+def _entering(walk: _Walk, loss: Collection[fx.Node]) -> set[fx.Node]:
+    """The values of the parameters alone that an op of the batch reads other than as a
+    sum or difference in the loss (directly, or through other values of the parameters):
+    those that are not terms added to the loss. One pass in reverse graph order."""
+    entering: set[fx.Node] = set()
+    for node in reversed(walk.gm.graph.nodes):
+        if walk.data(node) or not walk.variable(node):
+            continue
+        if any((walk.data(u) and (u not in loss or u.target not in _SUMS)) or
+               (not walk.data(u) and u in entering) for u in node.users):
+            entering.add(node)
+    return entering
 
 
 def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
@@ -326,12 +331,17 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     tied = sorted({n for n in entered if entered.count(n) > 1})
     if tied:
         return f"parameters {tied} enter the chain at several layers (tied weights)"
-    # a parameter that enters the model outside the layers; one that only terms of the
-    # parameters alone read is checked with them (NOTE [parameter terms])
-    untaken = [p for p in placeholders[:num_params] if names[p] not in taken and p.users]
-    after = set(_loss_nodes(walk.gm, cur)) if untaken else set()
-    seen: dict[fx.Node, bool] = {}
-    stray = [names[p] for p in untaken if _enters_model(walk, p, after, seen)]
+    # a parameter that enters the model outside its layer: read by an op of the batch
+    # other than its layer, or through values of the parameters alone that meet the
+    # batch other than as terms added to the loss (NOTE [parameter terms])
+    others = {p: [u for u in p.users if names[p] not in taken or
+                  (u not in walk.operands and u not in walk.layers)]
+              for p in placeholders[:num_params]}
+    loss = set(_loss_nodes(walk.gm, cur)) if any(others.values()) else set()
+    entering = _entering(walk, loss) if loss else set()
+    stray = [names[p] for p, users in others.items() if any(
+        (walk.data(u) and (u not in loss or u.target not in _SUMS)) or
+        (not walk.data(u) and u in entering) for u in users)]
     if stray:  # the walk stopped at cur: its one op, or the values that read it
         at = where(users[0]) if single else \
             f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
@@ -458,7 +468,9 @@ def _separable(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]) -
     of each (weight decay, ``sum p^4``): then ``H_R`` is diagonal. Each of ``R``'s ops is
     elementwise in one parameter (or reorders it), a full sum of such, or a sum,
     difference or constant multiple of those sums; ``R`` joins the loss as a scalar."""
-    elementwise: dict[fx.Node, fx.Node] = {p: p for p in placeholders}  # node -> its leaf
+    # node -> (its leaf, the reorderings applied to it): elementwise ops may combine
+    # values of one leaf in one layout only (W * W.t() pairs different entries)
+    elementwise: dict[fx.Node, tuple[fx.Node, tuple]] = {p: (p, ()) for p in placeholders}
     scalars: set[fx.Node] = set()
     for node in order:
         if walk.data(node):  # the loss's ops: linear (checked), R must arrive as a scalar
@@ -467,15 +479,19 @@ def _separable(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]) -
             continue
         inputs = [a for a in node.all_input_nodes if walk.variable(a)]
         if all(a in elementwise for a in inputs) and len({elementwise[a] for a in inputs}) == 1:
-            leaf = elementwise[inputs[0]]
+            leaf, layout = elementwise[inputs[0]]
             numel = walk.env[leaf].numel()
             if node.target in _FULL_SUMS:
                 scalars.add(node)
                 continue
-            if (pointwise(node.target) or node.target in _PERMUTATIONS) and \
-                    walk.env[node].numel() == numel and all(
-                    walk.env[a].numel() in (1, numel) for a in node.all_input_nodes):
-                elementwise[node] = leaf
+            if walk.env[node].numel() != numel or any(
+                    walk.env[a].numel() not in (1, numel) for a in node.all_input_nodes):
+                return False
+            if node.target in _PERMUTATIONS and len(inputs) == 1:
+                elementwise[node] = (leaf, (*layout, node.target, str(node.args[1:])))
+                continue
+            if pointwise(node.target):
+                elementwise[node] = (leaf, layout)
                 continue
             return False
         if not all(a in scalars for a in inputs) or walk.env[node].dim() != 0:
@@ -524,7 +540,7 @@ def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node,
         if eager is not None:
             if out.args[0] is not o:
                 return "the model's graph does not end at its output"
-            loss = eager(leaf)
+            loss = eager(leaf.clone())  # its own storage: a loss may write in place
         else:
             local = replay(loss_nodes, env, {o: leaf})
             loss = fx.node.map_arg(out.args[0], lambda n: local.get(n, env[n]))

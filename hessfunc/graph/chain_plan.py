@@ -130,7 +130,9 @@ class ParameterTerms:
             m = g.numel()
             step = max(1, CHUNK_BUDGET_BYTES // max(1, 2 * total * itemsize(g.dtype)))
             for lo in range(0, m, step):
-                cols = torch.eye(m, dtype=g.dtype, device=g.device)[lo:lo + step]
+                k = min(step, m - lo)
+                cols = g.new_zeros(k, m)
+                cols[torch.arange(k), torch.arange(lo, lo + k)] = 1  # unit tangents
                 rows = self.products({name: cols.reshape(-1, *g.shape)}, cols.shape[0])
                 for other, block in rows.items():  # block[i] = H_R e_(lo + i), at other
                     M[span[other], span[name].start + lo:span[name].start + lo

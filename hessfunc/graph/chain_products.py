@@ -232,6 +232,8 @@ class ChainProducts:
             else:
                 continue
             return weight.new_zeros(shape if k is None else (k, *shape))
+        if self._terms is None or name not in self._terms.leaves:
+            raise KeyError(name)
         leaf = self._terms.leaves[name]  # a parameter that only the terms read
         return leaf.new_zeros(leaf.shape if k is None else (k, *leaf.shape))
 
