@@ -10,7 +10,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, assert_nested_close, check_products, oracle_grad
+from _helpers import (
+    assert_close,
+    assert_nested_close,
+    check_products,
+    oracle_grad,
+    oracle_hvp,
+)
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
@@ -108,6 +114,8 @@ _TERMS = {
     "reordered copies of one parameter": lambda p, x, y: _chain_loss(p, x, y)
         + (p["b1"].view(2, 2) * p["b1"].view(2, 2).t()).sum()
         + ((p["b1"].view(2, 2) - p["b1"].view(2, 2).t()) ** 2).sum(),
+    "a linear term and coupled ones": lambda p, x, y: _chain_loss(p, x, y)
+        + p["w1"].sum() + (p["b1"] ** 2).sum() * (p["w2"] ** 2).sum(),
     "a term subtracted from a summed loss": lambda p, x, y: _chain_loss(
         p, x, y, "none").sum(1).mean() - torch.log((p["w2"] ** 2).sum()),
 }
@@ -115,7 +123,7 @@ _TERMS = {
 
 @pytest.mark.parametrize("n", [2, 6])
 @pytest.mark.parametrize("name", list(_TERMS))
-def test_terms_of_the_parameters_alone_join_the_chains_products(name, n):
+def test_terms_of_the_parameters_alone_join_the_chains_products(name, n, monkeypatch):
     """NOTE [parameter terms]: a loss ``l(o) + R(p)`` (weight decay, separable penalties,
     penalties coupling several parameters, a parameter only ``R`` reads) keeps the chain:
     products, batched products, the gradient, the value, the full Hessian and the
@@ -144,6 +152,16 @@ def test_terms_of_the_parameters_alone_join_the_chains_products(name, n):
                                       strict=True)))
     dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
     assert_nested_close(hf.hessian(f)(p, x, y), dense, p)  # the chain's, + H_R
+    # a budget of a few bytes: H_R one unit tangent at a time, samples one at a time
+    monkeypatch.setattr(sys.modules["hessfunc.graph.chain_plan"], "CHUNK_BUDGET_BYTES", 64)
+    assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
+    monkeypatch.undo()
+    # one parameter's tangent alone (the others zero), its rows only
+    first = next(iter(p))
+    t = random_like(p, 4)[first]
+    rows = H.chain_products({first: t}, wanted=list(p))
+    assert_close(rows, oracle_hvp(f, p, (x, y), {k: t if k == first else torch.zeros_like(v)
+                                                 for k, v in p.items()}))
     assert hf.explain(f, p, x, y)["hessian"].engine == "chain in the captured graph"
     op = hf.HessianOperator(f, p, (x, y))
     assert_close(op.to_dense(), dense)
@@ -579,6 +597,8 @@ _MAPS = {
     "2 tanh": lambda z: 2 * torch.tanh(z),
     "logsigmoid": F.logsigmoid,              # reads zeros_like of its input
     "elu": F.elu,                            # reads its input at three ops
+    "affine": lambda z: 0.5 * z + 1,         # phi' constant: phi'' by no second pass
+    "step": lambda z: (z > 0).to(z.dtype),   # no derivative at all: phi' = phi'' = 0
 }
 
 
@@ -596,13 +616,42 @@ def test_elementwise_derivatives_equal_autograds(name):
     assert plan is not None, reason
     (step,) = [s for s in plan.steps if type(s).__name__ == "_Elementwise"]
     z = x.clone().requires_grad_(True)
-    (d1,) = torch.autograd.grad(phi(z).sum(), z, create_graph=True)
-    (d2,) = torch.autograd.grad(d1.sum(), z, allow_unused=True)
+    out = phi(z)
+    d1 = torch.autograd.grad(out.sum(), z, create_graph=True)[0] if out.requires_grad else \
+        torch.zeros_like(z)
+    d2 = torch.autograd.grad(d1.sum(), z, allow_unused=True)[0] if d1.requires_grad else None
     d2 = torch.zeros_like(z) if d2 is None else d2
     torch.testing.assert_close(step.phi1, d1.detach(), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(step.phi2, d2, rtol=1e-14, atol=1e-15)
     assert step.phi1.dtype == F64
     check_products(hf.hvp_fn(f, (p, x, y)), f, p, (x, y), [random_like(p, 2)])
+
+
+def test_a_map_torch_cannot_differentiate_twice_is_named():
+    """``hardsigmoid_backward`` has no derivative in torch: the map's second derivative
+    is refused with the op's name (the captured graph decomposes hardsigmoid into a
+    clamp, so this is for maps that reach torch's kernel)."""
+    z = torch.randn(5, dtype=F64)
+    found = sys.modules["hessfunc.graph.chain_plan"].elementwise_derivatives(F.hardsigmoid, z)
+    assert isinstance(found, str) and "hardsigmoid_backward" in found
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_the_full_hessian_of_a_chain_under_a_loss_linear_in_its_output(n):
+    """A loss linear in the output (zero output Hessian): the full Hessian is the
+    layers' own curvature alone, in float64 throughout."""
+    p, x, _ = _problem(n=n)
+    p["w3"] = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    c = torch.tensor([0.7, -1.3], dtype=F64)
+
+    def f(p, x, y):
+        h = torch.tanh(F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"]))
+        return (F.linear(h, p["w3"]) * c).sum() + 0 * y.sum()
+
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    dense = hf.reference.hessian(f(leaves, x, x), list(leaves.values()))
+    assert hf.explain(f, p, x, x)["hessian"].engine == "chain in the captured graph"
+    assert_nested_close(hf.hessian(f)(p, x, x), dense, p)
 
 
 def test_a_map_gated_by_an_earlier_layer_is_not_a_chain():

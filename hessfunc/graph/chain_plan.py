@@ -113,8 +113,11 @@ class ParameterTerms:
         with torch.enable_grad():
             found = torch.autograd.grad([self.grad[n] for n in names], leaves, columns,
                                         retain_graph=True, allow_unused=True,
-                                        materialize_grads=True, is_grads_batched=k is not None)
-        return dict(zip(self.leaves, found, strict=True))
+                                        is_grads_batched=k is not None)
+        # a leaf R's curvature does not reach (R linear in it) has zero rows; torch's own
+        # materialized zeros would lack the batch axis
+        return {n: leaf.new_zeros(*lead, *leaf.shape) if r is None else r
+                for (n, leaf), r in zip(self.leaves.items(), found, strict=True)}
 
     def add_dense(self, M: torch.Tensor, span: dict[str, slice]) -> None:
         """Add ``H_R`` into the full ``(P, P)`` Hessian ``M`` (each parameter's rows and
