@@ -420,7 +420,12 @@ def test_explain_names_every_route():
     assert report["hessian"].engine == "chain in the captured graph"
     coupled = hf.explain(_plain(model, lambda o, t: ((o - t).sum()) ** 2), params, x, y)
     assert coupled["hvp, hvp_fn, HessianOperator"].name == "structured"
-    assert "not kept per sample" in coupled["hessian"].why
+    assert "a chain, but its loss's Hessian is not kept per sample (not proved a sum over " \
+        "samples, or over the memory budget)" in coupled["hessian"].why
+    conv = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 1)).double()
+    report = hf.explain(_plain(conv, F.mse_loss), _params(conv), x[:, None, :], y)
+    assert "a chain with convolutions or flattening views, which the full Hessian's " \
+        "backpropagation has no rule for" in report["hessian"].why
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
     report = hf.explain(_plain(bn, F.mse_loss), _params(bn), x, y)
     assert report["hessian_diag"].name == "generic"

@@ -153,8 +153,10 @@ def test_terms_of_the_parameters_alone_join_the_chains_products(name, n, monkeyp
     dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
     assert_nested_close(hf.hessian(f)(p, x, y), dense, p)  # the chain's, + H_R
     # a budget of a few bytes: H_R one unit tangent at a time, samples one at a time
-    monkeypatch.setattr(sys.modules["hessfunc.graph.chain_plan"], "CHUNK_BUDGET_BYTES", 64)
-    assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
+    for budget in (64, 3 * 2 * 8 * sum(t.numel() for t in p.values())):  # chunks of 1, 3
+        monkeypatch.setattr(sys.modules["hessfunc.graph.chain_plan"], "CHUNK_BUDGET_BYTES",
+                            budget)
+        assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
     monkeypatch.undo()
     # one parameter's tangent alone (the others zero), its rows only
     first = next(iter(p))
@@ -638,14 +640,14 @@ def test_a_map_torch_cannot_differentiate_twice_is_named():
 
 @pytest.mark.parametrize("n", [1, 4])
 def test_the_full_hessian_of_a_chain_under_a_loss_linear_in_its_output(n):
-    """A loss linear in the output (zero output Hessian): the full Hessian is the
-    layers' own curvature alone, in float64 throughout."""
+    """A loss linear in the output (zero output Hessian), two Linear layers in a row: the
+    full Hessian is the layers' own curvature alone, in float64 throughout."""
     p, x, _ = _problem(n=n)
     p["w3"] = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     c = torch.tensor([0.7, -1.3], dtype=F64)
 
-    def f(p, x, y):
-        h = torch.tanh(F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"]))
+    def f(p, x, y):  # two Linear layers in a row at the top
+        h = F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"])
         return (F.linear(h, p["w3"]) * c).sum() + 0 * y.sum()
 
     leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
