@@ -114,6 +114,8 @@ _TERMS = {
     "reordered copies of one parameter": lambda p, x, y: _chain_loss(p, x, y)
         + (p["b1"].view(2, 2) * p["b1"].view(2, 2).t()).sum()
         + ((p["b1"].view(2, 2) - p["b1"].view(2, 2).t()) ** 2).sum(),
+    "the sum halved": lambda p, x, y: 0.5 * (_chain_loss(p, x, y) + (p["w2"] ** 2).sum()
+                                             * (p["b1"] ** 2).sum()),
     "a linear term and coupled ones": lambda p, x, y: _chain_loss(p, x, y)
         + p["w1"].sum() + (p["b1"] ** 2).sum() * (p["w2"] ** 2).sum(),
     "a term subtracted from a summed loss": lambda p, x, y: _chain_loss(
@@ -253,6 +255,8 @@ _NOT_CHAINS = {
         F.linear(x, p["w1"])), p["w2"]), y) + y.sum() * (p["w1"] ** 2).sum(),
     "targets scaled by a weight's norm": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
         F.linear(x, p["w1"])), p["w2"]), y * p["w2"].norm()),
+    "a constant over the sum": lambda p, x, y: y.new_ones(()) / (F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"])), p["w2"]), y) + (p["w1"] ** 2).sum()),
     "tied layers": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(
         torch.tanh(F.linear(x, p["w1"])), p["w1"])), p["w2"]), y),
     "skip connection": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])) +
