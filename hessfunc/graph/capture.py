@@ -293,9 +293,11 @@ def _is_view(node: torch.fx.Node) -> bool:
     return alias is not None and not alias.is_write
 
 
-def _read_after(node: torch.fx.Node, mutated: torch.fx.Node) -> bool:
+def _read_after(node: torch.fx.Node, mutated: torch.fx.Node, order: dict[torch.fx.Node, int]
+                ) -> bool:
     """Whether anything after ``node`` reads the storage ``mutated`` shares (its base
-    through views, and every view of that base)."""
+    through views, and every view of that base); ``order``: each node's place in the
+    graph."""
     def view(n: torch.fx.Node) -> bool:  # also one piece of a split or unbind
         return _is_view(n) or (n.target is operator.getitem and
                                isinstance(n.args[0], torch.fx.Node) and _is_view(n.args[0]))
@@ -309,7 +311,6 @@ def _read_after(node: torch.fx.Node, mutated: torch.fx.Node) -> bool:
         if alias not in aliases:
             aliases.add(alias)
             stack.extend(u for u in alias.users if view(u) and u.args[0] is alias)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
     return any(order[u] > order[node] and u not in aliases
                for alias in aliases for u in alias.users)
 
@@ -324,6 +325,7 @@ def _rewrite_inplace(gm: torch.fx.GraphModule) -> None:
     functionalization leaves) is refused, and the caller uses the generic path: the
     twin's result would be unused, and the write lost.
     """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if not _is_mutating(node):
             continue
@@ -337,7 +339,7 @@ def _rewrite_inplace(gm: torch.fx.GraphModule) -> None:
         if functional is None or len(mutated.users) != 1:
             raise RuntimeError(f"cannot remove the mutation {op} from the captured graph")
         if torch.Tag.inplace_view not in getattr(op, "tags", ()) and \
-                _read_after(node, mutated):
+                _read_after(node, mutated, order):
             raise RuntimeError(f"{where(node)} writes into a tensor that is read later, which "
                                "the captured graph cannot express")
         node.target = functional

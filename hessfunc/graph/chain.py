@@ -277,12 +277,20 @@ def _entering(walk: _Walk, loss: Collection[fx.Node]) -> set[fx.Node]:
     those that are not terms added to the loss. One pass in reverse graph order."""
     entering: set[fx.Node] = set()
     for node in reversed(walk.gm.graph.nodes):
-        if walk.data(node) or not walk.variable(node):
-            continue
-        if any((walk.data(u) and (u not in loss or u.target not in _SUMS)) or
-               (not walk.data(u) and u in entering) for u in node.users):
+        if not walk.data(node) and walk.variable(node) and any(
+                _enters_at(walk, u, loss, entering) for u in node.users):
             entering.add(node)
     return entering
+
+
+def _enters_at(walk: _Walk, reader: fx.Node, loss: Collection[fx.Node],
+               entering: set[fx.Node]) -> bool:
+    """Whether a value of the parameters alone enters the model at ``reader``: an op of
+    the batch other than a sum or difference in the loss, or a value of the parameters
+    alone in ``entering``."""
+    if walk.data(reader):
+        return reader not in loss or reader.target not in _SUMS
+    return reader in entering
 
 
 def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
@@ -339,9 +347,8 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
               for p in placeholders[:num_params]}
     loss = set(_loss_nodes(walk.gm, cur)) if any(others.values()) else set()
     entering = _entering(walk, loss) if loss else set()
-    stray = [names[p] for p, users in others.items() if any(
-        (walk.data(u) and (u not in loss or u.target not in _SUMS)) or
-        (not walk.data(u) and u in entering) for u in users)]
+    stray = [names[p] for p, users in others.items()
+             if any(_enters_at(walk, u, loss, entering) for u in users)]
     if stray:  # the walk stopped at cur: its one op, or the values that read it
         at = where(users[0]) if single else \
             f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"

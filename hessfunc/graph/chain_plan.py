@@ -136,10 +136,10 @@ class ParameterTerms:
                 k = min(step, m - lo)
                 cols = g.new_zeros(k, m)
                 cols[torch.arange(k), torch.arange(lo, lo + k)] = 1  # unit tangents
-                rows = self.products({name: cols.reshape(-1, *g.shape)}, cols.shape[0])
+                rows = self.products({name: cols.reshape(k, *g.shape)}, k)
+                start = span[name].start + lo
                 for other, block in rows.items():  # block[i] = H_R e_(lo + i), at other
-                    M[span[other], span[name].start + lo:span[name].start + lo
-                      + cols.shape[0]] += block.reshape(cols.shape[0], -1).T
+                    M[span[other], start:start + k] += block.reshape(k, -1).T
 
 
 class ChainPlan:
