@@ -232,7 +232,7 @@ def test_conv_input_gradient_equals_the_transposed_convolution(dim, stride, padd
     kw = dict(stride=(stride,) * dim, padding=(padding,) * dim, dilation=(dilation,) * dim)
     out = conv(a, weight, groups=groups, **kw)
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    step = _Conv(weight, None, a, "w", None, **kw)
+    step = _Conv(weight, a, "w", None, **kw)
     expected = torch.autograd.grad(conv(a.requires_grad_(), weight, groups=groups, **kw), a,
                                    grad_out)[0]
     assert_close(_conv_input_grad(step, grad_out, weight, a.shape, groups=groups), expected)

@@ -92,6 +92,7 @@ def test_torch_func_chain_keeps_output_blocks_only_where_samples_are_proved_apar
         H = hf.hvp_fn(f, (params, x, y))
         assert H.method == "structured"
         assert (H.chain_products._out_hessian is not None) == apart
+        assert hf.explain(f, params, x, y)["hvp, hvp_fn, HessianOperator"].why == ""
         assert_close(H.value, f(params, x, y))  # either way the loss at the point
         check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
 
@@ -120,7 +121,27 @@ _TERMS = {
         + p["w1"].sum() + (p["b1"] ** 2).sum() * (p["w2"] ** 2).sum(),
     "a term subtracted from a summed loss": lambda p, x, y: _chain_loss(
         p, x, y, "none").sum(1).mean() - torch.log((p["w2"] ** 2).sum()),
+    # separable, some second derivatives nowhere curved or absent (relu, a detached copy),
+    # a 0-d constant inside an elementwise op, a cube written as w^2 * w
+    "terms without curvature": lambda p, x, y: _chain_loss(p, x, y) + torch.relu(p["w1"]).sum()
+        + (p["w2"] * torch.tensor(0.5, dtype=F64)).pow(2).sum() + (p["b1"] ** 2 * p["b1"]).sum(),
+    "a detached copy": lambda p, x, y: _chain_loss(p, x, y) + (p["b1"].detach() ** 2).sum()
+        + (p["w1"] ** 2).sum(),
+    # not separable: the same layout of two permutations, an op coupling the entries, a
+    # square of a sum after a scaled separable term, an elementwise value entering the
+    # loss before its sum
+    "two permutations": lambda p, x, y: _chain_loss(p, x, y) + (
+        p["b1"].view(2, 2).permute(1, 0) * p["b1"].view(2, 2).permute(0, 1)).sum(),
+    "an op coupling one parameter": lambda p, x, y: _chain_loss(p, x, y)
+        + (torch.cumsum(p["b1"], 0) ** 2).sum(),
+    "scaled, then coupled": lambda p, x, y: _chain_loss(p, x, y)
+        + 0.1 * (p["w1"] ** 4).sum() + p["b1"].sum() ** 2,
+    "elementwise before the sum": lambda p, x, y: (_chain_loss(p, x, y, "none").sum(0)
+                                                   + p["s"] ** 2).sum() + p["s"].sum() ** 2,
 }
+#: the parameters only the terms read, by their shapes
+_ONLY_TERMS = {"a parameter only the terms read": (3,), "elementwise before the sum": (2,)}
+_SEPARABLE = ("weight decay", "separable penalties", "terms without curvature")
 
 
 @pytest.mark.parametrize("n", [2, 6])
@@ -137,15 +158,14 @@ def test_terms_of_the_parameters_alone_join_the_chains_products(name, n, monkeyp
     p = {"w1": torch.randn(4, 3, generator=gen, dtype=F64),
          "b1": torch.randn(4, generator=gen, dtype=F64),
          "w2": torch.randn(2, 4, generator=gen, dtype=F64)}
-    if name == "a parameter only the terms read":
-        p["s"] = torch.randn(3, generator=gen, dtype=F64)
+    if name in _ONLY_TERMS:
+        p["s"] = torch.randn(_ONLY_TERMS[name], generator=gen, dtype=F64)
     x, y = torch.randn(n, 3, generator=gen, dtype=F64), torch.randn(n, 2, generator=gen,
                                                                       dtype=F64)
     H = hf.hvp_fn(f, (p, x, y))
     assert H.method == "structured"
     # separable terms have a diagonal H_R, kept; others take a backward pass through R
-    separable = name in ("weight decay", "separable penalties")
-    assert (H.chain_products._terms.diagonal is not None) == separable
+    assert (H.chain_products._terms.diagonal is not None) == (name in _SEPARABLE)
     check_products(H, f, p, (x, y), [random_like(p, i) for i in range(3)], single=True)
     leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
     loss = f(leaves, x, y)
@@ -223,6 +243,57 @@ def test_a_loss_the_trace_cannot_take_keeps_the_models_chain(loss_fn):
     H = hf.hvp_fn(f, (params, x, y))
     assert H.method == "graph"
     check_products(H, f, params, (x, y), [random_like(params, 0)])
+
+
+class _Stacked(nn.Module):  # the chain stops before the model's output
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        o = self.net(x)
+        return torch.cat([o, o.cumsum(1)], 1)
+
+
+def test_where_the_models_own_graph_gives_no_chain():
+    """NOTE [a loss the trace cannot take], where the model alone gives no chain (its
+    chain stops before its output): the cached gradient graph, and explain gives both
+    reasons. A loss model called without targets, or with two, raises the model's own
+    error."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+
+    def loss_fn(o, t):
+        return _branching_loss(o[:, :2], t)
+
+    f, params = hf.functionalize(_Stacked(net), loss_fn)
+    H = hf.hvp_fn(f, (params, x, y))
+    assert H.method == "graph"
+    check_products(H, f, params, (x, y), [random_like(params, 0)])
+    why = hf.explain(f, params, x, y)["hvp, hvp_fn, HessianOperator"].why
+    assert why.endswith("; the model alone: the model's graph does not end at its output"), why
+    f, params = hf.functionalize(net, loss_fn)
+    for args in ((params, x), (params, x, y, y)):
+        with pytest.raises(hf.ArgumentError, match="expected one `targets` argument"):
+            hf.hvp_fn(f, args)
+
+
+def test_a_parameter_f_does_not_read_keeps_the_cached_graph():
+    """A parameter that f never reads (its gradient and Hessian rows are zero) is not a
+    chain step: the cached gradient graph, exact, and method='structured' names it."""
+    gen = torch.Generator().manual_seed(3)
+    p = {"w1": torch.randn(4, 3, generator=gen, dtype=F64),
+         "b1": torch.randn(4, generator=gen, dtype=F64),
+         "w2": torch.randn(2, 4, generator=gen, dtype=F64),
+         "unused": torch.randn(3, generator=gen, dtype=F64)}
+    x, y = torch.randn(6, 3, generator=gen, dtype=F64), torch.randn(6, 2, generator=gen,
+                                                                      dtype=F64)
+    H = hf.hvp_fn(_chain_loss, (p, x, y))
+    assert H.method == "graph"
+    check_products(H, _chain_loss, p, (x, y), [random_like(p, i) for i in range(2)])
+    with pytest.raises(hf.ArgumentError, match="parameter 'unused' does not enter f"):
+        hf.hvp_fn(_chain_loss, (p, x, y), method="structured")
 
 
 def test_a_penalty_over_hundreds_of_parameters_is_one_term():

@@ -198,8 +198,7 @@ class _Walk:
         if weight is None or (bias_node is not None and (bias is None or bias[0].dim() != 1)):
             return None
         self.layers.update((node, end))
-        return _Linear(weight[0], None if bias is None else bias[0], self.env[cur],
-                       weight[1], None if bias is None else bias[1]), end
+        return _Linear(weight[0], self.env[cur], weight[1], None if bias is None else bias[1]), end
 
     def conv(self, node: fx.Node, cur: fx.Node) -> _Conv | None:
         if node.target is not aten.convolution.default or node.args[0] is not cur:
@@ -212,9 +211,8 @@ class _Walk:
         if weight is None or (bias_node is not None and bias is None):
             return None
         self.layers.add(node)
-        return _Conv(weight[0], None if bias is None else bias[0], self.env[cur],
-                     weight[1], None if bias is None else bias[1], tuple(stride),
-                     tuple(padding), tuple(dilation))
+        return _Conv(weight[0], self.env[cur], weight[1], None if bias is None else bias[1],
+                     tuple(stride), tuple(padding), tuple(dilation))
 
     def pointwise_run(self, cur: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
         """The longest run of pointwise ops of ``cur`` (and constants, ``zeros_like(cur)``

@@ -53,7 +53,6 @@ __all__ = ["ChainPlan", "ParameterTerms", "elementwise_derivatives", "output_blo
 @dataclass
 class _Linear:
     weight: torch.Tensor
-    bias: torch.Tensor | None
     inputs: torch.Tensor          # (N, in)
     weight_name: str | None       # name in params when trainable
     bias_name: str | None
@@ -64,7 +63,6 @@ class _Conv:
     """``nn.Conv1d``/``nn.Conv2d`` (``groups=1``, zero padding): affine in its parameters
     like a Linear layer; only Hessian-vector products have rules for it."""
     weight: torch.Tensor
-    bias: torch.Tensor | None
     inputs: torch.Tensor          # (N, C_in, *spatial)
     weight_name: str | None
     bias_name: str | None
