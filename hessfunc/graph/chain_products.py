@@ -223,9 +223,9 @@ class ChainProducts:
         """A zero product for parameter ``name``, ``(k, *shape)`` with ``k`` tangents (a
         Linear weight as ``(out, inputs)``: ``(out, r)`` after :meth:`restricted`)."""
         for step in self._steps:
-            weight, bias = getattr(step, "weight", None), getattr(step, "bias", None)
+            weight = getattr(step, "weight", None)
             if name == getattr(step, "bias_name", None):
-                shape = bias.shape
+                shape = weight.shape[:1]  # one per output feature or channel
             elif name == getattr(step, "weight_name", None):
                 shape = ((weight.shape[0], step.inputs.shape[1]) if isinstance(step, _Linear)
                          else weight.shape)
