@@ -4,7 +4,9 @@ Both are :class:`hessfunc.operator.CurvatureOperator` subclasses (the base of
 :class:`hessfunc.HessianOperator`): the same data handling, batch weights, process group,
 estimators, ``solve`` and scipy adapter. Each batch ``b`` contributes ``J_b^T M_b J_b``
 (``J_b`` the Jacobian of the model's outputs on the batch), applied matrix-free as a
-forward-mode product, the output matrix ``M_b``, and a reverse-mode product:
+forward-mode product, the output matrix ``M_b``, and a reverse-mode product (where the
+model's captured graph is a chain of layers, the chain's R-operator without its
+second-order terms, NOTE [structured products]; else the model linearised once):
 
 * GGN: ``M_b = d^2 f_b / do^2``, the loss's Hessian in its outputs (reverse-over-reverse,
   NOTE [ZeroTensor trap] in hessfunc/products.py);
@@ -31,12 +33,15 @@ import torch.func
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._autodiff import use_autograd
 from ._checks import check_callable
 from ._memory import check_dense
 from ._tree import flat_spec, vector_to_tree
 from .errors import ArgumentError
 from .functional import functionalize
 from .ggn import _loss_of, draws, fisher_columns, ggn, ggn_diag, likelihood_of, output_factor
+from .graph.chain import model_chain
+from .graph.chain_products import ChainProducts
 from .operator import CurvatureOperator
 
 __all__ = ["GGNOperator", "FisherOperator"]
@@ -73,6 +78,39 @@ class _BatchProduct:
 
     def batched(self, trees: Any) -> Any:
         return torch.func.vmap(self._product)(trees)
+
+
+class _ChainProduct:
+    """``v -> J^T M J v`` on one batch by the chain of layers in the model's captured
+    graph (NOTE [structured products], in its Gauss-Newton form): the tangent forward
+    pass and the backward pass on cached activations, without the linearised model's op
+    by op replay (docs/benchmarks.md). ``_output_product`` is ``M``, set by the operator."""
+
+    def __init__(self, plan: Any):
+        self._out = plan.output
+        self._plan = plan
+        self._output_product: Callable[[torch.Tensor], torch.Tensor] = lambda u: u
+        self._chain: ChainProducts | None = None
+
+    def _product(self, tree: Any) -> Any:
+        if self._chain is None:
+            self._chain = ChainProducts(self._plan, output_matrix=lambda u: self._output_product(u))
+        return self._chain(tree)
+
+    batched = _product  # ``{name: (k, *shape)}``: the same products with a k axis
+
+
+def _batch_product(g: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, x: Any,
+                   y: Any) -> _ChainProduct | _BatchProduct:
+    """The chain's products where ``g(params, x)`` is a chain of layers (parameters a dict,
+    ``x`` one tensor), else the linearised model's."""
+    if isinstance(params, dict) and params and isinstance(x, torch.Tensor) and all(
+            isinstance(t, torch.Tensor) and t.is_floating_point() for t in params.values()) \
+            and use_autograd((params, x)):
+        plan, _ = model_chain(g, params, x, lambda o: loss_fn(o, y))
+        if plan is not None:
+            return _ChainProduct(plan)
+    return _BatchProduct(g, params, x, lambda u: u)
 
 
 class GGNOperator(CurvatureOperator):
@@ -116,8 +154,8 @@ class GGNOperator(CurvatureOperator):
         g, params = functionalize(model)
         return cls(g, loss_fn, params, data, **kwargs)
 
-    def _build_product(self, index: int, x: Any, y: Any) -> _BatchProduct:
-        batch = _BatchProduct(self.g, self.params, x, lambda u: u)
+    def _build_product(self, index: int, x: Any, y: Any) -> _ChainProduct | _BatchProduct:
+        batch = _batch_product(self.g, self.loss_fn, self.params, x, y)
         S = output_factor(self.loss_fn, batch._out.detach(), y)  # H_o = S S^T per sample
         if S is not None:
             batch._output_product = lambda u: torch.einsum(
@@ -209,8 +247,8 @@ class FisherOperator(GGNOperator):
         return fisher_columns(self.loss_fn, self._likelihood, self._loss_reduction, self.kind,
                               out, y, self.mc_samples, None, labels=self._labels.get(index))
 
-    def _build_product(self, index: int, x: Any, y: Any) -> _BatchProduct:
-        batch = _BatchProduct(self.g, self.params, x, lambda u: u)
+    def _build_product(self, index: int, x: Any, y: Any) -> _ChainProduct | _BatchProduct:
+        batch = _batch_product(self.g, self.loss_fn, self.params, x, y)
         E, alpha = self._directions(index, batch._out, y)
         n = E.shape[1]
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from torch import nn
 
 import hessfunc as hf
-from hessfunc.testing.models import build_mlp
+from hessfunc.testing.models import ResidualMLP, build_mlp
 from hessfunc.testing.strategies import problems
 
 DT = torch.float64
@@ -249,10 +249,13 @@ def test_mc_fisher_of_log_probabilities_equals_its_definition():
 
 @pytest.mark.parametrize("traceable", [True, False])
 def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
-    """The operator's ``J v`` runs a model linearised once per batch (tangent ops only);
-    where ``torch.func.linearize`` cannot trace the model, a fresh ``jvp`` per product.
-    Both give the oracle's products, single and batched."""
-    model, loss_fn, x, y = _problem("ce", 9, seed=3)
+    """Off a chain of layers (skip connections), the operator's ``J v`` runs a model
+    linearised once per batch (tangent ops only); where ``torch.func.linearize`` cannot
+    trace the model, a fresh ``jvp`` per product. Both give the oracle's products, single
+    and batched."""
+    _, loss_fn, x, y = _problem("ce", 9, seed=3)
+    torch.manual_seed(3)
+    model = ResidualMLP(2, 4, 2, C).double()
     *_, G = _oracle(model, loss_fn, x, y)
     calls = []
     real = torch.func.linearize
@@ -270,6 +273,45 @@ def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
         assert_close(op @ V[:, 0], G @ V[:, 0])
         assert_close(op @ V, G @ V)
     assert len(calls) == 2  # once per batch, however many products
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce", "nll-of-log-softmax"])
+def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch):
+    """On a chain of layers (an MLP with two curved activations, a convolution chain) the
+    GGN and Fisher operators' products are the chain's R-operator in its Gauss-Newton
+    form (no model linearised): single and batched, over two batches, equal to the
+    oracle's ``J^T M J`` (the Hessian's second-order terms would differ from it)."""
+    def linearize(*_):
+        raise AssertionError("a chain's products linearise no model")
+
+    monkeypatch.setattr(torch.func, "linearize", linearize)
+    gen = torch.Generator().manual_seed(4)
+    mlp = build_mlp([2, 4, 3, C], "tanh", 4)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Softplus(),
+                         nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, C)).double()
+    for model, x in ((mlp, torch.randn(9, 2, generator=gen, dtype=DT)),
+                     (conv, torch.randn(9, 2, 5, 5, generator=gen, dtype=DT))):
+        if frozen:
+            model[0].weight.requires_grad_(False)
+        loss_fn, y = LOSSES[name], _targets(name, 9, gen)
+        g, params, out, leaves, G = _oracle(model, loss_fn, x, y)
+        op = hf.GGNOperator.from_model(model, loss_fn, _split(x, y, [4, 5]))
+        assert all(type(b).__name__ == "_ChainProduct" for _, b in op._batch_products("H @ v"))
+        V = torch.randn(G.shape[0], 3, generator=gen, dtype=DT)
+        assert_close(op @ V[:, 0], G @ V[:, 0])
+        assert_close(op @ V, G @ V)
+        if name in FISHER:
+            c, s = _scale(name, 9)
+            losses = [loss_fn(g(leaves, x[i:i + 1]), y[i:i + 1]) for i in range(9)]
+            ref = hf.reference.empirical_fisher(losses, list(leaves.values()), c / s ** 2)
+            fisher = hf.FisherOperator.from_model(model, loss_fn, (x, y), kind="empirical")
+            assert_close(fisher @ V, ref @ V)
+            ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                         FISHER[name], c, 2, torch.Generator().manual_seed(3))
+            fisher = hf.FisherOperator.from_model(model, loss_fn, (x, y), mc_samples=2, seed=3)
+            assert_close(fisher @ V[:, 0], ref @ V[:, 0])
+            assert_close(fisher @ V, ref @ V)
 
 
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce"])

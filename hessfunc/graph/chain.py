@@ -74,7 +74,7 @@ from .curvature import (
 )
 from .samples import SHAPE_ONLY, pointwise
 
-__all__ = ["chain_from_graph"]
+__all__ = ["chain_from_graph", "graph_chain", "model_chain"]
 
 aten = torch.ops.aten
 
@@ -415,8 +415,8 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     if (per_sample or o.shape[0] == 1) and \
             o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
         return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, None, loss,
-                         terms), "ok"
-    return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss, terms), "ok"
+                         terms, o), "ok"
+    return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss, terms, o), "ok"
 
 
 _SCALINGS = {aten.mul.Tensor, aten.div.Tensor}  # linear when the divisor or a factor is constant
@@ -557,6 +557,23 @@ def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node,
     return leaf, g, loss.detach()
 
 
+def model_chain(model: Any, params: dict[str, Tensor], x: Tensor,
+                loss: Callable[[Tensor], Tensor]) -> tuple[ChainPlan | None, str]:
+    """:func:`chain_from_graph` for a model ``model(params, x) -> o`` captured alone
+    (through its own trace cache), ``loss(o)`` run as it is (NOTE [a loss the trace
+    cannot take]), or ``(None, why)``."""
+    cache = _cache(model)
+    if isinstance(cache, str):
+        return None, cache
+    try:
+        captured = cache.get((params, x))
+    except ArgumentError:  # random ops
+        return None, "the model draws random numbers"
+    if captured is None:
+        return None, f"the model could not be captured as a graph: {cache.failure}"
+    return chain_from_graph(captured, params, [x], loss=loss)
+
+
 def graph_chain(f: Any, args: tuple[Any, ...], argnums: int, *, blocks: bool = True
                 ) -> tuple[ChainPlan | None, str]:
     """:func:`chain_from_graph` for ``f(*args)``: captured through the parameter engine's
@@ -586,15 +603,8 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int, *, blocks: bool = T
         model = model_output(f) if len(args) == 3 else None
         if model is None:
             return None, why
-        try:  # NOTE [a loss the trace cannot take]: the model alone, the loss as it is
-            captured = _cache(model).get(args[:2])  # type: ignore[union-attr]
-        except ArgumentError:  # random ops: the reason f gave stands
-            captured = None
-        if captured is None:
-            return None, why
-        targets = args[2]
-        plan, found = chain_from_graph(captured, args[0], [args[1]],
-                                       loss=lambda o: f.loss_fn(o, targets))
+        targets = args[2]  # NOTE [a loss the trace cannot take]: the model alone
+        plan, found = model_chain(model, args[0], args[1], lambda o: f.loss_fn(o, targets))
         if plan is None:
             return None, f"{why}; the model alone: {found}"
         why = f"the model's graph, its loss run as it is ({why})"

@@ -144,14 +144,15 @@ class ChainPlan:
     """A verified chain at a point: its steps, and the loss's Hessian in the model output
     as per-sample blocks ``out_hessian`` ``(N, C, C)`` or as ``loss_graph``, ``(o, dL/do)``
     with the graph of ``dL/do`` (exact when samples are coupled); ``out_grad`` ``(N, C)``
-    is ``dL/do``, ``value`` the loss and ``terms`` its terms of the parameters alone
-    (:class:`ParameterTerms`, or None)."""
+    is ``dL/do``, ``value`` the loss, ``terms`` its terms of the parameters alone
+    (:class:`ParameterTerms`, or None) and ``output`` the model output ``o`` ``(N, C)``."""
 
     def __init__(self, steps: list[Any], out_hessian: torch.Tensor | None,
                  out_grad: torch.Tensor, params: dict[str, torch.Tensor],
                  loss_graph: tuple[torch.Tensor, torch.Tensor] | None, value: torch.Tensor,
-                 terms: ParameterTerms | None = None):
+                 terms: ParameterTerms | None = None, output: torch.Tensor | None = None):
         self.value = value
+        self.output = output
         self.terms = terms
         self.loss_graph = loss_graph
         self.steps = steps

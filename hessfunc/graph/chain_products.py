@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
@@ -51,12 +51,20 @@ class ChainProducts:
     matrix products]); building them costs more than one product saves, so a single
     product passes False.
 
+    ``output_matrix``: the Gauss-Newton form ``V -> J^T M J V`` instead, ``M`` applied to
+    one ``(N, C)`` tangent of the output: the same forward pass, ``M`` in place of the
+    loss's Hessian, and a backward pass without the second-order terms (the activations'
+    ``phi''``, the layers' ``g_z dW`` and ``g_z^T R{a}``, the parameter terms' ``H_R``).
+
     Attributes:
         gradient: ``{name: tensor}``, the gradient at the point.
     """
 
-    def __init__(self, plan: ChainPlan, patches: bool = True):
+    def __init__(self, plan: ChainPlan, patches: bool = True, *,
+                 output_matrix: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self._patches = patches
+        self._output_matrix = output_matrix
+        self._second_order = output_matrix is None  # the terms J^T M J leaves out
         self._steps = plan.steps[plan.first:]   # below the first trainable layer R{a} = 0
         self._out_hessian = plan.out_hessian    # (N, C, C), or None: the loss graph
         self._loss_graph = plan.loss_graph
@@ -74,10 +82,11 @@ class ChainProducts:
         grads[0] = g
         self._grads = grads                     # gradient at each step's output (N, d)
         # curvature of each activation: phi''(z) * (gradient at its output)
-        self._curvature = [s.phi2 * grads[i] if isinstance(s, _Elementwise) else None
-                           for i, s in enumerate(self._steps)]
+        self._curvature = [s.phi2 * grads[i] if isinstance(s, _Elementwise) and
+                           self._second_order else None for i, s in enumerate(self._steps)]
         self._names = list(plan.params)
-        self._terms = plan.terms                # the loss's terms of the parameters alone
+        # the loss's terms of the parameters alone
+        self._terms = plan.terms if self._second_order else None
         self._params_dim = {name: p.dim() for name, p in plan.params.items()}
         self._gradient: dict[str, torch.Tensor] | None = None
         self._conv_cache: dict[int, _ConvTerms] = {}
@@ -190,7 +199,7 @@ class ChainProducts:
             step = steps[i]
             if isinstance(step, _Elementwise):
                 rg = per(step.phi1) * rg
-                if below[i] is not None:
+                if below[i] is not None and self._curvature[i] is not None:
                     rg.addcmul_(per(self._curvature[i]), below[i])
                 continue
             if isinstance(step, _Flatten):
@@ -203,7 +212,7 @@ class ChainProducts:
             g = self._grads[i]
             if step.weight_name in wanted:  # R{g_z}^T a + g_z^T R{a}, summed over samples
                 hv = _sample_sum(rg, step.inputs, k)
-                if below[i] is not None:
+                if below[i] is not None and self._second_order:
                     hv.add_(_sample_sum(g, below[i], k, batched_right=True))
                 out[step.weight_name] = hv
             if step.bias_name in wanted:
@@ -211,7 +220,7 @@ class ChainProducts:
             if i == lowest:
                 break
             rg = rg @ step.weight
-            if step.weight_name in tangents:  # + g_z dW
+            if step.weight_name in tangents and self._second_order:  # + g_z dW
                 rg.add_(_grad_times(g, tangents[step.weight_name], k))
         if self._terms is not None:  # + H_R v
             for name, hv in self._terms.products(tangents, k).items():
@@ -279,7 +288,7 @@ class ChainProducts:
         terms = self._conv_terms(i, step)
         if step.weight_name in wanted:  # sum_n R{g_z} * a + g_z * R{a}, as weight gradients
             hv = terms.weight_from_output(rg, k)
-            if below is not None:
+            if below is not None and self._second_order:
                 hv.add_(terms.weight_from_input(below, k))
             out[step.weight_name] = hv
         if step.bias_name in wanted:
@@ -293,12 +302,16 @@ class ChainProducts:
             below_grad = _conv_input_grad(step, rg.flatten(0, 1), step.weight,
                                           (a.shape[0] * k, *a.shape[1:]))
             below_grad = below_grad.view(a.shape[0], k, *a.shape[1:])
-        if step.weight_name in tangents:  # + g_z through dW
+        if step.weight_name in tangents and self._second_order:  # + g_z through dW
             below_grad.add_(terms.input_from_weight(tangents[step.weight_name], k))
         return below_grad
 
     def _output_product(self, r: torch.Tensor, k: int | None) -> torch.Tensor:
-        """The output Hessian applied to ``R{o}``: ``(N, C)``, or ``(N, k, C)``."""
+        """The output Hessian (or ``output_matrix``) applied to ``R{o}``: ``(N, C)``, or
+        ``(N, k, C)``."""
+        if self._output_matrix is not None:
+            M = self._output_matrix
+            return M(r) if k is None else torch.func.vmap(M, in_dims=1, out_dims=1)(r)
         if self._loss_graph is not None:  # one backward through the loss per tangent
             o, g = self._loss_graph
             if not g.requires_grad:           # the loss is linear in the output

@@ -792,16 +792,15 @@ _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _pure(f: Any) -> Callable[..., Any] | str:
-    """What to trace for ``f``: a FunctionalModel without its value checks."""
+    """What to trace for ``f``: a FunctionalModel without its value checks (the model
+    alone where it has no loss)."""
     from ..functional import FunctionalModel
 
     if not isinstance(f, FunctionalModel):
         return f
-    if f.loss_fn is None:
-        return "f has no loss"
     if f.seed is not None:
         return "f fixes its random draws with a seed"
-    return _FunctionalLoss(f)
+    return _ModelOutput(f) if f.loss_fn is None else _FunctionalLoss(f)
 
 
 class _FunctionalLoss:
