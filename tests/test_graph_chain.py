@@ -124,7 +124,8 @@ _TERMS = {
     # separable, some second derivatives nowhere curved or absent (relu, a detached copy),
     # a 0-d constant inside an elementwise op, a cube written as w^2 * w
     "terms without curvature": lambda p, x, y: _chain_loss(p, x, y) + torch.relu(p["w1"]).sum()
-        + (p["w2"] * torch.tensor(0.5, dtype=F64)).pow(2).sum() + (p["b1"] ** 2 * p["b1"]).sum(),
+        + (p["w2"] * torch.tensor(0.5, dtype=F64)).pow(2).sum() + (p["b1"] ** 2 * p["b1"]).sum()
+        + (p["b1"] ** 2).sum() / 4,
     "a detached copy": lambda p, x, y: _chain_loss(p, x, y) + (p["b1"].detach() ** 2).sum()
         + (p["w1"] ** 2).sum(),
     # not separable: the same layout of two permutations, an op coupling the entries, a
@@ -138,6 +139,10 @@ _TERMS = {
         + 0.1 * (p["w1"] ** 4).sum() + p["b1"].sum() ** 2,
     "elementwise before the sum": lambda p, x, y: (_chain_loss(p, x, y, "none").sum(0)
                                                    + p["s"] ** 2).sum() + p["s"].sum() ** 2,
+    "a constant over a term": lambda p, x, y: _chain_loss(p, x, y)
+        + torch.tensor(2.0, dtype=F64) / (p["w1"] ** 2).sum(),
+    "the sum scaled by a constant tensor": lambda p, x, y: torch.tensor(0.5, dtype=F64) * (
+        _chain_loss(p, x, y) + (p["w1"] ** 2).sum() * (p["b1"] ** 2).sum()),
 }
 #: the parameters only the terms read, by their shapes
 _ONLY_TERMS = {"a parameter only the terms read": (3,), "elementwise before the sum": (2,)}
@@ -333,6 +338,10 @@ _NOT_CHAINS = {
         F.linear(x, p["w1"])), p["w2"]), y * p["w2"].norm()),
     "a constant over the sum": lambda p, x, y: y.new_ones(()) / (F.mse_loss(F.linear(torch.tanh(
         F.linear(x, p["w1"])), p["w2"]), y) + (p["w1"] ** 2).sum()),
+    "the sum times itself": lambda p, x, y: (lambda s: s * s)(F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"])), p["w2"]), y) + (p["w1"] ** 2).sum()),
+    "a map of the scaled sum": lambda p, x, y: torch.exp(0.5 * (F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"])), p["w2"]), y) + (p["w1"] ** 2).sum())),
     "tied layers": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(
         torch.tanh(F.linear(x, p["w1"])), p["w1"])), p["w2"]), y),
     "skip connection": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])) +

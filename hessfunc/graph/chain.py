@@ -446,7 +446,9 @@ def _terms_structure(walk: _Walk, loss: list[fx.Node]
             if u in in_loss and u not in below:
                 below.add(u)
                 stack.append(u)
-    for node in below:
+    for node in loss:  # in graph order
+        if node not in below:
+            continue
         if node.target in _SCALINGS:  # by a constant: not a product of two variables
             a, b = node.args[:2]
             if not (walk.variable(b) if node.target is aten.div.Tensor else
