@@ -40,7 +40,7 @@ from ._tree import flat_spec, vector_to_tree
 from .errors import ArgumentError
 from .functional import functionalize
 from .ggn import _loss_of, draws, fisher_columns, ggn, ggn_diag, likelihood_of, output_factor
-from .graph.chain import model_chain
+from .graph.chain import RANDOM_MODEL, model_chain
 from .graph.chain_products import ChainProducts
 from .operator import CurvatureOperator
 
@@ -53,15 +53,23 @@ class _BatchProduct:
     ``J v`` comes from the model linearised once (``torch.func.linearize``: the primal
     values are kept and each product runs the tangent ops alone, 0.5-0.6 gradients
     against 1.1-1.6 for a fresh ``jvp``, which recomputes the primal); ``J^T u`` from the
-    kept ``vjp``. Where the model cannot be traced for that, a fresh ``jvp`` each time."""
+    kept ``vjp``. Where the model cannot be traced for that, or draws its fixed random
+    numbers inside each call (``randomness="fixed"``: a trace would not replay that
+    draw), a fresh ``jvp`` each time."""
 
     def __init__(self, g: Callable[..., Any], params: Any, x: Any,
-                 output_product: Callable[[torch.Tensor], torch.Tensor]):
+                 output_product: Callable[[torch.Tensor], torch.Tensor], call: str):
         self._model = lambda p: g(p, x)
         self._params = params
+        state = torch.random.get_rng_state()
         self._out, self._vjp = torch.func.vjp(self._model, params)
+        if not torch.equal(state, torch.random.get_rng_state()):
+            torch.random.set_rng_state(state)
+            raise _random_model(call)
         self._output_product = output_product
         self._jvp: Callable[[Any], torch.Tensor] | None = None
+        if getattr(g, "seed", None) is not None:  # a FunctionalModel with a fixed draw
+            self._jvp = self._fresh_jvp
 
     def _tangent(self, tree: Any) -> torch.Tensor:
         if self._jvp is None:
@@ -70,14 +78,18 @@ class _BatchProduct:
                     warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node")
                     _, self._jvp = torch.func.linearize(self._model, self._params)
             except (RuntimeError, NotImplementedError, TypeError, ValueError):
-                self._jvp = lambda t: torch.func.jvp(self._model, (self._params,), (t,))[1]
+                self._jvp = self._fresh_jvp
         return self._jvp(tree)
+
+    def _fresh_jvp(self, tree: Any) -> torch.Tensor:
+        return torch.func.jvp(self._model, (self._params,), (tree,))[1]
 
     def _product(self, tree: Any) -> Any:
         return self._vjp(self._output_product(self._tangent(tree)))[0]
 
     def batched(self, trees: Any) -> Any:
-        return torch.func.vmap(self._product)(trees)
+        # a model with one fixed draw (randomness="fixed") seeds it inside each call
+        return torch.func.vmap(self._product, randomness="same")(trees)
 
 
 class _ChainProduct:
@@ -100,17 +112,27 @@ class _ChainProduct:
     batched = _product  # ``{name: (k, *shape)}``: the same products with a k axis
 
 
+def _random_model(call: str) -> ArgumentError:
+    return ArgumentError(
+        f"{call}: `g` drew random numbers in its forward pass (dropout in training mode, a "
+        "noise layer), so J would change between its products. Evaluate the model without "
+        "randomness (model.eval(), functionalize(..., training=False)) or fix one draw "
+        "(functionalize(..., randomness='fixed')).")
+
+
 def _batch_product(g: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, x: Any,
-                   y: Any) -> _ChainProduct | _BatchProduct:
+                   y: Any, call: str) -> _ChainProduct | _BatchProduct:
     """The chain's products where ``g(params, x)`` is a chain of layers (parameters a dict,
     ``x`` one tensor), else the linearised model's."""
     if isinstance(params, dict) and params and isinstance(x, torch.Tensor) and all(
             isinstance(t, torch.Tensor) and t.is_floating_point() for t in params.values()) \
             and use_autograd((params, x)):
-        plan, _ = model_chain(g, params, x, lambda o: loss_fn(o, y))
+        plan, why = model_chain(g, params, x, lambda o: loss_fn(o, y))
         if plan is not None:
             return _ChainProduct(plan)
-    return _BatchProduct(g, params, x, lambda u: u)
+        if why == RANDOM_MODEL:
+            raise _random_model(call)
+    return _BatchProduct(g, params, x, lambda u: u, call)
 
 
 class GGNOperator(CurvatureOperator):
@@ -155,7 +177,7 @@ class GGNOperator(CurvatureOperator):
         return cls(g, loss_fn, params, data, **kwargs)
 
     def _build_product(self, index: int, x: Any, y: Any) -> _ChainProduct | _BatchProduct:
-        batch = _batch_product(self.g, self.loss_fn, self.params, x, y)
+        batch = _batch_product(self.g, self.loss_fn, self.params, x, y, self._name)
         S = output_factor(self.loss_fn, batch._out.detach(), y)  # H_o = S S^T per sample
         if S is not None:
             batch._output_product = lambda u: torch.einsum(
@@ -248,7 +270,7 @@ class FisherOperator(GGNOperator):
                               out, y, self.mc_samples, None, labels=self._labels.get(index))
 
     def _build_product(self, index: int, x: Any, y: Any) -> _ChainProduct | _BatchProduct:
-        batch = _batch_product(self.g, self.loss_fn, self.params, x, y)
+        batch = _batch_product(self.g, self.loss_fn, self.params, x, y, self._name)
         E, alpha = self._directions(index, batch._out, y)
         n = E.shape[1]
 

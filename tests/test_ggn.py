@@ -314,6 +314,44 @@ def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch
             assert_close(fisher @ V, ref @ V)
 
 
+class _Noisy(nn.Module):  # a noise layer of its own: no dropout module to find
+    def __init__(self, net, skip):
+        super().__init__()
+        self.net, self.skip = net, skip
+
+    def forward(self, x):
+        h = self.net(x + 1e-3 * torch.randn_like(x))
+        return h + h if self.skip else h
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_operators_refuse_a_model_that_draws_random_numbers(skip):
+    """A model drawing random numbers in its forward pass would give ``J`` and ``J^T``
+    from different draws: the Gauss-Newton and Fisher operators refuse it (a chain of
+    layers or not), naming ``g`` and the fixes, and leave the global RNG as it was. With
+    one fixed draw the products, single and batched, are the oracle's."""
+    model = _Noisy(build_mlp([2, 4, C], "tanh", 0), skip)
+    x, y = torch.randn(5, 2, dtype=DT), torch.randn(5, C, dtype=DT)
+    g, params = hf.functionalize(model)
+    for make in (lambda: hf.GGNOperator(g, nn.MSELoss(), params, (x, y)),
+                 lambda: hf.FisherOperator(g, nn.MSELoss(), params, (x, y), kind="empirical"),
+                 lambda: hf.GGNOperator(g, nn.MSELoss(), params, ((x,), y))):  # not captured
+        state = torch.random.get_rng_state()
+        with pytest.raises(hf.ArgumentError, match=r"Operator: `g` drew random numbers.*"
+                                                   r"randomness='fixed'"):
+            make() @ torch.ones(sum(t.numel() for t in params.values()), dtype=DT)
+        assert torch.equal(state, torch.random.get_rng_state())
+    # one fixed draw (a trace would not replay it: products by fresh jvps), the oracle's G
+    fixed, params = hf.functionalize(model, randomness="fixed", seed=0)
+    leaves = leaf_params(params)
+    G = hf.reference.ggn(fixed(leaves, x), nn.MSELoss(), y, list(leaves.values()))
+    op = hf.GGNOperator(fixed, nn.MSELoss(), params, (x, y))
+    eye = torch.eye(G.shape[0], dtype=DT)
+    assert_close(op @ eye, G)
+    assert_close(op @ eye[:, 3], G[:, 3])
+    assert_close(op.to_dense(), G)
+
+
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce"])
 def test_mc_fisher_is_unbiased_for_the_exact_fisher_which_is_the_ggn(name):
     """The exact Fisher equals the GGN for these losses; the mean of R one-draw estimates is

@@ -74,7 +74,7 @@ from .curvature import (
 )
 from .samples import SHAPE_ONLY, pointwise
 
-__all__ = ["chain_from_graph", "graph_chain", "model_chain"]
+__all__ = ["RANDOM_MODEL", "chain_from_graph", "graph_chain", "model_chain"]
 
 aten = torch.ops.aten
 
@@ -559,6 +559,10 @@ def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node,
     return leaf, g, loss.detach()
 
 
+#: :func:`model_chain`'s reason for a model that draws random numbers
+RANDOM_MODEL = "the model draws random numbers"
+
+
 def model_chain(model: Any, params: dict[str, Tensor], x: Tensor,
                 loss: Callable[[Tensor], Tensor]) -> tuple[ChainPlan | None, str]:
     """:func:`chain_from_graph` for a model ``model(params, x) -> o`` captured alone
@@ -570,7 +574,7 @@ def model_chain(model: Any, params: dict[str, Tensor], x: Tensor,
     try:
         captured = cache.get((params, x))
     except ArgumentError:  # random ops
-        return None, "the model draws random numbers"
+        return None, RANDOM_MODEL
     if captured is None:
         return None, f"the model could not be captured as a graph: {cache.failure}"
     return chain_from_graph(captured, params, [x], loss=loss)
