@@ -49,7 +49,8 @@ evaluate ``g`` on one sample at a time (``inputs[n:n+1]``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -142,9 +143,31 @@ def ggn_vp(g: Callable[..., Any], loss_fn: Callable[..., Any], primals: tuple[An
     def model(p: Any) -> torch.Tensor:
         return _output(g, p, x, call)
 
-    out, vjp_fn = torch.func.vjp(model, params)
-    _, Jv = torch.func.jvp(model, (params,), (v,))
+    with no_random_draws(call):  # J and J^T from one forward pass each
+        out, vjp_fn = torch.func.vjp(model, params)
+        _, Jv = torch.func.jvp(model, (params,), (v,))
     return vjp_fn(_output_hvp(loss_fn, out, y, Jv, call))[0]
+
+
+@contextlib.contextmanager
+def no_random_draws(call: str) -> Iterator[None]:
+    """Refuse a model that draws random numbers (the global RNG moves: dropout in training
+    mode, a noise layer) where ``J`` and ``J^T`` come from separate passes: each would see
+    its own draw. A model with one fixed draw (``randomness="fixed"``) forks the RNG."""
+    state = torch.random.get_rng_state()
+    yield
+    if not torch.equal(state, torch.random.get_rng_state()):
+        torch.random.set_rng_state(state)
+        raise random_draws_error(call)
+
+
+def random_draws_error(call: str) -> ArgumentError:
+    """The error of :func:`no_random_draws`."""
+    return ArgumentError(
+        f"{call}: `g` drew random numbers in its forward pass (dropout in training mode, a "
+        "noise layer), so J would change between its products. Evaluate the model without "
+        "randomness (model.eval(), functionalize(..., training=False)) or fix one draw "
+        "(functionalize(..., randomness='fixed')).")
 
 
 def _jacobian_and_output_hessian(g: Any, loss_fn: Any, params: Any, x: Any, y: Any,

@@ -39,7 +39,17 @@ from ._memory import check_dense
 from ._tree import flat_spec, vector_to_tree
 from .errors import ArgumentError
 from .functional import functionalize
-from .ggn import _loss_of, draws, fisher_columns, ggn, ggn_diag, likelihood_of, output_factor
+from .ggn import (
+    _loss_of,
+    draws,
+    fisher_columns,
+    ggn,
+    ggn_diag,
+    likelihood_of,
+    no_random_draws,
+    output_factor,
+    random_draws_error,
+)
 from .graph.chain import RANDOM_MODEL, model_chain
 from .graph.chain_products import ChainProducts
 from .operator import CurvatureOperator
@@ -61,11 +71,8 @@ class _BatchProduct:
                  output_product: Callable[[torch.Tensor], torch.Tensor], call: str):
         self._model = lambda p: g(p, x)
         self._params = params
-        state = torch.random.get_rng_state()
-        self._out, self._vjp = torch.func.vjp(self._model, params)
-        if not torch.equal(state, torch.random.get_rng_state()):
-            torch.random.set_rng_state(state)
-            raise _random_model(call)
+        with no_random_draws(call):
+            self._out, self._vjp = torch.func.vjp(self._model, params)
         self._output_product = output_product
         self._jvp: Callable[[Any], torch.Tensor] | None = None
         if getattr(g, "seed", None) is not None:  # a FunctionalModel with a fixed draw
@@ -112,14 +119,6 @@ class _ChainProduct:
     batched = _product  # ``{name: (k, *shape)}``: the same products with a k axis
 
 
-def _random_model(call: str) -> ArgumentError:
-    return ArgumentError(
-        f"{call}: `g` drew random numbers in its forward pass (dropout in training mode, a "
-        "noise layer), so J would change between its products. Evaluate the model without "
-        "randomness (model.eval(), functionalize(..., training=False)) or fix one draw "
-        "(functionalize(..., randomness='fixed')).")
-
-
 def _batch_product(g: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, x: Any,
                    y: Any, call: str) -> _ChainProduct | _BatchProduct:
     """The chain's products where ``g(params, x)`` is a chain of layers (parameters a dict,
@@ -131,7 +130,7 @@ def _batch_product(g: Callable[..., Any], loss_fn: Callable[..., Any], params: A
         if plan is not None:
             return _ChainProduct(plan)
         if why == RANDOM_MODEL:
-            raise _random_model(call)
+            raise random_draws_error(call)
     return _BatchProduct(g, params, x, lambda u: u, call)
 
 

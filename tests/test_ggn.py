@@ -327,19 +327,23 @@ class _Noisy(nn.Module):  # a noise layer of its own: no dropout module to find
 @pytest.mark.parametrize("skip", [False, True])
 def test_operators_refuse_a_model_that_draws_random_numbers(skip):
     """A model drawing random numbers in its forward pass would give ``J`` and ``J^T``
-    from different draws: the Gauss-Newton and Fisher operators refuse it (a chain of
-    layers or not), naming ``g`` and the fixes, and leave the global RNG as it was. With
-    one fixed draw the products, single and batched, are the oracle's."""
+    from different draws: ggn_vp and the Gauss-Newton and Fisher operators refuse it (a
+    chain of layers or not), naming ``g`` and the fixes, and leave the global RNG as it
+    was. With one fixed draw the products, single and batched, are the oracle's."""
     model = _Noisy(build_mlp([2, 4, C], "tanh", 0), skip)
     x, y = torch.randn(5, 2, dtype=DT), torch.randn(5, C, dtype=DT)
     g, params = hf.functionalize(model)
-    for make in (lambda: hf.GGNOperator(g, nn.MSELoss(), params, (x, y)),
-                 lambda: hf.FisherOperator(g, nn.MSELoss(), params, (x, y), kind="empirical"),
-                 lambda: hf.GGNOperator(g, nn.MSELoss(), params, ((x,), y))):  # not captured
+    v = {k: torch.ones_like(t) for k, t in params.items()}
+    ones = torch.ones(sum(t.numel() for t in params.values()), dtype=DT)
+    for call in (lambda: hf.ggn_vp(g, nn.MSELoss(), (params, x, y), v),
+                 lambda: hf.GGNOperator(g, nn.MSELoss(), params, (x, y)) @ ones,
+                 lambda: hf.FisherOperator(g, nn.MSELoss(), params, (x, y),
+                                           kind="empirical") @ ones,
+                 lambda: hf.GGNOperator(g, nn.MSELoss(), params, ((x,), y)) @ ones):  # no chain
         state = torch.random.get_rng_state()
-        with pytest.raises(hf.ArgumentError, match=r"Operator: `g` drew random numbers.*"
-                                                   r"randomness='fixed'"):
-            make() @ torch.ones(sum(t.numel() for t in params.values()), dtype=DT)
+        with pytest.raises(hf.ArgumentError, match=r"(Operator|ggn_vp): `g` drew random "
+                                                   r"numbers.*randomness='fixed'"):
+            call()
         assert torch.equal(state, torch.random.get_rng_state())
     # one fixed draw (a trace would not replay it: products by fresh jvps), the oracle's G
     fixed, params = hf.functionalize(model, randomness="fixed", seed=0)
