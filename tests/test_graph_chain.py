@@ -761,3 +761,49 @@ def test_a_map_gated_by_an_earlier_layer_is_not_a_chain():
     H = hf.hvp_fn(f, (p, x, y))
     assert H.method == "graph"
     check_products(H, f, p, (x, y), [random_like(p, 3)])
+
+
+def _conv_chain_loss(p, x, y):
+    h = torch.tanh(F.conv2d(x, p["k"], p["c"], padding=1))
+    return F.mse_loss(F.linear(h.flatten(1), p["w"]), y)
+
+
+_ROWS = {  # f, the parameters (name: shape), tangents given, rows wanted
+    "a penalty's own parameter without a tangent": (
+        lambda p, x, y: _chain_loss(p, x, y) + (p["w1"] ** 2).sum() + (p["s"] ** 2).sum(),
+        {"w1": (4, 3), "b1": (4,), "w2": (2, 4), "s": (3,)}, ["w1"], None),
+    "a tangent on the penalty's parameter only": (
+        lambda p, x, y: _chain_loss(p, x, y) + (p["w1"] ** 2).sum() + (p["s"] ** 2).sum(),
+        {"w1": (4, 3), "b1": (4,), "w2": (2, 4), "s": (3,)}, ["s"], None),
+    "a layer's tangent, the penalty's rows": (
+        lambda p, x, y: _chain_loss(p, x, y) + torch.cosh(p["s"] * p["w1"][0]).sum(),
+        {"w1": (4, 3), "b1": (4,), "w2": (2, 4), "s": (3,)}, ["w1", "b1"], ["s"]),
+    "a convolution's rows, no tangent reaching it": (
+        lambda p, x, y: _conv_chain_loss(p, x, y) + (p["s"] ** 2).sum(),
+        {"k": (2, 3, 3, 3), "c": (2,), "w": (2, 2 * 16), "s": (3,)}, ["s"], None),
+}
+
+
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("name", list(_ROWS))
+def test_rows_no_tangent_reaches(name, k):
+    """Rows of a chain's products that no tangent reaches are zeros of their parameters'
+    shapes (one tangent or k), beside the rows that are not: a penalty's parameter without
+    a tangent, every layer's rows for a tangent on a parameter only a penalty reads (a
+    Linear and a convolution chain), a parameter only the penalty reads as the one row
+    wanted. Against the loop oracle."""
+    f, shapes, given, wanted = _ROWS[name]
+    gen = torch.Generator().manual_seed(8)
+    p = {n: torch.randn(s, generator=gen, dtype=F64) for n, s in shapes.items()}
+    x = torch.randn(5, *((3, 4, 4) if "k" in p else (3,)), generator=gen, dtype=F64)
+    y = torch.randn(5, 2, generator=gen, dtype=F64)
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "structured"
+    vs = [random_like(p, i) for i in range(1 if k is None else k)]
+    tangents = {n: vs[0][n] if k is None else torch.stack([v[n] for v in vs]) for n in given}
+    rows = H.chain_products(tangents, wanted=wanted or list(p))
+    for i, v in enumerate(vs):
+        truth = oracle_hvp(f, p, (x, y), {n: v[n] if n in given else torch.zeros_like(t)
+                                          for n, t in p.items()})
+        got = rows if k is None else {n: r[i] for n, r in rows.items()}
+        assert_close(got, {n: truth[n] for n in (wanted or list(p))})
