@@ -67,7 +67,7 @@ GROUPS: dict[str, Group] = {
     "chain_products": Group(("hessfunc/graph/chain_products.py",),
                             ("tests/test_grad_hvp.py", "tests/test_conv_settings.py",
                              "tests/test_hessian.py", "tests/test_graph_chain.py",
-                             "tests/test_ggn.py")),
+                             "tests/test_ggn.py", "tests/test_operator.py")),
     # the chain's full Hessian (per-sample Hessian backpropagation)
     "chain": Group(("hessfunc/graph/chain_plan.py",),
                    ("tests/test_hessian.py", "tests/test_graph.py",
