@@ -143,3 +143,54 @@ def test_error_messages_name_the_public_function():
                        match=r"^hessfunc\.hessian_blocks: storing the diagonal blocks needs .*; "
                              r"use `hessian_diag` or `hessfunc\.HessianOperator`"):
         hf.hessian_blocks(f, max_memory=100)(torch.zeros(10, dtype=torch.float64))
+
+
+def test_hessian_diag_reduction_and_the_per_sample_memory_guard():
+    """``reduction`` takes 'mean' and 'sum' only (one process: the same diagonal), named
+    in the error; the per-sample diagonals' memory guard counts N x P float64 numbers,
+    names the call and says how to fit."""
+    f, params, x, y = _mlp_problem()
+    P = sum(t.numel() for t in params.values())
+    truth = hf.hessian_diag(f)(params, x, y)
+    for name, t in hf.hessian_diag(f, reduction="sum")(params, x, y).items():
+        _close(t, truth[name])
+    with pytest.raises(hf.ArgumentError, match=r"^hessfunc\.hessian_diag: `reduction` must be "
+                                               r"'mean' or 'sum', got 'max'\.$"):
+        hf.hessian_diag(f, reduction="max")
+    need = 5 * P * 8
+    with pytest.raises(hf.DenseMemoryError, match=rf"^hessfunc\.hessian_diag: .*5 per-sample "
+                                                  rf"diagonals of {P}.*pass fewer samples at "
+                                                  "a time"):
+        hf.hessian_diag(f, per_sample=True, max_memory=need - 1)(params, x, y)
+    hf.hessian_diag(f, per_sample=True, max_memory=need)(params, x, y)
+
+
+def test_hessian_diag_takes_the_graph_for_the_parameters_it_covers(monkeypatch):
+    """method='auto' on a graph that leaves some parameters to one-hot products (a tied
+    weight, a norm penalty) still takes the graph for the others: the graph route runs,
+    and the diagonal equals the oracle's."""
+    import sys
+
+    from hessfunc.testing.models import TiedNet
+
+    torch.manual_seed(0)
+    model = TiedNet(3, 4).double()
+    with torch.no_grad():
+        model.dec_bias.normal_()
+
+    def f(p, x, y):
+        out = torch.func.functional_call(model, p, (x,))
+        return F.mse_loss(out, y) + p["dec_bias"].norm()
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    module = sys.modules["hessfunc.diagonal"]
+    calls = []
+    real = module.graph_route
+    monkeypatch.setattr(module, "graph_route", lambda *a: calls.append(1) or real(*a))
+    diag = hf.hessian_diag(f)(params, x, y)
+    assert calls == [1]
+    loss, leaves = oracle_loss(f, params, x, y)
+    truth = hf.reference.hessian_diag(loss, leaves)
+    for name, t in diag.items():
+        _close(t, truth[name])
