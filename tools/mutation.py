@@ -77,7 +77,8 @@ GROUPS: dict[str, Group] = {
                     "hessfunc/graph/curvature.py"),
                    ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
     # chains read off the captured graph (the R-operator products of any f)
-    "graph_chain": Group(("hessfunc/graph/chain.py",), ("tests/test_graph_chain.py",)),
+    "graph_chain": Group(("hessfunc/graph/chain.py",), ("tests/test_graph_chain.py",
+                                                       "tests/test_ggn.py")),
     # Gauss-Newton and Fisher: output factors, Fisher columns, GGN routes
     "ggn": Group(("hessfunc/ggn.py",), ("tests/test_ggn.py", "tests/test_solve.py")),
     # the stochastic estimators and their probes
