@@ -33,7 +33,6 @@ import torch.func
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._autodiff import use_autograd
 from ._checks import check_callable
 from ._memory import check_dense
 from ._tree import flat_spec, vector_to_tree
@@ -123,14 +122,11 @@ def _batch_product(g: Callable[..., Any], loss_fn: Callable[..., Any], params: A
                    y: Any, call: str) -> _ChainProduct | _BatchProduct:
     """The chain's products where ``g(params, x)`` is a chain of layers (parameters a dict,
     ``x`` one tensor), else the linearised model's."""
-    if isinstance(params, dict) and params and isinstance(x, torch.Tensor) and all(
-            isinstance(t, torch.Tensor) and t.is_floating_point() for t in params.values()) \
-            and use_autograd((params, x)):
-        plan, why = model_chain(g, params, x, lambda o: loss_fn(o, y))
-        if plan is not None:
-            return _ChainProduct(plan)
-        if why == RANDOM_MODEL:
-            raise random_draws_error(call)
+    plan, why = model_chain(g, params, x, lambda o: loss_fn(o, y))
+    if plan is not None:
+        return _ChainProduct(plan)
+    if why == RANDOM_MODEL:
+        raise random_draws_error(call)
     return _BatchProduct(g, params, x, lambda u: u, call)
 
 

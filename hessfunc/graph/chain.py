@@ -563,11 +563,29 @@ def _loss_graph(gm: fx.GraphModule, env: dict[fx.Node, Any], o: fx.Node,
 RANDOM_MODEL = "the model draws random numbers"
 
 
-def model_chain(model: Any, params: dict[str, Tensor], x: Tensor,
-                loss: Callable[[Tensor], Tensor]) -> tuple[ChainPlan | None, str]:
+def _arguments_refused(params: Any, batch: tuple[Any, ...]) -> str | None:
+    """Why ``p -> f(p, *batch)`` is not read for a chain, from its arguments alone, or
+    None: the parameters must be a dict of floating-point tensors and the batch's first
+    value (the inputs) one tensor, with no transform active and no input carrying a
+    graph."""
+    if not isinstance(params, dict) or not params or not all(
+            isinstance(t, Tensor) and t.is_floating_point() for t in params.values()):
+        return "the parameters are not a dict of floating-point tensors"
+    if not use_autograd((params, *batch)):
+        return "called inside a torch.func transform or with inputs that carry a graph"
+    if not isinstance(batch[0], Tensor):
+        return "the inputs are not one tensor"
+    return None
+
+
+def model_chain(model: Any, params: Any, x: Any, loss: Callable[[Tensor], Tensor]
+                ) -> tuple[ChainPlan | None, str]:
     """:func:`chain_from_graph` for a model ``model(params, x) -> o`` captured alone
     (through its own trace cache), ``loss(o)`` run as it is (NOTE [a loss the trace
     cannot take]), or ``(None, why)``."""
+    why = _arguments_refused(params, (x,))
+    if why is not None:
+        return None, why
     cache = _cache(model)
     if isinstance(cache, str):
         return None, cache
@@ -588,15 +606,11 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int, *, blocks: bool = T
     the full Hessian and repeated products use); else its gradient graph serves."""
     if argnums != 0 or len(args) < 2:
         return None, "argnums is not 0 or f takes no batch after the parameters"
-    if not isinstance(args[0], dict) or not args[0] or not all(
-            isinstance(t, Tensor) and t.is_floating_point() for t in args[0].values()):
-        return None, "the parameters are not a dict of floating-point tensors"
-    if not use_autograd(args):
-        return None, "called inside a torch.func transform or with inputs that carry a graph"
+    why = _arguments_refused(args[0], args[1:])
+    if why is not None:
+        return None, why
     inputs = [t for t in torch.utils._pytree.tree_leaves(list(args[1:])) if
-              isinstance(t, Tensor)]
-    if not isinstance(args[1], Tensor) or not inputs or inputs[0] is not args[1]:
-        return None, "the inputs are not one tensor"
+              isinstance(t, Tensor)]  # the inputs first
     cache = _cache(f)
     if isinstance(cache, str):
         return None, cache
