@@ -315,6 +315,26 @@ def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch
             assert_close(fisher @ V, ref @ V)
 
 
+def test_ggn_operator_of_parameters_in_a_tuple():
+    """Parameters as a tuple (no names for the chain): the linearised route, the oracle's
+    products."""
+    gen = torch.Generator().manual_seed(2)
+    params = (torch.randn(4, 3, generator=gen, dtype=DT), torch.randn(2, 4, generator=gen,
+                                                                       dtype=DT))
+    x, y = torch.randn(6, 3, generator=gen, dtype=DT), torch.randn(6, 2, generator=gen,
+                                                                     dtype=DT)
+
+    def g(p, x):
+        return torch.tanh(x @ p[0].T) @ p[1].T
+
+    leaves = [t.clone().requires_grad_(True) for t in params]
+    G = hf.reference.ggn(g(leaves, x), nn.MSELoss(), y, leaves)
+    op = hf.GGNOperator(g, nn.MSELoss(), params, (x, y))
+    V = torch.randn(G.shape[0], 2, generator=gen, dtype=DT)
+    assert_close(op @ V, G @ V)
+    assert_close(op @ V[:, 0], G @ V[:, 0])
+
+
 class _Noisy(nn.Module):  # a noise layer of its own: no dropout module to find
     def __init__(self, net, skip):
         super().__init__()
