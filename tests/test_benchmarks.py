@@ -195,7 +195,7 @@ def test_architectures_benchmark_on_the_residual_mlp() -> None:
         (row,) = bench_architectures.run(["residual"], repeats=1, rounds=1)
     finally:
         torch.set_num_threads(threads)
-    assert row["params"] == 52_353 and row["product route"] == "graph"
+    assert row["params"] == 52_353 and row["product route"] == "structured"
     assert max(row["max_rel_error_vs_seed"].values()) < 1e-5
     assert row["gradients"]["gradient"] == 1.0
     if row["PyHessian"]:

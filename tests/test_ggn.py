@@ -13,7 +13,7 @@ from hypothesis import given
 from torch import nn
 
 import hessfunc as hf
-from hessfunc.testing.models import ResidualMLP, build_mlp
+from hessfunc.testing.models import ConcatNet, ResidualMLP, build_mlp
 from hessfunc.testing.strategies import problems
 
 DT = torch.float64
@@ -249,13 +249,13 @@ def test_mc_fisher_of_log_probabilities_equals_its_definition():
 
 @pytest.mark.parametrize("traceable", [True, False])
 def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
-    """Off a chain of layers (skip connections), the operator's ``J v`` runs a model
-    linearised once per batch (tangent ops only); where ``torch.func.linearize`` cannot
+    """Off a chain of layers (branches joined by a concatenation), the operator's ``J v``
+    runs a model linearised once per batch (tangent ops only); where ``torch.func.linearize`` cannot
     trace the model, a fresh ``jvp`` per product. Both give the oracle's products, single
     and batched."""
     _, loss_fn, x, y = _problem("ce", 9, seed=3)
     torch.manual_seed(3)
-    model = ResidualMLP(2, 4, 2, C).double()
+    model = ConcatNet(2, 4, C).double()
     *_, G = _oracle(model, loss_fn, x, y)
     calls = []
     real = torch.func.linearize
@@ -278,9 +278,9 @@ def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce", "nll-of-log-softmax"])
 def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch):
-    """On a chain of layers (an MLP with two curved activations, a convolution chain) the
-    GGN and Fisher operators' products are the chain's R-operator in its Gauss-Newton
-    form (no model linearised): single and batched, over three batches (one of one
+    """On a chain of layers (an MLP with two curved activations, a convolution chain, a
+    residual MLP) the GGN and Fisher operators' products are the chain's R-operator in its
+    Gauss-Newton form (no model linearised): single and batched, over three batches (one of one
     sample), equal to the oracle's ``J^T M J`` (the Hessian's second-order terms would
     differ from it)."""
     def linearize(*_):
@@ -291,10 +291,13 @@ def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch
     mlp = build_mlp([2, 4, 3, C], "tanh", 4)
     conv = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Softplus(),
                          nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, C)).double()
+    torch.manual_seed(4)
+    residual = ResidualMLP(2, 4, 2, C, activation="sigmoid").double()
     for model, x in ((mlp, torch.randn(9, 2, generator=gen, dtype=DT)),
-                     (conv, torch.randn(9, 2, 5, 5, generator=gen, dtype=DT))):
+                     (conv, torch.randn(9, 2, 5, 5, generator=gen, dtype=DT)),
+                     (residual, torch.randn(9, 2, generator=gen, dtype=DT))):
         if frozen:
-            model[0].weight.requires_grad_(False)
+            next(model.parameters()).requires_grad_(False)
         loss_fn, y = LOSSES[name], _targets(name, 9, gen)
         g, params, out, leaves, G = _oracle(model, loss_fn, x, y)
         op = hf.GGNOperator.from_model(model, loss_fn, _split(x, y, [1, 3, 5]))
@@ -998,7 +1001,6 @@ def test_ggn_blocks_are_the_oracles_diagonal_blocks(arch, route, monkeypatch):
     factors (a DAG and a convolution included) or from the Jacobian where it declines;
     "indefinite": a loss whose output Hessian has negative eigenvalues (signed factors)."""
     from hessfunc.graph.curvature import GraphPlan
-    from hessfunc.testing.models import ResidualMLP
 
     torch.manual_seed(3)
     gen = torch.Generator().manual_seed(4)

@@ -23,7 +23,7 @@ from torch import nn
 
 import hessfunc as hf
 from hessfunc.graph.chain import graph_chain
-from hessfunc.testing.models import ResidualMLP
+from hessfunc.testing.models import ConcatNet
 from hessfunc.testing.strategies import problems, random_like
 
 F64 = torch.float64
@@ -344,8 +344,8 @@ _NOT_CHAINS = {
         F.linear(x, p["w1"])), p["w2"]), y) + (p["w1"] ** 2).sum())),
     "tied layers": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(
         torch.tanh(F.linear(x, p["w1"])), p["w1"])), p["w2"]), y),
-    "skip connection": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])) +
-                                                           x, p["w2"]), y),
+    "branches joined by a product": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(
+        x, p["w1"])) * x, p["w2"]), y),
     "tied weight": lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])),
                                                        p["w1"].T[:2] + p["w2"]), y),
     "untransposed weight": lambda p, x, y: F.mse_loss(torch.tanh(x @ p["w1"]) @ p["w2"].T, y),
@@ -383,7 +383,8 @@ def test_what_is_not_a_chain_takes_the_cached_graph(name):
     check_products(H, f, p, (x, y), [random_like(p, 1)])
     with pytest.raises(hf.ArgumentError, match="method='structured' does not apply here: "
                                                "(parameters .* (stops at|several layers)|no "
-                                               "layer|the loss (combines|is not a sum))"):
+                                               "layer|the loss (combines|is not a sum)|values "
+                                               "inside the model are read outside)"):
         hf.hvp_fn(f, (p, x, y), method="structured")
 
 
@@ -573,9 +574,13 @@ def test_why_a_call_is_not_a_chain():
         ((lambda p, x, y: F.mse_loss(torch.tanh(x @ fixed.t()), y), (p, x, y), 0),
          "^no layer with a parameter on a chain from the inputs$"),
         ((skip, (p, x, y), 0),
-         r"^parameters \['w2'\] are used outside the chain of layers from the inputs, which "
-         r"stops at a value read by 3 ops \(exp[^,]*, add[^,]*, sum[^,]*\) \(a regulariser, "
-         r"a skip connection, a tied weight or an op without a chain rule\)$"),
+         r"^values inside the model are read outside its layers, by sum[^,]* \(an op that "
+         r"joins branches without a rule, or a loss that reads an activation\)$"),
+        ((lambda p, x, y: (lambda o: F.mse_loss(o, y) + (o * p["w1"].sum()).sum())(
+            x @ p["w2"].t()), (p, x, y), 0),
+         r"^parameters \['w1'\] are used outside the chain of layers from the inputs, which "
+         r"stops at a value read by 2 ops \(sub[^,]*, mul[^,]*\) \(a regulariser, a skip "
+         r"connection, a tied weight or an op without a chain rule\)$"),
         ((lambda p, x, y: (x @ p["w1"].t() @ p["w2"].t()).detach().sum(), (p, x, y), 0),
          "^the loss does not depend on the model output$"),
         ((lambda p, x, y: (torch.tanh(x @ p["w1"].t()) @ p["w2"].t()).pow(2).sum(0),
@@ -610,9 +615,10 @@ def test_output_blocks_kept_up_to_the_budget(monkeypatch):
 
 
 def test_check_finite_on_a_functionalize_model_that_is_not_a_chain():
-    """``check_finite=True`` and a model the graph does not read as a chain (a residual
-    net): no chain, no check on a plan that is not there; the cached gradient graph."""
-    model = ResidualMLP(3, 4, 1, 2, activation="tanh").double()
+    """``check_finite=True`` and a model the graph does not read as layers (branches
+    joined by a concatenation): no chain, no check on a plan that is not there; the
+    cached gradient graph."""
+    model = ConcatNet(3, 4, 2, activation="tanh").double()
     f, params = hf.functionalize(model, nn.MSELoss(), check_finite=True)
     x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)
     assert graph_chain(f, (params, x, y), 0)[0] is None
@@ -757,7 +763,8 @@ def test_a_map_gated_by_an_earlier_layer_is_not_a_chain():
         return F.mse_loss(F.linear(torch.tanh(F.linear(h1, p["w3"])) * h1, p["w2"]), y)
 
     plan, reason = graph_chain(f, (p, x, y), 0)
-    assert plan is None and "used outside the chain of layers" in reason
+    assert plan is None and reason.startswith(
+        "values inside the model are read outside its layers, by mul")
     H = hf.hvp_fn(f, (p, x, y))
     assert H.method == "graph"
     check_products(H, f, p, (x, y), [random_like(p, 3)])
@@ -807,3 +814,99 @@ def test_rows_no_tangent_reaches(name, k):
                                           for n, t in p.items()})
         got = rows if k is None else {n: r[i] for n, r in rows.items()}
         assert_close(got, {n: truth[n] for n in (wanted or list(p))})
+
+
+@given(prob=problems(kinds=("residual",), freeze=True), seed=st.integers(0, 1000),
+       k=st.integers(1, 3))
+def test_residual_nets_take_the_structured_products(prob, seed, k):
+    """Residual nets written the torch.func way are layers with skip connections (NOTE
+    [skip connections]): structured products, gradient and value equal to the oracle's,
+    frozen subsets included."""
+    f = _torch_func(prob.model, prob.loss_fn)
+    params = {n: p.detach() for n, p in prob.model.named_parameters() if p.requires_grad}
+    assume(params)
+    batch = (prob.inputs, prob.targets)
+    H = hf.hvp_fn(f, (params, *batch))
+    assert H.method == "structured"
+    assert not H.chain_products._sources == [(i,) for i in range(len(H.chain_products._steps))]
+    check_products(H, f, params, batch, [random_like(params, seed + i) for i in range(k)],
+                   single=True)
+    assert_close(H.gradient, oracle_grad(f, params, batch))
+    assert torch.allclose(H.value, f(params, *batch), rtol=1e-12, atol=0)
+
+
+def _dags():
+    """Hand-written DAGs of layers: ``(f, params, inputs)``, each reading some value at
+    several steps and joining branches by ``add``."""
+    gen = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    def input_skip(p, x, y):  # the inputs read by a layer and by the sum
+        return F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"], p["b1"])) + x, p["w2"]), y)
+
+    def two_branches(p, x, y):  # two layers of the same value, summed
+        h = torch.tanh(F.linear(x, p["w1"], p["b1"])) + torch.sigmoid(F.linear(x, p["w3"]))
+        return F.cross_entropy(F.linear(F.softplus(h), p["w2"]), y.argmax(1))
+
+    def read_three_times(p, x, y):  # h1 feeds a layer and two sums
+        h1 = torch.tanh(F.linear(x, p["w1"], p["b1"]))
+        h2 = h1 + torch.sin(F.linear(h1, p["w3"]))
+        h3 = h2 + h1 + torch.tanh(F.linear(h2, p["w4"], p["b4"]))
+        return F.mse_loss(F.linear(h3, p["w2"]), y, reduction="sum")
+
+    def frozen_stem(p, x, y):  # a skip from a value below the first trainable layer
+        h = torch.tanh(F.linear(x, stem))
+        h = h + torch.tanh(F.linear(h, p["w3"]))
+        return F.mse_loss(F.linear(h, p["w2"]), y) + 0.1 * (p["w3"] ** 2).sum()
+
+    stem = r(3, 3)
+    p = {"w1": r(3, 3), "b1": r(3), "w2": r(2, 3), "w3": r(3, 3), "w4": r(3, 3), "b4": r(3)}
+    x, y = r(5, 3), r(5, 2)
+    keep = {input_skip: ("w1", "b1", "w2"), two_branches: ("w1", "b1", "w2", "w3"),
+            read_three_times: ("w1", "b1", "w2", "w3", "w4", "b4"), frozen_stem: ("w2", "w3")}
+    cases = [(f, {k: p[k] for k in names}, (x, y)) for f, names in keep.items()]
+
+    conv = {"c1": r(3, 2, 3, 3), "cb1": r(3), "c2": r(3, 3, 3, 3), "c3": r(3, 3, 1, 1),
+            "w": r(2, 3 * 4 * 4), "b": r(2)}
+
+    def conv_block(p, x, y):  # a convolution's residual block, a 1x1 convolution beside it
+        h = torch.tanh(F.conv2d(x, p["c1"], p["cb1"], stride=2, padding=1))
+        h = F.conv2d(h, p["c3"]) + torch.tanh(F.conv2d(h, p["c2"], padding=1))
+        return F.mse_loss(F.linear(F.softplus(h).flatten(1), p["w"], p["b"]), y)
+
+    cases.append((conv_block, conv, (r(4, 2, 7, 8), r(4, 2))))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_hand_written_dags_take_the_structured_products(case):
+    """Skip connections from the inputs, two branches of one value, a value read three
+    times, a skip below the first trainable layer and a convolution's residual block:
+    products (single, batched, one ``hvp``), the gradient, the full Hessian from rows and
+    one parameter's rows equal the oracle's."""
+    f, p, batch = _dags()[case]
+    H = hf.hvp_fn(f, (p, *batch))
+    assert H.method == "structured"
+    check_products(H, f, p, batch, [random_like(p, i) for i in range(3)], single=True)
+    assert_close(H.gradient, oracle_grad(f, p, batch))
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    dense = hf.reference.hessian(f(leaves, *batch), list(leaves.values()))
+    assert_nested_close(hf.hessian(f)(p, *batch), dense, p)
+    names, sizes = list(p), [t.numel() for t in p.values()]
+    last = "w2" if "w2" in p else "w"  # the last layer: the backward pass stops there
+    w = names.index(last)
+    start, size = sum(sizes[:w]), sizes[w]
+    rows = H.block_rows(w, torch.eye(size, dtype=F64).reshape(size, *p[last].shape))
+    assert_close(rows.reshape(size, size), dense[start:start + size, start:start + size])
+
+
+def test_a_dag_has_no_per_sample_full_hessian():
+    """The full Hessian's per-sample backpropagation has no rule for skip connections:
+    the plan says so, and the Hessian comes from the products' rows."""
+    f, p, batch = _dags()[0]
+    plan, why = graph_chain(f, (p, *batch), 0)
+    assert why == "ok" and plan.sources[-2] == (2, 0) and not plan.chain
+    assert plan.why_not_per_sample() == ("layers with skip connections, which the full "
+                                         "Hessian's backpropagation has no rule for")

@@ -4,8 +4,8 @@ NOTE [chains from the graph]: the R-operator products of
 :class:`hessfunc.graph.chain_products.ChainProducts` (NOTE [structured products]) need the
 model as a chain ``x -> layer -> ... -> o`` followed by a loss of ``o``: Linear layers
 (``addmm``/``mm`` with a transposed weight), convolutions (``groups=1``, no transposed
-convolution), flattening views and elementwise maps, each value read only by the next
-link. This module finds that chain in the ATen graph of ``p -> f(p, x, y)`` by its ops,
+convolution), flattening views and elementwise maps, or a DAG of them (NOTE [skip
+connections]). This module finds that chain in the ATen graph of ``p -> f(p, x, y)`` by its ops,
 so a function written with ``functional_call`` and ``torch.nn.functional`` takes the same
 route as a :func:`hessfunc.functionalize` model. An elementwise map is any run of
 pointwise ops of one per-sample operand (and constants), however many ops it
@@ -14,8 +14,21 @@ come from two backward passes through that run. The loss is whatever follows ``o
 its Hessian is applied through its own gradient graph, exact whether or not it couples
 samples; where the graph is proved a sum over samples (NOTE [per-sample structure]),
 its per-sample blocks are kept instead. Every parameter enters the model exactly once,
-as a layer's weight or bias; anything else (a skip connection, a tied weight, a
-parameter inside an activation) is not a chain.
+as a layer's weight or bias; anything else (a tied weight, a parameter inside an
+activation) is not a chain.
+
+NOTE [skip connections]: the walk goes over the graph in topological order; a value
+may be read by several steps (fan-out), and two values of one shape may be joined by
+``add`` (a residual block's ``h + F(h)``): the model is then a DAG of the same steps,
+``sources[i]`` naming the values step ``i`` reads. The R-operator (NOTE [structured
+products]) runs over it with each step's rules unchanged: ``R{a + b} = R{a} + R{b}``
+forward, and backward a value read by several steps sums the gradients and tangent
+adjoints they send it (an ``add`` sends its own to both operands). The walk ends at the
+first op that starts no step; exactly one value may then be read outside the steps,
+the model's output, and every value must reach it. Joins other than ``add`` (``cat``,
+a product of two branches) and a loss that reads an inner activation are refused,
+naming the op. The full Hessian's per-sample backpropagation (NOTE [full Hessian])
+stays with chains; a DAG's full Hessian takes rows of products.
 
 NOTE [parameter terms]: a loss ``L = l(o) + R(p)`` with terms of the parameters alone
 (weight decay, a norm penalty, terms coupling several parameters, a parameter only ``R``
@@ -57,6 +70,7 @@ from .capture import replay, run_nodes, where
 from .chain_plan import (
     ChainPlan,
     ParameterTerms,
+    _Add,
     _Conv,
     _Elementwise,
     _Flatten,
@@ -214,15 +228,19 @@ class _Walk:
         return _Conv(weight[0], self.env[cur], weight[1], None if bias is None else bias[1],
                      tuple(stride), tuple(padding), tuple(dilation))
 
-    def pointwise_run(self, cur: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
+    def pointwise_run(self, cur: fx.Node, taken: Collection[fx.Node]
+                      ) -> tuple[list[fx.Node], fx.Node] | None:
         """The longest run of pointwise ops of ``cur`` (and constants, ``zeros_like(cur)``
         among them), of its shape, with one value leaving it, of ``cur``'s dtype:
-        ``(run in graph order, its output)``."""
+        ``(run in graph order, its output)``. Ops in ``taken`` (other steps) and other
+        readers of ``cur`` alone (other branches) are passed over; an op that reads the
+        run and cannot join it ends the run."""
         shape = self.env[cur].shape
         run: list[fx.Node] = []
         inside = {cur}
         for node in self.gm.graph.nodes:  # topological order
-            if node.op != "call_function" or not any(a in inside for a in node.all_input_nodes):
+            if node.op != "call_function" or node in taken or \
+                    not any(a in inside for a in node.all_input_nodes):
                 continue
             if node.target in SHAPE_ONLY:
                 continue
@@ -231,12 +249,14 @@ class _Walk:
             if not elementwise or not isinstance(self.env[node], Tensor) or \
                     self.env[node].shape != shape or \
                     any(a not in inside and self.variable(a) for a in node.all_input_nodes):
-                break
+                if any(a in inside and a is not cur for a in node.all_input_nodes):
+                    break
+                continue
             run.append(node)
             inside.add(node)
         while run:  # trim to a run whose only value read outside is its last
             out = run[-1]
-            leaks = [n for n in [cur, *run[:-1]]
+            leaks = [n for n in run[:-1]
                      if any(u not in inside and u.target not in SHAPE_ONLY for u in n.users)]
             if not leaks and self.env[out].dtype == self.env[cur].dtype:
                 return run, out
@@ -291,46 +311,84 @@ def _enters_at(walk: _Walk, reader: fx.Node, loss: Collection[fx.Node],
     return reader in entering
 
 
+def _step_at(walk: _Walk, node: fx.Node, values: dict[fx.Node, int],
+             taken: set[fx.Node]) -> tuple[Any, list[fx.Node], fx.Node] | None:
+    """The step that starts at ``node``, an op reading the model's values: ``(step, the
+    nodes it takes, its output)``, or None where ``node`` is no step's first op. An
+    elementwise step is None in a walk on shapes (its derivatives need values)."""
+    env = walk.env
+    live = [a for a in node.all_input_nodes if a in values]
+    if len(live) == 2 and node.target is aten.add.Tensor and not node.kwargs and \
+            all(a in live for a in node.args) and \
+            env[live[0]].shape == env[live[1]].shape == env[node].shape and \
+            env[live[0]].dtype == env[live[1]].dtype:
+        return _Add(), [node], node
+    if len(live) != 1:
+        return None
+    (cur,) = live
+    if node.target in _VIEWS and node.args[0] is cur and env[cur].dim() > 2 and \
+            env[node].dim() == 2 and env[node].shape[0] == env[cur].shape[0]:
+        return _Flatten(tuple(env[cur].shape[1:])), [node], node
+    linear = walk.linear(node, cur)
+    if linear is not None:
+        return linear[0], [node, linear[1]], linear[1]
+    step = walk.conv(node, cur)
+    if step is not None:
+        return step, [node], node
+    run = walk.pointwise_run(cur, taken)  # also a map that reads cur at several ops
+    if run is None or run[0][0] is not node:
+        return None
+    if not walk.values:
+        return None, run[0], run[1]
+    element = walk.elementwise(run[0], cur)
+    return element, run[0], run[1]
+
+
 def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
-                 names: dict[fx.Node, str]) -> tuple[list[Any], fx.Node] | str:
-    """The chain's steps from the input placeholder and its last value, or why not.
-    With ``walk.values`` the walk holds the values (the activations' derivatives are
-    computed), else only the trace's shapes."""
+                 names: dict[fx.Node, str]
+                 ) -> tuple[list[Any], list[tuple[int, ...]], fx.Node] | str:
+    """The model's steps from the input placeholder, the values each reads (NOTE [skip
+    connections]) and its output value, or why not. With ``walk.values`` the walk holds
+    the values (the activations' derivatives are computed), else only the trace's shapes."""
     env = walk.env
     x = placeholders[num_params]
     if env[x].dim() < 2:
         return "the inputs are not one tensor with a batch axis"
     steps: list[Any] = []
-    cur = x
-    while True:
-        users = list(cur.users)
-        single = len(users) == 1 and users[0].op == "call_function"
-        if single:
-            node = users[0]
-            if node.target in _VIEWS and env[cur].dim() > 2 and env[node].dim() == 2 \
-                    and env[node].shape[0] == env[cur].shape[0]:
-                steps.append(_Flatten(tuple(env[cur].shape[1:])))
-                cur = node
-                continue
-            linear = walk.linear(node, cur)
-            if linear is not None:
-                steps.append(linear[0])
-                cur = linear[1]
-                continue
-            step = walk.conv(node, cur)
-            if step is not None:
-                steps.append(step)
-                cur = node
-                continue
-        run = walk.pointwise_run(cur)  # also a map that reads cur at several ops
-        if run is None:
-            break
-        if walk.values:
-            element = walk.elementwise(run[0], cur)
-            if isinstance(element, str):
-                return element
-            steps.append(element)
-        cur = run[1]
+    sources: list[tuple[int, ...]] = []
+    values = {x: 0}   # the model's values: the inputs, then each step's output
+    claimed: set[fx.Node] = set()  # the ops of the steps so far
+    for node in walk.gm.graph.nodes:  # topological order: a step after those it reads
+        if node.op != "call_function" or node in claimed or node.target in SHAPE_ONLY or \
+                not any(a in values for a in node.all_input_nodes):
+            continue
+        found = _step_at(walk, node, values, claimed)
+        if found is None:
+            break  # the loss, or an op without a rule
+        step, nodes, end = found
+        if isinstance(step, str):
+            return step
+        sources.append(tuple(values[a] for a in node.all_input_nodes if a in values)
+                       if isinstance(step, _Add) else
+                       (values[next(a for a in nodes[0].all_input_nodes if a in values)],))
+        steps.append(step)
+        claimed.update(nodes)
+        values[end] = len(steps)
+    # the output: the one value read outside the steps (by the loss)
+    outside = {v: [u for u in v.users if u not in claimed and u.target not in SHAPE_ONLY]
+               for v in values}
+    ends = [v for v, readers in outside.items() if readers]
+    if not ends:
+        return "no layer with a parameter on a chain from the inputs"
+    if len(ends) > 1:
+        readers = [where(u) for v in ends[:-1] for u in outside[v]]
+        return (f"values inside the model are read outside its layers, by "
+                f"{', '.join(readers)} (an op that joins branches without a rule, or a "
+                "loss that reads an activation)")
+    cur = ends[0]
+    if values[cur] != len(steps) or any(not v.users for v in values):
+        return "a value of the model does not reach its output"
+    users = outside[cur]
     entered = [n for st in steps for n in (getattr(st, "weight_name", None),
                                             getattr(st, "bias_name", None)) if n]
     taken = set(entered)
@@ -348,7 +406,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     stray = [names[p] for p, users in others.items()
              if any(_enters_at(walk, u, loss, entering) for u in users)]
     if stray:  # the walk stopped at cur: its one op, or the values that read it
-        at = where(users[0]) if single else \
+        at = where(users[0]) if len(users) == 1 else \
             f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
         return f"parameters {stray} are used outside the chain of layers from the inputs, " \
                f"which stops at {at} (a regulariser, a skip connection, a tied weight or " \
@@ -361,7 +419,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     for p in placeholders[:num_params]:  # unused parameters: zero rows, not a chain step
         if names[p] not in taken and not p.users:
             return f"parameter {names[p]!r} does not enter f"
-    return steps, cur
+    return steps, sources, cur
 
 
 def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tensor],
@@ -389,7 +447,7 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
         found = _chain_steps(walk, placeholders, len(leaves), names)
         if isinstance(found, str):
             return found
-        terms = _terms_structure(walk, _loss_nodes(gm, found[1]))
+        terms = _terms_structure(walk, _loss_nodes(gm, found[2]))
         if terms is None or isinstance(terms, str):
             return terms
         return (*terms, _separable(walk, *terms))
@@ -405,7 +463,7 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     found = _chain_steps(walk, placeholders, len(leaves), names)
     if isinstance(found, str):
         return None, found
-    steps, cur = found
+    steps, sources, cur = found
     o = env[cur]
     graph = _loss_graph(gm, env, cur, _loss_nodes(gm, cur), loss)
     if isinstance(graph, str):
@@ -415,8 +473,9 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
     if (per_sample or o.shape[0] == 1) and \
             o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
         return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, None, loss,
-                         terms, o), "ok"
-    return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss, terms, o), "ok"
+                         terms, o, sources), "ok"
+    return ChainPlan(steps, None, g.detach(), params, (o_leaf, g), loss, terms, o,
+                     sources), "ok"
 
 
 _SCALINGS = {aten.mul.Tensor, aten.div.Tensor}  # linear when the divisor or a factor is constant

@@ -31,8 +31,9 @@ do not depend on ``theta_l``, so there is no other term.
 Both are exact, not approximations: the tests compare them with the loop oracle
 to 1e-10 in float64.
 
-Hessian-vector products (NOTE [structured products]) also take convolutions and
-flattening views, and a loss that couples samples.
+Hessian-vector products (NOTE [structured products]) also take convolutions,
+flattening views, skip connections (a DAG of these steps) and a loss that couples
+samples.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class _Flatten:
 class _Elementwise:
     phi1: torch.Tensor            # (N, d) first derivative at the input
     phi2: torch.Tensor            # (N, d) second derivative
+
+
+@dataclass
+class _Add:
+    """The sum of two values of one shape: where a skip connection joins its branch."""
 
 
 class ParameterTerms:
@@ -145,13 +151,20 @@ class ChainPlan:
     as per-sample blocks ``out_hessian`` ``(N, C, C)`` or as ``loss_graph``, ``(o, dL/do)``
     with the graph of ``dL/do`` (exact when samples are coupled); ``out_grad`` ``(N, C)``
     is ``dL/do``, ``value`` the loss, ``terms`` its terms of the parameters alone
-    (:class:`ParameterTerms`, or None) and ``output`` the model output ``o`` ``(N, C)``."""
+    (:class:`ParameterTerms`, or None) and ``output`` the model output ``o`` ``(N, C)``.
+
+    ``sources[i]``: the values step ``i`` reads, value ``0`` being the inputs and value
+    ``j + 1`` step ``j``'s output (NOTE [skip connections] in ``chain.py``); None for a
+    chain, where step ``i`` reads value ``i``."""
 
     def __init__(self, steps: list[Any], out_hessian: torch.Tensor | None,
                  out_grad: torch.Tensor, params: dict[str, torch.Tensor],
                  loss_graph: tuple[torch.Tensor, torch.Tensor] | None, value: torch.Tensor,
-                 terms: ParameterTerms | None = None, output: torch.Tensor | None = None):
+                 terms: ParameterTerms | None = None, output: torch.Tensor | None = None,
+                 sources: list[tuple[int, ...]] | None = None):
         self.value = value
+        self.sources = sources or [(i,) for i in range(len(steps))]
+        self.chain = all(s == (i,) for i, s in enumerate(self.sources))
         self.output = output
         self.terms = terms
         self.loss_graph = loss_graph
@@ -193,6 +206,9 @@ class ChainPlan:
 
     def why_not_per_sample(self) -> str | None:
         """Why :meth:`per_sample_blocks` is False, or None."""
+        if not self.chain:
+            return ("layers with skip connections, which the full Hessian's "
+                    "backpropagation has no rule for")
         if self.out_hessian is None:
             return ("a chain, but its loss's Hessian is not kept per sample (not proved a "
                     "sum over samples, or over the memory budget)")

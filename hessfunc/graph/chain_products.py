@@ -20,6 +20,9 @@ directional derivative along ``v = (dW_l, db_l)_l``. With the activations
   and ``R{g_a} = R{g_z} W + g_z dW``; through a convolution the same with its weight
   and input gradients (transposed convolutions) in place of the matrix products.
 
+On a DAG of these steps (NOTE [skip connections]) ``R{a + b} = R{a} + R{b}`` forward,
+and backward a value read by several steps sums the ``g`` and ``R{g}`` they send it.
+
 That is the exact product (the second term of each backward rule is the curvature
 of the layer itself, the first the curvature propagated from above), in a handful
 of dense products per layer with no graph bookkeeping, and ``k`` tangents at once
@@ -39,7 +42,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from .chain_plan import ChainPlan, _Conv, _Elementwise, _Flatten, _Linear
+from .chain_plan import ChainPlan, _Add, _Conv, _Elementwise, _Flatten, _Linear
 
 __all__ = ["ChainProducts"]
 
@@ -65,7 +68,9 @@ class ChainProducts:
         self._patches = patches
         self._output_matrix = output_matrix
         self._second_order = output_matrix is None  # the terms J^T M J leaves out
-        self._steps = plan.steps[plan.first:]   # below the first trainable layer R{a} = 0
+        self._steps = plan.steps
+        self._sources = plan.sources
+        self._start = plan.first                # below the first trainable layer R{a} = 0
         self._out_hessian = plan.out_hessian    # (N, C, C), or None: the loss graph
         self._loss_graph = plan.loss_graph
         self._out_diagonal = None
@@ -73,17 +78,19 @@ class ChainProducts:
             diagonal = plan.out_hessian.diagonal(dim1=1, dim2=2)
             if torch.equal(torch.diag_embed(diagonal), plan.out_hessian):
                 self._out_diagonal = diagonal.clone()
-        grads: list[torch.Tensor] = [plan.out_grad] * len(self._steps)
-        g = plan.out_grad
-        for i in range(len(self._steps) - 1, 0, -1):
-            grads[i] = g
-            step = self._steps[i]
-            g = _backprop(step, g)
-        grads[0] = g
-        self._grads = grads                     # gradient at each step's output (N, d)
+        # the gradient at each value, summed over its readers, down to the first layer
+        grads: list[torch.Tensor | None] = [None] * (len(self._steps) + 1)
+        grads[-1] = plan.out_grad
+        for i in range(len(self._steps) - 1, self._start, -1):
+            g = grads[i + 1]
+            for j, part in zip(self._sources[i], _backprop(self._steps[i], g), strict=True):
+                if j > self._start:  # a value below the first layer needs none
+                    _accumulate(grads, j, part)
+        self._grads = grads[1:]                 # gradient at each step's output (N, d)
         # curvature of each activation: phi''(z) * (gradient at its output)
-        self._curvature = [s.phi2 * grads[i] if isinstance(s, _Elementwise) and
-                           self._second_order else None for i, s in enumerate(self._steps)]
+        self._curvature = [s.phi2 * self._grads[i] if isinstance(s, _Elementwise) and
+                           self._second_order and i >= self._start else None
+                           for i, s in enumerate(self._steps)]
         self._names = list(plan.params)
         # the loss's terms of the parameters alone
         self._terms = plan.terms if self._second_order else None
@@ -99,8 +106,8 @@ class ChainProducts:
         """The gradient at the point (computed on first use: products do not need it)."""
         if self._gradient is None:
             gradient: dict[str, torch.Tensor] = {}
-            for i, step in enumerate(self._steps):
-                g = self._grads[i]
+            for i in range(self._start, len(self._steps)):
+                step, g = self._steps[i], self._grads[i]
                 if isinstance(step, _Linear):
                     if step.weight_name:
                         gradient[step.weight_name] = g.T @ step.inputs
@@ -122,7 +129,7 @@ class ChainProducts:
     def input_layer(self) -> tuple[str, torch.Tensor] | None:
         """``(weight name, inputs (N, d_in))`` of the first trainable layer, whose inputs do
         not depend on the parameters; None when its weight is frozen."""
-        first = self._steps[0]
+        first = self._steps[self._start]
         if isinstance(first, _Linear) and first.weight_name and (
                 self._terms is None or first.weight_name not in self._terms.leaves):
             return first.weight_name, first.inputs
@@ -139,9 +146,9 @@ class ChainProducts:
         in ``hessfunc.operator``).
         """
         out = copy.copy(self)
-        first = copy.copy(self._steps[0])
+        first = copy.copy(self._steps[self._start])
         first.inputs = inputs
-        out._steps = [first, *self._steps[1:]]
+        out._steps = [*self._steps[:self._start], first, *self._steps[self._start + 1:]]
         out._gradient = None  # in the restricted coordinates, if asked for
         out._conv_cache = {}
         return out
@@ -165,63 +172,72 @@ class ChainProducts:
         k = (tangents[first].shape[0]
              if tangents[first].dim() == self._params_dim[first] + 1 else None)
         per = (lambda t: t) if k is None else (lambda t: t.unsqueeze(1))  # (N, d) factors
-        steps = self._steps
-        below: list[torch.Tensor | None] = [None] * len(steps)   # R{input} of each step
-        r: torch.Tensor | None = None
-        for i, step in enumerate(steps):
-            below[i] = r
-            if isinstance(step, _Elementwise):
+        steps, start = self._steps, self._start
+        values: list[torch.Tensor | None] = [None] * (len(steps) + 1)  # R{value}
+        for i in range(start, len(steps)):
+            step = steps[i]
+            r = values[self._sources[i][0]]
+            if isinstance(step, _Add):
+                a, b = (values[j] for j in self._sources[i])
+                r = a if b is None else b if a is None else a + b
+            elif isinstance(step, _Elementwise):
                 r = None if r is None else per(step.phi1) * r
-                continue
-            if isinstance(step, _Flatten):
+            elif isinstance(step, _Flatten):
                 r = None if r is None else r.flatten(1 if k is None else 2)
-                continue
-            if isinstance(step, _Conv):
+            elif isinstance(step, _Conv):
                 r = self._conv_forward(i, step, r, tangents, k)
-                continue
-            z = None if r is None else r @ step.weight.T
-            if step.weight_name in tangents:
-                t = _input_times(step.inputs, tangents[step.weight_name], k)
-                z = t if z is None else z.add_(t)
-            if step.bias_name in tangents:
-                db = tangents[step.bias_name]
-                shape = (step.inputs.shape[0], *db.shape)
-                z = db.expand(shape) if z is None else z.add_(db)
-            r = z
+            else:
+                z = None if r is None else r @ step.weight.T
+                if step.weight_name in tangents:
+                    t = _input_times(step.inputs, tangents[step.weight_name], k)
+                    z = t if z is None else z.add_(t)
+                if step.bias_name in tangents:
+                    db = tangents[step.bias_name]
+                    shape = (step.inputs.shape[0], *db.shape)
+                    z = db.expand(shape) if z is None else z.add_(db)
+                r = z
+            values[i + 1] = r
         out: dict[str, torch.Tensor] = {}
         lowest = min((self._layer_of[name] for name in wanted if name in self._layer_of),
                      default=len(steps))
-        if r is None:  # no tangent reaches the output: the parameter terms' products only
+        adjoints: list[torch.Tensor | None] = [None] * (len(steps) + 1)  # R{g} at each value
+        if values[-1] is None:  # no tangent reaches the output: the parameter terms only
             lowest = len(steps)
         else:
-            rg = self._output_product(r, k)           # R{g_o}[n] = H_o[n] R{o}[n]
+            adjoints[-1] = self._output_product(values[-1], k)  # R{g_o}[n] = H_o[n] R{o}[n]
         for i in range(len(steps) - 1, lowest - 1, -1):
-            step = steps[i]
+            step, rg = steps[i], adjoints[i + 1]
+            below = values[self._sources[i][0]]   # R{input}
+            if isinstance(step, _Add):
+                for j in self._sources[i]:
+                    if j > lowest:
+                        _accumulate(adjoints, j, rg)
+                continue
             if isinstance(step, _Elementwise):
                 rg = per(step.phi1) * rg
-                if below[i] is not None and self._curvature[i] is not None:
-                    rg.addcmul_(per(self._curvature[i]), below[i])
-                continue
-            if isinstance(step, _Flatten):
+                if below is not None and self._curvature[i] is not None:
+                    rg.addcmul_(per(self._curvature[i]), below)
+            elif isinstance(step, _Flatten):
                 rg = rg.reshape(*rg.shape[:1 if k is None else 2], *step.shape)
-                continue
-            if isinstance(step, _Conv):
-                rg = self._conv_backward(i, step, rg, below[i], tangents, out, k, wanted,
+            elif isinstance(step, _Conv):
+                rg = self._conv_backward(i, step, rg, below, tangents, out, k, wanted,
                                          last=i == lowest)
-                continue
-            g = self._grads[i]
-            if step.weight_name in wanted:  # R{g_z}^T a + g_z^T R{a}, summed over samples
-                hv = _sample_sum(rg, step.inputs, k)
-                if below[i] is not None and self._second_order:
-                    hv.add_(_sample_sum(g, below[i], k, batched_right=True))
-                out[step.weight_name] = hv
-            if step.bias_name in wanted:
-                out[step.bias_name] = rg.sum(0)
-            if i == lowest:
-                break
-            rg = rg @ step.weight
-            if step.weight_name in tangents and self._second_order:  # + g_z dW
-                rg.add_(_grad_times(g, tangents[step.weight_name], k))
+            else:
+                g = self._grads[i]
+                if step.weight_name in wanted:  # R{g_z}^T a + g_z^T R{a}, summed over samples
+                    hv = _sample_sum(rg, step.inputs, k)
+                    if below is not None and self._second_order:
+                        hv.add_(_sample_sum(g, below, k, batched_right=True))
+                    out[step.weight_name] = hv
+                if step.bias_name in wanted:
+                    out[step.bias_name] = rg.sum(0)
+                if i == lowest:
+                    break
+                rg = rg @ step.weight
+                if step.weight_name in tangents and self._second_order:  # + g_z dW
+                    rg.add_(_grad_times(g, tangents[step.weight_name], k))
+            if self._sources[i][0] > lowest:
+                _accumulate(adjoints, self._sources[i][0], rg)
         if self._terms is not None:  # + H_R v
             for name, hv in self._terms.products(tangents, k).items():
                 if name in wanted:
@@ -492,15 +508,23 @@ def _conv_weight_grad(step: _Conv, a: torch.Tensor, g: torch.Tensor,
                                        dilation=step.dilation)
 
 
-def _backprop(step: object, g: torch.Tensor) -> torch.Tensor:
-    """The gradient at a step's input from the gradient ``g`` at its output."""
+def _backprop(step: object, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradient at each value a step reads from the gradient ``g`` at its output."""
+    if isinstance(step, _Add):
+        return g, g
     if isinstance(step, _Linear):
-        return g @ step.weight
+        return (g @ step.weight,)
     if isinstance(step, _Elementwise):
-        return step.phi1 * g
+        return (step.phi1 * g,)
     if isinstance(step, _Flatten):
-        return g.reshape(g.shape[0], *step.shape)
-    return _conv_input_grad(step, g, step.weight, step.inputs.shape)
+        return (g.reshape(g.shape[0], *step.shape),)
+    return (_conv_input_grad(step, g, step.weight, step.inputs.shape),)
+
+
+def _accumulate(sums: list[torch.Tensor | None], j: int, part: torch.Tensor) -> None:
+    """``sums[j] += part``, out of place: a value read by several steps (a skip
+    connection) sums what each sends back, and ``part`` may be another value's too."""
+    sums[j] = part if sums[j] is None else sums[j] + part
 
 
 def _input_times(a: torch.Tensor, dW: torch.Tensor, k: int | None) -> torch.Tensor:
