@@ -367,7 +367,11 @@ class HVPFunction:
     def _block_rows(self, index: int, tangents: torch.Tensor) -> torch.Tensor:
         if self._chain is not None:  # the other leaves' tangents are zero and not wanted
             name = list(self._primal)[index]
-            return self._chain({name: tangents}, wanted=(name,))[name]
+            return self._batched_or_looped(
+                "rows", tangents.shape[0],
+                lambda lo, hi: self._chain({name: tangents[lo:hi]}, wanted=(name,))[name],
+                lambda i: self._chain({name: tangents[i]}, wanted=(name,))[name].unsqueeze(0),
+                torch.cat)
         if self._vjp is not None:
             leaves, spec = pytree.tree_flatten(self._primal)
 
@@ -397,7 +401,9 @@ class HVPFunction:
         """NOTE [batched or looped products]: ``k`` products through the cached gradient
         graph, as backward passes over batches of cotangents (``vmap`` inside autograd,
         ``batched(lo, hi)`` for columns ``lo:hi``) or as a loop of single backward passes
-        (``single(i)``), whichever is faster per column for this graph. Neither is faster
+        (``single(i)``), whichever is faster per column for this graph; the same for the
+        chain's R-operator with a ``k`` axis, whose wide activations can fall out of cache
+        (a residual MLP of 512 samples: 1.6 against 1.2 gradients per column). Neither is faster
         everywhere: batching wins on small layers (one kernel launch for many columns;
         the wider, the cheaper per column), but its rules can be slower per column than
         the plain kernels (on a ResNet with BatchNorm, at every width) and wide batches
@@ -459,8 +465,14 @@ class HVPFunction:
             return self._batched(tangents)
 
     def _batched(self, tangents: Any) -> Any:
-        if self._chain is not None:
-            return self._chain(tangents)
+        if self._chain is not None:  # k tangents in one pass, or one at a time: measured
+            k = next(iter(tangents.values())).shape[0]
+            return self._batched_or_looped(
+                "products", k, lambda lo, hi: self._chain({n: t[lo:hi] for n, t in
+                                                           tangents.items()}),
+                lambda i: {n: t.unsqueeze(0) for n, t in
+                           self._chain({n: t[i] for n, t in tangents.items()}).items()},
+                lambda parts: {n: torch.cat([p[n] for p in parts]) for n in parts[0]})
         if self._vjp is not None:
             return torch.func.vmap(lambda t: self._vjp(t)[0])(tangents)
         leaves = tree_leaves(tangents)

@@ -21,7 +21,7 @@ from torch.func import vmap
 import hessfunc as hf
 from hessfunc._tree import tree_dot
 from hessfunc.testing.losses import custom_loss
-from hessfunc.testing.models import ResidualMLP, build_mlp
+from hessfunc.testing.models import ConcatNet, ResidualMLP, build_mlp
 from hessfunc.testing.strategies import mlps, problems, random_like
 
 MODES = ["reverse-over-reverse", "forward-over-reverse"]
@@ -437,13 +437,13 @@ def test_hvp_fn_method_choice():
     assert_close(structured(v), expected)
     assert_close(graph(v), expected)
 
-    f, params = hf.functionalize(ResidualMLP(3, 3, 1, 2).double(), nn.MSELoss())
+    f, params = hf.functionalize(ConcatNet(3, 3, 2).double(), nn.MSELoss())
     assert hf.hvp_fn(f, (params, x, y)).method == "graph"
-    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*outside "
-                                               "the chain of layers"):
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*read "
+                                               "outside its layers, by cat"):
         hf.hvp_fn(f, (params, x, y), method="structured")
-    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*outside "
-                                               "the chain of layers"):
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*read "
+                                               "outside its layers, by cat"):
         hf.hvp(f, (params, x, y), random_like(params, 0), method="structured")
     with pytest.raises(hf.ArgumentError, match="`method` must be one of"):
         hf.hvp(f, (params, x, y), random_like(params, 0), method="fast")
@@ -665,19 +665,21 @@ def test_products_and_diagonals_on_cuda_equal_the_cpu_oracle():
 
 @pytest.mark.parametrize("k", [2, 3, 4, 11, 26])
 @pytest.mark.parametrize("choice", [None, "batched", "loop"])
-def test_batched_products_measured_or_forced_equal_the_oracle(choice, k):
-    """NOTE [batched or looped products]: the products through the cached graph, as
-    batched backward passes or as a loop of single ones, or as the first call mixes
-    them while it times them, equal the oracle column by column; the choice is kept."""
+@pytest.mark.parametrize("route", ["graph", "structured"])
+def test_batched_products_measured_or_forced_equal_the_oracle(route, choice, k):
+    """NOTE [batched or looped products]: the products through the cached graph (a
+    concatenation) or the R-operator (a residual MLP), as batched passes or as a loop of
+    single ones, or as the first call mixes them while it times them, equal the oracle
+    column by column; the choice is kept."""
     from hessfunc.products import _Choice
 
     torch.manual_seed(0)
-    model = ResidualMLP(3, 4, 1, 2).double()
+    model = (ConcatNet(3, 4, 2) if route == "graph" else ResidualMLP(3, 4, 2, 2)).double()
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     f = lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
     H = hf.hvp_fn(f, (params, x, y))
-    assert H.method == "graph"
+    assert H.method == route
     if choice is not None:  # batched: all columns in one pass
         forced = _Choice(k, 0.0, 1.0, True) if choice == "batched" else \
             _Choice(None, math.inf, 1.0, True)
