@@ -1232,3 +1232,30 @@ def test_spectral_density_restarts_from_its_generator():
         runs.append(spectral_density(lambda v: d[:, None] * v, 6, num_steps=5, probes=probe,
                                      generator=_gen(7)).nodes)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_lanczos_starts_from_the_generators_gaussian_draw():
+    """Without a start vector, the first Lanczos vector is the generator's Gaussian draw,
+    normalised, in ``lanczos`` and ``lanczos_eigenvalues`` alike; torch's global random
+    state is left as it was, and the same seed repeats the run bit for bit."""
+    n = 30
+    A = torch.diag(torch.linspace(-1.0, 2.0, n, dtype=torch.float64))
+    draw = torch.randn((1, n), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = draw[0] / draw[0].norm()
+    state = torch.get_rng_state()
+    run = lanczos(lambda V: A @ V, n, num_steps=4, generator=torch.Generator().manual_seed(3),
+                  return_basis=True, dtype=torch.float64)
+    again = lanczos(lambda V: A @ V, n, num_steps=4, generator=torch.Generator().manual_seed(3),
+                    return_basis=True, dtype=torch.float64)
+    assert_close(run.basis[:, 0], expected, rtol=1e-14, atol=1e-15)
+    assert torch.equal(run.alphas, again.alphas) and torch.equal(run.basis, again.basis)
+    seen = []
+
+    def matmat(V):
+        seen.append(V.clone())
+        return A @ V
+
+    lanczos_eigenvalues(matmat, n, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+    assert_close(seen[0][:, 0], expected, rtol=1e-14, atol=1e-15)
+    assert torch.equal(torch.get_rng_state(), state)

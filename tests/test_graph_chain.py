@@ -40,12 +40,21 @@ def test_torch_func_chains_take_the_structured_products(prob, seed, k):
     hvp_fn finds the chain in the captured graph, every activation an elementwise run
     of ops (GELU, softplus, a user's Sin), frozen parameters constants; its products,
     gradient and value equal the oracle's."""
+    _structured_products_match(prob, seed, k, chain=True)
+
+
+def _structured_products_match(prob, seed, k, chain):
+    """``hvp_fn`` of the drawn problem written the torch.func way takes the R-operator
+    (on a chain, or a DAG with skips: ``chain=False``); products, gradient and value
+    equal the oracle's."""
     f = _torch_func(prob.model, prob.loss_fn)
     params = {n: p.detach() for n, p in prob.model.named_parameters() if p.requires_grad}
     assume(params)
     batch = (prob.inputs, prob.targets)
     H = hf.hvp_fn(f, (params, *batch))
     assert H.method == "structured"
+    sources = H.chain_products._sources
+    assert (sources == [(i,) for i in range(len(sources))]) == chain
     vs = [random_like(params, seed + i) for i in range(k)]
     check_products(H, f, params, batch, vs, single=True)
     assert_close(H.gradient, oracle_grad(f, params, batch))
@@ -822,17 +831,7 @@ def test_residual_nets_take_the_structured_products(prob, seed, k):
     """Residual nets written the torch.func way are layers with skip connections (NOTE
     [skip connections]): structured products, gradient and value equal to the oracle's,
     frozen subsets included."""
-    f = _torch_func(prob.model, prob.loss_fn)
-    params = {n: p.detach() for n, p in prob.model.named_parameters() if p.requires_grad}
-    assume(params)
-    batch = (prob.inputs, prob.targets)
-    H = hf.hvp_fn(f, (params, *batch))
-    assert H.method == "structured"
-    assert not H.chain_products._sources == [(i,) for i in range(len(H.chain_products._steps))]
-    check_products(H, f, params, batch, [random_like(params, seed + i) for i in range(k)],
-                   single=True)
-    assert_close(H.gradient, oracle_grad(f, params, batch))
-    assert torch.allclose(H.value, f(params, *batch), rtol=1e-12, atol=0)
+    _structured_products_match(prob, seed, k, chain=False)
 
 
 def _dags():
