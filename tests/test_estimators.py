@@ -1258,4 +1258,16 @@ def test_lanczos_starts_from_the_generators_gaussian_draw():
     lanczos_eigenvalues(matmat, n, generator=torch.Generator().manual_seed(3),
                         dtype=torch.float64)
     assert_close(seen[0][:, 0], expected, rtol=1e-14, atol=1e-15)
+    # three distinct eigenvalues: the Krylov space is invariant after three steps, and
+    # the run restarts from vectors the generator draws too (NOTE [invariant subspaces])
+    B = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).repeat(4))
+    runs = [lanczos(lambda V: B @ V, 12, num_steps=7, return_basis=True, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert (runs[0].betas == 0).any()
+    assert torch.equal(runs[0].basis, runs[1].basis)
+    found = [lanczos_eigenvalues(lambda V: B @ V, 12, k=3, return_vectors=True,
+                                 dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+             for _ in range(2)]
+    assert_close(found[0].eigenvalues, torch.full((3,), 3.0, dtype=torch.float64))  # 4 times
+    assert torch.equal(found[0].eigenvectors, found[1].eigenvectors)
     assert torch.equal(torch.get_rng_state(), state)
