@@ -1271,3 +1271,37 @@ def test_lanczos_starts_from_the_generators_gaussian_draw():
     assert_close(found[0].eigenvalues, torch.full((3,), 3.0, dtype=torch.float64))  # 4 times
     assert torch.equal(found[0].eigenvectors, found[1].eigenvectors)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_lanczos_check_schedule():
+    """NOTE [check schedule]: without a rate (no earlier check, no decrease, a ratio of
+    zero) the next check is ``max(1, m // 4)`` steps ahead; with one, where the line
+    through the last two checks' ``log ratio`` reaches 0, at least one step ahead and
+    at most that cap."""
+    steps = importlib.import_module("hessfunc.estimators.lanczos")._steps_to_next_check
+    assert [steps(m, 5.0, None) for m in (1, 3, 4, 40, 43)] == [1, 1, 1, 10, 10]
+    assert steps(40, 50.0, (30, 50.0)) == 10     # no decrease
+    assert steps(40, 60.0, (30, 50.0)) == 10     # an increase
+    assert steps(40, 0.0, (30, 50.0)) == 10      # converged to the last digit: no rate
+    assert steps(40, 5.0, (30, math.inf)) == 10  # no earlier bound
+    # log ratio falls by log(10) in 10 steps: log(5) / (log(10) / 10) = 6.99 steps left
+    assert steps(40, 5.0, (30, 50.0)) == 7
+    assert steps(40, 5.0, (38, 50.0)) == 2       # 1.4 steps left at a faster rate
+    assert steps(40, 5.0, (0, 5.5)) == 10        # 675 steps left: the cap
+    assert steps(40, 0.5, (30, 50.0)) == 1       # already below 1: the next step
+    assert steps(3, 1e3, (2, 1e6)) == 1          # the cap of a short run
+
+
+def test_lanczos_basis_allocation():
+    """NOTE [basis allocation]: the basis starts at the most rows within 16 MiB, at
+    least the first check's, at most the step limit and at least one; an integer."""
+    capacity = importlib.import_module("hessfunc.estimators.lanczos")._initial_capacity
+    cases = [((10**6, 1, 1000, torch.float64), 2097),   # 16 MiB // (1000 * 8 bytes)
+             ((10**6, 1, 1000, torch.float32), 4194),
+             ((10**6, 3000, 1000, torch.float64), 3000),  # the first check's rows
+             ((500, 1, 1000, torch.float64), 500),        # the step limit
+             ((10**6, 1, 2**24, torch.float64), 1),       # one row is over 16 MiB
+             ((1, 1, 10, torch.float64), 1)]
+    for args, rows in cases:
+        got = capacity(*args)
+        assert type(got) is int and got == rows, (args, got)
