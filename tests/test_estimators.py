@@ -1305,3 +1305,18 @@ def test_lanczos_basis_allocation():
     for args, rows in cases:
         got = capacity(*args)
         assert type(got) is int and got == rows, (args, got)
+
+
+@pytest.mark.parametrize(("k", "first_check"), [(1, 7), (3, 9), (8, 16)])
+def test_lanczos_eigenvalues_checks_first_after_max_2k_k_plus_6_steps(k, first_check):
+    """NOTE [check schedule]: the first convergence check comes after ``max(2k, k + 6)``
+    steps. The ``k`` wanted eigenvalues ``1e4 * 2^-i`` stand far above the other 192, in
+    ``[0, 1]``, so they meet ``tol`` by then (for every seed tried) and the run stops at
+    that first check."""
+    values = torch.cat([1e4 * 2.0 ** -torch.arange(k), torch.linspace(0, 1, 200 - k)]).double()
+    A = torch.diag(values)
+    for seed in range(3):
+        found = lanczos_eigenvalues(lambda V: A @ V, 200, k=k, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(seed))
+        assert found.converged and found.num_matvecs == first_check
+        assert_close(found.eigenvalues, values[:k], rtol=1e-8, atol=0)
