@@ -377,7 +377,7 @@ def _penalised(p, x, y, penalised):
 
 @pytest.mark.parametrize("name", list(_NOT_CHAINS))
 def test_what_is_not_a_chain_takes_the_cached_graph(name):
-    """A regulariser, a skip connection, a tied weight, a weight used as is, a parameter
+    """A regulariser, branches joined by a product, a tied weight, a weight used as is, a parameter
     inside an activation, a penalty on a value inside the model: not a chain of layers;
     the cached gradient graph, exact, and method='structured' says where the chain
     stops."""
@@ -588,8 +588,8 @@ def test_why_a_call_is_not_a_chain():
         ((lambda p, x, y: (lambda o: F.mse_loss(o, y) + (o * p["w1"].sum()).sum())(
             x @ p["w2"].t()), (p, x, y), 0),
          r"^parameters \['w1'\] are used outside the chain of layers from the inputs, which "
-         r"stops at a value read by 2 ops \(sub[^,]*, mul[^,]*\) \(a regulariser, a skip "
-         r"connection, a tied weight or an op without a chain rule\)$"),
+         r"stops at a value read by 2 ops \(sub[^,]*, mul[^,]*\) \(a regulariser, a tied "
+         r"weight, branches joined other than by add, or an op without a chain rule\)$"),
         ((lambda p, x, y: (x @ p["w1"].t() @ p["w2"].t()).detach().sum(), (p, x, y), 0),
          "^the loss does not depend on the model output$"),
         ((lambda p, x, y: (torch.tanh(x @ p["w1"].t()) @ p["w2"].t()).pow(2).sum(0),

@@ -409,8 +409,8 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
         at = where(users[0]) if len(users) == 1 else \
             f"a value read by {len(users)} ops ({', '.join(where(u) for u in users)})"
         return f"parameters {stray} are used outside the chain of layers from the inputs, " \
-               f"which stops at {at} (a regulariser, a skip connection, a tied weight or " \
-               "an op without a chain rule)"
+               f"which stops at {at} (a regulariser, a tied weight, branches joined other " \
+               "than by add, or an op without a chain rule)"
     if not any(isinstance(s, (_Linear, _Conv)) and (s.weight_name or s.bias_name)
                for s in steps):
         return "no layer with a parameter on a chain from the inputs"
