@@ -565,6 +565,15 @@ def test_why_a_call_is_not_a_chain():
     def random_f(p, x, y):
         return F.mse_loss(F.dropout(x @ p["w1"].t(), 0.5) @ p["w2"].t(), y)
 
+    def broadcast(p, x, y):  # (N, 1) + (N, 3): add joins values of one shape only
+        h = torch.tanh(x @ p["w1"].t())
+        return F.mse_loss((h @ p["w4"].t() + h) @ p["w2"].t(), y)
+
+    def three_open(p, x, y):  # the loss reads two activations besides the output
+        h1 = torch.tanh(x @ p["w1"].t())
+        h2 = torch.tanh(h1 @ p["w3"].t())
+        return F.mse_loss(h2 @ p["w2"].t(), y) + h1.sum() + h2.sum()
+
     fixed = p["w2"].clone()  # a constant layer: a chain step with no parameter
 
     cases = [
@@ -590,6 +599,14 @@ def test_why_a_call_is_not_a_chain():
          r"^parameters \['w1'\] are used outside the chain of layers from the inputs, which "
          r"stops at a value read by 2 ops \(sub[^,]*, mul[^,]*\) \(a regulariser, a tied "
          r"weight, branches joined other than by add, or an op without a chain rule\)$"),
+        ((lambda p, x, y: (p["w1"] ** 2).sum() + (p["w2"] ** 2).sum() + 0 * y.sum(), (p, x, y),
+          0), "^no layer with a parameter on a chain from the inputs$"),  # x read by none
+        ((broadcast, ({**p, "w4": p["w2"][:1].clone()}, x, y), 0),
+         r"^values inside the model are read outside its layers, by add[^,]* \(an op that "
+         r"joins branches without a rule, or a loss that reads an activation\)$"),
+        ((three_open, ({**p, "w3": p["w1"].flip(0).clone()}, x, y), 0),
+         r"^values inside the model are read outside its layers, by sum[^,]*, sum[^,]* \(an "
+         r"op that joins branches without a rule, or a loss that reads an activation\)$"),
         ((lambda p, x, y: (x @ p["w1"].t() @ p["w2"].t()).detach().sum(), (p, x, y), 0),
          "^the loss does not depend on the model output$"),
         ((lambda p, x, y: (torch.tanh(x @ p["w1"].t()) @ p["w2"].t()).pow(2).sum(0),
@@ -876,13 +893,30 @@ def _dags():
         return F.mse_loss(F.linear(F.softplus(h).flatten(1), p["w"], p["b"]), y)
 
     cases.append((conv_block, conv, (r(4, 2, 7, 8), r(4, 2))))
+
+    def interleaved(p, x, y):  # a map of h whose ops come before and after h's layer
+        h = torch.tanh(F.linear(x, p["w1"], p["b1"]))
+        positive = h > 0
+        branch = F.linear(h, p["w3"])
+        mapped = torch.where(positive, h, h.exp() - 1)
+        return F.mse_loss(F.linear(mapped + branch, p["w2"]), y)
+
+    def two_maps(p, x, y):  # two maps of one value, each into its own layer
+        h = F.linear(x, p["w1"], p["b1"])
+        return F.mse_loss(F.linear(torch.tanh(h), p["w2"]) + F.linear(torch.sigmoid(h),
+                                                                      p["w4"]), y)
+
+    small = {k: p[k] for k in ("w1", "b1", "w2", "w3")}
+    cases += [(interleaved, small, (x, y)),
+              (two_maps, {k: p[k] for k in ("w1", "b1", "w2")} | {"w4": r(2, 3)}, (x, y))]
     return cases
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_hand_written_dags_take_the_structured_products(case):
     """Skip connections from the inputs, two branches of one value, a value read three
-    times, a skip below the first trainable layer and a convolution's residual block:
+    times, a skip below the first trainable layer, a convolution's residual block, a map
+    whose ops come before and after another reader of its input, two maps of one value:
     products (single, batched, one ``hvp``), the gradient, the full Hessian from rows and
     one parameter's rows equal the oracle's."""
     f, p, batch = _dags()[case]
