@@ -58,13 +58,18 @@ def check_products(H: Any, f: Any, params: dict[str, torch.Tensor], batch: tuple
                    vs: list[dict[str, torch.Tensor]], *, single: bool = False) -> None:
     """``H(v)``, the batched ``H`` (and with ``single`` one ``hvp`` with
     ``method="structured"``) equal the oracle for every tangent in ``vs``."""
-    batched = H.batched({k: torch.stack([v[k] for v in vs]) for k in params})
+    stacked = {k: torch.stack([v[k] for v in vs]) for k in params}
+    batched = H.batched(stacked)
+    # the R-operator's k-axis pass itself: batched() loops over single products for a
+    # few columns (NOTE [batched or looped products])
+    wide = H.chain_products(stacked) if H.method == "structured" else batched
     for i, v in enumerate(vs):
         expected = oracle_hvp(f, params, batch, v)
         if single:
             assert_close(hf.hvp(f, (params, *batch), v, method="structured"), expected)
         assert_close(H(v), expected)
         assert_close({k: t[i] for k, t in batched.items()}, expected)
+        assert_close({k: t[i] for k, t in wide.items()}, expected)
 
 
 def as_dict(names: list[str], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
