@@ -371,7 +371,7 @@ class HVPFunction:
                 "rows", tangents.shape[0],
                 lambda lo, hi: self._chain({name: tangents[lo:hi]}, wanted=(name,))[name],
                 lambda i: self._chain({name: tangents[i]}, wanted=(name,))[name].unsqueeze(0),
-                torch.cat)
+                torch.cat, first_width=None)
         if self._vjp is not None:
             leaves, spec = pytree.tree_flatten(self._primal)
 
@@ -396,14 +396,12 @@ class HVPFunction:
 
     def _batched_or_looped(self, kind: Any, k: int,
                            batched: Callable[[int, int], Any],
-                           single: Callable[[int], Any], join: Callable[[list[Any]], Any]
-                           ) -> Any:
+                           single: Callable[[int], Any], join: Callable[[list[Any]], Any],
+                           first_width: int = _PROBE_COLUMNS) -> Any:
         """NOTE [batched or looped products]: ``k`` products through the cached gradient
         graph, as backward passes over batches of cotangents (``vmap`` inside autograd,
         ``batched(lo, hi)`` for columns ``lo:hi``) or as a loop of single backward passes
-        (``single(i)``), whichever is faster per column for this graph; the same for the
-        chain's R-operator with a ``k`` axis, whose wide activations can fall out of cache
-        (a residual MLP of 512 samples: 1.6 against 1.2 gradients per column). Neither is faster
+        (``single(i)``), whichever is faster per column for this graph. Neither is faster
         everywhere: batching wins on small layers (one kernel launch for many columns;
         the wider, the cheaper per column), but its rules can be slower per column than
         the plain kernels (on a ResNet with BatchNorm, at every width) and wide batches
@@ -421,6 +419,13 @@ class HVPFunction:
         shapes (a torch.func-style ``f`` kept across epochs; not
         ``from_model``, which makes a new function on each call). Choosing costs no
         extra product, only the slower route's time on the probing passes.
+
+        The chain's R-operator (``first_width=None``) is timed the same way, but its
+        batched pass takes every column left at once: its cost per column falls with the
+        width long after 2 columns where kernel launches dominate (a CNN: 1.3x a single
+        product at 2 wide, 0.5x at 10), and where its ``(N, k, d)`` activations fall out
+        of cache it loses at every width (a residual MLP of 512 samples: 1.6 against 1.2
+        gradients per column), so one pass against the singles settles it.
         """
         if k == 1:
             return single(0)
@@ -437,25 +442,25 @@ class HVPFunction:
                 parts.append(single(i))
                 per_single = min(per_single, time.perf_counter() - start)
             state = _Choice(None, math.inf, per_single, settled=False)
-            lo, width = 3, _PROBE_COLUMNS
-        else:
-            width = 4 * state.width if state.width else _PROBE_COLUMNS
-        while not state.settled and k - lo >= width:
+            lo = 3
+        widest = first_width is None   # one pass over every column left, timed once
+        width = (k - lo if widest else first_width) if not state.width else 4 * state.width
+        while not state.settled and k - lo >= max(width, 1):
             start = time.perf_counter()
             parts.append(batched(lo, lo + width))
             per_column = (time.perf_counter() - start) / width
             lo += width
             if per_column < 0.9 * state.per_column:
                 state = _Choice(width, per_column, state.per_single,
-                                settled=not per_column < state.per_single)
+                                settled=widest or not per_column < state.per_single)
                 width *= 4
             else:
                 state = _Choice(state.width, state.per_column, state.per_single, settled=True)
         self._choices[kind] = state
         if state.loop:
             parts.extend(single(i) for i in range(lo, k))
-        else:
-            step = state.width
+        elif lo < k:
+            step = k - lo if widest else state.width
             parts.extend(batched(j, min(k, j + step)) for j in range(lo, k, step))
         return join(parts)
 
@@ -472,7 +477,8 @@ class HVPFunction:
                                                            tangents.items()}),
                 lambda i: {n: t.unsqueeze(0) for n, t in
                            self._chain({n: t[i] for n, t in tangents.items()}).items()},
-                lambda parts: {n: torch.cat([p[n] for p in parts]) for n in parts[0]})
+                lambda parts: {n: torch.cat([p[n] for p in parts]) for n in parts[0]},
+                first_width=None)
         if self._vjp is not None:
             return torch.func.vmap(lambda t: self._vjp(t)[0])(tangents)
         leaves = tree_leaves(tangents)

@@ -759,6 +759,50 @@ def test_batched_or_looped_policy(single_cost, pass_cost, calls, expected, monke
         assert set(widths) == (set() if got.loop else {got.width})
 
 
+@pytest.mark.parametrize(("pass_cost", "calls", "loop", "widths"), [
+    # the 2-wide pass loses but the wide one wins (kernel launches, a CNN): one pass
+    # over the 7 columns after the singles, then every later call in one pass
+    (lambda w: 1.3 * w if w <= 2 else 0.5 * w, [10, 10, 26], False, [10, 26]),
+    # the wide pass loses (activations out of cache, a residual MLP): the loop after it
+    (lambda w: 1.6 * w, [10, 10], True, []),
+    # four columns: one 1-wide pass is timed after the three singles
+    (lambda w: 0.5 * w, [4, 6], False, [6]),
+])
+def test_batched_or_looped_widest_policy(pass_cost, calls, loop, widths, monkeypatch):
+    """NOTE [batched or looped products] for the R-operator (``first_width=None``): after
+    three timed single products one pass over every column left is timed, and that
+    settles it: batching takes all the columns of a later call in one pass."""
+    import types
+
+    import hessfunc.products as products
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(products, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    H = hf.hvp_fn(lambda x: (x ** 3).sum(), (torch.ones(2),))
+    seen = []
+
+    def batched(lo, hi):
+        clock["now"] += pass_cost(hi - lo)
+        seen.append(hi - lo)
+        return list(range(lo, hi))
+
+    def single(i):
+        clock["now"] += 1.0
+        return [i]
+
+    first = True
+    for k in calls:
+        seen.clear()
+        assert H._batched_or_looped("kind", k, batched, single, lambda parts: sum(parts, []),
+                                    first_width=None) == list(range(k))
+        if first:
+            assert seen == [k - 3]  # the one timed pass, after three singles
+            first = False
+    got = H._choices["kind"]
+    assert got.settled and got.loop == loop and got.width == calls[0] - 3
+    assert seen == widths[-1:]  # the last call: its route only
+
+
 @pytest.mark.parametrize("route", ["autograd", "torch.func"])
 def test_block_rows_and_linear_leaves_on_both_routes(route):
     """``HVPFunction.block_rows`` gives rows of one leaf's own block, the other leaves'
