@@ -703,6 +703,32 @@ def test_batched_products_measured_or_forced_equal_the_oracle(route, choice, k):
         assert_close(rows[i], _oracle_hvp(f, params, (x, y), zeroed)[first])
 
 
+def _on_a_clock(monkeypatch, single_cost, pass_cost):
+    """An ``HVPFunction`` whose clock only the fake products advance: ``(H, batched,
+    single, widths)``, ``widths`` the batched passes' widths; ``single_cost`` one number
+    or the costs of the first single products (1.0 after them)."""
+    import types
+
+    import hessfunc.products as products
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(products, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    H = hf.hvp_fn(lambda x: (x ** 3).sum(), (torch.ones(2),))
+    widths = []
+    costs = iter(single_cost) if isinstance(single_cost, list) else None
+
+    def batched(lo, hi):
+        clock["now"] += pass_cost(hi - lo)
+        widths.append(hi - lo)
+        return list(range(lo, hi))
+
+    def single(i):
+        clock["now"] += next(costs, 1.0) if costs is not None else single_cost
+        return [i]
+
+    return H, batched, single, widths
+
+
 @pytest.mark.parametrize(("single_cost", "pass_cost", "calls", "expected"), [
     # batching never cheaper per column (a ResNet): settled at 2 wide, the loop kept
     (1.0, lambda w: 1.0 * w, [20, 20], (2, 1.0, True, True)),
@@ -728,27 +754,7 @@ def test_batched_or_looped_policy(single_cost, pass_cost, calls, expected, monke
     """NOTE [batched or looped products] on a clock that the products advance: every
     column is computed once and in order, the loop is kept where batching does not pay
     10%, and the width grows by four while it does, across calls."""
-    import types
-
-    import hessfunc.products as products
-
-    clock = {"now": 0.0}
-    monkeypatch.setattr(products, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
-    H = hf.hvp_fn(lambda x: (x ** 3).sum(), (torch.ones(2),))
-
-    widths = []
-
-    def batched(lo, hi):
-        clock["now"] += pass_cost(hi - lo)
-        widths.append(hi - lo)
-        return list(range(lo, hi))
-
-    costs = iter(single_cost) if isinstance(single_cost, list) else None
-
-    def single(i):
-        clock["now"] += next(costs, 1.0) if costs is not None else single_cost
-        return [i]
-
+    H, batched, single, widths = _on_a_clock(monkeypatch, single_cost, pass_cost)
     for k in calls:
         widths.clear()
         assert H._batched_or_looped("kind", k, batched, single,
@@ -772,24 +778,7 @@ def test_batched_or_looped_widest_policy(pass_cost, calls, loop, widths, monkeyp
     """NOTE [batched or looped products] for the R-operator (``first_width=None``): after
     three timed single products one pass over every column left is timed, and that
     settles it: batching takes all the columns of a later call in one pass."""
-    import types
-
-    import hessfunc.products as products
-
-    clock = {"now": 0.0}
-    monkeypatch.setattr(products, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
-    H = hf.hvp_fn(lambda x: (x ** 3).sum(), (torch.ones(2),))
-    seen = []
-
-    def batched(lo, hi):
-        clock["now"] += pass_cost(hi - lo)
-        seen.append(hi - lo)
-        return list(range(lo, hi))
-
-    def single(i):
-        clock["now"] += 1.0
-        return [i]
-
+    H, batched, single, seen = _on_a_clock(monkeypatch, 1.0, pass_cost)
     first = True
     for k in calls:
         seen.clear()
