@@ -97,8 +97,9 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
         routes.append(Route("hessian_diag(per_sample=True)", "generic",
                             "vmap of one-hot products", graph_each_why))
     chain, chain_why = graph_chain(f, args, argnums)  # NOTE [chains from the graph]
+    layers = "chain" if chain is None or chain.chain else "layers and their skip connections"
     routes.append(Route("hvp, hvp_fn, HessianOperator",
-                        *(("structured", "R-operator on the chain in the captured graph "
+                        *(("structured", f"R-operator on the {layers} in the captured graph "
                            "(hvp: with method='structured')",
                            "" if chain_why == "ok" else chain_why) if chain is not None
                           else ("graph", "cached gradient graph", chain_why))))

@@ -154,7 +154,7 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
             does not repay finding a chain; for many, :func:`hvp_fn`). Where torch has
             no second derivative of an op that the captured graph decomposes
             (hardsigmoid), ``"auto"`` takes the chain in the graph.
-            ``"structured"``: the R-operator on a chain read off the captured graph
+            ``"structured"``: the R-operator on layers read off the captured graph
             (NOTE [structured products]); it raises, saying why, where that does not
             apply.
 
@@ -256,8 +256,9 @@ class HVPFunction:
     """``v -> H v`` at a fixed point, with everything but ``v`` computed once.
 
     Two routes, both exact. ``"structured"``: for a chain of Linear layers,
-    convolutions and elementwise maps read off the captured graph of ``f`` (NOTE
-    [chains from the graph] in ``hessfunc/graph/chain.py``; a
+    convolutions and elementwise maps, or a DAG of them with skip connections, read off
+    the captured graph of ``f`` (NOTE [chains from the graph] in
+    ``hessfunc/graph/chain.py``; a
     :func:`hessfunc.functionalize` model or any function), activations, their
     derivatives and the loss's output Hessian are cached and each product is a few
     dense matrix products (NOTE [structured products]).

@@ -937,9 +937,16 @@ def test_hand_written_dags_take_the_structured_products(case):
 
 def test_a_dag_has_no_per_sample_full_hessian():
     """The full Hessian's per-sample backpropagation has no rule for skip connections:
-    the plan says so, and the Hessian comes from the products' rows."""
+    the plan and ``explain`` say so, and name the products' route."""
     f, p, batch = _dags()[0]
     plan, why = graph_chain(f, (p, *batch), 0)
     assert why == "ok" and plan.sources[-2] == (2, 0) and not plan.chain
     assert plan.why_not_per_sample() == ("layers with skip connections, which the full "
                                          "Hessian's backpropagation has no rule for")
+    explained = hf.explain(f, p, *batch)
+    assert explained["hvp, hvp_fn, HessianOperator"].engine == (
+        "R-operator on the layers and their skip connections in the captured graph (hvp: "
+        "with method='structured')")
+    assert explained["hessian"].why.endswith("chain route: layers with skip connections, "
+                                             "which the full Hessian's backpropagation has "
+                                             "no rule for")
