@@ -695,9 +695,13 @@ def test_batched_products_measured_or_forced_equal_the_oracle(route, choice, k):
         assert kept is None  # up to three columns are single products, nothing timed
     else:
         assert isinstance(kept, _Choice) and (choice is None or kept.loop == (choice == "loop"))
+    if choice is None and k >= 5:  # the first probe: 2 columns, or every column left
+        assert kept.width == (2 if route == "graph" else k - 3)
     assert_close(H.batched(batch), out)  # the kept choice, all columns
     first = list(params)[0]
     rows = H.block_rows(0, batch[first])
+    if choice is None and k >= 5:  # the rows are timed the same way
+        assert H._choices["rows"].width == (2 if route == "graph" else k - 3)
     for i, t in enumerate(tangents):
         zeroed = {k: t[k] if k == first else torch.zeros_like(t[k]) for k in params}
         assert_close(rows[i], _oracle_hvp(f, params, (x, y), zeroed)[first])
@@ -978,3 +982,18 @@ def test_graph_route_with_an_unused_leaf_and_a_bilinear_term():
     assert torch.equal(H.block_rows(0, T), torch.zeros(5, 3, dtype=torch.float64))
     assert torch.equal(H.block_rows(2, T), torch.zeros(5, 3, dtype=torch.float64))
     assert_close(H.block_rows(1, T), 6 * params["b"] * T)
+
+
+def test_batched_products_of_a_one_tensor_function():
+    """``HVPFunction.batched`` of ``f(x)`` with one tensor argument, four columns (three
+    single products and one timed batched pass), against the dense oracle."""
+    x = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+
+    def f(t):
+        return (t ** 3).sum() + t.prod()
+
+    H = hf.hvp_fn(f, (x,))
+    V = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    leaf = x.clone().requires_grad_(True)
+    dense = hf.reference.hessian(f(leaf), [leaf])
+    assert_close(H.batched(V), V @ dense)
