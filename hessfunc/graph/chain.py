@@ -311,13 +311,12 @@ def _enters_at(walk: _Walk, reader: fx.Node, loss: Collection[fx.Node],
     return reader in entering
 
 
-def _step_at(walk: _Walk, node: fx.Node, values: dict[fx.Node, int],
+def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node],
              taken: set[fx.Node]) -> tuple[Any, list[fx.Node], fx.Node] | None:
-    """The step that starts at ``node``, an op reading the model's values: ``(step, the
-    nodes it takes, its output)``, or None where ``node`` is no step's first op. An
-    elementwise step is None in a walk on shapes (its derivatives need values)."""
+    """The step that starts at ``node``, an op reading the model's values ``live``:
+    ``(step, the nodes it takes, its output)``, or None where ``node`` is no step's first
+    op. An elementwise step is None in a walk on shapes (its derivatives need values)."""
     env = walk.env
-    live = [a for a in node.all_input_nodes if a in values]
     if len(live) == 2 and node.target is aten.add.Tensor and not node.kwargs and \
             all(a in live for a in node.args) and \
             env[live[0]].shape == env[live[1]].shape == env[node].shape and \
@@ -359,18 +358,18 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     values = {x: 0}   # the model's values: the inputs, then each step's output
     claimed: set[fx.Node] = set()  # the ops of the steps so far
     for node in walk.gm.graph.nodes:  # topological order: a step after those it reads
-        if node.op != "call_function" or node in claimed or node.target in SHAPE_ONLY or \
-                not any(a in values for a in node.all_input_nodes):
+        if node.op != "call_function" or node in claimed or node.target in SHAPE_ONLY:
             continue
-        found = _step_at(walk, node, values, claimed)
+        live = [a for a in node.all_input_nodes if a in values]
+        if not live:
+            continue
+        found = _step_at(walk, node, live, claimed)
         if found is None:
             break  # the loss, or an op without a rule
         step, nodes, end = found
         if isinstance(step, str):
             return step
-        sources.append(tuple(values[a] for a in node.all_input_nodes if a in values)
-                       if isinstance(step, _Add) else
-                       (values[next(a for a in nodes[0].all_input_nodes if a in values)],))
+        sources.append(tuple(values[a] for a in live))  # one value, two for an add
         steps.append(step)
         claimed.update(nodes)
         values[end] = len(steps)
