@@ -696,7 +696,9 @@ def test_batched_products_measured_or_forced_equal_the_oracle(route, choice, k):
     else:
         assert isinstance(kept, _Choice) and (choice is None or kept.loop == (choice == "loop"))
     if choice is None and k >= 5:  # the first probe: 2 columns, or every column left
-        assert kept.width == (2 if route == "graph" else k - 3)
+        # the graph route widens a winning 2-column probe 4x while columns are left (by
+        # the clock: either width may be kept; the policy's own test fakes the clock)
+        assert kept.width in ((2, 8) if route == "graph" else (k - 3,))
     assert_close(H.batched(batch), out)  # the kept choice, all columns
     first = list(params)[0]
     rows = H.block_rows(0, batch[first])
