@@ -279,10 +279,10 @@ def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce", "nll-of-log-softmax"])
 def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch):
     """On a chain of layers (an MLP with two curved activations, a convolution chain, a
-    residual MLP) the GGN and Fisher operators' products are the chain's R-operator in its
-    Gauss-Newton form (no model linearised): single and batched, over three batches (one of one
-    sample), equal to the oracle's ``J^T M J`` (the Hessian's second-order terms would
-    differ from it)."""
+    residual MLP, a convolution with BatchNorm in eval mode and average pooling) the GGN
+    and Fisher operators' products are the chain's R-operator in its Gauss-Newton form (no
+    model linearised): single and batched, over three batches (one of one sample), equal
+    to the oracle's ``J^T M J`` (the Hessian's second-order terms would differ from it)."""
     def linearize(*_):
         raise AssertionError("a chain's products linearise no model")
 
@@ -293,9 +293,17 @@ def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch
                          nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, C)).double()
     torch.manual_seed(4)
     residual = ResidualMLP(2, 4, 2, C, activation="sigmoid").double()
+    bn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ELU(),
+                       nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, C)).double().eval()
+    with torch.no_grad():  # running statistics and affine parameters away from 0 and 1
+        bn[1].running_mean.normal_(0, 0.3, generator=gen)
+        bn[1].running_var.uniform_(0.5, 1.5, generator=gen)
+        bn[1].weight.normal_(1, 0.3, generator=gen)
+        bn[1].bias.normal_(0, 0.3, generator=gen)
     for model, x in ((mlp, torch.randn(9, 2, generator=gen, dtype=DT)),
                      (conv, torch.randn(9, 2, 5, 5, generator=gen, dtype=DT)),
-                     (residual, torch.randn(9, 2, generator=gen, dtype=DT))):
+                     (residual, torch.randn(9, 2, generator=gen, dtype=DT)),
+                     (bn, torch.randn(9, 2, 5, 5, generator=gen, dtype=DT))):
         if frozen:
             next(model.parameters()).requires_grad_(False)
         loss_fn, y = LOSSES[name], _targets(name, 9, gen)

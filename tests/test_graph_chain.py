@@ -469,10 +469,10 @@ def test_look_alikes_of_layers_and_activations_are_not_a_chain(name):
 
 
 def test_conv1d_chains_and_what_ends_them():
-    """A Conv1d chain flattened into a Linear layer is a chain (its 3-D values
-    flattened), with or without a bias; a sum over positions in place of the flattening,
-    a grouped convolution and a chain ending in 3-D outputs are not (the cached gradient
-    graph, exact)."""
+    """A Conv1d chain flattened into a Linear layer, or summed over positions, is a chain
+    (its 3-D values flattened), with or without a bias; a head weight sliced from a
+    parameter, a grouped convolution and a chain ending in 3-D outputs are not (the cached
+    gradient graph, exact)."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 2, 5, generator=gen, dtype=F64), torch.randn(3, 2, generator=gen,
                                                                      dtype=F64)
@@ -489,14 +489,19 @@ def test_conv1d_chains_and_what_ends_them():
         h = torch.tanh(F.conv1d(x, p["cw"]))
         return F.mse_loss(F.linear(h.flatten(1), p["hw"], p["hb"]), y)
 
-    for f, params in ((flat, p), (no_bias, {k: v for k, v in p.items() if k != "cb"})):
+    def summed(p, x, y):
+        h = torch.tanh(F.conv1d(x, p["cw"], p["cb"]))
+        return F.mse_loss(F.linear(h.sum(-1), p["hw"], p["hb"]), y)
+
+    def sliced(p, x, y):
+        h = torch.tanh(F.conv1d(x, p["cw"], p["cb"]))
+        return F.mse_loss(F.linear(h.sum(-1), p["hw"][:, :3], p["hb"]), y)
+
+    for f, params in ((flat, p), (no_bias, {k: v for k, v in p.items() if k != "cb"}),
+                      (summed, {**p, "hw": p["hw"][:, :3].contiguous()})):
         H = hf.hvp_fn(f, (params, x, y))
         assert H.method == "structured"
         check_products(H, f, params, (x, y), [random_like(params, 0)])
-
-    def summed(p, x, y):
-        h = torch.tanh(F.conv1d(x, p["cw"], p["cb"]))
-        return F.mse_loss(F.linear(h.sum(-1), p["hw"][:, :3], p["hb"]), y)
 
     def grouped(p, x, y):
         h = torch.tanh(F.conv1d(x, p["gw"], groups=2))
@@ -512,7 +517,7 @@ def test_conv1d_chains_and_what_ends_them():
     g = {"gw": torch.randn(4, 1, 3, generator=gen, dtype=F64),
          "gh": torch.randn(2, 12, generator=gen, dtype=F64)}
     for f, params, target, why in (
-            (summed, p, y, "which stops at sum"),
+            (sliced, p, y, "which stops at addmm"),
             (grouped, g, y, "which stops at convolution"),
             (computed_weight, p, y, "which stops at convolution"),
             (outputs_3d, p, torch.randn(3, 3, 3, generator=gen, dtype=F64),
@@ -920,19 +925,131 @@ def test_hand_written_dags_take_the_structured_products(case):
     products (single, batched, one ``hvp``), the gradient, the full Hessian from rows and
     one parameter's rows equal the oracle's."""
     f, p, batch = _dags()[case]
+    _structured_everywhere(f, p, batch, "w2" if "w2" in p else "w")
+
+
+def _structured_everywhere(f, p, batch, last):
+    """``f`` takes the R-operator, and its products (single, batched, the k-axis pass, one
+    ``hvp``), gradient, full Hessian and the rows of parameter ``last``'s block (the
+    backward pass stops there) equal the oracle's; the products carry no graph."""
     H = hf.hvp_fn(f, (p, *batch))
     assert H.method == "structured"
     check_products(H, f, p, batch, [random_like(p, i) for i in range(3)], single=True)
+    assert not any(t.requires_grad for t in H(random_like(p, 0)).values())
     assert_close(H.gradient, oracle_grad(f, p, batch))
     leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
     dense = hf.reference.hessian(f(leaves, *batch), list(leaves.values()))
     assert_nested_close(hf.hessian(f)(p, *batch), dense, p)
     names, sizes = list(p), [t.numel() for t in p.values()]
-    last = "w2" if "w2" in p else "w"  # the last layer: the backward pass stops there
     w = names.index(last)
     start, size = sum(sizes[:w]), sizes[w]
     rows = H.block_rows(w, torch.eye(size, dtype=F64).reshape(size, *p[last].shape))
     assert_close(rows.reshape(size, size), dense[start:start + size, start:start + size])
+
+
+def _scales_and_pools():
+    """Hand-written models with parameters broadcast over the batch (BatchNorm in eval
+    mode, gains and biases of every broadcast shape) and linear maps without parameters
+    (means, sums, average pools, permutations, views): ``(f, params, inputs, last)``."""
+    gen = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    stats = [(r(3) * 0.3, r(3).abs() + 0.5) for _ in range(2)]  # running mean and var
+
+    def bn_block(p, x, y):  # a residual block with BatchNorm, global mean pooling
+        h = F.conv2d(x, p["c1"], padding=1)
+        h = torch.relu(F.batch_norm(h, *stats[0], p["g1"], p["b1"], training=False))
+        h = h + F.batch_norm(F.conv2d(h, p["c2"], padding=(1, 2), dilation=(1, 2)), *stats[1],
+                             p["g2"], p["b2"], training=False, eps=1e-3)
+        h = torch.tanh(h)
+        return F.cross_entropy(F.linear(h.mean((2, 3)), p["w"], p["b"]), y)
+
+    bn = {"c1": r(3, 2, 3, 3), "g1": 1 + 0.3 * r(3), "b1": r(3), "c2": r(3, 3, 3, 3),
+          "g2": 1 + 0.3 * r(3), "b2": r(3), "w": r(4, 3), "b": r(4)}
+    x4, y4 = r(5, 2, 6, 5), torch.randint(0, 4, (5,), generator=gen)
+    def frozen(p, x, y):  # the rest constants: the first trainable step is a BatchNorm's
+        return bn_block({**bn, **p}, x, y)
+
+    cases = [(bn_block, bn, (x4, y4), "w"),
+             (frozen, {k: bn[k] for k in ("g1", "b1", "b2", "w")}, (x4, y4), "w")]
+
+    def gains(p, x, y):  # gains and biases of every broadcast shape, a scalar gain
+        h = torch.tanh(F.linear(x, p["w1"]) * p["g"] + p["c"])
+        h = torch.sigmoid((h * p["s"]) * p["row"].view(1, -1)) / 3.0
+        return F.mse_loss(F.linear(h - 0.5, p["w2"]), y)
+
+    mlp = {"w1": r(4, 3), "g": r(4), "c": r(4), "s": r(()), "row": r(4), "w2": r(2, 4)}
+    cases.append((gains, mlp, (r(6, 3), r(6, 2)), "w2"))
+
+    def pools(p, x, y):  # average pools, a permutation, a transposition, a sum, views
+        h = torch.tanh(F.conv2d(x, p["c"]) + p["cb"].view(-1, 1, 1))
+        h = F.avg_pool2d(h, (2, 3), stride=(1, 2), padding=(1, 0), count_include_pad=False)
+        h = F.adaptive_avg_pool2d(h, (2, 3)).permute(0, 2, 3, 1).transpose(1, 2).sum(1)
+        return F.mse_loss(F.linear(torch.tanh(h.reshape(-1, 2, 3)).flatten(1), p["w"]), y)
+
+    conv = {"c": r(3, 2, 2, 2), "cb": r(3), "w": r(2, 6)}
+    cases.append((pools, conv, (r(4, 2, 7, 9), r(4, 2)), "w"))
+
+    def conv1d_bias(p, x, y):  # a bias added to a convolution without one; constant gains
+        h = F.conv1d(x, p["c"]) * (0.5 * torch.ones(3, 1, dtype=F64)) + p["cb"].view(1, -1, 1)
+        return F.mse_loss(F.linear(torch.tanh(h).mean(-1), p["w"]), y)
+
+    cases.append((conv1d_bias, {"c": r(3, 2, 3), "cb": r(3), "w": r(2, 3)},
+                  (r(4, 2, 6), r(4, 2)), "w"))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_scales_and_linear_maps_take_the_structured_products(case):
+    """BatchNorm in eval mode in a residual block (its convolutions trained or frozen),
+    gains and biases broadcast over the batch (a vector, a row, a scalar, a bias alone,
+    constant gains), average pools, permutations, sums and views: the R-operator, every
+    product, the gradient, the full Hessian and rows equal the oracle's."""
+    f, p, batch, last = _scales_and_pools()[case]
+    _structured_everywhere(f, p, batch, last)
+
+
+_NOT_SCALES = {  # name: (f, the shapes of the parameters it reads besides w1 and w2)
+    "a mean over the batch": (lambda p, x, y: F.mse_loss(F.linear((lambda h: h - h.mean(
+        0, keepdim=True))(torch.tanh(F.linear(x, p["w1"]))), p["w2"]), y), {}),
+    # a mean over the batch axis that leaves as many rows as samples (4 channels)
+    "a mean over the batch of 4 channels": (lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.conv1d(x.view(4, 3, 1), p["c"])).mean(0), p["h"]) + p["w1"].sum() * p["w2"].sum(),
+        y), {"c": (4, 3, 1), "h": (2, 1)}),
+    "a gain per sample": (lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"]) * p["g"]), p["w2"]), y), {"g": (4, 3)}),
+    "a gain that widens its input": (lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"]).sum(1, keepdim=True) * p["g"]), p["w2"]), y), {"g": (3,)}),
+    "BatchNorm in training mode": (lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.batch_norm(F.linear(x, p["w1"]), None, None, p["g"], None, training=True)),
+        p["w2"]), y), {"g": (3,)}),
+    "a gain computed from a parameter": (lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
+        F.linear(x, p["w1"]) * p["g"].exp()), p["w2"]), y), {"g": (3,)}),
+}
+
+
+@pytest.mark.parametrize("name", list(_NOT_SCALES))
+def test_what_is_not_a_scale_or_a_linear_map(name):
+    """A mean over the batch axis (also where it leaves as many rows as samples), a gain
+    with a row per sample, a gain that widens its input, BatchNorm in training mode
+    (statistics of the batch) and a gain computed from a parameter are no step of a
+    chain: the cached gradient graph, exact, and method='structured' says where the
+    chain stops."""
+    f, extra = _NOT_SCALES[name]
+    gen = torch.Generator().manual_seed(3)
+    p = {"w1": torch.randn(3, 3, generator=gen, dtype=F64),
+         "w2": torch.randn(2, 3, generator=gen, dtype=F64)}
+    p |= {k: torch.randn(*shape, generator=gen, dtype=F64) for k, shape in extra.items()}
+    x, y = torch.randn(4, 3, generator=gen, dtype=F64), torch.randn(4, 2, generator=gen,
+                                                                     dtype=F64)
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "graph"
+    check_products(H, f, p, (x, y), [random_like(p, 1)])
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply here: "
+                                               "(parameters .* stops at|values inside)"):
+        hf.hvp_fn(f, (p, x, y), method="structured")
 
 
 def test_a_dag_has_no_per_sample_full_hessian():

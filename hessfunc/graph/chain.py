@@ -4,8 +4,12 @@ NOTE [chains from the graph]: the R-operator products of
 :class:`hessfunc.graph.chain_products.ChainProducts` (NOTE [structured products]) need the
 model as a chain ``x -> layer -> ... -> o`` followed by a loss of ``o``: Linear layers
 (``addmm``/``mm`` with a transposed weight), convolutions (``groups=1``, no transposed
-convolution), flattening views and elementwise maps, or a DAG of them (NOTE [skip
-connections]). This module finds that chain in the ATen graph of ``p -> f(p, x, y)`` by its ops,
+convolution), scales (``a * w + b`` with ``w``, ``b`` broadcast against one sample, after
+constant shifts and factors of ``a``: BatchNorm in eval mode decomposes into exactly
+that), linear maps that keep samples apart (means and sums over other axes than the
+batch, average pools, views and permutations that keep the batch axis first) and
+elementwise maps, or a DAG of them (NOTE [skip connections]). This module finds that
+chain in the ATen graph of ``p -> f(p, x, y)`` by its ops,
 so a function written with ``functional_call`` and ``torch.nn.functional`` takes the same
 route as a :func:`hessfunc.functionalize` model. An elementwise map is any run of
 pointwise ops of one per-sample operand (and constants), however many ops it
@@ -75,8 +79,11 @@ from .chain_plan import (
     _Elementwise,
     _Flatten,
     _Linear,
+    _LinearMap,
+    _Scale,
     elementwise_derivatives,
     output_blocks,
+    trainable,
 )
 from .curvature import (
     _FULL_SUMS,
@@ -93,6 +100,14 @@ __all__ = ["RANDOM_MODEL", "chain_from_graph", "graph_chain", "model_chain"]
 aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+#: views that keep the element order, through which a weight may reach its layer
+_RESHAPES = _VIEWS | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                      aten.squeeze.default}
+#: constant shifts and factors, which a step of parameters broadcast over the batch takes
+_AFFINE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
+#: average pools, by the rank of a batched input
+_POOLS = {aten.avg_pool1d.default: 3, aten.avg_pool2d.default: 4, aten.avg_pool3d.default: 5,
+          aten._adaptive_avg_pool2d.default: 4, aten._adaptive_avg_pool3d.default: 5}
 _SUMS = (aten.add.Tensor, aten.sub.Tensor)  # how a term of the parameters alone joins the loss
 
 
@@ -129,9 +144,12 @@ def _is_transpose(node: fx.Node) -> bool:
 
 def _values(gm: fx.GraphModule, placeholders: list[Tensor]) -> dict[fx.Node, Any]:
     """Every node's value at the point, without autograd (the layers' inputs that a plan
-    keeps carry no graph: graph_chain refuses inputs that require grad)."""
+    keeps carry no graph: graph_chain refuses inputs that require grad), constants
+    detached: a frozen parameter of the user's model is one, and products through it
+    would otherwise carry a graph that misses its other paths into them."""
     with torch.no_grad():
-        return run_nodes(gm, placeholders)
+        env = run_nodes(gm, placeholders)
+    return {n: v.detach() if isinstance(v, Tensor) else v for n, v in env.items()}
 
 
 class _Walk:
@@ -167,23 +185,30 @@ class _Walk:
         """Whether ``node`` depends on the batch (a placeholder after the parameters)."""
         return isinstance(node, fx.Node) and node in self._data
 
-    def operand(self, node: Any, transposed: bool) -> tuple[Tensor, str | None] | None:
+    def operand(self, node: Any, transposed: bool = False, reshaped: bool = False
+                ) -> tuple[Tensor, str | None] | None:
         """A layer's weight or bias: a parameter placeholder or a constant; ``transposed``:
-        reached through ``t``/``permute`` of a matrix. The layer is the parameter's one
+        reached through ``t``/``permute`` of a matrix (the value returned is the matrix);
+        ``reshaped``: through views that keep its element order (``unsqueeze``, ``view``;
+        the value returned is the one the layer reads). The layer is the parameter's one
         reader that depends on the batch; its other readers are terms of the parameters
         alone (NOTE [parameter terms])."""
         if not isinstance(node, fx.Node):
             return None
-        path = node
+        path, value = [node], self.env[node]
         if transposed:
             if not _is_transpose(node) or len(node.users) != 1:
                 return None
             node = node.args[0]  # W of ``x W^T``
-        value = self.env[node]
+            value = self.env[node]
+            path.append(node)
+        while reshaped and node.target in _RESHAPES and len(node.users) == 1:
+            node = node.args[0]
+            path.append(node)
         if node in self.names:
-            if sum(self.data(u) for u in node.users) != (0 if transposed else 1):
+            if sum(self.data(u) for u in node.users) != (1 if len(path) == 1 else 0):
                 return None
-            self.operands.update((path, node))
+            self.operands.update(path)
             return value, self.names[node]
         if self.variable(node):
             return None
@@ -227,6 +252,104 @@ class _Walk:
         self.layers.add(node)
         return _Conv(weight[0], self.env[cur], weight[1], None if bias is None else bias[1],
                      tuple(stride), tuple(padding), tuple(dilation))
+
+    def scale(self, node: fx.Node, cur: fx.Node
+              ) -> tuple[_Scale, list[fx.Node], fx.Node] | None:
+        """``a * w + b``, ``a * w`` or ``a + b`` with ``w``, ``b`` parameters or constants
+        broadcast against ``a`` over the batch, at least one of them a parameter (a
+        constant alone is an elementwise map), after constant shifts and factors of
+        ``cur`` (``a = (cur - m) * s``, BatchNorm's normalisation): the step, its ops and
+        the node of its output."""
+        nodes, lhs, pre = [], cur, None
+        while node.target in _AFFINE and len(node.users) == 1:
+            constant = self._broadcast_operand(node, lhs)
+            if constant is None or constant[1] is not None or (
+                    node.target in (aten.sub.Tensor, aten.div.Tensor) and node.args[0] is not lhs):
+                break
+            if node.target in (aten.mul.Tensor, aten.div.Tensor) and self.values:
+                factor = constant[0] if node.target is aten.mul.Tensor else 1 / constant[0]
+                pre = factor if pre is None else pre * factor
+            nodes.append(node)
+            lhs, (node,) = node, node.users
+        mul = add = None
+        if node.target is aten.mul.Tensor:
+            mul = node
+            (add,) = node.users if len(node.users) == 1 else (None,)
+            if add is not None and add.target is not aten.add.Tensor:
+                add = None
+        elif node.target is aten.add.Tensor:
+            add = node
+        weight, end = None, node
+        if mul is not None:
+            weight = self._broadcast_operand(mul, lhs)
+            if weight is None:
+                return None
+        bias = None if add is None else self._broadcast_operand(add, mul or lhs)
+        if bias is not None:
+            end = add
+        elif mul is None:
+            return None
+        if not ((weight and weight[1]) or (bias and bias[1])):
+            return None  # constants only
+        nodes += [node, end]
+        self.layers.update(nodes)
+        w = None if weight is None else weight[0]
+        gain = w if pre is None else pre if w is None else pre * w
+        return _Scale(w, None if bias is None else bias[0], self.env[lhs],
+                      None if weight is None else weight[1], None if bias is None else bias[1],
+                      pre, gain), nodes, end
+
+    def _broadcast_operand(self, node: fx.Node, cur: fx.Node) -> tuple[Tensor, str | None] | None:
+        """The operand of the binary ``node`` (``mul``/``add``) other than ``cur``, when
+        it is a parameter or constant that broadcasts against ``cur`` without widening it
+        or reaching the batch axis: viewed to ``cur.dim() - 1`` axes, with its name."""
+        if node.kwargs or len(node.args) != 2 or cur not in node.args or \
+                node.args[0] is node.args[1]:
+            return None
+        other = node.args[1] if node.args[0] is cur else node.args[0]
+        a = self.env[cur]
+        value = self.env[other] if isinstance(other, fx.Node) else None
+        if not isinstance(value, Tensor) or value.dtype != a.dtype or value.dim() > a.dim() or \
+                (value.dim() == a.dim() and value.shape[0] != 1) or \
+                tuple(torch.broadcast_shapes(value.shape, a.shape)) != tuple(a.shape):
+            return None
+        found = self.operand(other, reshaped=True)
+        if found is None:
+            return None
+        per_sample = value.shape[1:] if value.dim() == a.dim() else value.shape
+        shape = (1,) * (a.dim() - 1 - len(per_sample)) + tuple(per_sample)
+        return found[0].reshape(shape), found[1]
+
+    def linear_map(self, node: fx.Node, cur: fx.Node) -> _LinearMap | None:
+        """A linear op of ``cur`` alone that keeps samples apart (NOTE [chains from the
+        graph]): a mean or sum over other axes than the batch, average pooling, a view or
+        permutation keeping the batch axis first."""
+        a, out = self.env[cur], self.env[node]
+        if node.args[0] is not cur or not isinstance(out, Tensor) or a.dim() < 2 or \
+                out.dim() < 1 or out.shape[0] != a.shape[0] or out.dtype != a.dtype or \
+                any(isinstance(v, fx.Node) for v in (*node.args[1:], *node.kwargs.values())):
+            return None
+        target, args = node.target, node.args[1:]
+        if target in _VIEWS:
+            per_sample = tuple(out.shape[1:])
+            return _LinearMap(lambda t: t.reshape(t.shape[0], *per_sample), tuple(a.shape[1:]))
+        if target in (aten.mean.dim, aten.sum.dim_IntList):
+            if not args or args[0] is None or 0 in {d % a.dim() for d in args[0]} or \
+                    node.kwargs.get("dtype") is not None:
+                return None
+        elif target is aten.permute.default:
+            if args[0][0] % a.dim() != 0:
+                return None
+        elif target is aten.transpose.int:
+            if 0 in {d % a.dim() for d in args}:
+                return None
+        elif _POOLS.get(target) != a.dim():
+            return None  # not a linear map, or a pool of an unbatched input
+
+        def apply(t: Tensor) -> Tensor:
+            return target(t, *args, **node.kwargs)
+
+        return _LinearMap(apply, tuple(a.shape[1:]))
 
     def pointwise_run(self, cur: fx.Node, taken: Collection[fx.Node]
                       ) -> tuple[list[fx.Node], fx.Node] | None:
@@ -334,6 +457,12 @@ def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node],
     step = walk.conv(node, cur)
     if step is not None:
         return step, [node], node
+    scale = walk.scale(node, cur)
+    if scale is not None:
+        return scale
+    step = walk.linear_map(node, cur)
+    if step is not None:
+        return step, [node], node
     run = walk.pointwise_run(cur, taken)  # also a map that reads cur at several ops
     if run is None or run[0][0] is not node:
         return None
@@ -410,8 +539,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
         return f"parameters {stray} are used outside the chain of layers from the inputs, " \
                f"which stops at {at} (a regulariser, a tied weight, branches joined other " \
                "than by add, or an op without a chain rule)"
-    if not any(isinstance(s, (_Linear, _Conv)) and (s.weight_name or s.bias_name)
-               for s in steps):
+    if not any(trainable(s) for s in steps):
         return "no layer with a parameter on a chain from the inputs"
     if env[cur].dim() != 2 or env[cur].shape[0] != env[x].shape[0]:
         return "the chain does not end in an (N, C) output"

@@ -32,7 +32,7 @@ Both are exact, not approximations: the tests compare them with the loop oracle
 to 1e-10 in float64.
 
 Hessian-vector products (NOTE [structured products]) also take convolutions,
-flattening views, skip connections (a DAG of these steps) and a loss that couples
+scales, linear maps, skip connections (a DAG of these steps) and a loss that couples
 samples.
 """
 
@@ -48,7 +48,8 @@ import torch
 from .._autodiff import missing_derivative
 from .._memory import CHUNK_BUDGET_BYTES, itemsize
 
-__all__ = ["ChainPlan", "ParameterTerms", "elementwise_derivatives", "output_blocks"]
+__all__ = ["ChainPlan", "ParameterTerms", "elementwise_derivatives", "output_blocks",
+           "trainable"]
 
 
 @dataclass
@@ -87,6 +88,37 @@ class _Elementwise:
 @dataclass
 class _Add:
     """The sum of two values of one shape: where a skip connection joins its branch."""
+
+
+@dataclass
+class _Scale:
+    """``z = a * w + b`` with ``w`` and ``b`` parameters or constants (either may be
+    absent) broadcast over the batch and other axes, after constant shifts and factors
+    ``a = (x - m) * s``: BatchNorm in eval mode, LayerNorm's affine part, a learned
+    per-channel gain. Linear in ``x`` and affine in its parameters, like a Linear layer
+    with a diagonal weight."""
+    weight: torch.Tensor | None   # w viewed to broadcast against one sample: (C, 1, 1)
+    bias: torch.Tensor | None     # b likewise
+    inputs: torch.Tensor          # a (N, *shape), after the shifts and factors
+    weight_name: str | None
+    bias_name: str | None
+    pre: torch.Tensor | None = None   # s, the product of the factors (broadcast), or None
+    gain: torch.Tensor | None = None  # d z / d x = s * w (broadcast), None for 1
+
+
+@dataclass
+class _LinearMap:
+    """A linear map of one value that keeps samples apart, without parameters: a mean or
+    sum over axes other than the batch, average pooling, a view or permutation that keeps
+    the batch axis first. ``apply`` runs it on ``(M, *shape)`` for any number of rows
+    ``M`` (``k`` tangents fold into the batch axis); ``shape``: its input per sample."""
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    shape: tuple[int, ...]
+
+
+def trainable(step: object) -> bool:
+    """Whether a step holds a parameter being differentiated (a weight or a bias)."""
+    return bool(getattr(step, "weight_name", None) or getattr(step, "bias_name", None))
 
 
 class ParameterTerms:
@@ -172,9 +204,7 @@ class ChainPlan:
         self.out_hessian = out_hessian
         self.out_grad = out_grad
         self.params = params
-        trainable = [i for i, s in enumerate(steps)
-                     if isinstance(s, (_Linear, _Conv)) and (s.weight_name or s.bias_name)]
-        self.first = trainable[0]
+        self.first = next(i for i, s in enumerate(steps) if trainable(s))
 
     def _propagate(self, on_linear: Callable[[_Linear, torch.Tensor, torch.Tensor, slice], None],
                    chunk_size: int | None, per_sample_bytes: int) -> None:
@@ -213,7 +243,8 @@ class ChainPlan:
             return ("a chain, but its loss's Hessian is not kept per sample (not proved a "
                     "sum over samples, or over the memory budget)")
         if not all(isinstance(s, (_Linear, _Elementwise)) for s in self.steps):
-            return ("a chain with convolutions or flattening views, which the full "
+            return ("a chain with steps other than Linear layers and elementwise maps "
+                    "(convolutions, views, pooling, per-feature scales), which the full "
                     "Hessian's backpropagation has no rule for")
         return None
 

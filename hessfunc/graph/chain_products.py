@@ -1,7 +1,7 @@
 """Hessian-vector products on a verified chain, by Pearlmutter's R-operator.
 
 NOTE [structured products]: on a chain read off the captured graph (NOTE [chains
-from the graph]: Linear layers, convolutions, flattening views and elementwise maps)
+from the graph]: Linear layers, convolutions, scales, linear maps and elementwise maps)
 the product ``H v`` needs no autograd graph through the model. Write ``R{.}`` for the
 directional derivative along ``v = (dW_l, db_l)_l``. With the activations
 ``a``, the derivatives ``phi'``/``phi''`` of every activation and the gradients
@@ -9,7 +9,9 @@ directional derivative along ``v = (dW_l, db_l)_l``. With the activations
 
 * forward, from ``R{a_0} = 0`` (the inputs are data):
   ``R{z} = R{a} W^T + a dW^T + db`` through a Linear layer,
-  ``R{z} = conv(R{a}, W) + conv(a, dW) + db`` through a convolution and
+  ``R{z} = conv(R{a}, W) + conv(a, dW) + db`` through a convolution,
+  ``R{z} = R{x} * s w + a * dw + db`` through a scale ``z = a * w + b`` of
+  ``a = (x - m) * s``, ``R{z} = L R{a}`` through a linear map ``L`` and
   ``R{a'} = phi'(z) * R{z}`` through an activation;
 * at the output: ``R{g_o} = H_o R{o}``, with ``H_o`` the loss's Hessian in the
   model output: per-sample blocks ``H_o[n]`` cached once (``hvp_fn``, the
@@ -18,7 +20,10 @@ directional derivative along ``v = (dW_l, db_l)_l``. With the activations
 * backward: through an activation ``R{g_z} = phi'(z) * R{g_a'} + phi''(z) g_a' * R{z}``;
   through a Linear layer ``(H v)_W = R{g_z}^T a + g_z^T R{a}``, ``(H v)_b = sum_n R{g_z}``
   and ``R{g_a} = R{g_z} W + g_z dW``; through a convolution the same with its weight
-  and input gradients (transposed convolutions) in place of the matrix products.
+  and input gradients (transposed convolutions) in place of the matrix products;
+  through a scale the same with a diagonal weight, ``(H v)_w`` summed over the axes
+  ``w`` is broadcast along, ``R{g_x} = R{g_z} * s w + (g_z * s) dw``; through a linear
+  map ``R{g_a} = L^T R{g_z}`` (its vector-Jacobian product).
 
 On a DAG of these steps (NOTE [skip connections]) ``R{a + b} = R{a} + R{b}`` forward,
 and backward a value read by several steps sums the ``g`` and ``R{g}`` they send it.
@@ -42,7 +47,16 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from .chain_plan import ChainPlan, _Add, _Conv, _Elementwise, _Flatten, _Linear
+from .chain_plan import (
+    ChainPlan,
+    _Add,
+    _Conv,
+    _Elementwise,
+    _Flatten,
+    _Linear,
+    _LinearMap,
+    _Scale,
+)
 
 __all__ = ["ChainProducts"]
 
@@ -89,12 +103,18 @@ class ChainProducts:
         self._grads = grads[1:]                 # gradient at each step's output (N, d)
         # curvature of each activation: phi''(z) * (gradient at its output)
         self._curvature = [s.phi2 * self._grads[i] if isinstance(s, _Elementwise) and
-                           self._second_order and i >= self._start else None
-                           for i, s in enumerate(self._steps)]
+                           self._second_order and i >= self._start and bool(s.phi2.any())
+                           else None for i, s in enumerate(self._steps)]  # None: linear map
+        # at z = (x - m) * s * w + b, the gradient at its output times s: the second-order
+        # terms of a scale step reach x through s
+        self._scaled_grads = {i: self._grads[i] if s.pre is None else self._grads[i] * s.pre
+                              for i, s in enumerate(self._steps)
+                              if isinstance(s, _Scale) and s.weight_name and self._second_order
+                              and i >= self._start}
         self._names = list(plan.params)
         # the loss's terms of the parameters alone
         self._terms = plan.terms if self._second_order else None
-        self._params_dim = {name: p.dim() for name, p in plan.params.items()}
+        self._shapes = {name: p.shape for name, p in plan.params.items()}
         self._gradient: dict[str, torch.Tensor] | None = None
         self._conv_cache: dict[int, _ConvTerms] = {}
         self._layer_of = {name: i for i, step in enumerate(self._steps)   # parameter -> step
@@ -119,6 +139,13 @@ class ChainProducts:
                             step, step.inputs, g, step.weight.shape)
                     if step.bias_name:
                         gradient[step.bias_name] = g.sum([0, *range(2, g.dim())])
+                elif isinstance(step, _Scale):
+                    if step.weight_name:
+                        gradient[step.weight_name] = self._reduce(
+                            g * step.inputs, step.weight, step.weight_name, None)
+                    if step.bias_name:
+                        gradient[step.bias_name] = self._reduce(g, step.bias, step.bias_name,
+                                                                None)
             if self._terms is not None:
                 for name, g in self._terms.grad.items():
                     g = g.detach()
@@ -170,7 +197,7 @@ class ChainProducts:
         wanted = set(order)
         first = next(iter(tangents))
         k = (tangents[first].shape[0]
-             if tangents[first].dim() == self._params_dim[first] + 1 else None)
+             if tangents[first].dim() == len(self._shapes[first]) + 1 else None)
         per = (lambda t: t) if k is None else (lambda t: t.unsqueeze(1))  # (N, d) factors
         steps, start = self._steps, self._start
         values: list[torch.Tensor | None] = [None] * (len(steps) + 1)  # R{value}
@@ -186,6 +213,10 @@ class ChainProducts:
                 r = None if r is None else r.flatten(1 if k is None else 2)
             elif isinstance(step, _Conv):
                 r = self._conv_forward(i, step, r, tangents, k)
+            elif isinstance(step, _Scale):
+                r = _scale_forward(step, r, tangents, k)
+            elif isinstance(step, _LinearMap):
+                r = None if r is None else _folded(step.apply, r, k)
             else:
                 z = None if r is None else r @ step.weight.T
                 if step.weight_name in tangents:
@@ -222,6 +253,10 @@ class ChainProducts:
             elif isinstance(step, _Conv):
                 rg = self._conv_backward(i, step, rg, below, tangents, out, k, wanted,
                                          last=i == lowest)
+            elif isinstance(step, _Scale):
+                rg = self._scale_backward(i, step, rg, below, tangents, out, k, wanted)
+            elif isinstance(step, _LinearMap):
+                rg = _folded(lambda t, s=step: _transpose(s, t), rg, k)
             else:
                 g = self._grads[i]
                 if step.weight_name in wanted:  # R{g_z}^T a + g_z^T R{a}, summed over samples
@@ -245,22 +280,46 @@ class ChainProducts:
         return {name: out[name] if name in out else self._zeros(name, k) for name in order}
 
     def _zeros(self, name: str, k: int | None) -> torch.Tensor:
-        """A zero product for parameter ``name``, ``(k, *shape)`` with ``k`` tangents (a
-        Linear weight as ``(out, inputs)``: ``(out, r)`` after :meth:`restricted`)."""
-        for step in self._steps:
-            weight = getattr(step, "weight", None)
-            if name == getattr(step, "bias_name", None):
-                shape = weight.shape[:1]  # one per output feature or channel
-            elif name == getattr(step, "weight_name", None):
-                shape = ((weight.shape[0], step.inputs.shape[1]) if isinstance(step, _Linear)
-                         else weight.shape)
-            else:
-                continue
-            return weight.new_zeros(shape if k is None else (k, *shape))
-        if self._terms is None or name not in self._terms.leaves:
-            raise KeyError(name)
-        leaf = self._terms.leaves[name]  # a parameter that only the terms read
-        return leaf.new_zeros(leaf.shape if k is None else (k, *leaf.shape))
+        """A zero product for parameter ``name``, ``(k, *shape)`` with ``k`` tangents (the
+        first Linear weight as ``(out, r)`` after :meth:`restricted`)."""
+        shape = self._shapes[name]
+        first = self._steps[self._start]
+        if isinstance(first, _Linear) and name == first.weight_name:
+            shape = (first.weight.shape[0], first.inputs.shape[1])
+        like = self._grads[-1]
+        return like.new_zeros(shape if k is None else (k, *shape))
+
+    def _reduce(self, t: torch.Tensor, like: torch.Tensor, name: str, k: int | None
+                ) -> torch.Tensor:
+        """``t`` ``(N, [k,] *shape)`` summed over samples and over the axes along which
+        ``like``, parameter ``name`` of a :class:`_Scale` step viewed to broadcast against
+        one sample, is broadcast; in the parameter's shape."""
+        lead = 1 if k is None else 2
+        axes = [0, *(lead + j for j, size in enumerate(like.shape) if size == 1)]
+        total = t.sum(axes, keepdim=True)[0]
+        return total.reshape(self._shapes[name] if k is None else (k, *self._shapes[name]))
+
+    def _scale_backward(self, i: int, step: _Scale, rg: torch.Tensor, below: torch.Tensor | None,
+                        tangents: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor],
+                        k: int | None, wanted: Collection[str]) -> torch.Tensor:
+        """Products at ``z = a * w + b``, ``a = (x - m) * s``, and
+        ``R{g_x} = R{g_z} * s w + g_z * s dw``: a Linear layer's rules with a diagonal
+        weight, each sum over what ``w`` is broadcast along (``R{a} = s R{x}``)."""
+        per = (lambda t: t) if k is None else (lambda t: t.unsqueeze(1))
+        if step.weight_name in wanted:   # sum R{g_z} * a + g_z * R{a}
+            hv = rg * per(step.inputs)
+            if below is not None and self._second_order:
+                hv.addcmul_(per(self._scaled_grads[i]), below)
+            out[step.weight_name] = self._reduce(hv, step.weight, step.weight_name, k)
+        if step.bias_name in wanted:
+            out[step.bias_name] = self._reduce(rg, step.bias, step.bias_name, k)
+        if step.gain is not None:
+            rg = rg * step.gain
+        if step.weight_name in tangents and self._second_order:
+            dw = _viewed(tangents[step.weight_name], step.weight, k)
+            rg = rg.addcmul_(per(self._scaled_grads[i]), dw) if step.gain is not None else \
+                torch.addcmul(rg, per(self._scaled_grads[i]), dw)
+        return rg
 
     def _conv_terms(self, i: int, step: _Conv) -> _ConvTerms:
         """The products with the cached ``a`` and ``g`` of conv step ``i``, built once."""
@@ -518,7 +577,52 @@ def _backprop(step: object, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (step.phi1 * g,)
     if isinstance(step, _Flatten):
         return (g.reshape(g.shape[0], *step.shape),)
+    if isinstance(step, _Scale):
+        return (g if step.gain is None else g * step.gain,)
+    if isinstance(step, _LinearMap):
+        return (_transpose(step, g),)
     return (_conv_input_grad(step, g, step.weight, step.inputs.shape),)
+
+
+def _viewed(tangent: torch.Tensor, like: torch.Tensor, k: int | None) -> torch.Tensor:
+    """A :class:`_Scale` parameter's tangent viewed as ``like`` (broadcast against one
+    sample), with its ``k`` axis first when there is one."""
+    return tangent.reshape(like.shape if k is None else (k, *like.shape))
+
+
+def _scale_forward(step: _Scale, r: torch.Tensor | None, tangents: Mapping[str, torch.Tensor],
+                   k: int | None) -> torch.Tensor | None:
+    """``R{z} = R{x} * s w + a * dw + db`` at ``z = a * w + b``, ``a = (x - m) * s``."""
+    z = None if r is None else r if step.gain is None else r * step.gain
+    if step.weight_name in tangents:
+        a = step.inputs if k is None else step.inputs.unsqueeze(1)
+        dw = _viewed(tangents[step.weight_name], step.weight, k)
+        z = a * dw if z is None else \
+            z.addcmul_(a, dw) if step.gain is not None else torch.addcmul(z, a, dw)
+    if step.bias_name in tangents:
+        db = _viewed(tangents[step.bias_name], step.bias, k)
+        if z is None:
+            n, per_sample = step.inputs.shape[0], step.inputs.shape[1:]
+            z = db.expand((n, *per_sample) if k is None else (n, k, *per_sample))
+        else:
+            z = z + db
+    return z
+
+
+def _folded(apply: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor, k: int | None
+            ) -> torch.Tensor:
+    """``apply`` (an op on ``(M, ...)`` rows) on ``t`` ``(N, ...)``, or on ``(N, k, ...)``
+    with the ``k`` tangents folded into the rows."""
+    if k is None:
+        return apply(t)
+    return apply(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+
+def _transpose(step: _LinearMap, t: torch.Tensor) -> torch.Tensor:
+    """The transpose of a linear map applied to ``t`` ``(M, *out)``: its vector-Jacobian
+    product (at zero: the map is linear)."""
+    _, vjp = torch.func.vjp(step.apply, t.new_zeros(t.shape[0], *step.shape))
+    return vjp(t)[0]
 
 
 def _accumulate(sums: list[torch.Tensor | None], j: int, part: torch.Tensor) -> None:
