@@ -12,7 +12,9 @@ torch.func way (``f(p, x, y) = loss(functional_call(model, p, (x,)), y)``):
 * ``transformer``: a 2-layer Transformer encoder LM with a causal mask (d=64, 4 heads,
   feed-forward 128, sequence 32, vocabulary 200, batch 16; next-token cross-entropy),
   run with torch's math attention kernel (the fused CPU kernel has no double backward,
-  which the seed's loop and PyHessian need).
+  which the seed's loop and PyHessian need);
+* ``resnet-train``: the ResNet in training mode (BatchNorm normalises by the batch's
+  statistics: a map that mixes samples).
 
 Timed round-robin in one process (medians of ``--repeats`` rounds), in units of one
 gradient (``torch.autograd.grad`` of the loss, forward included):
@@ -22,7 +24,9 @@ gradient (``torch.autograd.grad`` of the loss, forward included):
 * ``hf.hvp``: one product from scratch;
 * ``hvp_fn product``: one product of a cached ``hvp_fn`` (the linearisation is built
   once, outside the timing), and ``matmat / column`` for 10 columns of
-  ``HessianOperator.matmat``.
+  ``HessianOperator.matmat``;
+* ``R-operator product`` and ``graph product``: the same with ``method="structured"``
+  (where the graph reads as layers) and ``method="graph"``, the two routes side by side.
 
 Then, timed in 3 rounds alternating (medians; seconds, building the operator
 included), hessfunc beside PyHessian (installed with ``pip install pyhessian
@@ -124,6 +128,9 @@ def build(key: str) -> tuple[str, nn.Module, Any, torch.Tensor, torch.Tensor]:
                     m.running_var.uniform_(0.5, 1.5, generator=g)
         x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
         return "ResNet-BN (eval) 16-32-64, CE, 64 CIFAR", model.eval(), F.cross_entropy, x, y
+    if key == "resnet-train":
+        name, model, loss_fn, x, y = build("resnet")
+        return "ResNet-BN (train) 16-32-64, CE, 64 CIFAR", model.train(), loss_fn, x, y
     if key == "transformer":
         seq = torch.randint(0, 200, (16, 33), generator=g)
         x, y = seq[:, :-1], seq[:, 1:].reshape(-1)
@@ -201,9 +208,16 @@ def _row(key: str, repeats: int, rounds: int) -> dict:
         "hvp_fn product": lambda: H(v),
         "matmat / column": lambda: op.matmat(V),
     }
+    graph = hf.hvp_fn(f, (params, x, y), method="graph")
+    cases["graph product"] = lambda: graph(v)
+    try:
+        structured = hf.hvp_fn(f, (params, x, y), method="structured")
+        cases["R-operator product"] = lambda: structured(v)
+    except hf.ArgumentError:  # no chain of layers in the graph
+        pass
     truth = seed_hvp()
-    errors = {"hf.hvp": _rel(list(hf.hvp(f, (params, x, y), v).values()), truth),
-              "hvp_fn product": _rel(list(H(v).values()), truth)}
+    errors = {name: _rel(list(case().values()), truth) for name, case in cases.items()
+              if name in ("hf.hvp", "hvp_fn product", "graph product", "R-operator product")}
     times = interleaved_medians(cases, repeats=repeats, warmup=1)
     times["matmat / column"] /= V.shape[1]
     unit = times["gradient"]

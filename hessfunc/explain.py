@@ -98,11 +98,18 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
                             "vmap of one-hot products", graph_each_why))
     chain, chain_why = graph_chain(f, args, argnums)  # NOTE [chains from the graph]
     layers = "chain" if chain is None or chain.chain else "layers and their skip connections"
-    routes.append(Route("hvp, hvp_fn, HessianOperator",
-                        *(("structured", f"R-operator on the {layers} in the captured graph "
-                           "(hvp: with method='structured')",
-                           "" if chain_why == "ok" else chain_why) if chain is not None
-                          else ("graph", "cached gradient graph", chain_why))))
+    if chain is not None and chain.curved_maps:  # NOTE [maps without a rule]
+        routes.append(Route("hvp, hvp_fn, HessianOperator", "graph", "cached gradient graph",
+                            f"the R-operator takes {chain.curved_maps} map(s) without a rule "
+                            "(a normalisation, a softmax) through their own double backward, "
+                            "slower than the cached gradient graph; method='structured' "
+                            "takes it"))
+    else:
+        routes.append(Route("hvp, hvp_fn, HessianOperator",
+                            *(("structured", f"R-operator on the {layers} in the captured "
+                               "graph (hvp: with method='structured')",
+                               "" if chain_why == "ok" else chain_why) if chain is not None
+                              else ("graph", "cached gradient graph", chain_why))))
     if plan is not None:
         routes.append(Route("hessian_blocks", "structured", "captured graph"))
     else:

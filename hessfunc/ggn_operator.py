@@ -50,6 +50,7 @@ from .ggn import (
     random_draws_error,
 )
 from .graph.chain import RANDOM_MODEL, model_chain
+from .graph.chain_plan import _Add, _Conv, _Elementwise, _Flatten, _Linear
 from .graph.chain_products import ChainProducts
 from .operator import CurvatureOperator
 
@@ -98,6 +99,10 @@ class _BatchProduct:
         return torch.func.vmap(self._product, randomness="same")(trees)
 
 
+#: the chain steps whose Gauss-Newton products beat the linearised model's
+_GAUSS_NEWTON_STEPS = (_Linear, _Conv, _Flatten, _Elementwise, _Add)
+
+
 class _ChainProduct:
     """``v -> J^T M J v`` on one batch by the chain of layers in the model's captured
     graph (NOTE [structured products], in its Gauss-Newton form): the tangent forward
@@ -120,10 +125,15 @@ class _ChainProduct:
 
 def _batch_product(g: Callable[..., Any], loss_fn: Callable[..., Any], params: Any, x: Any,
                    y: Any, call: str) -> _ChainProduct | _BatchProduct:
-    """The chain's products where ``g(params, x)`` is a chain of layers (parameters a dict,
-    ``x`` one tensor), else the linearised model's."""
+    """The chain's products where ``g(params, x)`` is a chain of Linear layers,
+    convolutions, flattening views, elementwise maps and skip connections (parameters a
+    dict, ``x`` one tensor), else the linearised model's. A chain with the other steps
+    (scales, linear maps, maps without a rule) takes the linearised model too: its
+    Gauss-Newton products measured faster there (per product, in gradients, chain against
+    linearised: the benchmark ResNet in eval mode 1.94 / 1.54, in training mode 2.49 /
+    1.52, two LayerNorms 2.52 / 1.81; docs/benchmarks.md)."""
     plan, why = model_chain(g, params, x, lambda o: loss_fn(o, y))
-    if plan is not None:
+    if plan is not None and all(isinstance(s, _GAUSS_NEWTON_STEPS) for s in plan.steps):
         return _ChainProduct(plan)
     if why == RANDOM_MODEL:
         raise random_draws_error(call)

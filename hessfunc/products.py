@@ -65,8 +65,10 @@ Mode = Literal["reverse-over-reverse", "forward-over-reverse"]
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
 PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
-#: Columns of the first batched pass that NOTE [batched or looped products] times.
+#: Columns of the first batched pass that NOTE [batched or looped products] times, for
+#: the cached graph and (at most) for the R-operator.
 _PROBE_COLUMNS = 2
+_CHAIN_PROBE_COLUMNS = 8
 
 
 def _check_mode(mode: Any, call: str) -> None:
@@ -292,6 +294,8 @@ class HVPFunction:
             # ``plan``: a chain the caller already found at these primals (``hessian``)
             plan, reason = (plan, "ok") if plan is not None else \
                 graph_chain(f, primals, argnums)
+            if plan is not None and plan.curved_maps and method == "auto":
+                plan = None  # NOTE [maps without a rule]: the cached graph is faster there
             if plan is not None:
                 self._chain = ChainProducts(plan)
                 self._value = plan.value
@@ -372,7 +376,7 @@ class HVPFunction:
                 "rows", tangents.shape[0],
                 lambda lo, hi: self._chain({name: tangents[lo:hi]}, wanted=(name,))[name],
                 lambda i: self._chain({name: tangents[i]}, wanted=(name,))[name].unsqueeze(0),
-                torch.cat, first_width=None)
+                torch.cat, first_width=_CHAIN_PROBE_COLUMNS, clip=True)
         if self._vjp is not None:
             leaves, spec = pytree.tree_flatten(self._primal)
 
@@ -398,7 +402,7 @@ class HVPFunction:
     def _batched_or_looped(self, kind: Any, k: int,
                            batched: Callable[[int, int], Any],
                            single: Callable[[int], Any], join: Callable[[list[Any]], Any],
-                           first_width: int = _PROBE_COLUMNS) -> Any:
+                           first_width: int = _PROBE_COLUMNS, clip: bool = False) -> Any:
         """NOTE [batched or looped products]: ``k`` products through the cached gradient
         graph, as backward passes over batches of cotangents (``vmap`` inside autograd,
         ``batched(lo, hi)`` for columns ``lo:hi``) or as a loop of single backward passes
@@ -421,12 +425,14 @@ class HVPFunction:
         ``from_model``, which makes a new function on each call). Choosing costs no
         extra product, only the slower route's time on the probing passes.
 
-        The chain's R-operator (``first_width=None``) is timed the same way, but its
-        batched pass takes every column left at once: its cost per column falls with the
-        width long after 2 columns where kernel launches dominate (a CNN: 1.3x a single
-        product at 2 wide, 0.5x at 10), and where its ``(N, k, d)`` activations fall out
-        of cache it loses at every width (a residual MLP of 512 samples: 1.6 against 1.2
-        gradients per column), so one pass against the singles settles it.
+        The chain's R-operator is timed the same way from a first probe of 8 columns,
+        or of the columns left if fewer (``clip``; at least 2): its cost per column falls
+        with the width long after 2 columns where kernel launches dominate (a CNN: 1.3x
+        a single product at 2 wide, 0.5x at 10), and where its ``(N, k, d)`` activations
+        fall out of cache it loses at every width (a residual MLP of 512 samples: 1.6
+        against 1.2 gradients per column; a ResNet's 64 images). A first pass over every
+        column left, as this route took before, cost a ResNet's first Hutchinson round 2.9
+        times a later one's: 47 columns of its activations at once.
         """
         if k == 1:
             return single(0)
@@ -444,16 +450,18 @@ class HVPFunction:
                 per_single = min(per_single, time.perf_counter() - start)
             state = _Choice(None, math.inf, per_single, settled=False)
             lo = 3
-        widest = first_width is None   # one pass over every column left, timed once
-        width = (k - lo if widest else first_width) if not state.width else 4 * state.width
-        while not state.settled and k - lo >= max(width, 1):
+        if state.width:
+            width = 4 * state.width
+        else:
+            width = min(first_width, k - lo) if clip else first_width
+        while not state.settled and k - lo >= width >= (2 if clip else 1):
             start = time.perf_counter()
             parts.append(batched(lo, lo + width))
             per_column = (time.perf_counter() - start) / width
             lo += width
             if per_column < 0.9 * state.per_column:
                 state = _Choice(width, per_column, state.per_single,
-                                settled=widest or not per_column < state.per_single)
+                                settled=not per_column < state.per_single)
                 width *= 4
             else:
                 state = _Choice(state.width, state.per_column, state.per_single, settled=True)
@@ -461,7 +469,7 @@ class HVPFunction:
         if state.loop:
             parts.extend(single(i) for i in range(lo, k))
         elif lo < k:
-            step = k - lo if widest else state.width
+            step = state.width
             parts.extend(batched(j, min(k, j + step)) for j in range(lo, k, step))
         return join(parts)
 
@@ -479,7 +487,7 @@ class HVPFunction:
                 lambda i: {n: t.unsqueeze(0) for n, t in
                            self._chain({n: t[i] for n, t in tangents.items()}).items()},
                 lambda parts: {n: torch.cat([p[n] for p in parts]) for n in parts[0]},
-                first_width=None)
+                first_width=_CHAIN_PROBE_COLUMNS, clip=True)
         if self._vjp is not None:
             return torch.func.vmap(lambda t: self._vjp(t)[0])(tangents)
         leaves = tree_leaves(tangents)

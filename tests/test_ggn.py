@@ -3,17 +3,18 @@ loops, H - G against the model-curvature term by loops, Fisher by its definition
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, flat, leaf_params
+from _helpers import assert_close, flat, leaf_params, unflat
 from hypothesis import given
 from torch import nn
 
 import hessfunc as hf
-from hessfunc.testing.models import ConcatNet, ResidualMLP, build_mlp
+from hessfunc.testing.models import ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import problems
 
 DT = torch.float64
@@ -249,13 +250,14 @@ def test_mc_fisher_of_log_probabilities_equals_its_definition():
 
 @pytest.mark.parametrize("traceable", [True, False])
 def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
-    """Off a chain of layers (branches joined by a concatenation), the operator's ``J v``
-    runs a model linearised once per batch (tangent ops only); where ``torch.func.linearize`` cannot
-    trace the model, a fresh ``jvp`` per product. Both give the oracle's products, single
-    and batched."""
-    _, loss_fn, x, y = _problem("ce", 9, seed=3)
+    """Off a chain of layers (a weight shared by two layers), the operator's ``J v`` runs a
+    model linearised once per batch (tangent ops only); where ``torch.func.linearize``
+    cannot trace the model, a fresh ``jvp`` per product. Both give the oracle's products,
+    single and batched."""
+    _, loss_fn, _, y = _problem("ce", 9, seed=3)
     torch.manual_seed(3)
-    model = ConcatNet(2, 4, C).double()
+    model = TiedNet(C, 4).double()
+    x = torch.randn(9, C, generator=torch.Generator().manual_seed(3), dtype=DT)
     *_, G = _oracle(model, loss_fn, x, y)
     calls = []
     real = torch.func.linearize
@@ -279,10 +281,10 @@ def test_ggn_operator_linearises_each_batch_once(traceable, monkeypatch):
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed", "bce", "nll-of-log-softmax"])
 def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch):
     """On a chain of layers (an MLP with two curved activations, a convolution chain, a
-    residual MLP, a convolution with BatchNorm in eval mode and average pooling) the GGN
-    and Fisher operators' products are the chain's R-operator in its Gauss-Newton form (no
-    model linearised): single and batched, over three batches (one of one sample), equal
-    to the oracle's ``J^T M J`` (the Hessian's second-order terms would differ from it)."""
+    residual MLP) the GGN and Fisher operators' products are the chain's R-operator in its
+    Gauss-Newton form (no model linearised): single and batched, over three batches (one of
+    one sample), equal to the oracle's ``J^T M J`` (the Hessian's second-order terms would
+    differ from it)."""
     def linearize(*_):
         raise AssertionError("a chain's products linearise no model")
 
@@ -293,17 +295,9 @@ def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch
                          nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, C)).double()
     torch.manual_seed(4)
     residual = ResidualMLP(2, 4, 2, C, activation="sigmoid").double()
-    bn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ELU(),
-                       nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, C)).double().eval()
-    with torch.no_grad():  # running statistics and affine parameters away from 0 and 1
-        bn[1].running_mean.normal_(0, 0.3, generator=gen)
-        bn[1].running_var.uniform_(0.5, 1.5, generator=gen)
-        bn[1].weight.normal_(1, 0.3, generator=gen)
-        bn[1].bias.normal_(0, 0.3, generator=gen)
     for model, x in ((mlp, torch.randn(9, 2, generator=gen, dtype=DT)),
                      (conv, torch.randn(9, 2, 5, 5, generator=gen, dtype=DT)),
-                     (residual, torch.randn(9, 2, generator=gen, dtype=DT)),
-                     (bn, torch.randn(9, 2, 5, 5, generator=gen, dtype=DT))):
+                     (residual, torch.randn(9, 2, generator=gen, dtype=DT))):
         if frozen:
             next(model.parameters()).requires_grad_(False)
         loss_fn, y = LOSSES[name], _targets(name, 9, gen)
@@ -324,6 +318,52 @@ def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch
             fisher = hf.FisherOperator.from_model(model, loss_fn, (x, y), mc_samples=2, seed=3)
             assert_close(fisher @ V[:, 0], ref @ V[:, 0])
             assert_close(fisher @ V, ref @ V)
+
+
+def _bn_models(gen):
+    """A convolution with BatchNorm in eval mode, ELU and average pooling; the same in
+    training mode; an MLP with LayerNorm: chains with scales, linear maps and maps."""
+    bn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ELU(),
+                       nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, C)).double()
+    with torch.no_grad():  # running statistics and affine parameters away from 0 and 1
+        bn[1].running_mean.normal_(0, 0.3, generator=gen)
+        bn[1].running_var.uniform_(0.5, 1.5, generator=gen)
+        bn[1].weight.normal_(1, 0.3, generator=gen)
+        bn[1].bias.normal_(0, 0.3, generator=gen)
+    x = torch.randn(6, 2, 5, 5, generator=gen, dtype=DT)
+    ln = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, C)).double()
+    return [(copy.deepcopy(bn).eval(), x), (bn.train(), x),
+            (ln, torch.randn(6, 2, generator=gen, dtype=DT))]
+
+
+@pytest.mark.parametrize("name", ["mse", "ce-smoothed"])
+def test_gauss_newton_form_of_scales_linear_maps_and_maps(name):
+    """The R-operator's Gauss-Newton form (``output_matrix``) through BatchNorm's scale in
+    eval mode, average pooling, BatchNorm's and LayerNorm's normalisations (maps without
+    a rule): ``J^T M J v`` equals the oracle's, single and with a k axis. The operators
+    take the linearised model on these chains (measured faster), also equal to it."""
+    from hessfunc.graph.chain import model_chain
+    from hessfunc.graph.chain_products import ChainProducts
+
+    gen = torch.Generator().manual_seed(8)
+    for model, x in _bn_models(gen):
+        loss_fn, y = LOSSES[name], _targets(name, 6, gen)
+        g, params, out, leaves, G = _oracle(model, loss_fn, x, y)
+        plan, why = model_chain(g, params, x, lambda o: loss_fn(o, y))
+        assert plan is not None, why
+        M = hf.reference.output_hessian(loss_fn, out, y)
+        chain = ChainProducts(plan, output_matrix=lambda u, M=M: (M @ u.reshape(-1)).view(
+            u.shape))
+        V = torch.randn(G.shape[0], 3, generator=gen, dtype=DT)
+        tangents = [unflat(V[:, j], params) for j in range(3)]
+        stacked = {k: torch.stack([t[k] for t in tangents]) for k in params}
+        wide = chain(stacked)
+        for j, t in enumerate(tangents):
+            assert_close(flat(chain(t)), G @ V[:, j])
+            assert_close(flat({k: w[j] for k, w in wide.items()}), G @ V[:, j])
+        op = hf.GGNOperator.from_model(model, loss_fn, (x, y))
+        assert all(type(b).__name__ == "_BatchProduct" for _, b in op._batch_products("H @ v"))
+        assert_close(op @ V, G @ V)
 
 
 def test_ggn_operator_of_parameters_in_a_tuple():

@@ -21,7 +21,7 @@ from torch.func import vmap
 import hessfunc as hf
 from hessfunc._tree import tree_dot
 from hessfunc.testing.losses import custom_loss
-from hessfunc.testing.models import ConcatNet, ResidualMLP, build_mlp
+from hessfunc.testing.models import ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import mlps, problems, random_like
 
 MODES = ["reverse-over-reverse", "forward-over-reverse"]
@@ -333,18 +333,20 @@ def test_convolutions_without_product_rules_fall_back():
     assert_close(H(v := random_like(params, 1)), _oracle_hvp(f, params, (x, y), v))
 
 
-def test_linear_layer_on_more_than_two_dimensions_takes_the_graph_route():
+def test_linear_layer_on_more_than_two_dimensions_takes_the_r_operator():
+    """``nn.Linear`` on ``(N, 3, 5)`` inputs is a view that folds the positions into rows,
+    a Linear layer and a view back: the views are maps without a rule (NOTE [maps without
+    a rule]), the layer keeps its own; the products equal the oracle's."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 2))
     f, params = hf.functionalize(model.double(), nn.MSELoss())
     x, y = torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     v = random_like(params, 0)
-    with pytest.raises(hf.ArgumentError, match="used outside the chain of layers"):
-        hf.hvp(f, (params, x, y), v, method="structured")
     expected = _oracle_hvp(f, params, (x, y), v)
+    assert_close(hf.hvp(f, (params, x, y), v, method="structured"), expected)
     assert_close(hf.hvp(f, (params, x, y), v), expected)
     H = hf.hvp_fn(f, (params, x, y))
-    assert H.method == "graph"
+    assert H.method == "structured"
     assert_close(H(v), expected)
 
 
@@ -441,13 +443,14 @@ def test_hvp_fn_method_choice():
     assert_close(structured(v), expected)
     assert_close(graph(v), expected)
 
-    f, params = hf.functionalize(ConcatNet(3, 3, 2).double(), nn.MSELoss())
+    f, params = hf.functionalize(TiedNet(3, 3).double(), nn.MSELoss())
+    y = torch.randn(5, 3, dtype=torch.float64)
     assert hf.hvp_fn(f, (params, x, y)).method == "graph"
-    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*read "
-                                               "outside its layers, by cat"):
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*used "
+                                               "outside the chain of layers"):
         hf.hvp_fn(f, (params, x, y), method="structured")
-    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*read "
-                                               "outside its layers, by cat"):
+    with pytest.raises(hf.ArgumentError, match="method='structured' does not apply.*used "
+                                               "outside the chain of layers"):
         hf.hvp(f, (params, x, y), random_like(params, 0), method="structured")
     with pytest.raises(hf.ArgumentError, match="`method` must be one of"):
         hf.hvp(f, (params, x, y), random_like(params, 0), method="fast")
@@ -671,16 +674,16 @@ def test_products_and_diagonals_on_cuda_equal_the_cpu_oracle():
 @pytest.mark.parametrize("choice", [None, "batched", "loop"])
 @pytest.mark.parametrize("route", ["graph", "structured"])
 def test_batched_products_measured_or_forced_equal_the_oracle(route, choice, k):
-    """NOTE [batched or looped products]: the products through the cached graph (a
-    concatenation) or the R-operator (a residual MLP), as batched passes or as a loop of
+    """NOTE [batched or looped products]: the products through the cached graph (tied
+    weights) or the R-operator (a residual MLP), as batched passes or as a loop of
     single ones, or as the first call mixes them while it times them, equal the oracle
     column by column; the choice is kept."""
     from hessfunc.products import _Choice
 
     torch.manual_seed(0)
-    model = (ConcatNet(3, 4, 2) if route == "graph" else ResidualMLP(3, 4, 2, 2)).double()
+    model = (TiedNet(3, 4) if route == "graph" else ResidualMLP(3, 4, 2, 3)).double()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     f = lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
     H = hf.hvp_fn(f, (params, x, y))
     assert H.method == route
@@ -699,15 +702,15 @@ def test_batched_products_measured_or_forced_equal_the_oracle(route, choice, k):
         assert kept is None  # up to three columns are single products, nothing timed
     else:
         assert isinstance(kept, _Choice) and (choice is None or kept.loop == (choice == "loop"))
-    if choice is None and k >= 5:  # the first probe: 2 columns, or every column left
+    if choice is None and k >= 5:  # the first probe: 2 columns, or 8 on the R-operator
         # the graph route widens a winning 2-column probe 4x while columns are left (by
         # the clock: either width may be kept; the policy's own test fakes the clock)
-        assert kept.width in ((2, 8) if route == "graph" else (k - 3,))
+        assert kept.width in ((2, 8) if route == "graph" else (8,))
     assert_close(H.batched(batch), out)  # the kept choice, all columns
     first = list(params)[0]
     rows = H.block_rows(0, batch[first])
     if choice is None and k >= 5:  # the rows are timed the same way
-        assert H._choices["rows"].width == (2 if route == "graph" else k - 3)
+        assert H._choices["rows"].width == (2 if route == "graph" else 8)
     for i, t in enumerate(tangents):
         zeroed = {k: t[k] if k == first else torch.zeros_like(t[k]) for k in params}
         assert_close(rows[i], _oracle_hvp(f, params, (x, y), zeroed)[first])
@@ -775,31 +778,30 @@ def test_batched_or_looped_policy(single_cost, pass_cost, calls, expected, monke
         assert set(widths) == (set() if got.loop else {got.width})
 
 
-@pytest.mark.parametrize(("pass_cost", "calls", "loop", "widths"), [
-    # the 2-wide pass loses but the wide one wins (kernel launches, a CNN): one pass
-    # over the 7 columns after the singles, then every later call in one pass
-    (lambda w: 1.3 * w if w <= 2 else 0.5 * w, [10, 10, 26], False, [10, 26]),
-    # the wide pass loses (activations out of cache, a residual MLP): the loop after it
-    (lambda w: 1.6 * w, [10, 10], True, []),
-    # four columns: one 1-wide pass is timed after the three singles
-    (lambda w: 0.5 * w, [4, 6], False, [6]),
+@pytest.mark.parametrize(("pass_cost", "calls", "expected", "widths"), [
+    # 2 wide loses but 7 wide wins (kernel launches, a CNN): 7 columns after the singles,
+    # then batches of 7; 28 wide, tried once 28 columns are left, pays no more: settled
+    (lambda w: 1.3 * w if w <= 2 else 0.5 * w, [10, 10, 40], (7, 0.5, True, False),
+     [28, 7, 5]),
+    # the probe loses (activations out of cache, a residual MLP, a ResNet): the loop
+    (lambda w: 1.6 * w, [10, 10], (7, 1.6, True, True), []),
+    # one column left after the singles: no probe; the next call probes 6 of its 6
+    (lambda w: 0.5 * w, [4, 6], (6, 0.5, False, False), [6]),
+    # at most 8 wide: 8 of the 17 columns left, then batches of 8
+    (lambda w: 0.5 * w, [20], (8, 0.5, False, False), [8, 8, 1]),
 ])
-def test_batched_or_looped_widest_policy(pass_cost, calls, loop, widths, monkeypatch):
-    """NOTE [batched or looped products] for the R-operator (``first_width=None``): after
-    three timed single products one pass over every column left is timed, and that
-    settles it: batching takes all the columns of a later call in one pass."""
+def test_batched_or_looped_clipped_policy(pass_cost, calls, expected, widths, monkeypatch):
+    """NOTE [batched or looped products] for the R-operator (``first_width=8, clip=True``):
+    after three timed single products the first pass takes 8 columns or those left (at
+    least 2), then the width grows by four while it pays, as for the cached graph."""
     H, batched, single, seen = _on_a_clock(monkeypatch, 1.0, pass_cost)
-    first = True
     for k in calls:
         seen.clear()
         assert H._batched_or_looped("kind", k, batched, single, lambda parts: sum(parts, []),
-                                    first_width=None) == list(range(k))
-        if first:
-            assert seen == [k - 3]  # the one timed pass, after three singles
-            first = False
+                                    first_width=8, clip=True) == list(range(k))
     got = H._choices["kind"]
-    assert got.settled and got.loop == loop and got.width == calls[0] - 3
-    assert seen == widths[-1:]  # the last call: its route only
+    assert (got.width, got.per_column, got.settled, got.loop) == pytest.approx(expected)
+    assert seen == widths  # the last call's passes
 
 
 @pytest.mark.parametrize("route", ["autograd", "torch.func"])

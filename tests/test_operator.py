@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hessfunc as hf
-from hessfunc.testing.models import build_mlp
+from hessfunc.testing.models import TiedNet, build_mlp
 
 
 def _problem(seed=0, n=24, loss="mse"):
@@ -374,8 +374,9 @@ def test_data_span_only_where_it_is_exact_and_pays():
     frozen = build_mlp([16, 4, 2], "tanh", 0)
     frozen[0].weight.requires_grad_(False)
     assert hf.HessianOperator.from_model(frozen, loss_fn, (x, y))._data_span() is None
-    odd = nn.Sequential(nn.Linear(16, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
-    assert hf.HessianOperator.from_model(odd, loss_fn, (x, y))._data_span() is None
+    tied = TiedNet(16, 4).double()  # no chain: the first weight is also the last
+    targets = torch.randn(len(x), 16, dtype=x.dtype)
+    assert hf.HessianOperator.from_model(tied, loss_fn, (x, targets))._data_span() is None
 
 
 def test_batches_share_one_batched_or_looped_choice(monkeypatch):

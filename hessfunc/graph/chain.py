@@ -7,9 +7,10 @@ model as a chain ``x -> layer -> ... -> o`` followed by a loss of ``o``: Linear 
 convolution), scales (``a * w + b`` with ``w``, ``b`` broadcast against one sample, after
 constant shifts and factors of ``a``: BatchNorm in eval mode decomposes into exactly
 that), linear maps that keep samples apart (means and sums over other axes than the
-batch, average pools, views and permutations that keep the batch axis first) and
-elementwise maps, or a DAG of them (NOTE [skip connections]). This module finds that
-chain in the ATen graph of ``p -> f(p, x, y)`` by its ops,
+batch, average pools, views and permutations that keep the batch axis first),
+elementwise maps and maps of several values without a rule (NOTE [maps without a
+rule]), or a DAG of them (NOTE [skip connections]). This module finds that chain in the
+ATen graph of ``p -> f(p, x, y)`` by its ops,
 so a function written with ``functional_call`` and ``torch.nn.functional`` takes the same
 route as a :func:`hessfunc.functionalize` model. An elementwise map is any run of
 pointwise ops of one per-sample operand (and constants), however many ops it
@@ -29,9 +30,9 @@ products]) runs over it with each step's rules unchanged: ``R{a + b} = R{a} + R{
 forward, and backward a value read by several steps sums the gradients and tangent
 adjoints they send it (an ``add`` sends its own to both operands). The walk ends at the
 first op that starts no step; exactly one value may then be read outside the steps,
-the model's output, and every value must reach it. Joins other than ``add`` (``cat``,
-a product of two branches) and a loss that reads an inner activation are refused,
-naming the op. The full Hessian's per-sample backpropagation (NOTE [full Hessian])
+the model's output, and every value must reach it. Other joins (``cat``, a product of
+two branches) are maps without a rule; a loss that reads an inner activation is
+refused, naming the op. The full Hessian's per-sample backpropagation (NOTE [full Hessian])
 stays with chains; a DAG's full Hessian takes rows of products.
 
 NOTE [parameter terms]: a loss ``L = l(o) + R(p)`` with terms of the parameters alone
@@ -80,6 +81,7 @@ from .chain_plan import (
     _Flatten,
     _Linear,
     _LinearMap,
+    _Map,
     _Scale,
     elementwise_derivatives,
     output_blocks,
@@ -88,6 +90,7 @@ from .chain_plan import (
 from .curvature import (
     _FULL_SUMS,
     _LINEAR,
+    _MULTILINEAR,
     _PERMUTATIONS,
     _cache,
     model_output,
@@ -176,6 +179,19 @@ class _Walk:
         #: the nodes the steps read their weights and biases through, and the steps' ops
         self.operands: set[fx.Node] = set()
         self.layers: set[fx.Node] = set()
+        self._feeds: set[fx.Node] | None = None
+
+    def feeds_layer(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value reaches an op that reads a parameter and the batch (a
+        layer, as opposed to the loss and its terms of the parameters alone)."""
+        if self._feeds is None:
+            self._feeds = set()
+            for n in reversed(self.gm.graph.nodes):  # one pass, users before their inputs
+                if any(u in self._feeds for u in n.users) or (
+                        self.data(n) and any(self.variable(a) and not self.data(a)
+                                             for a in n.all_input_nodes)):
+                    self._feeds.add(n)
+        return node in self._feeds
 
     def variable(self, node: Any) -> bool:
         """Whether ``node`` depends on a placeholder (parameters or data)."""
@@ -351,6 +367,43 @@ class _Walk:
 
         return _LinearMap(apply, tuple(a.shape[1:]))
 
+    def map_region(self, node: fx.Node, values: Collection[fx.Node], taken: Collection[fx.Node]
+                   ) -> tuple[list[fx.Node], list[fx.Node], fx.Node] | None:
+        """A map without a rule (NOTE [maps without a rule] in ``chain_products.py``): the
+        ops from ``node`` on that read its region and otherwise only the model's
+        ``values`` and constants (no parameter, no other value of the batch), up to the
+        first op after which one tensor of the region is read outside it, which must
+        reach a layer (so the loss is never a map): ``(ops in graph order, the values
+        they read, their output)``, or None. The region is the smallest that closes, so
+        that the steps after it (an activation, a sum) keep their own rules."""
+        inside: set[fx.Node] = set()
+        region: list[fx.Node] = []
+        reads: list[fx.Node] = []
+        outputs: list[fx.Node] = []
+        for n in self.gm.graph.nodes:  # topological order, from node on
+            if n is not node and (not region or n.op != "call_function" or n in taken or
+                                  not any(a in inside for a in n.all_input_nodes)):
+                continue
+            others = [a for a in n.all_input_nodes if a not in inside]
+            if any(a not in values and self.variable(a) for a in others):
+                if n is node:
+                    return None
+                continue  # a layer or the loss reads the region: not one of its ops
+            region.append(n)
+            inside.add(n)
+            reads += [a for a in others if a in values and a not in reads]
+            outputs = [m for m in region if any(u not in inside for u in m.users)]
+            if len(outputs) == 1 and isinstance(self.env[outputs[0]], Tensor):
+                break  # closed: one value leaves the region
+        if len(outputs) != 1:
+            return None
+        (out,) = outputs
+        value = self.env[out]
+        if not isinstance(value, Tensor) or not value.is_floating_point() or \
+                not self.feeds_layer(out):
+            return None
+        return region, reads, out
+
     def pointwise_run(self, cur: fx.Node, taken: Collection[fx.Node]
                       ) -> tuple[list[fx.Node], fx.Node] | None:
         """The longest run of pointwise ops of ``cur`` (and constants, ``zeros_like(cur)``
@@ -434,20 +487,45 @@ def _enters_at(walk: _Walk, reader: fx.Node, loss: Collection[fx.Node],
     return reader in entering
 
 
-def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node],
-             taken: set[fx.Node]) -> tuple[Any, list[fx.Node], fx.Node] | None:
-    """The step that starts at ``node``, an op reading the model's values ``live``:
-    ``(step, the nodes it takes, its output)``, or None where ``node`` is no step's first
-    op. An elementwise step is None in a walk on shapes (its derivatives need values)."""
+def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node], taken: set[fx.Node],
+             values: Collection[fx.Node]
+             ) -> tuple[Any, list[fx.Node], fx.Node, list[fx.Node]] | None:
+    """The step that starts at ``node``, an op reading the model's values ``live``
+    (``values``: all of them so far): ``(step, the nodes it takes, its output, the values
+    it reads)``, or None where ``node`` is no step's first op. An elementwise map or a
+    map without a rule is None in a walk on shapes (their derivatives need values)."""
     env = walk.env
     if len(live) == 2 and node.target is aten.add.Tensor and not node.kwargs and \
             all(a in live for a in node.args) and \
             env[live[0]].shape == env[live[1]].shape == env[node].shape and \
             env[live[0]].dtype == env[live[1]].dtype:
-        return _Add(), [node], node
-    if len(live) != 1:
+        return _Add(), [node], node, live
+    if len(live) == 1:
+        found = _one_value_step(walk, node, live[0], taken)
+        if found is not None:
+            return (*found, live)
+    region = walk.map_region(node, values, taken)  # NOTE [maps without a rule]
+    if region is None:
         return None
-    (cur,) = live
+    ops, reads, out = region
+    if not walk.values:
+        return None, ops, out, reads
+
+    def apply(*inputs: Tensor) -> Tensor:
+        return replay(ops, env, dict(zip(reads, inputs, strict=True)))[out]
+
+    variable = set(ops) | set(reads)
+    linear = all(op.target in _LINEAR or op.target in SHAPE_ONLY or (
+        op.target in _MULTILINEAR and sum(a in variable for a in op.all_input_nodes) <= 1)
+        for op in ops)
+    return _Map(apply, [env[a] for a in reads], linear), ops, out, reads
+
+
+def _one_value_step(walk: _Walk, node: fx.Node, cur: fx.Node, taken: set[fx.Node]
+                    ) -> tuple[Any, list[fx.Node], fx.Node] | None:
+    """:func:`_step_at` for an op that reads one of the model's values, ``cur``:
+    ``(step, the nodes it takes, its output)`` or None."""
+    env = walk.env
     if node.target in _VIEWS and node.args[0] is cur and env[cur].dim() > 2 and \
             env[node].dim() == 2 and env[node].shape[0] == env[cur].shape[0]:
         return _Flatten(tuple(env[cur].shape[1:])), [node], node
@@ -492,13 +570,13 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
         live = [a for a in node.all_input_nodes if a in values]
         if not live:
             continue
-        found = _step_at(walk, node, live, claimed)
+        found = _step_at(walk, node, live, claimed, values)
         if found is None:
             break  # the loss, or an op without a rule
-        step, nodes, end = found
+        step, nodes, end, reads = found
         if isinstance(step, str):
             return step
-        sources.append(tuple(values[a] for a in live))  # one value, two for an add
+        sources.append(tuple(values[a] for a in reads))  # one value, two for an add
         steps.append(step)
         claimed.update(nodes)
         values[end] = len(steps)

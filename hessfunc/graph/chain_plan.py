@@ -116,6 +116,18 @@ class _LinearMap:
     shape: tuple[int, ...]
 
 
+@dataclass
+class _Map:
+    """A map of one or more values without parameters that no other step's rule covers
+    (the normalisations of BatchNorm in training mode and of LayerNorm, a softmax): its
+    ops replayed by ``apply(*inputs)``, ``inputs`` the values it reads at the point.
+    Its products differentiate those ops (NOTE [maps without a rule] in
+    ``hessfunc/graph/chain_products.py``)."""
+    apply: Callable[..., torch.Tensor]
+    inputs: list[torch.Tensor]
+    linear: bool   # every op linear (or piecewise linear) in the values it reads
+
+
 def trainable(step: object) -> bool:
     """Whether a step holds a parameter being differentiated (a weight or a bias)."""
     return bool(getattr(step, "weight_name", None) or getattr(step, "bias_name", None))
@@ -205,6 +217,8 @@ class ChainPlan:
         self.out_grad = out_grad
         self.params = params
         self.first = next(i for i, s in enumerate(steps) if trainable(s))
+        #: maps without a rule that are not linear (normalisations, a softmax)
+        self.curved_maps = sum(isinstance(s, _Map) and not s.linear for s in steps)
 
     def _propagate(self, on_linear: Callable[[_Linear, torch.Tensor, torch.Tensor, slice], None],
                    chunk_size: int | None, per_sample_bytes: int) -> None:
@@ -244,8 +258,8 @@ class ChainPlan:
                     "sum over samples, or over the memory budget)")
         if not all(isinstance(s, (_Linear, _Elementwise)) for s in self.steps):
             return ("a chain with steps other than Linear layers and elementwise maps "
-                    "(convolutions, views, pooling, per-feature scales), which the full "
-                    "Hessian's backpropagation has no rule for")
+                    "(convolutions, views, pooling, per-feature scales, normalisations), "
+                    "which the full Hessian's backpropagation has no rule for")
         return None
 
     def _widest(self) -> int:

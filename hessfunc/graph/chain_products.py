@@ -55,6 +55,7 @@ from .chain_plan import (
     _Flatten,
     _Linear,
     _LinearMap,
+    _Map,
     _Scale,
 )
 
@@ -95,9 +96,13 @@ class ChainProducts:
         # the gradient at each value, summed over its readers, down to the first layer
         grads: list[torch.Tensor | None] = [None] * (len(self._steps) + 1)
         grads[-1] = plan.out_grad
+        self._maps: dict[int, _MapTerms] = {}
         for i in range(len(self._steps) - 1, self._start, -1):
-            g = grads[i + 1]
-            for j, part in zip(self._sources[i], _backprop(self._steps[i], g), strict=True):
+            g, step = grads[i + 1], self._steps[i]
+            if isinstance(step, _Map):
+                self._maps[i] = _MapTerms(step, g)
+            parts = self._maps[i].gradients if isinstance(step, _Map) else _backprop(step, g)
+            for j, part in zip(self._sources[i], parts, strict=True):
                 if j > self._start:  # a value below the first layer needs none
                     _accumulate(grads, j, part)
         self._grads = grads[1:]                 # gradient at each step's output (N, d)
@@ -204,7 +209,9 @@ class ChainProducts:
         for i in range(start, len(steps)):
             step = steps[i]
             r = values[self._sources[i][0]]
-            if isinstance(step, _Add):
+            if isinstance(step, _Map):
+                r = self._maps[i].forward([values[j] for j in self._sources[i]], k)
+            elif isinstance(step, _Add):
                 a, b = (values[j] for j in self._sources[i])
                 r = a if b is None else b if a is None else a + b
             elif isinstance(step, _Elementwise):
@@ -239,6 +246,13 @@ class ChainProducts:
         for i in range(len(steps) - 1, lowest - 1, -1):
             step, rg = steps[i], adjoints[i + 1]
             below = values[self._sources[i][0]]   # R{input}
+            if isinstance(step, _Map):
+                parts = self._maps[i].backward(rg, [values[j] for j in self._sources[i]], k,
+                                               self._second_order)
+                for j, part in zip(self._sources[i], parts, strict=True):
+                    if j > lowest:
+                        _accumulate(adjoints, j, part)
+                continue
             if isinstance(step, _Add):
                 for j in self._sources[i]:
                     if j > lowest:
@@ -582,6 +596,97 @@ def _backprop(step: object, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if isinstance(step, _LinearMap):
         return (_transpose(step, g),)
     return (_conv_input_grad(step, g, step.weight, step.inputs.shape),)
+
+
+class _MapTerms:
+    """NOTE [maps without a rule]: a map ``z = F(a_1, ..., a_m)`` of the model's values
+    that no step's rule covers (a normalisation by statistics of the sample or of the
+    batch, a softmax) is differentiated through its own ops, once: with leaves ``a_i``
+    and a leaf ``u`` valued ``g``, the gradient at ``z``, the graph of ``z = F(a)`` and
+    of ``w_i = J_i^T u`` (``create_graph``) is kept. Then every product is backward
+    passes through that cached graph, none through the rest of the model:
+
+    * forward, ``R{z} = sum_i J_i R{a_i}``: ``w`` is linear in ``u``, so its gradient in
+      ``u`` against ``R{a}`` is ``J R{a}`` (the double-backward trick; no forward-mode
+      rule is needed, only the double backward the graph route needs anyway);
+    * backward, ``R{g_a_i} = J_i^T R{g_z} + sum_j d(J_i^T g)/d a_j R{a_j}``: the gradient
+      of ``z`` against ``R{g_z}`` plus that of ``w`` (at ``u = g``) against ``R{a}``, one
+      backward pass; the Gauss-Newton form keeps the first term only.
+
+    ``k`` tangents run as ``k`` such passes. Exact whatever ``F`` is, also where it mixes
+    samples (BatchNorm in training mode), and the layers around it keep their rules. But
+    the captured graph holds ``F`` decomposed into primitive ops, whose double backward
+    costs more than that of the fused ops (softmax, LayerNorm) autograd records when the
+    graph route differentiates ``f`` itself: measured per product, in gradients, R-operator
+    against cached graph, a softmax between two layers 2.77 / 1.13, two LayerNorms 2.45 /
+    2.25, two BatchNorms in training mode 2.66 / 2.24, the benchmark ResNet in training
+    mode 2.88 / 3.04 (docs/benchmarks.md). So ``method="auto"`` takes the R-operator where
+    every map is linear (views, a concatenation, a broadcasting add, a mean over the
+    batch: their double backward is nothing), and the cached graph where a map is curved
+    (``ChainPlan.curved_maps``); ``method="structured"`` takes the R-operator anyway. The
+    Gauss-Newton and Fisher operators take the linearised model wherever the chain has a
+    map, a scale or a linear map (measured faster there, ``hessfunc/ggn_operator.py``).
+    """
+
+    def __init__(self, step: _Map, g: torch.Tensor):
+        self.leaves = [t.detach().requires_grad_(True) for t in step.inputs]
+        self.u = g.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            self.z = step.apply(*self.leaves)
+            w = torch.autograd.grad(self.z, self.leaves, self.u, create_graph=True,
+                                    allow_unused=True)
+        self.w = [t for t in w]
+        #: the gradient at each value the map reads
+        self.gradients = tuple(torch.zeros_like(a) if t is None else t.detach()
+                               for t, a in zip(w, self.leaves, strict=True))
+
+    def _columns(self, k: int | None, fn: Callable[[Callable], list[torch.Tensor | None]]
+                 ) -> list[torch.Tensor | None]:
+        """``fn(column)`` for one tangent, or stacked over the ``k`` columns (axis 1)."""
+        if k is None:
+            return fn(lambda t: t)
+        runs = [fn(lambda t, j=j: t[:, j]) for j in range(k)]
+        return [None if parts[0] is None else torch.stack(parts, dim=1)
+                for parts in zip(*runs, strict=True)]
+
+    def _grad(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+              grad_outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        with torch.enable_grad():
+            return list(torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True,
+                                            allow_unused=True))
+
+    def forward(self, tangents: list[torch.Tensor | None], k: int | None
+                ) -> torch.Tensor | None:
+        """``R{z}`` from ``R{a_i}`` (None: zero), or None where all are zero."""
+        pairs = [(w, t) for w, t in zip(self.w, tangents, strict=True)
+                 if t is not None and w is not None and w.requires_grad]
+        if not pairs:
+            return None if all(t is None for t in tangents) else self._zeros_out(k)
+
+        def one(col: Callable) -> list[torch.Tensor | None]:
+            (r,) = self._grad([w for w, _ in pairs], [self.u], [col(t) for _, t in pairs])
+            return [torch.zeros_like(self.u) if r is None else r]
+
+        return self._columns(k, one)[0]
+
+    def _zeros_out(self, k: int | None) -> torch.Tensor:
+        z = self.z.detach()
+        return torch.zeros_like(z) if k is None else \
+            z.new_zeros(z.shape[0], k, *z.shape[1:])
+
+    def backward(self, rg: torch.Tensor, below: list[torch.Tensor | None], k: int | None,
+                 second_order: bool) -> list[torch.Tensor]:
+        """``R{g_a_i}`` for every value the map reads."""
+        curved = [(w, b) for w, b in zip(self.w, below, strict=True)
+                  if second_order and b is not None and w is not None and w.requires_grad]
+
+        def one(col: Callable) -> list[torch.Tensor | None]:
+            found = self._grad([self.z, *(w for w, _ in curved)], self.leaves,
+                               [col(rg), *(col(b) for _, b in curved)])
+            return [torch.zeros_like(a) if r is None else r
+                    for r, a in zip(found, self.leaves, strict=True)]
+
+        return self._columns(k, one)
 
 
 def _viewed(tangent: torch.Tensor, like: torch.Tensor, k: int | None) -> torch.Tensor:
