@@ -43,15 +43,30 @@ def test_torch_func_chains_take_the_structured_products(prob, seed, k):
     _structured_products_match(prob, seed, k, chain=True)
 
 
-def _structured_products_match(prob, seed, k, chain):
+@given(prob=problems(kinds=("normed",), freeze=True), seed=st.integers(0, 1000),
+       k=st.integers(1, 3))
+def test_normalised_nets_take_the_structured_products(prob, seed, k):
+    """MLPs with BatchNorm in eval mode (a scale) or LayerNorm (a map without a rule, then
+    a scale), frozen subsets included: the R-operator's products (``method='auto'`` takes
+    it for BatchNorm; for LayerNorm the cached graph, unless everything above the first
+    layer is frozen, when the rest is the loss), gradient and value equal the oracle's."""
+    f = _torch_func(prob.model, prob.loss_fn)
+    params = {n: p.detach() for n, p in prob.model.named_parameters() if p.requires_grad}
+    assume(params)
+    if isinstance(prob.model.norm, nn.BatchNorm1d):
+        assert hf.hvp_fn(f, (params, prob.inputs, prob.targets)).method == "structured"
+    _structured_products_match(prob, seed, k, chain=True, method="structured")
+
+
+def _structured_products_match(prob, seed, k, chain, method="auto"):
     """``hvp_fn`` of the drawn problem written the torch.func way takes the R-operator
-    (on a chain, or a DAG with skips: ``chain=False``); products, gradient and value
-    equal the oracle's."""
+    (with ``method``; on a chain, or a DAG with skips: ``chain=False``); products,
+    gradient and value equal the oracle's."""
     f = _torch_func(prob.model, prob.loss_fn)
     params = {n: p.detach() for n, p in prob.model.named_parameters() if p.requires_grad}
     assume(params)
     batch = (prob.inputs, prob.targets)
-    H = hf.hvp_fn(f, (params, *batch))
+    H = hf.hvp_fn(f, (params, *batch), method=method)
     assert H.method == "structured"
     sources = H.chain_products._sources
     assert (sources == [(i,) for i in range(len(sources))]) == chain

@@ -311,7 +311,7 @@ def test_strategies_reach_every_kind_loss_and_hard_case():
 
     draw()
     expected = {f"kind:{c}" for c in ("MLP", "ResidualMLP", "ConcatNet", "TiedNet",
-                                       "TwoInputNet", "ConvNet")}
+                                       "TwoInputNet", "ConvNet", "NormedMLP")}
     expected |= {f"loss:{n}" for n in LOSSES}
     expected |= {"bias=False", "frozen", "zero row", "duplicate rows", "tiny inputs",
                  "huge inputs", "non-square conv"}

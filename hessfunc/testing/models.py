@@ -25,6 +25,7 @@ __all__ = [
     "ResidualMLP",
     "ConcatNet",
     "ConvNet",
+    "NormedMLP",
     "TiedNet",
     "TwoInputNet",
     "build_mlp",
@@ -111,6 +112,34 @@ class ConcatNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.cat([self.act(self.left(x)), torch.sin(self.right(x))], dim=-1)
         return self.head(h)
+
+
+class NormedMLP(nn.Module):
+    """``x -> Linear -> norm -> act -> Linear``, the norm BatchNorm in eval mode (running
+    statistics and affine parameters away from 0 and 1, from the global generator) or
+    LayerNorm: a scale broadcast over the batch, or a normalisation by the sample's
+    statistics (a map without a rule)."""
+
+    def __init__(self, num_inputs: int, width: int, num_outputs: int,
+                 activation: str = "tanh", norm: str = "batch"):
+        super().__init__()
+        self.first = nn.Linear(num_inputs, width)
+        if norm == "batch":
+            self.norm: nn.Module = nn.BatchNorm1d(width).eval()
+            with torch.no_grad():
+                self.norm.running_mean.normal_(0, 0.3)
+                self.norm.running_var.uniform_(0.5, 1.5)
+        else:
+            self.norm = nn.LayerNorm(width)
+        with torch.no_grad():
+            self.norm.weight.normal_(1, 0.3)
+            self.norm.bias.normal_(0, 0.3)
+        self.act = _activation(activation)
+        self.head = nn.Linear(width, num_outputs)
+        self.input_shape, self.num_outputs = (num_inputs,), num_outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.norm(self.first(x))))
 
 
 class TiedNet(nn.Module):

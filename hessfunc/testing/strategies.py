@@ -48,6 +48,7 @@ from .models import (
     MLP,
     ConcatNet,
     ConvNet,
+    NormedMLP,
     ResidualMLP,
     TiedNet,
     TwoInputNet,
@@ -69,8 +70,9 @@ __all__ = [
     "random_like",
 ]
 
-#: Model kinds drawn by :func:`models`: chains, DAGs, weight sharing, convolutions.
-KINDS = ("mlp", "residual", "concat", "tied", "two-input", "conv1d", "conv2d")
+#: Model kinds drawn by :func:`models`: chains, DAGs, weight sharing, convolutions, and
+#: normalisations (BatchNorm in eval mode, LayerNorm).
+KINDS = ("mlp", "residual", "concat", "tied", "two-input", "conv1d", "conv2d", "normed")
 
 #: Scales of inputs drawn (the first is the plain case hypothesis shrinks to).
 SCALES = (1.0, 1e-8, 1e-3, 10.0, 1e3)
@@ -181,6 +183,10 @@ def models(draw: st.DrawFn, kinds: tuple[str, ...] = KINDS, min_outputs: int = 1
         model = ConcatNet(d_in, width, d_out, act, bias)
     elif kind == "tied":
         model = TiedNet(max(d_in, min_outputs), width, act)
+    elif kind == "normed":
+        norm = draw(st.sampled_from(("batch", "layer")))
+        event(f"norm: {norm}")
+        model = NormedMLP(d_in, max(width, 2), d_out, act, norm)
     else:
         model = TwoInputNet(d_in, draw(st.integers(1, 3)), width, d_out)
     model = model.to(dtype)
