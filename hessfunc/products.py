@@ -258,12 +258,14 @@ class HVPFunction:
     """``v -> H v`` at a fixed point, with everything but ``v`` computed once.
 
     Two routes, both exact. ``"structured"``: for a chain of Linear layers,
-    convolutions and elementwise maps, or a DAG of them with skip connections, read off
-    the captured graph of ``f`` (NOTE [chains from the graph] in
-    ``hessfunc/graph/chain.py``; a
+    convolutions, scales (BatchNorm in eval mode), linear maps (pooling, views) and
+    elementwise maps, or a DAG of them with skip connections, read off the captured graph
+    of ``f`` (NOTE [chains from the graph] in ``hessfunc/graph/chain.py``; a
     :func:`hessfunc.functionalize` model or any function), activations, their
     derivatives and the loss's output Hessian are cached and each product is a few
-    dense matrix products (NOTE [structured products]).
+    dense matrix products (NOTE [structured products]). A map the rules do not cover
+    that is not linear (LayerNorm's normalisation, a softmax) sends ``method="auto"`` to
+    the cached graph, measured faster there (NOTE [maps without a rule]).
     ``"graph"``: the gradient's autograd graph is built once and each product is one
     backward pass through it (on the ``torch.func`` path inside transforms). Repeated
     products (what Lanczos and Hutchinson need) cost about one gradient each or less;

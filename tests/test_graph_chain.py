@@ -1068,6 +1068,31 @@ def test_maps_without_a_rule_take_the_structured_products(case):
     _structured_everywhere(f, p, batch, last, method="structured")
 
 
+def test_the_loss_is_never_a_map():
+    """Maps end where a layer reads them: a cross-entropy loss with weight decay (its terms
+    of the parameters alone join the loss after the softmax's ops) keeps the chain at the
+    model's output, and where everything above the first layer is frozen, the rest is the
+    loss; the products equal the oracle's."""
+    p, x, _ = _problem(n=5, c=3)
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(2))
+
+    def decayed(p, x, y):
+        o = F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"])
+        return F.cross_entropy(o, y) + 1e-2 * ((p["w1"] ** 2).sum() + (p["w2"] ** 2).sum())
+
+    def frozen_head(p, x, y):
+        return F.cross_entropy(F.linear(F.layer_norm(F.linear(x, p["w1"]), (3,)), head), y)
+
+    head = p["w2"].clone()
+    for f, params, kinds in ((decayed, p, ["_Linear", "_Elementwise", "_Linear"]),
+                             (frozen_head, {"w1": p["w1"]}, ["_Linear"])):
+        plan, why = graph_chain(f, (params, x, y), 0)
+        assert [type(s).__name__ for s in plan.steps] == kinds, why
+        H = hf.hvp_fn(f, (params, x, y))
+        assert H.method == "structured"
+        check_products(H, f, params, (x, y), [random_like(params, i) for i in range(2)])
+
+
 _NOT_SCALES = {  # name: (f, the shapes of the parameters it reads besides w1 and w2)
     "a gain per sample": (lambda p, x, y: F.mse_loss(F.linear(torch.tanh(
         F.linear(x, p["w1"]) * p["g"]), p["w2"]), y), {"g": (4, 3)}),

@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worktree", action="store_true",
                     help="copy the working tree instead of the committed HEAD")
     ap.add_argument("--jobs", type=int, default=1, help="mutmut --max-children (default 1)")
-    ap.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    ap.add_argument("--survivors", action="store_true",
+                    help="print each survivor's diff of the last run (runs nothing: with a "
+                         "group alone it would start the group's run afresh)")
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="re-run only the last run's survivors, with the group's current "
                          "test files (after adding tests, or test files to GROUPS)")
@@ -328,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each survivor against these (more) test files, without "
                          "running mutmut again; reports which of them would kill it")
     args = ap.parse_args(argv)
+    if args.survivors and not (args.rerun_survivors or args.recheck):
+        args.report = True  # reading the last run's survivors must not start a new run
     names = args.groups or list(GROUPS)
     for n in names:
         if n not in GROUPS:

@@ -182,16 +182,25 @@ class _Walk:
         self._feeds: set[fx.Node] | None = None
 
     def feeds_layer(self, node: fx.Node) -> bool:
-        """Whether ``node``'s value reaches an op that reads a parameter and the batch (a
-        layer, as opposed to the loss and its terms of the parameters alone)."""
+        """Whether ``node``'s value reaches a layer: an op of the batch that reads a
+        parameter as it is or through views and transposes (not the loss, nor a term of
+        the parameters alone that the loss adds, such as weight decay)."""
         if self._feeds is None:
             self._feeds = set()
             for n in reversed(self.gm.graph.nodes):  # one pass, users before their inputs
                 if any(u in self._feeds for u in n.users) or (
-                        self.data(n) and any(self.variable(a) and not self.data(a)
-                                             for a in n.all_input_nodes)):
+                        self.data(n) and any(self._parameter(a) for a in n.all_input_nodes)):
                     self._feeds.add(n)
         return node in self._feeds
+
+    def _parameter(self, node: fx.Node) -> bool:
+        """Whether ``node`` is a parameter placeholder, or one seen through views and
+        transposes."""
+        while node not in self.names and node.op == "call_function" and \
+                (node.target in _RESHAPES or node.target in _PERMUTATIONS or
+                 node.target is aten.expand.default):
+            node = node.args[0]
+        return node in self.names
 
     def variable(self, node: Any) -> bool:
         """Whether ``node`` depends on a placeholder (parameters or data)."""

@@ -23,7 +23,8 @@ directional derivative along ``v = (dW_l, db_l)_l``. With the activations
   and input gradients (transposed convolutions) in place of the matrix products;
   through a scale the same with a diagonal weight, ``(H v)_w`` summed over the axes
   ``w`` is broadcast along, ``R{g_x} = R{g_z} * s w + (g_z * s) dw``; through a linear
-  map ``R{g_a} = L^T R{g_z}`` (its vector-Jacobian product).
+  map ``R{g_a} = L^T R{g_z}`` (its vector-Jacobian product); through a map without a
+  rule by its own ops (NOTE [maps without a rule]).
 
 On a DAG of these steps (NOTE [skip connections]) ``R{a + b} = R{a} + R{b}`` forward,
 and backward a value read by several steps sums the ``g`` and ``R{g}`` they send it.
