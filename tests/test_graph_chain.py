@@ -959,7 +959,9 @@ def _scales_and_pools():
         return bn_block({**bn, **p}, x, y)
 
     cases = [(bn_block, bn, (x4, y4), "w"),
-             (frozen, {k: bn[k] for k in ("g1", "b1", "b2", "w")}, (x4, y4), "w")]
+             (frozen, {k: bn[k] for k in ("g1", "b1", "b2", "w")}, (x4, y4), "w"),
+             # the first trainable step a BatchNorm's bias alone
+             (frozen, {k: bn[k] for k in ("b1", "g2", "w")}, (x4, y4), "w")]
 
     def gains(p, x, y):  # gains and biases of every broadcast shape, a scalar gain
         h = torch.tanh(F.linear(x, p["w1"]) * p["g"] + p["c"])
@@ -987,9 +989,10 @@ def _scales_and_pools():
     return cases
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_scales_and_linear_maps_take_the_structured_products(case):
-    """BatchNorm in eval mode in a residual block (its convolutions trained or frozen),
+    """BatchNorm in eval mode in a residual block (its convolutions trained or frozen, its
+    first bias the first trainable parameter),
     gains and biases broadcast over the batch (a vector, a row, a scalar, a bias alone,
     constant gains), average pools, permutations, sums and views: the R-operator, every
     product, the gradient, the full Hessian and rows equal the oracle's."""

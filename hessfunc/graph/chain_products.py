@@ -330,10 +330,9 @@ class ChainProducts:
             out[step.bias_name] = self._reduce(rg, step.bias, step.bias_name, k)
         if step.gain is not None:
             rg = rg * step.gain
-        if step.weight_name in tangents and self._second_order:
+        if step.weight_name in tangents and self._second_order:  # a weight: rg is fresh
             dw = _viewed(tangents[step.weight_name], step.weight, k)
-            rg = rg.addcmul_(per(self._scaled_grads[i]), dw) if step.gain is not None else \
-                torch.addcmul(rg, per(self._scaled_grads[i]), dw)
+            rg = rg.addcmul_(per(self._scaled_grads[i]), dw)
         return rg
 
     def _conv_terms(self, i: int, step: _Conv) -> _ConvTerms:
@@ -703,8 +702,7 @@ def _scale_forward(step: _Scale, r: torch.Tensor | None, tangents: Mapping[str, 
     if step.weight_name in tangents:
         a = step.inputs if k is None else step.inputs.unsqueeze(1)
         dw = _viewed(tangents[step.weight_name], step.weight, k)
-        z = a * dw if z is None else \
-            z.addcmul_(a, dw) if step.gain is not None else torch.addcmul(z, a, dw)
+        z = a * dw if z is None else z.addcmul_(a, dw)  # z = R{x} * gain, a fresh tensor
     if step.bias_name in tangents:
         db = _viewed(tangents[step.bias_name], step.bias, k)
         if z is None:
