@@ -197,8 +197,7 @@ class _Walk:
         """Whether ``node`` is a parameter placeholder, or one seen through views and
         transposes."""
         while node not in self.names and node.op == "call_function" and \
-                (node.target in _RESHAPES or node.target in _PERMUTATIONS or
-                 node.target is aten.expand.default):
+                (node.target in _PERMUTATIONS or node.target is aten.expand.default):
             node = node.args[0]
         return node in self.names
 
@@ -316,7 +315,7 @@ class _Walk:
             return None
         if not ((weight and weight[1]) or (bias and bias[1])):
             return None  # constants only
-        nodes += [node, end]
+        nodes += [node] if end is node else [node, end]
         self.layers.update(nodes)
         w = None if weight is None else weight[0]
         gain = w if pre is None else pre if w is None else pre * w

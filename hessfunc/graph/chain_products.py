@@ -617,10 +617,9 @@ class _MapTerms:
     samples (BatchNorm in training mode), and the layers around it keep their rules. But
     the captured graph holds ``F`` decomposed into primitive ops, whose double backward
     costs more than that of the fused ops (softmax, LayerNorm) autograd records when the
-    graph route differentiates ``f`` itself: measured per product, in gradients, R-operator
-    against cached graph, a softmax between two layers 2.77 / 1.13, two LayerNorms 2.45 /
-    2.25, two BatchNorms in training mode 2.66 / 2.24, the benchmark ResNet in training
-    mode 2.88 / 3.04 (docs/benchmarks.md). So ``method="auto"`` takes the R-operator where
+    graph route differentiates ``f`` itself: on MLPs with a softmax, LayerNorms or
+    BatchNorms in training mode the cached graph's products measured faster (stop 29 in
+    docs/benchmarks.md). So ``method="auto"`` takes the R-operator where
     every map is linear (views, a concatenation, a broadcasting add, a mean over the
     batch: their double backward is nothing), and the cached graph where a map is curved
     (``ChainPlan.curved_maps``); ``method="structured"`` takes the R-operator anyway. The
@@ -635,7 +634,7 @@ class _MapTerms:
             self.z = step.apply(*self.leaves)
             w = torch.autograd.grad(self.z, self.leaves, self.u, create_graph=True,
                                     allow_unused=True)
-        self.w = [t for t in w]
+        self.w = list(w)
         #: the gradient at each value the map reads
         self.gradients = tuple(torch.zeros_like(a) if t is None else t.detach()
                                for t, a in zip(w, self.leaves, strict=True))
