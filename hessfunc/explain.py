@@ -101,7 +101,9 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     if chain is not None and chain.curved_maps:  # NOTE [maps without a rule]
         routes.append(Route("hvp, hvp_fn, HessianOperator", "graph", "cached gradient graph",
                             f"the R-operator takes {chain.curved_maps} map(s) without a rule "
-                            "(a normalisation, a softmax) through their own double backward, "
+                            "or closed form (a product of branches, a normalisation other "
+                            "than LayerNorm's, BatchNorm's or RMSNorm's) through their own "
+                            "double backward, "
                             "slower than the cached gradient graph; method='structured' "
                             "takes it"))
     else:

@@ -263,9 +263,11 @@ class HVPFunction:
     of ``f`` (NOTE [chains from the graph] in ``hessfunc/graph/chain.py``; a
     :func:`hessfunc.functionalize` model or any function), activations, their
     derivatives and the loss's output Hessian are cached and each product is a few
-    dense matrix products (NOTE [structured products]). A map the rules do not cover
-    that is not linear (LayerNorm's normalisation, a softmax) sends ``method="auto"`` to
-    the cached graph, measured faster there (NOTE [maps without a rule]).
+    dense matrix products (NOTE [structured products]). Softmax and the normalisations of
+    LayerNorm, BatchNorm in training mode and RMSNorm have closed forms (NOTE [softmax
+    and standardisation]); another map that is not linear (a product of two branches)
+    sends ``method="auto"`` to the cached graph, measured faster there (NOTE [maps
+    without a rule]).
     ``"graph"``: the gradient's autograd graph is built once and each product is one
     backward pass through it (on the ``torch.func`` path inside transforms). Repeated
     products (what Lanczos and Hutchinson need) cost about one gradient each or less;

@@ -46,16 +46,11 @@ def test_torch_func_chains_take_the_structured_products(prob, seed, k):
 @given(prob=problems(kinds=("normed",), freeze=True), seed=st.integers(0, 1000),
        k=st.integers(1, 3))
 def test_normalised_nets_take_the_structured_products(prob, seed, k):
-    """MLPs with BatchNorm in eval mode (a scale) or LayerNorm (a map without a rule, then
-    a scale), frozen subsets included: the R-operator's products (``method='auto'`` takes
-    it for BatchNorm; for LayerNorm the cached graph, unless everything above the first
-    layer is frozen, when the rest is the loss), gradient and value equal the oracle's."""
-    f = _torch_func(prob.model, prob.loss_fn)
-    params = {n: p.detach() for n, p in prob.model.named_parameters() if p.requires_grad}
-    assume(params)
-    if isinstance(prob.model.norm, nn.BatchNorm1d):
-        assert hf.hvp_fn(f, (params, prob.inputs, prob.targets)).method == "structured"
-    _structured_products_match(prob, seed, k, chain=True, method="structured")
+    """MLPs with BatchNorm in eval mode (a scale), LayerNorm or RMSNorm (a normalisation
+    with a closed form, then a scale) or a softmax, frozen subsets included: the
+    R-operator's products (``method='auto'`` takes it), gradient and value equal the
+    oracle's."""
+    _structured_products_match(prob, seed, k, chain=True)
 
 
 def _structured_products_match(prob, seed, k, chain, method="auto"):
@@ -1054,20 +1049,101 @@ def _maps():
     return cases
 
 
+_FORMS = {"batch_norm_train": "_Standardise", "layer_norm": "_Standardise",
+          "softmax": "_Softmax"}
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["closed forms", "own ops"])
 @pytest.mark.parametrize("case", range(8))
-def test_maps_without_a_rule_take_the_structured_products(case):
+def test_maps_without_a_rule_take_the_structured_products(case, closed, monkeypatch):
     """BatchNorm in training mode, LayerNorm, a softmax between layers, a gated map,
     branches joined by cat or by a broadcasting add, a mean over the batch (also one that
     leaves as many rows as samples): the R-operator, its maps differentiated through their
-    own ops; every product, the gradient, the full Hessian and rows equal the oracle's.
-    ``method='auto'`` takes it where every map is linear (the others are faster on the
-    cached gradient graph)."""
+    own ops or, for the first three, by their closed forms (NOTE [softmax and
+    standardisation]); every product, the gradient, the full Hessian and rows equal the
+    oracle's. ``method='auto'`` takes it where every map is linear or has a closed form
+    (the gated map is faster on the cached gradient graph)."""
     f, p, batch, last = _maps()[case]
+    if not closed:  # every map through its own ops, the softmax as several
+        monkeypatch.setattr(sys.modules["hessfunc.graph.chain"], "_map_form", lambda *a: None)
     plan, _ = graph_chain(f, (p, *batch), 0)
-    curved = f.__name__ in ("batch_norm_train", "layer_norm", "softmax", "gated")
-    assert plan.curved_maps == curved  # one map each, or a linear one
+    maps = [s for s in plan.steps if type(s).__name__ == "_Map"]
+    forms = {type(s.form).__name__ for s in maps if s.form is not None}
+    assert forms == ({_FORMS[f.__name__]} if closed and f.__name__ in _FORMS else set())
+    curved = f.__name__ == "gated" or (not closed and f.__name__ in _FORMS)
+    assert bool(plan.curved_maps) == curved
     # method='auto' takes the cached graph where a map is curved (faster there)
     assert hf.hvp_fn(f, (p, *batch)).method == ("graph" if curved else "structured")
+    _structured_everywhere(f, p, batch, last, method="structured")
+
+
+def _closed_forms():
+    """Softmax and normalisations the walk reads as one map with a closed form, over
+    other axes than the last: ``(f, params, inputs, last, forms)``."""
+    gen = torch.Generator().manual_seed(13)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    x, y = r(5, 2, 6), r(5, 2)
+    p = {"k": r(3, 2, 3), "g": 1 + 0.3 * r(3, 4), "c": r(3, 4), "w": r(2, 12)}
+
+    def head(h, p):
+        return F.mse_loss(F.linear(torch.tanh(h).flatten(1), p["w"]), y)
+
+    def rms_norm(p, x, y):  # over both axes of a sample, with a gain
+        return head(F.rms_norm(F.conv1d(x, p["k"]), (3, 4), p["g"], eps=1e-3), p)
+
+    def layer_norm_2d(p, x, y):
+        return head(F.layer_norm(F.conv1d(x, p["k"]), (3, 4), p["g"], p["c"]), p)
+
+    def channels_softmax(p, x, y):  # over the channels, not the last axis
+        return head(torch.softmax(F.conv1d(x, p["k"]), 1), p)
+
+    def batch_softmax(p, x, y):  # over the batch: the map mixes samples
+        return head(torch.softmax(F.conv1d(x, p["k"]), 0), p)
+
+    def batch_norm_1d(p, x, y):  # statistics over the batch and the positions
+        return head(F.batch_norm(F.conv1d(x, p["k"]), None, None, training=True), p)
+
+    def twice(p, x, y):  # a softmax of a softmax, each its own map
+        return head(torch.softmax(torch.softmax(F.conv1d(x, p["k"]), -1), 1), p)
+
+    def no_form(p, x, y):  # softmax's ops, but exp is read again: a map without a form
+        h = F.conv1d(x, p["k"])
+        e = (h - h.amax(-1, keepdim=True)).exp()
+        return head(e / e.sum(-1, keepdim=True) + e, p)
+
+    sub = {rms_norm: ("k", "g", "w"), layer_norm_2d: ("k", "g", "c", "w")}
+    forms = {rms_norm: ["_Standardise"], layer_norm_2d: ["_Standardise"],
+             channels_softmax: ["_Softmax"], batch_softmax: ["_Softmax"],
+             batch_norm_1d: ["_Standardise"], twice: ["_Softmax", "_Softmax"], no_form: []}
+    return [(f, {k: p[k] for k in sub.get(f, ("k", "w"))}, (x, y), "k", kinds)
+            for f, kinds in forms.items()]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_closed_forms_of_softmax_and_normalisations(case):
+    """RMSNorm and LayerNorm over two axes, a softmax over the channels and one over the
+    batch, BatchNorm's normalisation over the batch and the positions, a softmax of a
+    softmax: each one map with its closed form (the form's axes, the centring, eps), whose
+    products, gradient, full Hessian and rows equal the oracle's; softmax's ops with an
+    inner value read again are a map without a form."""
+    f, p, batch, last, kinds = _closed_forms()[case]
+    plan, why = graph_chain(f, (p, *batch), 0)
+    assert plan is not None, why
+    maps = [s for s in plan.steps if type(s).__name__ == "_Map"]
+    assert [type(s.form).__name__ for s in maps if s.form is not None] == kinds
+    if f.__name__ == "no_form":
+        assert plan.curved_maps
+    else:
+        assert not plan.curved_maps and len(maps) == len(kinds)
+        expected = {"rms_norm": ((1, 2), 1e-3, False), "layer_norm_2d": ((1, 2), 1e-5, True),
+                    "batch_norm_1d": ((0, 2), 1e-5, True), "channels_softmax": ((1,),),
+                    "batch_softmax": ((0,),), "twice": ((2,),)}[f.__name__]
+        form = maps[0].form
+        assert (form.dims, *((form.eps, form.centred) if len(expected) > 1 else ())) == \
+            expected
     _structured_everywhere(f, p, batch, last, method="structured")
 
 
@@ -1086,9 +1162,13 @@ def test_the_loss_is_never_a_map():
     def frozen_head(p, x, y):
         return F.cross_entropy(F.linear(F.layer_norm(F.linear(x, p["w1"]), (3,)), head), y)
 
+    def frozen_rms_head(p, x, y):  # an RMS normalisation's ops start as elementwise ones
+        return F.cross_entropy(F.linear(F.rms_norm(F.linear(x, p["w1"]), (3,)), head), y)
+
     head = p["w2"].clone()
     for f, params, kinds in ((decayed, p, ["_Linear", "_Elementwise", "_Linear"]),
-                             (frozen_head, {"w1": p["w1"]}, ["_Linear"])):
+                             (frozen_head, {"w1": p["w1"]}, ["_Linear"]),
+                             (frozen_rms_head, {"w1": p["w1"]}, ["_Linear"])):
         plan, why = graph_chain(f, (params, x, y), 0)
         assert [type(s).__name__ for s in plan.steps] == kinds, why
         H = hf.hvp_fn(f, (params, x, y))

@@ -292,6 +292,8 @@ def test_strategies_reach_every_kind_loss_and_hard_case():
     def draw(prob):
         m = prob.model
         seen.add(f"kind:{type(m).__name__}")
+        if hasattr(m, "norm"):
+            seen.add(f"norm:{type(m.norm).__name__}")
         seen.add(f"loss:{prob.loss_fn.name}")
         if any(getattr(layer, "bias", 0) is None for layer in m.modules()):
             seen.add("bias=False")
@@ -313,6 +315,7 @@ def test_strategies_reach_every_kind_loss_and_hard_case():
     expected = {f"kind:{c}" for c in ("MLP", "ResidualMLP", "ConcatNet", "TiedNet",
                                        "TwoInputNet", "ConvNet", "NormedMLP")}
     expected |= {f"loss:{n}" for n in LOSSES}
+    expected |= {f"norm:{n}" for n in ("BatchNorm1d", "LayerNorm", "RMSNorm", "Softmax")}
     expected |= {"bias=False", "frozen", "zero row", "duplicate rows", "tiny inputs",
                  "huge inputs", "non-square conv"}
     assert expected <= seen, f"never drawn: {sorted(expected - seen)}"

@@ -71,7 +71,7 @@ from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES
 from ..errors import ArgumentError
 from ..functional import FunctionalModel, _report_non_finite
-from .capture import replay, run_nodes, where
+from .capture import argument, replay, run_nodes, where
 from .chain_plan import (
     ChainPlan,
     ParameterTerms,
@@ -83,6 +83,8 @@ from .chain_plan import (
     _LinearMap,
     _Map,
     _Scale,
+    _Softmax,
+    _Standardise,
     elementwise_derivatives,
     output_blocks,
     trainable,
@@ -509,7 +511,10 @@ def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node], taken: set[fx.Node
             env[live[0]].dtype == env[live[1]].dtype:
         return _Add(), [node], node, live
     if len(live) == 1:
-        found = _one_value_step(walk, node, live[0], taken)
+        found = _form_step(walk, node, live[0], taken)
+        if found == "loss":
+            return None
+        found = found or _one_value_step(walk, node, live[0], taken)
         if found is not None:
             return (*found, live)
     region = walk.map_region(node, values, taken)  # NOTE [maps without a rule]
@@ -523,10 +528,102 @@ def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node], taken: set[fx.Node
         return replay(ops, env, dict(zip(reads, inputs, strict=True)))[out]
 
     variable = set(ops) | set(reads)
+    found = _map_form(walk, out, reads[0]) if len(reads) == 1 else None
+    form = found[0] if found is not None and set(found[1]) <= set(ops) else None
     linear = all(op.target in _LINEAR or op.target in SHAPE_ONLY or (
         op.target in _MULTILINEAR and sum(a in variable for a in op.all_input_nodes) <= 1)
         for op in ops)
-    return _Map(apply, [env[a] for a in reads], linear), ops, out, reads
+    return _Map(apply, [env[a] for a in reads], linear, form), ops, out, reads
+
+
+def _map_form(walk: _Walk, out: fx.Node, a: fx.Node
+              ) -> tuple[_Softmax | _Standardise, list[fx.Node]] | None:
+    """The closed form of a map ``out = F(a)`` of one value whose ops, read back from
+    ``out``, are a softmax's or a standardisation's decomposition (NOTE [softmax and
+    standardisation] in ``chain_products.py``): ``(form, those ops)``, or None."""
+    ndim = walk.env[a].dim()
+    seen: list[fx.Node] = []
+
+    def call(n: Any, *targets: Any) -> bool:
+        found = isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+        if found:
+            seen.append(n)
+        return found
+
+    def axes(node: fx.Node) -> tuple[int, ...] | None:
+        if argument(node, "keepdim") is not True:
+            return None
+        d = argument(node, "dim")
+        d = range(ndim) if d is None or d == [] else [d] if isinstance(d, int) else d
+        return tuple(sorted({i % ndim for i in d}))
+
+    def inverse_root(n: Any) -> tuple[fx.Node, float] | None:  # rsqrt(v + eps)
+        if call(n, aten.rsqrt.default) and call(n.args[0], aten.add.Tensor, aten.add.Scalar):
+            v, eps = n.args[0].args
+            if isinstance(eps, float | int) and not isinstance(eps, bool) and eps >= 0:
+                return v, float(eps)
+        return None
+
+    form: _Softmax | _Standardise | None = None
+    if call(out, aten.div.Tensor) and len(out.args) == 2:
+        e, s = out.args
+        if call(e, aten.exp.default) and call(s, aten.sum.dim_IntList) and s.args[0] is e \
+                and call(e.args[0], aten.sub.Tensor) and e.args[0].args[0] is a:
+            m = e.args[0].args[1]  # the shift cancels: any value of a's rows
+            if call(m, aten.amax.default) and m.args[0] is a and axes(m) is not None and \
+                    axes(m) == axes(s):
+                form = _Softmax(axes(s))
+    elif call(out, aten.mul.Tensor) and len(out.args) == 2:
+        for left, right in (out.args, out.args[::-1]):
+            root = inverse_root(right)
+            if root is None:
+                continue
+            v, eps = root
+            if left is a and call(v, aten.mean.dim) and call(v.args[0], aten.pow.Tensor_Scalar) \
+                    and v.args[0].args == (a, 2) and axes(v) is not None:
+                form = _Standardise(axes(v), eps, centred=False)
+            elif call(left, aten.sub.Tensor) and left.args[0] is a and \
+                    call(v, operator.getitem) and v.args[1] == 0 and \
+                    call(left.args[1], operator.getitem) and left.args[1].args[1] == 1 and \
+                    v.args[0] is left.args[1].args[0] and \
+                    call(v.args[0], aten.var_mean.correction) and v.args[0].args[0] is a and \
+                    argument(v.args[0], "correction") == 0 and axes(v.args[0]) is not None:
+                form = _Standardise(axes(v.args[0]), eps, centred=True)
+            break
+    return None if form is None else (form, seen)
+
+
+def _form_step(walk: _Walk, node: fx.Node, cur: fx.Node, taken: Collection[fx.Node]
+               ) -> tuple[_Map | None, list[fx.Node], fx.Node] | str | None:
+    """A softmax or an RMS normalisation of ``cur`` that starts at ``node`` (``amax``,
+    ``pow``), as one map with its closed form: ``(step, its ops, its output)``; "loss"
+    where it reaches no layer (the loss is never a map: the model ends before it); or
+    None. Read as smallest closing regions, its ops would be several maps (``amax`` alone
+    closes). Its inner values must be read by its own ops only."""
+    if node.target not in (aten.amax.default, aten.pow.Tensor_Scalar):
+        return None
+    frontier, candidates = [node], []
+    for _ in range(4):  # softmax: amax, sub, exp, div; RMS: pow, mean, add, rsqrt, mul
+        frontier = [u for n in frontier for u in n.users if u.op == "call_function"]
+        candidates += [u for u in frontier if u.target in (aten.div.Tensor, aten.mul.Tensor)]
+    for out in candidates:
+        found = _map_form(walk, out, cur)
+        if found is None or node not in found[1] or any(n in taken for n in found[1]):
+            continue
+        ops = set(found[1])
+        if any(u not in ops for n in ops - {out} for u in n.users):
+            continue
+        if not walk.feeds_layer(out):
+            return "loss"
+        order = [n for n in walk.gm.graph.nodes if n in ops]
+        if not walk.values:
+            return None, order, out
+
+        def apply(a: Tensor, order: list[fx.Node] = order, out: fx.Node = out) -> Tensor:
+            return replay(order, walk.env, {cur: a})[out]
+
+        return _Map(apply, [walk.env[cur]], False, found[0]), order, out
+    return None
 
 
 def _one_value_step(walk: _Walk, node: fx.Node, cur: fx.Node, taken: set[fx.Node]

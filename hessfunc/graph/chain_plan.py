@@ -116,16 +116,34 @@ class _LinearMap:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class _Softmax:
+    """``z = softmax(a)`` over the axes ``dims`` (non-negative; usually the last)."""
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Standardise:
+    """``z = (a - mean(a)) / sqrt(var(a) + eps)`` over ``dims`` (``centred``: LayerNorm,
+    BatchNorm in training mode) or ``z = a / sqrt(mean(a^2) + eps)`` (RMSNorm); ``dims``
+    non-negative, the batch axis 0 among them where the batch's statistics are used."""
+    dims: tuple[int, ...]
+    eps: float
+    centred: bool
+
+
 @dataclass
 class _Map:
     """A map of one or more values without parameters that no other step's rule covers
     (the normalisations of BatchNorm in training mode and of LayerNorm, a softmax): its
     ops replayed by ``apply(*inputs)``, ``inputs`` the values it reads at the point.
     Its products differentiate those ops (NOTE [maps without a rule] in
-    ``hessfunc/graph/chain_products.py``)."""
+    ``hessfunc/graph/chain_products.py``), or take the closed form of the map ``form``
+    where the walk recognised one (NOTE [softmax and standardisation])."""
     apply: Callable[..., torch.Tensor]
     inputs: list[torch.Tensor]
     linear: bool   # every op linear (or piecewise linear) in the values it reads
+    form: _Softmax | _Standardise | None = None
 
 
 def trainable(step: object) -> bool:
@@ -217,8 +235,10 @@ class ChainPlan:
         self.out_grad = out_grad
         self.params = params
         self.first = next(i for i, s in enumerate(steps) if trainable(s))
-        #: maps without a rule that are not linear (normalisations, a softmax)
-        self.curved_maps = sum(isinstance(s, _Map) and not s.linear for s in steps)
+        #: maps without a rule that are not linear and have no closed form (a product of
+        #: branches, a normalisation other than NOTE [softmax and standardisation]'s)
+        self.curved_maps = sum(isinstance(s, _Map) and not s.linear and s.form is None
+                               for s in steps)
 
     def _propagate(self, on_linear: Callable[[_Linear, torch.Tensor, torch.Tensor, slice], None],
                    chunk_size: int | None, per_sample_bytes: int) -> None:

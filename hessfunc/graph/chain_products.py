@@ -23,8 +23,9 @@ directional derivative along ``v = (dW_l, db_l)_l``. With the activations
   and input gradients (transposed convolutions) in place of the matrix products;
   through a scale the same with a diagonal weight, ``(H v)_w`` summed over the axes
   ``w`` is broadcast along, ``R{g_x} = R{g_z} * s w + (g_z * s) dw``; through a linear
-  map ``R{g_a} = L^T R{g_z}`` (its vector-Jacobian product); through a map without a
-  rule by its own ops (NOTE [maps without a rule]).
+  map ``R{g_a} = L^T R{g_z}`` (its vector-Jacobian product); through a softmax or a
+  normalisation by its closed form (NOTE [softmax and standardisation]); through another
+  map without a rule by its own ops (NOTE [maps without a rule]).
 
 On a DAG of these steps (NOTE [skip connections]) ``R{a + b} = R{a} + R{b}`` forward,
 and backward a value read by several steps sums the ``g`` and ``R{g}`` they send it.
@@ -58,6 +59,7 @@ from .chain_plan import (
     _LinearMap,
     _Map,
     _Scale,
+    _Softmax,
 )
 
 __all__ = ["ChainProducts"]
@@ -101,7 +103,7 @@ class ChainProducts:
         for i in range(len(self._steps) - 1, self._start, -1):
             g, step = grads[i + 1], self._steps[i]
             if isinstance(step, _Map):
-                self._maps[i] = _MapTerms(step, g)
+                self._maps[i] = _map_terms(step, g)
             parts = self._maps[i].gradients if isinstance(step, _Map) else _backprop(step, g)
             for j, part in zip(self._sources[i], parts, strict=True):
                 if j > self._start:  # a value below the first layer needs none
@@ -600,8 +602,9 @@ def _backprop(step: object, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 class _MapTerms:
     """NOTE [maps without a rule]: a map ``z = F(a_1, ..., a_m)`` of the model's values
-    that no step's rule covers (a normalisation by statistics of the sample or of the
-    batch, a softmax) is differentiated through its own ops, once: with leaves ``a_i``
+    that no step's rule or closed form covers (a product of two branches, a normalisation
+    other than those of NOTE [softmax and standardisation]) is differentiated through its
+    own ops, once: with leaves ``a_i``
     and a leaf ``u`` valued ``g``, the gradient at ``z``, the graph of ``z = F(a)`` and
     of ``w_i = J_i^T u`` (``create_graph``) is kept. Then every product is backward
     passes through that cached graph, none through the rest of the model:
@@ -614,15 +617,15 @@ class _MapTerms:
       backward pass; the Gauss-Newton form keeps the first term only.
 
     ``k`` tangents run as ``k`` such passes. Exact whatever ``F`` is, also where it mixes
-    samples (BatchNorm in training mode), and the layers around it keep their rules. But
-    the captured graph holds ``F`` decomposed into primitive ops, whose double backward
-    costs more than that of the fused ops (softmax, LayerNorm) autograd records when the
-    graph route differentiates ``f`` itself: on MLPs with a softmax, LayerNorms or
-    BatchNorms in training mode the cached graph's products measured faster (stop 29 in
-    docs/benchmarks.md). So ``method="auto"`` takes the R-operator where
-    every map is linear (views, a concatenation, a broadcasting add, a mean over the
-    batch: their double backward is nothing), and the cached graph where a map is curved
-    (``ChainPlan.curved_maps``); ``method="structured"`` takes the R-operator anyway. The
+    samples, and the layers around it keep their rules. But the captured graph holds
+    ``F`` decomposed into primitive ops, whose double backward costs more than that of
+    the fused ops autograd records when the graph route differentiates ``f`` itself: a
+    softmax or a LayerNorm taken this way measured slower than the cached graph (stop 29
+    in docs/benchmarks.md). So ``method="auto"`` takes the R-operator where every map is
+    linear (views, a concatenation, a broadcasting add, a mean over the batch: their
+    double backward is nothing) or has a closed form, and the cached graph where another
+    map is curved (``ChainPlan.curved_maps``); ``method="structured"`` takes the
+    R-operator anyway. The
     Gauss-Newton and Fisher operators take the linearised model wherever the chain has a
     map, a scale or a linear map (measured faster there, ``hessfunc/ggn_operator.py``).
     """
@@ -686,6 +689,91 @@ class _MapTerms:
                     for r, a in zip(found, self.leaves, strict=True)]
 
         return self._columns(k, one)
+
+
+class _ClosedMapTerms:
+    """NOTE [softmax and standardisation]: the maps users put between layers most often
+    have a symmetric Jacobian ``J`` with a closed form, so products need none of the
+    double backward passes of NOTE [maps without a rule]. With ``y`` the map's output,
+    ``g`` the gradient at it, ``<.>`` the mean (sum, for the softmax) over the map's axes:
+
+    * softmax ``y = softmax(a)``: ``J t = y (t - <y t>)``; the second-order term of the
+      backward rule, ``d(J^T g)/da R{a} = R{y} (g - <y g>) - y <R{y} g>``;
+    * standardisation ``y = (a - <a>) r``, ``r = (var + eps)^(-1/2)`` (or ``y = a r``,
+      ``r = (<a^2> + eps)^(-1/2)``, RMSNorm, without the centring term ``<t>``):
+      ``J t = r (t - <t> - y <y t>)``; with ``w = J^T g`` and ``m = <y g>`` the
+      second-order term is ``-r (<y R{a}> w + m R{y} + y <R{y} g>)``.
+
+    (Differentiate ``r`` by ``dr = -r^2 <y da>``, then ``w / r = g - <g> - y m``.)
+    Each product is a few elementwise passes and reductions over the map's values. The
+    axes may include the batch (BatchNorm in training mode): the forms hold as they are.
+    """
+
+    def __init__(self, step: _Map, g: torch.Tensor):
+        form = step.form
+        a = step.inputs[0].detach()
+        self._dims = form.dims
+        self._softmax = isinstance(form, _Softmax)
+        if self._softmax:
+            self.y = step.apply(a).detach()
+            self.r = None
+        else:
+            if form.centred:
+                var, mean = torch.var_mean(a, dim=form.dims, correction=0, keepdim=True)
+                centred = a - mean
+            else:
+                var, centred = (a * a).mean(dim=form.dims, keepdim=True), a
+            self.r = (var + form.eps).rsqrt()
+            self.y = centred * self.r
+        self._centred = not self._softmax and form.centred
+        self.g = g.detach()
+        self.m = self._reduce(self.y * self.g, self._dims)
+        self.w = self._jacobian(self.g, None)
+        self.gradients = (self.w,)
+
+    def _reduce(self, t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return t.sum(dim=dims, keepdim=True) if self._softmax else t.mean(dim=dims, keepdim=True)
+
+    def _jacobian(self, t: torch.Tensor, k: int | None) -> torch.Tensor:
+        """``J t`` (also ``J^T t``: ``J`` is symmetric), ``t`` ``(N, [k,] *shape)``."""
+        dims, y, r = self._axes(k), self._per(self.y, k), self._per(self.r, k)
+        out = t - self._reduce(y * t, dims) * (1.0 if self._softmax else y)
+        if self._softmax:
+            return y * out
+        if self._centred:
+            out = out - t.mean(dim=dims, keepdim=True)
+        return r * out
+
+    def _axes(self, k: int | None) -> tuple[int, ...]:
+        return self._dims if k is None else tuple(d + (d > 0) for d in self._dims)
+
+    @staticmethod
+    def _per(t: torch.Tensor | None, k: int | None) -> torch.Tensor | None:
+        return t if k is None or t is None else t.unsqueeze(1)
+
+    def forward(self, tangents: list[torch.Tensor | None], k: int | None
+                ) -> torch.Tensor | None:
+        (t,) = tangents
+        return None if t is None else self._jacobian(t, k)
+
+    def backward(self, rg: torch.Tensor, below: list[torch.Tensor | None], k: int | None,
+                 second_order: bool) -> list[torch.Tensor]:
+        out = self._jacobian(rg, k)
+        (ra,) = below
+        if not second_order or ra is None:
+            return [out]
+        dims, y, g = self._axes(k), self._per(self.y, k), self._per(self.g, k)
+        ry = self._jacobian(ra, k)
+        if self._softmax:
+            return [out + ry * (g - self._per(self.m, k)) - y * self._reduce(ry * g, dims)]
+        r, w, m = self._per(self.r, k), self._per(self.w, k), self._per(self.m, k)
+        curvature = self._reduce(y * ra, dims) * w + m * ry + y * self._reduce(ry * g, dims)
+        return [out - r * curvature]
+
+
+def _map_terms(step: _Map, g: torch.Tensor) -> _MapTerms | _ClosedMapTerms:
+    """A map's cached terms: its closed form where the walk recognised one."""
+    return _MapTerms(step, g) if step.form is None else _ClosedMapTerms(step, g)
 
 
 def _viewed(tangent: torch.Tensor, like: torch.Tensor, k: int | None) -> torch.Tensor:

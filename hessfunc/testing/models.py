@@ -115,10 +115,11 @@ class ConcatNet(nn.Module):
 
 
 class NormedMLP(nn.Module):
-    """``x -> Linear -> norm -> act -> Linear``, the norm BatchNorm in eval mode (running
-    statistics and affine parameters away from 0 and 1, from the global generator) or
-    LayerNorm: a scale broadcast over the batch, or a normalisation by the sample's
-    statistics (a map without a rule)."""
+    """``x -> Linear -> norm -> act -> Linear``, the norm (``norm``) BatchNorm in eval mode
+    (``"batch"``: running statistics and affine parameters away from 0 and 1, from the
+    global generator), LayerNorm (``"layer"``), RMSNorm (``"rms"``) or a softmax over
+    the features (``"softmax"``): a scale broadcast over the batch, or a normalisation
+    by the sample's statistics (a map with a closed form) and then a scale."""
 
     def __init__(self, num_inputs: int, width: int, num_outputs: int,
                  activation: str = "tanh", norm: str = "batch"):
@@ -129,11 +130,19 @@ class NormedMLP(nn.Module):
             with torch.no_grad():
                 self.norm.running_mean.normal_(0, 0.3)
                 self.norm.running_var.uniform_(0.5, 1.5)
-        else:
+        elif norm == "layer":
             self.norm = nn.LayerNorm(width)
+        elif norm == "rms":
+            self.norm = nn.RMSNorm(width, eps=1e-5)
+        elif norm == "softmax":
+            self.norm = nn.Softmax(-1)
+        else:
+            raise ValueError(f"NormedMLP: norm must be 'batch', 'layer', 'rms' or 'softmax', "
+                             f"got {norm!r}.")
         with torch.no_grad():
-            self.norm.weight.normal_(1, 0.3)
-            self.norm.bias.normal_(0, 0.3)
+            for name, mean in (("weight", 1.0), ("bias", 0.0)):
+                if getattr(self.norm, name, None) is not None:
+                    getattr(self.norm, name).normal_(mean, 0.3)
         self.act = _activation(activation)
         self.head = nn.Linear(width, num_outputs)
         self.input_shape, self.num_outputs = (num_inputs,), num_outputs

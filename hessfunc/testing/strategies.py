@@ -184,7 +184,7 @@ def models(draw: st.DrawFn, kinds: tuple[str, ...] = KINDS, min_outputs: int = 1
     elif kind == "tied":
         model = TiedNet(max(d_in, min_outputs), width, act)
     elif kind == "normed":
-        norm = draw(st.sampled_from(("batch", "layer")))
+        norm = draw(st.sampled_from(("batch", "layer", "rms", "softmax")))
         event(f"norm: {norm}")
         model = NormedMLP(d_in, max(width, 2), d_out, act, norm)
     else:
