@@ -57,6 +57,7 @@ from ._checks import (
 from ._tree import tree_leaves
 from .errors import ArgumentError
 from .graph.chain import graph_chain
+from .graph.chain_plan import _Embedding, _Map, _ShapeMap
 from .graph.chain_products import ChainProducts
 
 __all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES", "PRODUCT_METHODS"]
@@ -67,6 +68,9 @@ PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
 #: Columns of the first batched pass that NOTE [batched or looped products] times, for
 #: the cached graph and (at most) for the R-operator.
+#: plan steps whose R-operator products may lose to the cached gradient graph's
+#: (NOTE [route by measurement])
+_MEASURED_STEPS = (_Map, _ShapeMap, _Embedding)
 _PROBE_COLUMNS = 2
 _CHAIN_PROBE_COLUMNS = 8
 
@@ -265,9 +269,12 @@ class HVPFunction:
     derivatives and the loss's output Hessian are cached and each product is a few
     dense matrix products (NOTE [structured products]). Softmax and the normalisations of
     LayerNorm, BatchNorm in training mode and RMSNorm have closed forms (NOTE [softmax
-    and standardisation]); another map that is not linear (a product of two branches)
-    sends ``method="auto"`` to the cached graph, measured faster there (NOTE [maps
-    without a rule]).
+    and standardisation]), as have products of two values (NOTE [products of two
+    values]); embedding lookups, Linear layers on ``(N, T, d)`` values and ops that move
+    entries (attention's heads and positions, NOTE [shape maps]) have rules. Another map
+    that is not linear sends ``method="auto"`` to the cached graph, measured faster there
+    (NOTE [maps without a rule]); where the plan holds maps, shape ops or lookups, its
+    first products time both routes and keep the faster (NOTE [route by measurement]).
     ``"graph"``: the gradient's autograd graph is built once and each product is one
     backward pass through it (on the ``torch.func`` path inside transforms). Repeated
     products (what Lanczos and Hutchinson need) cost about one gradient each or less;
@@ -294,16 +301,23 @@ class HVPFunction:
         # NOTE [batched or looped products]; shared by the batches of one operator and by
         # operators on the same function object and shapes
         self._choices: dict[Any, Any] = {} if choices is None else choices
+        #: ``(f, primals, argnums)`` while the first products time both routes
+        self._pending: tuple[Any, ...] | None = None
+        self._route_times: dict[str, list[float]] = {"structured": [], "graph": []}
         if method != "graph":
             # ``plan``: a chain the caller already found at these primals (``hessian``)
             plan, reason = (plan, "ok") if plan is not None else \
                 graph_chain(f, primals, argnums)
-            if plan is not None and plan.curved_maps and method == "auto":
+            if plan is not None and method == "auto" and (
+                    plan.curved_maps or self._choices.get("route") == "graph"):
                 plan = None  # NOTE [maps without a rule]: the cached graph is faster there
             if plan is not None:
                 self._chain = ChainProducts(plan)
                 self._value = plan.value
                 self.method = "structured"
+                if method == "auto" and "route" not in self._choices and \
+                        any(isinstance(s, _MEASURED_STEPS) for s in plan.steps):
+                    self._pending = (f, primals, argnums)  # NOTE [route by measurement]
                 return
             if method == "structured":
                 raise ArgumentError(f"{call}: method='structured' does not apply here: {reason}; "
@@ -355,8 +369,50 @@ class HVPFunction:
             return self._product_unchecked(tangent)
 
     def _product_unchecked(self, tangent: Any) -> Any:
+        if self._pending is not None:
+            return self._timed_product(tangent)
         if self._chain is not None:
             return self._chain(tangent)
+        return self._graph_product(tangent)
+
+    def _timed_product(self, tangent: Any) -> Any:
+        """NOTE [route by measurement]: the R-operator is exact on every plan, but where
+        a plan holds maps, shape ops or lookups (attention, normalisations) the cached
+        gradient graph may be faster: one network measured 0.85x the R-operator's time
+        (a Transformer), others 1.1-1.3x (docs/benchmarks.md). So the first four
+        products of ``method="auto"`` on such a plan time the routes, two each (the
+        faster of two: the first warms up), the graph built after the R-operator's two;
+        the faster route serves the rest and is kept in the shared choices, so the
+        other batches of an operator build only it. Every product is exact either way."""
+        times = self._route_times
+        route = "structured" if len(times["structured"]) < 2 else "graph"
+        if route == "graph" and self._vjp is None and not hasattr(self, "_leaves"):
+            f, primals, argnums = self._pending
+            gradient = self._gradient
+            try:
+                with second_order_kernels():
+                    self._build(f, primals, argnums, self._call)
+            except Exception:  # noqa: BLE001 - no graph route here: the R-operator serves
+                self._choices["route"], self._pending = "structured", None
+                return self._chain(tangent)
+            self._gradient = gradient if gradient is not None else self._gradient
+        start = time.perf_counter()
+        out = self._chain(tangent) if route == "structured" else self._graph_product(tangent)
+        times[route].append(time.perf_counter() - start)
+        if len(times["graph"]) == 2:
+            winner = "graph" if min(times["graph"]) < min(times["structured"]) else \
+                "structured"
+            self._choices["route"] = winner
+            self._pending = None
+            if winner == "graph":
+                self._chain, self.method = None, "graph"
+            else:
+                self._vjp = None
+                self.__dict__.pop("_leaves", None)
+                self.__dict__.pop("_grads", None)
+        return out
+
+    def _graph_product(self, tangent: Any) -> Any:
         if self._vjp is not None:
             return self._vjp(tangent)[0]
         flat = _second_backward(self._leaves, self._grads, tree_leaves(tangent),
@@ -483,6 +539,17 @@ class HVPFunction:
             return self._batched(tangents)
 
     def _batched(self, tangents: Any) -> Any:
+        done = []
+        while self._pending is not None and len(done) < next(iter(
+                tree_leaves(tangents))).shape[0]:  # the first columns time the routes
+            i = len(done)
+            done.append(self._timed_product(pytree.tree_map(lambda t, i=i: t[i], tangents)))
+        if done:
+            rest = pytree.tree_map(lambda t: t[len(done):], tangents)
+            parts = [pytree.tree_map(lambda t: t.unsqueeze(0), d) for d in done]
+            if next(iter(tree_leaves(rest))).shape[0]:
+                parts.append(self._batched(rest))
+            return pytree.tree_map(lambda *t: torch.cat(t), *parts)
         if self._chain is not None:  # k tangents in one pass, or one at a time: measured
             k = next(iter(tangents.values())).shape[0]
             return self._batched_or_looped(

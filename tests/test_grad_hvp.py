@@ -804,6 +804,62 @@ def test_batched_or_looped_clipped_policy(pass_cost, calls, expected, widths, mo
     assert seen == widths  # the last call's passes
 
 
+class _StampClock:
+    """``perf_counter`` returning the given stamps, then one more second per call."""
+
+    def __init__(self, stamps):
+        self.stamps, self.now = iter(stamps), 100.0
+
+    def perf_counter(self):
+        self.now = next(self.stamps, self.now + 1.0)
+        return self.now
+
+
+@pytest.mark.parametrize("graph_faster", [True, False])
+@pytest.mark.parametrize("batched", [False, True])
+def test_route_by_measurement(graph_faster, batched, monkeypatch):
+    """NOTE [route by measurement]: on a plan with a map (a softmax between layers),
+    ``method='auto'`` starts on the R-operator and its first four products (single, or
+    a batch's first columns) time two on each route; the faster serves the rest and is
+    kept in the shared choices, so a second function with them builds only it. Every
+    product equals the oracle's; a plan of layers alone and ``method='structured'`` never
+    measure."""
+    import hessfunc.products as products
+
+    g = torch.Generator().manual_seed(4)
+    p = {"w1": torch.randn(4, 3, generator=g, dtype=torch.float64),
+         "w2": torch.randn(2, 4, generator=g, dtype=torch.float64)}
+    x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), \
+        torch.randn(5, 2, generator=g, dtype=torch.float64)
+
+    def f(p, x, y):
+        return F.mse_loss(F.linear(torch.softmax(F.linear(x, p["w1"]), -1), p["w2"]), y)
+
+    graph_cost = 1.0 if graph_faster else 3.0
+    clock = _StampClock([0, 2, 10, 12, 20, 20 + graph_cost, 30, 30 + graph_cost])
+    monkeypatch.setattr(products, "time", clock)
+    choices = {}
+    H = products.HVPFunction(f, (p, x, y), 0, choices=choices)
+    assert H.method == "structured" and H._pending is not None
+    vs = [random_like(p, i) for i in range(6)]
+    if batched:
+        out = H.batched({k: torch.stack([v[k] for v in vs]) for k in p})
+        got = [{k: out[k][i] for k in p} for i in range(len(vs))]
+    else:
+        got = [H(v) for v in vs]
+    for v, hv in zip(vs, got, strict=True):
+        assert_close(hv, _oracle_hvp(f, p, (x, y), v))
+    winner = "graph" if graph_faster else "structured"
+    assert H.method == winner and H._pending is None and choices["route"] == winner
+    assert (H.chain_products is None) == graph_faster
+    again = products.HVPFunction(f, (p, x, y), 0, choices=choices)
+    assert again.method == winner and again._pending is None
+    assert_close(again(vs[0]), _oracle_hvp(f, p, (x, y), vs[0]))
+    assert hf.hvp_fn(f, (p, x, y), method="structured")._pending is None
+    layers = lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"]), y)  # noqa: E731
+    assert hf.hvp_fn(layers, (p, x, y))._pending is None
+
+
 @pytest.mark.parametrize("route", ["autograd", "torch.func"])
 def test_block_rows_and_linear_leaves_on_both_routes(route):
     """``HVPFunction.block_rows`` gives rows of one leaf's own block, the other leaves'

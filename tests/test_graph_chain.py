@@ -1050,7 +1050,7 @@ def _maps():
 
 
 _FORMS = {"batch_norm_train": "_Standardise", "layer_norm": "_Standardise",
-          "softmax": "_Softmax"}
+          "softmax": "_Softmax", "gated": "_Product"}
 
 
 @pytest.mark.parametrize("closed", [True, False], ids=["closed forms", "own ops"])
@@ -1059,18 +1059,21 @@ def test_maps_without_a_rule_take_the_structured_products(case, closed, monkeypa
     """BatchNorm in training mode, LayerNorm, a softmax between layers, a gated map,
     branches joined by cat or by a broadcasting add, a mean over the batch (also one that
     leaves as many rows as samples): the R-operator, its maps differentiated through their
-    own ops or, for the first three, by their closed forms (NOTE [softmax and
-    standardisation]); every product, the gradient, the full Hessian and rows equal the
-    oracle's. ``method='auto'`` takes it where every map is linear or has a closed form
-    (the gated map is faster on the cached gradient graph)."""
+    own ops or, for the first four, by their closed forms (NOTE [softmax and
+    standardisation], NOTE [products of two values]); every product, the gradient, the
+    full Hessian and rows equal the oracle's. ``method='auto'`` takes it where every map
+    is linear or has a closed form (the others are faster on the cached gradient
+    graph)."""
     f, p, batch, last = _maps()[case]
     if not closed:  # every map through its own ops, the softmax as several
-        monkeypatch.setattr(sys.modules["hessfunc.graph.chain"], "_map_form", lambda *a: None)
+        chain = sys.modules["hessfunc.graph.chain"]
+        monkeypatch.setattr(chain, "_map_form", lambda *a: None)
+        monkeypatch.setattr(chain, "_product_form", lambda *a: None)
     plan, _ = graph_chain(f, (p, *batch), 0)
     maps = [s for s in plan.steps if type(s).__name__ == "_Map"]
     forms = {type(s.form).__name__ for s in maps if s.form is not None}
     assert forms == ({_FORMS[f.__name__]} if closed and f.__name__ in _FORMS else set())
-    curved = f.__name__ == "gated" or (not closed and f.__name__ in _FORMS)
+    curved = not closed and f.__name__ in _FORMS
     assert bool(plan.curved_maps) == curved
     # method='auto' takes the cached graph where a map is curved (faster there)
     assert hf.hvp_fn(f, (p, *batch)).method == ("graph" if curved else "structured")
@@ -1145,6 +1148,120 @@ def test_closed_forms_of_softmax_and_normalisations(case):
         assert (form.dims, *((form.eps, form.centred) if len(expected) > 1 else ())) == \
             expected
     _structured_everywhere(f, p, batch, last, method="structured")
+
+
+class _TinyLM(nn.Module):
+    """Token embeddings, a causal encoder layer (torch's own, in eval mode; attention
+    in torch's math kernel) and logits of shape ``(N * T, V)``."""
+
+    def __init__(self, vocab=5, d=4, length=3, batch_first=True):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=6, dropout=0.0,
+                                                batch_first=batch_first)
+        self.head = nn.Linear(d, vocab)
+        self.batch_first = batch_first
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, x):
+        h = self.tokens(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.layer(h, src_mask=self.mask, is_causal=True)
+        return self.head(h if self.batch_first else h.transpose(0, 1)).flatten(0, 1)
+
+
+def _sequences():
+    """Models of token sequences: ``(f, params, inputs, last, step kinds they hold)``."""
+    gen = torch.Generator().manual_seed(17)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    tokens = torch.randint(0, 5, (2, 4), generator=gen)
+    x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    p = {"E": r(5, 4), "q": r(4, 4), "k": r(4, 4), "w": r(3, 4), "b": r(3)}
+
+    def attention(p, x, y):  # one head written out: lookups, 3-d layers, scores, mixing
+        h = F.embedding(x, p["E"])
+        s = (h @ p["q"].T) @ (h @ p["k"].T).transpose(1, 2) / 2.0
+        a = torch.softmax(s.masked_fill(torch.ones(3, 3).triu(1).bool(), -torch.inf), -1)
+        return F.cross_entropy(F.linear(torch.tanh(a @ h), p["w"], p["b"]).flatten(0, 1),
+                               y.remainder(3))
+
+    def pooled(p, x, y):  # a lookup, a gate of two branches, a mean over the positions
+        h = F.embedding(x, p["E"])
+        h = torch.tanh(h @ p["q"].T) * torch.sigmoid(h @ p["k"].T)
+        h = torch.tanh(h + h.mean(1, keepdim=True).expand(-1, 3, -1))  # a value repeated
+        return F.cross_entropy(F.linear(h.mean(1), p["w"], p["b"]), y[:2].remainder(3))
+
+    frozen = {k: v for k, v in p.items() if k != "E"}
+
+    def frozen_lookup(p, x, y):  # the table frozen: the model starts at the lookup's value
+        return attention({**p, "E": table}, x, y)
+
+    table = p["E"]
+    cases = [(attention, p, (x, y), "q", ["_Embedding", "_Product", "_Softmax"]),
+             (pooled, p, (x, y), "E", ["_Embedding", "_Product", "_ShapeMap", "_Add"]),
+             (frozen_lookup, frozen, (x, y), "q", ["_Product", "_Softmax"])]
+    for batch_first in (True, False):
+        torch.manual_seed(3)
+        model = _TinyLM(batch_first=batch_first).double().eval()
+        lm = {n: t.detach() for n, t in model.named_parameters()}
+
+        def language_model(p, x, y, model=model):
+            return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+
+        last = "layer.self_attn.in_proj_" + ("weight" if batch_first else "bias")
+        cases.append((language_model, lm, (x, y), last,
+                      ["_Embedding", "_ShapeMap", "_Product", "_Softmax", "_Standardise"]))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_sequence_models_take_the_structured_products(case):
+    """An embedding lookup, Linear layers on ``(N, T, d)`` values (also as ``bmm`` with
+    the weight broadcast over the leading axis, as attention records them), views and
+    transposes that move the batch axis, products of two values (scores, mixing, a
+    gate), attention's guarded softmax and LayerNorm: torch's encoder layer (batch first
+    or not) and hand-written attention take the R-operator, whose products (single,
+    batched, k-axis), gradient, full Hessian and rows equal the oracle's; where the
+    logits' rows are (sample, position) pairs, the loss keeps its gradient graph."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    f, p, batch, last, kinds = _sequences()[case]
+    with sdpa_kernel(SDPBackend.MATH):
+        plan, why = graph_chain(f, (p, *batch), 0)
+        assert plan is not None, why
+        held = {type(s).__name__ for s in plan.steps} | \
+            {type(s.form).__name__ for s in plan.steps if getattr(s, "form", None)}
+        assert set(kinds) <= held and not plan.curved_maps
+        # the logits' rows are not the samples: the loss keeps its gradient graph
+        assert (plan.out_hessian is None) == (f.__name__ != "pooled")
+        if f.__name__ == "language_model":
+            lookups = [s for s in plan.steps if type(s).__name__ == "_Embedding"]
+            assert [s.weight_name for s in lookups] == ["tokens.weight"]
+        _structured_everywhere(f, p, batch, last, method="structured")
+
+
+def test_a_lookup_with_options_is_not_a_layer():
+    """``padding_idx`` zeroes a row's gradient in torch (not the derivative of the lookup):
+    such a lookup is no step, and the products take the cached graph, equal to the
+    oracle's."""
+    gen = torch.Generator().manual_seed(5)
+    p = {"E": torch.randn(5, 3, generator=gen, dtype=F64),
+         "w": torch.randn(2, 3, generator=gen, dtype=F64)}
+    x = torch.randint(0, 5, (4, 2), generator=gen)
+    y = torch.randn(4, 2, 2, generator=gen, dtype=F64)
+
+    def f(p, x, y):
+        return F.mse_loss(F.linear(torch.tanh(F.embedding(x, p["E"], padding_idx=0)), p["w"]), y)
+
+    plan, why = graph_chain(f, (p, x, y), 0)
+    assert plan is None and "stops at embedding" in why
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "graph"
+    check_products(H, f, p, (x, y), [random_like(p, i) for i in range(2)])
 
 
 def test_the_loss_is_never_a_map():

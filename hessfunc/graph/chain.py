@@ -60,6 +60,7 @@ are not kept: nothing proves it a sum over samples).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Collection
 from typing import Any
@@ -78,11 +79,15 @@ from .chain_plan import (
     _Add,
     _Conv,
     _Elementwise,
+    _Embedding,
     _Flatten,
     _Linear,
     _LinearMap,
     _Map,
+    _Product,
     _Scale,
+    _ShapeMap,
+    _ShapeOp,
     _Softmax,
     _Standardise,
     elementwise_derivatives,
@@ -105,9 +110,16 @@ __all__ = ["RANDOM_MODEL", "chain_from_graph", "graph_chain", "model_chain"]
 aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+#: ops that may keep a value's shape, as ``matmul`` records them around ``bmm``
+_SAME_SHAPE = _VIEWS | {aten.expand.default}
+_COPIES = {aten.clone.default, aten.alias.default}
 #: views that keep the element order, through which a weight may reach its layer
 _RESHAPES = _VIEWS | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
                       aten.squeeze.default}
+#: ops that only move or repeat the entries of their one input (NOTE [shape maps])
+_SHAPE_OPS = _RESHAPES | {aten.t.default, aten.transpose.int, aten.permute.default,
+                          aten.expand.default, aten.select.int, aten.slice.Tensor,
+                          aten.clone.default, aten.alias.default}
 #: constant shifts and factors, which a step of parameters broadcast over the batch takes
 _AFFINE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
 #: average pools, by the rank of a batched input
@@ -240,10 +252,52 @@ class _Walk:
             return None
         return value, None
 
-    def linear(self, node: fx.Node, cur: fx.Node) -> tuple[_Linear, fx.Node] | None:
-        """``x W^T + b`` as ``addmm``, or as ``mm`` and then ``add`` of a vector: the step
-        and the node of its output."""
+    def _same_shape_views(self, node: fx.Node, cur: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+        """The ``expand``/``view`` ops from ``node`` on that read ``cur`` (or the one before)
+        alone and keep its shape (what ``matmul`` records around ``bmm``), and the op
+        after them."""
+        path: list[fx.Node] = []
+        while node.target in _SAME_SHAPE and node.args[0] is (path[-1] if path else cur) and \
+                self.env[node].shape == self.env[cur].shape and len(node.users) == 1:
+            path.append(node)
+            node = next(iter(node.users))
+        return path, node
+
+    def _broadcast_weight(self, node: Any) -> tuple[Tensor, str | None] | None:
+        """``W^T`` broadcast over the leading axis of a ``bmm`` (``t(W)`` expanded to
+        ``(T, in, out)``, then viewed as such): ``W``, as :meth:`operand` returns it."""
+        while isinstance(node, fx.Node) and len(node.users) == 1 and (
+                node.target in _VIEWS and self.env[node].shape == self.env[node.args[0]].shape
+                or node.target is aten.expand.default and self.env[node].dim() == 3 and
+                self.env[node.args[0]].dim() == 2):
+            node = node.args[0]
+        return self.operand(node, transposed=True)
+
+    def linear(self, node: fx.Node, cur: fx.Node
+               ) -> tuple[_Linear, list[fx.Node], fx.Node] | None:
+        """``x W^T + b`` as ``addmm``, as ``mm`` and then ``add`` of a vector, or as ``bmm``
+        with ``W^T`` broadcast over ``x``'s leading axis ``(T, N, in)`` (``matmul`` of a
+        3-d input), then an ``add`` of a vector: the step, its ops and its output."""
         end = node
+        views, mm = self._same_shape_views(node, cur)
+        if mm.target is aten.bmm.default and mm.args[0] is (views[-1] if views else cur) and \
+                self.env[cur].dim() == 3:
+            weight = self._broadcast_weight(mm.args[1])
+            if weight is None:
+                return None
+            after, end = self._same_shape_views(next(iter(mm.users)), mm) \
+                if len(mm.users) == 1 else ([], mm)
+            bias = None
+            if end.target is aten.add.Tensor and end.args[0] is (after[-1] if after else mm) \
+                    and not end.kwargs and isinstance(end.args[1], fx.Node) and \
+                    self.env[end.args[1]].shape == self.env[mm].shape[-1:]:
+                bias = self.operand(end.args[1])
+            if bias is None:
+                end = after[-1] if after else mm
+                after = after[:-1]
+            self.layers.update((mm, end))
+            return _Linear(weight[0], self.env[cur], weight[1], None if bias is None else
+                           bias[1]), [*views, mm, *after, *([end] if end is not mm else [])], end
         if node.target is aten.addmm.default and len(node.args) == 3 and node.args[1] is cur \
                 and not node.kwargs:
             bias_node, weight_node = node.args[0], node.args[2]
@@ -263,7 +317,21 @@ class _Walk:
         if weight is None or (bias_node is not None and (bias is None or bias[0].dim() != 1)):
             return None
         self.layers.update((node, end))
-        return _Linear(weight[0], self.env[cur], weight[1], None if bias is None else bias[1]), end
+        return _Linear(weight[0], self.env[cur], weight[1], None if bias is None else bias[1]), \
+            [node, end] if end is not node else [node], end
+
+    def embedding(self, node: fx.Node, cur: fx.Node) -> _Embedding | None:
+        """A lookup of the rows of a weight by the integer inputs ``cur``, without the
+        options that change its gradient (``padding_idx``, ``scale_grad_by_freq``)."""
+        if node.target is not aten.embedding.default or node.args[1] is not cur or \
+                argument(node, "padding_idx") != -1 or argument(node, "scale_grad_by_freq") \
+                or argument(node, "sparse") or self.env[cur].is_floating_point():
+            return None
+        weight = self.operand(node.args[0])
+        if weight is None or weight[0].dim() != 2:
+            return None
+        self.layers.add(node)
+        return _Embedding(weight[0], self.env[cur], weight[1])
 
     def conv(self, node: fx.Node, cur: fx.Node) -> _Conv | None:
         if node.target is not aten.convolution.default or node.args[0] is not cur:
@@ -376,6 +444,26 @@ class _Walk:
             return target(t, *args, **node.kwargs)
 
         return _LinearMap(apply, tuple(a.shape[1:]))
+
+    def shape_map(self, node: fx.Node, cur: fx.Node
+                  ) -> tuple[_ShapeMap, list[fx.Node], fx.Node] | None:
+        """The ops from ``node`` on that move or repeat the entries of ``cur`` (each of
+        the one before, :data:`_SHAPE_OPS`), up to a value read twice: the step, its ops
+        and its output."""
+        nodes: list[fx.Node] = []
+        ops: list[_ShapeOp] = []
+        while node.target in _SHAPE_OPS and node.args and node.args[0] is cur and \
+                not node.kwargs and not any(isinstance(a, fx.Node) for a in node.args[1:]):
+            nodes.append(node)
+            shapes = tuple(self.env[cur].shape), tuple(self.env[node].shape)
+            if shapes[0] != shapes[1] or node.target not in _SAME_SHAPE | _COPIES:
+                ops.append(_ShapeOp(node.target, tuple(node.args[1:]), *shapes))
+            if len(node.users) != 1:
+                break
+            cur, node = node, next(iter(node.users))
+        if not nodes:
+            return None
+        return _ShapeMap(tuple(ops)), nodes, nodes[-1]
 
     def map_region(self, node: fx.Node, values: Collection[fx.Node], taken: Collection[fx.Node]
                    ) -> tuple[list[fx.Node], list[fx.Node], fx.Node] | None:
@@ -529,7 +617,8 @@ def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node], taken: set[fx.Node
 
     variable = set(ops) | set(reads)
     found = _map_form(walk, out, reads[0]) if len(reads) == 1 else None
-    form = found[0] if found is not None and set(found[1]) <= set(ops) else None
+    form = found[0] if found is not None and set(found[1]) <= set(ops) else \
+        _product_form(walk, ops, reads)
     linear = all(op.target in _LINEAR or op.target in SHAPE_ONLY or (
         op.target in _MULTILINEAR and sum(a in variable for a in op.all_input_nodes) <= 1)
         for op in ops)
@@ -565,13 +654,19 @@ def _map_form(walk: _Walk, out: fx.Node, a: fx.Node
         return None
 
     form: _Softmax | _Standardise | None = None
-    if call(out, aten.div.Tensor) and len(out.args) == 2:
-        e, s = out.args
+    guarded = out  # attention's softmax: rows of a alone -inf give 0, not 0/0
+    if call(out, aten.where.self) and call(out.args[0], aten.all.dim) and \
+            call(out.args[0].args[0], aten.eq.Scalar) and out.args[0].args[0].args == \
+            (a, -math.inf) and call(out.args[1], aten.zeros_like.default) and \
+            out.args[1].args[0] is out.args[2]:
+        guarded = out.args[2]
+    if call(guarded, aten.div.Tensor) and len(guarded.args) == 2:
+        e, s = guarded.args
         if call(e, aten.exp.default) and call(s, aten.sum.dim_IntList) and s.args[0] is e \
                 and call(e.args[0], aten.sub.Tensor) and e.args[0].args[0] is a:
             m = e.args[0].args[1]  # the shift cancels: any value of a's rows
             if call(m, aten.amax.default) and m.args[0] is a and axes(m) is not None and \
-                    axes(m) == axes(s):
+                    axes(m) == axes(s) and (guarded is out or axes(out.args[0]) == axes(s)):
                 form = _Softmax(axes(s))
     elif call(out, aten.mul.Tensor) and len(out.args) == 2:
         for left, right in (out.args, out.args[::-1]):
@@ -593,6 +688,18 @@ def _map_form(walk: _Walk, out: fx.Node, a: fx.Node
     return None if form is None else (form, seen)
 
 
+def _product_form(walk: _Walk, ops: list[fx.Node], reads: list[fx.Node]) -> _Product | None:
+    """A map that is one ``bmm`` or ``mul`` of the two values it reads, in that order."""
+    if len(ops) != 1 or len(reads) != 2 or list(ops[0].args) != reads or ops[0].kwargs:
+        return None
+    if ops[0].target is aten.bmm.default:
+        return _Product(batched_matmul=True)
+    if ops[0].target is aten.mul.Tensor and \
+            walk.env[reads[0]].dim() == walk.env[reads[1]].dim() == walk.env[ops[0]].dim():
+        return _Product(batched_matmul=False)
+    return None
+
+
 def _form_step(walk: _Walk, node: fx.Node, cur: fx.Node, taken: Collection[fx.Node]
                ) -> tuple[_Map | None, list[fx.Node], fx.Node] | str | None:
     """A softmax or an RMS normalisation of ``cur`` that starts at ``node`` (``amax``,
@@ -605,7 +712,9 @@ def _form_step(walk: _Walk, node: fx.Node, cur: fx.Node, taken: Collection[fx.No
     frontier, candidates = [node], []
     for _ in range(4):  # softmax: amax, sub, exp, div; RMS: pow, mean, add, rsqrt, mul
         frontier = [u for n in frontier for u in n.users if u.op == "call_function"]
-        candidates += [u for u in frontier if u.target in (aten.div.Tensor, aten.mul.Tensor)]
+        candidates += [u for u in frontier
+                       if u.target in (aten.div.Tensor, aten.mul.Tensor, aten.where.self)]
+    candidates.reverse()  # the widest first: a guarded softmax holds its division
     for out in candidates:
         found = _map_form(walk, out, cur)
         if found is None or node not in found[1] or any(n in taken for n in found[1]):
@@ -636,13 +745,16 @@ def _one_value_step(walk: _Walk, node: fx.Node, cur: fx.Node, taken: set[fx.Node
         return _Flatten(tuple(env[cur].shape[1:])), [node], node
     linear = walk.linear(node, cur)
     if linear is not None:
-        return linear[0], [node, linear[1]], linear[1]
-    step = walk.conv(node, cur)
+        return linear
+    step = walk.conv(node, cur) or walk.embedding(node, cur)
     if step is not None:
         return step, [node], node
     scale = walk.scale(node, cur)
     if scale is not None:
         return scale
+    found = walk.shape_map(node, cur)
+    if found is not None:
+        return found
     step = walk.linear_map(node, cur)
     if step is not None:
         return step, [node], node
@@ -669,6 +781,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
     sources: list[tuple[int, ...]] = []
     values = {x: 0}   # the model's values: the inputs, then each step's output
     claimed: set[fx.Node] = set()  # the ops of the steps so far
+    taken_by: list[set[fx.Node]] = []  # each step's ops
     for node in walk.gm.graph.nodes:  # topological order: a step after those it reads
         if node.op != "call_function" or node in claimed or node.target in SHAPE_ONLY:
             continue
@@ -684,11 +797,22 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
         sources.append(tuple(values[a] for a in reads))  # one value, two for an add
         steps.append(step)
         claimed.update(nodes)
+        taken_by.append(set(nodes))
         values[end] = len(steps)
-    # the output: the one value read outside the steps (by the loss)
-    outside = {v: [u for u in v.users if u not in claimed and u.target not in SHAPE_ONLY]
-               for v in values}
-    ends = [v for v, readers in outside.items() if readers]
+    # the output: the one value read outside the steps (by the loss); steps at the end
+    # that reach no layer are the loss's when the loss also reads the value below them
+    # (a binary cross-entropy reads the logits at several ops, some elementwise)
+    while True:
+        outside = {v: [u for u in v.users if u not in claimed and u.target not in SHAPE_ONLY]
+                   for v in values}
+        ends = [v for v, readers in outside.items() if readers]
+        last = next((v for v, j in values.items() if j == len(steps)), None)
+        if len(ends) < 2 or not steps or trainable(steps[-1]) or walk.feeds_layer(last):
+            break
+        steps.pop()
+        sources.pop()
+        claimed.difference_update(taken_by.pop())
+        del values[last]
     if not ends:
         return "no layer with a parameter on a chain from the inputs"
     if len(ends) > 1:
@@ -724,7 +848,7 @@ def _chain_steps(walk: _Walk, placeholders: list[fx.Node], num_params: int,
                "than by add, or an op without a chain rule)"
     if not any(trainable(s) for s in steps):
         return "no layer with a parameter on a chain from the inputs"
-    if env[cur].dim() != 2 or env[cur].shape[0] != env[x].shape[0]:
+    if env[cur].dim() != 2:
         return "the chain does not end in an (N, C) output"
     for p in placeholders[:num_params]:  # unused parameters: zero rows, not a chain step
         if names[p] not in taken and not p.users:
@@ -780,7 +904,8 @@ def chain_from_graph(captured: Any, params: dict[str, Tensor], inputs: list[Tens
         return None, graph
     o_leaf, g, loss = graph
     terms = None if structure is None else _parameter_terms(walk, *structure)
-    if (per_sample or o.shape[0] == 1) and \
+    rows_are_samples = o.shape[0] == inputs[0].shape[0]  # else rows of (sample, position)
+    if ((per_sample and rows_are_samples) or o.shape[0] == 1) and \
             o.numel() * o.shape[1] * o.element_size() <= CHUNK_BUDGET_BYTES:
         return ChainPlan(steps, output_blocks(o_leaf, g), g.detach(), params, None, loss,
                          terms, o, sources), "ok"

@@ -61,6 +61,16 @@ class _Linear:
 
 
 @dataclass
+class _Embedding:
+    """``z = W[i]``: rows of the weight ``W`` ``(V, d)`` looked up by the model's integer
+    inputs ``i`` ``(N, ...)`` (``nn.Embedding`` without ``padding_idx``): the first
+    step, linear in ``W``, with nothing below it to differentiate."""
+    weight: torch.Tensor
+    indices: torch.Tensor
+    weight_name: str | None
+
+
+@dataclass
 class _Conv:
     """``nn.Conv1d``/``nn.Conv2d`` (``groups=1``, zero padding): affine in its parameters
     like a Linear layer; only Hessian-vector products have rules for it."""
@@ -117,6 +127,26 @@ class _LinearMap:
 
 
 @dataclass(frozen=True)
+class _ShapeOp:
+    """``op(a, *args)``, ``a`` of shape ``in_shape``: an op that only moves or repeats
+    the entries of its one input (a view, a transpose or permutation, ``expand``,
+    ``select``, ``slice``)."""
+    op: Callable[..., torch.Tensor]
+    args: tuple
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+@dataclass
+class _ShapeMap:
+    """A run of :class:`_ShapeOp` s, each reading the one before, also where they move
+    the batch axis (attention's heads and positions); those that change nothing (a view
+    or ``expand`` to the same shape, ``clone``) are left out. Its products apply the ops
+    to the tangents and their transposes, in reverse, to the adjoints."""
+    ops: tuple[_ShapeOp, ...]
+
+
+@dataclass(frozen=True)
 class _Softmax:
     """``z = softmax(a)`` over the axes ``dims`` (non-negative; usually the last)."""
     dims: tuple[int, ...]
@@ -132,6 +162,13 @@ class _Standardise:
     centred: bool
 
 
+@dataclass(frozen=True)
+class _Product:
+    """``z = a b`` of two values: ``bmm`` (``matmul``), or ``mul`` of values of one rank,
+    broadcasting (a gate, attention's scores and mixing)."""
+    batched_matmul: bool
+
+
 @dataclass
 class _Map:
     """A map of one or more values without parameters that no other step's rule covers
@@ -143,7 +180,7 @@ class _Map:
     apply: Callable[..., torch.Tensor]
     inputs: list[torch.Tensor]
     linear: bool   # every op linear (or piecewise linear) in the values it reads
-    form: _Softmax | _Standardise | None = None
+    form: _Softmax | _Standardise | _Product | None = None
 
 
 def trainable(step: object) -> bool:

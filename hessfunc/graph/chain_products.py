@@ -54,11 +54,15 @@ from .chain_plan import (
     _Add,
     _Conv,
     _Elementwise,
+    _Embedding,
     _Flatten,
     _Linear,
     _LinearMap,
     _Map,
+    _Product,
     _Scale,
+    _ShapeMap,
+    _ShapeOp,
     _Softmax,
 )
 
@@ -138,15 +142,18 @@ class ChainProducts:
                 step, g = self._steps[i], self._grads[i]
                 if isinstance(step, _Linear):
                     if step.weight_name:
-                        gradient[step.weight_name] = g.T @ step.inputs
+                        gradient[step.weight_name] = _sample_sum(g, step.inputs, None)
                     if step.bias_name:
-                        gradient[step.bias_name] = g.sum(0)
+                        gradient[step.bias_name] = _bias_sum(g, None)
                 elif isinstance(step, _Conv):
                     if step.weight_name:
                         gradient[step.weight_name] = _conv_weight_grad(
                             step, step.inputs, g, step.weight.shape)
                     if step.bias_name:
                         gradient[step.bias_name] = g.sum([0, *range(2, g.dim())])
+                elif isinstance(step, _Embedding):
+                    if step.weight_name:
+                        gradient[step.weight_name] = _scatter_rows(step, g, None)
                 elif isinstance(step, _Scale):
                     if step.weight_name:
                         gradient[step.weight_name] = self._reduce(
@@ -165,7 +172,7 @@ class ChainProducts:
         """``(weight name, inputs (N, d_in))`` of the first trainable layer, whose inputs do
         not depend on the parameters; None when its weight is frozen."""
         first = self._steps[self._start]
-        if isinstance(first, _Linear) and first.weight_name and (
+        if isinstance(first, _Linear) and first.weight_name and first.inputs.dim() == 2 and (
                 self._terms is None or first.weight_name not in self._terms.leaves):
             return first.weight_name, first.inputs
         return None  # a frozen weight, or one a term of the parameters alone also reads
@@ -227,14 +234,23 @@ class ChainProducts:
                 r = _scale_forward(step, r, tangents, k)
             elif isinstance(step, _LinearMap):
                 r = None if r is None else _folded(step.apply, r, k)
+            elif isinstance(step, _ShapeMap):
+                r = None if r is None else _shape_forward(step, r, k)
+            elif isinstance(step, _Embedding):
+                r = None if step.weight_name not in tangents else \
+                    _lookup_rows(tangents[step.weight_name], step.indices, k)
             else:
                 z = None if r is None else r @ step.weight.T
                 if step.weight_name in tangents:
                     t = _input_times(step.inputs, tangents[step.weight_name], k)
                     z = t if z is None else z.add_(t)
                 if step.bias_name in tangents:
-                    db = tangents[step.bias_name]
-                    shape = (step.inputs.shape[0], *db.shape)
+                    db = tangents[step.bias_name]  # (out,), (k, out): as one row
+                    lead = step.inputs.shape[:-1]
+                    if k is not None:
+                        db = db.view(k, *(1 for _ in lead[1:]), db.shape[-1])
+                    shape = (*lead, db.shape[-1]) if k is None else \
+                        (lead[0], k, *lead[1:], db.shape[-1])
                     z = db.expand(shape) if z is None else z.add_(db)
                 r = z
             values[i + 1] = r
@@ -261,6 +277,10 @@ class ChainProducts:
                     if j > lowest:
                         _accumulate(adjoints, j, rg)
                 continue
+            if isinstance(step, _Embedding):  # linear in W, reading the data alone
+                if step.weight_name in wanted:
+                    out[step.weight_name] = _scatter_rows(step, rg, k)
+                continue
             if isinstance(step, _Elementwise):
                 rg = per(step.phi1) * rg
                 if below is not None and self._curvature[i] is not None:
@@ -274,6 +294,8 @@ class ChainProducts:
                 rg = self._scale_backward(i, step, rg, below, tangents, out, k, wanted)
             elif isinstance(step, _LinearMap):
                 rg = _folded(lambda t, s=step: _transpose(s, t), rg, k)
+            elif isinstance(step, _ShapeMap):
+                rg = _shape_transpose(step, rg, k)
             else:
                 g = self._grads[i]
                 if step.weight_name in wanted:  # R{g_z}^T a + g_z^T R{a}, summed over samples
@@ -282,7 +304,7 @@ class ChainProducts:
                         hv.add_(_sample_sum(g, below, k, batched_right=True))
                     out[step.weight_name] = hv
                 if step.bias_name in wanted:
-                    out[step.bias_name] = rg.sum(0)
+                    out[step.bias_name] = _bias_sum(rg, k)
                 if i == lowest:
                     break
                 rg = rg @ step.weight
@@ -302,7 +324,7 @@ class ChainProducts:
         shape = self._shapes[name]
         first = self._steps[self._start]
         if isinstance(first, _Linear) and name == first.weight_name:
-            shape = (first.weight.shape[0], first.inputs.shape[1])
+            shape = (first.weight.shape[0], first.inputs.shape[-1])
         like = self._grads[-1]
         return like.new_zeros(shape if k is None else (k, *shape))
 
@@ -597,6 +619,8 @@ def _backprop(step: object, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (g if step.gain is None else g * step.gain,)
     if isinstance(step, _LinearMap):
         return (_transpose(step, g),)
+    if isinstance(step, _ShapeMap):
+        return (_shape_transpose(step, g, None),)
     return (_conv_input_grad(step, g, step.weight, step.inputs.shape),)
 
 
@@ -771,9 +795,77 @@ class _ClosedMapTerms:
         return [out - r * curvature]
 
 
-def _map_terms(step: _Map, g: torch.Tensor) -> _MapTerms | _ClosedMapTerms:
+class _ProductTerms:
+    """NOTE [products of two values]: ``z = a b`` (``bmm``, or ``mul`` broadcasting) is
+    bilinear: ``R{z} = R{a} b + a R{b}``; the gradients are ``g_a = g b^T`` and
+    ``g_b = a^T g`` (``bmm``; for ``mul``, ``g b`` and ``a g`` summed to each operand's
+    shape), and the backward rule's second-order terms are the same products with the
+    other operand's tangent: ``R{g_a} = R{g} b^T + g R{b}^T``, ``R{g_b} = a^T R{g} +
+    R{a}^T g``. The Gauss-Newton form keeps the first terms. ``k`` tangents ``(N, k, ...)``
+    run with ``k`` in front, broadcast against the operands."""
+
+    def __init__(self, step: _Map, g: torch.Tensor):
+        self.a, self.b = (t.detach() for t in step.inputs)
+        self._bmm = step.form.batched_matmul
+        self.g = g.detach()
+        self.gradients = (self._left(self.g, self.b), self._right(self.a, self.g))
+
+    def _times(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b if self._bmm else a * b
+
+    def _left(self, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``J_a^T g`` at the other operand ``b``."""
+        if self._bmm:
+            return g @ b.mT
+        return _sum_to(g * b, self.a)
+
+    def _right(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``J_b^T g`` at the other operand ``a``."""
+        if self._bmm:
+            return a.mT @ g
+        return _sum_to(a * g, self.b)
+
+    @staticmethod
+    def _front(t: torch.Tensor | None, k: int | None) -> torch.Tensor | None:
+        return t if k is None or t is None else t.movedim(1, 0)
+
+    @staticmethod
+    def _back(t: torch.Tensor, k: int | None) -> torch.Tensor:
+        return t if k is None else t.movedim(0, 1)
+
+    def forward(self, tangents: list[torch.Tensor | None], k: int | None
+                ) -> torch.Tensor | None:
+        ra, rb = (self._front(t, k) for t in tangents)
+        if ra is None and rb is None:
+            return None
+        z = None if ra is None else self._times(ra, self.b)
+        if rb is not None:
+            z = self._times(self.a, rb) if z is None else z + self._times(self.a, rb)
+        return self._back(z, k)
+
+    def backward(self, rg: torch.Tensor, below: list[torch.Tensor | None], k: int | None,
+                 second_order: bool) -> list[torch.Tensor]:
+        rg = self._front(rg, k)
+        ga, gb = self._left(rg, self.b), self._right(self.a, rg)
+        ra, rb = (self._front(t, k) for t in below)
+        if second_order and rb is not None:
+            ga = ga + self._left(self.g, rb)
+        if second_order and ra is not None:
+            gb = gb + self._right(ra, self.g)
+        return [self._back(ga, k), self._back(gb, k)]
+
+
+def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` ``([k,] *shape)`` summed over the axes along which ``like`` was broadcast."""
+    return t.sum_to_size(*t.shape[:t.dim() - like.dim()], *like.shape)
+
+
+def _map_terms(step: _Map, g: torch.Tensor) -> _MapTerms | _ClosedMapTerms | _ProductTerms:
     """A map's cached terms: its closed form where the walk recognised one."""
-    return _MapTerms(step, g) if step.form is None else _ClosedMapTerms(step, g)
+    if step.form is None:
+        return _MapTerms(step, g)
+    return _ProductTerms(step, g) if isinstance(step.form, _Product) else \
+        _ClosedMapTerms(step, g)
 
 
 def _viewed(tangent: torch.Tensor, like: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -816,6 +908,101 @@ def _transpose(step: _LinearMap, t: torch.Tensor) -> torch.Tensor:
     return vjp(t)[0]
 
 
+_aten = torch.ops.aten
+_REORDERS = {_aten.t.default, _aten.transpose.int, _aten.permute.default}
+
+
+def _dims(dims: list[int], ndim: int, shift: int) -> list[int]:
+    return [d % ndim + shift for d in dims]
+
+
+def _shape_forward(step: _ShapeMap, t: torch.Tensor, k: int | None) -> torch.Tensor:
+    """NOTE [shape maps]: an op that only moves or repeats entries is linear, ``R{z}`` is
+    the op on ``R{a}``. ``k`` tangents ``(N, k, ...)`` run with ``k`` moved to the front
+    and the op's axes shifted by one, so that the op may move or merge the batch axis
+    (heads and positions in attention); its transpose runs the same way: a view back to
+    the input's shape, the inverse order, a sum over what ``expand`` repeated, a scatter
+    of what ``select``/``slice`` picked. A run of such ops is one step (fewer steps,
+    less Python per product)."""
+    x = t if k is None else t.movedim(1, 0)
+    for op in step.ops:
+        x = _shape_op(op, x, k)
+    return x if k is None else x.movedim(0, 1)
+
+
+def _shape_transpose(step: _ShapeMap, t: torch.Tensor, k: int | None) -> torch.Tensor:
+    """The transpose of :func:`_shape_forward` on ``t`` of the run's output shape."""
+    x = t if k is None else t.movedim(1, 0)
+    for op in reversed(step.ops):
+        x = _shape_op_transpose(op, x, k)
+    return x if k is None else x.movedim(0, 1)
+
+
+def _shape_op(step: _ShapeOp, x: torch.Tensor, k: int | None) -> torch.Tensor:
+    """One op of a run on ``x``, ``k`` (if any) in front."""
+    lead, shift = ((), 0) if k is None else ((k,), 1)
+    op, args, n_in = step.op, step.args, len(step.in_shape)
+    if op in _REORDERS:
+        order = [1, 0] if op is _aten.t.default else list(args) if op is \
+            _aten.transpose.int else list(args[0])
+        if op is _aten.permute.default:
+            z = x.permute(*range(shift), *_dims(order, n_in, shift))
+        else:
+            d0, d1 = _dims(order, n_in, shift)
+            z = x.transpose(d0, d1)
+    elif op is _aten.expand.default:
+        ones = (1,) * (len(step.out_shape) - n_in)
+        z = x.reshape(*lead, *ones, *step.in_shape).expand(*lead, *step.out_shape)
+    elif op is _aten.select.int:
+        z = x.select(args[0] % n_in + shift, args[1])
+    elif op is _aten.slice.Tensor:
+        z = _aten.slice.Tensor(x, args[0] % n_in + shift if args else shift, *args[1:])
+    else:  # views, squeeze, unsqueeze, clone, alias: the same entries in the same order
+        z = x.reshape(*lead, *step.out_shape)
+    return z
+
+
+def _shape_op_transpose(step: _ShapeOp, x: torch.Tensor, k: int | None) -> torch.Tensor:
+    """The transpose of :func:`_shape_op` on ``x`` of the op's output shape."""
+    lead, shift = ((), 0) if k is None else ((k,), 1)
+    op, args, n_in = step.op, step.args, len(step.in_shape)
+    if op in _REORDERS:
+        if op is _aten.permute.default:
+            order = _dims(list(args[0]), n_in, 0)
+            inverse = sorted(range(n_in), key=order.__getitem__)
+            z = x.permute(*range(shift), *(d + shift for d in inverse))
+        else:
+            pair = [1, 0] if op is _aten.t.default else list(args)
+            d0, d1 = _dims(pair, n_in, shift)
+            z = x.transpose(d0, d1)
+    elif op is _aten.expand.default:
+        ones = (1,) * (len(step.out_shape) - n_in)
+        z = x.sum_to_size(*lead, *ones, *step.in_shape).reshape(*lead, *step.in_shape)
+    elif op in (_aten.select.int, _aten.slice.Tensor):
+        z = x.new_zeros(*lead, *step.in_shape)
+        dim = (args[0] if args else 0) % n_in + shift
+        z = torch.select_scatter(z, x, dim, args[1]) if op is _aten.select.int else \
+            torch.slice_scatter(z, x, dim, *args[1:])
+    else:
+        z = x.reshape(*lead, *step.in_shape)
+    return z
+
+
+def _lookup_rows(dW: torch.Tensor, indices: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``R{z} = dW[i]``: ``(N, ..., d)``, or ``(N, k, ..., d)`` for ``dW`` ``(k, V, d)``."""
+    return dW[indices] if k is None else dW[:, indices].movedim(0, 1)
+
+
+def _scatter_rows(step: _Embedding, t: torch.Tensor, k: int | None) -> torch.Tensor:
+    """The transpose of the lookup: ``t`` ``(N, [k,] ..., d)`` summed into the rows of a
+    ``(V, d)`` weight (``(k, V, d)``) that each position looked up."""
+    rows = step.indices.reshape(-1)
+    V, d = step.weight.shape
+    if k is None:
+        return t.new_zeros(V, d).index_add_(0, rows, t.reshape(-1, d))
+    return t.new_zeros(k, V, d).index_add_(1, rows, t.movedim(1, 0).reshape(k, -1, d))
+
+
 def _accumulate(sums: list[torch.Tensor | None], j: int, part: torch.Tensor) -> None:
     """``sums[j] += part``, out of place: a value read by several steps (a skip
     connection) sums what each sends back, and ``part`` may be another value's too."""
@@ -823,30 +1010,46 @@ def _accumulate(sums: list[torch.Tensor | None], j: int, part: torch.Tensor) -> 
 
 
 def _input_times(a: torch.Tensor, dW: torch.Tensor, k: int | None) -> torch.Tensor:
-    """``a dW^T``: ``(N, out)``, or ``(N, k, out)`` for ``dW`` of shape ``(k, out, in)``."""
+    """``a dW^T``: ``(N, ..., out)`` for ``a`` ``(N, ..., in)``, or ``(N, k, ..., out)`` for
+    ``dW`` of shape ``(k, out, in)`` (one GEMM on the rows of ``a``)."""
     if k is None:
         return a @ dW.T
     d_out = dW.shape[1]
-    return (a @ dW.reshape(k * d_out, -1).T).view(a.shape[0], k, d_out)
+    rows = a.reshape(-1, a.shape[-1]) @ dW.reshape(k * d_out, -1).T
+    return rows.view(*a.shape[:-1], k, d_out).movedim(-2, 1)
 
 
 def _grad_times(g: torch.Tensor, dW: torch.Tensor, k: int | None) -> torch.Tensor:
-    """``g dW``: ``(N, in)``, or ``(N, k, in)`` for ``dW`` of shape ``(k, out, in)``."""
+    """``g dW``: ``(N, ..., in)`` for ``g`` ``(N, ..., out)``, or ``(N, k, ..., in)`` for
+    ``dW`` of shape ``(k, out, in)``."""
     if k is None:
         return g @ dW
     d_out, d_in = dW.shape[1:]
-    return (g @ dW.transpose(0, 1).reshape(d_out, k * d_in)).view(g.shape[0], k, d_in)
+    rows = g.reshape(-1, d_out) @ dW.transpose(0, 1).reshape(d_out, k * d_in)
+    return rows.view(*g.shape[:-1], k, d_in).movedim(-2, 1)
+
+
+def _rows(t: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``t`` ``(N, ..., d)`` as rows ``(M, d)``, or ``(N, k, ..., d)`` as ``(M, k * d)``."""
+    return t.reshape(-1, t.shape[-1]) if k is None else \
+        t.movedim(1, -2).reshape(-1, k * t.shape[-1])
 
 
 def _sample_sum(left: torch.Tensor, right: torch.Tensor, k: int | None, *,
                 batched_right: bool = False) -> torch.Tensor:
-    """``sum_n left[n]^T right[n]`` per tangent: ``(out, in)``, or ``(k, out, in)`` where the
-    batched factor (``left``, or ``right`` with ``batched_right``) is ``(N, k, d)``."""
+    """``sum_n left[n]^T right[n]`` per tangent, over samples and the axes between the
+    first and the last: ``(out, in)``, or ``(k, out, in)`` where the batched factor
+    (``left``, or ``right`` with ``batched_right``) is ``(N, k, ..., d)``."""
     if k is None:
-        return left.T @ right
-    n = left.shape[0]
-    if batched_right:   # (N, out)^T @ (N, k, in)
-        d_out, d_in = left.shape[1], right.shape[2]
-        return (left.T @ right.reshape(n, k * d_in)).view(d_out, k, d_in).transpose(0, 1)
-    d_out, d_in = left.shape[2], right.shape[1]   # (N, k, out)^T @ (N, in)
-    return (left.reshape(n, k * d_out).T @ right).view(k, d_out, d_in)
+        return _rows(left, None).T @ _rows(right, None)
+    if batched_right:   # (M, out)^T @ (M, k * in)
+        d_out, d_in = left.shape[-1], right.shape[-1]
+        return (_rows(left, None).T @ _rows(right, k)).view(d_out, k, d_in).transpose(0, 1)
+    d_out, d_in = left.shape[-1], right.shape[-1]   # (M, k * out)^T @ (M, in)
+    return (_rows(left, k).T @ _rows(right, None)).view(k, d_out, d_in)
+
+
+def _bias_sum(t: torch.Tensor, k: int | None) -> torch.Tensor:
+    """``t`` ``(N, [k,] ..., out)`` summed over all axes but ``k`` and the last."""
+    lead = 1 if k is None else 2
+    return t.sum([0, *range(lead, t.dim() - 1)])
