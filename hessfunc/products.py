@@ -66,13 +66,16 @@ Mode = Literal["reverse-over-reverse", "forward-over-reverse"]
 HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
 PRODUCT_METHODS = ("auto", "structured", "graph")
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
-#: Columns of the first batched pass that NOTE [batched or looped products] times, for
-#: the cached graph and (at most) for the R-operator.
 #: plan steps whose R-operator products may lose to the cached gradient graph's
 #: (NOTE [route by measurement])
 _MEASURED_STEPS = (_Map, _ShapeMap, _Embedding)
+#: Columns of the first batched pass that NOTE [batched or looped products] times, for
+#: the cached graph and (at most) for the R-operator.
 _PROBE_COLUMNS = 2
 _CHAIN_PROBE_COLUMNS = 8
+#: the R-operator's first pass takes at most this many bytes of its widest value's
+#: tangents (at least 2 columns): wider, its elementwise passes fall out of cache
+_CHAIN_PROBE_BYTES = 8 * 2 ** 20
 
 
 def _check_mode(mode: Any, call: str) -> None:
@@ -412,6 +415,14 @@ class HVPFunction:
                 self.__dict__.pop("_grads", None)
         return out
 
+    def _chain_probe_width(self) -> int:
+        """The R-operator's first batched pass: 8 columns, fewer where the tangents of its
+        widest value would pass ``_CHAIN_PROBE_BYTES`` (a ResNet's first block: 4 MiB a
+        column, where 8 columns cost 3.7x a single product per column, measured)."""
+        widest = max((g.numel() * g.element_size() for g in self._chain._grads
+                      if g is not None), default=1)
+        return max(2, min(_CHAIN_PROBE_COLUMNS, _CHAIN_PROBE_BYTES // max(widest, 1)))
+
     def _graph_product(self, tangent: Any) -> Any:
         if self._vjp is not None:
             return self._vjp(tangent)[0]
@@ -436,7 +447,7 @@ class HVPFunction:
                 "rows", tangents.shape[0],
                 lambda lo, hi: self._chain({name: tangents[lo:hi]}, wanted=(name,))[name],
                 lambda i: self._chain({name: tangents[i]}, wanted=(name,))[name].unsqueeze(0),
-                torch.cat, first_width=_CHAIN_PROBE_COLUMNS, clip=True)
+                torch.cat, first_width=self._chain_probe_width(), clip=True)
         if self._vjp is not None:
             leaves, spec = pytree.tree_flatten(self._primal)
 
@@ -558,7 +569,7 @@ class HVPFunction:
                 lambda i: {n: t.unsqueeze(0) for n, t in
                            self._chain({n: t[i] for n, t in tangents.items()}).items()},
                 lambda parts: {n: torch.cat([p[n] for p in parts]) for n in parts[0]},
-                first_width=_CHAIN_PROBE_COLUMNS, clip=True)
+                first_width=self._chain_probe_width(), clip=True)
         if self._vjp is not None:
             return torch.func.vmap(lambda t: self._vjp(t)[0])(tangents)
         leaves = tree_leaves(tangents)

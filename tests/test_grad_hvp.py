@@ -860,6 +860,23 @@ def test_route_by_measurement(graph_faster, batched, monkeypatch):
     assert hf.hvp_fn(layers, (p, x, y))._pending is None
 
 
+@pytest.mark.parametrize("budget, width", [(1, 2), (3, 3), (5, 5), (100, 8)])
+def test_the_r_operators_first_pass_fits_its_byte_budget(budget, width, monkeypatch):
+    """The R-operator's first batched pass takes as many columns as the tangents of its
+    widest value fit in ``_CHAIN_PROBE_BYTES`` (here ``budget`` times one column), from 2
+    to 8."""
+    import hessfunc.products as products
+
+    g = torch.Generator().manual_seed(2)
+    p = {"w1": torch.randn(6, 3, generator=g), "w2": torch.randn(2, 6, generator=g)}
+    x, y = torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)
+    f = lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"]), y)  # noqa: E731
+    H = hf.hvp_fn(f, (p, x, y))
+    assert H.method == "structured"
+    monkeypatch.setattr(products, "_CHAIN_PROBE_BYTES", budget * 5 * 6 * 4)  # (5, 6) floats
+    assert H._chain_probe_width() == width
+
+
 @pytest.mark.parametrize("route", ["autograd", "torch.func"])
 def test_block_rows_and_linear_leaves_on_both_routes(route):
     """``HVPFunction.block_rows`` gives rows of one leaf's own block, the other leaves'
