@@ -14,7 +14,10 @@ torch.func way (``f(p, x, y) = loss(functional_call(model, p, (x,)), y)``):
   run with torch's math attention kernel (the fused CPU kernel has no double backward,
   which the seed's loop and PyHessian need);
 * ``resnet-train``: the ResNet in training mode (BatchNorm normalises by the batch's
-  statistics: a map that mixes samples).
+  statistics: a map that mixes samples);
+* ``mlp-softmax``, ``mlp-layernorm``, ``mlp-batchnorm``: 20-128-128-1 MLPs (MSE, 512
+  points) with a softmax between the hidden layers, or LayerNorm, or BatchNorm in
+  training mode after each hidden layer (the maps with closed forms).
 
 Timed round-robin in one process (medians of ``--repeats`` rounds), in units of one
 gradient (``torch.autograd.grad`` of the loss, forward included):
@@ -112,10 +115,33 @@ class TransformerLM(nn.Module):
         return self.head(h).flatten(0, 1)
 
 
+class NormedMLP(nn.Module):
+    """20-128-128-1 with ``norm`` (a softmax, LayerNorm or BatchNorm) between layers."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(20, 128), nn.Linear(128, 128), nn.Linear(128, 1)
+        make = {"layernorm": lambda: nn.LayerNorm(128),
+                "batchnorm": lambda: nn.BatchNorm1d(128)}.get(norm)
+        self.softmax = make is None
+        self.n1, self.n2 = (nn.Identity(), nn.Identity()) if make is None else (make(), make())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.n1(self.a(x)))
+        h = self.b(h)
+        h = torch.softmax(h, -1) if self.softmax else torch.tanh(self.n2(h))
+        return self.c(h)
+
+
 def build(key: str) -> tuple[str, nn.Module, Any, torch.Tensor, torch.Tensor]:
     """``(name, model, loss_fn, x, y)``, deterministic."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
+    if key.startswith("mlp-"):
+        norm = key[4:]
+        x, y = torch.randn(512, 20, generator=g), torch.randn(512, 1, generator=g)
+        model = NormedMLP(norm).train()  # BatchNorm: the batch's statistics
+        return f"MLP 20-128-128-1 with {norm}, MSE, 512", model, F.mse_loss, x, y
     if key == "residual":
         x, y = torch.randn(512, 20, generator=g), torch.randn(512, 1, generator=g)
         return "residual MLP 20-128x3-1, MSE, 512", ResidualMLP(), F.mse_loss, x, y
