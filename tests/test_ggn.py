@@ -322,7 +322,8 @@ def test_operators_on_a_chain_take_the_chains_products(name, frozen, monkeypatch
 
 def _bn_models(gen):
     """A convolution with BatchNorm in eval mode, ELU and average pooling; the same in
-    training mode; an MLP with LayerNorm: chains with scales, linear maps and maps."""
+    training mode; an MLP with LayerNorm; a gate by a softmax: chains with scales, linear
+    maps and maps."""
     bn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ELU(),
                        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, C)).double()
     with torch.no_grad():  # running statistics and affine parameters away from 0 and 1
@@ -333,7 +334,20 @@ def _bn_models(gen):
     x = torch.randn(6, 2, 5, 5, generator=gen, dtype=DT)
     ln = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, C)).double()
     return [(copy.deepcopy(bn).eval(), x), (bn.train(), x),
-            (ln, torch.randn(6, 2, generator=gen, dtype=DT))]
+            (ln, torch.randn(6, 2, generator=gen, dtype=DT)),
+            (_Gated().double(), torch.randn(6, 2, generator=gen, dtype=DT))]
+
+
+class _Gated(nn.Module):
+    """A product of two values, one a softmax: ``tanh(h) * softmax(h B^T)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(2, 4), nn.Linear(4, 4), nn.Linear(4, C)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(torch.tanh(h) * torch.softmax(self.b(h), -1))
 
 
 @pytest.mark.parametrize("name", ["mse", "ce-smoothed"])

@@ -1035,6 +1035,12 @@ def _maps():
         h = torch.tanh(F.linear(x, p["w1"], p["b1"]))
         return F.mse_loss(F.linear(h - h.mean(0, keepdim=True), p["w2"]), y)
 
+    def input_gated(p, x, y):  # a product one factor of which carries no tangent
+        return F.mse_loss(F.linear(torch.tanh(x @ fixed) * torch.tanh(F.linear(x, p["w1"])),
+                                   p["w2"]), y)
+
+    fixed = r(3, 4)
+
     def channels_meaned(p, x, y):  # a mean over the batch that leaves 4 rows of 4 channels
         h = torch.tanh(F.conv1d(x.view(4, 3, 1), p["k"])).mean(0)
         return F.mse_loss(F.linear(h, p["h"]), y[:4])
@@ -1046,20 +1052,22 @@ def _maps():
     cases[1][1]["b1"] = p["b1"]  # LayerNorm's input bias too
     cases.append((concatenated, {"w1": p["w1"], "wr": r(4, 3), "wc": r(2, 8)}, (x, y), "wc"))
     cases.append((channels_meaned, {"k": r(4, 3, 1), "h": r(2, 1)}, (x[:4], y[:4]), "h"))
+    cases.append((input_gated, {"w1": p["w1"], "w2": p["w2"]}, (x, y), "w2"))
     return cases
 
 
 _FORMS = {"batch_norm_train": "_Standardise", "layer_norm": "_Standardise",
-          "softmax": "_Softmax", "gated": "_Product"}
+          "softmax": "_Softmax", "gated": "_Product", "input_gated": "_Product"}
 
 
 @pytest.mark.parametrize("closed", [True, False], ids=["closed forms", "own ops"])
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_maps_without_a_rule_take_the_structured_products(case, closed, monkeypatch):
-    """BatchNorm in training mode, LayerNorm, a softmax between layers, a gated map,
-    branches joined by cat or by a broadcasting add, a mean over the batch (also one that
-    leaves as many rows as samples): the R-operator, its maps differentiated through their
-    own ops or, for the first four, by their closed forms (NOTE [softmax and
+    """BatchNorm in training mode, LayerNorm, a softmax between layers, a gated map (also
+    by a factor without a tangent), branches joined by cat or by a broadcasting add, a
+    mean over the batch (also one that leaves as many rows as samples): the R-operator,
+    its maps differentiated through their own ops or, for the first four and the gate by
+    a fixed factor, by their closed forms (NOTE [softmax and
     standardisation], NOTE [products of two values]); every product, the gradient, the
     full Hessian and rows equal the oracle's. ``method='auto'`` takes it where every map
     is linear or has a closed form (the others are faster on the cached gradient
@@ -1078,6 +1086,56 @@ def test_maps_without_a_rule_take_the_structured_products(case, closed, monkeypa
     # method='auto' takes the cached graph where a map is curved (faster there)
     assert hf.hvp_fn(f, (p, *batch)).method == ("graph" if curved else "structured")
     _structured_everywhere(f, p, batch, last, method="structured")
+
+
+_SHAPE_OPS = {  # name: (op, args, input shape)
+    "t": (torch.ops.aten.t.default, (), (4, 3)),
+    "transpose": (torch.ops.aten.transpose.int, (0, -1), (4, 3, 2)),
+    "permute": (torch.ops.aten.permute.default, ([2, 0, 1],), (4, 3, 2)),
+    "expand": (torch.ops.aten.expand.default, ([5, 4, 3, 2],), (4, 1, 2)),
+    "select": (torch.ops.aten.select.int, (1, 2), (4, 3, 2)),
+    "slice": (torch.ops.aten.slice.Tensor, (-1, 1, None, 2), (4, 3, 5)),
+    "slice of the batch": (torch.ops.aten.slice.Tensor, (0, 1, 3), (4, 3)),
+    "view": (torch.ops.aten.view.default, ([2, 12],), (4, 3, 2)),
+    "unsqueeze": (torch.ops.aten.unsqueeze.default, (1,), (4, 3)),
+}
+
+
+@pytest.mark.parametrize("name", [*_SHAPE_OPS, "a run"])
+def test_shape_maps_against_autograd(name):
+    """NOTE [shape maps]: a run of ops that move or repeat entries applies them to one
+    tangent and to ``k`` tangents ``(N, k, ...)`` (each column as the op on it), and its
+    transpose is the op's vector-Jacobian product, column by column."""
+    from hessfunc.graph.chain_plan import _ShapeMap, _ShapeOp
+    from hessfunc.graph.chain_products import _shape_forward, _shape_transpose
+
+    chain = [_SHAPE_OPS["transpose"], (torch.ops.aten.reshape.default, ([-1, 4],), None)] \
+        if name == "a run" else [_SHAPE_OPS[name]]
+    gen = torch.Generator().manual_seed(9)
+    shape, ops = chain[0][2], []
+    for op, args, _ in chain:
+        out = op(torch.zeros(shape), *args).shape
+        ops.append(_ShapeOp(op, args, tuple(shape), tuple(out)))
+        shape = out
+    step = _ShapeMap(tuple(ops))
+
+    def apply(a):
+        for op, args, _ in chain:
+            a = op(a, *args)
+        return a
+
+    a = torch.randn(chain[0][2], generator=gen, dtype=F64)
+    u = torch.randn(shape, generator=gen, dtype=F64)
+    _, vjp = torch.func.vjp(apply, a)
+    assert_close(_shape_forward(step, a, None), apply(a))
+    assert_close(_shape_transpose(step, u, None), vjp(u)[0])
+    k = 3
+    A = torch.randn(a.shape[0], k, *a.shape[1:], generator=gen, dtype=F64)
+    U = torch.randn(shape[0], k, *shape[1:], generator=gen, dtype=F64)
+    assert_close(_shape_forward(step, A, k),
+                 torch.stack([apply(A[:, j].contiguous()) for j in range(k)], 1))
+    assert_close(_shape_transpose(step, U, k),
+                 torch.stack([vjp(U[:, j])[0] for j in range(k)], 1))
 
 
 def _closed_forms():

@@ -715,6 +715,17 @@ class _MapTerms:
         return self._columns(k, one)
 
 
+def _k_front(t: torch.Tensor | None, k: int | None) -> torch.Tensor | None:
+    """``k`` tangents ``(N, k, ...)`` as ``(k, N, ...)``, where the cached values of a
+    sample broadcast against them (a broadcast along an inner axis costs more on CPU)."""
+    return t if k is None or t is None else t.movedim(1, 0)
+
+
+def _k_back(t: torch.Tensor, k: int | None) -> torch.Tensor:
+    """The inverse of :func:`_k_front`."""
+    return t if k is None else t.movedim(0, 1)
+
+
 class _ClosedMapTerms:
     """NOTE [softmax and standardisation]: the maps users put between layers most often
     have a symmetric Jacobian ``J`` with a closed form, so products need none of the
@@ -773,25 +784,17 @@ class _ClosedMapTerms:
     def _axes(self, k: int | None) -> tuple[int, ...]:
         return self._dims if k is None else tuple(d + 1 for d in self._dims)
 
-    @staticmethod
-    def _front(t: torch.Tensor | None, k: int | None) -> torch.Tensor | None:
-        return t if k is None or t is None else t.movedim(1, 0)
-
-    @staticmethod
-    def _back(t: torch.Tensor, k: int | None) -> torch.Tensor:
-        return t if k is None else t.movedim(0, 1)
-
     def forward(self, tangents: list[torch.Tensor | None], k: int | None
                 ) -> torch.Tensor | None:
         (t,) = tangents
-        return None if t is None else self._back(self._jacobian(self._front(t, k), k), k)
+        return None if t is None else _k_back(self._jacobian(_k_front(t, k), k), k)
 
     def backward(self, rg: torch.Tensor, below: list[torch.Tensor | None], k: int | None,
                  second_order: bool) -> list[torch.Tensor]:
-        out = self._jacobian(self._front(rg, k), k)
-        ra = self._front(below[0], k)
+        out = self._jacobian(_k_front(rg, k), k)
+        ra = _k_front(below[0], k)
         if not second_order or ra is None:
-            return [self._back(out, k)]
+            return [_k_back(out, k)]
         dims, y, g = self._axes(k), self.y, self.g
         ry = self._jacobian(ra, k)
         if self._softmax:
@@ -800,7 +803,7 @@ class _ClosedMapTerms:
             curvature = self._reduce(y * ra, dims) * self.w + self.m * ry + \
                 y * self._reduce(ry * g, dims)
             out = out - self.r * curvature
-        return [self._back(out, k)]
+        return [_k_back(out, k)]
 
 
 class _ProductTerms:
@@ -833,34 +836,26 @@ class _ProductTerms:
             return a.mT @ g
         return _sum_to(a * g, self.b)
 
-    @staticmethod
-    def _front(t: torch.Tensor | None, k: int | None) -> torch.Tensor | None:
-        return t if k is None or t is None else t.movedim(1, 0)
-
-    @staticmethod
-    def _back(t: torch.Tensor, k: int | None) -> torch.Tensor:
-        return t if k is None else t.movedim(0, 1)
-
     def forward(self, tangents: list[torch.Tensor | None], k: int | None
                 ) -> torch.Tensor | None:
-        ra, rb = (self._front(t, k) for t in tangents)
+        ra, rb = (_k_front(t, k) for t in tangents)
         if ra is None and rb is None:
             return None
         z = None if ra is None else self._times(ra, self.b)
         if rb is not None:
             z = self._times(self.a, rb) if z is None else z + self._times(self.a, rb)
-        return self._back(z, k)
+        return _k_back(z, k)
 
     def backward(self, rg: torch.Tensor, below: list[torch.Tensor | None], k: int | None,
                  second_order: bool) -> list[torch.Tensor]:
-        rg = self._front(rg, k)
+        rg = _k_front(rg, k)
         ga, gb = self._left(rg, self.b), self._right(self.a, rg)
-        ra, rb = (self._front(t, k) for t in below)
+        ra, rb = (_k_front(t, k) for t in below)
         if second_order and rb is not None:
             ga = ga + self._left(self.g, rb)
         if second_order and ra is not None:
             gb = gb + self._right(ra, self.g)
-        return [self._back(ga, k), self._back(gb, k)]
+        return [_k_back(ga, k), _k_back(gb, k)]
 
 
 def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -932,18 +927,18 @@ def _shape_forward(step: _ShapeMap, t: torch.Tensor, k: int | None) -> torch.Ten
     the input's shape, the inverse order, a sum over what ``expand`` repeated, a scatter
     of what ``select``/``slice`` picked. A run of such ops is one step (fewer steps,
     less Python per product)."""
-    x = t if k is None else t.movedim(1, 0)
+    x = _k_front(t, k)
     for op in step.ops:
         x = _shape_op(op, x, k)
-    return x if k is None else x.movedim(0, 1)
+    return _k_back(x, k)
 
 
 def _shape_transpose(step: _ShapeMap, t: torch.Tensor, k: int | None) -> torch.Tensor:
     """The transpose of :func:`_shape_forward` on ``t`` of the run's output shape."""
-    x = t if k is None else t.movedim(1, 0)
+    x = _k_front(t, k)
     for op in reversed(step.ops):
         x = _shape_op_transpose(op, x, k)
-    return x if k is None else x.movedim(0, 1)
+    return _k_back(x, k)
 
 
 def _shape_op(step: _ShapeOp, x: torch.Tensor, k: int | None) -> torch.Tensor:
