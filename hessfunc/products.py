@@ -381,8 +381,9 @@ class HVPFunction:
     def _timed_product(self, tangent: Any) -> Any:
         """NOTE [route by measurement]: the R-operator is exact on every plan, but where
         a plan holds maps, shape ops or lookups (attention, normalisations) the cached
-        gradient graph may be faster: one network measured 0.85x the R-operator's time
-        (a Transformer), others 1.1-1.3x (docs/benchmarks.md). So the first four
+        gradient graph may be faster or slower, by the model (stop 30 in
+        docs/benchmarks.md: the Transformer's graph is faster, the normalised MLPs' and
+        the ResNet's in training mode slower). So the first four
         products of ``method="auto"`` on such a plan time the routes, two each (the
         faster of two: the first warms up), the graph built after the R-operator's two;
         the faster route serves the rest and is kept in the shared choices, so the
@@ -417,8 +418,8 @@ class HVPFunction:
 
     def _chain_probe_width(self) -> int:
         """The R-operator's first batched pass: 8 columns, fewer where the tangents of its
-        widest value would pass ``_CHAIN_PROBE_BYTES`` (a ResNet's first block: 4 MiB a
-        column, where 8 columns cost 3.7x a single product per column, measured)."""
+        widest value would pass ``_CHAIN_PROBE_BYTES`` (a ResNet's first block, 4 MiB a
+        column: docs/benchmarks.md, stop 30)."""
         widest = max((g.numel() * g.element_size() for g in self._chain._grads
                       if g is not None), default=1)
         return max(2, min(_CHAIN_PROBE_COLUMNS, _CHAIN_PROBE_BYTES // max(widest, 1)))
