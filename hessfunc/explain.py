@@ -9,7 +9,7 @@ from typing import Any
 from ._tree import flat_spec
 from .graph.chain import graph_chain
 from .graph.curvature import plan_diagonal
-from .products import _MEASURED_STEPS
+from .products import route_is_measured
 
 __all__ = ["explain", "Explanation", "Route"]
 
@@ -108,10 +108,9 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
                             "slower than the cached gradient graph; method='structured' "
                             "takes it"))
     else:
-        measured = chain is not None and any(isinstance(s, _MEASURED_STEPS)
-                                             for s in chain.steps)
         timed = "; method='auto' times it against the cached gradient graph on its first " \
-            "products (maps, shape ops or lookups) and keeps the faster" if measured else ""
+            "products (maps, shape ops or lookups) and keeps the faster" \
+            if chain is not None and route_is_measured(chain) else ""
         routes.append(Route("hvp, hvp_fn, HessianOperator",
                             *(("structured", f"R-operator on the {layers} in the captured "
                                f"graph (hvp: with method='structured'{timed})",

@@ -69,6 +69,12 @@ _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
 #: plan steps whose R-operator products may lose to the cached gradient graph's
 #: (NOTE [route by measurement])
 _MEASURED_STEPS = (_Map, _ShapeMap, _Embedding)
+
+
+def route_is_measured(plan: Any) -> bool:
+    """Whether ``method="auto"`` times the R-operator against the cached graph on
+    ``plan`` (NOTE [route by measurement]): it holds maps, shape ops or lookups."""
+    return any(isinstance(s, _MEASURED_STEPS) for s in plan.steps)
 #: Columns of the first batched pass that NOTE [batched or looped products] times, for
 #: the cached graph and (at most) for the R-operator.
 _PROBE_COLUMNS = 2
@@ -306,6 +312,9 @@ class HVPFunction:
         self._choices: dict[Any, Any] = {} if choices is None else choices
         #: ``(f, primals, argnums)`` while the first products time both routes
         self._pending: tuple[Any, ...] | None = None
+        #: the cached graph's leaves and gradients (graph route, autograd path), or None
+        self._leaves: list[torch.Tensor] | None = None
+        self._grads: list[torch.Tensor | None] | None = None
         self._route_times: dict[str, list[float]] = {"structured": [], "graph": []}
         if method != "graph":
             # ``plan``: a chain the caller already found at these primals (``hessian``)
@@ -319,7 +328,7 @@ class HVPFunction:
                 self._value = plan.value
                 self.method = "structured"
                 if method == "auto" and "route" not in self._choices and \
-                        any(isinstance(s, _MEASURED_STEPS) for s in plan.steps):
+                        route_is_measured(plan):
                     self._pending = (f, primals, argnums)  # NOTE [route by measurement]
                 return
             if method == "structured":
@@ -390,7 +399,7 @@ class HVPFunction:
         other batches of an operator build only it. Every product is exact either way."""
         times = self._route_times
         route = "structured" if len(times["structured"]) < 2 else "graph"
-        if route == "graph" and self._vjp is None and not hasattr(self, "_leaves"):
+        if route == "graph" and self._vjp is None and self._leaves is None:
             f, primals, argnums = self._pending
             gradient = self._gradient
             try:
@@ -411,9 +420,7 @@ class HVPFunction:
             if winner == "graph":
                 self._chain, self.method = None, "graph"
             else:
-                self._vjp = None
-                self.__dict__.pop("_leaves", None)
-                self.__dict__.pop("_grads", None)
+                self._vjp = self._leaves = self._grads = None
         return out
 
     def _chain_probe_width(self) -> int:
@@ -551,16 +558,14 @@ class HVPFunction:
             return self._batched(tangents)
 
     def _batched(self, tangents: Any) -> Any:
-        done = []
-        while self._pending is not None and len(done) < next(iter(
-                tree_leaves(tangents))).shape[0]:  # the first columns time the routes
+        k, done = tree_leaves(tangents)[0].shape[0], []
+        while self._pending is not None and len(done) < k:  # the first columns time the routes
             i = len(done)
             done.append(self._timed_product(pytree.tree_map(lambda t, i=i: t[i], tangents)))
         if done:
-            rest = pytree.tree_map(lambda t: t[len(done):], tangents)
             parts = [pytree.tree_map(lambda t: t.unsqueeze(0), d) for d in done]
-            if next(iter(tree_leaves(rest))).shape[0]:
-                parts.append(self._batched(rest))
+            if len(done) < k:
+                parts.append(self._batched(pytree.tree_map(lambda t: t[len(done):], tangents)))
             return pytree.tree_map(lambda *t: torch.cat(t), *parts)
         if self._chain is not None:  # k tangents in one pass, or one at a time: measured
             k = next(iter(tangents.values())).shape[0]

@@ -770,9 +770,8 @@ class _ClosedMapTerms:
         return t.sum(dim=dims, keepdim=True) if self._softmax else t.mean(dim=dims, keepdim=True)
 
     def _jacobian(self, t: torch.Tensor, k: int | None) -> torch.Tensor:
-        """``J t`` (also ``J^T t``: ``J`` is symmetric), ``t`` ``([k,] N, *shape)``: the
-        ``k`` tangents in front, where the cached values broadcast against them (a
-        broadcast along an inner axis costs several times more on CPU)."""
+        """``J t`` (also ``J^T t``: ``J`` is symmetric), ``t`` ``([k,] N, *shape)`` (the
+        ``k`` tangents in front, :func:`_k_front`)."""
         dims, y = self._axes(k), self.y
         out = t - self._reduce(y * t, dims) * (1.0 if self._softmax else y)
         if self._softmax:
