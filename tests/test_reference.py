@@ -323,3 +323,171 @@ def test_oracle_blocks_and_diag_where_a_parameter_drops_out_of_its_own_gradient(
         torch.testing.assert_close(blocks[k], torch.zeros(2, 2, dtype=torch.float64),
                                    rtol=0, atol=0)
         torch.testing.assert_close(diag[k], torch.zeros(2, dtype=torch.float64), rtol=0, atol=0)
+
+
+# ------------------------------------------------ the Gauss-Newton and Fisher oracle
+# Truths: closed forms of a linear model's Jacobian and of the losses' output Hessians,
+# and torch.func's dense Jacobians and Hessians (vectorised, not the oracle's loops).
+def _linear_problem(seed, n=5, d=3, c=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    W = torch.randn(c, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_(True)
+    return x, W, b
+
+
+def _linear_jacobian(x, c):
+    """``d (x W^T + b)_{ni} / d (W, b)`` in closed form: ``(n c, c d + c)``."""
+    n, d = x.shape
+    J = torch.zeros(n, c, c * d + c, dtype=x.dtype)
+    for i in range(c):
+        J[:, i, i * d:(i + 1) * d] = x
+        J[:, i, c * d + i] = 1
+    return J.reshape(n * c, -1)
+
+
+def test_oracle_jacobian_of_a_linear_model_is_its_closed_form():
+    x, W, b = _linear_problem(0)
+    out = x @ W.T + b
+    torch.testing.assert_close(hf.reference.jacobian(out, [W, b]),
+                               _linear_jacobian(x, 4), rtol=0, atol=0)
+    # an unused parameter's columns are zeros, not an error
+    z = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    J = hf.reference.jacobian(out, [z, W])
+    assert J.shape == (20, 14) and bool((J[:, :2] == 0).all())
+    torch.testing.assert_close(J[:, 2:], _linear_jacobian(x, 4)[:, :12], rtol=0, atol=0)
+
+
+def test_oracle_jacobian_of_a_curved_model_equals_torch_func():
+    x, W, b = _linear_problem(1)
+    V = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def model(W, b, V):
+        return torch.tanh(x @ W.T + b) @ V.T
+
+    Vl = V.clone().requires_grad_(True)
+    J = hf.reference.jacobian(model(W, b, Vl), [W, b, Vl])
+    dense = torch.func.jacrev(model, argnums=(0, 1, 2))(W.detach(), b.detach(), V)
+    want = torch.cat([t.reshape(10, -1) for t in dense], 1)
+    torch.testing.assert_close(J, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce", "bce", "mse_sum"])
+def test_oracle_output_hessian_is_the_losses_closed_form(loss):
+    g = torch.Generator().manual_seed(3)
+    n, c = 4, 3
+    o = torch.randn(n, c, generator=g, dtype=torch.float64)
+    if loss.startswith("mse"):
+        y = torch.randn(n, c, generator=g, dtype=torch.float64)
+        red = "sum" if loss == "mse_sum" else "mean"
+        fn = torch.nn.MSELoss(reduction=red)
+        want = torch.eye(n * c, dtype=o.dtype) * (2.0 if red == "sum" else 2.0 / (n * c))
+    elif loss == "ce":
+        y = torch.randint(0, c, (n,), generator=g)
+        fn = torch.nn.functional.cross_entropy
+        p = torch.softmax(o, 1)
+        want = torch.block_diag(*[(torch.diag(p[k]) - torch.outer(p[k], p[k])) / n
+                                  for k in range(n)])
+    else:
+        y = torch.rand(n, c, generator=g, dtype=torch.float64)
+        fn = torch.nn.functional.binary_cross_entropy_with_logits
+        s = torch.sigmoid(o)
+        want = torch.diag((s * (1 - s)).reshape(-1)) / (n * c)
+    Ho = hf.reference.output_hessian(fn, o.requires_grad_(True), y)
+    torch.testing.assert_close(Ho, want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_oracle_ggn_and_its_residual_against_dense_autograd(loss):
+    x, W, b = _linear_problem(4)
+    V = torch.randn(3, 4, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    y = (torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+         if loss == "mse" else torch.tensor([0, 2, 1, 1, 0]))
+    fn = torch.nn.functional.mse_loss if loss == "mse" else torch.nn.functional.cross_entropy
+
+    def model(W, b, V):
+        return torch.tanh(x @ W.T + b) @ V.T
+
+    def total(W, b, V):
+        return fn(model(W, b, V), y)
+
+    params = [W, b, V]
+    out = model(*params)
+    G = hf.reference.ggn(out, fn, y, params)
+    R = hf.reference.ggn_residual(out, fn, y, params)
+    args = tuple(p.detach() for p in params)
+    J = torch.cat([t.reshape(15, -1) for t in
+                   torch.func.jacrev(model, argnums=(0, 1, 2))(*args)], 1)
+    Ho = torch.func.hessian(lambda o: fn(o, y))(model(*args).detach()).reshape(15, 15)
+    blocks = torch.func.hessian(total, argnums=(0, 1, 2))(*args)
+    sizes = [p.numel() for p in params]
+    H = torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(3)], 1)
+                   for i in range(3)])
+    torch.testing.assert_close(G, J.T @ Ho @ J, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(R, H - J.T @ Ho @ J, rtol=1e-12, atol=1e-14)
+    assert float((R - R.T).abs().max()) < 1e-14 and float(R.abs().max()) > 1e-3
+
+
+def test_oracle_ggn_of_a_linear_model_is_its_hessian():
+    x, W, b = _linear_problem(7)
+    y = torch.tensor([3, 0, 1, 2, 2])
+    out = x @ W.T + b
+    fn = torch.nn.functional.cross_entropy
+    J = _linear_jacobian(x, 4)
+    p = torch.softmax(out.detach(), 1)
+    Ho = torch.block_diag(*[(torch.diag(p[k]) - torch.outer(p[k], p[k])) / 5 for k in range(5)])
+    G = hf.reference.ggn(out, fn, y, [W, b])
+    torch.testing.assert_close(G, J.T @ Ho @ J, rtol=1e-12, atol=1e-15)
+    R = hf.reference.ggn_residual(out, fn, y, [W, b])
+    assert float(R.abs().max()) == 0.0
+
+
+def test_oracle_empirical_fisher_of_least_squares_is_its_closed_form():
+    x, W, b = _linear_problem(8, c=1)
+    y = torch.randn(5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    losses = [((x[n] @ W.T + b - y[n]) ** 2).sum() for n in range(5)]   # a graph each
+    F_ = hf.reference.empirical_fisher(losses, [W, b], 0.3)
+    r = (x @ W.T + b - y).detach()[:, 0]
+    gs = 2 * r[:, None] * torch.cat([x, torch.ones(5, 1, dtype=x.dtype)], 1)   # (n, d + 1)
+    torch.testing.assert_close(F_, 0.3 * gs.T @ gs, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "categorical", "log-categorical",
+                                        "bernoulli"])
+def test_oracle_mc_fisher_is_its_definition_on_a_linear_model(likelihood):
+    """The draws replayed from a copy of the generator, each sample's gradient in closed
+    form: ``(dl/do) x^T`` with ``dl/do = 2 (o - t)``, ``softmax(o) - e_t`` (also for
+    log-probabilities from ``log_softmax``) or ``sigmoid(o) - t``."""
+    x, W, b = _linear_problem(10, c=3)
+    log = likelihood == "log-categorical"
+
+    def forward(inp):
+        o = inp @ W.T + b
+        return torch.log_softmax(o, 1) if log else o
+
+    M, scale = 3, 0.7
+    F_ = hf.reference.mc_fisher(forward, [W, b], x, likelihood, scale, M,
+                                torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    o = (x @ W.T + b).detach()
+    total = torch.zeros(12, 12, dtype=x.dtype)
+    draws = []
+    for _ in range(M):
+        if likelihood == "gaussian":
+            draws.append(o + torch.randn(o.shape, generator=g, dtype=o.dtype) * 0.5 ** 0.5)
+        elif likelihood == "bernoulli":
+            draws.append(torch.bernoulli(torch.sigmoid(o), generator=g))
+        else:
+            draws.append(torch.multinomial(torch.softmax(o, 1), 1, generator=g)[:, 0])
+    for t in draws:
+        if likelihood == "gaussian":
+            dl = 2 * (o - t)
+        elif likelihood == "bernoulli":
+            dl = torch.sigmoid(o) - t
+        else:
+            dl = torch.softmax(o, 1) - torch.nn.functional.one_hot(t, 3).to(o.dtype)
+        for n in range(5):
+            gn = torch.cat([torch.outer(dl[n], x[n]).reshape(-1), dl[n]])
+            total += torch.outer(gn, gn)
+    torch.testing.assert_close(F_, scale / M * total, rtol=1e-12, atol=1e-14)
