@@ -1396,3 +1396,281 @@ def test_a_dag_has_no_per_sample_full_hessian():
     assert explained["hessian"].why.endswith("chain route: layers with skip connections, "
                                              "which the full Hessian's backpropagation has "
                                              "no rule for")
+
+
+def _layers():
+    """Linear layers and scales written other ways: a bias added before the product, a
+    constant bias in ``addmm``, ``(T, N, d)`` inputs (``matmul`` records them as ``bmm``
+    with the weight broadcast), with and without a bias, a contiguous ``(N, T, d)`` input
+    (``matmul`` folds it into ``mm``), constant shifts and divisors before a gain, a
+    constant minus the value: ``(f, params, inputs, last)``."""
+    gen = torch.Generator().manual_seed(19)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    p = {"w1": r(4, 3), "b1": r(4), "w2": r(2, 4)}
+    x, y, xs, ys = r(5, 3), r(5, 2), r(5, 6, 3), r(30, 2)
+    constant = r(4)
+
+    def bias_first(p, x, y):
+        return F.mse_loss(torch.tanh(p["b1"] + x @ p["w1"].T) @ p["w2"].T, y)
+
+    def constant_bias(p, x, y):
+        return F.mse_loss(torch.tanh(torch.addmm(constant, x, p["w1"].T)) @ p["w2"].T, y)
+
+    def positions_first(p, x, y):  # (T, N, d): bmm, its bias added after
+        h = torch.tanh(x.transpose(0, 1) @ p["w1"].T + p["b1"]) @ p["w2"].T
+        return F.mse_loss(h.transpose(0, 1).flatten(0, 1), y)
+
+    def positions_first_no_bias(p, x, y):
+        h = torch.tanh(x.transpose(0, 1) @ p["w1"].T) @ p["w2"].T
+        return F.mse_loss(h.transpose(0, 1).flatten(0, 1), y)
+
+    def positions_first_bias_first(p, x, y):
+        h = torch.tanh(p["b1"] + x.transpose(0, 1) @ p["w1"].T) @ p["w2"].T
+        return F.mse_loss(h.transpose(0, 1).flatten(0, 1), y)
+
+    def samples_first(p, x, y):  # (N, T, d) contiguous: matmul folds it into mm
+        return F.mse_loss((torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T).flatten(0, 1), y)
+
+    shift, spread = r(4), r(4).abs() + 0.5
+
+    def standardised(p, x, y):  # constant shifts and divisors before a gain and a bias
+        h = (F.linear(x, p["w1"]) - shift) / spread * p["g"] + p["b1"]
+        return F.mse_loss(torch.tanh(h) @ p["w2"].T, y)
+
+    def reflected(p, x, y):  # a constant minus the value: a factor of -1, not a shift
+        return F.mse_loss(torch.tanh((0.5 - F.linear(x, p["w1"])) * p["g"]) @ p["w2"].T, y)
+
+    no_bias = {k: p[k] for k in ("w1", "w2")}
+    gains = {**p, "g": 1 + 0.3 * r(4)}
+    return [(bias_first, p, (x, y), "w2"), (constant_bias, no_bias, (x, y), "w2"),
+            (positions_first, p, (xs, ys), "w1"),
+            (positions_first_no_bias, no_bias, (xs, ys), "w1"),
+            (positions_first_bias_first, p, (xs, ys), "w1"),
+            (samples_first, p, (xs, ys), "w1"), (standardised, gains, (x, y), "g"),
+            (reflected, {k: gains[k] for k in ("w1", "g", "w2")}, (x, y), "g")]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_layers_and_scales_written_other_ways_take_the_structured_products(case):
+    """A bias added before the product or held constant in ``addmm``, layers of ``(T, N,
+    d)`` values as ``bmm`` (with a bias after, before or none) and of contiguous ``(N, T,
+    d)`` values, a gain after constant shifts and divisors, a gain of a constant minus the
+    value: the R-operator, whose products, gradient, full Hessian and rows equal the
+    oracle's (the walk's reading of each: ``test_the_walk_reads_each_model_as_its_plan``)."""
+    f, p, batch, last = _layers()[case]
+    _structured_everywhere(f, p, batch, last, method="structured")
+
+
+def _name(name, value=True):
+    """A parameter's name in a plan's signature: ``-`` for none, ``const`` for a constant."""
+    return name if name is not None else "-" if value is None else "const"
+
+
+def _step_token(step):
+    """One step of a plan in a few characters: its kind, the parameters it reads, a
+    closed form's axes and options, a shape map's ops."""
+    kind = type(step).__name__[1:]
+    if kind in ("Linear", "Conv"):
+        rows = "3d" if kind == "Linear" and step.inputs.dim() == 3 else ""
+        return f"{kind}{rows}({_name(step.weight_name)},{_name(step.bias_name, None)})"
+    if kind == "Embedding":
+        return f"Embedding({_name(step.weight_name)})"
+    if kind == "Scale":
+        pre = ";pre" if step.pre is not None else ""
+        return (f"Scale({_name(step.weight_name, step.weight)},"
+                f"{_name(step.bias_name, step.bias)}{pre})")
+    if kind == "ShapeMap":
+        return "Shape(" + ",".join(op.op.__name__.split(".")[0] for op in step.ops) + ")"
+    if kind == "Map":
+        form = step.form
+        if form is None:
+            return "Map(linear)" if step.linear else "Map"
+        name = type(form).__name__[1:]
+        if name == "Softmax":
+            return f"Softmax{list(form.dims)}"
+        if name == "Standardise":
+            return f"{'Std' if form.centred else 'RMS'}{list(form.dims)}eps{form.eps:g}"
+        return "Bmm" if form.batched_matmul else "Mul"
+    return {"Elementwise": "Elem", "LinearMap": "LinMap"}.get(kind, kind)
+
+
+def _signature(plan):
+    """The plan's steps, each with the values it reads where that is not the value
+    before it (``@i,j``: value 0 the inputs, value ``j + 1`` step ``j``'s output)."""
+    return " ".join(_step_token(s) + ("" if src == (i,) else "@" + ",".join(map(str, src)))
+                    for i, (s, src) in enumerate(zip(plan.steps, plan.sources, strict=True)))
+
+
+def _walked_models():
+    """Every hand-written model of this file's structured tests, by a name: ``(f,
+    params, inputs)``."""
+    models = {}
+    for group, cases in (("dags", _dags()), ("scales", _scales_and_pools()),
+                         ("maps", _maps()), ("forms", _closed_forms()),
+                         ("sequences", _sequences()), ("layers", _layers())):
+        for i, (f, p, batch, *_) in enumerate(cases):
+            models[f"{group} {i}: {f.__name__}"] = (f, p, batch)
+    return models
+
+
+_PLANS = {  # the walk's reading of each model: _signature(plan)
+    "dags 0: input_skip":
+        "Linear(w1,b1) Elem Add@2,0 Linear(w2,-)",
+    "dags 1: two_branches":
+        "Linear(w1,b1) Elem Linear(w3,-)@0 Elem Add@2,4 Elem Linear(w2,-)",
+    "dags 2: read_three_times":
+        "Linear(w1,b1) Elem Linear(w3,-) Elem Add@2,4 Add@5,2 Linear(w4,b4)@5 Elem Add@6,8 "
+        "Linear(w2,-)",
+    "dags 3: frozen_stem":
+        "Linear(const,-) Elem Linear(w3,-) Elem Add@2,4 Linear(w2,-)",
+    "dags 4: conv_block":
+        "Conv(c1,cb1) Elem Conv(c3,-) Conv(c2,-)@2 Elem Add@3,5 Elem Flatten Linear(w,b)",
+    "dags 5: interleaved":
+        "Linear(w1,b1) Elem Elem Linear(w3,-)@2 Add@3,4 Linear(w2,-)",
+    "dags 6: two_maps":
+        "Linear(w1,b1) Elem Linear(w2,-) Elem@1 Linear(w4,-) Add@3,5",
+    "scales 0: bn_block":
+        "Conv(c1,-) Scale(g1,b1;pre) Elem Conv(c2,-) Scale(g2,b2;pre) Add@3,5 Elem LinMap "
+        "Linear(w,b)",
+    "scales 1: frozen":
+        "Conv(const,-) Scale(g1,b1;pre) Elem Conv(const,-) Scale(-,b2;pre) Add@3,5 Elem LinMap "
+        "Linear(w,-)",
+    "scales 2: frozen":
+        "Conv(const,-) Scale(-,b1;pre) Elem Conv(const,-) Scale(g2,const;pre) Add@3,5 Elem "
+        "LinMap Linear(w,-)",
+    "scales 3: gains":
+        "Linear(w1,-) Scale(g,c) Elem Scale(s,-) Scale(row,-) Elem Linear(w2,-)",
+    "scales 4: pools":
+        "Conv(c,-) Scale(-,cb) Elem LinMap LinMap Shape(permute,transpose) LinMap Shape() Elem "
+        "Flatten Linear(w,-)",
+    "scales 5: conv1d_bias":
+        "Conv(c,-) Scale(-,cb;pre) Elem LinMap Linear(w,-)",
+    "maps 0: batch_norm_train":
+        "Linear(w1,b1) Std[0]eps1e-05 Scale(g,c) Elem Linear(w2,-)",
+    "maps 1: layer_norm":
+        "Linear(w1,b1) Std[1]eps1e-05 Scale(g,c) Elem Linear(w2,-)",
+    "maps 2: softmax":
+        "Linear(w1,-) Softmax[1] Linear(w2,-)",
+    "maps 3: gated":
+        "Linear(w1,b1) Elem Linear(w3,-) Elem Mul@4,2 Linear(w2,-)",
+    "maps 4: broadcast_join":
+        "Linear(w1,b1) Elem Linear(w4,-) Map(linear)@3,2 Linear(w2,-)",
+    "maps 5: batch_centred":
+        "Linear(w1,b1) Elem Map(linear) Map(linear)@2,3 Linear(w2,-)",
+    "maps 6: concatenated":
+        "Linear(w1,-) Elem Linear(wr,-)@0 Elem Map(linear)@2,4 Linear(wc,-)",
+    "maps 7: channels_meaned":
+        "Shape(view) Conv(k,-) Elem Map(linear) Linear(h,-)",
+    "maps 8: input_gated":
+        "Map(linear) Elem Linear(w1,-)@0 Elem Mul@2,4 Linear(w2,-)",
+    "forms 0: rms_norm":
+        "Conv(k,-) RMS[1, 2]eps0.001 Scale(g,-) Elem Flatten Linear(w,-) Elem",
+    "forms 1: layer_norm_2d":
+        "Conv(k,-) Std[1, 2]eps1e-05 Scale(g,c) Elem Flatten Linear(w,-) Elem",
+    "forms 2: channels_softmax":
+        "Conv(k,-) Softmax[1] Elem Flatten Linear(w,-) Elem",
+    "forms 3: batch_softmax":
+        "Conv(k,-) Softmax[0] Elem Flatten Linear(w,-) Elem",
+    "forms 4: batch_norm_1d":
+        "Conv(k,-) Std[0, 2]eps1e-05 Elem Flatten Linear(w,-) Elem",
+    "forms 5: twice":
+        "Conv(k,-) Softmax[2] Softmax[1] Elem Flatten Linear(w,-) Elem",
+    "forms 6: no_form":
+        "Conv(k,-) Map(linear) Map(linear)@1,2 Elem LinMap Map@4,5 Add@6,4 Elem Flatten "
+        "Linear(w,-) Elem",
+    "sequences 0: attention":
+        "Embedding(E) Shape(view) Linear(q,-) Shape(_unsafe_view) Shape(view)@1 Linear(k,-) "
+        "Shape(_unsafe_view,transpose) Bmm@4,7 Shape() Elem Softmax[2] Shape() Shape()@1 "
+        "Bmm@12,13 Shape() Elem Shape(view) Linear(w,b) Shape(view,view)",
+    "sequences 1: pooled":
+        "Embedding(E) Shape(view) Linear(q,-) Shape(_unsafe_view) Elem Shape(view)@1 "
+        "Linear(k,-) Shape(_unsafe_view) Elem Mul@5,9 LinMap Shape(expand) Add@10,12 Elem "
+        "LinMap Linear(w,b)",
+    "sequences 2: frozen_lookup":
+        "Embedding(const) Shape(view) Linear(q,-) Shape(_unsafe_view) Shape(view)@1 Linear(k,-) "
+        "Shape(_unsafe_view,transpose) Bmm@4,7 Shape() Elem Softmax[2] Shape() Shape()@1 "
+        "Bmm@12,13 Shape() Elem Shape(view) Linear(w,b) Shape(view,view)",
+    "sequences 3: language_model":
+        "Embedding(tokens.weight) Shape(transpose) "
+        "Linear3d(layer.self_attn.in_proj_weight,layer.self_attn.in_proj_bias) "
+        "Shape(view,unsqueeze,transpose,squeeze) Shape(select,view,transpose,view) "
+        "Shape(select,view,transpose,view,transpose)@4 Shape(select,view,transpose,view,view)@4 "
+        "Elem@5 Elem@6 Shape(view)@8 Shape(view)@9 Bmm@10,11 Shape(_unsafe_view) Elem "
+        "Softmax[3] Shape(view) Bmm@16,7 Shape(_unsafe_view,permute,_unsafe_view) "
+        "Linear(layer.self_attn.out_proj.weight,layer.self_attn.out_proj.bias) "
+        "Shape(view,transpose) Add@1,20 Std[2]eps1e-05 "
+        "Scale(layer.norm1.weight,layer.norm1.bias) Shape(view) "
+        "Linear(layer.linear1.weight,layer.linear1.bias) Shape(view) Elem Shape(view) "
+        "Linear(layer.linear2.weight,layer.linear2.bias) Shape(view) Add@23,30 Std[2]eps1e-05 "
+        "Scale(layer.norm2.weight,layer.norm2.bias) Shape(view) Linear(head.weight,head.bias) "
+        "Shape(view,view)",
+    "sequences 4: language_model":
+        "Embedding(tokens.weight) Shape(transpose) "
+        "Linear3d(layer.self_attn.in_proj_weight,layer.self_attn.in_proj_bias) "
+        "Shape(view,unsqueeze,transpose,squeeze) Shape(select,view,transpose,view) "
+        "Shape(select,view,transpose,view,transpose)@4 Shape(select,view,transpose,view,view)@4 "
+        "Elem@5 Elem@6 Shape(view)@8 Shape(view)@9 Bmm@10,11 Shape(_unsafe_view) Elem "
+        "Softmax[3] Shape(view) Bmm@16,7 Shape(_unsafe_view,permute,_unsafe_view) "
+        "Linear(layer.self_attn.out_proj.weight,layer.self_attn.out_proj.bias) Shape(view) "
+        "Add@2,20 Shape() Std[2]eps1e-05 Scale(layer.norm1.weight,layer.norm1.bias) Shape(view) "
+        "Linear(layer.linear1.weight,layer.linear1.bias) Shape(view) Elem Shape(view) "
+        "Linear(layer.linear2.weight,layer.linear2.bias) Shape(view) Add@24,31 Std[2]eps1e-05 "
+        "Scale(layer.norm2.weight,layer.norm2.bias) Shape(transpose) "
+        "Linear3d(head.weight,head.bias) Shape(view)",
+    "layers 0: bias_first":
+        "Linear(w1,-) Scale(-,b1) Elem Linear(w2,-)",
+    "layers 1: constant_bias":
+        "Linear(w1,-) Elem Linear(w2,-)",
+    "layers 2: positions_first":
+        "Shape(transpose) Linear3d(w1,b1) Elem Shape(view) Linear(w2,-) "
+        "Shape(_unsafe_view,transpose,_unsafe_view)",
+    "layers 3: positions_first_no_bias":
+        "Shape(transpose) Linear3d(w1,-) Elem Shape(view) Linear(w2,-) "
+        "Shape(_unsafe_view,transpose,_unsafe_view)",
+    "layers 4: positions_first_bias_first":
+        "Shape(transpose) Linear3d(w1,-) Scale(-,b1) Elem Shape(view) Linear(w2,-) "
+        "Shape(_unsafe_view,transpose,_unsafe_view)",
+    "layers 5: samples_first":
+        "Shape(view) Linear(w1,-) Shape(_unsafe_view) Scale(-,b1) Elem Shape(view) Linear(w2,-) "
+        "Shape(_unsafe_view,view)",
+    "layers 6: standardised":
+        "Linear(w1,-) Scale(g,b1;pre) Elem Linear(w2,-)",
+    "layers 7: reflected":
+        "Linear(w1,-) Elem Scale(g,-) Elem Linear(w2,-)",
+}
+
+
+@pytest.mark.parametrize("name", list(_PLANS))
+def test_the_walk_reads_each_model_as_its_plan(name):
+    """The steps the walk reads off each model's graph, the parameters each step holds
+    and the values it reads, word for word (``_signature``): a layer missed or a bias
+    left out of its layer still gives the oracle's numbers through a slower route, which
+    only this test tells."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    f, p, batch = _walked_models()[name]
+    with sdpa_kernel(SDPBackend.MATH):
+        plan, why = graph_chain(f, (p, *batch), 0)
+    assert plan is not None, why
+    assert _signature(plan) == _PLANS[name]
+    assert set(_PLANS) == set(_walked_models())  # every model has its plan written out
+
+
+@pytest.mark.parametrize("option", [{"padding_idx": 0}, {"scale_grad_by_freq": True},
+                                    {"sparse": True}])
+def test_a_lookup_with_options_is_no_step(option):
+    """``padding_idx`` and ``scale_grad_by_freq`` change torch's gradient of a lookup (not
+    its derivative), ``sparse`` its layout: such a lookup is no step."""
+    gen = torch.Generator().manual_seed(5)
+    p = {"E": torch.randn(5, 3, generator=gen, dtype=F64),
+         "w": torch.randn(2, 3, generator=gen, dtype=F64)}
+    x = torch.randint(0, 5, (4, 2), generator=gen)
+
+    def f(p, x, y):
+        return F.mse_loss(F.linear(torch.tanh(F.embedding(x, p["E"], **option)), p["w"]), y)
+
+    plan, why = graph_chain(f, (p, x, torch.zeros(4, 2, 2, dtype=F64)), 0)
+    assert plan is None and "stops at embedding" in why

@@ -322,10 +322,11 @@ class _Walk:
 
     def embedding(self, node: fx.Node, cur: fx.Node) -> _Embedding | None:
         """A lookup of the rows of a weight by the integer inputs ``cur``, without the
-        options that change its gradient (``padding_idx``, ``scale_grad_by_freq``)."""
+        options that change its gradient (``padding_idx``, ``scale_grad_by_freq``) or
+        its layout (``sparse``)."""
         if node.target is not aten.embedding.default or node.args[1] is not cur or \
                 argument(node, "padding_idx") != -1 or argument(node, "scale_grad_by_freq") \
-                or argument(node, "sparse") or self.env[cur].is_floating_point():
+                or argument(node, "sparse"):
             return None
         weight = self.operand(node.args[0])
         if weight is None or weight[0].dim() != 2:
@@ -416,26 +417,17 @@ class _Walk:
 
     def linear_map(self, node: fx.Node, cur: fx.Node) -> _LinearMap | None:
         """A linear op of ``cur`` alone that keeps samples apart (NOTE [chains from the
-        graph]): a mean or sum over other axes than the batch, average pooling, a view or
-        permutation keeping the batch axis first."""
+        graph]): a mean or sum over other axes than the batch, or average pooling (views
+        and permutations are shape maps, :meth:`shape_map`, which the walk tries first)."""
         a, out = self.env[cur], self.env[node]
         if node.args[0] is not cur or not isinstance(out, Tensor) or a.dim() < 2 or \
                 out.dim() < 1 or out.shape[0] != a.shape[0] or out.dtype != a.dtype or \
                 any(isinstance(v, fx.Node) for v in (*node.args[1:], *node.kwargs.values())):
             return None
         target, args = node.target, node.args[1:]
-        if target in _VIEWS:
-            per_sample = tuple(out.shape[1:])
-            return _LinearMap(lambda t: t.reshape(t.shape[0], *per_sample), tuple(a.shape[1:]))
         if target in (aten.mean.dim, aten.sum.dim_IntList):
             if not args or args[0] is None or 0 in {d % a.dim() for d in args[0]} or \
                     node.kwargs.get("dtype") is not None:
-                return None
-        elif target is aten.permute.default:
-            if args[0][0] % a.dim() != 0:
-                return None
-        elif target is aten.transpose.int:
-            if 0 in {d % a.dim() for d in args}:
                 return None
         elif _POOLS.get(target) != a.dim():
             return None  # not a linear map, or a pool of an unbatched input
@@ -453,7 +445,8 @@ class _Walk:
         nodes: list[fx.Node] = []
         ops: list[_ShapeOp] = []
         while node.target in _SHAPE_OPS and node.args and node.args[0] is cur and \
-                not node.kwargs and not any(isinstance(a, fx.Node) for a in node.args[1:]):
+                (not node.kwargs or node.target in _COPIES) and \
+                not any(isinstance(a, fx.Node) for a in node.args[1:]):  # a copy's layout
             nodes.append(node)
             shapes = tuple(self.env[cur].shape), tuple(self.env[node].shape)
             if shapes[0] != shapes[1] or node.target not in _SAME_SHAPE | _COPIES:

@@ -119,9 +119,9 @@ class _Scale:
 @dataclass
 class _LinearMap:
     """A linear map of one value that keeps samples apart, without parameters: a mean or
-    sum over axes other than the batch, average pooling, a view or permutation that keeps
-    the batch axis first. ``apply`` runs it on ``(M, *shape)`` for any number of rows
-    ``M`` (``k`` tangents fold into the batch axis); ``shape``: its input per sample."""
+    sum over axes other than the batch, or average pooling. ``apply`` runs it on ``(M,
+    *shape)`` for any number of rows ``M`` (``k`` tangents fold into the batch axis);
+    ``shape``: its input per sample."""
     apply: Callable[[torch.Tensor], torch.Tensor]
     shape: tuple[int, ...]
 
