@@ -1443,6 +1443,33 @@ def _layers():
     def reflected(p, x, y):  # a constant minus the value: a factor of -1, not a shift
         return F.mse_loss(torch.tanh((0.5 - F.linear(x, p["w1"])) * p["g"]) @ p["w2"].T, y)
 
+    frozen = r(4, 3).requires_grad_(True)  # a frozen weight of a user's module
+
+    def frozen_weight(p, x, y):
+        return F.mse_loss(torch.tanh(x @ frozen.T) @ p["w2"].T, y)
+
+    def rms_reversed(p, x, y):  # an RMS normalisation written out, its factors swapped
+        h = F.linear(x, p["w1"])
+        return F.mse_loss(torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * h @ p["w2"].T, y)
+
+    def sum_normalised(p, x, y):  # a sum of squares, not their mean: no form
+        h = F.linear(x, p["w1"])
+        return F.mse_loss(h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6) @ p["w2"].T, y)
+
+    def unbiased(p, x, y):  # var_mean's default correction of 1: no form
+        h = F.linear(x, p["w1"])
+        var, mean = torch.var_mean(h, -1, keepdim=True)
+        return F.mse_loss(torch.tanh((h - mean) * torch.rsqrt(var + 1e-5)) @ p["w2"].T, y)
+
+    def no_eps(p, x, y):  # LayerNorm with eps = 0
+        h = F.layer_norm(F.linear(x, p["w1"]), (4,), eps=0.0)
+        return F.mse_loss(torch.tanh(h) @ p["w2"].T, y)
+
+    def crossed_axes(p, x, y):  # softmax's ops with the max and the sum over other axes
+        h = F.linear(x, p["w1"])
+        e = (h - h.amax(-1, keepdim=True)).exp()
+        return F.mse_loss((e / e.sum(1, keepdim=True) @ p["w2"].T).flatten(0, 1), y)
+
     no_bias = {k: p[k] for k in ("w1", "w2")}
     gains = {**p, "g": 1 + 0.3 * r(4)}
     return [(bias_first, p, (x, y), "w2"), (constant_bias, no_bias, (x, y), "w2"),
@@ -1450,15 +1477,22 @@ def _layers():
             (positions_first_no_bias, no_bias, (xs, ys), "w1"),
             (positions_first_bias_first, p, (xs, ys), "w1"),
             (samples_first, p, (xs, ys), "w1"), (standardised, gains, (x, y), "g"),
-            (reflected, {k: gains[k] for k in ("w1", "g", "w2")}, (x, y), "g")]
+            (reflected, {k: gains[k] for k in ("w1", "g", "w2")}, (x, y), "g"),
+            (frozen_weight, {"w2": p["w2"]}, (x, y), "w2"),
+            *[(f, no_bias, (x, y), "w1") for f in (rms_reversed, sum_normalised, unbiased,
+                                                   no_eps)],
+            (crossed_axes, no_bias, (xs, ys), "w1")]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(14))
 def test_layers_and_scales_written_other_ways_take_the_structured_products(case):
     """A bias added before the product or held constant in ``addmm``, layers of ``(T, N,
     d)`` values as ``bmm`` (with a bias after, before or none) and of contiguous ``(N, T,
     d)`` values, a gain after constant shifts and divisors, a gain of a constant minus the
-    value: the R-operator, whose products, gradient, full Hessian and rows equal the
+    value, a frozen weight that requires grad (its products carry no graph), normalisations
+    and a softmax written out (an RMS normalisation with its factors swapped, LayerNorm
+    with eps 0; a sum of squares, the unbiased variance and crossed axes, which have no
+    closed form): the R-operator, whose products, gradient, full Hessian and rows equal the
     oracle's (the walk's reading of each: ``test_the_walk_reads_each_model_as_its_plan``)."""
     f, p, batch, last = _layers()[case]
     _structured_everywhere(f, p, batch, last, method="structured")
@@ -1640,6 +1674,19 @@ _PLANS = {  # the walk's reading of each model: _signature(plan)
         "Linear(w1,-) Scale(g,b1;pre) Elem Linear(w2,-)",
     "layers 7: reflected":
         "Linear(w1,-) Elem Scale(g,-) Elem Linear(w2,-)",
+    "layers 8: frozen_weight":
+        "Linear(const,-) Elem Linear(w2,-)",
+    "layers 9: rms_reversed":
+        "Linear(w1,-) RMS[1]eps1e-06 Linear(w2,-)",
+    "layers 10: sum_normalised":
+        "Linear(w1,-) Elem LinMap Elem Mul@1,4 Linear(w2,-)",
+    "layers 11: unbiased":
+        "Linear(w1,-) Map Elem Linear(w2,-)",
+    "layers 12: no_eps":
+        "Linear(w1,-) Std[1]eps0 Elem Linear(w2,-)",
+    "layers 13: crossed_axes":
+        "Shape(view) Linear(w1,-) Shape(_unsafe_view) Map(linear) Map(linear)@3,4 Elem LinMap "
+        "Map@6,7 Shape(view) Linear(w2,-) Shape(_unsafe_view,view)",
 }
 
 
