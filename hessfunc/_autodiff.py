@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from .errors import ArgumentError
 
 __all__ = ["in_transform", "use_autograd", "leaf_copies", "zeros_for_none", "normalize_argnums",
+           "dense_embedding_gradients",
            "reaches_other_leaves", "batched_vjp",
            "second_order_kernels", "forward_ad_gap", "warn_forward_gap_once",
            "missing_derivative", "explain_missing_derivative"]
@@ -173,6 +174,29 @@ def second_order_kernels() -> Iterator[None]:
         return
     with _sdpa_kernel(_SDPBackend.MATH):
         yield
+
+
+class dense_embedding_gradients(torch.overrides.TorchFunctionMode):  # noqa: N801
+    """Evaluate ``f`` with every embedding lookup's ``sparse`` flag off.
+
+    NOTE [sparse embedding gradients]: ``nn.Embedding(sparse=True)`` makes torch give its
+    weight a sparse gradient. That is the same derivative in another layout, but torch has
+    no batched backward through it, and sparse results are not laid out like ``params``:
+    products, operators and dense Hessians built on that gradient fail inside torch. A
+    gradient graph built with the flag off holds the same numbers, densely. The products
+    build their graph again under this mode where the first one holds a sparse gradient
+    (so no other ``f`` pays for the mode)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        place = {torch.nn.functional.embedding: 6, torch.embedding: 4}.get(func)
+        if place is not None:
+            if len(args) > place:
+                args = (*args[:place], False, *args[place + 1:])
+            if "sparse" in kwargs:
+                kwargs["sparse"] = False
+        return func(*args, **kwargs)
 
 
 _WARNED_FORWARD_GAPS: set[str] = set()

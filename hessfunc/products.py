@@ -34,6 +34,7 @@ import torch.func
 from torch.utils import _pytree as pytree
 
 from ._autodiff import (
+    dense_embedding_gradients,
     explain_missing_derivative,
     forward_ad_gap,
     leaf_copies,
@@ -127,10 +128,14 @@ def _first_order_graph(f: Callable[..., Any], primals: tuple[Any, ...], argnums:
         check_scalar_output(out, call)
         if reaches_other_leaves(f, out, leaves):
             return None
-        if out.requires_grad:
-            grads = list(torch.autograd.grad(out, leaves, create_graph=True, allow_unused=True))
-        else:
-            grads = [None] * len(leaves)
+        if not out.requires_grad:
+            return leaves, [None] * len(leaves), out
+        grads = list(torch.autograd.grad(out, leaves, create_graph=True, allow_unused=True))
+        if any(g is not None and g.layout != torch.strided for g in grads):
+            with dense_embedding_gradients():  # NOTE [sparse embedding gradients]
+                out = f(*new_args)
+            grads = list(torch.autograd.grad(out, leaves, create_graph=True,
+                                             allow_unused=True))
     return leaves, grads, out
 
 

@@ -1078,3 +1078,35 @@ def test_batched_products_of_a_one_tensor_function():
     leaf = x.clone().requires_grad_(True)
     dense = hf.reference.hessian(f(leaf), [leaf])
     assert_close(H.batched(V), V @ dense)
+
+
+def test_a_sparse_embedding_gradient_is_laid_out_densely():
+    """NOTE [sparse embedding gradients]: with ``nn.Embedding(sparse=True)`` torch's
+    gradient of the table is sparse, which torch cannot backpropagate in batches. Every
+    route gives results laid out like ``params``, equal to the loop oracle's on the same
+    model with the flag off (the same function and derivative)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(6, 2)).double()
+    x = torch.randint(0, 5, (4, 2), generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    f, p = hf.functionalize(model, nn.MSELoss())
+    dense_model = copy.deepcopy(model)
+    dense_model[0].sparse = False
+    g, _ = hf.functionalize(dense_model, nn.MSELoss())
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    H = hf.reference.hessian(g(leaves, x, y), list(leaves.values()))
+    vs = [random_like(p, i) for i in range(3)]
+    want = [H @ flat(v) for v in vs]
+    H_fn = hf.hvp_fn(f, (p, x, y))
+    stacked = {k: torch.stack([v[k] for v in vs]) for k in p}
+    batched = H_fn.batched(stacked)
+    results = [hf.hvp(f, (p, x, y), vs[0]), H_fn(vs[1]), {k: t[2] for k, t in batched.items()}]
+    for j, result in enumerate(results):
+        assert all(t.layout == torch.strided for t in result.values())
+        assert_close(flat(result), want[j])
+    assert_close(hf.HessianOperator(f, p, (x, y)).to_dense(), H)
+    blocks = hf.hessian(f)(p, x, y)
+    assert blocks["0.weight"]["0.weight"].layout == torch.strided
+    assert_close(blocks["0.weight"]["0.weight"].reshape(15, 15), H[:15, :15])
+    assert_close(flat(H_fn.gradient), flat(_oracle_grad(g, p, (x, y))))
