@@ -1470,6 +1470,16 @@ def _layers():
         e = (h - h.amax(-1, keepdim=True)).exp()
         return F.mse_loss((e / e.sum(1, keepdim=True) @ p["w2"].T).flatten(0, 1), y)
 
+    def product_then_bias(p, x, y):  # mm and then add: one layer
+        return F.mse_loss(torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"].T, y)
+
+    def shift_first(p, x, y):  # a constant shift written before the value
+        return F.mse_loss(torch.tanh((shift + F.linear(x, p["w1"])) * p["g"]) @ p["w2"].T, y)
+
+    def gain_read_twice(p, x, y):  # a scale's output read by two ops
+        h = F.linear(x, p["w1"]) * p["g"]
+        return F.mse_loss((torch.tanh(h) + h) @ p["w2"].T, y)
+
     no_bias = {k: p[k] for k in ("w1", "w2")}
     gains = {**p, "g": 1 + 0.3 * r(4)}
     return [(bias_first, p, (x, y), "w2"), (constant_bias, no_bias, (x, y), "w2"),
@@ -1481,10 +1491,12 @@ def _layers():
             (frozen_weight, {"w2": p["w2"]}, (x, y), "w2"),
             *[(f, no_bias, (x, y), "w1") for f in (rms_reversed, sum_normalised, unbiased,
                                                    no_eps)],
-            (crossed_axes, no_bias, (xs, ys), "w1")]
+            (crossed_axes, no_bias, (xs, ys), "w1"), (product_then_bias, p, (x, y), "b1"),
+            *[(f, {k: gains[k] for k in ("w1", "g", "w2")}, (x, y), "g")
+              for f in (shift_first, gain_read_twice)]]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(17))
 def test_layers_and_scales_written_other_ways_take_the_structured_products(case):
     """A bias added before the product or held constant in ``addmm``, layers of ``(T, N,
     d)`` values as ``bmm`` (with a bias after, before or none) and of contiguous ``(N, T,
@@ -1492,7 +1504,8 @@ def test_layers_and_scales_written_other_ways_take_the_structured_products(case)
     value, a frozen weight that requires grad (its products carry no graph), normalisations
     and a softmax written out (an RMS normalisation with its factors swapped, LayerNorm
     with eps 0; a sum of squares, the unbiased variance and crossed axes, which have no
-    closed form): the R-operator, whose products, gradient, full Hessian and rows equal the
+    closed form), a product and then its bias, a constant shift written first, a scale
+    read twice: the R-operator, whose products, gradient, full Hessian and rows equal the
     oracle's (the walk's reading of each: ``test_the_walk_reads_each_model_as_its_plan``)."""
     f, p, batch, last = _layers()[case]
     _structured_everywhere(f, p, batch, last, method="structured")
@@ -1687,6 +1700,12 @@ _PLANS = {  # the walk's reading of each model: _signature(plan)
     "layers 13: crossed_axes":
         "Shape(view) Linear(w1,-) Shape(_unsafe_view) Map(linear) Map(linear)@3,4 Elem LinMap "
         "Map@6,7 Shape(view) Linear(w2,-) Shape(_unsafe_view,view)",
+    "layers 14: product_then_bias":
+        "Linear(w1,b1) Elem Linear(w2,-)",
+    "layers 15: shift_first":
+        "Linear(w1,-) Scale(g,-) Elem Linear(w2,-)",
+    "layers 16: gain_read_twice":
+        "Linear(w1,-) Scale(g,-) Elem Linear(w2,-)",
 }
 
 
@@ -1706,18 +1725,39 @@ def test_the_walk_reads_each_model_as_its_plan(name):
     assert set(_PLANS) == set(_walked_models())  # every model has its plan written out
 
 
-@pytest.mark.parametrize("option", [{"padding_idx": 0}, {"scale_grad_by_freq": True},
-                                    {"sparse": True}])
+@pytest.mark.parametrize("option", [{"scale_grad_by_freq": True}, {"sparse": True},
+                                    "a computed table"])
 def test_a_lookup_with_options_is_no_step(option):
-    """``padding_idx`` and ``scale_grad_by_freq`` change torch's gradient of a lookup (not
-    its derivative), ``sparse`` its layout: such a lookup is no step."""
+    """Beside ``padding_idx`` (above): ``scale_grad_by_freq`` changes torch's gradient of a
+    lookup (not its derivative), ``sparse`` its layout; a table computed from a parameter
+    is no parameter of the lookup: such a lookup is no step."""
     gen = torch.Generator().manual_seed(5)
     p = {"E": torch.randn(5, 3, generator=gen, dtype=F64),
          "w": torch.randn(2, 3, generator=gen, dtype=F64)}
     x = torch.randint(0, 5, (4, 2), generator=gen)
 
     def f(p, x, y):
-        return F.mse_loss(F.linear(torch.tanh(F.embedding(x, p["E"], **option)), p["w"]), y)
+        table, kw = (p["E"] * 2.0, {}) if isinstance(option, str) else (p["E"], option)
+        return F.mse_loss(F.linear(torch.tanh(F.embedding(x, table, **kw)), p["w"]), y)
 
     plan, why = graph_chain(f, (p, x, torch.zeros(4, 2, 2, dtype=F64)), 0)
     assert plan is None and "stops at embedding" in why
+
+
+def test_a_bias_added_with_alpha_is_no_step():
+    """``torch.add(z, b, alpha=a)`` adds ``a b``: not read as a bias (the chain stops
+    there), and the cached graph's products equal the oracle's."""
+    gen = torch.Generator().manual_seed(4)
+    p = {"w1": torch.randn(4, 3, generator=gen, dtype=F64),
+         "b1": torch.randn(4, generator=gen, dtype=F64),
+         "w2": torch.randn(2, 4, generator=gen, dtype=F64)}
+    x, y = torch.randn(5, 3, generator=gen, dtype=F64), torch.randn(5, 2, generator=gen,
+                                                                     dtype=F64)
+
+    def f(p, x, y):
+        z = torch.add(F.linear(x, p["w1"]), p["b1"], alpha=0.5)
+        return F.mse_loss(torch.tanh(z) @ p["w2"].T, y)
+
+    plan, why = graph_chain(f, (p, x, y), 0)
+    assert plan is None and "stops at add.Tensor" in why
+    check_products(hf.hvp_fn(f, (p, x, y)), f, p, (x, y), [random_like(p, 0)])
