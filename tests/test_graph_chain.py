@@ -1560,6 +1560,8 @@ def _walked_models():
                          ("sequences", _sequences()), ("layers", _layers())):
         for i, (f, p, batch, *_) in enumerate(cases):
             models[f"{group} {i}: {f.__name__}"] = (f, p, batch)
+    for i, (f, p, batch, _) in enumerate(_maps()):  # read with the forms switched off
+        models[f"own ops {i}: {f.__name__}"] = (f, p, batch)
     return models
 
 
@@ -1706,18 +1708,41 @@ _PLANS = {  # the walk's reading of each model: _signature(plan)
         "Linear(w1,-) Scale(g,-) Elem Linear(w2,-)",
     "layers 16: gain_read_twice":
         "Linear(w1,-) Scale(g,-) Elem Linear(w2,-)",
+    "own ops 0: batch_norm_train":
+        "Linear(w1,b1) Map Scale(g,c) Elem Linear(w2,-)",
+    "own ops 1: layer_norm":
+        "Linear(w1,b1) Map Scale(g,c) Elem Linear(w2,-)",
+    "own ops 2: softmax":
+        "Linear(w1,-) Map(linear) Map(linear)@1,2 Elem LinMap Map@4,5 Linear(w2,-)",
+    "own ops 3: gated":
+        "Linear(w1,b1) Elem Linear(w3,-) Elem Map@4,2 Linear(w2,-)",
+    "own ops 4: broadcast_join":
+        "Linear(w1,b1) Elem Linear(w4,-) Map(linear)@3,2 Linear(w2,-)",
+    "own ops 5: batch_centred":
+        "Linear(w1,b1) Elem Map(linear) Map(linear)@2,3 Linear(w2,-)",
+    "own ops 6: concatenated":
+        "Linear(w1,-) Elem Linear(wr,-)@0 Elem Map(linear)@2,4 Linear(wc,-)",
+    "own ops 7: channels_meaned":
+        "Shape(view) Conv(k,-) Elem Map(linear) Linear(h,-)",
+    "own ops 8: input_gated":
+        "Map(linear) Elem Linear(w1,-)@0 Elem Map@2,4 Linear(w2,-)",
 }
 
 
 @pytest.mark.parametrize("name", list(_PLANS))
-def test_the_walk_reads_each_model_as_its_plan(name):
+def test_the_walk_reads_each_model_as_its_plan(name, monkeypatch):
     """The steps the walk reads off each model's graph, the parameters each step holds
     and the values it reads, word for word (``_signature``): a layer missed or a bias
     left out of its layer still gives the oracle's numbers through a slower route, which
-    only this test tells."""
+    only this test tells. The maps' models are also read with the closed forms switched
+    off, as maps without a rule."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     f, p, batch = _walked_models()[name]
+    if name.startswith("own ops"):
+        chain = sys.modules["hessfunc.graph.chain"]
+        monkeypatch.setattr(chain, "_map_form", lambda *a: None)
+        monkeypatch.setattr(chain, "_product_form", lambda *a: None)
     with sdpa_kernel(SDPBackend.MATH):
         plan, why = graph_chain(f, (p, *batch), 0)
     assert plan is not None, why
