@@ -157,7 +157,10 @@ def detach_tree(tree: Any) -> Any:
 # computes the same attention from plain ops, which are twice differentiable in
 # both modes. Every second-order entry point therefore evaluates ``f`` under
 # ``sdpa_kernel(SDPBackend.MATH)``; this changes only which attention kernel runs
-# (same function, exact to rounding) and nothing else.
+# (same function, exact to rounding) and nothing else. For the same reason it turns off
+# the fused "fast path" of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention``
+# (``torch.backends.mha``), which torch takes in eval mode where no input requires grad
+# (as under ``torch.func.jvp``) and which has no forward-mode rule.
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend as _SDPBackend
     from torch.nn.attention import sdpa_kernel as _sdpa_kernel
@@ -169,11 +172,19 @@ except ImportError:  # pragma: no cover - older torch
 @contextlib.contextmanager
 def second_order_kernels() -> Iterator[None]:
     """Evaluate under kernels that have second-order rules (NOTE [attention kernels])."""
-    if _sdpa_kernel is None:
-        yield
-        return
-    with _sdpa_kernel(_SDPBackend.MATH):
-        yield
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if fastpath:
+        mha.set_fastpath_enabled(False)
+    try:
+        if _sdpa_kernel is None:
+            yield
+        else:
+            with _sdpa_kernel(_SDPBackend.MATH):
+                yield
+    finally:
+        if fastpath:
+            mha.set_fastpath_enabled(True)
 
 
 class dense_embedding_gradients(torch.overrides.TorchFunctionMode):  # noqa: N801

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._autodiff import batched_vjp
+from ._autodiff import batched_vjp, second_order_kernels
 from ._checks import check_callable, check_floating, check_like, describe
 from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize
 from ._tree import flat_spec, vector_to_tree
@@ -143,7 +143,7 @@ def ggn_vp(g: Callable[..., Any], loss_fn: Callable[..., Any], primals: tuple[An
     def model(p: Any) -> torch.Tensor:
         return _output(g, p, x, call)
 
-    with no_random_draws(call):  # J and J^T from one forward pass each
+    with no_random_draws(call), second_order_kernels():  # J and J^T: a forward pass each
         out, vjp_fn = torch.func.vjp(model, params)
         _, Jv = torch.func.jvp(model, (params,), (v,))
     return vjp_fn(_output_hvp(loss_fn, out, y, Jv, call))[0]
@@ -538,10 +538,13 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
         return fisher_columns(loss_fn, lik, red, kind, out.detach(), y, mc_samples, generator)
 
     def sample_grad_sq(params: Any, x: Any, y: Any) -> torch.Tensor:
-        """``w sum_(n, k) (J_n^T E_kn)^2`` by per-sample vector-Jacobian products."""
+        """``w sum_(n, k) (J_n^T E_kn)^2`` by per-sample vector-Jacobian products (by
+        :func:`row_grad_sq` where the output rows are not the samples)."""
         with torch.no_grad():
             out = _output(g, params, x, call)
         E, w = columns(out, y)
+        if any(t.dim() == 0 or t.shape[0] != out.shape[0] for t in pytree.tree_leaves(x)):
+            return row_grad_sq(params, x, E) * w
 
         def one(p: Any, xi: Any, e: torch.Tensor) -> torch.Tensor:
             _, pull = torch.func.vjp(
@@ -557,6 +560,29 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
             rows = torch.func.vmap(one, in_dims=(None, 0, 0), chunk_size=chunk)(params, x, e)
             total = total + rows.square().sum(0)
         return total * w
+
+    def row_grad_sq(params: Any, x: Any, E: torch.Tensor) -> torch.Tensor:
+        """``sum_(r, k) (J_r^T E_kr)^2`` for output rows ``r`` that are not the samples (a
+        sequence model's positions): each row's gradient is a vector-Jacobian product of
+        the whole batch's output with that row's column alone."""
+        with second_order_kernels():  # attention's math kernel, which vmap batches
+            _, pull = torch.func.vjp(lambda q: _output(g, q, x, call), params)
+        R = E.shape[1]
+        spec = flat_spec(params)
+        chunk = max(1, CHUNK_BUDGET_BYTES // (4 * (spec.numel + E[0].numel())
+                                               * itemsize(spec.dtype)))
+
+        def one(cotangent: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t.reshape(-1) for t in pytree.tree_leaves(pull(cotangent)[0])])
+
+        total = 0
+        for e in E:
+            for lo in range(0, R, chunk):
+                rows = torch.arange(lo, min(R, lo + chunk))
+                cotangents = e.new_zeros(len(rows), *e.shape)
+                cotangents[torch.arange(len(rows)), rows] = e[rows]
+                total = total + torch.func.vmap(one)(cotangents).square().sum(0)
+        return total
 
     def fisher_f(params: Any, x: Any, y: Any) -> Any:
         check_floating(params, "params", call)

@@ -33,6 +33,7 @@ import torch.func
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._autodiff import second_order_kernels
 from ._checks import check_callable
 from ._memory import check_dense
 from ._tree import flat_spec, vector_to_tree
@@ -71,7 +72,7 @@ class _BatchProduct:
                  output_product: Callable[[torch.Tensor], torch.Tensor], call: str):
         self._model = lambda p: g(p, x)
         self._params = params
-        with no_random_draws(call):
+        with no_random_draws(call), second_order_kernels():
             self._out, self._vjp = torch.func.vjp(self._model, params)
         self._output_product = output_product
         self._jvp: Callable[[Any], torch.Tensor] | None = None
@@ -81,7 +82,8 @@ class _BatchProduct:
     def _tangent(self, tree: Any) -> torch.Tensor:
         if self._jvp is None:
             try:
-                with warnings.catch_warnings():  # torch's own constant folding inside
+                with warnings.catch_warnings(), second_order_kernels():
+                    # torch's own constant folding inside
                     warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node")
                     _, self._jvp = torch.func.linearize(self._model, self._params)
             except (RuntimeError, NotImplementedError, TypeError, ValueError):
@@ -89,7 +91,8 @@ class _BatchProduct:
         return self._jvp(tree)
 
     def _fresh_jvp(self, tree: Any) -> torch.Tensor:
-        return torch.func.jvp(self._model, (self._params,), (tree,))[1]
+        with second_order_kernels():
+            return torch.func.jvp(self._model, (self._params,), (tree,))[1]
 
     def _product(self, tree: Any) -> Any:
         return self._vjp(self._output_product(self._tangent(tree)))[0]

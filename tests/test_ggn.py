@@ -1360,3 +1360,50 @@ def test_kfac_factors_for_losses_without_a_closed_form(loss_fn, monkeypatch):
     for layer, (A, G) in _two_layer_factors(model, loss_fn, x, y).items():
         assert_close(K.factors[layer][0], A)
         assert_close(K.factors[layer][1], G)
+
+
+class _TinyEncoderLM(nn.Module):
+    """Token embeddings, torch's encoder layer and logits of shape ``(N * T, V)``: the
+    output rows are (sequence, position) pairs, not the samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0,
+                                                batch_first=True)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(self.layer(self.emb(x))).flatten(0, 1)
+
+
+def test_gauss_newton_and_fisher_of_an_encoder_layer_in_eval_mode():
+    """In eval mode torch's encoder layer takes a fused kernel without a forward-mode
+    rule where no input requires grad, as under ``torch.func.jvp`` (NOTE [attention
+    kernels]); its output rows are positions, not samples. ``ggn_vp``, ``GGNOperator``,
+    ``FisherOperator`` (empirical) and ``fisher_diag`` (both kinds) equal the oracle's: the
+    dense ``J^T H_o J``, the Monte-Carlo Fisher by its definition with the same draws, and
+    the sum of each row's gradient's outer product."""
+    torch.manual_seed(0)
+    model = _TinyEncoderLM().double().eval()
+    x = torch.randint(0, 5, (2, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 5, (6,), generator=torch.Generator().manual_seed(2))
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    out = g(leaves, x)
+    G = hf.reference.ggn(out, F.cross_entropy, y, list(leaves.values()))
+    v = torch.randn(G.shape[0], dtype=DT, generator=torch.Generator().manual_seed(3))
+    assert_close(flat(hf.ggn_vp(g, F.cross_entropy, (params, x, y), unflat(v, params))), G @ v)
+    assert_close(hf.GGNOperator.from_model(model, nn.CrossEntropyLoss(), (x, y)) @ v, G @ v)
+    rows = [F.cross_entropy(g(leaves, x)[r:r + 1], y[r:r + 1]) for r in range(6)]
+    empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 1 / 6)
+    fisher = hf.FisherOperator.from_model(model, nn.CrossEntropyLoss(), (x, y),
+                                          kind="empirical")
+    assert_close(fisher @ v, empirical @ v)
+    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), mc_samples=2,
+                          generator=torch.Generator().manual_seed(5))(params, x, y)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 "categorical", 1 / 6, 2, torch.Generator().manual_seed(5))
+    assert_close(flat(diag), torch.diagonal(ref))
+    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
+    assert_close(flat(diag), torch.diagonal(empirical))
