@@ -107,6 +107,21 @@ def check_floating(tree: Any, name: str, call: str) -> None:
             )
 
 
+def check_samples_first(batch: Any, call: str) -> int:
+    """``N``, the samples along the first axis of every tensor of ``batch`` (the inputs
+    and targets that ``per_sample=True`` splits), or a clear error where they differ."""
+    sizes = [int(t.shape[0]) if t.dim() else None for t in pytree.tree_leaves(batch)
+             if isinstance(t, torch.Tensor)]
+    if not sizes or None in sizes or len(set(sizes)) != 1:
+        raise ArgumentError(
+            f"{call}: per_sample=True splits the inputs and targets into samples along their "
+            f"first axis, but their first axes have sizes {sizes}"
+            f"{' (None: a 0-d tensor)' if None in sizes else ''}. Give every input and "
+            "target one row per sample (a sequence model's (N, T) targets as they are, "
+            "flattened inside the loss), or leave per_sample off.")
+    return sizes[0]
+
+
 def check_positive_int(value: Any, name: str, call: str, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ArgumentError(f"{call}: `{name}` must be an int >= {minimum}, got {value!r}.")

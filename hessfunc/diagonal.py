@@ -31,6 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._autodiff import in_transform, missing_derivative
+from ._checks import check_samples_first
 from ._distributed import Group, check_shards, shard_summary
 from ._memory import check_dense
 from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
@@ -123,7 +124,7 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             raise ArgumentError(f"{call}: per_sample=True needs f(params, inputs, targets) "
                                 f"with argnums=0; got {len(args)} arguments and argnums={a}.")
         if per_sample:
-            n = _num_samples(args[1])
+            n = check_samples_first(args[1:], call)
             check_dense(n * spec.numel, spec.dtype, spec.device, call=call,
                         max_memory=max_memory, what=f"{n} per-sample diagonals of {spec.numel}",
                         hint="pass fewer samples at a time")

@@ -60,7 +60,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ._autodiff import batched_vjp, second_order_kernels
-from ._checks import check_callable, check_floating, check_like, describe
+from ._checks import (
+    check_callable,
+    check_floating,
+    check_like,
+    check_samples_first,
+    describe,
+)
 from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize
 from ._tree import flat_spec, vector_to_tree
 from .dense import _nest
@@ -297,6 +303,8 @@ def ggn_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *, per_sample: 
 
     def diag_f(params: Any, x: Any, y: Any) -> Any:
         check_floating(params, "params", call)
+        if per_sample:
+            check_samples_first((x, y), call)
         plan, _ = plan_ggn_diagonal(composed, (params, x, y), per_sample=per_sample)
         if plan is not None:
             if len(plan.model_outputs()) == 1:  # the loss's Hessian in closed form, if known

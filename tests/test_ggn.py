@@ -1407,3 +1407,19 @@ def test_gauss_newton_and_fisher_of_an_encoder_layer_in_eval_mode():
     assert_close(flat(diag), torch.diagonal(ref))
     diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
     assert_close(flat(diag), torch.diagonal(empirical))
+
+
+def test_per_sample_diagonals_need_the_samples_on_every_first_axis():
+    """A language model's targets flattened to one row per position do not split into its
+    sequences: ``per_sample=True`` says so, naming the sizes, for the Hessian's and the
+    GGN's diagonals (it was vmap's error)."""
+    torch.manual_seed(0)
+    model = _TinyEncoderLM().double().eval()
+    x, y = torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (6,))
+    f, params = hf.functionalize(model, nn.CrossEntropyLoss())
+    g, _ = hf.functionalize(model)
+    match = r"per_sample=True splits the inputs and targets .* sizes \[2, 6\]\. Give"
+    with pytest.raises(hf.ArgumentError, match=r"hessian_diag: " + match):
+        hf.hessian_diag(f, per_sample=True)(params, x, y)
+    with pytest.raises(hf.ArgumentError, match=r"ggn_diag: " + match):
+        hf.ggn_diag(g, nn.CrossEntropyLoss(), per_sample=True)(params, x, y)
