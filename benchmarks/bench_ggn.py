@@ -2,6 +2,7 @@
 curvlinops' ``GGNLinearOperator``.
 
     nice python -m benchmarks.bench_ggn [--repeats 15] [--problems simplenet,mlp5k,...]
+    nice python -m benchmarks.bench_ggn --problems resnet,transformer   # architectures
 
 One thread, float32, medians of ``--repeats`` rounds timed round-robin, in units of one
 gradient (``torch.autograd.grad`` of the loss, forward included), the loss given as
@@ -20,6 +21,7 @@ import json
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hessfunc as hf
@@ -39,13 +41,25 @@ def _curvlinops(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor
                              check_deterministic=False)
 
 
+def _problem(key: str) -> tuple[str, nn.Module, Any, torch.Tensor, torch.Tensor]:
+    """``(name, model, loss module, x, y)``: a problem of ``problems.py``, or an
+    architecture of ``bench_architectures`` (``resnet``, ``transformer``, ...)."""
+    if key in PROBLEMS:
+        problem = PROBLEMS[key]()
+        # the loss as users pass it, and as curvlinops is given it
+        return problem.name, problem.model, loss_module(problem), problem.x, problem.y
+    from .bench_architectures import build
+
+    name, model, loss_fn, x, y = build(key)
+    modules = {F.cross_entropy: nn.CrossEntropyLoss(), F.mse_loss: nn.MSELoss()}
+    return name, model, modules[loss_fn], x, y
+
+
 def run(keys: list[str], repeats: int) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for key in keys:
-        problem = PROBLEMS[key]()
-        model, x, y = problem.model, problem.x, problem.y
-        loss_fn = loss_module(problem)  # as users pass it, and as curvlinops is given it
+        name, model, loss_fn, x, y = _problem(key)
         leaves = list(model.parameters())
         g, params = hf.functionalize(model)
         op = hf.GGNOperator(g, loss_fn, params, (x, y))
@@ -66,7 +80,7 @@ def run(keys: list[str], repeats: int) -> list[dict]:
             diffs["curvlinops"] = float((theirs @ v - ours).abs().max() / ours.abs().max())
         times = interleaved_medians(cases, repeats=repeats, warmup=2)
         unit = times["gradient"]
-        rows.append({"problem": problem.name, "params": op.shape[0],
+        rows.append({"problem": name, "params": op.shape[0],
                      "times_ms": {k: t * 1e3 for k, t in times.items()},
                      "gradients": {k: t / unit for k, t in times.items()},
                      "max_rel_difference": diffs})

@@ -341,6 +341,29 @@ def separable(loss_fn: Any) -> bool:
         getattr(loss_fn, "reduction", "mean") in ("mean", "sum")
 
 
+def _closed_form(loss_fn: Any, out: torch.Tensor, y: Any, own: bool
+                 ) -> tuple[str, float, torch.Tensor | None] | None:
+    """``(likelihood, c, p)`` where :func:`output_factor` has a closed form (``p`` the
+    softmax or sigmoid of the outputs, None for MSE), else None."""
+    lik = _known(loss_fn)
+    red = getattr(loss_fn, "reduction", "mean")
+    if lik not in ("gaussian", "categorical", "bernoulli") or red not in ("mean", "sum") or \
+            not isinstance(y, torch.Tensor) or out.dim() != 2 or \
+            getattr(loss_fn, "weight", None) is not None or \
+            getattr(loss_fn, "pos_weight", None) is not None:
+        return None
+    c, s = scale(lik, red, out)
+    c = s if own else c
+    if lik == "gaussian":
+        return None if y.shape != out.shape else (lik, c, None)  # broadcasting targets
+    if lik == "bernoulli":
+        return lik, c, torch.sigmoid(out)
+    if y.shape != (out.shape[0],) or y.is_floating_point() or \
+            (y == getattr(loss_fn, "ignore_index", -100)).any():
+        return None
+    return lik, c, torch.softmax(out, dim=1)
+
+
 def output_factor(loss_fn: Any, out: torch.Tensor, y: Any, own: bool = False
                   ) -> torch.Tensor | None:
     """``S`` ``(N, C, C)`` with ``S_n S_n^T`` the loss's Hessian at outputs ``(N, C)``
@@ -354,30 +377,36 @@ def output_factor(loss_fn: Any, out: torch.Tensor, y: Any, own: bool = False
       p (p^(1/2))^T)``, since ``sum p = 1``;
     * BCE-with-logits: ``H(l_n) = diag(sigma (1 - sigma))``.
     """
-    lik = _known(loss_fn)
-    red = getattr(loss_fn, "reduction", "mean")
-    if lik not in ("gaussian", "categorical", "bernoulli") or red not in ("mean", "sum") or \
-            not isinstance(y, torch.Tensor) or out.dim() != 2 or \
-            getattr(loss_fn, "weight", None) is not None or \
-            getattr(loss_fn, "pos_weight", None) is not None:
+    form = _closed_form(loss_fn, out, y, own)
+    if form is None:
         return None
-    c, s = scale(lik, red, out)
-    c = s if own else c
+    lik, c, p = form
     n, width = out.shape
     if lik == "gaussian":
-        if y.shape != out.shape:  # broadcasting targets
-            return None
         eye = torch.eye(width, dtype=out.dtype, device=out.device)
         return (2 * c) ** 0.5 * eye.expand(n, width, width)
     if lik == "bernoulli":
-        sigma = torch.sigmoid(out)
-        return torch.diag_embed((c * sigma * (1 - sigma)).sqrt())
-    if y.shape != (n,) or y.is_floating_point() or \
-            (y == getattr(loss_fn, "ignore_index", -100)).any():
-        return None
-    p = torch.softmax(out, dim=1)
+        return torch.diag_embed((c * p * (1 - p)).sqrt())
     root = p.sqrt()
     return c ** 0.5 * (torch.diag_embed(root) - p[:, :, None] * root[:, None, :])
+
+
+def output_product(loss_fn: Any, out: torch.Tensor, y: Any
+                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``u -> c H(l_n) u_n`` for ``u`` ``(N, C)``, by the closed forms of
+    :func:`output_factor` in ``O(N C)`` (the factor's ``S (S^T u)`` costs ``O(N C^2)``):
+    ``2 c u`` (MSE), ``c (p u - p <p, u>)`` (cross-entropy), ``c sigma (1 - sigma) u``
+    (BCE-with-logits); None where that has no closed form."""
+    form = _closed_form(loss_fn, out, y, own=False)
+    if form is None:
+        return None
+    lik, c, p = form
+    if lik == "gaussian":
+        return lambda u: (2 * c) * u
+    if lik == "bernoulli":
+        curvature = c * p * (1 - p)
+        return lambda u: curvature * u
+    return lambda u: c * p * (u - (p * u).sum(1, keepdim=True))
 
 
 def output_hessian_blocks(loss: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor

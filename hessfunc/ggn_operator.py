@@ -47,7 +47,7 @@ from .ggn import (
     ggn_diag,
     likelihood_of,
     no_random_draws,
-    output_factor,
+    output_product,
     random_draws_error,
 )
 from .graph.chain import RANDOM_MODEL, model_chain
@@ -186,10 +186,9 @@ class GGNOperator(CurvatureOperator):
 
     def _build_product(self, index: int, x: Any, y: Any) -> _ChainProduct | _BatchProduct:
         batch = _batch_product(self.g, self.loss_fn, self.params, x, y, self._name)
-        S = output_factor(self.loss_fn, batch._out.detach(), y)  # H_o = S S^T per sample
-        if S is not None:
-            batch._output_product = lambda u: torch.einsum(
-                "nck,nk->nc", S, torch.einsum("nck,nc->nk", S, u))
+        product = output_product(self.loss_fn, batch._out.detach(), y)  # H_o u, O(N C)
+        if product is not None:
+            batch._output_product = product
             return batch
         _, hvp = torch.func.vjp(torch.func.grad(_loss_of(self.loss_fn, y, self._name)),
                                 batch._out)
@@ -282,11 +281,11 @@ class FisherOperator(GGNOperator):
         E, alpha = self._directions(index, batch._out, y)
         n = E.shape[1]
 
-        def output_product(u: torch.Tensor) -> torch.Tensor:
+        def fisher_product(u: torch.Tensor) -> torch.Tensor:
             dots = (E * u).reshape(E.shape[0], n, -1).sum(-1)  # (K, N)
             return alpha * (E * dots.reshape(dots.shape + (1,) * (E.dim() - 2))).sum(0)
 
-        batch._output_product = output_product
+        batch._output_product = fisher_product
         return batch
 
     def _per_sample_rows(self, p: Any, x: Any, y: Any, i: int, max_memory: int | None
