@@ -1110,3 +1110,26 @@ def test_a_sparse_embedding_gradient_is_laid_out_densely():
     assert blocks["0.weight"]["0.weight"].layout == torch.strided
     assert_close(blocks["0.weight"]["0.weight"].reshape(15, 15), H[:15, :15])
     assert_close(flat(H_fn.gradient), flat(_oracle_grad(g, p, (x, y))))
+
+
+def test_batched_products_fall_back_to_the_loop_where_torch_has_no_batched_rule():
+    """GroupNorm's double backward has no batched rule in torch 2.13 (a batched backward
+    pass through it raises a size mismatch inside torch): batched products, rows of a
+    block, the diagonal and the full Hessian loop over single backward passes instead,
+    equal to the loop oracle's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU(),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    f, p = hf.functionalize(model, nn.CrossEntropyLoss())
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    H = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    vs = [random_like(p, i) for i in range(6)]
+    batched = hf.hvp_fn(f, (p, x, y), method="graph").batched(
+        {k: torch.stack([v[k] for v in vs]) for k in p})
+    for j, v in enumerate(vs):
+        assert_close(flat({k: t[j] for k, t in batched.items()}), H @ flat(v))
+    assert_close(flat(hf.hessian_diag(f)(p, x, y)), torch.diagonal(H))
+    assert_close(hf.HessianOperator(f, p, (x, y)).to_dense(), H)
