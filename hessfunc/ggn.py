@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._autodiff import batched_vjp, second_order_kernels
+from ._autodiff import batched_vjp, forward_ad_gap, second_order_kernels
 from ._checks import (
     check_callable,
     check_floating,
@@ -151,8 +151,23 @@ def ggn_vp(g: Callable[..., Any], loss_fn: Callable[..., Any], primals: tuple[An
 
     with no_random_draws(call), second_order_kernels():  # J and J^T: a forward pass each
         out, vjp_fn = torch.func.vjp(model, params)
-        _, Jv = torch.func.jvp(model, (params,), (v,))
+        try:
+            _, Jv = torch.func.jvp(model, (params,), (v,))
+        except (RuntimeError, NotImplementedError) as exc:
+            if forward_ad_gap(exc) is None:
+                raise
+            Jv = reverse_jvp(vjp_fn, out)(v)
     return vjp_fn(_output_hvp(loss_fn, out, y, Jv, call))[0]
+
+
+def reverse_jvp(vjp_fn: Callable[[torch.Tensor], tuple[Any]], out: torch.Tensor
+                ) -> Callable[[Any], torch.Tensor]:
+    """``v -> J v`` from ``vjp_fn: u -> (J^T u,)`` by reverse mode alone: ``u -> J^T u``
+    is linear, so its vector-Jacobian product (at any ``u``, here 0) is ``v -> J v``. For
+    models with an op that torch has no forward-mode rule for (weight normalisation's
+    ``_weight_norm_interface``), at the cost of a second backward pass."""
+    _, transposed = torch.func.vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
+    return lambda v: transposed(v)[0]
 
 
 @contextlib.contextmanager

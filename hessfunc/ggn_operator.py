@@ -33,7 +33,7 @@ import torch.func
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._autodiff import second_order_kernels
+from ._autodiff import forward_ad_gap, second_order_kernels
 from ._checks import check_callable
 from ._memory import check_dense
 from ._tree import flat_spec, vector_to_tree
@@ -49,6 +49,7 @@ from .ggn import (
     no_random_draws,
     output_product,
     random_draws_error,
+    reverse_jvp,
 )
 from .graph.chain import RANDOM_MODEL, model_chain
 from .graph.chain_plan import _Add, _Conv, _Elementwise, _Flatten, _Linear
@@ -76,6 +77,7 @@ class _BatchProduct:
             self._out, self._vjp = torch.func.vjp(self._model, params)
         self._output_product = output_product
         self._jvp: Callable[[Any], torch.Tensor] | None = None
+        self._transposed: Callable[[Any], torch.Tensor] | None = None
         if getattr(g, "seed", None) is not None:  # a FunctionalModel with a fixed draw
             self._jvp = self._fresh_jvp
 
@@ -88,11 +90,25 @@ class _BatchProduct:
                     _, self._jvp = torch.func.linearize(self._model, self._params)
             except (RuntimeError, NotImplementedError, TypeError, ValueError):
                 self._jvp = self._fresh_jvp
-        return self._jvp(tree)
+        try:
+            return self._jvp(tree)
+        except (RuntimeError, NotImplementedError) as exc:
+            if forward_ad_gap(exc) is None:
+                raise
+            self._jvp = self._reverse_jvp
+            return self._jvp(tree)
 
     def _fresh_jvp(self, tree: Any) -> torch.Tensor:
         with second_order_kernels():
             return torch.func.jvp(self._model, (self._params,), (tree,))[1]
+
+    def _reverse_jvp(self, tree: Any) -> torch.Tensor:
+        """``J v`` without forward mode, for models with an op torch has no forward-mode
+        rule for (weight normalisation): ``u -> J^T u`` is linear, its own vector-Jacobian
+        product at any ``u`` is ``J`` (:func:`hessfunc.ggn.reverse_jvp`)."""
+        if self._transposed is None:
+            self._transposed = reverse_jvp(self._vjp, self._out)
+        return self._transposed(tree)
 
     def _product(self, tree: Any) -> Any:
         return self._vjp(self._output_product(self._tangent(tree)))[0]

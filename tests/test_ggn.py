@@ -1441,3 +1441,28 @@ def test_per_sample_diagonals_need_the_samples_on_every_first_axis():
         hf.hessian_diag(f, per_sample=True)(params, x, y)
     with pytest.raises(hf.ArgumentError, match=r"ggn_diag: " + match):
         hf.ggn_diag(g, nn.CrossEntropyLoss(), per_sample=True)(params, x, y)
+
+
+def test_gauss_newton_products_without_forward_mode():
+    """Weight normalisation (``parametrizations.weight_norm``) runs an op torch has no
+    forward-mode rule for: ``J v`` comes from reverse mode twice (``reverse_jvp``), and
+    ``ggn_vp``, ``GGNOperator`` products (single and batched) and the empirical Fisher's
+    equal the oracle's dense ``J^T H_o J`` and ``sum_n g_n g_n^T``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.GELU(),
+                          nn.Linear(4, 2)).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=gen, dtype=DT), torch.randn(5, 2, generator=gen, dtype=DT)
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    G = hf.reference.ggn(g(leaves, x), F.mse_loss, y, list(leaves.values()))
+    V = torch.randn(G.shape[0], 3, generator=gen, dtype=DT)
+    assert_close(flat(hf.ggn_vp(g, F.mse_loss, (params, x, y), unflat(V[:, 0], params))),
+                 G @ V[:, 0])
+    op = hf.GGNOperator.from_model(model, nn.MSELoss(), (x, y))
+    assert_close(op @ V[:, 1], G @ V[:, 1])
+    assert_close(op @ V, G @ V)
+    rows = [F.mse_loss(g(leaves, x[n:n + 1]), y[n:n + 1]) for n in range(5)]
+    empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 2 / 5)  # c / s^2
+    fisher = hf.FisherOperator.from_model(model, nn.MSELoss(), (x, y), kind="empirical")
+    assert_close(fisher @ V, empirical @ V)
