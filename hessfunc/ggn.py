@@ -608,9 +608,13 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
         spec = flat_spec(params)
         chunk = max(1, CHUNK_BUDGET_BYTES // (4 * spec.numel * itemsize(spec.dtype)))
         total = 0
-        for e in E:
-            rows = torch.func.vmap(one, in_dims=(None, 0, 0), chunk_size=chunk)(params, x, e)
-            total = total + rows.square().sum(0)
+        try:
+            for e in E:
+                rows = torch.func.vmap(one, in_dims=(None, 0, 0), chunk_size=chunk)(params, x,
+                                                                                    e)
+                total = total + rows.square().sum(0)
+        except RuntimeError:  # a model vmap cannot run per sample (an LSTM's in-place ops)
+            return row_grad_sq(params, x, E) * w
         return total * w
 
     def row_grad_sq(params: Any, x: Any, E: torch.Tensor) -> torch.Tensor:

@@ -1466,3 +1466,36 @@ def test_gauss_newton_products_without_forward_mode():
     empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 2 / 5)  # c / s^2
     fisher = hf.FisherOperator.from_model(model, nn.MSELoss(), (x, y), kind="empirical")
     assert_close(fisher @ V, empirical @ V)
+
+
+class _LastStep(nn.Module):
+    """An LSTM read at its last step: vmap cannot run it sample by sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, C)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_fisher_diagonal_of_a_model_vmap_cannot_split():
+    """``fisher_diag`` where ``vmap`` cannot evaluate the model one sample at a time (an
+    LSTM: torch raised a shape mismatch inside vmap): each sample's gradient from the
+    whole batch's vector-Jacobian product, equal to the oracle's MC Fisher with the same
+    draws and to the empirical Fisher's diagonal."""
+    torch.manual_seed(0)
+    model = _LastStep().double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, 3, generator=gen, dtype=DT), torch.randint(0, C, (5,), generator=gen)
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), mc_samples=2,
+                          generator=torch.Generator().manual_seed(2))(params, x, y)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 "categorical", 1 / 5, 2, torch.Generator().manual_seed(2))
+    assert_close(flat(diag), torch.diagonal(ref))
+    rows = [F.cross_entropy(g(leaves, x[n:n + 1]), y[n:n + 1]) for n in range(5)]
+    empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 1 / 5)
+    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
+    assert_close(flat(diag), torch.diagonal(empirical))
