@@ -149,12 +149,19 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             batch = _unsqueeze_samples(args[1:])
             try:
                 return torch.func.vmap(one, in_dims=(None, 0, 0))(args[0], *batch)
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 # not vmappable (random ops, data-dependent checks in the loss): the same
                 # numbers one sample at a time
                 n = _num_samples(args[1])
-                rows = [one(args[0], *pytree.tree_map(lambda t, i=i: t[i], batch))
-                        for i in range(n)]
+                try:
+                    rows = [one(args[0], *pytree.tree_map(lambda t, i=i: t[i], batch))
+                            for i in range(n)]
+                except (RuntimeError, ValueError) as exc:
+                    raise ArgumentError(
+                        f"{call}: per_sample=True evaluates f on each sample alone, and f "
+                        f"fails on one sample ({exc}). A model that normalises over the "
+                        "batch (BatchNorm in training mode) has no loss per sample: use "
+                        "functionalize(..., training=False), or per_sample=False.") from exc
                 return pytree.tree_map(lambda *t: torch.stack(t), *rows)
         H = HVPFunction(f, args, a, call=call)  # structured products where they apply
         return pytree.tree_unflatten(_generic_diag(H, spec, chunk_size), spec.treespec)

@@ -613,14 +613,17 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
                 rows = torch.func.vmap(one, in_dims=(None, 0, 0), chunk_size=chunk)(params, x,
                                                                                     e)
                 total = total + rows.square().sum(0)
-        except RuntimeError:  # a model vmap cannot run per sample (an LSTM's in-place ops)
+        except (RuntimeError, ValueError):
+            # a model vmap cannot run per sample (an LSTM's in-place ops), or one that
+            # needs the batch (BatchNorm in training mode): each row through the batch
             return row_grad_sq(params, x, E) * w
         return total * w
 
     def row_grad_sq(params: Any, x: Any, E: torch.Tensor) -> torch.Tensor:
         """``sum_(r, k) (J_r^T E_kr)^2`` for output rows ``r`` that are not the samples (a
-        sequence model's positions): each row's gradient is a vector-Jacobian product of
-        the whole batch's output with that row's column alone."""
+        sequence model's positions) or that depend on the whole batch: each row's
+        gradient is a vector-Jacobian product of the whole batch's output with that
+        row's column alone."""
         with second_order_kernels():  # attention's math kernel, which vmap batches
             _, pull = torch.func.vjp(lambda q: _output(g, q, x, call), params)
         R = E.shape[1]

@@ -218,9 +218,9 @@ def mc_fisher(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[
     sample from ``p(. | o_n)``, ``o = forward(inputs)``, in the order hessfunc.ggn documents
     (Gaussian: ``o + randn / sqrt 2``; categorical: ``multinomial(softmax(o))``;
     log-categorical: ``multinomial(exp(o))``; Bernoulli: ``bernoulli(sigmoid(o))``), and
-    ``g_nm`` is the gradient of ``-log p(yhat_nm | forward(inputs[n:n+1]))`` (+ const), or,
-    where the output rows are not the samples (a sequence model's positions), of
-    ``-log p(yhat_nm | forward(inputs)[n])`` for each row ``n``.
+    ``g_nm`` is the gradient of ``-log p(yhat_nm | forward(inputs)[n])`` (+ const) for each
+    output row ``n`` (the samples, or a sequence model's positions), through the whole
+    batch as the model runs (one forward pass per row).
     """
     params = _as_list(params)
     with torch.no_grad():
@@ -236,11 +236,9 @@ def mc_fisher(forward: Callable[[torch.Tensor], torch.Tensor], params: Sequence[
             probs = torch.softmax(out, 1) if likelihood == "categorical" else out.exp()
             draws.append(torch.multinomial(probs, 1, generator=generator)[:, 0])
     losses = []
-    per_sample = out.shape[0] == inputs.shape[0]
     for labels in draws:
         for n in range(out.shape[0]):  # rows: samples, or a sequence model's positions
-            o = forward(inputs[n:n + 1])[0] if per_sample else forward(inputs)[n]
-            t = labels[n]
+            o, t = forward(inputs)[n], labels[n]  # through the batch, as the model runs
             if likelihood == "gaussian":
                 losses.append(((o - t) ** 2).sum())
             elif likelihood == "bernoulli":

@@ -1499,3 +1499,30 @@ def test_fisher_diagonal_of_a_model_vmap_cannot_split():
     empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 1 / 5)
     diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
     assert_close(flat(diag), torch.diagonal(empirical))
+
+
+def test_batchnorm_in_training_mode_per_sample_and_fisher():
+    """BatchNorm in training mode couples the samples: ``per_sample=True`` (each sample's
+    loss alone) says why it cannot be had (it was BatchNorm's own ValueError), and
+    ``fisher_diag`` takes each row's gradient through the whole batch, as the model runs,
+    equal to the oracle's MC Fisher with the same draws and to the empirical Fisher."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, C))
+    model = model.double().train()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=gen, dtype=DT), torch.randint(0, C, (5,), generator=gen)
+    f, params = hf.functionalize(model, nn.CrossEntropyLoss())
+    with pytest.raises(hf.ArgumentError, match="per_sample=True evaluates f on each sample "
+                                               "alone.*BatchNorm in training mode"):
+        hf.hessian_diag(f, per_sample=True)(params, x, y)
+    g, _ = hf.functionalize(model)
+    leaves = leaf_params(params)
+    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), mc_samples=2,
+                          generator=torch.Generator().manual_seed(2))(params, x, y)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 "categorical", 1 / 5, 2, torch.Generator().manual_seed(2))
+    assert_close(flat(diag), torch.diagonal(ref))
+    rows = [F.cross_entropy(g(leaves, x)[n:n + 1], y[n:n + 1]) for n in range(5)]
+    empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 1 / 5)
+    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
+    assert_close(flat(diag), torch.diagonal(empirical))
