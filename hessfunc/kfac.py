@@ -77,6 +77,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from ._autodiff import batched_vjp
@@ -229,6 +230,13 @@ class KFACOperator(CurvatureOperator):
                 continue
             w = f"{name}.weight" if name else "weight"
             b = f"{name}.bias" if name else "bias"
+            if parametrize.is_parametrized(mod, "weight"):
+                raise ArgumentError(
+                    f"{call}: layer {name!r} computes its weight from other parameters "
+                    f"({type(mod.parametrizations.weight[0]).__name__}: weight_norm, "
+                    "spectral_norm or another parametrization); K-FAC's factors are of a "
+                    "weight the layer holds. Use GGNOperator, or remove the "
+                    "parametrization (torch.nn.utils.parametrize.remove_parametrizations).")
             if w not in params:
                 if b in params:
                     raise ArgumentError(f"{call}: layer {name!r} has a frozen weight and a "

@@ -1011,7 +1011,7 @@ def test_kfac_refuses_a_layer_whose_inputs_do_not_have_the_samples_first():
         hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y))
 
 
-def test_kfac_refuses_grouped_convolutions_and_unknown_conventions():
+def test_kfac_refuses_grouped_convolutions_parametrized_weights_and_unknown_conventions():
     model = nn.Sequential(nn.Conv1d(2, 2, 2, groups=2), nn.Flatten()).double()
     x = torch.randn(2, 2, 4, dtype=DT)
     y = torch.randn(2, 6, dtype=DT)
@@ -1021,6 +1021,12 @@ def test_kfac_refuses_grouped_convolutions_and_unknown_conventions():
     with pytest.raises(hf.ArgumentError, match=r"`kfac_approx` must be 'expand' or 'reduce', "
                                                r"got 'mean'"):
         hf.KFACOperator.from_model(model, nn.MSELoss(), (x, y), kfac_approx="mean")
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(2, 3)),
+                           nn.Tanh(), nn.Linear(3, 1)).double()
+    with pytest.raises(hf.ArgumentError, match=r"KFACOperator: layer '0' computes its weight "
+                                               r"from other parameters \(_WeightNorm"):
+        hf.KFACOperator.from_model(normed, nn.MSELoss(), (torch.randn(4, 2, dtype=DT),
+                                                          torch.randn(4, 1, dtype=DT)))
 
 
 @pytest.mark.parametrize("backward", ["batched", "chunks of one", "one column at a time"])
