@@ -1419,18 +1419,10 @@ def test_gauss_newton_and_fisher_of_an_encoder_layer_in_eval_mode():
     v = torch.randn(G.shape[0], dtype=DT, generator=torch.Generator().manual_seed(3))
     assert_close(flat(hf.ggn_vp(g, F.cross_entropy, (params, x, y), unflat(v, params))), G @ v)
     assert_close(hf.GGNOperator.from_model(model, nn.CrossEntropyLoss(), (x, y)) @ v, G @ v)
-    rows = [F.cross_entropy(g(leaves, x)[r:r + 1], y[r:r + 1]) for r in range(6)]
-    empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 1 / 6)
+    empirical = _check_fisher_diagonals(g, params, x, y)
     fisher = hf.FisherOperator.from_model(model, nn.CrossEntropyLoss(), (x, y),
                                           kind="empirical")
     assert_close(fisher @ v, empirical @ v)
-    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), mc_samples=2,
-                          generator=torch.Generator().manual_seed(5))(params, x, y)
-    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
-                                 "categorical", 1 / 6, 2, torch.Generator().manual_seed(5))
-    assert_close(flat(diag), torch.diagonal(ref))
-    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
-    assert_close(flat(diag), torch.diagonal(empirical))
 
 
 def test_per_sample_diagonals_need_the_samples_on_every_first_axis():
@@ -1495,16 +1487,25 @@ def test_fisher_diagonal_of_a_model_vmap_cannot_split():
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 4, 3, generator=gen, dtype=DT), torch.randint(0, C, (5,), generator=gen)
     g, params = hf.functionalize(model)
+    _check_fisher_diagonals(g, params, x, y)
+
+
+def _check_fisher_diagonals(g, params, x, y):
+    """``fisher_diag`` of a cross-entropy loss, both kinds, against the oracle: the MC
+    Fisher by its definition with the same draws, and the sum of the outer products of
+    each output row's gradient (through the whole batch)."""
     leaves = leaf_params(params)
+    rows = g(leaves, x).shape[0]
     diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), mc_samples=2,
                           generator=torch.Generator().manual_seed(2))(params, x, y)
     ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
-                                 "categorical", 1 / 5, 2, torch.Generator().manual_seed(2))
+                                 "categorical", 1 / rows, 2, torch.Generator().manual_seed(2))
     assert_close(flat(diag), torch.diagonal(ref))
-    rows = [F.cross_entropy(g(leaves, x[n:n + 1]), y[n:n + 1]) for n in range(5)]
-    empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 1 / 5)
+    losses = [F.cross_entropy(g(leaves, x)[r:r + 1], y[r:r + 1]) for r in range(rows)]
+    empirical = hf.reference.empirical_fisher(losses, list(leaves.values()), 1 / rows)
     diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
     assert_close(flat(diag), torch.diagonal(empirical))
+    return empirical
 
 
 def test_batchnorm_in_training_mode_per_sample_and_fisher():
@@ -1522,13 +1523,4 @@ def test_batchnorm_in_training_mode_per_sample_and_fisher():
                                                "alone.*BatchNorm in training mode"):
         hf.hessian_diag(f, per_sample=True)(params, x, y)
     g, _ = hf.functionalize(model)
-    leaves = leaf_params(params)
-    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), mc_samples=2,
-                          generator=torch.Generator().manual_seed(2))(params, x, y)
-    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
-                                 "categorical", 1 / 5, 2, torch.Generator().manual_seed(2))
-    assert_close(flat(diag), torch.diagonal(ref))
-    rows = [F.cross_entropy(g(leaves, x)[n:n + 1], y[n:n + 1]) for n in range(5)]
-    empirical = hf.reference.empirical_fisher(rows, list(leaves.values()), 1 / 5)
-    diag = hf.fisher_diag(g, nn.CrossEntropyLoss(), kind="empirical")(params, x, y)
-    assert_close(flat(diag), torch.diagonal(empirical))
+    _check_fisher_diagonals(g, params, x, y)
