@@ -591,7 +591,8 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
 
     def sample_grad_sq(params: Any, x: Any, y: Any) -> torch.Tensor:
         """``w sum_(n, k) (J_n^T E_kn)^2`` by per-sample vector-Jacobian products (by
-        :func:`row_grad_sq` where the output rows are not the samples)."""
+        ``row_grad_sq`` where the output rows are not the samples, or where ``vmap``
+        cannot evaluate the model one sample at a time)."""
         with torch.no_grad():
             out = _output(g, params, x, call)
         E, w = columns(out, y)
