@@ -160,13 +160,31 @@ def detach_tree(tree: Any) -> Any:
 # (same function, exact to rounding) and nothing else. For the same reason it turns off
 # the fused "fast path" of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention``
 # (``torch.backends.mha``), which torch takes in eval mode where no input requires grad
-# (as under ``torch.func.jvp``) and which has no forward-mode rule.
+# (as under ``torch.func.jvp``) and which has no forward-mode rule; and it computes weight
+# normalisation (``parametrizations.weight_norm``) from its definition, since torch's fused
+# kernel for it has a wrong double backward.
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend as _SDPBackend
     from torch.nn.attention import sdpa_kernel as _sdpa_kernel
 except ImportError:  # pragma: no cover - older torch
     _sdpa_kernel = None
     _SDPBackend = None
+
+
+class _CompositeWeightNorm(torch.overrides.TorchFunctionMode):
+    """``torch._weight_norm(v, g, dim)`` as its definition ``v g / ||v||`` (the norm over
+    every axis but ``dim``): torch 2.13's fused ``_weight_norm_interface`` has a wrong
+    double backward (a Hessian off by 0.35 of its size against finite differences, and not
+    symmetric) and no forward-mode rule (NOTE [attention kernels])."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g = args[0], args[1]
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -177,11 +195,12 @@ def second_order_kernels() -> Iterator[None]:
     if fastpath:
         mha.set_fastpath_enabled(False)
     try:
-        if _sdpa_kernel is None:
-            yield
-        else:
-            with _sdpa_kernel(_SDPBackend.MATH):
+        with _CompositeWeightNorm():
+            if _sdpa_kernel is None:
                 yield
+            else:
+                with _sdpa_kernel(_SDPBackend.MATH):
+                    yield
     finally:
         if fastpath:
             mha.set_fastpath_enabled(True)

@@ -115,7 +115,15 @@ class _BatchProduct:
 
     def batched(self, trees: Any) -> Any:
         # a model with one fixed draw (randomness="fixed") seeds it inside each call
-        return torch.func.vmap(self._product, randomness="same")(trees)
+        try:
+            return torch.func.vmap(self._product, randomness="same")(trees)
+        except (RuntimeError, NotImplementedError):
+            # torch without a batched rule for an op of the model (GroupNorm's tangents on
+            # torch 2.13): the same products one column at a time
+            k = pytree.tree_leaves(trees)[0].shape[0]
+            columns = [self._product(pytree.tree_map(lambda t, j=j: t[j], trees))
+                       for j in range(k)]
+            return pytree.tree_map(lambda *c: torch.stack(c), *columns)
 
 
 #: the chain steps whose Gauss-Newton products beat the linearised model's
