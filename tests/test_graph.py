@@ -103,7 +103,7 @@ def _drawn_loss(model, data, penalty):
 def test_diagonal_of_any_dag_equals_the_oracle(dag, data):
     """Skip connections, concatenations, tied weights, every activation, every loss,
     frozen subsets, weight decay: the diagonal of the torch.func-style f equals the loop
-    oracle to rounding, and the functionalize model gives the very same numbers."""
+    oracle to rounding, and the functionalize model gives the same numbers to rounding."""
     kind, model = dag
     f, loss, params, x, y, frozen, decay = _drawn_loss(model, data, lambda w: w ** 2)
     truth = _oracle_diag(f, params, x, y)
@@ -114,8 +114,10 @@ def test_diagonal_of_any_dag_equals_the_oracle(dag, data):
         assert plan.products  # used twice: one-hot products for that weight
     if not frozen and not decay:
         g, all_params = hf.functionalize(model, loss.fn)
+        # to rounding: a tied weight's rows are batched or looped by measurement (NOTE
+        # [batched or looped products]), and the two differ in the last bit
         assert_close(hf.hessian_diag(g)(all_params, x, y), hf.hessian_diag(f)(all_params, x, y),
-                     scale=0.0)
+                     scale=1e-3)
 
 
 def _oracle_blocks(f, params, *batch):
