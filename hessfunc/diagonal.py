@@ -152,7 +152,6 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
             except (RuntimeError, ValueError):
                 # not vmappable (random ops, data-dependent checks in the loss): the same
                 # numbers one sample at a time
-                n = _num_samples(args[1])
                 try:
                     rows = [one(args[0], *pytree.tree_map(lambda t, i=i: t[i], batch))
                             for i in range(n)]
