@@ -91,9 +91,11 @@ def batched_vjp(outputs: torch.Tensor, inputs: Sequence[torch.Tensor], columns: 
             outputs, list(inputs), columns[0], retain_graph=True, allow_unused=True,
             materialize_grads=True))
     try:
-        return torch.autograd.grad(outputs, list(inputs), columns, retain_graph=True,
-                                   allow_unused=True, materialize_grads=True,
-                                   is_grads_batched=True)
+        found = torch.autograd.grad(outputs, list(inputs), columns, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        # materialize_grads would give an unreached input zeros without the row axis
+        return tuple(x.new_zeros(columns.shape[0], *x.shape) if r is None else r
+                     for x, r in zip(inputs, found, strict=True))
     except RuntimeError:  # an op without a batching rule
         rows = [torch.autograd.grad(outputs, list(inputs), c, retain_graph=True,
                                     allow_unused=True, materialize_grads=True) for c in columns]

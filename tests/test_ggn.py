@@ -156,6 +156,39 @@ def test_per_sample_ggn_diagonal(name, route, monkeypatch):
         assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(G))
 
 
+def test_ggn_diagonal_of_a_model_with_two_heads():
+    """``g`` returns two heads of different widths, each with its own loss: the loss's
+    Hessian couples neither head to the other (a backward pass that reaches one head
+    alone), and the diagonal and per-sample diagonals equal the dense ``J^T H J``."""
+    gen = torch.Generator().manual_seed(4)
+    p = {"w1": torch.randn(3, 4, generator=gen, dtype=DT),
+         "w2": torch.randn(4, 2, generator=gen, dtype=DT),
+         "w3": torch.randn(4, 3, generator=gen, dtype=DT)}
+    x = torch.randn(5, 3, generator=gen, dtype=DT)
+    y = (torch.randn(5, 2, generator=gen, dtype=DT), torch.tensor([0, 2, 1, 1, 0]))
+
+    def g(p, x):
+        h = torch.tanh(x @ p["w1"])
+        return h @ p["w2"], h @ p["w3"]
+
+    def loss_fn(out, y):
+        return F.mse_loss(out[0], y[0]) + F.cross_entropy(out[1], y[1])
+
+    def dense_ggn(x, y):
+        outputs = lambda t: torch.cat([o.reshape(-1) for o in g(unflat(t, p), x)])  # noqa: E731
+        J = torch.autograd.functional.jacobian(outputs, flat(p))
+        n = x.shape[0]
+        H = torch.autograd.functional.hessian(lambda o: loss_fn(
+            (o[:2 * n].reshape(n, 2), o[2 * n:].reshape(n, 3)), y), outputs(flat(p)))
+        return torch.diagonal(J.T @ H @ J)
+
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(p, x, y)), dense_ggn(x, y))
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(p, x, y)
+    for n in range(5):
+        assert_close(flat({k: v[n] for k, v in rows.items()}),
+                     dense_ggn(x[n:n + 1], (y[0][n:n + 1], y[1][n:n + 1])))
+
+
 # --------------------------------------------------------------------- Fisher
 FISHER = {"mse": "gaussian", "sum-mse": "gaussian", "ce": "categorical",
           "ce-smoothed": "categorical", "bce": "bernoulli"}
