@@ -661,11 +661,17 @@ def _dense_rule_truth(plan, node, inputs):
 RULE_CASES = {
     "Elementwise": lambda x, w: torch.tanh(x @ w).sin(),
     "RowAffine": lambda x, w: torch.tanh(torch.tanh(x @ w) @ w.T),
+    # two rows a sample (a sequence of 2): the diagonal goes through the generic sandwich
+    "RowAffine-rows": lambda x, w: torch.tanh(torch.tanh(x @ w).reshape(2 * N, 2)
+                                              @ w[:2, 1:3]).reshape(N, 4),
     "Reorder": lambda x, w: torch.tanh(torch.tanh(x @ w).reshape(N, 2, 2).reshape(N, 4)),
     "Reorder-sum": lambda x, w: torch.tanh(torch.tanh(x @ w) - (x @ w) ** 2),
     "Rule": lambda x, w: torch.tanh(F.softmax(x @ w, dim=-1) * (x @ w)),
     "Convolution": lambda x, w: torch.tanh(F.conv1d(torch.tanh(x @ w)[:, None], w[None, :1, :3],
                                                     padding=1, stride=2)).flatten(1),
+    "Convolution-groups": lambda x, w: torch.tanh(F.conv1d(
+        torch.tanh(x @ w).reshape(N, 2, 2), w[:, :2].reshape(4, 1, 2), padding=1,
+        groups=2)).flatten(1),
 }
 
 
@@ -718,6 +724,16 @@ def test_every_rule_family_equals_dense_autograd(name, monkeypatch):
             d = rule.sandwich_diagonal(H)
             torch.testing.assert_close(d, torch.diagonal(blocks[(inputs[0], inputs[0])],
                                                          dim1=1, dim2=2))
+            # a block held as its diagonal (N, w_v) reads as that diagonal matrix
+            diag = H.diagonal(dim1=1, dim2=2)
+            torch.testing.assert_close(rule.sandwich_diagonal(diag), rule.sandwich_diagonal(
+                torch.diag_embed(diag)))
+            expected = (per_sample_j[0].transpose(1, 2) @ torch.diag_embed(diag)
+                        @ per_sample_j[0]).diagonal(dim1=1, dim2=2)
+            C = curv[0][0].reshape(N, plan.width(inputs[0]), N, plan.width(inputs[0]))
+            expected = expected + C.permute(0, 2, 1, 3)[torch.arange(N), torch.arange(N)
+                                                         ].diagonal(dim1=1, dim2=2)
+            torch.testing.assert_close(rule.sandwich_diagonal(diag), expected)
     assert name.split("-")[0] in seen, seen
 
 
@@ -792,15 +808,31 @@ def test_convolution_weights_by_the_unfolded_input(dims):
 
 # ---- parameter-only terms: separable ones add their diagonal, the rest take rows ------
 
+_WEIGHTS = torch.linspace(0.5, 2.0, 12, dtype=torch.float64).reshape(4, 3)
+
+#: term -> (the term, whether it is separable, the leaves it reads)
 _PARAMETER_TERMS = {
-    "squares": lambda p: 1e-2 * (p["0.weight"] ** 2).sum(),
-    "sin, scaled after the sum": lambda p: 2 * torch.sin(p["0.weight"]).sum(),
-    "cosh of the bias, mean": lambda p: torch.cosh(p["0.bias"]).mean(),
-    "square of the sum": lambda p: p["0.weight"].sum() ** 2,
-    "flipped product": lambda p: (p["0.weight"] * p["0.weight"].flip(0)).sum(),
-    "bias times a weight column": lambda p: (p["0.bias"] * p["0.weight"][:, 0]).sum(),
-    "broadcast product": lambda p: (p["0.bias"][:, None] * p["0.weight"]).sum(),
-    "product of two sums": lambda p: p["0.weight"].sum() * p["2.weight"].sum(),
+    "squares": (lambda p: 1e-2 * (p["0.weight"] ** 2).sum(), True, {"0.weight"}),
+    "sin, scaled after the sum": (lambda p: 2 * torch.sin(p["0.weight"]).sum(), True,
+                                  {"0.weight"}),
+    "cosh of the bias, mean": (lambda p: torch.cosh(p["0.bias"]).mean(), True, {"0.bias"}),
+    "weighted squares, divided after the sum": (
+        lambda p: (_WEIGHTS * p["0.weight"] ** 2).sum() / 4, True, {"0.weight"}),
+    "square of the sum": (lambda p: p["0.weight"].sum() ** 2, False, {"0.weight"}),
+    "flipped product": (lambda p: (p["0.weight"] * p["0.weight"].flip(0)).sum(), False,
+                        {"0.weight"}),
+    "bias times a weight column": (lambda p: (p["0.bias"] * p["0.weight"][:, 0]).sum(), False,
+                                   {"0.weight", "0.bias"}),
+    "broadcast product": (lambda p: (p["0.bias"][:, None] * p["0.weight"]).sum(), False,
+                          {"0.weight", "0.bias"}),
+    "product of two sums": (lambda p: p["0.weight"].sum() * p["2.weight"].sum(), False,
+                            {"0.weight", "2.weight"}),
+    "sums over one axis, squared": (lambda p: (p["0.weight"].sum(0) ** 2).sum(), False,
+                                    {"0.weight"}),
+    "a constant divided by a sum": (
+        lambda p: torch.div(_WEIGHTS[0, 0], (p["0.weight"] ** 2).sum()), False, {"0.weight"}),
+    "a sum divided by a sum": (lambda p: (p["0.weight"] ** 2).sum() / p["0.bias"].sum(),
+                               False, {"0.weight", "0.bias"}),
 }
 
 
@@ -808,11 +840,12 @@ _PARAMETER_TERMS = {
 def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     """A term of the parameters alone is added as its own diagonal only when it is a sum
     of elementwise functions of single entries; coupled terms (a square of a sum, a
-    flipped or broadcast product, two leaves together) must not be: their blocks have
-    off-diagonal entries, and their diagonals cross terms."""
+    flipped or broadcast product, two leaves together, a sum as a divisor) must not be:
+    their blocks have off-diagonal entries, and their diagonals cross terms. Each term
+    takes the route its form allows (a separable one is not sent to products)."""
     model = build_mlp([3, 4, 2], "tanh", 7)
     loss_fn = nn.MSELoss()
-    penalty = _PARAMETER_TERMS[term]
+    penalty, separable, read = _PARAMETER_TERMS[term]
     f = lambda p, x, y: loss_fn(functional_call(model, p, (x,)), y) + penalty(p)  # noqa: E731
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
@@ -820,6 +853,11 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     params = _params(model)
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
     assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None, why
+    names = list(params)
+    assert {names[i] for i in plan.separable} == (read if separable else set())
+    assert {names[i] for i in plan.products} == (set() if separable else read)
 
 
 def test_generic_curvature_in_chunks_of_columns_equals_the_oracle(monkeypatch):

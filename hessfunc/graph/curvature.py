@@ -538,18 +538,8 @@ class GraphPlan:
         at the model's outputs) as ``S diag(signs) S^T``, ``S`` split by value."""
         frontier = sorted({a for a, _ in H}, key=lambda nd: nd.name)
         widths = [self.width(a) for a in frontier]
-        rows = []
-        for a, wa in zip(frontier, widths, strict=True):
-            cols = []
-            for b, wb in zip(frontier, widths, strict=True):
-                blk = H.get((a, b))
-                if blk is not None and blk.dim() == 2:
-                    blk = torch.diag_embed(blk)
-                cols.append(blk if blk is not None else
-                            torch.zeros(self.n, wa, wb, dtype=self.loss.dtype,
-                                        device=self.loss.device))
-            rows.append(torch.cat(cols, dim=2))
-        joint = torch.cat(rows, dim=1)
+        joint = torch.cat([torch.cat([H[(a, b)] for b in frontier], dim=2) for a in frontier],
+                          dim=1)  # (N, sum w, sum w)
         values, vectors = torch.linalg.eigh((joint + joint.transpose(1, 2)) / 2)
         root = vectors * values.abs().sqrt()[:, None, :]
         return dict(zip(frontier, root.split(widths, dim=1), strict=True)), values.sign()
@@ -935,19 +925,16 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
         if not pointwise(nd.target) or shape is None or \
                 math.prod(shape) != math.prod(same):
             return False
-        return all(elementwise(a) or not label(a).live for a in nd.all_input_nodes) and \
-            all(label(a).live or a.meta.get("val") is None or
-                math.prod(a.meta["val"].shape) <= math.prod(same) for a in nd.all_input_nodes)
+        # (a constant operand is no larger than the output, which is the leaf's size)
+        return all(elementwise(a) or not label(a).live for a in nd.all_input_nodes)
 
     def linear_to_loss(nd: fx.Node) -> bool:
-        lab = label(nd)
-        if lab.aggregate or nd.op == "output":
-            return True
         for user in nd.users:
             if user.op == "output" or label(user).aggregate:
                 continue
-            ok = (user.target in _LINEAR or user.target in (aten.mul.Tensor, aten.div.Tensor)
-                  and sum(label(a).live for a in user.all_input_nodes) == 1)
+            one_live = sum(label(a).live for a in user.all_input_nodes) == 1
+            ok = (user.target in _LINEAR or user.target is aten.mul.Tensor and one_live
+                  or user.target is aten.div.Tensor and one_live and user.args[0] is nd)
             if not ok or not linear_to_loss(user):
                 return False
         return True
