@@ -1212,6 +1212,40 @@ def test_ggn_diag_built_inline_traces_once_and_keeps_nothing_alive(monkeypatch):
     assert all(alive() is not key for key in GGNLoss._made.keys())
 
 
+class _SlottedModel:
+    """A callable ``g`` without ``__weakref__``: it cannot be weakly referenced."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, p, x):
+        return torch.func.functional_call(self.model, p, (x,))
+
+
+def test_ggn_diag_of_a_g_that_cannot_be_weakly_referenced():
+    """Such a ``g`` is held strongly by a plain wrapper: the diagonal and per-sample
+    diagonals still take the captured graph, equal to the oracle's."""
+    import weakref
+
+    from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
+
+    model, loss_fn, x, y = _problem("ce", 5, seed=14)
+    g = _SlottedModel(model)
+    with pytest.raises(TypeError):
+        weakref.ref(g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y))
+    assert plan is not None, why
+    *_, G = _oracle(model, loss_fn, x, y)
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for n in range(5):
+        *_, G = _oracle(model, loss_fn, x[n:n + 1], y[n:n + 1])
+        assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(G))
+
+
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_ggn_of_a_loss_linear_in_the_output_is_zero_on_the_graph(per_sample, monkeypatch):
     from hessfunc.graph.curvature import GraphPlan

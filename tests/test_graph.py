@@ -737,6 +737,45 @@ def test_every_rule_family_equals_dense_autograd(name, monkeypatch):
     assert name.split("-")[0] in seen, seen
 
 
+@pytest.mark.parametrize("kind", ["chain", "reordered", "skip"])
+def test_only_the_first_layers_are_held_as_diagonals(kind):
+    """A value whose block the sweep reads only on its diagonal (one consumer, closed-form
+    parameter sites, then elementwise or reordering ops down to the data) is held as its
+    diagonal: a chain's first layer and its activation, also through a reshape; with a
+    skip connection the activation has two consumers and is held whole. The diagonal
+    equals the oracle either way."""
+    torch.manual_seed(5)
+    w1, w2, w3 = (torch.randn(3, 4, dtype=F64), torch.randn(4, 4, dtype=F64),
+                  torch.randn(4, 2, dtype=F64))
+
+    def f(p, x, y):
+        a = torch.tanh(x @ p["w1"])
+        if kind == "reordered":
+            a = torch.sin(a.reshape(-1, 2, 2)).reshape(-1, 4)
+        h = torch.tanh(a @ p["w2"])
+        if kind == "skip":
+            h = h + a
+        return F.mse_loss(h @ p["w3"], y)
+
+    params = {"w1": w1, "w2": w2, "w3": w3}
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None, why
+    plan.evaluate()
+    nodes = plan._per_sample_nodes()
+    by_node = {}
+    for i, site in plan.sites.items():
+        by_node.setdefault(site.node, []).append(i)
+    held = [nd.target for nd in nodes if nd in plan._diagonal_only(nodes, by_node)]
+    aten = torch.ops.aten
+    expected = {"chain": [aten.mm.default, aten.tanh.default],
+                "reordered": [aten.mm.default, aten.tanh.default, aten.view.default,
+                              aten.sin.default, aten.view.default],
+                "skip": [aten.mm.default]}[kind]
+    assert held == expected
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
 # ---- per-sample diagonals ------------------------------------------------------------
 
 def _oracle_per_sample(f, params, x, y):
@@ -778,6 +817,39 @@ def test_per_sample_losses_normalised_by_the_batch(name, loss):
     params = _params(model)
     assert plan_diagonal(f, (params, x, y), per_sample=True)[0] is not None
     assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
+                 _oracle_per_sample(f, params, x, y))
+
+
+_PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace is refused)
+    "mean squared error": (lambda o, y, p: F.mse_loss(o, y), None),
+    "a term of the parameters": (lambda o, y, p: F.mse_loss(o, y) + (p["0.bias"] ** 2).sum(),
+                                 "the loss has terms of the parameters alone"),
+    "other ops on one sample": (lambda o, y, p: F.mse_loss(o * 2.0 if o.shape[0] > 1 else o, y),
+                                "f on one sample runs other ops than on the batch"),
+    "samples interleaved": (lambda o, y, p: F.mse_loss(o.T.reshape(-1), y.T.reshape(-1)),
+                            "a value the loss sums over has samples interleaved"),
+    "a weight used twice": (lambda o, y, p: F.mse_loss(o @ p["2.weight"] @ p["2.weight"].T, y),
+                            "some parameters take one-hot products"),
+}
+
+
+@pytest.mark.parametrize("case", list(_PER_SAMPLE_CASES))
+def test_per_sample_diagonals_from_the_one_sample_trace_or_refused_with_the_reason(case):
+    """The one-sample trace replays the loss's ops on each sample; where it cannot stand
+    for each sample's loss, the plan says why, and the per-sample diagonals still equal
+    the oracle by another route."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 2], "tanh", 3)
+    loss, why = _PER_SAMPLE_CASES[case]
+    f = lambda p, x, y: loss(functional_call(model, p, (x,)), y, p)  # noqa: E731
+    x, y = torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)
+    params = _params(model)
+    plan, reason = plan_diagonal(f, (params, x, y), per_sample=True)
+    if why is None:
+        assert plan is not None, reason
+    else:
+        assert plan is None and reason.startswith(why), reason
+    assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
                  _oracle_per_sample(f, params, x, y))
 
 

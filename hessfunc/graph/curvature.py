@@ -210,7 +210,6 @@ class GraphPlan:
         nodes, nodes1 = list(self.gm.graph.nodes), list(gm1.graph.nodes)
         boundary = self.boundary()
         where1 = [nodes1[nodes.index(b)] for b in boundary]
-        batched = [t.dim() >= 1 and t.shape[0] == self.n for t in self.inputs]
         needed: set[fx.Node] = set()  # what the loss reads past the boundary values
         stack = [nd for nd in nodes1 if nd.op == "output"]
         while stack:
@@ -240,13 +239,13 @@ class GraphPlan:
                     return env[node.args[0]]
             raise AssertionError("no output")
 
-        data = [t.unsqueeze(1) if b else t for t, b in zip(self.inputs, batched, strict=True)]
+        # every input has its samples first (check_samples_first): one sample per vmap row
+        data = [t.unsqueeze(1) for t in self.inputs]
         axes = [self.label(b).axis for b in boundary]
         values = [self.env[b].movedim(a, 0).unsqueeze(a + 1) for b, a in
                   zip(boundary, axes, strict=True)]
         grad = torch.func.grad(loss_of_one, argnums=1)
-        in_dims = ([0 if b else None for b in batched], [0] * len(values))
-        seeds = torch.func.vmap(grad, in_dims=in_dims)(data, values)
+        seeds = torch.func.vmap(grad)(data, values)
         return {b: c.squeeze(a + 1).movedim(0, a)
                 for b, c, a in zip(boundary, seeds, axes, strict=True)}
 
@@ -601,8 +600,6 @@ class GraphPlan:
         (``hvv`` whole, or with ``signs`` as a factor); None where it does not fit."""
         if signs is not None:
             hvv = torch.einsum("nvc,nc,nwc->nvw", hvv, signs, hvv)
-        elif hvv.dim() == 2:  # held as its diagonal
-            hvv = torch.diag_embed(hvv)
         v, o = site.node, site.operand
         env = self.env
         k = env[o].numel()
