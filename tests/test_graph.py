@@ -532,6 +532,7 @@ RULES = {
     "cat": (lambda x: torch.cat([x, x.sin()], dim=1), (N, 4)),
     "stack": (lambda x: torch.stack([x, x.cos()], dim=0).transpose(0, 1).reshape(N, 8),
               (N, 4)),
+    "transpose of a matrix": (lambda x: (x.reshape(N, 8).t() * 2.0).t().cos(), (N, 4, 2)),
     "softmax": (lambda x: F.softmax(x, dim=-1), (N, 4)),
     "layer-norm": (lambda x: F.layer_norm(x, (4,)), (N, 4)),
 }
@@ -774,6 +775,9 @@ def test_only_the_first_layers_are_held_as_diagonals(kind):
                 "skip": [aten.mm.default]}[kind]
     assert held == expected
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+    # per sample: weights used as x @ W (not x W^T), w2 square
+    assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
+                 _oracle_per_sample(f, params, x, y))
 
 
 # ---- per-sample diagonals ------------------------------------------------------------
@@ -932,6 +936,38 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     assert {names[i] for i in plan.products} == (set() if separable else read)
 
 
+def test_a_leaf_the_loss_does_not_read_or_reads_in_a_term_alone():
+    """A parameter that ``f`` never reads has a zero diagonal (per sample too, with the
+    samples' axis), and one read only by a separable term of the parameters has that
+    term's diagonal alone."""
+    model = build_mlp([3, 4, 2], "tanh", 7)
+    loss_fn = nn.MSELoss()
+
+    def f(p, x, y):
+        net = {k: v for k, v in p.items() if k not in ("unused", "decayed")}
+        return loss_fn(functional_call(model, net, (x,)), y) + torch.cosh(p["decayed"]).sum()
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, generator=gen, dtype=F64)
+    y = torch.randn(5, 2, generator=gen, dtype=F64)
+    params = {**_params(model), "unused": torch.randn(2, 3, generator=gen, dtype=F64),
+              "decayed": torch.randn(3, generator=gen, dtype=F64)}
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None, why
+    got = hf.hessian_diag(f)(params, x, y)
+    assert_close(got, _oracle_diag(f, params, x, y))
+    assert torch.equal(got["unused"], torch.zeros(2, 3, dtype=F64))
+    assert_close(got["decayed"], torch.cosh(params["decayed"]))
+
+    g = lambda p, x, y: loss_fn(functional_call(model, {k: v for k, v in p.items()  # noqa: E731
+                                                         if k != "unused"}, (x,)), y)
+    del params["decayed"]
+    per_sample = hf.hessian_diag(g, per_sample=True)(params, x, y)
+    assert plan_diagonal(g, (params, x, y), per_sample=True)[0] is not None
+    assert torch.equal(per_sample["unused"], torch.zeros(5, 2, 3, dtype=F64))
+    assert_close(per_sample, _oracle_per_sample(g, params, x, y))
+
+
 def test_generic_curvature_in_chunks_of_columns_equals_the_oracle(monkeypatch):
     """An op without a closed form (softmax, LayerNorm, a product of two live values) gets
     its curvature from vmapped double backward passes over unit columns; under a budget
@@ -958,6 +994,20 @@ def test_generic_curvature_in_chunks_of_columns_equals_the_oracle(monkeypatch):
     assert len(list(plan.chunks(4, 1))) == 4  # one column per chunk
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
     assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
+
+    # the Gauss-Newton sweep's factor at a per-feature scale (no closed form), in chunks
+    def g(p, x):
+        return functional_call(model, {k: v for k, v in p.items() if k != "scale"},
+                               (x,)) * p["scale"]
+
+    params["scale"] = torch.linspace(0.5, 1.5, 2, dtype=torch.float64)
+    y = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    G = hf.reference.ggn(g(leaves, x), F.mse_loss, y, list(leaves.values()))
+    assert curvature.plan_ggn_diagonal(curvature.GGNLoss.of(g, F.mse_loss),
+                                       (params, x, y))[0] is not None
+    got = hf.ggn_diag(g, F.mse_loss)(params, x, y)
+    assert_close(torch.cat([got[k].reshape(-1) for k in params]), torch.diagonal(G))
 
 
 @pytest.mark.parametrize("loss", ["bce-with-logits", "logsigmoid", "bce pos_weight"])

@@ -127,7 +127,7 @@ def _shape(node: object) -> tuple[int, ...] | None:
 
 
 def _norm(dim: int, ndim: int) -> int:
-    return dim % ndim if ndim else 0
+    return dim % ndim  # of a value with a batch axis: ndim >= 1
 
 
 def _view_axis(src: tuple[int, ...], dst: tuple[int, ...], value: Value, n: int
