@@ -936,6 +936,21 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     assert {names[i] for i in plan.products} == (set() if separable else read)
 
 
+def test_a_value_the_loss_reads_through_detach():
+    """``softmax(h).detach() * h``: no gradient reaches the softmax, so it adds no
+    curvature (and none is asked of it), while ``h`` is still differentiated."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(3, 4, dtype=F64), "v": torch.randn(4, 4, dtype=F64)}
+
+    def f(p, x, y):
+        h = torch.tanh(x @ p["w"]) @ p["v"]
+        return ((F.softmax(h, -1).detach() * h - y) ** 2).mean()
+
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 4, dtype=F64)
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
+                 _oracle_diag(f, params, x, y))
+
+
 def test_a_leaf_the_loss_does_not_read_or_reads_in_a_term_alone():
     """A parameter that ``f`` never reads has a zero diagonal (per sample too, with the
     samples' axis), and one read only by a separable term of the parameters has that
