@@ -936,6 +936,25 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     assert {names[i] for i in plan.products} == (set() if separable else read)
 
 
+def test_weights_reaching_their_ops_through_views():
+    """A weight stored ``(4, 3)`` and used as ``w.reshape(3, 4)``, and a scale stored
+    ``(4, 1)`` used as ``s.t()`` elementwise: their diagonals go back through the view
+    to the stored layout, whole and per sample."""
+    torch.manual_seed(1)
+    params = {"w": torch.randn(4, 3, dtype=F64), "s": torch.randn(4, 1, dtype=F64),
+              "v": torch.randn(4, 2, dtype=F64)}
+
+    def f(p, x, y):
+        h = torch.tanh(x @ p["w"].reshape(3, 4)) * p["s"].t()
+        return F.mse_loss(torch.tanh(h) @ p["v"], y)
+
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
+                 _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
+                 _oracle_per_sample(f, params, x, y))
+
+
 def test_a_value_the_loss_reads_through_detach():
     """``softmax(h).detach() * h``: no gradient reaches the softmax, so it adds no
     curvature (and none is asked of it), while ``h`` is still differentiated."""
