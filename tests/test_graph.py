@@ -535,6 +535,25 @@ RULES = {
     "transpose of a matrix": (lambda x: (x.reshape(N, 8).t() * 2.0).t().cos(), (N, 4, 2)),
     "softmax": (lambda x: F.softmax(x, dim=-1), (N, 4)),
     "layer-norm": (lambda x: F.layer_norm(x, (4,)), (N, 4)),
+    "sums over an axis before the samples": (
+        lambda x: x.transpose(0, 1).sin().sum(0) * x.transpose(0, 1).cos().sum(
+            0, keepdim=True)[0], (N, 4, 2)),
+    "factories": (lambda x: x * x.new_ones(N, 4) + torch.ones_like(x) * x.sin(), (N, 4)),
+    "variance, maximum, mean and its pair over features": (
+        lambda x: x.var(-1, keepdim=True) * x - x.amax(-1, keepdim=True)
+        + torch.var_mean(x, -1, keepdim=True)[1] * x.std(1, keepdim=True), (N, 4)),
+    "matrix on the left": (lambda x: (torch.linspace(-1, 1, 16, dtype=F64).reshape(4, 4)
+                                      @ x.T).T.tanh(), (N, 4)),
+    "slices, selections and padding of features": (
+        lambda x: torch.cat([x[:, 1:], x.narrow(1, 0, 1) * x.select(1, 2)[:, None],
+                             F.pad(x, (1, 0))[:, :1]], 1), (N, 4)),
+    "gather and index_select of features": (
+        lambda x: x.gather(1, torch.tensor([[3, 0, 1, 2]] * N)) * x.index_select(
+            1, torch.tensor([1, 1, 0, 3])), (N, 4)),
+    "where and integer masks": (lambda x: torch.where(x > 0, x, 0.1 * x) * (
+        1.0 + (x.argmax(-1, keepdim=True) == 0)), (N, 4)),
+    "convolution": (lambda x: F.conv1d(x[:, None], torch.ones(2, 1, 2, dtype=F64)
+                                       ).flatten(1)[:, :4].tanh(), (N, 4)),
 }
 
 
@@ -564,6 +583,14 @@ def test_batch_axis_rules_match_the_dense_jacobian(name):
     ("roll samples", lambda x: torch.cat([x[1:], x[:1]]), "slice"),
     ("flatten sequence-first wrongly", lambda x: x.reshape(-1)[:N * 4].reshape(4, N).T,
      "slice"),
+    ("maximum over the batch", lambda x: x * x.amax(0), "amax"),
+    ("a sum over samples, then tanh", lambda x: x.sum(0), "tanh"),
+    ("a sum over samples times another", lambda x: x.sum(0) * x.mean(0), "mul"),
+    ("a constant divided by a sum over samples", lambda x: 2.0 / x.sum(0), "reciprocal"),
+    ("concatenate samples", lambda x: torch.cat([x, x], 0), "cat"),
+    ("select a sample", lambda x: x[0], "select"),
+    ("convolve across samples", lambda x: F.conv1d(x.T[None], torch.ones(1, 4, 2, dtype=F64)),
+     "convolution"),
 ])
 def test_ops_that_mix_samples_are_refused(name, fn, op):
     """Each of these makes output sample n depend on other samples: refused."""
