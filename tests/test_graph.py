@@ -695,6 +695,8 @@ RULE_CASES = {
     "Reorder": lambda x, w: torch.tanh(torch.tanh(x @ w).reshape(N, 2, 2).reshape(N, 4)),
     "Reorder-sum": lambda x, w: torch.tanh(torch.tanh(x @ w) - (x @ w) ** 2),
     "Rule": lambda x, w: torch.tanh(F.softmax(x @ w, dim=-1) * (x @ w)),
+    # a sum scaled by alpha is not the identity's sum
+    "Rule-add-alpha": lambda x, w: torch.tanh(torch.add(torch.tanh(x @ w), x @ w, alpha=2.0)),
     "Convolution": lambda x, w: torch.tanh(F.conv1d(torch.tanh(x @ w)[:, None], w[None, :1, :3],
                                                     padding=1, stride=2)).flatten(1),
     "Convolution-groups": lambda x, w: torch.tanh(F.conv1d(
@@ -921,6 +923,9 @@ _PARAMETER_TERMS = {
     "cosh of the bias, mean": (lambda p: torch.cosh(p["0.bias"]).mean(), True, {"0.bias"}),
     "weighted squares, divided after the sum": (
         lambda p: (_WEIGHTS * p["0.weight"] ** 2).sum() / 4, True, {"0.weight"}),
+    "linear": (lambda p: 3 * p["0.bias"].sum(), True, {"0.bias"}),
+    "tanh-approximate GELU": (lambda p: F.gelu(p["0.weight"], approximate="tanh").sum(), True,
+                              {"0.weight"}),
     "square of the sum": (lambda p: p["0.weight"].sum() ** 2, False, {"0.weight"}),
     "flipped product": (lambda p: (p["0.weight"] * p["0.weight"].flip(0)).sum(), False,
                         {"0.weight"}),
@@ -949,7 +954,8 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     model = build_mlp([3, 4, 2], "tanh", 7)
     loss_fn = nn.MSELoss()
     penalty, separable, read = _PARAMETER_TERMS[term]
-    f = lambda p, x, y: loss_fn(functional_call(model, p, (x,)), y) + penalty(p)  # noqa: E731
+    # the whole loss scaled: the term's coefficient in the aggregate is 1/2
+    f = lambda p, x, y: (loss_fn(functional_call(model, p, (x,)), y) + penalty(p)) / 2  # noqa: E731
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
     y = torch.randn(5, 2, generator=gen, dtype=torch.float64)
@@ -980,6 +986,20 @@ def test_weights_reaching_their_ops_through_views():
                  _oracle_diag(f, params, x, y))
     assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
                  _oracle_per_sample(f, params, x, y))
+
+
+def test_a_matrix_on_the_left_of_the_samples():
+    """``W @ h^T``: the per-sample operand on the right of ``mm`` (its samples along the
+    columns) is no row-wise affine map; the diagonal equals the oracle."""
+    torch.manual_seed(2)
+    params = {"w": torch.randn(3, 4, dtype=F64), "v": torch.randn(2, 4, dtype=F64)}
+
+    def f(p, x, y):
+        return F.mse_loss(torch.tanh(p["v"] @ torch.tanh(x @ p["w"]).T).T, y)
+
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
+                 _oracle_diag(f, params, x, y))
 
 
 def test_a_value_the_loss_reads_through_detach():
