@@ -72,10 +72,15 @@ GROUPS: dict[str, Group] = {
     "chain": Group(("hessfunc/graph/chain_plan.py",),
                    ("tests/test_hessian.py", "tests/test_graph.py",
                     "tests/test_frozen_layers.py", "tests/test_graph_chain.py")),
-    # the captured-graph engine: per-sample structure, op rules, frontier propagation
-    "graph": Group(("hessfunc/graph/samples.py", "hessfunc/graph/rules.py",
-                    "hessfunc/graph/curvature.py"),
-                   ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
+    # the captured-graph engine, one file a group (together about 2.5 hours on 2 cores):
+    # the per-sample proof, the op rules, the frontier propagation
+    "graph_samples": Group(("hessfunc/graph/samples.py",),
+                           ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
+    "graph_rules": Group(("hessfunc/graph/rules.py",),
+                         ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
+    "graph_curvature": Group(("hessfunc/graph/curvature.py",),
+                             ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py",
+                              "tests/test_graph_chain.py")),
     # chains read off the captured graph (the R-operator products of any f)
     "graph_chain": Group(("hessfunc/graph/chain.py",), ("tests/test_graph_chain.py",
                                                        "tests/test_ggn.py")),
