@@ -969,52 +969,46 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     assert {names[i] for i in plan.products} == (set() if separable else read)
 
 
-def test_weights_reaching_their_ops_through_views():
-    """A weight stored ``(4, 3)`` and used as ``w.reshape(3, 4)``, and a scale stored
-    ``(4, 1)`` used as ``s.t()`` elementwise: their diagonals go back through the view
-    to the stored layout, whole and per sample."""
+def _through_views(p, x, y):
+    h = torch.tanh(x @ p["w"].reshape(3, 4)) * p["s"].t()
+    return F.mse_loss(torch.tanh(h) @ p["v"], y)
+
+
+def _matrix_on_the_left(p, x, y):
+    return F.mse_loss(torch.tanh(p["v"] @ torch.tanh(x @ p["w"]).T).T, y)
+
+
+def _through_detach(p, x, y):
+    h = torch.tanh(x @ p["w"]) @ p["v"]
+    return ((F.softmax(h, -1).detach() * h - y) ** 2).mean()
+
+
+#: name -> (f, parameter shapes, outputs, whether the per-sample diagonal is structured)
+_HAND_WRITTEN = {
+    # a weight stored (4, 3) used as w.reshape(3, 4), a scale stored (4, 1) used as s.t()
+    "weights through views": (_through_views, {"w": (4, 3), "s": (4, 1), "v": (4, 2)}, 2,
+                              True),
+    # W @ h^T: the per-sample operand on the right of mm is no row-wise affine map
+    "a matrix on the left of the samples": (_matrix_on_the_left, {"w": (3, 4), "v": (2, 4)},
+                                            2, False),
+    # no gradient reaches the softmax: it adds no curvature, and none is asked of it
+    "a value read through detach": (_through_detach, {"w": (3, 4), "v": (4, 4)}, 4, False),
+}
+
+
+@pytest.mark.parametrize("case", list(_HAND_WRITTEN))
+def test_hand_written_graphs_equal_the_oracle(case):
+    """Graphs written by hand that the rules must not mistake for their neighbours: the
+    structured diagonal and the per-sample diagonals equal the oracle (diagonals of
+    weights reached through views go back to the stored layout)."""
+    f, shapes, outputs, structured = _HAND_WRITTEN[case]
     torch.manual_seed(1)
-    params = {"w": torch.randn(4, 3, dtype=F64), "s": torch.randn(4, 1, dtype=F64),
-              "v": torch.randn(4, 2, dtype=F64)}
-
-    def f(p, x, y):
-        h = torch.tanh(x @ p["w"].reshape(3, 4)) * p["s"].t()
-        return F.mse_loss(torch.tanh(h) @ p["v"], y)
-
-    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    params = {k: torch.randn(*shape, dtype=F64) for k, shape in shapes.items()}
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, outputs, dtype=F64)
     assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
                  _oracle_diag(f, params, x, y))
-    assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
-                 _oracle_per_sample(f, params, x, y))
-
-
-def test_a_matrix_on_the_left_of_the_samples():
-    """``W @ h^T``: the per-sample operand on the right of ``mm`` (its samples along the
-    columns) is no row-wise affine map; the diagonal equals the oracle."""
-    torch.manual_seed(2)
-    params = {"w": torch.randn(3, 4, dtype=F64), "v": torch.randn(2, 4, dtype=F64)}
-
-    def f(p, x, y):
-        return F.mse_loss(torch.tanh(p["v"] @ torch.tanh(x @ p["w"]).T).T, y)
-
-    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
-    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
-                 _oracle_diag(f, params, x, y))
-
-
-def test_a_value_the_loss_reads_through_detach():
-    """``softmax(h).detach() * h``: no gradient reaches the softmax, so it adds no
-    curvature (and none is asked of it), while ``h`` is still differentiated."""
-    torch.manual_seed(0)
-    params = {"w": torch.randn(3, 4, dtype=F64), "v": torch.randn(4, 4, dtype=F64)}
-
-    def f(p, x, y):
-        h = torch.tanh(x @ p["w"]) @ p["v"]
-        return ((F.softmax(h, -1).detach() * h - y) ** 2).mean()
-
-    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 4, dtype=F64)
-    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
-                 _oracle_diag(f, params, x, y))
+    each = hf.hessian_diag(f, per_sample=True, method="structured" if structured else "auto")
+    assert_close(each(params, x, y), _oracle_per_sample(f, params, x, y))
 
 
 def test_a_leaf_the_loss_does_not_read_or_reads_in_a_term_alone():

@@ -51,6 +51,8 @@ class Group:
     tests: tuple[str, ...]   # the test files that run against each mutant
 
 
+_GRAPH_TESTS = ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")
+
 GROUPS: dict[str, Group] = {
     # the loop oracle: its own tests (finite differences, closed forms)
     "reference": Group(("hessfunc/reference.py",), ("tests/test_reference.py",)),
@@ -74,13 +76,10 @@ GROUPS: dict[str, Group] = {
                     "tests/test_frozen_layers.py", "tests/test_graph_chain.py")),
     # the captured-graph engine, one file a group (together about 2.5 hours on 2 cores):
     # the per-sample proof, the op rules, the frontier propagation
-    "graph_samples": Group(("hessfunc/graph/samples.py",),
-                           ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
-    "graph_rules": Group(("hessfunc/graph/rules.py",),
-                         ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py")),
+    "graph_samples": Group(("hessfunc/graph/samples.py",), _GRAPH_TESTS),
+    "graph_rules": Group(("hessfunc/graph/rules.py",), _GRAPH_TESTS),
     "graph_curvature": Group(("hessfunc/graph/curvature.py",),
-                             ("tests/test_graph.py", "tests/test_ggn.py", "tests/test_hessian.py",
-                              "tests/test_graph_chain.py")),
+                             (*_GRAPH_TESTS, "tests/test_graph_chain.py")),
     # chains read off the captured graph (the R-operator products of any f)
     "graph_chain": Group(("hessfunc/graph/chain.py",), ("tests/test_graph_chain.py",
                                                        "tests/test_ggn.py")),
