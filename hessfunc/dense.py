@@ -71,9 +71,11 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         max_memory: refuse (before allocating) a result over this many bytes;
             default half of the memory available (see ``hessfunc._memory``).
 
-    For a chain of Linear layers and elementwise maps with a loss that is a sum over
-    samples (any ``f`` whose captured graph is one, a :func:`hessfunc.functionalize`
-    model included: NOTE [chains from the graph]), the whole matrix is assembled from
+    For a chain of Linear layers, elementwise maps, per-feature scales (LayerNorm's
+    affine part, BatchNorm in eval mode) and softmaxes or normalisations over the
+    features (LayerNorm, RMSNorm) with a loss that is a sum over samples (any ``f``
+    whose captured graph is one, a :func:`hessfunc.functionalize` model included: NOTE
+    [chains from the graph]), the whole matrix is assembled from
     per-sample Hessians propagated backward (NOTE [full Hessian] in
     ``hessfunc/graph/chain_plan.py``); otherwise from
     batched Hessian rows ``H e_i`` of :func:`hessfunc.hvp_fn` (structured products on

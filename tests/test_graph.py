@@ -426,9 +426,10 @@ def test_explain_names_every_route():
         "samples, or over the memory budget)" in coupled["hessian"].why
     conv = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(4, 1)).double()
     report = hf.explain(_plain(conv, F.mse_loss), _params(conv), x[:, None, :], y)
-    assert "a chain with steps other than Linear layers and elementwise maps (convolutions, " \
-        "views, pooling, per-feature scales, normalisations), which the full Hessian's " \
-        "backpropagation has no rule for" in report["hessian"].why
+    assert "a chain with steps other than Linear layers, elementwise maps, per-feature " \
+        "scales and softmaxes or normalisations over features (convolutions, views, " \
+        "pooling, statistics over the batch), which the full Hessian's backpropagation " \
+        "has no rule for" in report["hessian"].why
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
     report = hf.explain(_plain(bn, F.mse_loss), _params(bn), x, y)
     assert report["hessian_diag"].name == "generic"

@@ -1381,6 +1381,145 @@ def test_what_is_not_a_scale_or_a_linear_map(name):
         hf.hvp_fn(f, (p, x, y), method="structured")
 
 
+@given(prob=problems(kinds=("normed",), freeze=True))
+def test_full_hessian_of_normalised_chains_propagates_per_sample(prob):
+    """MLPs with BatchNorm in eval mode, LayerNorm, RMSNorm or a softmax, frozen subsets
+    included, written the torch.func way: the full Hessian's per-sample backpropagation
+    takes the scale and the map (NOTE [full Hessian] in ``chain_plan.py``) and equals the
+    oracle."""
+    f = _torch_func(prob.model, prob.loss_fn)
+    p = {n: t.detach() for n, t in prob.model.named_parameters() if t.requires_grad}
+    assume(p)
+    batch = (prob.inputs, prob.targets)
+    plan, why = graph_chain(f, (p, *batch), 0)
+    assert why == "ok" and plan.per_sample_blocks()
+    assert hf.explain(f, p, *batch)["hessian"].engine == "chain in the captured graph"
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    dense = hf.reference.hessian(f(leaves, *batch), list(leaves.values()))
+    assert_nested_close(hf.hessian(f)(p, *batch), dense, p)
+
+
+class _Gain(nn.Module):
+    """``x * w``, ``w`` one entry (``per_feature=False``) or one per feature."""
+
+    def __init__(self, width, per_feature=True):
+        super().__init__()
+        self.w = nn.Parameter(torch.rand(width if per_feature else ()) + 0.5)
+
+    def forward(self, x):
+        return x * self.w
+
+
+class _Shift(nn.Module):
+    """``x + b``, one ``b`` per feature."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        return x + self.b
+
+
+def _normalised_chains():
+    """Chains whose full Hessian propagates per sample through scales and maps: each
+    form at the first, a middle and the last step, affine parts with a weight or a bias
+    alone, BatchNorm's shift and factor before its gain, one scale above another."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    return {
+        "layernorm first": nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 4), nn.Sigmoid(),
+                                         nn.Linear(4, 2)),
+        "every form": nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(),
+                                    nn.Linear(6, 6), nn.Softmax(-1), nn.Linear(6, 3), bn,
+                                    nn.Linear(3, 2)),
+        "normalisation last": nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3),
+                                            nn.LayerNorm(3)),
+        "weight alone": nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4, bias=False),
+                                      nn.Softplus(), nn.Linear(4, 2)),
+        "gain on a gain": nn.Sequential(nn.Linear(5, 4, bias=False), nn.RMSNorm(4),
+                                        _Gain(4), nn.Tanh(), nn.Linear(4, 2)),
+        "bias alone": nn.Sequential(nn.Linear(5, 4, bias=False), nn.Tanh(), _Shift(4),
+                                    nn.Linear(4, 2)),
+        "no affine part": nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(
+            4, elementwise_affine=False), nn.Tanh(), nn.Linear(4, 2)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_normalised_chains()))
+def test_full_hessian_through_scales_and_maps_equals_the_oracle(name, monkeypatch):
+    """The full Hessian's per-sample backpropagation through per-feature scales and
+    softmaxes or normalisations over the features (NOTE [full Hessian]): equal to the
+    oracle, whole and with samples taken one at a time, in float64."""
+    model = _normalised_chains()[name].double()
+    for module in model.modules():  # affine parts away from 1 and 0
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.normal_()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 5, generator=gen, dtype=F64)
+    y = torch.randn(7, 2 if name != "normalisation last" else 3, generator=gen, dtype=F64)
+    f = _torch_func(model, F.mse_loss)
+    p = {n: t.detach() for n, t in model.named_parameters()}
+    plan, why = graph_chain(f, (p, x, y), 0)
+    assert why == "ok" and plan.why_not_per_sample() is None
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
+    monkeypatch.setattr(sys.modules["hessfunc.graph.chain_plan"], "CHUNK_BUDGET_BYTES", 1)
+    assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
+
+
+def test_a_gain_shared_by_every_feature_has_no_per_sample_full_hessian():
+    """A gain of one entry broadcast over the features is a scale the full Hessian's
+    backpropagation has no rule for: the plan says so, and the Hessian (one-hot products)
+    still equals the oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Gain(4, per_feature=False), nn.Tanh(),
+                          nn.Linear(4, 1)).double()
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
+    f = _torch_func(model, F.mse_loss)
+    p = {n: t.detach() for n, t in model.named_parameters()}
+    plan, _ = graph_chain(f, (p, x, y), 0)
+    assert plan.why_not_per_sample() == (
+        "a chain with steps other than Linear layers, elementwise maps, per-feature scales "
+        "and softmaxes or normalisations over features (convolutions, views, pooling, "
+        "statistics over the batch), which the full Hessian's backpropagation has no rule "
+        "for")
+    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+    dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
+
+
+@pytest.mark.parametrize("form", ["softmax", "layernorm", "rmsnorm"])
+def test_map_blocks_equal_autograd(form):
+    """``map_blocks``' Jacobian and second-order term of a softmax, a standardisation and
+    an RMS normalisation over the features, per sample, against ``jacrev`` and the
+    Hessian of ``<g, F(a)>`` by autograd."""
+    from hessfunc.graph.chain_plan import _Softmax, _Standardise, map_blocks
+    spec, fn = {
+        "softmax": (_Softmax((1,)), lambda t: torch.softmax(t, -1)),
+        "layernorm": (_Standardise((1,), 1e-3, True),
+                      lambda t: F.layer_norm(t, t.shape[-1:], eps=1e-3)),
+        "rmsnorm": (_Standardise((1,), 1e-3, False),
+                    lambda t: F.rms_norm(t, t.shape[-1:], eps=1e-3)),
+    }[form]
+    gen = torch.Generator().manual_seed(2)
+    a, g = torch.randn(4, 5, generator=gen, dtype=F64), torch.randn(4, 5, generator=gen,
+                                                                    dtype=F64)
+    A, M = map_blocks(spec, a, g)
+    for n in range(4):
+        assert_close(A[n], torch.func.jacrev(fn)(a[n]))
+        assert_close(M[n], torch.func.hessian(lambda t, n=n: (g[n] * fn(t)).sum())(a[n]))
+
+
 def test_a_dag_has_no_per_sample_full_hessian():
     """The full Hessian's per-sample backpropagation has no rule for skip connections:
     the plan and ``explain`` say so, and name the products' route."""

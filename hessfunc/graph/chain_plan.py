@@ -28,8 +28,21 @@ of ``theta_m``, ``sum_n a_{l-1}[n, j] (H_l W_l Q)[n, i, p] + g_l[n, i] Q[n, j, p
 Curvature above layer ``l`` is all in ``H_l``; activations between ``m`` and ``l``
 do not depend on ``theta_l``, so there is no other term.
 
-Both are exact, not approximations: the tests compare them with the loop oracle
-to 1e-10 in float64.
+The other steps of such a chain, on ``(N, d)`` values, take the same two rules with
+their own per-sample Jacobians ``A = d z / d a`` and second-order terms
+``M = d(A^T g') / d a``: ``H = A^T H' A + M``, ``g = A^T g'``, and ``Q <- A Q``.
+
+* a per-feature scale ``z = a w + b``, ``a = s x`` after constant shifts and factors
+  (LayerNorm's affine part, BatchNorm in eval mode): ``A = diag(s w)``, ``M = 0``; its
+  own blocks are ``sum_n diag(a_n) H'[n] diag(a_n)``, ``sum_n H'[n]`` and
+  ``sum_n diag(a_n) H'[n]``, and ``d^2 z_r / d w_r d x_r = s_r`` gives a cross block's
+  bilinear term (:func:`_cross_blocks`);
+* a softmax or a normalisation over the features (LayerNorm, RMSNorm): ``A`` and ``M``
+  in closed form, ``(d, d)`` per sample (:func:`map_blocks`).
+
+The cost per sample is ``O(d^3)`` for the widest value, as for a Linear layer. All of
+these are exact, not approximations: the tests compare them with the loop oracle to
+1e-10 in float64.
 
 Hessian-vector products (NOTE [structured products]) also take convolutions,
 scales, linear maps, skip connections (a DAG of these steps) and a loss that couples
@@ -39,7 +52,7 @@ samples.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,51 +290,83 @@ class ChainPlan:
         self.curved_maps = sum(isinstance(s, _Map) and not s.linear and s.form is None
                                for s in steps)
 
-    def _propagate(self, on_linear: Callable[[_Linear, torch.Tensor, torch.Tensor, slice], None],
-                   chunk_size: int | None, per_sample_bytes: int) -> None:
-        """Backward over sample chunks; ``on_linear(step, H, g, rows)`` at every Linear, top
-        down, with ``H`` the per-sample Hessians and ``g`` the gradients at its output."""
+    def _propagate(self, chunk_size: int | None, per_sample_bytes: int
+                   ) -> Iterator[tuple[slice, dict[int, tuple[torch.Tensor, torch.Tensor]],
+                                       dict[int, torch.Tensor]]]:
+        """Backward over sample chunks (NOTE [structured route]): for each chunk
+        ``(rows, at, jacobians)``, with ``at[i] = (H, g)`` the per-sample Hessians ``(n, o,
+        o)`` and gradients ``(n, o)`` at trainable step ``i``'s output and ``jacobians[i]``
+        the per-sample Jacobian ``(n, o, o)`` of map ``i``."""
         N = self.out_hessian.shape[0]
         chunk = chunk_size or max(1, CHUNK_BUDGET_BYTES // max(1, per_sample_bytes))
         for lo in range(0, N, chunk):
             rows = slice(lo, min(lo + chunk, N))
-            H, g = self.out_hessian[rows].clone(), self.out_grad[rows]  # H is updated in place
+            H, g = self.out_hessian[rows], self.out_grad[rows]
+            at: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            jacobians: dict[int, torch.Tensor] = {}
             for i in range(len(self.steps) - 1, self.first - 1, -1):
                 step = self.steps[i]
+                if trainable(step):
+                    at[i] = (H, g)
+                if i == self.first:
+                    break
                 if isinstance(step, _Linear):
-                    on_linear(step, H, g, rows)
-                    if i == self.first:
-                        break
-                    H = step.weight.T @ H @ step.weight
-                    g = g @ step.weight
+                    H, g = step.weight.T @ H @ step.weight, g @ step.weight
+                elif isinstance(step, _Scale):
+                    if step.gain is not None:
+                        H = H * step.gain[:, None] * step.gain
+                        g = g * step.gain
+                elif isinstance(step, _Map):
+                    A, M = map_blocks(step.form, step.inputs[0][rows], g)
+                    jacobians[i] = A
+                    H, g = A.mT @ H @ A + M, (A.mT @ g[:, :, None])[:, :, 0]
                 else:
                     p1, p2 = step.phi1[rows], step.phi2[rows]
-                    H.mul_(p1[:, :, None]).mul_(p1[:, None, :])
+                    H = H * p1[:, :, None] * p1[:, None, :]
                     H.diagonal(dim1=1, dim2=2).add_(p2 * g)
                     g = p1 * g
+            yield rows, at, jacobians
 
     def per_sample_blocks(self) -> bool:
         """Whether the plan serves the per-sample backward propagation of the full
-        Hessian: Linear layers and activations only, per-sample output Hessians."""
+        Hessian (:meth:`why_not_per_sample`)."""
         return self.why_not_per_sample() is None
 
     def why_not_per_sample(self) -> str | None:
-        """Why :meth:`per_sample_blocks` is False, or None."""
+        """Why :meth:`per_sample_blocks` is False, or None: it takes a chain of Linear
+        layers, elementwise maps, per-feature scales (LayerNorm's affine part, BatchNorm
+        in eval mode) and softmaxes or normalisations over the features of each sample,
+        on ``(N, features)`` values, with per-sample output Hessians."""
         if not self.chain:
             return ("layers with skip connections, which the full Hessian's "
                     "backpropagation has no rule for")
         if self.out_hessian is None:
             return ("a chain, but its loss's Hessian is not kept per sample (not proved a "
                     "sum over samples, or over the memory budget)")
-        if not all(isinstance(s, (_Linear, _Elementwise)) for s in self.steps):
-            return ("a chain with steps other than Linear layers and elementwise maps "
-                    "(convolutions, views, pooling, per-feature scales, normalisations), "
-                    "which the full Hessian's backpropagation has no rule for")
+        if not all(self._per_sample_step(s) for s in self.steps):
+            return ("a chain with steps other than Linear layers, elementwise maps, "
+                    "per-feature scales and softmaxes or normalisations over features "
+                    "(convolutions, views, pooling, statistics over the batch), which the "
+                    "full Hessian's backpropagation has no rule for")
         return None
+
+    def _per_sample_step(self, step: Any) -> bool:
+        if isinstance(step, (_Linear, _Elementwise)):
+            return True
+        if isinstance(step, _Scale):  # one weight and bias entry per feature
+            width = step.inputs.shape[-1]
+            return step.inputs.dim() == 2 and all(
+                name is None or self.params[name].numel() == width
+                for name in (step.weight_name, step.bias_name))
+        return isinstance(step, _Map) and isinstance(step.form, (_Softmax, _Standardise)) \
+            and len(step.inputs) == 1 and step.inputs[0].dim() == 2 and step.form.dims == (1,)
 
     def _widest(self) -> int:
         return max([self.out_hessian.shape[-1]]
-                   + [s.weight.shape[1] for s in self.steps if isinstance(s, _Linear)])
+                   + [s.weight.shape[1] if isinstance(s, _Linear) else
+                      s.inputs[0].shape[1] if isinstance(s, _Map) else
+                      s.inputs.shape[1] if isinstance(s, _Scale) else s.phi1.shape[1]
+                      for s in self.steps])
 
     def full(self, chunk_size: int | None = None) -> torch.Tensor:
         """The full ``(P, P)`` Hessian, parameters in ``params`` order (NOTE [full Hessian])."""
@@ -331,8 +376,6 @@ class ChainPlan:
         span = {k: slice(starts[k], starts[k] + self.params[k].numel()) for k in names}
         P = sum(sizes)
         ref = self.out_hessian
-        chunk_store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        index = {id(s): i for i, s in enumerate(self.steps)}
         # sums over sample chunks, kept in the layout they are computed in; each is
         # rearranged into its (rows, cols) block once, at the end
         acc: dict[tuple[str, str, str], list[Any]] = {}
@@ -345,14 +388,10 @@ class ChainPlan:
             else:
                 acc[(a, b, tag)] = [raw, finish]
 
-        def on_linear(step: _Linear, H: torch.Tensor, g: torch.Tensor, rows: slice) -> None:
-            chunk_store[index[id(step)]] = (H, g)
-            if index[id(step)] == self.first:  # the last callback of this chunk
-                self._full_chunk(chunk_store, rows, put)
-                chunk_store.clear()
-
         d = self._widest()
-        self._propagate(on_linear, chunk_size, 3 * d * d * d * itemsize(ref.dtype))
+        for rows, at, jacobians in self._propagate(chunk_size,
+                                                   3 * d * d * d * itemsize(ref.dtype)):
+            self._full_chunk(at, jacobians, rows, put)
         M = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
         for (a, b, _), (raw, finish) in acc.items():
             block = raw if finish is None else finish(raw)
@@ -363,77 +402,159 @@ class ChainPlan:
             self.terms.add_dense(M, span)
         return M
 
-    def _full_chunk(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: slice,
+    def _full_chunk(self, at: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                    jacobians: dict[int, torch.Tensor], rows: slice,
                     put: Callable[..., None]) -> None:
         """Add one sample chunk's contribution to every block of the full Hessian."""
         for m, low in enumerate(self.steps):
-            if not (isinstance(low, _Linear) and (low.weight_name or low.bias_name)):
+            if m not in at:
                 continue
-            H, _ = store[m]
-            a = low.inputs[rows]
-            n, o, i = H.shape[0], H.shape[1], a.shape[1]
-            # own block: Q^T H Q with Q = d a_m / d theta_m (structured, never formed)
-            if low.weight_name:
-                ww = (H.reshape(n, o * o).T @ (a[:, :, None] * a[:, None, :]).reshape(n, i * i))
-                put(low.weight_name, low.weight_name, ww,
-                    lambda t, o=o, i=i: t.reshape(o, o, i, i).permute(0, 2, 1, 3).reshape(
-                        o * i, o * i))
-            if low.bias_name:
-                put(low.bias_name, low.bias_name, H.sum(0))
-            if low.weight_name and low.bias_name:
-                put(low.weight_name, low.bias_name,
-                    torch.einsum("nik,nj->ijk", H, a).reshape(o * i, o))
-            # cross blocks with every Linear above: forward-propagate the per-sample
-            # Jacobian J = d a_k / d z_m (z_m = a_m, this layer's output); then
-            # d a_{l-1} / d W_m[i', k] = J[:, i'] a_{m-1}[k] and d / d b_m[i'] = J[:, i']
-            J = torch.eye(o, dtype=a.dtype, device=a.device).expand(n, o, o)
+            H, _ = at[m]
+            _own_blocks(low, H, low.inputs[rows], put)
+            # cross blocks with every trainable step above: forward-propagate the
+            # per-sample Jacobian J = d a_k / d z_m (z_m this step's output)
+            n, o = H.shape[0], H.shape[1]
+            J = torch.eye(o, dtype=H.dtype, device=H.device).expand(n, o, o)
             for k in range(m + 1, len(self.steps)):
                 step = self.steps[k]
+                if k in at:
+                    columns = _parameter_columns(low, J, low.inputs[rows])
+                    _cross_blocks(step, *at[k], step.inputs[rows], columns, put)
                 if isinstance(step, _Elementwise):
                     J = step.phi1[rows][:, :, None] * J
-                    continue
-                if step.weight_name or step.bias_name:
-                    Hk, gk = store[k]
-                    self._cross_blocks(step, Hk, gk, step.inputs[rows], low, J, a, put)
-                J = step.weight @ J
+                elif isinstance(step, _Linear):
+                    J = step.weight @ J
+                elif isinstance(step, _Scale):
+                    J = J if step.gain is None else step.gain[:, None] * J
+                else:
+                    J = jacobians[k] @ J
 
-    @staticmethod
-    def _cross_blocks(high: _Linear, H: torch.Tensor, g: torch.Tensor, a_high: torch.Tensor,
-                      low: _Linear, J: torch.Tensor, a_low: torch.Tensor,
-                      put: Callable[..., None]) -> None:
-        """Blocks of ``high``'s parameters against ``low``'s (NOTE [full Hessian]).
 
-        ``H``, ``g``: per-sample Hessian and gradient at ``high``'s output ``(n, o)``;
-        ``a_high``: its input ``(n, i)``; ``J = d a_high / d z_low`` ``(n, i, p)``;
-        ``a_low``: ``low``'s input ``(n, k)``. Every sum over samples is one matmul.
-        """
-        n, o = g.shape
-        i, p, kk = a_high.shape[1], J.shape[2], a_low.shape[1]
-        HWJ = H @ (high.weight @ J)                                   # (n, o, p)
+def _own_blocks(step: _Linear | _Scale, H: torch.Tensor, a: torch.Tensor,
+                put: Callable[..., None]) -> None:
+    """A trainable step's own blocks from one chunk: ``Q^T H Q`` summed over samples, with
+    ``Q = d z / d theta`` (structured, never formed); ``H`` ``(n, o, o)`` at its output,
+    ``a`` ``(n, i)`` its input (for a scale, after the shifts and factors)."""
+    n, o, i = H.shape[0], H.shape[1], a.shape[1]
+    if isinstance(step, _Scale):  # Q = diag(a) for the weight, the identity for the bias
+        if step.weight_name:
+            put(step.weight_name, step.weight_name, torch.einsum("ni,nij,nj->ij", a, H, a))
+        if step.bias_name:
+            put(step.bias_name, step.bias_name, H.sum(0))
+        if step.weight_name and step.bias_name:
+            put(step.weight_name, step.bias_name, torch.einsum("ni,nij->ij", a, H))
+        return
+    if step.weight_name:
+        ww = (H.reshape(n, o * o).T @ (a[:, :, None] * a[:, None, :]).reshape(n, i * i))
+        put(step.weight_name, step.weight_name, ww,
+            lambda t: t.reshape(o, o, i, i).permute(0, 2, 1, 3).reshape(o * i, o * i))
+    if step.bias_name:
+        put(step.bias_name, step.bias_name, H.sum(0))
+    if step.weight_name and step.bias_name:
+        put(step.weight_name, step.bias_name,
+            torch.einsum("nik,nj->ijk", H, a).reshape(o * i, o))
+
+
+def _parameter_columns(low: _Linear | _Scale, J: torch.Tensor, a: torch.Tensor
+                       ) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """``d a_high / d theta`` for each parameter ``theta`` of the lower step ``low`` as
+    ``(name, Q, outer)``: the Jacobian is ``Q`` ``(n, i, p)`` where ``outer`` is None,
+    else ``Q[:, :, s] outer[:, k]`` at ``theta``'s entry ``(s, k)`` (a Linear weight, kept
+    as the two factors); ``J = d a_high / d z_low``, ``a`` ``low``'s input."""
+    found = []
+    if low.weight_name:
+        found.append((low.weight_name, J, a) if isinstance(low, _Linear) else
+                     (low.weight_name, J * a[:, None, :], None))
+    if low.bias_name:
+        found.append((low.bias_name, J, None))
+    return found
+
+
+def _cross_blocks(high: _Linear | _Scale, H: torch.Tensor, g: torch.Tensor, a: torch.Tensor,
+                  columns: list[tuple[str, torch.Tensor, torch.Tensor | None]],
+                  put: Callable[..., None]) -> None:
+    """Blocks of ``high``'s parameters against a lower step's (NOTE [full Hessian]):
+    ``sum_n (d z/d theta_high)^T H d z/d theta_low + g . d^2 z / d theta_high d theta_low``.
+
+    ``H``, ``g``: per-sample Hessian and gradient at ``high``'s output ``(n, o)``; ``a``:
+    its input ``(n, i)``; ``columns``: :func:`_parameter_columns`. Every sum over samples
+    is one matmul.
+    """
+    n, o = g.shape
+    i = a.shape[1]
+    for name, Q, outer in columns:
+        p = Q.shape[2]
+        if isinstance(high, _Scale):  # z = a w + b, a = s x: d^2 z_r / d w_r d x_r = s_r
+            HGQ = H @ (Q if high.gain is None else high.gain[:, None] * Q)     # (n, o, p)
+            rows = []
+            if high.weight_name:
+                rows.append((high.weight_name, a[:, :, None] * HGQ + (
+                    g if high.pre is None else g * high.pre)[:, :, None] * Q))
+            if high.bias_name:
+                rows.append((high.bias_name, HGQ))
+            for row_name, X in rows:
+                if outer is None:
+                    put(row_name, name, X.sum(0))
+                else:
+                    put(row_name, name, X.reshape(n, o * p).T @ outer,
+                        lambda t, o=o: t.reshape(o, -1))
+            continue
+        HWQ = H @ (high.weight @ Q)                                    # (n, o, p)
         if high.weight_name:
-            # sum_n a_high[n, j] HWJ[n, r, s] (x)[n, k] + g[n, r] J[n, j, s] (x)[n, k]
-            if low.weight_name:
-                t1 = ((a_high[:, :, None] * a_low[:, None, :]).reshape(n, i * kk).T
-                      @ HWJ.reshape(n, o * p))                        # (j k, r s)
-                put(high.weight_name, low.weight_name, t1,
-                    lambda t: t.reshape(i, kk, o, p).permute(2, 0, 3, 1).reshape(o * i, p * kk),
+            # sum_n a[n, j] HWQ[n, r, s] (x)[n, k] + g[n, r] Q[n, j, s] (x)[n, k]
+            if outer is not None:
+                kk = outer.shape[1]
+                t1 = (a[:, :, None] * outer[:, None, :]).reshape(n, i * kk).T \
+                    @ HWQ.reshape(n, o * p)                            # (j k, r s)
+                put(high.weight_name, name, t1,
+                    lambda t, kk=kk, p=p: t.reshape(i, kk, o, p).permute(2, 0, 3, 1).reshape(
+                        o * i, p * kk), tag="H")
+                t2 = g.T @ (Q[:, :, :, None] * outer[:, None, None, :]).reshape(n, i * p * kk)
+                put(high.weight_name, name, t2,                        # (r, j s k)
+                    lambda t, kk=kk, p=p: t.reshape(o * i, p * kk), tag="g")
+            else:
+                put(high.weight_name, name, a.T @ HWQ.reshape(n, o * p),  # (j, r s)
+                    lambda t, p=p: t.reshape(i, o, p).permute(1, 0, 2).reshape(o * i, p),
                     tag="H")
-                t2 = g.T @ (J[:, :, :, None] * a_low[:, None, None, :]).reshape(n, i * p * kk)
-                put(high.weight_name, low.weight_name, t2,          # (r, j s k)
-                    lambda t: t.reshape(o * i, p * kk), tag="g")
-            if low.bias_name:
-                t1 = a_high.T @ HWJ.reshape(n, o * p)                 # (j, r s)
-                put(high.weight_name, low.bias_name, t1,
-                    lambda t: t.reshape(i, o, p).permute(1, 0, 2).reshape(o * i, p), tag="H")
-                t2 = g.T @ J.reshape(n, i * p)                        # (r, j s)
-                put(high.weight_name, low.bias_name, t2, lambda t: t.reshape(o * i, p),
-                    tag="g")
+                put(high.weight_name, name, g.T @ Q.reshape(n, i * p),    # (r, j s)
+                    lambda t, p=p: t.reshape(o * i, p), tag="g")
         if high.bias_name:
-            if low.weight_name:
-                put(high.bias_name, low.weight_name,
-                    (HWJ.reshape(n, o * p).T @ a_low).reshape(o, p * kk))
-            if low.bias_name:
-                put(high.bias_name, low.bias_name, HWJ.sum(0))
+            put(high.bias_name, name, HWQ.sum(0) if outer is None else
+                (HWQ.reshape(n, o * p).T @ outer).reshape(o, -1))
+
+
+def map_blocks(form: _Softmax | _Standardise, a: torch.Tensor, g: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A softmax's or a standardisation's per-sample Jacobian ``A`` ``(n, d, d)`` over the
+    features of ``a`` ``(n, d)`` and the second-order term ``M = d(A^T g)/da`` ``(n, d,
+    d)`` of its backward rule at the gradient ``g`` ``(n, d)`` at its output, as matrices
+    (NOTE [softmax and standardisation] in ``chain_products.py``; ``A`` is symmetric).
+    ``<.>`` a mean over the features (a sum for the softmax), ``m = <y g>``:
+
+    * softmax: ``A = diag(y) - y y^T``, ``M = (diag(g - m) - y g^T) A``;
+    * standardisation: ``A = r (I - 1 1^T / d - y y^T / d)`` (no ``1 1^T`` term for an
+      RMS normalisation), ``M = -r (A g y^T / d + m A + y g^T A / d)``.
+    """
+    d = a.shape[1]
+    eye = torch.eye(d, dtype=a.dtype, device=a.device)
+    if isinstance(form, _Softmax):
+        y = torch.softmax(a, dim=1)
+        A = torch.diag_embed(y) - y[:, :, None] * y[:, None, :]
+        m = (y * g).sum(1, keepdim=True)
+        return A, (torch.diag_embed(g - m) - y[:, :, None] * g[:, None, :]) @ A
+    if form.centred:
+        var, mean = torch.var_mean(a, dim=1, correction=0, keepdim=True)
+        y = a - mean
+    else:
+        var, y = (a * a).mean(1, keepdim=True), a
+    r = (var + form.eps).rsqrt()[:, :, None]
+    y = y * r[:, :, 0]
+    A = r * (eye - y[:, :, None] * y[:, None, :] / d - (1.0 / d if form.centred else 0.0))
+    w = (A @ g[:, :, None])[:, :, 0]
+    m = (y * g).mean(1)[:, None, None]
+    M = -r * (w[:, :, None] * y[:, None, :] / d + m * A
+              + y[:, :, None] * (A @ g[:, :, None]).mT / d)
+    return A, M
 
 
 def elementwise_derivatives(phi: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
