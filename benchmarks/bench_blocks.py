@@ -3,14 +3,18 @@ side by side.
 
     nice python -m benchmarks.bench_blocks [--repeats 5] [--problems simplenet,mlp5k]
 
+(problems: those of ``bench_graph`` and ``mlp5k-layernorm``, a 20-64-64-1 MLP with
+LayerNorm).
+
 One thread, float32, medians of ``--repeats`` rounds timed round-robin. For each
 problem: ``hessian_blocks`` of ``lambda p, x, y: loss(functional_call(model, p, (x,)),
 y)`` (the captured graph: the curvature at each parameter's place), the batched Hessian
 rows it took before (``hessfunc.dense._generic_blocks``). Then the full Hessian,
 ``hessian(flat=True)`` of the same ``f`` (per-sample backpropagation where the graph
 is a chain, else the largest parameter's block from the graph and the other
-parameters' rows) and every row ``H e_i`` (``hessfunc.dense.rows_and_block`` without a
-block). The
+parameters' rows), that fallback itself (``full: largest block + rows``: the route of
+chains with scales or normalisations before they had per-sample rules) and every row
+``H e_i`` (``hessfunc.dense.rows_and_block`` without a block). The
 graph's blocks and full Hessian are checked against the float64 loop oracle
 (``hessfunc.reference``).
 """
@@ -23,18 +27,21 @@ import torch
 
 import hessfunc as hf
 from hessfunc._tree import flat_spec
-from hessfunc.dense import _generic_blocks, rows_and_block
+from hessfunc.dense import _generic_blocks, _largest_block, rows_and_block
 
 from . import _cli
 from ._timing import interleaved_medians
 from .bench_graph import ALL, torch_func_loss
+from .problems import layernorm_mlp
+
+PROBLEMS = {**ALL, "mlp5k-layernorm": layernorm_mlp}
 
 
 def run(keys: list[str], repeats: int) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for key in keys:
-        problem = ALL[key]()
+        problem = PROBLEMS[key]()
         model, loss_fn, x, y = problem.model, problem.loss_fn, problem.x, problem.y
         params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -50,6 +57,9 @@ def run(keys: list[str], repeats: int) -> list[dict]:
             "full: graph": lambda: hf.hessian(plain, flat=True)(params, x, y),
             "full: rows (before)": lambda: rows_and_block(hf.hvp_fn(plain, (params, x, y)),
                                                           spec, None),
+            "full: largest block + rows": lambda: rows_and_block(
+                hf.hvp_fn(plain, (params, x, y)), spec, None,
+                *_largest_block(plain, (params, x, y), 0, spec)),
         }
         model.double()
         try:

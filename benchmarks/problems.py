@@ -103,6 +103,19 @@ def wide_cnn(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem
     return Problem("CNN 3-16-16 channels, 16x16 CE (32 imgs)", model, F.cross_entropy, x, y)
 
 
+def layernorm_mlp(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
+    """20-64-64-1 tanh with LayerNorm before each activation (5.8k parameters), MSE, 512
+    points (not in ``PROBLEMS``: BackPACK has no Hessian rules for LayerNorm)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(20, 64), nn.LayerNorm(64), nn.Tanh(), nn.Linear(64, 64),
+                          nn.LayerNorm(64), nn.Tanh(), nn.Linear(64, 1)).to(dtype=dtype,
+                                                                            device=device)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(512, 20, generator=g).to(dtype=dtype, device=device)
+    y = torch.randn(512, 1, generator=g).to(dtype=dtype, device=device)
+    return Problem("MLP 20-64-64-1 with LayerNorm (512 pts)", model, F.mse_loss, x, y)
+
+
 def input_mlp(dtype: torch.dtype = torch.float32, device: str = "cpu") -> Problem:
     """Input derivatives: a 16-128-128-128-1 tanh MLP ``u`` and 1024 points ``x`` (``y`` unused)."""
     torch.manual_seed(4)

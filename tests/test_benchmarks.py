@@ -180,7 +180,7 @@ def test_blocks_benchmark_checks_against_the_oracle() -> None:
     finally:
         torch.set_num_threads(threads)
     assert set(row["times_ms"]) == {"graph", "rows (before)", "full: graph",
-                                    "full: rows (before)"}
+                                    "full: rows (before)", "full: largest block + rows"}
     assert row["max_rel_error_vs_oracle"] < 1e-5
     assert row["full_max_rel_error_vs_oracle"] < 1e-5
 
