@@ -61,8 +61,8 @@ import torch
 from .._autodiff import missing_derivative
 from .._memory import CHUNK_BUDGET_BYTES, itemsize
 
-__all__ = ["ChainPlan", "ParameterTerms", "elementwise_derivatives", "output_blocks",
-           "trainable"]
+__all__ = ["ChainPlan", "ParameterTerms", "elementwise_derivatives", "map_blocks",
+           "output_blocks", "trainable"]
 
 
 @dataclass
