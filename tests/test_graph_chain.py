@@ -1448,6 +1448,8 @@ def _normalised_chains():
                                     nn.Linear(4, 2)),
         "no affine part": nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(
             4, elementwise_affine=False), nn.Tanh(), nn.Linear(4, 2)),
+        "activation last": nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(),
+                                         nn.Linear(4, 2), nn.Sigmoid()),
     }
 
 
@@ -1470,6 +1472,7 @@ def test_full_hessian_through_scales_and_maps_equals_the_oracle(name, monkeypatc
     p = {n: t.detach() for n, t in model.named_parameters()}
     plan, why = graph_chain(f, (p, x, y), 0)
     assert why == "ok" and plan.why_not_per_sample() is None
+    assert_close(plan.full(), plan.full())  # the plan's own values are left as they were
     leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
     dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
     assert_nested_close(hf.hessian(f)(p, x, y), dense, p)

@@ -170,15 +170,16 @@ class InPlace(nn.Module):
     ("make", "loss_fn", "chain", "graph"),
     [
         (lambda: ResidualMLP(3, 3, 1, 2), nn.MSELoss(), "products", True),
-        (WithLayerNorm, nn.MSELoss(), "products", True),
+        (WithLayerNorm, nn.MSELoss(), "per-sample", True),
         (InPlace, nn.MSELoss(), "per-sample", True),
         (lambda: build_mlp([3, 4, 2], "tanh", 0), lambda o, t: ((o - t).sum()) ** 2,
          "products", False),
     ],
 )
 def test_fallback_is_detected_and_still_exact(make, loss_fn, chain, graph):
-    """The chain in the graph: LayerNorm's normalisation is a map without a rule and
-    skips make it a DAG of layers, whose full Hessians take the products' rows; an
+    """The chain in the graph: LayerNorm's normalisation is a map with a closed form,
+    whose full Hessian propagates per sample; skips make a DAG of layers, whose full
+    Hessian takes the products' rows; an
     in-place edit after an activation is one more elementwise op of the functional trace;
     a loss that couples samples keeps its gradient graph for products, and the full
     Hessian takes rows.

@@ -302,27 +302,30 @@ class ChainPlan:
         for lo in range(0, N, chunk):
             rows = slice(lo, min(lo + chunk, N))
             H, g = self.out_hessian[rows], self.out_grad[rows]
+            owned = False  # whether H is a temporary of this loop, free to update in place
             at: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             jacobians: dict[int, torch.Tensor] = {}
             for i in range(len(self.steps) - 1, self.first - 1, -1):
                 step = self.steps[i]
                 if trainable(step):
-                    at[i] = (H, g)
+                    at[i], owned = (H, g), False
                 if i == self.first:
                     break
                 if isinstance(step, _Linear):
-                    H, g = step.weight.T @ H @ step.weight, g @ step.weight
+                    H, g, owned = step.weight.T @ H @ step.weight, g @ step.weight, True
                 elif isinstance(step, _Scale):
                     if step.gain is not None:
-                        H = H * step.gain[:, None] * step.gain
-                        g = g * step.gain
+                        H, g, owned = H * step.gain[:, None] * step.gain, g * step.gain, True
                 elif isinstance(step, _Map):
                     A, M = map_blocks(step.form, step.inputs[0][rows], g)
                     jacobians[i] = A
-                    H, g = A.mT @ H @ A + M, (A.mT @ g[:, :, None])[:, :, 0]
+                    H, g, owned = A.mT @ H @ A + M, (A.mT @ g[:, :, None])[:, :, 0], True
                 else:
                     p1, p2 = step.phi1[rows], step.phi2[rows]
-                    H = H * p1[:, :, None] * p1[:, None, :]
+                    if owned:
+                        H.mul_(p1[:, :, None]).mul_(p1[:, None, :])
+                    else:
+                        H, owned = H * p1[:, :, None] * p1[:, None, :], True
                     H.diagonal(dim1=1, dim2=2).add_(p2 * g)
                     g = p1 * g
             yield rows, at, jacobians
