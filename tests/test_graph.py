@@ -553,6 +553,8 @@ RULES = {
             1, torch.tensor([1, 1, 0, 3])), (N, 4)),
     "where and integer masks": (lambda x: torch.where(x > 0, x, 0.1 * x) * (
         1.0 + (x.argmax(-1, keepdim=True) == 0)), (N, 4)),
+    "a per-sample bias in addmm": (lambda x: torch.addmm(x.cos(), x, torch.linspace(
+        -1, 1, 16, dtype=F64).reshape(4, 4)).tanh(), (N, 4)),
     "convolution": (lambda x: F.conv1d(x[:, None], torch.ones(2, 1, 2, dtype=F64)
                                        ).flatten(1)[:, :4].tanh(), (N, 4)),
 }
@@ -577,6 +579,14 @@ def test_batch_axis_rules_match_the_dense_jacobian(name):
             assert (block.abs().max() > 0) == (n == m)
 
 
+def test_a_function_that_returns_per_sample_values_is_not_a_loss():
+    """``f`` returning a value per sample is refused: not a scalar loss."""
+    gm = capture(lambda w, x: (x * w).tanh().sum(1), (torch.randn(4, dtype=F64),
+                                                     torch.randn(N, 4, dtype=F64)),
+                 "t", LOSS_DECOMPOSITIONS).graph_module
+    assert analyze_samples(gm, {0}, {1: 0}, N).reason == "f does not return a scalar loss"
+
+
 _NO_RULE = "has no batch-axis rule for these operands (or mixes samples)"
 _COMBINES = ("combines a sum over samples with per-sample values, so samples interact (e.g. "
              "BatchNorm's batch statistics in training)")
@@ -588,6 +598,10 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
 @pytest.mark.parametrize(("name", "fn", "op", "why"), [
     ("contract the batch", lambda x: x.T @ x, "mm.default", _NO_RULE),
     ("samples on two axes", lambda x: x[:, :, None] * x.T[None], "mul.Tensor", _NO_RULE),
+    ("a bias with samples on another axis", lambda x: torch.addmm(
+        (x[:, :1] * x.new_ones(N, N)).T, x, x.new_ones(4, N)), "addmm.default", _NO_RULE),
+    ("convolve with samples as kernels", lambda x: F.conv1d(x[:, None], x[:, None, :2]),
+     "convolution.default", _NO_RULE),
     ("samples on two axes, stacked", lambda x: torch.stack([x[:, :1] * x.new_ones(N, N),
                                                              (x[:, :1] * x.new_ones(N, N)).T]),
      "stack.default", _NO_RULE),
