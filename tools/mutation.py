@@ -73,7 +73,8 @@ GROUPS: dict[str, Group] = {
     # the chain's full Hessian (per-sample Hessian backpropagation)
     "chain": Group(("hessfunc/graph/chain_plan.py",),
                    ("tests/test_hessian.py", "tests/test_graph.py",
-                    "tests/test_frozen_layers.py", "tests/test_graph_chain.py")),
+                    "tests/test_frozen_layers.py", "tests/test_graph_chain.py",
+                    "tests/test_ggn.py")),
     # the captured-graph engine, one file a group (together about 2.5 hours on 2 cores):
     # the per-sample proof, the op rules, the frontier propagation
     "graph_samples": Group(("hessfunc/graph/samples.py",), _GRAPH_TESTS),
