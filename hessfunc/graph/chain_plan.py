@@ -62,7 +62,7 @@ from .._autodiff import missing_derivative
 from .._memory import CHUNK_BUDGET_BYTES, itemsize
 
 __all__ = ["ChainPlan", "ParameterTerms", "elementwise_derivatives", "map_blocks",
-           "output_blocks", "trainable"]
+           "output_blocks", "standardised", "trainable"]
 
 
 @dataclass
@@ -545,19 +545,26 @@ def map_blocks(form: _Softmax | _Standardise, a: torch.Tensor, g: torch.Tensor
         A = torch.diag_embed(y) - y[:, :, None] * y[:, None, :]
         m = (y * g).sum(1, keepdim=True)
         return A, (torch.diag_embed(g - m) - y[:, :, None] * g[:, None, :]) @ A
-    if form.centred:
-        var, mean = torch.var_mean(a, dim=1, correction=0, keepdim=True)
-        y = a - mean
-    else:
-        var, y = (a * a).mean(1, keepdim=True), a
-    r = (var + form.eps).rsqrt()[:, :, None]
-    y = y * r[:, :, 0]
+    y, r = standardised(form, a)  # form.dims == (1,): r is (n, 1)
+    r = r[:, :, None]
     A = r * (eye - y[:, :, None] * y[:, None, :] / d - (1.0 / d if form.centred else 0.0))
-    w = (A @ g[:, :, None])[:, :, 0]
+    w = (A @ g[:, :, None])[:, :, 0]  # A g = A^T g
     m = (y * g).mean(1)[:, None, None]
-    M = -r * (w[:, :, None] * y[:, None, :] / d + m * A
-              + y[:, :, None] * (A @ g[:, :, None]).mT / d)
+    M = -r * (w[:, :, None] * y[:, None, :] / d + m * A + y[:, :, None] * w[:, None, :] / d)
     return A, M
+
+
+def standardised(form: _Standardise, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, r)`` of a standardisation of ``a`` over ``form.dims``: ``r = (var + eps)^(-1/2)``
+    (``(<a^2> + eps)^(-1/2)`` for an RMS normalisation), kept on those axes, and
+    ``y = (a - <a>) r`` (``a r``)."""
+    if form.centred:
+        var, mean = torch.var_mean(a, dim=form.dims, correction=0, keepdim=True)
+        centred = a - mean
+    else:
+        var, centred = (a * a).mean(dim=form.dims, keepdim=True), a
+    r = (var + form.eps).rsqrt()
+    return centred * r, r
 
 
 def elementwise_derivatives(phi: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor

@@ -64,6 +64,7 @@ from .chain_plan import (
     _ShapeMap,
     _ShapeOp,
     _Softmax,
+    standardised,
 )
 
 __all__ = ["ChainProducts"]
@@ -753,13 +754,7 @@ class _ClosedMapTerms:
             self.y = step.apply(a).detach()
             self.r = None
         else:
-            if form.centred:
-                var, mean = torch.var_mean(a, dim=form.dims, correction=0, keepdim=True)
-                centred = a - mean
-            else:
-                var, centred = (a * a).mean(dim=form.dims, keepdim=True), a
-            self.r = (var + form.eps).rsqrt()
-            self.y = centred * self.r
+            self.y, self.r = standardised(form, a)
         self._centred = not self._softmax and form.centred
         self.g = g.detach()
         self.m = self._reduce(self.y * self.g, self._dims)
