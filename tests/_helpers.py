@@ -39,6 +39,13 @@ def oracle_loss(f: Any, params: dict[str, torch.Tensor], *batch: Any
     return f(leaves, *batch), leaves
 
 
+def oracle_hessian(f: Any, params: dict[str, torch.Tensor], *batch: Any) -> torch.Tensor:
+    """The loop oracle's full ``(P, P)`` Hessian of ``f(params, *batch)``, leaves in
+    ``params`` order."""
+    loss, leaves = oracle_loss(f, params, *batch)
+    return hf.reference.hessian(loss, list(leaves.values()))
+
+
 def oracle_grad(f: Any, params: dict[str, torch.Tensor], batch: tuple[Any, ...]
                 ) -> dict[str, torch.Tensor]:
     """The loop oracle's gradient of ``f(params, *batch)``."""

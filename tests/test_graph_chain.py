@@ -15,6 +15,7 @@ from _helpers import (
     assert_nested_close,
     check_products,
     oracle_grad,
+    oracle_hessian,
     oracle_hvp,
 )
 from hypothesis import assume, given
@@ -711,8 +712,7 @@ def test_full_hessian_of_a_conv_chain_finds_the_chain_once(monkeypatch):
     params = {n: p.detach() for n, p in model.named_parameters()}
     H = hf.hessian(f, flat=True)(params, x, y)
     assert len(calls) == 1
-    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-    expected = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    expected = oracle_hessian(f, params, x, y)
     assert_close(H, expected)
 
 
@@ -775,8 +775,7 @@ def test_the_full_hessian_of_a_chain_under_a_loss_linear_in_its_output(n):
         h = F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"])
         return (F.linear(h, p["w3"]) * c).sum() + 0 * y.sum()
 
-    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
-    dense = hf.reference.hessian(f(leaves, x, x), list(leaves.values()))
+    dense = oracle_hessian(f, p, x, x)
     assert hf.explain(f, p, x, x)["hessian"].engine == "chain in the captured graph"
     assert_nested_close(hf.hessian(f)(p, x, x), dense, p)
 
@@ -918,8 +917,7 @@ def _structured_everywhere(f, p, batch, last, method="auto"):
     check_products(H, f, p, batch, [random_like(p, i) for i in range(3)], single=True)
     assert not any(t.requires_grad for t in H(random_like(p, 0)).values())
     assert_close(H.gradient, oracle_grad(f, p, batch))
-    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
-    dense = hf.reference.hessian(f(leaves, *batch), list(leaves.values()))
+    dense = oracle_hessian(f, p, *batch)
     assert_nested_close(hf.hessian(f)(p, *batch), dense, p)
     names, sizes = list(p), [t.numel() for t in p.values()]
     w = names.index(last)
@@ -1394,8 +1392,7 @@ def test_full_hessian_of_normalised_chains_propagates_per_sample(prob):
     plan, why = graph_chain(f, (p, *batch), 0)
     assert why == "ok" and plan.per_sample_blocks()
     assert hf.explain(f, p, *batch)["hessian"].engine == "chain in the captured graph"
-    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
-    dense = hf.reference.hessian(f(leaves, *batch), list(leaves.values()))
+    dense = oracle_hessian(f, p, *batch)
     assert_nested_close(hf.hessian(f)(p, *batch), dense, p)
 
 
@@ -1473,8 +1470,7 @@ def test_full_hessian_through_scales_and_maps_equals_the_oracle(name, monkeypatc
     plan, why = graph_chain(f, (p, x, y), 0)
     assert why == "ok" and plan.why_not_per_sample() is None
     assert_close(plan.full(), plan.full())  # the plan's own values are left as they were
-    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
-    dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    dense = oracle_hessian(f, p, x, y)
     assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
     monkeypatch.setattr(sys.modules["hessfunc.graph.chain_plan"], "CHUNK_BUDGET_BYTES", 1)
     assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
@@ -1496,8 +1492,7 @@ def test_a_gain_shared_by_every_feature_has_no_per_sample_full_hessian():
         "and softmaxes or normalisations over features (convolutions, views, pooling, "
         "statistics over the batch), which the full Hessian's backpropagation has no rule "
         "for")
-    leaves = {k: t.clone().requires_grad_(True) for k, t in p.items()}
-    dense = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+    dense = oracle_hessian(f, p, x, y)
     assert_nested_close(hf.hessian(f)(p, x, y), dense, p)
 
 
