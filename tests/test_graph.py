@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, oracle_loss
+from _helpers import assert_close, oracle_hessian, oracle_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,10 +19,10 @@ from torch.func import functional_call
 
 import hessfunc as hf
 from hessfunc._autodiff import second_order_kernels
-from hessfunc.graph.capture import LOSS_DECOMPOSITIONS, capture
+from hessfunc.graph.capture import LOSS_DECOMPOSITIONS, capture, run_nodes
 from hessfunc.graph.chain import graph_chain
 from hessfunc.graph.curvature import GraphPlan, plan_diagonal
-from hessfunc.graph.samples import analyze_samples
+from hessfunc.graph.samples import Value, analyze_samples
 from hessfunc.testing.models import ConcatNet, ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import losses
 
@@ -560,6 +560,51 @@ RULES = {
 }
 
 
+def _rows(x):
+    """(N, 4) -> (2N, 2), sample n in rows 2n and 2n + 1: the layout (1, 2)."""
+    return x.reshape(2 * N, 2)
+
+
+def _sequence_rows(x):
+    """(N, 4) -> (2N, 2) sequence-first, sample n in rows n and N + n: the layout (2, 1)."""
+    return x.reshape(N, 2, 2).transpose(0, 1).reshape(2 * N, 2)
+
+
+def _from_sequence_rows(y):
+    return y.reshape(2, N, -1).transpose(0, 1).reshape(N, -1)
+
+
+_M = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=F64)
+# samples interleaved with other positions on the batch axis, through every rule that
+# must carry that layout along
+RULES.update({
+    "padding, slices and selections of sequence-first rows": (lambda x: _from_sequence_rows(
+        F.pad(_sequence_rows(x), (1, 0))[:, 1:] * _sequence_rows(x).narrow(1, 0, 1)
+        + _sequence_rows(x).select(1, 1)[:, None]), (N, 4)),
+    "cat, stack and reductions of sequence-first rows": (lambda x: _from_sequence_rows(
+        torch.cat([_sequence_rows(x),
+                   torch.stack([_sequence_rows(x).sum(1), _sequence_rows(x).amax(1)], 1),
+                   torch.stack([_sequence_rows(x).sin(), _sequence_rows(x)]).mean(0)], 1)),
+        (N, 4)),
+    "an embedding, a gather and index_select of sequence-first rows": (
+        lambda x: _from_sequence_rows(
+            F.embedding((_sequence_rows(x)[:, 0] > 0).long(), _M) * _sequence_rows(x)
+            + _sequence_rows(x).gather(1, (_sequence_rows(x) < 0).long())
+            * _sequence_rows(x).index_select(1, torch.tensor([1, 0]))), (N, 4)),
+    "factories of sequence-first rows": (lambda x: _from_sequence_rows(
+        _sequence_rows(x) * torch.ones_like(_sequence_rows(x))
+        + torch.full_like(_sequence_rows(x), 2.0) * _sequence_rows(x).sin()
+        + _sequence_rows(x).new_ones(2 * N, 2) + _M[0] * _sequence_rows(x)), (N, 4)),
+    "the transpose of a vector": (lambda x: x.sum(1).t()[:, None] * x, (N, 4)),
+    "matrix products, addmm and a convolution of rows": (lambda x: (
+        (_rows(x) @ _M).tanh() + (_M @ _rows(x).T).T
+        * F.conv1d(_rows(x)[:, None], _M[None, :1]).flatten(1)
+        + torch.addmm(_rows(x).cos(), _rows(x), _M)
+        + torch.bmm(_rows(x)[:, :, None], _rows(x)[:, None, :1]).flatten(1)).reshape(N, 4),
+        (N, 4)),
+})
+
+
 @pytest.mark.parametrize("name", list(RULES))
 def test_batch_axis_rules_match_the_dense_jacobian(name):
     """Each rule says the output is per-sample along axis 0: the dense Jacobian of the
@@ -577,6 +622,48 @@ def test_batch_axis_rules_match_the_dense_jacobian(name):
         for m in range(N):
             block = J[n, :, m]
             assert (block.abs().max() > 0) == (n == m)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_every_label_of_the_proof_holds_on_the_values(name):
+    """Every node's label against the traced values themselves: a constant does not move
+    when the parameters do; a live value without a batch axis that is not a sum over
+    samples does not move when the data do; a value with a batch axis has the length its
+    layout says, and when only sample k's data move, it moves only in the positions its
+    layout gives sample k."""
+    fn, shape = RULES[name]
+    torch.manual_seed(1)
+    w, x = torch.randn(shape[1:], dtype=F64), torch.randn(shape, dtype=F64)
+    gm = capture(lambda w, x: fn(x * w).sum(), (w, x), "t", LOSS_DECOMPOSITIONS).graph_module
+    structure = analyze_samples(gm, {0}, {1: 0}, N)
+    assert structure.reason is None
+    base = run_nodes(gm, [w, x])
+    w_moved = run_nodes(gm, [w + 1e-6 * torch.randn_like(w), x])
+    x_moved = []
+    for k in range(N):
+        dx = torch.zeros_like(x)
+        dx[k] = torch.randn_like(x[k])
+        x_moved.append(run_nodes(gm, [w, x + dx]))
+    per_sample = 0
+    for node, label in structure.values.items():
+        value = base[node]
+        if not (isinstance(label, Value) and isinstance(value, torch.Tensor)
+                and value.is_floating_point()):
+            continue
+        if not label.live:
+            assert torch.equal(w_moved[node], value), node
+        if label.axis is None:
+            if label.live and not label.aggregate:
+                assert all(torch.equal(env[node], value) for env in x_moved), node
+            continue
+        size = label.size(N)
+        assert value.shape[label.axis] == size, (node, label)
+        owner = (torch.arange(size) // label.layout[1]) % N
+        for k, env in enumerate(x_moved):
+            change = (env[node] - value).abs().movedim(label.axis, 0).reshape(size, -1)
+            assert not change[owner != k].any(), (node, label, k)
+        per_sample += label.live
+    assert per_sample >= 2
 
 
 def test_a_function_that_returns_per_sample_values_is_not_a_loss():
@@ -615,6 +702,11 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
     ("a sum over samples, then tanh", lambda x: x.sum(0), "tanh.default", _NON_LINEAR),
     ("a sum over samples times another", lambda x: x.sum(0) * x.mean(0), "mul.Tensor",
      "multiplies or divides a sum over samples by a value that depends on the parameters"),
+    ("a sum over samples times itself", lambda x: (lambda s: s * s)(x.sum(0)), "mul.Tensor",
+     "multiplies or divides a sum over samples by a value that depends on the parameters"),
+    ("a sum over samples divided by itself", lambda x: (lambda s: s / s)(x.sum(0)),
+     "div.Tensor",
+     "multiplies or divides a sum over samples by a value that depends on the parameters"),
     ("a constant divided by a sum over samples", lambda x: 2.0 / x.sum(0),
      "reciprocal.default", _NON_LINEAR),
     ("concatenate samples", lambda x: torch.cat([x, x], 0), "cat.default",
@@ -631,6 +723,24 @@ def test_ops_that_mix_samples_are_refused(name, fn, op, why):
     gm = capture(lambda w, x: fn(x * w).tanh().sum(), (w, x), "t",
                  LOSS_DECOMPOSITIONS).graph_module
     assert analyze_samples(gm, {0}, {1: 0}, N).reason == f"{op} {why}"
+
+
+def test_a_squared_sum_over_samples_gets_the_exact_diagonal_and_hessian():
+    """``s * s`` with ``s`` a sum of residuals over the batch couples every pair of
+    samples; read as a product of one live factor (the same node twice), it was taken for
+    a sum of per-sample terms: the diagonal was off by 50 on the last bias, the full
+    Hessian by 16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
+
+    def f(p, x, y):
+        s = (functional_call(model, p, (x,)) - y).sum()
+        return s * s
+
+    params = _params(model)
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian(f, flat=True)(params, x, y), oracle_hessian(f, params, x, y))
 
 
 # ---- the trace cache ---------------------------------------------------------------------
@@ -992,6 +1102,7 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
     y = torch.randn(5, 2, generator=gen, dtype=torch.float64)
     params = _params(model)
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian(f, flat=True)(params, x, y), oracle_hessian(f, params, x, y))
     assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
     plan, why = plan_diagonal(f, (params, x, y))
     assert plan is not None, why
