@@ -596,6 +596,16 @@ RULES.update({
         + torch.full_like(_sequence_rows(x), 2.0) * _sequence_rows(x).sin()
         + _sequence_rows(x).new_ones(2 * N, 2) + _M[0] * _sequence_rows(x)), (N, 4)),
     "the transpose of a vector": (lambda x: x.sum(1).t()[:, None] * x, (N, 4)),
+    "stack at a negative dim": (lambda x: torch.stack([x, x.sin()], dim=-3).transpose(0, 1)
+                                .reshape(N, 8), (N, 4)),
+    "a row and a column of factories": (lambda x: x * torch.ones_like(x)[0]
+                                        + x * torch.ones_like(x.T)[:, 0], (N, 4)),
+    "integer masks of a transpose": (lambda x: (x.T * (x.T > 0)).T, (N, 4)),
+    "constants that mix samples": (lambda x: x * ((x > 0).double().T @ (x > 0).double()
+                                                 ).sum(), (N, 4)),
+    "bmm with the samples on the right": (lambda x: torch.bmm(
+        torch.linspace(-1, 1, 8 * N, dtype=F64).reshape(N, 2, 4), x[:, :, None]).flatten(1),
+        (N, 4)),
     "matrix products, addmm and a convolution of rows": (lambda x: (
         (_rows(x) @ _M).tanh() + (_M @ _rows(x).T).T
         * F.conv1d(_rows(x)[:, None], _M[None, :1]).flatten(1)
@@ -627,10 +637,10 @@ def test_batch_axis_rules_match_the_dense_jacobian(name):
 @pytest.mark.parametrize("name", list(RULES))
 def test_every_label_of_the_proof_holds_on_the_values(name):
     """Every node's label against the traced values themselves: a constant does not move
-    when the parameters do; a live value without a batch axis that is not a sum over
-    samples does not move when the data do; a value with a batch axis has the length its
-    layout says, and when only sample k's data move, it moves only in the positions its
-    layout gives sample k."""
+    when the parameters do; with the constants held (they may mix samples freely), a live
+    value without a batch axis that is not a sum over samples does not move when the data
+    do, and a value with a batch axis, of the length its layout says, moves only in the
+    positions its layout gives sample k when only sample k's data move."""
     fn, shape = RULES[name]
     torch.manual_seed(1)
     w, x = torch.randn(shape[1:], dtype=F64), torch.randn(shape, dtype=F64)
@@ -639,13 +649,19 @@ def test_every_label_of_the_proof_holds_on_the_values(name):
     assert structure.reason is None
     base = run_nodes(gm, [w, x])
     w_moved = run_nodes(gm, [w + 1e-6 * torch.randn_like(w), x])
+    labels = structure.values
+
+    def hold_constants(node, value):
+        label = labels.get(node)
+        return base[node] if isinstance(label, Value) and not label.live else value
+
     x_moved = []
     for k in range(N):
         dx = torch.zeros_like(x)
         dx[k] = torch.randn_like(x[k])
-        x_moved.append(run_nodes(gm, [w, x + dx]))
+        x_moved.append(run_nodes(gm, [w, x + dx], hold_constants))
     per_sample = 0
-    for node, label in structure.values.items():
+    for node, label in labels.items():
         value = base[node]
         if not (isinstance(label, Value) and isinstance(value, torch.Tensor)
                 and value.is_floating_point()):
@@ -714,7 +730,22 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
     ("select a sample", lambda x: x[0], "select.int", _SELECTS),
     ("convolve across samples", lambda x: F.conv1d(x.T[None], torch.ones(1, 4, 2, dtype=F64)),
      "convolution.default", _NO_RULE),
+    ("contract the batch with a constant", lambda x: x.T @ x.new_ones(N, 2), "mm.default",
+     _NO_RULE),
+    ("samples on both sides of a product", lambda x: x @ x.T, "mm.default", _NO_RULE),
+    ("a per-sample vector as the bias of addmm", lambda x: torch.addmm(
+        x.sum(1), x, x.new_ones(4, N)), "addmm.default", _NO_RULE),
+    ("look up rows of the samples", lambda x: F.embedding(torch.tensor([[0, 1]]), x),
+     "embedding.default", _NO_RULE),
+    ("pad the batch axis", lambda x: F.pad(x, (0, 1, 1, 0)), "constant_pad_nd.default",
+     _NO_RULE),
+    ("pad the batch axis of a transpose", lambda x: F.pad(x.T, (1, 0)),
+     "constant_pad_nd.default", _NO_RULE),
+    ("gather fewer rows than samples", lambda x: x.gather(
+        1, torch.zeros(N - 1, 4, dtype=torch.long)), "gather.default", _NO_RULE),
+    ("flip the samples", lambda x: x.flip(0), "flip.default", _NO_RULE),
 ])
+
 def test_ops_that_mix_samples_are_refused(name, fn, op, why):
     """Each of these makes output sample n depend on other samples: refused, with the op
     and the reason, word for word."""
@@ -723,6 +754,23 @@ def test_ops_that_mix_samples_are_refused(name, fn, op, why):
     gm = capture(lambda w, x: fn(x * w).tanh().sum(), (w, x), "t",
                  LOSS_DECOMPOSITIONS).graph_module
     assert analyze_samples(gm, {0}, {1: 0}, N).reason == f"{op} {why}"
+
+
+@pytest.mark.parametrize(("name", "loss"), [
+    ("a constant times a sum", lambda x: torch.tensor(2.0, dtype=F64) * x.sum()),
+    ("sums, means and differences", lambda x: x.sum(0).sum() / 4.0 - x.mean() + 1.0),
+    ("a sum over samples, then over features", lambda x: x.tanh().sum(0).mul(3.0).sum()),
+])
+def test_linear_maps_of_sums_over_samples_are_a_sum_of_per_sample_terms(name, loss):
+    """A loss that is a linear map of sums over samples is proved, its value an
+    aggregate; whichever operand of a product the sum is."""
+    w = torch.randn(4, dtype=F64)
+    x = torch.randn(N, 4, dtype=F64)
+    gm = capture(lambda w, x: loss(x * w), (w, x), "t", LOSS_DECOMPOSITIONS).graph_module
+    structure = analyze_samples(gm, {0}, {1: 0}, N)
+    assert structure.reason is None
+    (out,) = [nd for nd in gm.graph.nodes if nd.op == "output"]
+    assert structure.values[out.args[0]] == Value(True, None, True)
 
 
 def test_a_squared_sum_over_samples_gets_the_exact_diagonal_and_hessian():

@@ -1015,10 +1015,12 @@ def _parameter_terms(walk: _Walk, order: list[fx.Node], placeholders: list[fx.No
                                     allow_unused=True, materialize_grads=True)
         diagonal = None
         if separable:  # :func:`_separable`
+            # a linear R has constant gradients: nothing curved, an all-zero diagonal
             curved = [(k, g) for k, g in zip(leaves, grads, strict=True) if g.requires_grad]
-            second = torch.autograd.grad([g for _, g in curved], [leaves[k] for k, _ in curved],
-                                         [torch.ones_like(g) for _, g in curved],
-                                         allow_unused=True, materialize_grads=True)
+            second = torch.autograd.grad(
+                [g for _, g in curved], [leaves[k] for k, _ in curved],
+                [torch.ones_like(g) for _, g in curved], allow_unused=True,
+                materialize_grads=True) if curved else ()
             diagonal = {k: h.detach() for (k, _), h in zip(curved, second, strict=True)}
     return ParameterTerms(leaves, dict(zip(leaves, grads, strict=True)), diagonal)
 

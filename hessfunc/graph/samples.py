@@ -259,8 +259,9 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
             a, layout = la, left.layout
         elif ra is not None and la is None and ra == nd - 1:
             a, layout = ra, right.layout
-        elif target is aten.bmm.default and la == 0 and ra == 0 and left.layout == right.layout:
-            a, layout = 0, left.layout
+        elif target is aten.bmm.default and ra == 0 and (
+                la is None or (la == 0 and left.layout == right.layout)):
+            a, layout = 0, right.layout  # one matrix product per position of axis 0
         else:
             raise _Unproved
         if target is aten.addmm.default and node.args[0] in vals:
@@ -299,10 +300,10 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
             if x.live:
                 raise _Unproved("selects along the batch axis")
             return Value(live)
-        if target is aten.gather.default:
-            index = dict(operands).get(node.args[2], CONST)
-            if _shape(node.args[2])[a] != x.size(n) or index.axis not in (None, a):
-                raise _Unproved
+        # gather's index (a constant) may vary by sample freely; only its extent along
+        # the batch axis must be the input's
+        if target is aten.gather.default and _shape(node.args[2])[a] != x.size(n):
+            raise _Unproved
         return Value(live, a - 1 if target is aten.select.int and dim < a else a,
                      layout=x.layout)
     if target in (aten.cat.default, aten.stack.default):
