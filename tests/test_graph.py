@@ -1116,6 +1116,10 @@ _PARAMETER_TERMS = {
     "tanh-approximate GELU": (lambda p: F.gelu(p["0.weight"], approximate="tanh").sum(), True,
                               {"0.weight"}),
     "square of the sum": (lambda p: p["0.weight"].sum() ** 2, False, {"0.weight"}),
+    "a sum times itself": (lambda p: (lambda s: s * s)(p["0.weight"].sum()), False,
+                           {"0.weight"}),
+    "a sum of squares times itself": (
+        lambda p: (lambda s: s * s)((p["0.weight"] ** 2).sum()), False, {"0.weight"}),
     "flipped product": (lambda p: (p["0.weight"] * p["0.weight"].flip(0)).sum(), False,
                         {"0.weight"}),
     "bias times a weight column": (lambda p: (p["0.bias"] * p["0.weight"][:, 0]).sum(), False,

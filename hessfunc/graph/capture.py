@@ -253,6 +253,13 @@ def argument(node: torch.fx.Node, name: str) -> Any:
     return None
 
 
+def operand_uses(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes among a call's arguments, once per use: ``mul(s, s)`` gives ``[s, s]``
+    where ``node.all_input_nodes`` gives ``[s]`` (a product of one value with itself is
+    not linear in it)."""
+    return [a for a in tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
+
+
 def _is_random(node: torch.fx.Node) -> bool:
     """An op that draws random numbers here: tagged ``nondeterministic_seeded`` (dropout,
     rand, bernoulli, and every attention kernel, which takes a ``dropout_p``), unless

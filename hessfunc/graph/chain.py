@@ -72,7 +72,7 @@ from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES
 from ..errors import ArgumentError
 from ..functional import FunctionalModel, _report_non_finite
-from .capture import argument, replay, run_nodes, where
+from .capture import argument, operand_uses, replay, run_nodes, where
 from .chain_plan import (
     ChainPlan,
     ParameterTerms,
@@ -613,7 +613,7 @@ def _step_at(walk: _Walk, node: fx.Node, live: list[fx.Node], taken: set[fx.Node
     form = found[0] if found is not None and set(found[1]) <= set(ops) else \
         _product_form(walk, ops, reads)
     linear = all(op.target in _LINEAR or op.target in SHAPE_ONLY or (
-        op.target in _MULTILINEAR and sum(a in variable for a in op.all_input_nodes) <= 1)
+        op.target in _MULTILINEAR and sum(a in variable for a in operand_uses(op)) <= 1)
         for op in ops)
     return _Map(apply, [env[a] for a in reads], linear, form), ops, out, reads
 
@@ -991,7 +991,8 @@ def _separable(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]) -
         if not all(a in scalars for a in inputs) or walk.env[node].dim() != 0:
             return False
         if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.neg.default) or (
-                node.target in _SCALINGS and len(inputs) == 1 and not (
+                node.target in _SCALINGS and len(inputs) == 1
+                and sum(map(walk.variable, operand_uses(node))) == 1 and not (
                     node.target is aten.div.Tensor and node.args[1] in inputs)):
             scalars.add(node)
             continue

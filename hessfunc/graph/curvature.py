@@ -78,7 +78,7 @@ from torch.utils import _pytree as pytree
 from .._autodiff import batched_vjp, use_autograd
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
-from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, run_nodes, where
+from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, operand_uses, run_nodes, where
 from .rules import Elementwise, Reorder, rule_for
 from .samples import SampleStructure, Value, analyze_samples, pointwise
 
@@ -929,7 +929,7 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
         for user in nd.users:
             if user.op == "output" or label(user).aggregate:
                 continue
-            one_live = sum(label(a).live for a in user.all_input_nodes) == 1
+            one_live = sum(label(a).live for a in operand_uses(user)) == 1
             ok = (user.target in _LINEAR or user.target is aten.mul.Tensor and one_live
                   or user.target is aten.div.Tensor and one_live and user.args[0] is nd)
             if not ok or not linear_to_loss(user):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .capture import argument, where
+from .capture import argument, operand_uses, where
 
 __all__ = ["Value", "SampleStructure", "analyze_samples", "where", "pointwise", "SHAPE_ONLY"]
 
@@ -213,8 +213,8 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
             raise _Unproved("is applied to a sum over samples non-linearly, so the loss is "
                             "not a sum of per-sample terms")
         if target in _SCALINGS:  # linear only with one live factor, not as a divisor
-            vals = dict(operands)  # per argument: s * s has one operand, two live factors
-            lives = [arg for arg in node.args if isinstance(arg, fx.Node) and vals[arg].live]
+            vals = dict(operands)
+            lives = [arg for arg in operand_uses(node) if vals[arg].live]
             if len(lives) != 1 or (target in (aten.div.Tensor, aten.div.Scalar)
                                    and lives[0] is not node.args[0]):
                 raise _Unproved("multiplies or divides a sum over samples by a value that "
