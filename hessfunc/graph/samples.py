@@ -72,8 +72,6 @@ def pointwise(target: Any) -> bool:
     return torch.Tag.pointwise in getattr(target, "tags", ()) or target in _UNTAGGED_POINTWISE
 
 
-#: Ops with several outputs that all follow the op's rule.
-_TUPLES = {aten.var_mean.correction}
 #: Ops linear in each operand when only one operand is live (and it is not a divisor).
 _SCALINGS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 #: Ops that keep an aggregate linear in the per-sample values.
@@ -181,6 +179,8 @@ def _pointwise_axis(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int
     """The output axis (and inner) every batch-bearing operand aligns to under
     broadcasting."""
     out = _shape(node)
+    if out is None:  # several outputs (frexp): no rule says where each one's samples are
+        raise _Unproved
     axes = set()
     for arg, value in operands:
         shape = _shape(arg)
@@ -388,10 +388,8 @@ def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int],
             else:
                 why = str(e) or "has no batch-axis rule for these operands (or mixes samples)"
                 return SampleStructure(values, n, f"{where(node)} {why}")
-        if isinstance(val, (tuple, list)):
+        if isinstance(val, (tuple, list)):  # var_mean: each tensor output takes the label
             values[node] = tuple(value if isinstance(v, torch.Tensor) else CONST for v in val)
-            if value.per_sample and node.target not in _TUPLES:
-                return SampleStructure(values, n, f"no batch-axis rule for {where(node)}")
         else:
             values[node] = value
     return SampleStructure(values, n, None)
