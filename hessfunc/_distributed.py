@@ -230,7 +230,7 @@ class Group:
         for s in shape:
             numel *= int(s)
         if not self.distributed:
-            out = torch.zeros(*shape, dtype=like.dtype, device=like.device)
+            out = torch.zeros(tuple(shape), dtype=like.dtype, device=like.device)
             fill(out)
             return out
         codes = [_step_code(step)] + ([] if inputs is None else vector_codes(inputs))

@@ -819,6 +819,25 @@ def test_an_elementwise_op_with_two_outputs_is_refused_by_the_proof_not_raised()
     assert_close(hf.hessian_diag(f)(p, x, y), _oracle_diag(f, p, x, y))
 
 
+@pytest.mark.parametrize("shape", ["chain", "skip"])
+def test_scalar_parameters_used_or_not(shape):
+    """0-d leaves: a shared gain, and one that f never reads (its zero diagonal was built
+    as ``new_zeros()`` with no size, a TypeError, on both routes)."""
+    torch.manual_seed(0)
+    p = {"w": torch.randn(3, 4, dtype=F64), "gain": torch.randn((), dtype=F64),
+         "unused": torch.randn((), dtype=F64), "v": torch.randn(4, 2, dtype=F64)}
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+
+    def f(p, x, y):
+        z = x @ p["w"]
+        h = torch.tanh(z * p["gain"]) + (z if shape == "skip" else 0.0)
+        return F.mse_loss(h @ p["v"], y)
+
+    assert_close(hf.hessian_diag(f)(p, x, y), _oracle_diag(f, p, x, y))
+    assert_close(hf.hessian_blocks(f)(p, x, y), _oracle_blocks(f, p, x, y))
+    assert_close(hf.hessian(f, flat=True)(p, x, y), oracle_hessian(f, p, x, y))
+
+
 # ---- the trace cache ---------------------------------------------------------------------
 
 def test_changed_modes_and_buffers_recapture():

@@ -224,7 +224,7 @@ class ParameterTerms:
             return {}
         lead = () if k is None else (k,)
         columns = [tangents[n] if n in tangents else
-                   self.grad[n].new_zeros(*lead, *self.grad[n].shape) for n in names]
+                   self.grad[n].new_zeros((*lead, *self.grad[n].shape)) for n in names]
         leaves = list(self.leaves.values())
         with torch.enable_grad():
             found = torch.autograd.grad([self.grad[n] for n in names], leaves, columns,
@@ -232,7 +232,7 @@ class ParameterTerms:
                                         is_grads_batched=k is not None)
         # a leaf R's curvature does not reach (R linear in it) has zero rows; torch's own
         # materialized zeros would lack the batch axis
-        return {n: leaf.new_zeros(*lead, *leaf.shape) if r is None else r
+        return {n: leaf.new_zeros((*lead, *leaf.shape)) if r is None else r
                 for (n, leaf), r in zip(self.leaves.items(), found, strict=True)}
 
     def add_dense(self, M: torch.Tensor, span: dict[str, slice]) -> None:

@@ -976,7 +976,7 @@ def _shape_op_transpose(step: _ShapeOp, x: torch.Tensor, k: int | None) -> torch
         ones = (1,) * (len(step.out_shape) - n_in)
         z = x.sum_to_size(*lead, *ones, *step.in_shape).reshape(*lead, *step.in_shape)
     elif op in (_aten.select.int, _aten.slice.Tensor):
-        z = x.new_zeros(*lead, *step.in_shape)
+        z = x.new_zeros((*lead, *step.in_shape))
         dim = (args[0] if args else 0) % n_in + shift
         z = torch.select_scatter(z, x, dim, args[1]) if op is _aten.select.int else \
             torch.slice_scatter(z, x, dim, *args[1:])

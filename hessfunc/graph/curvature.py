@@ -331,7 +331,7 @@ class GraphPlan:
         out = self._sweep(self._site_diagonal, full=False)
         for i, term in self._separable_terms().items():
             out[i] = term if out[i] is None else out[i] + term
-        return [leaf.new_zeros(*lead, *leaf.shape) if d is None and i not in self.products
+        return [leaf.new_zeros((*lead, *leaf.shape)) if d is None and i not in self.products
                 else d for i, (leaf, d) in enumerate(zip(self.leaves, out, strict=True))]
 
     def blocks(self, leaves: set[int] | None = None) -> list[Tensor | None]:
