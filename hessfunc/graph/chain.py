@@ -991,9 +991,8 @@ def _separable(walk: _Walk, order: list[fx.Node], placeholders: list[fx.Node]) -
         if not all(a in scalars for a in inputs) or walk.env[node].dim() != 0:
             return False
         if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.neg.default) or (
-                node.target in _SCALINGS and len(inputs) == 1
-                and sum(map(walk.variable, operand_uses(node))) == 1 and not (
-                    node.target is aten.div.Tensor and node.args[1] in inputs)):
+                node.target in _SCALINGS and sum(map(walk.variable, operand_uses(node))) == 1
+                and not (node.target is aten.div.Tensor and node.args[1] in inputs)):
             scalars.add(node)
             continue
         return False
