@@ -134,13 +134,14 @@ def check_chunk_size(chunk_size: Any, call: str) -> int | None:
     return check_positive_int(chunk_size, "chunk_size", call)
 
 
-def check_scalar_output(out: Any, call: str) -> None:
-    """The differentiated function must return one scalar (a 0-d floating tensor)."""
+def check_scalar_output(out: Any, call: str, offers_aux: bool = False) -> None:
+    """The differentiated function must return one scalar (a 0-d floating tensor);
+    ``offers_aux``: the call takes ``has_aux`` (the hint then names it)."""
     if not isinstance(out, torch.Tensor):
-        raise ArgumentError(
-            f"{call}: f must return a scalar tensor, got {describe(out)}; if f returns "
-            "(loss, aux) pass has_aux=True."
-        )
+        hint = ("if f returns (loss, aux) pass has_aux=True" if offers_aux else
+                "if f returns (loss, aux), differentiate `lambda *a: f(*a)[0]`")
+        raise ArgumentError(f"{call}: f must return a scalar tensor, got {describe(out)}; "
+                            f"{hint}.")
     if out.dim() != 0:
         raise ArgumentError(
             f"{call}: f must return a scalar (0-d) tensor, got shape {tuple(out.shape)}; "
@@ -181,8 +182,10 @@ def check_like(tangent: Any, primal: Any, name: str, call: str) -> None:
             )
 
 
-def wrap_scalar(f: Callable[..., Any], call: str, has_aux: bool = False) -> Callable[..., Any]:
-    """``f`` with its output checked to be a scalar (or ``(scalar, aux)`` with ``has_aux``)."""
+def wrap_scalar(f: Callable[..., Any], call: str, has_aux: bool = False,
+                offers_aux: bool = False) -> Callable[..., Any]:
+    """``f`` with its output checked to be a scalar (or ``(scalar, aux)`` with ``has_aux``;
+    ``offers_aux``: the call takes ``has_aux``)."""
 
     def checked(*args: Any, **kwargs: Any) -> Any:
         out = f(*args, **kwargs)
@@ -191,9 +194,9 @@ def wrap_scalar(f: Callable[..., Any], call: str, has_aux: bool = False) -> Call
                 raise ArgumentError(
                     f"{call}: with has_aux=True f must return (scalar, aux), got {describe(out)}."
                 )
-            check_scalar_output(out[0], call)
+            check_scalar_output(out[0], call, offers_aux=True)
         else:
-            check_scalar_output(out, call)
+            check_scalar_output(out, call, offers_aux=offers_aux)
         return out
 
     return checked

@@ -51,7 +51,7 @@ def grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: boo
         tensor([ 3., 12.])
     """
     check_callable(f, "f", "hessfunc.grad")
-    checked = wrap_scalar(f, "hessfunc.grad", has_aux)
+    checked = wrap_scalar(f, "hessfunc.grad", has_aux, offers_aux=True)
     func_grad = torch.func.grad(checked, argnums=argnums, has_aux=has_aux)
 
     def grad_f(*args: Any, **kwargs: Any) -> Any:
@@ -68,7 +68,7 @@ def grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: boo
                 raise ArgumentError(f"hessfunc.grad: with has_aux=True f must return "
                                     f"(scalar, aux), got {describe(out)}.")
             loss, aux = out if has_aux else (out, None)
-            check_scalar_output(loss, "hessfunc.grad")
+            check_scalar_output(loss, "hessfunc.grad", offers_aux=True)
             if reaches_other_leaves(f, loss, leaves):  # keep the graph to captured tensors
                 return func_grad(*args, **kwargs)
             if not loss.requires_grad:

@@ -41,6 +41,7 @@ VEC = torch.ones(3, dtype=torch.float64)
 H = hf.HessianOperator(F_, PARAMS, (X, Y))
 P = H.shape[0]
 _NONSCALAR_F, _ = hf.functionalize(MODEL, nn.MSELoss(reduction="none"))
+_LOSS_AND_AUX = lambda p, x, y: (F_(p, x, y), x.mean())  # noqa: E731
 
 CASES: list[Case] = [
     Case("functionalize-not-module", "model is not an nn.Module",
@@ -105,6 +106,12 @@ CASES: list[Case] = [
          "`argnums` must be an int"),
     Case("hessian-non-scalar", "non-scalar function output",
          lambda: hf.hessian(lambda t: t ** 2)(VEC), hf.ArgumentError, "scalar"),
+    Case("hessian-diag-loss-and-aux", "f returns (loss, aux) on a batch (its diagonal was "
+         "all zeros)", lambda: hf.hessian_diag(_LOSS_AND_AUX)(PARAMS, X, Y), hf.ArgumentError,
+         r"got tuple of length 2; if f returns \(loss, aux\), differentiate"),
+    Case("hessian-blocks-per-sample-losses", "f returns one loss per sample",
+         lambda: hf.hessian_blocks(_NONSCALAR_F)(PARAMS, X, Y), hf.ArgumentError,
+         r"scalar \(0-d\) tensor, got shape \(4, 1\)"),
     Case("hessian-chunk-zero", "chunk_size < 1",
          lambda: hf.hessian(SCALAR, chunk_size=0)(VEC), hf.ArgumentError,
          "`chunk_size` must be an int >= 1"),

@@ -76,6 +76,7 @@ from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from .._autodiff import batched_vjp, use_autograd
+from .._checks import check_scalar_output
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
 from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, operand_uses, run_nodes, where
@@ -946,12 +947,15 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
 
 
 def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: bool = False,
-                  check_memory: bool = True) -> tuple[GraphPlan | None, str]:
+                  check_memory: bool = True, check_output: bool = True
+                  ) -> tuple[GraphPlan | None, str]:
     """A :class:`GraphPlan` for ``hessian_diag(f, argnums, per_sample=...)(*args)``, or
     ``(None, why)``. ``check_memory=False`` leaves the frontier's memory to the caller
-    (the Gauss-Newton sweep holds factors, not blocks)."""
+    (the Gauss-Newton sweep holds factors, not blocks); ``check_output``: raise
+    :class:`ArgumentError` when ``f`` does not return one scalar (the Gauss-Newton
+    callers check ``loss_fn``'s output themselves, with its own message)."""
     if per_sample:
-        return _plan_per_sample(f, args, argnums, check_memory)
+        return _plan_per_sample(f, args, argnums, check_memory, check_output)
     if argnums != 0:
         return None, "argnums is not 0 (the batch must follow the parameters)"
     if not use_autograd(args):
@@ -974,6 +978,8 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
         return None, str(e)
     if captured is None:
         return None, f"f could not be captured as a graph: {cache.failure}"
+    if check_output:
+        check_scalar_output(captured.output, "hessfunc")
     structure, routes = sample_routes(captured, len(leaves), inputs)
     if routes is None:
         return None, structure.reason
@@ -1065,7 +1071,8 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
                       ) -> tuple[GraphPlan | None, str]:
     """The plan of ``f``'s diagonal with ``g``'s curvature left out (NOTE [Gauss-Newton
     over the graph]), or ``(None, why)``."""
-    plan, why = plan_diagonal(f, args, 0, per_sample=per_sample, check_memory=False)
+    plan, why = plan_diagonal(f, args, 0, per_sample=per_sample, check_memory=False,
+                              check_output=False)
     if plan is None:
         return None, why
     if plan.products:
@@ -1099,11 +1106,12 @@ def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset 
     return frozenset(calls[:len(model_ops)])
 
 
-def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True
-                     ) -> tuple[GraphPlan | None, str]:
+def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True,
+                     check_output: bool = True) -> tuple[GraphPlan | None, str]:
     """The plan of the batch, with ``f`` also traced on one sample (NOTE [per-sample
     losses]): the two graphs must have the same ops in the same order."""
-    plan, why = plan_diagonal(f, args, argnums, check_memory=check_memory)
+    plan, why = plan_diagonal(f, args, argnums, check_memory=check_memory,
+                              check_output=check_output)
     if plan is None:
         return None, why
     if plan.products:
