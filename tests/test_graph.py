@@ -758,6 +758,10 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
         1, torch.zeros(N - 1, 4, dtype=torch.long)), "gather.default", _NO_RULE),
     ("flip the samples", lambda x: x.flip(0), "flip.default", _NO_RULE),
     ("the mantissas of the samples", lambda x: torch.frexp(x)[0], "frexp.Tensor", _NO_RULE),
+    ("contract the samples from the left", lambda x: x.new_ones(2, N) @ x, "mm.default",
+     _NO_RULE),
+    ("a batched product of rows in two layouts", lambda x: torch.bmm(
+        _rows(x)[:, None, :], _sequence_rows(x)[:, :, None]), "bmm.default", _NO_RULE),
 ])
 
 def test_ops_that_mix_samples_are_refused(name, fn, op, why):
