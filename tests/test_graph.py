@@ -842,6 +842,42 @@ def test_scalar_parameters_used_or_not(shape):
     assert_close(hf.hessian(f, flat=True)(p, x, y), oracle_hessian(f, p, x, y))
 
 
+def test_why_a_call_has_no_graph_plan():
+    """Each reason the graph's plan declines before the proof, word for word; a batch of
+    scalars (1-D inputs) and a plan without the memory check are planned."""
+    torch.manual_seed(0)
+    p = {"w": torch.randn(3, 2, dtype=F64)}
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+
+    def f(p, x, y):
+        return F.mse_loss(torch.tanh(x @ p["w"]), y)
+
+    with_graph = (x.clone().requires_grad_() * 1.0, y)
+    cases = [
+        ((p, x, y), {"argnums": 1}, "argnums is not 0 (the batch must follow the parameters)"),
+        ((p, *with_graph), {},
+         "called inside a torch.func transform or with inputs that carry a graph"),
+        (({}, x, y), {}, "the parameters are not floating-point tensors"),
+        (({"w": p["w"].long()}, x, y), {}, "the parameters are not floating-point tensors"),
+        (({"w": 1.0}, x, y), {}, "the parameters are not floating-point tensors"),
+        ((p, x[:1], y[:1]), {}, "no batch of at least two samples after the parameters"),
+        ((p, x[0, 0], y[0, 0]), {}, "no batch of at least two samples after the parameters"),
+    ]
+    for args, kwargs, why in cases:
+        plan, reason = plan_diagonal(f, args, **kwargs)
+        assert plan is None and reason == why, (reason, why)
+    _, reason = plan_diagonal(lambda p, x, y: F.mse_loss(F.dropout(x @ p["w"], 0.5), y),
+                              (p, x, y))
+    assert "random operation" in reason
+    assert plan_diagonal(f, (p, x, y), check_memory=False)[1] == "ok"
+
+    def scalars(p, x, y):  # one scalar input per sample
+        return ((torch.tanh(x[:, None] * p["w"][0]) - y) ** 2).mean()
+
+    plan, reason = plan_diagonal(scalars, (p, x[:, 0], y))
+    assert plan is not None, reason
+
+
 # ---- the trace cache ---------------------------------------------------------------------
 
 def test_changed_modes_and_buffers_recapture():
