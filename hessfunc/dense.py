@@ -111,7 +111,7 @@ def hessian(f: Callable[..., Any], argnums: int = 0, *, flat: bool = False,
         if found is not None and found.per_sample_blocks():
             M = found.full(chunk_size)
             return M if flat else _nest(M, args[a], spec)
-        skip, block = _largest_block(f, args, a, spec)
+        skip, block = _largest_block(f, args, a, spec, call)
         # structured products where they apply
         H = HVPFunction(f, args, a, call=call, plan=found)
         M = rows_and_block(H, spec, chunk_size, skip, block)
@@ -145,12 +145,12 @@ def rows_and_block(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
 
 
 def _largest_block(f: Callable[..., Any], args: tuple[Any, ...], argnums: int,
-                   spec: FlatSpec) -> tuple[int | None, torch.Tensor | None]:
+                   spec: FlatSpec, call: str) -> tuple[int | None, torch.Tensor | None]:
     """The largest leaf whose own block the captured graph gives (NOTE [frontier
     propagation]), with that block: the full Hessian then needs Hessian rows of the
     other leaves only, their rows holding every cross block. ``(None, None)`` where the
     graph gives none."""
-    graph, _ = plan_diagonal(f, args, argnums)
+    graph, _ = plan_diagonal(f, args, argnums, call=call)
     if graph is None:
         return None, None
     order = sorted((i for i in range(len(spec.numels)) if i not in graph.products),
@@ -244,7 +244,7 @@ def hessian_blocks(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int |
         check_dense(sum(n * n for n in spec.numels), spec.dtype, spec.device,
                     what="storing the diagonal blocks", call=call, max_memory=max_memory,
                     hint="use `hessian_diag` or `hessfunc.HessianOperator`")
-        graph, _ = plan_diagonal(f, args, a)
+        graph, _ = plan_diagonal(f, args, a, call=call)
         if graph is not None:
             try:
                 return graph_route(graph.blocks(), graph, f, args, spec, chunk_size, call,

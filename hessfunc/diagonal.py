@@ -129,7 +129,7 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
                         max_memory=max_memory, what=f"{n} per-sample diagonals of {spec.numel}",
                         hint="pass fewer samples at a time")
         if method != "generic":
-            graph, why = plan_diagonal(f, args, a, per_sample=per_sample)
+            graph, why = plan_diagonal(f, args, a, per_sample=per_sample, call=call)
             if graph is not None and (method == "auto" or not graph.products):
                 try:
                     return graph_route(graph.diagonal(), graph, f, args, spec, chunk_size,

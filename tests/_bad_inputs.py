@@ -108,10 +108,11 @@ CASES: list[Case] = [
          lambda: hf.hessian(lambda t: t ** 2)(VEC), hf.ArgumentError, "scalar"),
     Case("hessian-diag-loss-and-aux", "f returns (loss, aux) on a batch (its diagonal was "
          "all zeros)", lambda: hf.hessian_diag(_LOSS_AND_AUX)(PARAMS, X, Y), hf.ArgumentError,
-         r"got tuple of length 2; if f returns \(loss, aux\), differentiate"),
+         r"^hessfunc.hessian_diag: f must return a scalar tensor, got tuple of length 2; if "
+         r"f returns \(loss, aux\), differentiate"),
     Case("hessian-blocks-per-sample-losses", "f returns one loss per sample",
          lambda: hf.hessian_blocks(_NONSCALAR_F)(PARAMS, X, Y), hf.ArgumentError,
-         r"scalar \(0-d\) tensor, got shape \(4, 1\)"),
+         r"^hessfunc.hessian_blocks: f must return a scalar \(0-d\) tensor, got shape \(4, 1\)"),
     Case("hessian-chunk-zero", "chunk_size < 1",
          lambda: hf.hessian(SCALAR, chunk_size=0)(VEC), hf.ArgumentError,
          "`chunk_size` must be an int >= 1"),

@@ -947,15 +947,15 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
 
 
 def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: bool = False,
-                  check_memory: bool = True, check_output: bool = True
-                  ) -> tuple[GraphPlan | None, str]:
+                  check_memory: bool = True, check_output: bool = True,
+                  call: str = "hessfunc") -> tuple[GraphPlan | None, str]:
     """A :class:`GraphPlan` for ``hessian_diag(f, argnums, per_sample=...)(*args)``, or
     ``(None, why)``. ``check_memory=False`` leaves the frontier's memory to the caller
     (the Gauss-Newton sweep holds factors, not blocks); ``check_output``: raise
-    :class:`ArgumentError` when ``f`` does not return one scalar (the Gauss-Newton
-    callers check ``loss_fn``'s output themselves, with its own message)."""
+    :class:`ArgumentError`, naming ``call``, when ``f`` does not return one scalar (the
+    Gauss-Newton callers check ``loss_fn``'s output themselves, with its own message)."""
     if per_sample:
-        return _plan_per_sample(f, args, argnums, check_memory, check_output)
+        return _plan_per_sample(f, args, argnums, check_memory, check_output, call)
     if argnums != 0:
         return None, "argnums is not 0 (the batch must follow the parameters)"
     if not use_autograd(args):
@@ -979,7 +979,7 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
     if captured is None:
         return None, f"f could not be captured as a graph: {cache.failure}"
     if check_output:
-        check_scalar_output(captured.output, "hessfunc")
+        check_scalar_output(captured.output, call)
     structure, routes = sample_routes(captured, len(leaves), inputs)
     if routes is None:
         return None, structure.reason
@@ -1107,11 +1107,12 @@ def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset 
 
 
 def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True,
-                     check_output: bool = True) -> tuple[GraphPlan | None, str]:
+                     check_output: bool = True, call: str = "hessfunc"
+                     ) -> tuple[GraphPlan | None, str]:
     """The plan of the batch, with ``f`` also traced on one sample (NOTE [per-sample
     losses]): the two graphs must have the same ops in the same order."""
     plan, why = plan_diagonal(f, args, argnums, check_memory=check_memory,
-                              check_output=check_output)
+                              check_output=check_output, call=call)
     if plan is None:
         return None, why
     if plan.products:
