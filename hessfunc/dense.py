@@ -145,7 +145,8 @@ def rows_and_block(H: HVPFunction, spec: FlatSpec, chunk_size: int | None,
 
 
 def _largest_block(f: Callable[..., Any], args: tuple[Any, ...], argnums: int,
-                   spec: FlatSpec, call: str) -> tuple[int | None, torch.Tensor | None]:
+                   spec: FlatSpec, call: str = "hessfunc.hessian"
+                   ) -> tuple[int | None, torch.Tensor | None]:
     """The largest leaf whose own block the captured graph gives (NOTE [frontier
     propagation]), with that block: the full Hessian then needs Hessian rows of the
     other leaves only, their rows holding every cross block. ``(None, None)`` where the
