@@ -151,6 +151,14 @@ def check_scalar_output(out: Any, call: str, offers_aux: bool = False) -> None:
         raise ArgumentError(f"{call}: f returned dtype {out.dtype}; expected a floating scalar.")
 
 
+def check_loss_output(value: Any, call: str) -> None:
+    """``loss_fn(outputs, targets)`` of the Gauss-Newton and Fisher calls must be one
+    number (a tensor of one element)."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ArgumentError(f"{call}: `loss_fn(outputs, targets)` must return a scalar, got "
+                            f"{describe(value)}.")
+
+
 def check_like(tangent: Any, primal: Any, name: str, call: str) -> None:
     """``tangent`` must have the tree structure, shapes and dtype of ``primal``."""
     if isinstance(primal, dict) and isinstance(tangent, dict) and list(tangent) == list(primal):

@@ -64,6 +64,7 @@ from ._checks import (
     check_callable,
     check_floating,
     check_like,
+    check_loss_output,
     check_samples_first,
     describe,
 )
@@ -98,9 +99,7 @@ def _output(g: Callable[..., Any], params: Any, x: Any, call: str) -> torch.Tens
 def _loss_of(loss_fn: Callable[..., Any], y: Any, call: str) -> Callable[[torch.Tensor], Any]:
     def loss(o: torch.Tensor) -> torch.Tensor:
         value = loss_fn(o, y)
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise ArgumentError(f"{call}: `loss_fn(outputs, targets)` must return a scalar, got "
-                                f"{describe(value)}.")
+        check_loss_output(value, call)
         return value.reshape(())
 
     return loss
@@ -271,7 +270,7 @@ def ggn_blocks(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
         check_dense(sum(n * n for n in spec.numels), spec.dtype, spec.device,
                     what="storing the diagonal blocks", call=call, max_memory=max_memory,
                     hint="use `ggn_diag` or `hessfunc.GGNOperator`")
-        plan, _ = plan_ggn_diagonal(composed, (params, x, y))
+        plan, _ = plan_ggn_diagonal(composed, (params, x, y), call=call)
         found = plan.blocks() if plan is not None else [None] * len(spec.numels)
         if any(b is None for b in found):
             J, Ho = _jacobian_and_output_hessian(g, loss_fn, params, x, y, call, max_memory,
@@ -320,7 +319,7 @@ def ggn_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *, per_sample: 
         check_floating(params, "params", call)
         if per_sample:
             check_samples_first((x, y), call)
-        plan, _ = plan_ggn_diagonal(composed, (params, x, y), per_sample=per_sample)
+        plan, _ = plan_ggn_diagonal(composed, (params, x, y), per_sample=per_sample, call=call)
         if plan is not None:
             if len(plan.model_outputs()) == 1:  # the loss's Hessian in closed form, if known
                 plan.output_factor = lambda out: output_factor(loss_fn, out, y, per_sample)
@@ -646,7 +645,7 @@ def fisher_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
 
     def fisher_f(params: Any, x: Any, y: Any) -> Any:
         check_floating(params, "params", call)
-        plan, _ = plan_ggn_diagonal(composed, (params, x, y))
+        plan, _ = plan_ggn_diagonal(composed, (params, x, y), call=call)
         if plan is not None and len(plan.model_outputs()) == 1:
             def factor(out: torch.Tensor) -> torch.Tensor:
                 E, w = columns(out, y)

@@ -42,6 +42,7 @@ H = hf.HessianOperator(F_, PARAMS, (X, Y))
 P = H.shape[0]
 _NONSCALAR_F, _ = hf.functionalize(MODEL, nn.MSELoss(reduction="none"))
 _LOSS_AND_AUX = lambda p, x, y: (F_(p, x, y), x.mean())  # noqa: E731
+_G, _ = hf.functionalize(MODEL)
 
 CASES: list[Case] = [
     Case("functionalize-not-module", "model is not an nn.Module",
@@ -110,6 +111,14 @@ CASES: list[Case] = [
          "all zeros)", lambda: hf.hessian_diag(_LOSS_AND_AUX)(PARAMS, X, Y), hf.ArgumentError,
          r"^hessfunc.hessian_diag: f must return a scalar tensor, got tuple of length 2; if "
          r"f returns \(loss, aux\), differentiate"),
+    Case("ggn-diag-loss-and-aux", "loss_fn returns (loss, aux) (a raw KeyError before)",
+         lambda: hf.ggn_diag(_G, lambda o, t: (nn.functional.mse_loss(o, t), 1.0))(
+             PARAMS, X, Y), hf.ArgumentError,
+         r"^ggn_diag: `loss_fn\(outputs, targets\)` must return a scalar, got tuple"),
+    Case("ggn-blocks-loss-per-sample", "loss_fn returns one loss per sample",
+         lambda: hf.ggn_blocks(_G, lambda o, t: ((o - t) ** 2).sum(1))(
+             PARAMS, X, Y), hf.ArgumentError,
+         r"^ggn_blocks: `loss_fn\(outputs, targets\)` must return a scalar, got Tensor"),
     Case("hessian-blocks-per-sample-losses", "f returns one loss per sample",
          lambda: hf.hessian_blocks(_NONSCALAR_F)(PARAMS, X, Y), hf.ArgumentError,
          r"^hessfunc.hessian_blocks: f must return a scalar \(0-d\) tensor, got shape \(4, 1\)"),

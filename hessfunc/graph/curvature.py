@@ -76,7 +76,7 @@ from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from .._autodiff import batched_vjp, use_autograd
-from .._checks import check_scalar_output
+from .._checks import check_loss_output, check_scalar_output
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
 from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, operand_uses, run_nodes, where
@@ -947,13 +947,14 @@ def _elementwise_term(node: fx.Node, leaf: fx.Node, label: Callable[[fx.Node], V
 
 
 def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: bool = False,
-                  check_memory: bool = True, check_output: bool = True,
-                  call: str = "hessfunc") -> tuple[GraphPlan | None, str]:
+                  check_memory: bool = True,
+                  check_output: Callable[[Any], None] | None = None, call: str = "hessfunc"
+                  ) -> tuple[GraphPlan | None, str]:
     """A :class:`GraphPlan` for ``hessian_diag(f, argnums, per_sample=...)(*args)``, or
     ``(None, why)``. ``check_memory=False`` leaves the frontier's memory to the caller
-    (the Gauss-Newton sweep holds factors, not blocks); ``check_output``: raise
-    :class:`ArgumentError`, naming ``call``, when ``f`` does not return one scalar (the
-    Gauss-Newton callers check ``loss_fn``'s output themselves, with its own message)."""
+    (the Gauss-Newton sweep holds factors, not blocks). The captured output is checked
+    before the proof: by ``check_output`` if given (the Gauss-Newton callers check
+    ``loss_fn``'s), else as ``f``'s one scalar, an :class:`ArgumentError` naming ``call``."""
     if per_sample:
         return _plan_per_sample(f, args, argnums, check_memory, check_output, call)
     if argnums != 0:
@@ -978,8 +979,10 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
         return None, str(e)
     if captured is None:
         return None, f"f could not be captured as a graph: {cache.failure}"
-    if check_output:
+    if check_output is None:
         check_scalar_output(captured.output, call)
+    else:
+        check_output(captured.output)
     structure, routes = sample_routes(captured, len(leaves), inputs)
     if routes is None:
         return None, structure.reason
@@ -1067,12 +1070,12 @@ class _Model:
         return self._g()(params, x)
 
 
-def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = False
-                      ) -> tuple[GraphPlan | None, str]:
+def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = False,
+                      call: str = "ggn_diag") -> tuple[GraphPlan | None, str]:
     """The plan of ``f``'s diagonal with ``g``'s curvature left out (NOTE [Gauss-Newton
-    over the graph]), or ``(None, why)``."""
+    over the graph]), or ``(None, why)``; ``loss_fn``'s output checked, naming ``call``."""
     plan, why = plan_diagonal(f, args, 0, per_sample=per_sample, check_memory=False,
-                              check_output=False)
+                              check_output=lambda out: check_loss_output(out, call))
     if plan is None:
         return None, why
     if plan.products:
@@ -1107,7 +1110,7 @@ def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset 
 
 
 def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True,
-                     check_output: bool = True, call: str = "hessfunc"
+                     check_output: Callable[[Any], None] | None = None, call: str = "hessfunc"
                      ) -> tuple[GraphPlan | None, str]:
     """The plan of the batch, with ``f`` also traced on one sample (NOTE [per-sample
     losses]): the two graphs must have the same ops in the same order."""
