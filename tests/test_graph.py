@@ -878,6 +878,25 @@ def test_why_a_call_has_no_graph_plan():
     assert plan is not None, reason
 
 
+def test_a_parameter_divided_by_samples_is_a_site_and_a_divisor_is_not():
+    """``a / h`` is linear in the parameter ``a`` (its one per-sample site); ``h / s`` is
+    not linear in ``s``, which takes the products route. Both diagonals are exact."""
+    torch.manual_seed(0)
+    p = {"w": torch.randn(3, 4, dtype=F64), "s": torch.rand(4, dtype=F64) + 1.0,
+         "a": torch.randn(4, dtype=F64)}
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 4, dtype=F64)
+
+    def f(p, x, y):
+        h = torch.tanh(x @ p["w"])
+        return F.mse_loss(h / p["s"] + p["a"] / (h + 3.0), y)
+
+    plan, why = plan_diagonal(f, (p, x, y))
+    assert plan is not None, why
+    assert set(plan.sites) == {0, 2}
+    assert plan.products == {1: "enters div.Tensor non-linearly"}
+    assert_close(hf.hessian_diag(f)(p, x, y), _oracle_diag(f, p, x, y))
+
+
 # ---- the trace cache ---------------------------------------------------------------------
 
 def test_changed_modes_and_buffers_recapture():
