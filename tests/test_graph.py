@@ -615,6 +615,13 @@ RULES.update({
 })
 
 
+def _proved(loss, w, x):
+    """``loss(w, x)`` captured, and the proof's labels with ``w`` the parameter and ``x``
+    the batch (axis 0): ``(graph module, structure)``."""
+    gm = capture(loss, (w, x), "t", LOSS_DECOMPOSITIONS).graph_module
+    return gm, analyze_samples(gm, {0}, {1: 0}, N)
+
+
 @pytest.mark.parametrize("name", list(RULES))
 def test_batch_axis_rules_match_the_dense_jacobian(name):
     """Each rule says the output is per-sample along axis 0: the dense Jacobian of the
@@ -623,8 +630,7 @@ def test_batch_axis_rules_match_the_dense_jacobian(name):
     w = torch.randn(shape[1:], dtype=F64)
     x = torch.randn(shape, dtype=F64)
     g = lambda w, x: fn(x * w)  # noqa: E731  the parameter makes every value live
-    gm = capture(lambda w, x: g(w, x).sum(), (w, x), "t", LOSS_DECOMPOSITIONS).graph_module
-    structure = analyze_samples(gm, {0}, {1: 0}, N)
+    _, structure = _proved(lambda w, x: g(w, x).sum(), w, x)
     assert structure.reason is None
     J = torch.autograd.functional.jacobian(lambda x: g(w, x), x)  # (N, ..., N, ...)
     J = J.reshape(N, -1, N, x[0].numel())
@@ -657,8 +663,7 @@ def test_every_label_of_the_proof_holds_on_the_values(name):
         g, shape = _PARAMETERS_MEET_SAMPLES[name]
     torch.manual_seed(1)
     w, x = torch.randn(shape[1:], dtype=F64), torch.randn(shape, dtype=F64)
-    gm = capture(lambda w, x: g(w, x).sum(), (w, x), "t", LOSS_DECOMPOSITIONS).graph_module
-    structure = analyze_samples(gm, {0}, {1: 0}, N)
+    gm, structure = _proved(lambda w, x: g(w, x).sum(), w, x)
     assert structure.reason is None
     base = run_nodes(gm, [w, x])
     w_moved = run_nodes(gm, [w + 1e-6 * torch.randn_like(w), x])
@@ -697,10 +702,9 @@ def test_every_label_of_the_proof_holds_on_the_values(name):
 
 def test_a_function_that_returns_per_sample_values_is_not_a_loss():
     """``f`` returning a value per sample is refused: not a scalar loss."""
-    gm = capture(lambda w, x: (x * w).tanh().sum(1), (torch.randn(4, dtype=F64),
-                                                     torch.randn(N, 4, dtype=F64)),
-                 "t", LOSS_DECOMPOSITIONS).graph_module
-    assert analyze_samples(gm, {0}, {1: 0}, N).reason == "f does not return a scalar loss"
+    _, structure = _proved(lambda w, x: (x * w).tanh().sum(1), torch.randn(4, dtype=F64),
+                           torch.randn(N, 4, dtype=F64))
+    assert structure.reason == "f does not return a scalar loss"
 
 
 _NO_RULE = "has no batch-axis rule for these operands (or mixes samples)"
@@ -769,9 +773,7 @@ def test_ops_that_mix_samples_are_refused(name, fn, op, why):
     and the reason, word for word."""
     w = torch.randn(4, dtype=F64)
     x = torch.randn(N, 4, dtype=F64)
-    gm = capture(lambda w, x: fn(x * w).tanh().sum(), (w, x), "t",
-                 LOSS_DECOMPOSITIONS).graph_module
-    assert analyze_samples(gm, {0}, {1: 0}, N).reason == f"{op} {why}"
+    assert _proved(lambda w, x: fn(x * w).tanh().sum(), w, x)[1].reason == f"{op} {why}"
 
 
 @pytest.mark.parametrize(("name", "loss"), [
@@ -784,8 +786,7 @@ def test_linear_maps_of_sums_over_samples_are_a_sum_of_per_sample_terms(name, lo
     aggregate; whichever operand of a product the sum is."""
     w = torch.randn(4, dtype=F64)
     x = torch.randn(N, 4, dtype=F64)
-    gm = capture(lambda w, x: loss(x * w), (w, x), "t", LOSS_DECOMPOSITIONS).graph_module
-    structure = analyze_samples(gm, {0}, {1: 0}, N)
+    gm, structure = _proved(lambda w, x: loss(x * w), w, x)
     assert structure.reason is None
     (out,) = [nd for nd in gm.graph.nodes if nd.op == "output"]
     assert structure.values[out.args[0]] == Value(True, None, True)
