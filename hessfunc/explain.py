@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ._checks import check_argnums, check_callable
 from ._tree import flat_spec
 from .graph.chain import graph_chain
 from .graph.curvature import plan_diagonal
@@ -81,6 +82,8 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
         >>> route.name, route.engine
         ('structured', 'captured graph')
     """
+    check_callable(f, "f", "hessfunc.explain")
+    check_argnums(argnums, len(args), "hessfunc.explain", allow_tuple=False)
     routes = []
     parameters: dict[str, str] = {}
     plan, why = plan_diagonal(f, args, argnums)

@@ -111,6 +111,13 @@ CASES: list[Case] = [
          "all zeros)", lambda: hf.hessian_diag(_LOSS_AND_AUX)(PARAMS, X, Y), hf.ArgumentError,
          r"^hessfunc.hessian_diag: f must return a scalar tensor, got tuple of length 2; if "
          r"f returns \(loss, aux\), differentiate"),
+    Case("explain-f-not-callable", "explain given functionalize's (f, params) pair as f (the "
+         "trace failed with 'tuple' object is not callable)",
+         lambda: hf.explain(hf.functionalize(MODEL, nn.MSELoss()), PARAMS, X, Y),
+         hf.ArgumentError, r"^hessfunc.explain: `f` must be a callable, got tuple of length 2"),
+    Case("explain-argnums", "argnums out of range for explain",
+         lambda: hf.explain(F_, PARAMS, X, Y, argnums=3), hf.ArgumentError,
+         r"^hessfunc.explain: `argnums`=3 is out of range"),
     Case("ggn-diag-loss-and-aux", "loss_fn returns (loss, aux) (a raw KeyError before)",
          lambda: hf.ggn_diag(_G, lambda o, t: (nn.functional.mse_loss(o, t), 1.0))(
              PARAMS, X, Y), hf.ArgumentError,
