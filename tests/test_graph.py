@@ -606,6 +606,13 @@ RULES.update({
     "bmm with the samples on the right": (lambda x: torch.bmm(
         torch.linspace(-1, 1, 8 * N, dtype=F64).reshape(N, 2, 4), x[:, :, None]).flatten(1),
         (N, 4)),
+    "split, chunk and unbind of features": (lambda x: torch.cat([
+        x.split(1, dim=1)[3] * x.chunk(2, dim=-1)[0], x.split([3, 1], 1)[0][:, 1:].sin(),
+        torch.stack(x.reshape(N, 2, 2).unbind(2), 1).reshape(N, 4)], 1), (N, 4)),
+    "split and unbind of sequence-first rows": (lambda x: _from_sequence_rows(
+        _sequence_rows(x).split(1, dim=1)[1] * _sequence_rows(x)
+        + torch.stack(_sequence_rows(x)[None].expand(2, 2 * N, 2).unbind(0)).mean(0)
+        + torch.stack(_sequence_rows(x).T.unbind(0), 1).cos()), (N, 4)),
     "matrix products, addmm and a convolution of rows": (lambda x: (
         (_rows(x) @ _M).tanh() + (_M @ _rows(x).T).T
         * F.conv1d(_rows(x)[:, None], _M[None, :1]).flatten(1)
@@ -764,6 +771,12 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
     ("the mantissas of the samples", lambda x: torch.frexp(x)[0], "frexp.Tensor", _NO_RULE),
     ("contract the samples from the left", lambda x: x.new_ones(2, N) @ x, "mm.default",
      _NO_RULE),
+    ("split the samples", lambda x: torch.cat(x.split([1, N - 1])[::-1]),
+     "split_with_sizes.default", "splits along the batch axis"),
+    ("chunk the samples", lambda x: x.chunk(N)[0] * x, "split.Tensor",
+     "splits along the batch axis"),
+    ("unbind the samples", lambda x: torch.stack(x.unbind(0)[::-1]), "unbind.int",
+     "splits along the batch axis"),
     ("a batched product of rows in two layouts", lambda x: torch.bmm(
         _rows(x)[:, None, :], _sequence_rows(x)[:, :, None]), "bmm.default", _NO_RULE),
 ])
@@ -1284,6 +1297,14 @@ def _through_detach(p, x, y):
     return ((F.softmax(h, -1).detach() * h - y) ** 2).mean()
 
 
+def _attention_of_a_chunked_projection(p, x, y):
+    h = (x @ p["e"]).reshape(-1, 2, 4)  # (N, T = 2, d = 4)
+    q, k, v = (h @ p["qkv"]).chunk(3, dim=-1)
+    q, k, v = (t.reshape(-1, 2, 2, 2).transpose(1, 2) for t in (q, k, v))  # two heads
+    a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    return F.mse_loss(torch.tanh(a.transpose(1, 2).reshape(-1, 8)) @ p["o"], y)
+
+
 #: name -> (f, parameter shapes, outputs, whether the per-sample diagonal is structured)
 _HAND_WRITTEN = {
     # a weight stored (4, 3) used as w.reshape(3, 4), a scale stored (4, 1) used as s.t()
@@ -1294,6 +1315,9 @@ _HAND_WRITTEN = {
                                             2, False),
     # no gradient reaches the softmax: it adds no curvature, and none is asked of it
     "a value read through detach": (_through_detach, {"w": (3, 4), "v": (4, 4)}, 4, False),
+    # q, k, v cut from one projection; the head reshapes copy on a batch, view on one sample
+    "attention of a chunked projection": (_attention_of_a_chunked_projection,
+                                          {"e": (3, 8), "qkv": (4, 12), "o": (8, 2)}, 2, True),
 }
 
 

@@ -51,7 +51,8 @@ NOTE [per-sample losses]
     ``f(p, x[n:n+1], y[n:n+1])``, which is not the batch's per-sample block: a mean
     divides by the batch size, a weighted cross-entropy by the batch's total
     weight, and a loss may spell the count out (``.sum() / 512``). So ``f`` is
-    traced on one sample too (the same ops in the same order are required), and
+    traced on one sample too (the same ops in the same order are required, up to
+    copies and the kind of reshape: one sample's slices are contiguous), and
     that graph, run on every sample under ``vmap`` with the batch's boundary
     values ``b`` (the per-sample values the loss sums) substituted, gives each
     sample's coefficients ``dl_n / db``. The loss is linear in ``b``, so seeding
@@ -102,6 +103,7 @@ _LINEAR = _PERMUTATIONS | {
     aten.constant_pad_nd.default, aten.where.self, aten.masked_fill.Scalar,
     aten.amax.default, aten.amin.default, aten.relu.default, aten.add.Scalar,
     aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.detach.default,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
 }
 #: Ops linear in each operand separately (bilinear in two live operands).
 _MULTILINEAR = {aten.mul.Tensor, aten.mm.default, aten.addmm.default, aten.bmm.default,
@@ -154,6 +156,7 @@ class GraphPlan:
     products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
     captured: Captured | None = None  # the trace this plan reads (its analyses memo)
     one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
+    counterpart: dict[fx.Node, fx.Node] = field(default_factory=dict)  # its node per node
     linearised: frozenset = frozenset()  # ops whose curvature is left out (the GGN's model)
     # in place of the loss's Hessian at the model's output: a factor ``(*out shape, K)``
     # of that output, ``M = S S^T`` per sample (a Fisher's sampled or true-label gradients,
@@ -208,11 +211,10 @@ class GraphPlan:
         ``f`` traced on one sample, run on each sample under ``vmap``."""
         gm1 = self.one_sample
         assert gm1 is not None
-        nodes, nodes1 = list(self.gm.graph.nodes), list(gm1.graph.nodes)
         boundary = self.boundary()
-        where1 = [nodes1[nodes.index(b)] for b in boundary]
+        where1 = [self.counterpart[b] for b in boundary]
         needed: set[fx.Node] = set()  # what the loss reads past the boundary values
-        stack = [nd for nd in nodes1 if nd.op == "output"]
+        stack = [nd for nd in gm1.graph.nodes if nd.op == "output"]
         while stack:
             nd = stack.pop()
             if nd not in needed:
@@ -1121,15 +1123,17 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     if plan.products:
         return None, "some parameters take one-hot products (see hessfunc.explain)"
     # the batch's capture is keyed by what f reaches, so its one-sample graph holds for it
-    gm1 = plan.captured.analysis("one sample", lambda: _one_sample_graph(f, args, plan))
-    if isinstance(gm1, str):
-        return None, gm1
-    plan.one_sample = gm1
+    found = plan.captured.analysis("one sample", lambda: _one_sample_graph(f, args, plan))
+    if isinstance(found, str):
+        return None, found
+    plan.one_sample, plan.counterpart = found
     return plan, "ok"
 
 
-def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan) -> fx.GraphModule | str:
-    """``f`` traced on the first sample, with the same ops as ``plan``'s, or why not."""
+def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
+                      ) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]] | str:
+    """``f`` traced on the first sample, with the same ops as ``plan``'s, and the node of
+    that trace for each of ``plan``'s (or why not)."""
     if plan._terms():
         return "the loss has terms of the parameters alone"
     if any(plan.label(b).layout != (1, 1) for b in plan.boundary()):
@@ -1147,10 +1151,30 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan) -> fx.Grap
     if captured is None:
         return f"f could not be captured on one sample: {cache.failure}"
     gm1 = captured.graph_module
-    ops = [(nd.op, nd.target) for nd in plan.gm.graph.nodes]
-    if ops != [(nd.op, nd.target) for nd in gm1.graph.nodes]:
+    counterpart = _counterparts(plan.gm, gm1)
+    if counterpart is None or any(b not in counterpart for b in plan.boundary()):
         return "f on one sample runs other ops than on the batch"
-    return gm1
+    return gm1, counterpart
+
+
+#: Ops that reshape or copy without changing a value: which of them a reshape takes
+#: depends on the strides, and a batch of one is contiguous where ``N`` samples are not.
+_COPIES = {aten.clone.default}
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _counterparts(gm: fx.GraphModule, gm1: fx.GraphModule) -> dict[fx.Node, fx.Node] | None:
+    """Each node of ``gm`` -> the node of ``gm1`` that computes the same value, when the
+    two graphs run the same ops in the same order up to copies and the kind of reshape
+    (None otherwise)."""
+    def ops(g: fx.GraphModule) -> list[tuple[fx.Node, tuple[str, Any]]]:
+        return [(nd, (nd.op, "reshape" if nd.target in _RESHAPES else nd.target))
+                for nd in g.graph.nodes if nd.target not in _COPIES]
+
+    batch, one = ops(gm), ops(gm1)
+    if [op for _, op in batch] != [op for _, op in one]:
+        return None
+    return {nd: nd1 for (nd, _), (nd1, _) in zip(batch, one, strict=True)}
 
 
 def _frontier_bytes(plan: GraphPlan, columns: int | None = None) -> int:

@@ -55,6 +55,8 @@ _REDUCTIONS = _LINEAR_REDUCTIONS | {
     aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.logsumexp.default,
     aten.var_mean.correction,
 }
+#: Ops that cut a tensor into pieces along one dim (``chunk`` decomposes to ``split``).
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
 #: Ops whose output depends on the shape of their operand only.
 _FACTORIES = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
               aten.full_like.default}
@@ -306,6 +308,16 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
             raise _Unproved
         return Value(live, a - 1 if target is aten.select.int and dim < a else a,
                      layout=x.layout)
+    if target in _SPLITS:  # every piece keeps the input's batch axis (one less for unbind)
+        x = operands[0][1]
+        if x.axis is None:
+            return Value(live)
+        ndim = len(_shape(node.args[0]))
+        dim = _norm(argument(node, "dim") or 0, ndim)
+        if dim == x.axis:
+            raise _Unproved("splits along the batch axis")
+        shift = target is aten.unbind.int and dim < x.axis
+        return Value(live, x.axis - shift, layout=x.layout)
     if target in (aten.cat.default, aten.stack.default):
         tensors = node.args[0]
         ndim = len(_shape(tensors[0]))
