@@ -1468,6 +1468,43 @@ class _TinyEncoderLM(nn.Module):
         return self.head(self.layer(self.emb(x))).flatten(0, 1)
 
 
+class _TokenMLP(nn.Module):
+    """Embeddings, a tanh layer and logits for every position, ``(N * T, V)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.hidden, self.head = nn.Embedding(5, 4), nn.Linear(4, 3), nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.hidden(self.emb(x)))).flatten(0, 1)
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "mse", "bce-with-logits"])
+def test_gauss_newton_of_outputs_with_several_rows_per_sample(loss):
+    """Each output row of a sequence model (a position of a sample) has its own factor of
+    the loss's Hessian, ``S_r S_r^T``: the sample's factor holds them in separate columns
+    (one ``K`` columns per row, not their sum, which was off by the rows' cross terms).
+    ``ggn_diag``, ``ggn_blocks`` and the empirical ``fisher_diag`` equal the dense
+    ``J^T H_o J`` and the sum of each row's gradient's outer product."""
+    torch.manual_seed(0)
+    model = _TokenMLP().double()
+    x = torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 5, (12,), generator=torch.Generator().manual_seed(2))
+    loss_fn = {"cross-entropy": nn.CrossEntropyLoss(), "mse": nn.MSELoss(),
+               "bce-with-logits": nn.BCEWithLogitsLoss()}[loss]
+    if loss != "cross-entropy":
+        y = torch.rand(12, 5, dtype=DT, generator=torch.Generator().manual_seed(2))
+    g, params = hf.functionalize(model)
+    leaves = leaf_params(params)
+    G = hf.reference.ggn(g(leaves, x), loss_fn, y, list(leaves.values()))
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    blocks = hf.ggn_blocks(g, loss_fn)(params, x, y)
+    for k, want in _blocks_of(G, params).items():
+        assert_close(blocks[k], want)
+    if loss == "cross-entropy":
+        _check_fisher_diagonals(g, params, x, y)
+
+
 def test_gauss_newton_and_fisher_of_an_encoder_layer_in_eval_mode():
     """In eval mode torch's encoder layer takes a fused kernel without a forward-mode
     rule where no input requires grad, as under ``torch.func.jvp`` (NOTE [attention

@@ -488,6 +488,15 @@ class GraphPlan:
         S = self.output_factor(self.env[out])  # (*out shape, K)
         if S is None:
             return None
+        label = self.label(out)
+        reps = label.size(self.n) // self.n
+        if reps > 1:  # several rows per sample (positions): each row's factor its own columns
+            outer, inner = label.layout
+            i = torch.arange(label.size(self.n), device=S.device)
+            place = F.one_hot(i // (self.n * inner) * inner + i % inner, reps).to(S.dtype)
+            shape = [1] * S.dim()
+            shape[label.axis] = -1
+            S = (S.unsqueeze(-2) * place.reshape(*shape[:-1], reps, 1)).flatten(-2)
         root = self.flat(out, S.movedim(-1, 0), 1).permute(1, 2, 0)
         return {out: root}, root.new_ones(self.n, root.shape[2])
 
