@@ -1006,6 +1006,14 @@ RULE_CASES = {
     "Rule": lambda x, w: torch.tanh(F.softmax(x @ w, dim=-1) * (x @ w)),
     # a sum scaled by alpha is not the identity's sum
     "Rule-add-alpha": lambda x, w: torch.tanh(torch.add(torch.tanh(x @ w), x @ w, alpha=2.0)),
+    # transposes, copies of an element (expand), padding by a constant, pieces, cat
+    "Selection": lambda x, w: (lambda h: torch.tanh(torch.cat([
+        F.pad(h.reshape(N, 2, 2).transpose(1, 2), (1, 0), value=3.0).flatten(1),
+        h[:, None, :2].expand(N, 2, 2).reshape(N, 4),
+        torch.stack(h.split(2, dim=1), 2).reshape(N, 4)[:, 1:]], 1)))(torch.tanh(x @ w)),
+    # a gather by each sample's own index moves elements differently per sample
+    "Rule-gather-by-sample": lambda x, w: torch.tanh(torch.tanh(x @ w).gather(
+        1, (x > 0).long())),
     "Convolution": lambda x, w: torch.tanh(F.conv1d(torch.tanh(x @ w)[:, None], w[None, :1, :3],
                                                     padding=1, stride=2)).flatten(1),
     "Convolution-groups": lambda x, w: torch.tanh(F.conv1d(
