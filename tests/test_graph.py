@@ -1344,6 +1344,92 @@ def test_hand_written_graphs_equal_the_oracle(case):
     assert_close(each(params, x, y), _oracle_per_sample(f, params, x, y))
 
 
+class _RowsModel(nn.Module):
+    """A Linear on the rows of each sample's sequence ``(N, T = 3, 4)``, written three ways
+    torch lowers differently: ``(N T, 4)`` rows through ``addmm``; sequence-first rows made
+    contiguous (``addmm`` on rows ``t N + n``); and sequence-first rows as they are,
+    ``bmm`` by the weight expanded over positions. Then nn.MultiheadAttention
+    (``batch_first``: its input projection is such a ``bmm``)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.embed, self.rows, self.head = nn.Linear(2, 12), nn.Linear(4, 4), nn.Linear(12, 2)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x)).reshape(-1, 3, 4)
+        if self.form == "batch-first":
+            h = self.rows(h)
+        elif self.form == "sequence-first":
+            h = self.rows(h.transpose(0, 1).contiguous()).transpose(0, 1)
+        elif self.form == "sequence-first, not contiguous":
+            h = self.rows(h.transpose(0, 1)).transpose(0, 1)
+        else:
+            h = self.attention(h, h, h, need_weights=True)[0]
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("form", ["batch-first", "sequence-first",
+                                  "sequence-first, not contiguous", "attention"])
+def test_weights_shared_over_the_rows_of_each_sample(form):
+    """NOTE [weights shared over rows]: a weight applied to every position of a sample is
+    a site of the graph (no one-hot products), and its diagonal, block, per-sample
+    diagonals and Gauss-Newton diagonal equal the oracle's: the copies of an expanded
+    weight summed with their cross terms."""
+    torch.manual_seed(0)
+    model = _RowsModel(form).double()
+    params = _params(model)
+    x, y = torch.randn(4, 2, dtype=F64), torch.randn(4, 2, dtype=F64)
+    f = _plain(model, F.mse_loss)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None and not plan.products, (why, plan and plan.products)
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
+                 _oracle_diag(f, params, x, y))
+    got, _ = _graph_blocks(f, params, x, y)
+    for k, want in _oracle_blocks(f, params, x, y).items():
+        assert_close(got[k], want)
+    if form in ("batch-first", "sequence-first"):  # one sample's rows are contiguous:
+        # the others' bmm is an mm there (the per-sample route declines, saying so)
+        assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
+                     _oracle_per_sample(f, params, x, y))
+    g = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    G = hf.reference.ggn(g(leaves, x), F.mse_loss, y, list(leaves.values())).diagonal()
+    diag = hf.ggn_diag(g, F.mse_loss)(params, x, y)
+    assert_close(torch.cat([diag[k].reshape(-1) for k in params]), G)
+
+
+@pytest.mark.parametrize(("weight", "shape", "shared"), [
+    ("one matrix, unsqueezed and expanded", (4, 4), True),
+    ("one matrix per position, expanded to its own shape", (3, 4, 4), False),
+    ("one matrix expanded, then added to", (4, 4), False),
+    ("one matrix expanded, then transposed", (4, 4), False),
+])
+def test_bmm_by_a_weight_expanded_by_hand(weight, shape, shared):
+    """``bmm`` of each position's rows by ``W`` expanded over the positions is a shared
+    site only when every position gets the same matrix; otherwise the weight takes one-hot
+    products, saying why. The diagonal equals the oracle's either way."""
+    def f(p, x, y):
+        h = torch.tanh(x @ p["e"]).reshape(-1, 3, 4).transpose(0, 1)  # (T, N, 4)
+        w = p["w"] if p["w"].dim() == 3 else p["w"][None]
+        w = w.expand(3, 4, 4)
+        if weight.endswith("added to"):
+            w = w + torch.linspace(0, 1, 3, dtype=F64)[:, None, None]
+        if weight.endswith("transposed"):
+            w = w.transpose(1, 2)
+        return F.mse_loss(torch.tanh(torch.bmm(h, w)).transpose(0, 1).flatten(1) @ p["o"], y)
+
+    torch.manual_seed(0)
+    params = {"e": torch.randn(2, 12, dtype=F64), "w": torch.randn(*shape, dtype=F64),
+              "o": torch.randn(12, 2, dtype=F64)}
+    x, y = torch.randn(4, 2, dtype=F64), torch.randn(4, 2, dtype=F64)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None, why
+    assert (1 in plan.sites) == shared and (1 in plan.products) != shared
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
 def test_a_leaf_the_loss_does_not_read_or_reads_in_a_term_alone():
     """A parameter that ``f`` never reads has a zero diagonal (per sample too, with the
     samples' axis), and one read only by a separable term of the parameters has that

@@ -30,6 +30,17 @@ NOTE [frontier propagation]
     diagonal, Hessian. Any other parameter (tied, transformed before use,
     inside a non-separable term) takes one-hot Hessian-vector products.
 
+NOTE [weights shared over rows]
+    A Linear layer on a sequence applies one ``W`` to the ``L`` rows of each sample:
+    ``(N T, d)`` rows through ``mm``/``addmm``, or ``bmm`` by ``W`` expanded over the
+    batch of matrices (a Linear on a non-contiguous ``(T, N, d)``, as in
+    ``nn.MultiheadAttention``'s input projection). Per sample ``v = X W`` with ``X``
+    ``(L, d_in)``, so ``diag_W[k, o] = sum_(l, m) X[l, k] X[m, k] H[(l, o), (m, o)]``,
+    the weight sharing of a convolution over its positions, with ``X`` as the unfolded
+    input: ``O(N L^2 d_in d_out)`` against one pushed tangent per weight element (and
+    the copies of an expanded ``W`` must be summed with their cross terms, which a
+    diagonal per copy cannot give).
+
 NOTE [Gauss-Newton over the graph]
     The GGN of ``loss_fn(g(p, x), y)`` is ``J^T H_o J``: the Hessian with the curvature
     terms of ``g``'s own ops left out. The sweep is the same with those terms zero
@@ -141,6 +152,20 @@ class _Site:
     node: fx.Node
     operand: fx.Node
     chain: list[fx.Node]
+
+
+@dataclass
+class _Shared:
+    """A weight applied alike at ``span`` positions of each sample: per sample
+    ``v[o, l] = sum_k W[o, k] X[k, l] (+ b[o])``, a convolution (``X`` its unfolded
+    input) or a Linear on the rows of a sequence (``X`` the rows, transposed)."""
+
+    cols: Tensor | None           # X, (N, K, L); None for the bias
+    c_out: int
+    span: int
+    positions_first: bool         # v's per-sample elements run (l, o), not (o, l)
+    to_operand: Callable[[Tensor], Tensor]  # (*lead, C_out, K) -> the operand's layout
+    site: _Site                   # the operand and chain the result goes back through
 
 
 @dataclass
@@ -575,9 +600,10 @@ class GraphPlan:
                 diag_o = d.reshape(-1, *env[o].shape) if each else \
                     d.sum(0).reshape(env[o].shape)
             return self._to_leaf(site, diag_o)
-        conv = self._convolution_site(site, hvv, signs)
-        if conv is not None:
-            return self._to_leaf(site, conv if each else conv.sum(0))
+        shared = self._unfolded(site)
+        if shared is not None:
+            diag = self._shared_diagonal(shared, hvv, signs)
+            return self._to_leaf(shared.site, diag if each else diag.sum(0))
         k = env[o].numel()
         fn = self.op(v, [o])
         pieces = []
@@ -626,8 +652,8 @@ class GraphPlan:
                 block = cross.reshape(d_in, d_in, d_out, d_out).permute(0, 2, 1, 3).reshape(k, k)
             else:  # the bias of addmm
                 block = hvv.sum(0)
-        elif (conv := self._convolution_block(site, hvv)) is not None:
-            block = conv
+        elif (shared := self._unfolded(site)) is not None:
+            block, site = self._shared_block(shared, hvv), shared.site
         elif self._site_block_fits(site):
             fn = self.op(v, [o])
             basis = torch.eye(k, dtype=hvv.dtype, device=hvv.device).reshape(k, *env[o].shape)
@@ -645,11 +671,13 @@ class GraphPlan:
         back = torch.argsort(moved.long())  # leaf element -> its place in the operand
         return block[back][:, back]
 
-    def _unfolded(self, site: _Site) -> tuple[Tensor | None, int, int, torch.Size] | None:
-        """A 1-d/2-d convolution's weight or bias site (no groups, not transposed):
-        ``v[o, l] = sum_k W[o, k] X[k, l] + b[o]``. Returns the unfolded input ``X``
-        (``(N, K, L)``; None for the bias), ``C_out``, ``L`` and the weight's shape, or
-        None where this does not apply."""
+    def _unfolded(self, site: _Site) -> _Shared | None:
+        """The weight or bias of a weight shared over positions (:class:`_Shared`), or
+        None where the site is not one."""
+        return self._convolution_of(site) or self._rows_of(site)
+
+    def _convolution_of(self, site: _Site) -> _Shared | None:
+        """A 1-d/2-d convolution's weight or bias site (no groups, not transposed)."""
         v, o = site.node, site.operand
         if v.target is not aten.convolution.default or site.chain:
             return None
@@ -661,7 +689,7 @@ class GraphPlan:
             return None
         span = self.env[v].shape[2:].numel()
         if o is b_node:
-            return None, weight.shape[0], span, weight.shape
+            return _Shared(None, weight.shape[0], span, False, lambda t: t, site)
         x = self.env[x_node]
         if weight.dim() == 3:  # 1-d as 2-d of height one
             x, kernel = x.unsqueeze(2), (1, weight.shape[2])
@@ -669,46 +697,79 @@ class GraphPlan:
         else:
             kernel = tuple(weight.shape[2:])
         cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return cols, weight.shape[0], span, weight.shape
+        return _Shared(cols, weight.shape[0], span, False,
+                       lambda t: t.reshape(*t.shape[:-2], *weight.shape), site)
 
-    def _convolution_site(self, site: _Site, hvv: Tensor, signs: Tensor | None
-                          ) -> Tensor | None:
-        """Per sample, the diagonal of a convolution's weight or bias (:meth:`_unfolded`):
-        ``diag_W[o, k] = sum_(l, m) X[k, l] H[(o, l), (o, m)] X[k, m]`` (with a factor
-        ``S``: ``sum_c s_c (sum_l S[(o, l), c] X[k, l])^2``). None where it does not apply."""
-        parts = self._unfolded(site)
-        if parts is None:
+    def _rows_of(self, site: _Site) -> _Shared | None:
+        """``x W (+ b)`` on several rows of each sample: ``mm``/``addmm`` of rows that hold
+        sequence positions, or ``bmm`` by a matrix expanded over its batch (NOTE [weights
+        shared over rows])."""
+        v, o = site.node, site.operand
+        if v.target not in (aten.mm.default, aten.addmm.default, aten.bmm.default):
             return None
-        cols, c_out, span, shape = parts
+        x_node, w_node = v.args[-2:]
+        if not isinstance(x_node, fx.Node) or self.label(x_node).axis in (
+                None, self.env[x_node].dim() - 1):
+            return None
+        cols = self.flat(x_node, self.env[x_node])
+        d_in, d_out = self.env[w_node].shape[-2:]
+        span = cols.shape[1] // d_in
+        shared = _through_expand(site)
+        if v.target is aten.bmm.default:
+            if shared is None:
+                return None
+            site = shared
+        elif shared is not None:
+            return None
+        shape = self.env[site.operand].shape
+        if o is w_node or shared is not None:
+            return _Shared(cols.reshape(self.n, span, d_in).transpose(1, 2), d_out, span,
+                           True, lambda t: t.transpose(-1, -2).reshape(*t.shape[:-2], *shape),
+                           site)
+        if v.target is aten.addmm.default and o is v.args[0] and tuple(shape) == (d_out,):
+            return _Shared(None, d_out, span, True, lambda t: t, site)
+        return None
+
+    def _shared_diagonal(self, parts: _Shared, hvv: Tensor, signs: Tensor | None) -> Tensor:
+        """Per sample, the diagonal of a shared weight or bias (:class:`_Shared`), in the
+        operand's layout: ``diag_W[o, k] = sum_(l, m) X[k, l] H[(o, l), (o, m)] X[k, m]``
+        (with a factor ``S``: ``sum_c s_c (sum_l S[(o, l), c] X[k, l])^2``)."""
+        cols, c_out, span = parts.cols, parts.c_out, parts.span
         n = self.n
         if signs is not None:
-            root = hvv.reshape(n, c_out, span, -1)  # (N, o, l, c)
+            root = hvv.reshape(n, span, c_out, -1).transpose(1, 2) if parts.positions_first \
+                else hvv.reshape(n, c_out, span, -1)  # (N, o, l, c)
             if cols is None:
-                return (root.sum(2) ** 2 * signs[:, None, :]).sum(-1)
+                return parts.to_operand((root.sum(2) ** 2 * signs[:, None, :]).sum(-1))
             g = torch.einsum("nolc,nkl->ncok", root, cols).square_()
             # sum_c s_c g_c^2 as one batched product (two elementwise passes cost 2x more)
-            return torch.bmm(signs[:, None, :].to(g.dtype), g.reshape(n, g.shape[1], -1)
-                             ).reshape(n, *shape)
-        own = hvv.reshape(n, c_out, span, c_out, span).diagonal(dim1=1, dim2=3)
-        own = own.permute(0, 3, 1, 2)  # (N, o, l, m)
+            return parts.to_operand(torch.bmm(signs[:, None, :].to(g.dtype),
+                                              g.reshape(n, g.shape[1], -1)
+                                              ).reshape(n, c_out, -1))
+        if parts.positions_first:  # (N, l, o, m, o) -> (N, o, l, m)
+            own = hvv.reshape(n, span, c_out, span, c_out).diagonal(dim1=2, dim2=4)
+            own = own.permute(0, 3, 1, 2)
+        else:
+            own = hvv.reshape(n, c_out, span, c_out, span).diagonal(dim1=1, dim2=3)
+            own = own.permute(0, 3, 1, 2)
         if cols is None:
-            return own.sum((2, 3))
-        return torch.einsum("nkl,nolm,nkm->nok", cols, own, cols).reshape(n, *shape)
+            return parts.to_operand(own.sum((2, 3)))
+        return parts.to_operand(torch.einsum("nkl,nolm,nkm->nok", cols, own, cols))
 
-    def _convolution_block(self, site: _Site, hvv: Tensor) -> Tensor | None:
-        """A convolution's weight or bias block (:meth:`_unfolded`): ``sum_n sum_(l, m)
-        X[k, l] H[(o, l), (p, m)] X[j, m]`` at ``((o, k), (p, j))``."""
-        parts = self._unfolded(site)
-        if parts is None:
-            return None
-        cols, c_out, span, _ = parts
-        full = hvv.reshape(self.n, c_out, span, c_out, span)
+    def _shared_block(self, parts: _Shared, hvv: Tensor) -> Tensor:
+        """A shared weight's or bias's block (:class:`_Shared`), in the operand's order:
+        ``sum_n sum_(l, m) X[k, l] H[(o, l), (p, m)] X[j, m]`` at ``((o, k), (p, j))``."""
+        cols, c_out, span = parts.cols, parts.c_out, parts.span
+        full = hvv.reshape(self.n, span, c_out, span, c_out).permute(0, 2, 1, 4, 3) \
+            if parts.positions_first else hvv.reshape(self.n, c_out, span, c_out, span)
         if cols is None:
             return full.sum((0, 2, 4))
         k = cols.shape[1]
         block = sum(torch.einsum("nkopm,njm->okpj",
                                  torch.einsum("nkl,nolpm->nkopm", cols[sl], full[sl]), cols[sl])
                     for sl in self.chunks(self.n, k * c_out * c_out * span))
+        if parts.positions_first:  # (o, k) pairs in the operand's (k, o) order
+            return block.permute(1, 0, 3, 2).reshape(c_out * k, c_out * k)
         return block.reshape(c_out * k, c_out * k)
 
     def _to_leaf(self, site: _Site, diag_operand: Tensor) -> Tensor:
@@ -868,6 +929,30 @@ def _cache(f: Any) -> TraceCache | str:
     return cache
 
 
+#: Reshapes that keep every element in its place.
+_SAME_ELEMENTS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                  aten.clone.default, aten.alias.default}
+
+
+def _through_expand(site: _Site) -> _Site | None:
+    """A parameter reaching ``bmm`` as its right matrix ``W`` expanded over the batch of
+    matrices (then viewed as the same shape): the site of ``W`` itself, its chain up to
+    the expand. None for any other site."""
+    at = [i for i, nd in enumerate(site.chain) if nd.target is aten.expand.default]
+    if len(at) != 1 or site.node.target is not aten.bmm.default or \
+            site.operand is not site.node.args[1]:
+        return None
+    expand = site.chain[at[0]]
+    shape = expand.meta["val"].shape
+    if any(nd.target not in _SAME_ELEMENTS or nd.meta["val"].shape != shape
+           for nd in site.chain[at[0] + 1:]):
+        return None
+    source = expand.args[0].meta["val"].shape
+    if len(shape) != 3 or tuple(source) not in (tuple(shape[1:]), (1, *shape[1:])):
+        return None
+    return _Site(site.node, expand.args[0], site.chain[:at[0]])
+
+
 def _route_leaves(gm: fx.GraphModule, structure: SampleStructure, num_leaves: int
                   ) -> tuple[dict[int, _Site], set[int], dict[int, str]]:
     """Each leaf's route: one linear per-sample site, separable parameter terms, or
@@ -890,7 +975,8 @@ def _route_leaves(gm: fx.GraphModule, structure: SampleStructure, num_leaves: in
                 lab = label(user)
                 if lab.per_sample:
                     found.append(_Site(user, node, chain))
-                elif user.target in _PERMUTATIONS and not lab.aggregate:
+                elif (user.target in _PERMUTATIONS or user.target is aten.expand.default) \
+                        and not lab.aggregate:
                     stack.append((user, [*chain, user]))
                 else:
                     other.append(user)
@@ -909,6 +995,11 @@ def _route_leaves(gm: fx.GraphModule, structure: SampleStructure, num_leaves: in
                 continue
             if site.node.target is aten.div.Tensor and site.operand is site.node.args[1]:
                 products[i] = f"is a divisor in {where(site.node)}"
+                continue
+            if any(nd.target is aten.expand.default for nd in site.chain) and \
+                    _through_expand(site) is None:
+                products[i] = f"is expanded into {where(site.node)}, which is not bmm's " \
+                    "right matrix"
                 continue
             sites[i] = site
         if other:
