@@ -18,8 +18,8 @@ c W^T``), ``Convolution`` (its input gradient on all columns at once), ``Reorder
 (reshapes that keep each sample's elements in order, and sums of equal-shaped operands:
 the identity), ``Selection`` (views, transposes, ``expand``, slices, padding, pieces,
 ``cat``: every output element one input element or a constant, the same way in every
-sample: ``J^T`` a scatter-add of rows), and ``Generic`` (any other op: ``vmap`` of torch's VJP over the columns,
-curvature from ``w`` batched second VJPs).
+sample: ``J^T`` a scatter-add of rows), and ``Generic`` (any other op: ``vmap`` of
+torch's VJP over the columns, curvature from ``w`` batched second VJPs).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Rule:
             out = torch.func.vmap(vjp)(plan.unflat(node, columns[sl]))
             for i, (u, o) in enumerate(zip(inputs, out, strict=True)):
                 parts[i].append(plan.flat(u, o, 1))
-        return [torch.cat(p) for p in parts]
+        return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
 
     def curvature(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
         plan, node, inputs = self.plan, self.node, self.inputs
@@ -101,7 +101,7 @@ class Rule:
                                              dtype=g.dtype, device=g.device) for x in inputs)
                 for x, o in zip(inputs, torch.func.vmap(second)(tangents), strict=True):
                     blocks.setdefault((x, u), []).append(plan.flat(x, o, 1).permute(1, 2, 0))
-        return {k: torch.cat(v, dim=2) for k, v in blocks.items()}
+        return {k: v[0] if len(v) == 1 else torch.cat(v, dim=2) for k, v in blocks.items()}
 
     def sandwich_diagonal(self, hvv: Tensor) -> Tensor:
         """The diagonal ``(N, w_u)`` of the one operand's new block, when nothing below
