@@ -1003,14 +1003,20 @@ RULE_CASES = {
                                               @ w[:2, 1:3]).reshape(N, 4),
     "Reorder": lambda x, w: torch.tanh(torch.tanh(x @ w).reshape(N, 2, 2).reshape(N, 4)),
     "Reorder-sum": lambda x, w: torch.tanh(torch.tanh(x @ w) - (x @ w) ** 2),
-    "Rule": lambda x, w: torch.tanh(F.softmax(x @ w, dim=-1) * (x @ w)),
+    "Rule": lambda x, w: torch.tanh(F.softmax(x @ w, dim=-1) * (x @ w) + torch.bmm(
+        (x @ w)[:, None, :], torch.tanh(x @ w)[:, :, None]).squeeze(-1)),
     # a sum scaled by alpha is not the identity's sum
-    "Rule-add-alpha": lambda x, w: torch.tanh(torch.add(torch.tanh(x @ w), x @ w, alpha=2.0)),
+    "Broadcast-add-alpha": lambda x, w: torch.tanh(torch.add(torch.tanh(x @ w), x @ w, alpha=2.0)),
     # transposes, copies of an element (expand), padding by a constant, pieces, cat
     "Selection": lambda x, w: (lambda h: torch.tanh(torch.cat([
         F.pad(h.reshape(N, 2, 2).transpose(1, 2), (1, 0), value=3.0).flatten(1),
         h[:, None, :2].expand(N, 2, 2).reshape(N, 4),
         torch.stack(h.split(2, dim=1), 2).reshape(N, 4)[:, 1:]], 1)))(torch.tanh(x @ w)),
+    # elementwise ops of two operands, or of one broadcast within each sample
+    "Broadcast": lambda x, w: (lambda h: torch.tanh(
+        (h - h.amax(-1, keepdim=True)).exp() / h.exp().sum(-1, keepdim=True)
+        + h * torch.tanh(h[:, :1]) + torch.where(h > 0, h.sin(), h ** 2)
+        + h / (1.5 + h[:, 1:2] ** 2)))(torch.tanh(x @ w)),
     # a gather by each sample's own index moves elements differently per sample
     "Rule-gather-by-sample": lambda x, w: torch.tanh(torch.tanh(x @ w).gather(
         1, (x > 0).long())),

@@ -281,16 +281,7 @@ class Selection(Rule):
         self.widths = [plan.width(u) for u in inputs]
 
     def _scatter(self, block: Tensor, dim: int) -> Tensor:
-        """``J^T`` applied along ``dim`` of ``block`` (the output's ``w_v`` there)."""
-        index, width = self.index, sum(self.widths)
-        inverse = _inverse(index, width)
-        if inverse is not None:
-            identity = torch.equal(inverse, torch.arange(width, device=inverse.device))
-            return block if identity else _take(block, dim, inverse)
-        kept = (index >= 0).nonzero().squeeze(1)
-        shape = list(block.shape)
-        shape[dim] = width
-        return block.new_zeros(shape).index_add_(dim, index[kept], _take(block, dim, kept))
+        return _scatter(block, dim, self.index, sum(self.widths))
 
     def pullback(self, columns: Tensor) -> list[Tensor]:
         return list(self._scatter(columns, 2).split(self.widths, dim=2))
@@ -310,7 +301,85 @@ class Selection(Rule):
         return {}
 
 
-def _selection_index(plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> Tensor | None:
+class Broadcast(Rule):
+    """An elementwise op of several operands, or of one broadcast within each sample
+    (``x - x.amax(-1, keepdim=True)``, ``e / e.sum(-1, keepdim=True)``, ``x * mask``):
+    ``v_j = phi(u_1[s_1(j)], u_2[s_2(j)], ...)`` with ``s_i`` the broadcast's selection
+    of operand ``i``, the same in every sample. ``J_i = diag(d_i) S_i`` and the curvature
+    ``sum_j g_j d^2 phi / du_i du_k`` sits at ``(s_i(j), s_k(j))``, with ``d_i``, ``g_j d^2
+    phi`` elementwise from one double backward on the broadcast operands."""
+
+    def __init__(self, plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> None:
+        super().__init__(plan, node, inputs)
+        self.index = [_selection_index(plan, node, [u], broadcast=True) for u in inputs]
+        self.widths = [plan.width(u) for u in inputs]
+        if any(i is None for i in self.index):
+            return
+        shape = plan.env[node].shape
+        xs = [plan.env[u].expand(shape).clone().requires_grad_() for u in inputs]
+        g = plan.grads.get(node)
+        curved = g is not None and node not in plan.linearised
+        with torch.enable_grad():
+            out = plan.op(node, inputs)(*xs)
+            firsts = torch.autograd.grad(out, xs, torch.ones_like(out), create_graph=curved,
+                                         allow_unused=True, materialize_grads=True)
+            self.derivative = [plan.flat(node, d.detach()) for d in firsts]
+            self.second: dict[tuple[int, int], Tensor] = {}
+            if curved:
+                for i, d in enumerate(firsts):
+                    if not d.requires_grad:
+                        continue
+                    seconds = torch.autograd.grad(d, xs, g, retain_graph=True,
+                                                  allow_unused=True)
+                    for k, c in enumerate(seconds):
+                        if c is not None:
+                            self.second[(i, k)] = plan.flat(node, c)
+
+    def pull_rows(self, block: Tensor) -> list[Tensor]:
+        return [_scatter(d[:, :, None] * block, 1, index, w) for d, index, w in
+                zip(self.derivative, self.index, self.widths, strict=True)]
+
+    def pullback(self, columns: Tensor) -> list[Tensor]:
+        return [p.permute(2, 0, 1) for p in self.pull_rows(columns.permute(1, 2, 0))]
+
+    def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        out = self.curvature()
+        if hvv is None:
+            return out
+        for i, u in enumerate(self.inputs):
+            rows = _scatter(self.derivative[i][:, :, None] * hvv, 1, self.index[i],
+                            self.widths[i])
+            for k, x in enumerate(self.inputs):
+                block = _scatter(rows * self.derivative[k][:, None, :], 2, self.index[k],
+                                 self.widths[k])
+                out[(u, x)] = out[(u, x)] + block if (u, x) in out else block
+        return out
+
+    def curvature(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        out = {}
+        for (i, k), c in self.second.items():
+            w_i, w_k = self.widths[i], self.widths[k]
+            at = self.index[i] * w_k + self.index[k]
+            block = c.new_zeros(c.shape[0], w_i * w_k).index_add_(1, at, c)
+            out[(self.inputs[i], self.inputs[k])] = block.reshape(-1, w_i, w_k)
+        return out
+
+
+def _scatter(block: Tensor, dim: int, index: Tensor, width: int) -> Tensor:
+    """``S^T`` along ``dim`` of ``block`` for a selection ``S`` (output element ``j`` is
+    element ``index[j]`` of a ``width``-wide operand, or a constant where it is -1)."""
+    inverse = _inverse(index, width)
+    if inverse is not None:
+        identity = torch.equal(inverse, torch.arange(width, device=inverse.device))
+        return block if identity else _take(block, dim, inverse)
+    kept = (index >= 0).nonzero().squeeze(1)
+    shape = list(block.shape)
+    shape[dim] = width
+    return block.new_zeros(shape).index_add_(dim, index[kept], _take(block, dim, kept))
+
+
+def _selection_index(plan: GraphPlan, node: fx.Node, inputs: list[fx.Node],
+                     broadcast: bool = False) -> Tensor | None:
     """Per output element of one sample, the element of the operands (flattened per
     sample and laid end to end) it copies, -1 for a constant; None where the op moves
     elements differently for different samples. Found by running the op on the
@@ -323,7 +392,10 @@ def _selection_index(plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> T
         # contiguous, which every view of the operand's shape accepts
         numbered.append(plan.unflat(u, count.expand(1, plan.n, w))[0].contiguous())
         offset += w
-    found = op(*numbered) - op(*[torch.zeros_like(t) for t in numbered])
+    if broadcast:  # the elements of the one operand that an elementwise op reads
+        found = numbered[0].expand(plan.env[node].shape)
+    else:
+        found = op(*numbered) - op(*[torch.zeros_like(t) for t in numbered])
     found = plan.flat(node, found)
     if not torch.equal(found, found[:1].expand_as(found)):
         return None
@@ -400,5 +472,10 @@ def rule_for(plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> Rule:
             all(isinstance(a, fx.Node) and a in inputs and _same(plan, a, node)
                 for a in node.args):
         return Reorder(plan, node, inputs)
+    if pointwise(target) and isinstance(plan.env[node], Tensor) and all(
+            plan.env[u].dtype == plan.env[node].dtype for u in inputs):
+        rule = Broadcast(plan, node, inputs)
+        if all(i is not None for i in rule.index):
+            return rule
     return Rule(plan, node, inputs)
 
