@@ -18,7 +18,9 @@ c W^T``), ``Convolution`` (its input gradient on all columns at once), ``Reorder
 (reshapes that keep each sample's elements in order, and sums of equal-shaped operands:
 the identity), ``Selection`` (views, transposes, ``expand``, slices, padding, pieces,
 ``cat``: every output element one input element or a constant, the same way in every
-sample: ``J^T`` a scatter-add of rows), and ``Generic`` (any other op: ``vmap`` of
+sample: ``J^T`` a scatter-add of rows), ``Broadcast`` (elementwise ops of several
+operands or of one broadcast within a sample: a selection scaled by the derivatives),
+and ``Generic`` (any other op: ``vmap`` of
 torch's VJP over the columns, curvature from ``w`` batched second VJPs).
 """
 
