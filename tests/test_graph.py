@@ -1181,7 +1181,11 @@ _PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace 
     "a term of the parameters": (lambda o, y, p: F.mse_loss(o, y) + (p["0.bias"] ** 2).sum(),
                                  "the loss has terms of the parameters alone"),
     "other ops on one sample": (lambda o, y, p: F.mse_loss(o * 2.0 if o.shape[0] > 1 else o, y),
-                                "f on one sample runs other ops than on the batch"),
+                                "f on one sample runs other ops than on the batch: "
+                                "sub.Tensor where the batch runs mul.Tensor"),
+    "a copy summed": (lambda o, y, p: ((o - y) ** 2).clone().mean(),
+                      "f on one sample runs other ops than on the batch: a value the loss "
+                      "sums over is a copy"),
     "samples interleaved": (lambda o, y, p: F.mse_loss(o.T.reshape(-1), y.T.reshape(-1)),
                             "a value the loss sums over has samples interleaved"),
     "a weight used twice": (lambda o, y, p: F.mse_loss(o @ p["2.weight"] @ p["2.weight"].T, y),
@@ -1395,8 +1399,13 @@ def test_weights_shared_over_the_rows_of_each_sample(form):
     got, _ = _graph_blocks(f, params, x, y)
     for k, want in _oracle_blocks(f, params, x, y).items():
         assert_close(got[k], want)
-    if form in ("batch-first", "sequence-first"):  # one sample's rows are contiguous:
-        # the others' bmm is an mm there (the per-sample route declines, saying so)
+    each, why = plan_diagonal(f, (params, x, y), per_sample=True)
+    if form not in ("batch-first", "sequence-first"):  # one sample's rows are contiguous,
+        # so the others' bmm is an mm there: the per-sample route declines, naming the op
+        assert each is None and why.startswith(
+            "f on one sample runs other ops than on the batch: view.default where the "
+            "batch runs t.default at"), why
+    else:
         assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
                      _oracle_per_sample(f, params, x, y))
     g = lambda p, x: functional_call(model, p, (x,))  # noqa: E731

@@ -1252,8 +1252,11 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
         return f"f could not be captured on one sample: {cache.failure}"
     gm1 = captured.graph_module
     counterpart = _counterparts(plan.gm, gm1)
-    if counterpart is None or any(b not in counterpart for b in plan.boundary()):
-        return "f on one sample runs other ops than on the batch"
+    if isinstance(counterpart, str):
+        return f"f on one sample runs other ops than on the batch: {counterpart}"
+    if any(b not in counterpart for b in plan.boundary()):
+        return "f on one sample runs other ops than on the batch: a value the loss sums " \
+            "over is a copy"
     return gm1, counterpart
 
 
@@ -1263,18 +1266,25 @@ _COPIES = {aten.clone.default}
 _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
-def _counterparts(gm: fx.GraphModule, gm1: fx.GraphModule) -> dict[fx.Node, fx.Node] | None:
+def _counterparts(gm: fx.GraphModule, gm1: fx.GraphModule) -> dict[fx.Node, fx.Node] | str:
     """Each node of ``gm`` -> the node of ``gm1`` that computes the same value, when the
     two graphs run the same ops in the same order up to copies and the kind of reshape
-    (None otherwise)."""
+    (otherwise the first op where they part)."""
     def ops(g: fx.GraphModule) -> list[tuple[fx.Node, tuple[str, Any]]]:
         return [(nd, (nd.op, "reshape" if nd.target in _RESHAPES else nd.target))
                 for nd in g.graph.nodes if nd.target not in _COPIES]
 
     batch, one = ops(gm), ops(gm1)
-    if [op for _, op in batch] != [op for _, op in one]:
-        return None
+    for (nd, op), (nd1, op1) in zip(batch, one, strict=False):
+        if op != op1:
+            return f"{_op_name(nd1)} where the batch runs {where(nd)}"
+    if len(batch) != len(one):
+        return "the two traces have different lengths"
     return {nd: nd1 for (nd, _), (nd1, _) in zip(batch, one, strict=True)}
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target).split("aten.")[-1] if node.op == "call_function" else node.op
 
 
 def _frontier_bytes(plan: GraphPlan, columns: int | None = None) -> int:
