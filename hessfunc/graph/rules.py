@@ -20,7 +20,8 @@ the identity), ``Selection`` (views, transposes, ``expand``, slices, padding, pi
 ``cat``: every output element one input element or a constant, the same way in every
 sample: ``J^T`` a scatter-add of rows), ``Broadcast`` (elementwise ops of several
 operands or of one broadcast within a sample: a selection scaled by the derivatives),
-and ``Generic`` (any other op: ``vmap`` of
+``BatchedProduct`` (``bmm`` of two per-sample values: ``G B^T``, ``A^T G`` and a closed-form
+cross term), and ``Generic`` (any other op: ``vmap`` of
 torch's VJP over the columns, curvature from ``w`` batched second VJPs).
 """
 
@@ -367,6 +368,57 @@ class Broadcast(Rule):
         return out
 
 
+class BatchedProduct(Rule):
+    """``v = bmm(A, B)`` of two per-sample operands with the samples on the batch axis
+    (attention's ``q k^T`` and ``a v``): per sample ``P`` products ``(I, J) (J, K)``.
+    ``J_A^T G = G B^T`` and ``J_B^T G = A^T G`` on every column at once, and the
+    curvature ``d^2 (g . v) / dA[p, i, j] dB[p, j, k] = g[p, i, k]`` in closed form."""
+
+    def __init__(self, plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> None:
+        super().__init__(plan, node, inputs)
+        a, b = (plan.env[u] for u in node.args[:2])
+        n = plan.n
+        self.a = plan.flat(node.args[0], a).reshape(n, -1, *a.shape[1:])  # (N, P, I, J)
+        self.b = plan.flat(node.args[1], b).reshape(n, -1, *b.shape[1:])  # (N, P, J, K)
+
+    def pull_rows(self, block: Tensor) -> list[Tensor]:
+        n, _, w_r = block.shape
+        p, i, _ = self.a.shape[1:]
+        g = block.reshape(n, p, i, -1, w_r)  # (N, P, I, K, w_r)
+        da = torch.einsum("npikr,npjk->npijr", g, self.b).reshape(n, -1, w_r)
+        db = torch.einsum("npij,npikr->npjkr", self.a, g).reshape(n, -1, w_r)
+        return [da, db]
+
+    def pullback(self, columns: Tensor) -> list[Tensor]:
+        return [q.permute(2, 0, 1) for q in self.pull_rows(columns.permute(1, 2, 0))]
+
+    def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        out = self.curvature()
+        if hvv is None:
+            return out
+        halves = self.pull_rows(hvv)  # J_u^T H: (N, w_u, w_v)
+        for u, half in zip(self.inputs, halves, strict=True):
+            for x, full in zip(self.inputs, self.pull_rows(half.transpose(1, 2)), strict=True):
+                block = full.transpose(1, 2)  # J_u^T H J_x
+                out[(u, x)] = out[(u, x)] + block if (u, x) in out else block
+        return out
+
+    def curvature(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        plan, node = self.plan, self.node
+        g = plan.grads.get(node)
+        if g is None or node in plan.linearised:
+            return {}
+        n, p, i, j = self.a.shape
+        k = self.b.shape[-1]
+        g = plan.flat(node, g).reshape(n, p, i, k)
+        eye_p = torch.eye(p, dtype=g.dtype, device=g.device)
+        eye_j = torch.eye(j, dtype=g.dtype, device=g.device)
+        cross = torch.einsum("npik,pq,jl->npijqlk", g, eye_p, eye_j).reshape(
+            n, p * i * j, p * j * k)
+        a, b = self.inputs
+        return {(a, b): cross, (b, a): cross.transpose(1, 2)}
+
+
 def _scatter(block: Tensor, dim: int, index: Tensor, width: int) -> Tensor:
     """``S^T`` along ``dim`` of ``block`` for a selection ``S`` (output element ``j`` is
     element ``index[j]`` of a ``width``-wide operand, or a constant where it is -1)."""
@@ -469,6 +521,11 @@ def rule_for(plan: GraphPlan, node: fx.Node, inputs: list[fx.Node]) -> Rule:
         rule = Selection(plan, node, inputs)
         if rule.index is not None:
             return rule
+    if target is aten.bmm.default and list(node.args[:2]) == inputs and \
+            inputs[0] is not inputs[1] and \
+            plan.label(inputs[0]).axis == 0 == plan.label(inputs[1]).axis == plan.label(
+                node).axis and plan.env[node].dtype == plan.env[inputs[0]].dtype:
+        return BatchedProduct(plan, node, inputs)
     if target in (aten.add.Tensor, aten.sub.Tensor) and len(node.args) == 2 and \
             node.args[0] is not node.args[1] and node.kwargs.get("alpha", 1) == 1 and \
             all(isinstance(a, fx.Node) and a in inputs and _same(plan, a, node)
