@@ -286,9 +286,6 @@ class Selection(Rule):
     def _scatter(self, block: Tensor, dim: int) -> Tensor:
         return _scatter(block, dim, self.index, sum(self.widths))
 
-    def pullback(self, columns: Tensor) -> list[Tensor]:
-        return list(self._scatter(columns, 2).split(self.widths, dim=2))
-
     def pull_rows(self, block: Tensor) -> list[Tensor]:
         return list(self._scatter(block, 1).split(self.widths, dim=1))
 
@@ -342,9 +339,6 @@ class Broadcast(Rule):
         return [_scatter(d[:, :, None] * block, 1, index, w) for d, index, w in
                 zip(self.derivative, self.index, self.widths, strict=True)]
 
-    def pullback(self, columns: Tensor) -> list[Tensor]:
-        return [p.permute(2, 0, 1) for p in self.pull_rows(columns.permute(1, 2, 0))]
-
     def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
         out = self.curvature()
         if hvv is None:
@@ -388,9 +382,6 @@ class BatchedProduct(Rule):
         da = torch.einsum("npikr,npjk->npijr", g, self.b).reshape(n, -1, w_r)
         db = torch.einsum("npij,npikr->npjkr", self.a, g).reshape(n, -1, w_r)
         return [da, db]
-
-    def pullback(self, columns: Tensor) -> list[Tensor]:
-        return [q.permute(2, 0, 1) for q in self.pull_rows(columns.permute(1, 2, 0))]
 
     def sandwich(self, hvv: Tensor | None) -> dict[tuple[fx.Node, fx.Node], Tensor]:
         out = self.curvature()
