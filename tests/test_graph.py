@@ -1032,16 +1032,25 @@ RULE_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", [*RULE_CASES, "Convolution-batched"])
+@pytest.mark.parametrize("name", [*RULE_CASES, "Convolution-batched",
+                                  *(f"Rule-for-every-op-of-{case}" for case in
+                                    ("Rule", "Broadcast", "BatchedProduct", "Selection"))])
 def test_every_rule_family_equals_dense_autograd(name, monkeypatch):
     """Each family's row pullback, sandwich (J^T H J plus the curvature term) and
     diagonal-only sandwich on random per-sample blocks equal dense Jacobians and
-    Hessians from autograd (convolutions both with their dense Jacobian and batched)."""
-    from hessfunc.graph.rules import Convolution, rule_for
+    Hessians from autograd (convolutions both with their dense Jacobian and batched;
+    the generic rule also on every op that a family of its own takes)."""
+    from hessfunc.graph.rules import Convolution, Rule, rule_for
 
     if name == "Convolution-batched":
         monkeypatch.setattr(Convolution, "_DENSE_BYTES", 0)
         name = "Convolution"
+    if name.startswith("Rule-for-every-op-of-"):
+        name = name.removeprefix("Rule-for-every-op-of-")
+        rule_for = Rule  # noqa: F811
+        family = "Rule"
+    else:
+        family = name.split("-")[0]
     torch.manual_seed(0)
     fn = RULE_CASES[name]
     w = torch.randn(4, 4, dtype=F64)
@@ -1091,7 +1100,7 @@ def test_every_rule_family_equals_dense_autograd(name, monkeypatch):
             expected = expected + C.permute(0, 2, 1, 3)[torch.arange(N), torch.arange(N)
                                                          ].diagonal(dim1=1, dim2=2)
             torch.testing.assert_close(rule.sandwich_diagonal(diag), expected)
-    assert name.split("-")[0] in seen, seen
+    assert family in seen, seen
 
 
 @pytest.mark.parametrize("kind", ["chain", "reordered", "skip"])
