@@ -1011,12 +1011,15 @@ RULE_CASES = {
     "Selection": lambda x, w: (lambda h: torch.tanh(torch.cat([
         F.pad(h.reshape(N, 2, 2).transpose(1, 2), (1, 0), value=3.0).flatten(1),
         h[:, None, :2].expand(N, 2, 2).reshape(N, 4),
-        torch.stack(h.split(2, dim=1), 2).reshape(N, 4)[:, 1:]], 1)))(torch.tanh(x @ w)),
+        torch.stack(h.split(2, dim=1), 2).reshape(N, 4)[:, 1:],
+        # as many elements out as in, yet no permutation (one copied twice, one dropped)
+        h.index_select(1, torch.tensor([0, 0, 1, 2]))], 1)))(torch.tanh(x @ w)),
     # elementwise ops of two operands, or of one broadcast within each sample
     "Broadcast": lambda x, w: (lambda h: torch.tanh(
         (h - h.amax(-1, keepdim=True)).exp() / h.exp().sum(-1, keepdim=True)
         + h * torch.tanh(h[:, :1]) + torch.where(h > 0, h.sin(), h ** 2)
-        + h / (1.5 + h[:, 1:2] ** 2)))(torch.tanh(x @ w)),
+        + h / (1.5 + h[:, 1:2] ** 2)
+        + torch.addcmul(h.cos(), h, h.sin())))(torch.tanh(x @ w)),  # linear in the first
     # batched matrix products of two per-sample values (attention's q k^T and a v)
     "BatchedProduct": lambda x, w: (lambda h: torch.tanh(torch.bmm(
         torch.bmm(h, h.transpose(1, 2).tanh()).softmax(-1), h.sin()).flatten(1)))(
@@ -1494,9 +1497,16 @@ def test_generic_curvature_in_chunks_of_columns_equals_the_oracle(monkeypatch):
     """An op without a closed form (softmax, LayerNorm, a product of two live values) gets
     its curvature from vmapped double backward passes over unit columns; under a budget
     of one column per chunk the chunks are concatenated in order, and the diagonal and
-    the blocks still equal the oracle."""
-    from hessfunc.graph import curvature
+    the blocks still equal the oracle. (The product goes to the generic rule here: the
+    Broadcast family, which would take it, is declined.)"""
+    from hessfunc.graph import curvature, rules
 
+    class Declined(rules.Broadcast):
+        def __init__(self, plan, node, inputs):
+            rules.Rule.__init__(self, plan, node, inputs)
+            self.index = [None]
+
+    monkeypatch.setattr(rules, "Broadcast", Declined)
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3), nn.Softmax(-1),
                           nn.Linear(3, 2)).double()
