@@ -1019,7 +1019,7 @@ RULE_CASES = {
         (h - h.amax(-1, keepdim=True)).exp() / h.exp().sum(-1, keepdim=True)
         + h * torch.tanh(h[:, :1]) + torch.where(h > 0, h.sin(), h ** 2)
         + h / (1.5 + h[:, 1:2] ** 2)
-        + torch.addcmul(h.cos(), h, h.sin())))(torch.tanh(x @ w)),  # linear in the first
+        + torch.addcmul(h.cos(), h, h.sin())))(torch.tanh(x @ w)),
     # batched matrix products of two per-sample values (attention's q k^T and a v)
     "BatchedProduct": lambda x, w: (lambda h: torch.tanh(torch.bmm(
         torch.bmm(h, h.transpose(1, 2).tanh()).softmax(-1), h.sin()).flatten(1)))(
