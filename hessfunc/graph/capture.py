@@ -280,9 +280,14 @@ def _is_mutating(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
+def op_name(node: torch.fx.Node) -> str:
+    """The op of a node as torch names it (``mm.default``)."""
+    return str(getattr(node.target, "__name__", node.target))
+
+
 def where(node: torch.fx.Node) -> str:
     """``op at file:line``: the op and the last frame of the user's code that made it."""
-    text = str(getattr(node.target, "__name__", node.target))
+    text = op_name(node)
     stack = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ")]
     user = [ln for ln in lines if "/torch/" not in ln and "/hessfunc/" not in ln] or lines

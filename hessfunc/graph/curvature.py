@@ -91,7 +91,15 @@ from .._autodiff import batched_vjp, use_autograd
 from .._checks import check_loss_output, check_scalar_output
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
 from ..errors import ArgumentError
-from .capture import LOSS_DECOMPOSITIONS, Captured, TraceCache, operand_uses, run_nodes, where
+from .capture import (
+    LOSS_DECOMPOSITIONS,
+    Captured,
+    TraceCache,
+    op_name,
+    operand_uses,
+    run_nodes,
+    where,
+)
 from .rules import Elementwise, Reorder, rule_for
 from .samples import SampleStructure, Value, analyze_samples, pointwise
 
@@ -746,12 +754,10 @@ class GraphPlan:
             return parts.to_operand(torch.bmm(signs[:, None, :].to(g.dtype),
                                               g.reshape(n, g.shape[1], -1)
                                               ).reshape(n, c_out, -1))
-        if parts.positions_first:  # (N, l, o, m, o) -> (N, o, l, m)
-            own = hvv.reshape(n, span, c_out, span, c_out).diagonal(dim1=2, dim2=4)
-            own = own.permute(0, 3, 1, 2)
-        else:
-            own = hvv.reshape(n, c_out, span, c_out, span).diagonal(dim1=1, dim2=3)
-            own = own.permute(0, 3, 1, 2)
+        own = hvv.reshape(n, span, c_out, span, c_out).diagonal(dim1=2, dim2=4) \
+            if parts.positions_first \
+            else hvv.reshape(n, c_out, span, c_out, span).diagonal(dim1=1, dim2=3)
+        own = own.permute(0, 3, 1, 2)  # (N, l, m, o) -> (N, o, l, m)
         if cols is None:
             return parts.to_operand(own.sum((2, 3)))
         return parts.to_operand(torch.einsum("nkl,nolm,nkm->nok", cols, own, cols))
@@ -929,9 +935,11 @@ def _cache(f: Any) -> TraceCache | str:
     return cache
 
 
-#: Reshapes that keep every element in its place.
-_SAME_ELEMENTS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-                  aten.clone.default, aten.alias.default}
+#: Reshapes and copies: which of them a reshape takes depends on the strides (a batch of
+#: one is contiguous where ``N`` samples are not); all keep every element in its place.
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_COPIES = {aten.clone.default}
+_SAME_ELEMENTS = _RESHAPES | _COPIES | {aten.alias.default}
 
 
 def _through_expand(site: _Site) -> _Site | None:
@@ -1260,12 +1268,6 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
     return gm1, counterpart
 
 
-#: Ops that reshape or copy without changing a value: which of them a reshape takes
-#: depends on the strides, and a batch of one is contiguous where ``N`` samples are not.
-_COPIES = {aten.clone.default}
-_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-
-
 def _counterparts(gm: fx.GraphModule, gm1: fx.GraphModule) -> dict[fx.Node, fx.Node] | str:
     """Each node of ``gm`` -> the node of ``gm1`` that computes the same value, when the
     two graphs run the same ops in the same order up to copies and the kind of reshape
@@ -1277,14 +1279,11 @@ def _counterparts(gm: fx.GraphModule, gm1: fx.GraphModule) -> dict[fx.Node, fx.N
     batch, one = ops(gm), ops(gm1)
     for (nd, op), (nd1, op1) in zip(batch, one, strict=False):
         if op != op1:
-            return f"{_op_name(nd1)} where the batch runs {where(nd)}"
+            return f"{op_name(nd1)} where the batch runs {where(nd)}"
     if len(batch) != len(one):
         return "the two traces have different lengths"
     return {nd: nd1 for (nd, _), (nd1, _) in zip(batch, one, strict=True)}
 
-
-def _op_name(node: fx.Node) -> str:
-    return str(node.target).split("aten.")[-1] if node.op == "call_function" else node.op
 
 
 def _frontier_bytes(plan: GraphPlan, columns: int | None = None) -> int:
