@@ -1224,6 +1224,24 @@ class _SlottedModel:
         return torch.func.functional_call(self.model, p, (x,))
 
 
+def test_per_sample_ggn_of_a_loss_with_the_batch_size_inside_its_sum():
+    """``((o - y) ** 2 / N).sum()`` puts the batch size below the loss's sum: each
+    sample's own loss divides by 1, so the one-sample trace is refused and the rows
+    still equal the oracle's (the trace once gave the batch's ``1/N`` per sample)."""
+    from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
+
+    model, _, x, y = _problem("mse", 4, seed=15)
+    loss_fn = lambda o, t: ((o - t) ** 2 / o.shape[0]).sum()  # noqa: E731
+    g = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y), per_sample=True)
+    assert plan is None and "div.Tensor takes 4 on the batch and 1 on one sample" in why
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for n in range(4):
+        *_, G = _oracle(model, loss_fn, x[n:n + 1], y[n:n + 1])
+        assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(G))
+
+
 def test_ggn_diag_of_a_g_that_cannot_be_weakly_referenced():
     """Such a ``g`` is held strongly by a plain wrapper: the diagonal and per-sample
     diagonals still take the captured graph, equal to the oracle's."""

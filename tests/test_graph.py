@@ -1206,6 +1206,17 @@ _PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace 
                             "a value the loss sums over has samples interleaved"),
     "a weight used twice": (lambda o, y, p: F.mse_loss(o @ p["2.weight"] @ p["2.weight"].T, y),
                             "some parameters take one-hot products"),
+    # the batch's numbers below the loss's sum: one sample alone computes others
+    "targets centred by the batch": (lambda o, y, p: F.mse_loss(o, y - y.mean(0)),
+                                     "mean.dim computes from the data of several samples"),
+    "the count inside the sum": (lambda o, y, p: ((o - y) ** 2 / o.shape[0]).sum(),
+                                 "f on one sample computes with other numbers: div.Tensor "
+                                 "takes 4 on the batch and 1 on one sample"),
+    "a fill by the batch size": (lambda o, y, p: ((o - y) ** 2 * torch.full_like(
+        y, 1.0 / len(y))).sum(), "f on one sample computes with other numbers: full_like"),
+    "a tensor of the batch size": (lambda o, y, p: ((o - y) ** 2 * torch.tensor(
+        [1.0 / len(y)], dtype=F64)).sum(), "f on one sample computes with other numbers: the "
+        "constant"),
 }
 
 

@@ -1265,7 +1265,57 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
     if any(b not in counterpart for b in plan.boundary()):
         return "f on one sample runs other ops than on the batch: a value the loss sums " \
             "over is a copy"
-    return gm1, counterpart
+    why = _separable_samples(plan, gm1, counterpart, "one sample")
+    return (gm1, counterpart) if why is None else why
+
+
+def _separable_samples(plan: GraphPlan, gm1: fx.GraphModule, counterpart: dict[fx.Node, fx.Node],
+                       other: str) -> str | None:
+    """Why the values the loss sums over, computed by ``gm1`` (``f`` traced on ``other``:
+    one sample, or part of the batch), are not the batch's values of those samples, or
+    None. They are when no value below them is pooled (NOTE [per-sample structure]) and
+    every number in the ops that compute them (``/ 512``, a fill value, a lifted tensor)
+    is the same in both traces; sizes and shapes may differ."""
+    below: set[fx.Node] = set()
+    stack = plan.boundary()
+    while stack:
+        nd = stack.pop()
+        if nd not in below:
+            below.add(nd)
+            stack.extend(nd.all_input_nodes)
+    for nd in plan.gm.graph.nodes:
+        if nd not in below:
+            continue
+        if plan.label(nd).pooled and not any(plan.label(a).pooled for a in nd.all_input_nodes):
+            return (f"{where(nd)} computes from the data of several samples at once, and "
+                    f"the values the loss sums over depend on it; f on {other} would see "
+                    "other data")
+        nd1 = counterpart.get(nd)
+        if nd1 is None:
+            continue
+        if nd.op == "get_attr":
+            t, t1 = operator.attrgetter(nd.target)(plan.gm), operator.attrgetter(nd1.target)(gm1)
+            if not isinstance(t, Tensor) or t.shape == t1.shape and torch.equal(t, t1):
+                continue
+            return f"f on {other} computes with other numbers: the constant {nd.target} " \
+                "differs from the batch's"
+        numbers, numbers1 = _literals(nd), _literals(nd1)
+        if len(numbers) != len(numbers1) or any(
+                a != a1 and not (a != a and a1 != a1)  # (nan is nan)
+                for a, a1 in zip(numbers, numbers1, strict=True)):
+            return (f"f on {other} computes with other numbers: {where(nd)} takes "
+                    f"{_listed(numbers)} on the batch and {_listed(numbers1)} on {other}")
+    return None
+
+
+def _listed(numbers: list[Any]) -> str:
+    return ", ".join(map(repr, numbers)) or "none"
+
+
+def _literals(node: fx.Node) -> list[Any]:
+    """The numbers and flags among a node's operands, not in lists (shapes, dims)."""
+    return [a for a in (*node.args, *node.kwargs.values())
+            if not isinstance(a, (fx.Node, list, tuple))]
 
 
 def _counterparts(gm: fx.GraphModule, gm1: fx.GraphModule) -> dict[fx.Node, fx.Node] | str:

@@ -21,13 +21,19 @@ NOTE [per-sample structure]
     per-sample value is block-diagonal over samples. Nothing is probed
     numerically, so a loss that couples samples by 1e-6 is refused, not
     approximated.
+
+    Constants may mix samples freely (``y - y.mean(0)``) without changing that
+    Hessian, but such a value is *pooled*: sample ``n``'s slice of it, and of
+    everything computed from it, depends on other samples' data. The batch's
+    Hessian does not care; a part of the batch, or one sample alone, computes
+    other numbers, so those routes refuse pooled values.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -95,6 +101,7 @@ class Value:
     axis: int | None = None
     aggregate: bool = False
     layout: tuple[int, int] = (1, 1)
+    pooled: bool = False  # computed from the data of several samples at once
 
     def size(self, n: int) -> int:
         """The length of the batch axis for ``n`` samples."""
@@ -341,6 +348,16 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
     raise _Unproved
 
 
+def _pools(node: fx.Node, operands: list[tuple[fx.Node, Value]], value: Value) -> bool:
+    """Whether ``node``'s value is pooled: an operand is, or the op gathers the data of
+    several samples (a constant with a batch axis) into a value without one. Aggregates
+    of the loss are sums over samples by design, and shape-only ops read no data."""
+    if any(v.pooled for _, v in operands):
+        return True
+    return value.axis is None and not value.aggregate and node.target not in SHAPE_ONLY \
+        and any(v.axis is not None and not v.live for _, v in operands)
+
+
 def _operands(node: fx.Node, values: dict) -> list[tuple[fx.Node, Value]]:
     found: list[tuple[fx.Node, Value]] = []
     seen: set[fx.Node] = set()
@@ -400,6 +417,8 @@ def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int],
             else:
                 why = str(e) or "has no batch-axis rule for these operands (or mixes samples)"
                 return SampleStructure(values, n, f"{where(node)} {why}")
+        if _pools(node, operands, value):
+            value = replace(value, pooled=True)
         if isinstance(val, (tuple, list)):  # var_mean: each tensor output takes the label
             values[node] = tuple(value if isinstance(v, torch.Tensor) else CONST for v in val)
         else:
