@@ -78,10 +78,9 @@ def hessian_diag(f: Callable[..., Any], argnums: int = 0, *, chunk_size: int | N
     Args:
         f: scalar-valued function.
         argnums: the argument to differentiate.
-        chunk_size: one-hot tangents per batched backward pass (generic route), or
-            samples per block of the per-sample propagation (structured route);
-            ``None`` sizes chunks to a fixed memory budget. Results do not depend
-            on it.
+        chunk_size: one-hot tangents per batched backward pass (generic route);
+            ``None`` sizes chunks to a fixed memory budget. The structured route sizes
+            its own parts of the batch to the free memory. Results do not depend on it.
         method: ``"auto"``, ``"structured"`` (raise if it does not apply, saying
             why) or ``"generic"``.
         per_sample: for ``f(params, inputs, targets)``: return, for every sample

@@ -9,7 +9,7 @@ from typing import Any
 from ._checks import check_argnums, check_callable
 from ._tree import flat_spec
 from .graph.chain import graph_chain
-from .graph.curvature import plan_diagonal
+from .graph.curvature import GraphPlan, plan_diagonal
 from .products import route_is_measured
 
 __all__ = ["explain", "Explanation", "Route"]
@@ -19,7 +19,7 @@ __all__ = ["explain", "Explanation", "Route"]
 class Route:
     """The route of one quantity: ``name`` (``"structured"``, ``"graph"`` or
     ``"generic"``), ``engine`` (what computes it) and ``why`` (the reason for a
-    fallback, or the empty string)."""
+    fallback, how a structured route runs, or the empty string)."""
 
     quantity: str
     name: str
@@ -90,13 +90,14 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     if plan is not None:
         names = flat_spec(args[argnums]).names
         parameters = {names[i]: reason for i, reason in plan.products.items()}
-        routes.append(Route("hessian_diag", "structured", "captured graph"))
+        routes.append(Route("hessian_diag", "structured", "captured graph", _parts(plan)))
     else:
         routes.append(Route("hessian_diag", "generic", "one-hot products", why))
     graph_each, graph_each_why = plan_diagonal(f, args, argnums, per_sample=True) \
         if len(args) == 3 else (None, "f is not called as f(params, inputs, targets)")
     if graph_each is not None:
-        routes.append(Route("hessian_diag(per_sample=True)", "structured", "captured graph"))
+        routes.append(Route("hessian_diag(per_sample=True)", "structured", "captured graph",
+                            _parts(graph_each)))
     else:
         routes.append(Route("hessian_diag(per_sample=True)", "generic",
                             "vmap of one-hot products", graph_each_why))
@@ -120,7 +121,7 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
                                "" if chain_why == "ok" else chain_why) if chain is not None
                               else ("graph", "cached gradient graph", chain_why))))
     if plan is not None:
-        routes.append(Route("hessian_blocks", "structured", "captured graph"))
+        routes.append(Route("hessian_blocks", "structured", "captured graph", _parts(plan)))
     else:
         routes.append(Route("hessian_blocks", "generic", "one-hot products", why))
     if chain is not None:
@@ -135,3 +136,12 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
         routes.append(Route("hessian", "generic", "one-hot products",
                             f"{why}; chain route: {chain_why}"))
     return Explanation(tuple(routes), parameters)
+
+
+def _parts(plan: GraphPlan) -> str:
+    """How the plan splits the batch (NOTE [the batch in parts]), or nothing."""
+    if not plan.parts:
+        return ""
+    sizes = sorted({part.hi - part.lo for part in plan.parts})
+    return (f"the batch in {len(plan.parts)} parts of {' or '.join(map(str, sizes))} samples, "
+            "to fit the frontier's per-sample curvature in the memory budget")

@@ -1582,3 +1582,118 @@ def test_a_logit_of_exactly_zero_keeps_its_curvature(loss):
     for n in range(3):
         one, leaves = oracle_loss(f, w, x[n:n + 1], y[n:n + 1])
         assert_close({k: v[n] for k, v in rows.items()}, hf.reference.hessian_diag(one, leaves))
+
+
+# ---- the batch in parts (NOTE [the batch in parts]) -------------------------------------
+
+def _budget_for(monkeypatch, f, args, samples):
+    """Set the memory budget to hold the frontier of ``samples`` samples of the batch."""
+    from hessfunc.graph import curvature
+
+    plan, why = plan_diagonal(f, args, check_memory=False)
+    assert plan is not None, why
+    need = -(-curvature._frontier_bytes(plan) * samples // plan.n)
+    monkeypatch.setattr(curvature, "available_bytes", lambda device: 4 * need)
+
+
+class _TokenModel(nn.Module):
+    """Per-token logits of ``(N, T = 3, 2)`` sequences, rows batch-first ``(N T, 3)`` or
+    sequence-first ``(T N, 3)``, with attention-free mixing of the positions."""
+
+    def __init__(self, first):
+        super().__init__()
+        self.first = first
+        self.embed, self.mix, self.head = nn.Linear(2, 4), nn.Linear(12, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        h = h + torch.tanh(self.mix(h.flatten(1))).reshape(h.shape)
+        if self.first == "sequence":
+            h = h.transpose(0, 1)
+        return self.head(h).reshape(-1, 3)
+
+
+_CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 1.0], dtype=F64)  # dL/db differs by sample
+
+
+def _token_loss(first):
+    def loss(o, y):
+        return F.cross_entropy(o, (y.T if first == "sequence" else y).reshape(-1),
+                               weight=_CLASS_WEIGHTS)
+    return loss
+
+
+_PARTS = {  # name -> (model, loss of (out, y, p), inputs, targets)
+    "residual MLP, weight decay": (
+        lambda: ResidualMLP(3, 4, 2, 3).double(),
+        lambda o, y, p: F.cross_entropy(o, y, weight=_CLASS_WEIGHTS)
+        + 0.1 * (p["head.weight"] ** 2).sum(),
+        lambda g: torch.randn(7, 3, dtype=F64, generator=g),
+        lambda g: torch.randint(0, 3, (7,), generator=g)),
+    "tokens, batch-first rows": (
+        lambda: _TokenModel("batch").double(), lambda o, y, p: _token_loss("batch")(o, y),
+        lambda g: torch.randn(7, 3, 2, dtype=F64, generator=g),
+        lambda g: torch.randint(0, 3, (7, 3), generator=g)),
+    "tokens, sequence-first rows": (
+        lambda: _TokenModel("sequence").double(), lambda o, y, p: _token_loss("sequence")(o, y),
+        lambda g: torch.randn(7, 3, 2, dtype=F64, generator=g),
+        lambda g: torch.randint(0, 3, (7, 3), generator=g)),
+}
+
+
+@pytest.mark.parametrize("case", list(_PARTS))
+def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
+    """Over the memory budget the sweep runs on parts of the batch seeded with the batch's
+    ``dL/db``: the diagonal and blocks (parameter-only terms added once) and each
+    sample's own diagonal (the parts' rows in order) equal the oracle's."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    make, loss, inputs, targets = _PARTS[case]
+    model = make()
+    x, y = inputs(g), targets(g)
+    params = _params(model)
+    f = lambda p, x, y: loss(functional_call(model, p, (x,)), y, p)  # noqa: E731
+    _budget_for(monkeypatch, f, (params, x, y), 2)
+    plan, why = plan_diagonal(f, (params, x, y))
+    assert plan is not None, why
+    assert [(part.lo, part.hi) for part in plan.parts] == [(0, 2), (2, 4), (4, 7)]
+    route = hf.explain(f, params, x, y)["hessian_diag"]
+    assert (route.name, route.why) == ("structured", "the batch in 3 parts of 2 or 3 samples, "
+                                       "to fit the frontier's per-sample curvature in the "
+                                       "memory budget")
+    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
+                 _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
+    if "tokens" in case:  # per_sample=True refuses per-position losses (rows, not samples)
+        return
+    f = lambda p, x, y: loss(functional_call(model, p, (x,)), y, {  # noqa: E731
+        "head.weight": torch.zeros(())})
+    assert len(plan_diagonal(f, (params, x, y), per_sample=True)[0].parts) == 3
+    assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
+                 _oracle_per_sample(f, params, x, y))
+
+
+@pytest.mark.parametrize(("loss", "samples", "why"), [
+    (lambda o, y: F.mse_loss(o, y - y.mean(0)), 2,
+     "and the batch cannot be taken in parts: mean.dim computes from the data of several "
+     "samples at once, and the values the loss sums over depend on it; f on part of the "
+     "batch would see other data"),
+    (lambda o, y: ((o - y) ** 2 / o.shape[0]).sum(), 2,
+     "and the batch cannot be taken in parts: f on part of the batch computes with other "
+     "numbers: div.Tensor takes 5 on the batch and 2 on part of the batch"),
+    (F.mse_loss, 1, "even for two samples at a time"),
+])
+def test_the_batch_in_parts_refused_with_the_reason(loss, samples, why, monkeypatch):
+    """Parts whose values would not be the batch's (a value pooled from several samples'
+    data, a number of the batch size below the sum), or a budget that two samples
+    exceed: the plan says why, and the diagonal still equals the oracle's by products."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 2], "tanh", 3)
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    f = _plain(model, loss)
+    params = _params(model)
+    _budget_for(monkeypatch, f, (params, x, y), samples)
+    plan, reason = plan_diagonal(f, (params, x, y))
+    assert plan is None and reason.startswith("the per-sample curvature over the widest "
+                                              "frontier needs") and reason.endswith(why), reason
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))

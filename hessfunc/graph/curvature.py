@@ -69,6 +69,19 @@ NOTE [per-sample losses]
     sample's coefficients ``dl_n / db``. The loss is linear in ``b``, so seeding
     the backward pass with them instead of ``dL/db`` makes every per-sample block
     of the sweep that sample's own loss Hessian, and the sites keep the sample axis.
+
+NOTE [the batch in parts]
+    The frontier's blocks take ``O(N w^2)`` memory. Over the budget (a quarter of the
+    free memory) the sweep runs on parts of the batch that fit, two samples or more
+    each: ``f`` is captured again on each part's samples, and as ``L`` is linear in
+    the values ``b`` it sums over samples, seeding a part's sweep with the batch's
+    ``dL/db`` at the part's samples gives exactly that part's share of the batch's
+    Hessian. The shares add up; the parameter-only terms are added once. Per-sample
+    diagonals need no seeds from the batch: each part's rows are its samples' own.
+    A part's values are the batch's only if nothing below the sum is pooled (NOTE
+    [per-sample structure]) and both traces compute with the same numbers, else the
+    parts are refused with the reason. Cost: the same sweep, one capture per part
+    size (at most two) and one forward pass per part.
 """
 
 from __future__ import annotations
@@ -177,6 +190,17 @@ class _Shared:
 
 
 @dataclass
+class _Part:
+    """Samples ``lo:hi`` of the batch, ``f``'s plan on them, and the node of that plan for
+    each of the batch's (whole-batch diagonals, whose sweep the batch's ``dL/db`` seeds)."""
+
+    lo: int
+    hi: int
+    plan: GraphPlan
+    counterpart: dict[fx.Node, fx.Node]
+
+
+@dataclass
 class GraphPlan:
     """The captured graph of one call, its labels and the route of every leaf."""
 
@@ -198,6 +222,7 @@ class GraphPlan:
     env: dict[fx.Node, Any] = field(default_factory=dict)
     rules: dict[fx.Node, Any] = field(default_factory=dict)
     _seeds: dict[fx.Node, Tensor] | None = None  # per-sample losses' boundary coefficients
+    parts: list[_Part] = field(default_factory=list)  # NOTE [the batch in parts]
     grads: dict[fx.Node, Tensor] = field(default_factory=dict)
     loss: Tensor | None = None
 
@@ -364,7 +389,7 @@ class GraphPlan:
         """Per leaf: its exact diagonal (leaf-shaped; with ``one_sample`` set, ``(N,
         *leaf shape)``, each sample's own loss), None for the products route."""
         lead = () if self.one_sample is None else (self.n,)
-        out = self._sweep(self._site_diagonal, full=False)
+        out = self._swept(lambda plan: plan._site_diagonal, full=False)
         for i, term in self._separable_terms().items():
             out[i] = term if out[i] is None else out[i] + term
         return [leaf.new_zeros((*lead, *leaf.shape)) if d is None and i not in self.products
@@ -375,7 +400,7 @@ class GraphPlan:
         ``(numel, numel)`` Hessian block, ``J_p^T H[v, v] J_p`` at its site plus its
         separable terms' diagonal; None for the products route and for sites whose
         Jacobian would not fit the chunk budget."""
-        out = self._sweep(self._site_block, full=True, leaves=leaves)
+        out = self._swept(lambda plan: plan._site_block, full=True, leaves=leaves)
         wanted = range(len(self.leaves)) if leaves is None else leaves
         for i in wanted:
             if out[i] is None and i not in self.products and (
@@ -386,6 +411,36 @@ class GraphPlan:
             if out[i] is not None:
                 out[i] = out[i] + torch.diag(term.reshape(-1))
         return out
+
+    def _swept(self, site_rule: Callable[[GraphPlan], Callable[..., Tensor | None]],
+               full: bool, leaves: set[int] | None = None) -> list[Tensor | None]:
+        """:meth:`_sweep` with ``site_rule(plan)`` at the sites: of this plan, or of each
+        of its parts in turn, summed (each sample's own loss: stacked)."""
+        if not self.parts:
+            return self._sweep(site_rule(self), full, leaves)
+        if not self.env:
+            self.evaluate()  # dL/db of the batch, and its parameter-only terms
+        found: list[list[Tensor | None]] = []
+        for part in self.parts:
+            if self.one_sample is None:
+                part.plan.evaluate(self._part_seeds(part))
+            found.append(part.plan._sweep(site_rule(part.plan), full, leaves))
+            part.plan.env, part.plan.grads, part.plan.rules = {}, {}, {}
+        join = (lambda ts: torch.cat(ts)) if self.one_sample is not None else sum
+        return [None if any(t is None for t in ts) else join(ts)
+                for ts in zip(*found, strict=True)]
+
+    def _part_seeds(self, part: _Part) -> dict[fx.Node, Tensor]:
+        """The batch's ``dL/db`` at each value ``b`` the loss sums, at ``part``'s samples."""
+        seeds = {}
+        for b in self.boundary():
+            label = self.label(b)
+            outer, inner = label.layout
+            g = self.grads[b].movedim(label.axis, 0)
+            rest = g.shape[1:]
+            g = g.reshape(outer, self.n, inner, *rest)[:, part.lo:part.hi]
+            seeds[part.counterpart[b]] = g.reshape(-1, *rest).movedim(0, label.axis)
+        return seeds
 
     def _sweep(self, at_site: Callable[..., Tensor | None], full: bool,
                leaves: set[int] | None = None) -> list[Tensor | None]:
@@ -1100,7 +1155,7 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
                      captured=captured)
     if not check_memory:
         return plan, "ok"
-    return _within_budget(plan, captured.analysis("bytes", lambda: _frontier_bytes(plan)))
+    return _within_budget(plan, f, args, check_output, call)
 
 
 def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
@@ -1121,12 +1176,64 @@ def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
     return captured.analysis(("routes", num_leaves, tuple(batch), n), routes_of)
 
 
-def _within_budget(plan: GraphPlan, need: int) -> tuple[GraphPlan | None, str]:
+def _over_budget(plan: GraphPlan, need: int) -> str | None:
     budget = available_bytes(plan.leaves[0].device) // 4
     if need > budget:
-        return None, (f"the per-sample curvature over the widest frontier needs "
-                      f"{format_bytes(need)}, over the budget of {format_bytes(budget)}")
+        return (f"the per-sample curvature over the widest frontier needs "
+                f"{format_bytes(need)}, over the budget of {format_bytes(budget)}")
+    return None
+
+
+def _within_budget(plan: GraphPlan, f: Any, args: tuple[Any, ...],
+                   check_output: Callable[[Any], None] | None, call: str
+                   ) -> tuple[GraphPlan | None, str]:
+    """``plan`` as it is if its frontier fits the memory budget, else swept over parts
+    of the batch that fit (NOTE [the batch in parts]), else ``(None, why)``."""
+    need = plan.captured.analysis("bytes", lambda: _frontier_bytes(plan))
+    over = _over_budget(plan, need)
+    if over is None:
+        return plan, "ok"
+    budget = available_bytes(plan.leaves[0].device) // 4
+    size = budget * plan.n // need  # samples per part
+    parts = min(-(-plan.n // max(size, 1)), plan.n // 2)
+    if size < 2 or parts < 2:
+        return None, f"{over}, even for two samples at a time"
+    bounds = [(plan.n * i // parts, plan.n * (i + 1) // parts) for i in range(parts)]
+    why = _take_parts(plan, f, args, bounds, check_output, call)
+    if why is not None:
+        return None, f"{over}, and the batch cannot be taken in parts: {why}"
     return plan, "ok"
+
+
+def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tuple[int, int]],
+                check_output: Callable[[Any], None] | None, call: str) -> str | None:
+    """Set ``plan.parts``, a plan of ``f`` on each range of samples in ``bounds``, or say
+    why the parts would not add up to the batch's diagonal."""
+    n, per_sample = plan.n, plan.one_sample is not None
+    parts = []
+    for lo, hi in bounds:
+        data = pytree.tree_map(lambda t, lo=lo, hi=hi: t[lo:hi] if isinstance(t, Tensor) and
+                               t.dim() >= 1 and t.shape[0] == n else t, list(args[1:]))
+        part, why = plan_diagonal(f, (args[0], *data), per_sample=per_sample,
+                                  check_memory=False, check_output=check_output, call=call)
+        if part is None:
+            return why
+        if set(part.products) != set(plan.products):
+            return "f on part of the batch takes other routes for its parameters"
+        counterpart: dict[fx.Node, fx.Node] | str = {}
+        if not per_sample:  # its sweep is seeded with the batch's dL/db
+            counterpart = _counterparts(plan.gm, part.gm)
+            if isinstance(counterpart, str):
+                return f"f on part of the batch runs other ops than on the batch: {counterpart}"
+            if sorted(part.boundary(), key=id) != sorted(
+                    (counterpart.get(b) for b in plan.boundary()), key=id):
+                return "f on part of the batch sums other values"
+            why = _separable_samples(plan, part.gm, counterpart, "part of the batch")
+            if why is not None:
+                return why
+        parts.append(_Part(lo, hi, part, counterpart if not per_sample else {}))
+    plan.parts = parts
+    return None
 
 
 class GGNLoss:
@@ -1197,7 +1304,8 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
     plan.linearised = linearised
     need = plan.captured.analysis("ggn bytes", lambda: _frontier_bytes(plan, columns=sum(
         nd.meta["val"].numel() // plan.n for nd in plan.model_outputs())))
-    return _within_budget(plan, need)
+    over = _over_budget(plan, need)
+    return (plan, "ok") if over is None else (None, over)
 
 
 def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset | str:
@@ -1224,7 +1332,7 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
                      ) -> tuple[GraphPlan | None, str]:
     """The plan of the batch, with ``f`` also traced on one sample (NOTE [per-sample
     losses]): the two graphs must have the same ops in the same order."""
-    plan, why = plan_diagonal(f, args, argnums, check_memory=check_memory,
+    plan, why = plan_diagonal(f, args, argnums, check_memory=False,
                               check_output=check_output, call=call)
     if plan is None:
         return None, why
@@ -1235,7 +1343,9 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     if isinstance(found, str):
         return None, found
     plan.one_sample, plan.counterpart = found
-    return plan, "ok"
+    if not check_memory:
+        return plan, "ok"
+    return _within_budget(plan, f, args, check_output, call)
 
 
 def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
