@@ -18,8 +18,8 @@ of ``--repeats`` rounds, so ratios survive a drifting machine):
 
 Problems: the three MLPs of ``benchmarks/problems.py``, the residual tanh MLP of the
 captured-graph issue (20-128, three residual blocks of 128, 1 output; MSE, 512 points;
-52k parameters), the same widths without the skips, and a small Transformer LM (21k
-parameters). The first call of every case
+52k parameters), the same widths without the skips, a small Transformer LM (21k
+parameters) and an MNIST-sized MLP 784-512-512-10 (670k). The first call of every case
 is checked against the float64 loop oracle on a subsample of parameters (``--check``).
 """
 
@@ -40,7 +40,7 @@ import hessfunc as hf
 from hessfunc._autodiff import second_order_kernels
 
 from ._timing import interleaved_medians
-from .problems import PROBLEMS, Problem, loss_module
+from .problems import PROBLEMS, Problem, loss_module, mlp
 
 
 class ResidualMLP(nn.Module):
@@ -96,9 +96,20 @@ def transformer() -> Problem:
     return Problem("Transformer LM d=32 (8 x 16 tokens)", model, F.cross_entropy, x, y)
 
 
+def wide() -> Problem:
+    """An MNIST-sized tanh MLP 784-512-512-10 with cross-entropy on 512 samples (670k
+    parameters): its frontier's blocks need 6 GiB, so the sweep runs on parts of the batch
+    (NOTE [the batch in parts])."""
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(512, 784, generator=g), torch.randint(0, 10, (512,), generator=g)
+    return Problem("MLP 784-512-512-10 (512 pts)", mlp([784, 512, 512, 10]), F.cross_entropy,
+                   x, y)
+
+
 ALL = {**PROBLEMS,
        "residual": lambda: residual(True), "chain": lambda: residual(False),
-       "transformer": transformer}
+       "transformer": transformer, "wide": wide}
 
 
 def _backpack(problem: Problem, per_sample: bool = False) -> Any:

@@ -1206,6 +1206,8 @@ _PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace 
                             "a value the loss sums over has samples interleaved"),
     "a weight used twice": (lambda o, y, p: F.mse_loss(o @ p["2.weight"] @ p["2.weight"].T, y),
                             "some parameters take one-hot products"),
+    "a fresh constant from the targets": (lambda o, y, p: F.mse_loss(o + y.new_zeros(()), y),
+                                          None),
     # the batch's numbers below the loss's sum: one sample alone computes others
     "targets centred by the batch": (lambda o, y, p: F.mse_loss(o, y - y.mean(0)),
                                      "mean.dim computes from the data of several samples"),
@@ -1674,6 +1676,12 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
 
 
 @pytest.mark.parametrize(("loss", "samples", "why"), [
+    (lambda o, y: F.mse_loss(o.reshape(-1), y), 2,
+     "(f on part of the batch gets the inputs whose first axis has the batch's size, 5, "
+     "cut to the part, the others whole)"),
+    (lambda o, y: F.mse_loss(o.reshape(-1), y[:o.numel()]), 2,  # the batch's first targets
+     "f on part of the batch computes with other numbers: slice.Tensor takes 0, 0, 10 on "
+     "the batch and 0, 0, 4 on part of the batch"),
     (lambda o, y: F.mse_loss(o, y - y.mean(0)), 2,
      "and the batch cannot be taken in parts: mean.dim computes from the data of several "
      "samples at once, and the values the loss sums over depend on it; f on part of the "
@@ -1684,12 +1692,15 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
     (F.mse_loss, 1, "even for two samples at a time"),
 ])
 def test_the_batch_in_parts_refused_with_the_reason(loss, samples, why, monkeypatch):
-    """Parts whose values would not be the batch's (a value pooled from several samples'
+    """Parts that f cannot take (targets flattened over the batch: ``(N C,)`` is passed
+    whole), whose values would not be the batch's (a value pooled from several samples'
     data, a number of the batch size below the sum), or a budget that two samples
     exceed: the plan says why, and the diagonal still equals the oracle's by products."""
     torch.manual_seed(0)
     model = build_mlp([3, 4, 2], "tanh", 3)
     x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    if "cut to the part" in why or "slice" in why:
+        y = y.reshape(-1)  # (N C,): not cut
     f = _plain(model, loss)
     params = _params(model)
     _budget_for(monkeypatch, f, (params, x, y), samples)

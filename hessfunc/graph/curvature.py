@@ -1176,8 +1176,12 @@ def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
     return captured.analysis(("routes", num_leaves, tuple(batch), n), routes_of)
 
 
+def _budget(plan: GraphPlan) -> int:
+    return available_bytes(plan.leaves[0].device) // 4
+
+
 def _over_budget(plan: GraphPlan, need: int) -> str | None:
-    budget = available_bytes(plan.leaves[0].device) // 4
+    budget = _budget(plan)
     if need > budget:
         return (f"the per-sample curvature over the widest frontier needs "
                 f"{format_bytes(need)}, over the budget of {format_bytes(budget)}")
@@ -1193,8 +1197,7 @@ def _within_budget(plan: GraphPlan, f: Any, args: tuple[Any, ...],
     over = _over_budget(plan, need)
     if over is None:
         return plan, "ok"
-    budget = available_bytes(plan.leaves[0].device) // 4
-    size = budget * plan.n // need  # samples per part
+    size = _budget(plan) * plan.n // need  # samples per part
     parts = min(-(-plan.n // max(size, 1)), plan.n // 2)
     if size < 2 or parts < 2:
         return None, f"{over}, even for two samples at a time"
@@ -1217,7 +1220,8 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
         part, why = plan_diagonal(f, (args[0], *data), per_sample=per_sample,
                                   check_memory=False, check_output=check_output, call=call)
         if part is None:
-            return why
+            return (f"{why} (f on part of the batch gets the inputs whose first axis has the "
+                    f"batch's size, {n}, cut to the part, the others whole)")
         if set(part.products) != set(plan.products):
             return "f on part of the batch takes other routes for its parameters"
         counterpart: dict[fx.Node, fx.Node] | str = {}
@@ -1225,13 +1229,12 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
             counterpart = _counterparts(plan.gm, part.gm)
             if isinstance(counterpart, str):
                 return f"f on part of the batch runs other ops than on the batch: {counterpart}"
-            if sorted(part.boundary(), key=id) != sorted(
-                    (counterpart.get(b) for b in plan.boundary()), key=id):
+            if set(part.boundary()) != {counterpart.get(b) for b in plan.boundary()}:
                 return "f on part of the batch sums other values"
             why = _separable_samples(plan, part.gm, counterpart, "part of the batch")
             if why is not None:
                 return why
-        parts.append(_Part(lo, hi, part, counterpart if not per_sample else {}))
+        parts.append(_Part(lo, hi, part, counterpart))
     plan.parts = parts
     return None
 

@@ -350,8 +350,8 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
 
 def _pools(node: fx.Node, operands: list[tuple[fx.Node, Value]], value: Value) -> bool:
     """Whether ``node``'s value is pooled: an operand is, or the op gathers the data of
-    several samples (a constant with a batch axis) into a value without one. Aggregates
-    of the loss are sums over samples by design, and shape-only ops read no data."""
+    several samples (a constant with a batch axis) into a value without one. The loss's
+    aggregates are sums over samples by design; shape-only ops read no data."""
     if any(v.pooled for _, v in operands):
         return True
     return value.axis is None and not value.aggregate and node.target not in SHAPE_ONLY \
