@@ -722,6 +722,29 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
                "per-sample terms")
 
 
+@pytest.mark.parametrize(("name", "data", "pooled"), [
+    ("the batch's mean taken off", lambda x: x - x.mean(0), True),
+    ("one sample's row for all", lambda x: x * x[0], True),
+    ("the samples flipped, added", lambda x: x + x.flip(0), True),
+    ("the batch's sum of squares", lambda x: x / (x ** 2).sum(), True),
+    ("each sample's own mean taken off", lambda x: x - x.mean(1, keepdim=True), False),
+    ("scaled and shifted", lambda x: 2.0 * x + 1.0, False),
+    ("a fresh constant of its dtype", lambda x: x + x.new_zeros(()), False),
+    ("zeros like it", lambda x: x + torch.zeros_like(x), False),
+])
+def test_constants_from_several_samples_are_pooled(name, data, pooled):
+    """NOTE [per-sample structure]: a constant computed from the data of several samples,
+    and what is computed from it, is pooled (the batch's Hessian is still a sum over
+    samples, but one sample or part of the batch alone would compute other values)."""
+    w = torch.randn(4, dtype=F64)
+    x = torch.randn(N, 4, dtype=F64)
+    gm, structure = _proved(lambda w, x: torch.tanh(data(x) * w).sum(), w, x)
+    assert structure.reason is None
+    (tanh,) = [nd for nd in gm.graph.nodes if nd.target is torch.ops.aten.tanh.default]
+    label = structure.values[tanh]
+    assert label.per_sample and label.pooled == pooled
+
+
 @pytest.mark.parametrize(("name", "fn", "op", "why"), [
     ("contract the batch", lambda x: x.T @ x, "mm.default", _NO_RULE),
     ("samples on two axes", lambda x: x[:, :, None] * x.T[None], "mul.Tensor", _NO_RULE),
@@ -1676,7 +1699,7 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
 
 
 @pytest.mark.parametrize(("loss", "samples", "why"), [
-    (lambda o, y: F.mse_loss(o.reshape(-1), y), 2,
+    (lambda o, y: ((o.reshape(-1) - y) ** 2).mean(), 2,
      "(f on part of the batch gets the inputs whose first axis has the batch's size, 5, "
      "cut to the part, the others whole)"),
     (lambda o, y: F.mse_loss(o.reshape(-1), y[:o.numel()]), 2,  # the batch's first targets

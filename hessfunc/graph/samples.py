@@ -349,13 +349,14 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
 
 
 def _pools(node: fx.Node, operands: list[tuple[fx.Node, Value]], value: Value) -> bool:
-    """Whether ``node``'s value is pooled: an operand is, or the op gathers the data of
-    several samples (a constant with a batch axis) into a value without one. The loss's
-    aggregates are sums over samples by design; shape-only ops read no data."""
+    """Whether ``node``'s value is pooled: an operand is, or the op gathers the values of
+    several samples (an operand with a batch axis) into one without: a statistic of the
+    data (live values can only become the loss's aggregate, a sum over samples by design).
+    Shape-only ops read no values."""
     if any(v.pooled for _, v in operands):
         return True
     return value.axis is None and not value.aggregate and node.target not in SHAPE_ONLY \
-        and any(v.axis is not None and not v.live for _, v in operands)
+        and any(v.axis is not None for _, v in operands)
 
 
 def _operands(node: fx.Node, values: dict) -> list[tuple[fx.Node, Value]]:
