@@ -1646,3 +1646,43 @@ def test_batchnorm_in_training_mode_per_sample_and_fisher():
         hf.hessian_diag(f, per_sample=True)(params, x, y)
     g, _ = hf.functionalize(model)
     _check_fisher_diagonals(g, params, x, y)
+
+
+@pytest.mark.parametrize("name", ["mse", "ce", "nll-of-log-softmax", "bce"])
+def test_gauss_newton_and_fisher_in_parts_of_the_batch(name, monkeypatch):
+    """Over the memory budget the Gauss-Newton sweep runs on parts of the batch (NOTE [the
+    batch in parts]): the loss's factor at the outputs is the batch's, cut to each part,
+    or (no closed form: the NLL of a log-softmax) each part's output Hessian is seeded
+    with the batch's dL/db. The GGN diagonal, each sample's own, and the empirical and
+    MC Fisher diagonals equal the oracle's."""
+    from hessfunc.graph import curvature
+
+    n = 7
+    model, loss_fn, x, y = _problem(name, n, seed=16)
+    g, params, out, leaves, G = _oracle(model, loss_fn, x, y)
+    plan, why = curvature.plan_ggn_diagonal(curvature.GGNLoss.of(g, loss_fn), (params, x, y))
+    assert plan is not None and not plan.parts, why
+    need = -(-plan.captured.analysis("ggn bytes", None) * 2 // n)
+    monkeypatch.setattr(curvature, "available_bytes", lambda device: 4 * need)
+    for per_sample in (False, True):
+        plan, why = curvature.plan_ggn_diagonal(curvature.GGNLoss.of(g, loss_fn),
+                                                (params, x, y), per_sample=per_sample)
+        assert plan is not None, why
+        assert [(part.lo, part.hi) for part in plan.parts] == [(0, 2), (2, 4), (4, 7)]
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for i in range(n):
+        *_, Gi = _oracle(model, loss_fn, x[i:i + 1], y[i:i + 1])
+        assert_close(flat({k: v[i] for k, v in rows.items()}), torch.diagonal(Gi))
+    if name not in FISHER:
+        return
+    c, s = _scale(name, n)
+    losses = [loss_fn(g(leaves, x[i:i + 1]), y[i:i + 1]) for i in range(n)]
+    ref = hf.reference.empirical_fisher(losses, list(leaves.values()), c / s ** 2)
+    assert_close(flat(hf.fisher_diag(g, loss_fn, kind="empirical")(params, x, y)),
+                 torch.diagonal(ref))
+    diag = hf.fisher_diag(g, loss_fn, mc_samples=3,
+                          generator=torch.Generator().manual_seed(5))(params, x, y)
+    ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
+                                 FISHER[name], c, 3, torch.Generator().manual_seed(5))
+    assert_close(flat(diag), torch.diagonal(ref))

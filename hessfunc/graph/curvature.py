@@ -77,7 +77,9 @@ NOTE [the batch in parts]
     the values ``b`` it sums over samples, seeding a part's sweep with the batch's
     ``dL/db`` at the part's samples gives exactly that part's share of the batch's
     Hessian. The shares add up; the parameter-only terms are added once. Per-sample
-    diagonals need no seeds from the batch: each part's rows are its samples' own.
+    diagonals need no seeds from the batch: each part's rows are its samples' own. The
+    Gauss-Newton sweep takes the batch's factor at the outputs cut to each part (a
+    Fisher's draws stay the batch's), or each part's output Hessian so seeded.
     A part's values are the batch's only if nothing below the sum is pooled (NOTE
     [per-sample structure]) and both traces compute with the same numbers, else the
     parts are refused with the reason. Cost: the same sweep, one capture per part
@@ -240,8 +242,10 @@ class GraphPlan:
         ``seeds`` (boundary value -> coefficient), ``L`` is replaced by
         ``sum_b <seed_b, b>``: each sample's own loss (NOTE [per-sample losses])."""
         terms = self._terms()
-        # the Gauss-Newton sweep reads no gradient inside the model, only at its terms
-        need = not self.linearised or bool(terms)
+        # the Gauss-Newton sweep reads no gradient inside the model, only at its terms (and,
+        # taken in parts, at the values the loss sums: its parts' seeds)
+        seeded = set(self.boundary()) if self.linearised and self.parts else set()
+        need = not self.linearised or bool(terms) or bool(seeded)
         params = [leaf.detach().requires_grad_(need) for leaf in self.leaves]
         self.rules = {}
         with torch.set_grad_enabled(need):
@@ -249,7 +253,8 @@ class GraphPlan:
         (out,) = [nd for nd in self.gm.graph.nodes if nd.op == "output"]
         self.loss = env.pop(out)
         wanted = [nd for nd in env if isinstance(env[nd], Tensor) and env[nd].requires_grad
-                  and (self.label(nd).per_sample and not self.linearised or nd in terms)]
+                  and (self.label(nd).per_sample and not self.linearised or nd in terms
+                       or nd in seeded)]
         target = self.loss if seeds is None else sum(
             (env[b] * c).sum() for b, c in seeds.items())
         if isinstance(target, Tensor) and target.requires_grad and wanted:
@@ -420,27 +425,34 @@ class GraphPlan:
             return self._sweep(site_rule(self), full, leaves)
         if not self.env:
             self.evaluate()  # dL/db of the batch, and its parameter-only terms
+        factor = None  # the Gauss-Newton sweep's given factor at the outputs, of the batch
+        if self.linearised and self.output_factor is not None:
+            (out,) = self.model_outputs()
+            factor = self.output_factor(self.env[out])
         found: list[list[Tensor | None]] = []
         for part in self.parts:
             if self.one_sample is None:
-                part.plan.evaluate(self._part_seeds(part))
+                part.plan._seeds = {part.counterpart[b]: self._samples(b, self.grads[b], part)
+                                    for b in self.boundary()}
+                part.plan.evaluate(part.plan._seeds)
+            if self.linearised:
+                mine = None if factor is None else self._samples(out, factor, part)
+                part.plan.output_factor = None if mine is None else lambda _, S=mine: S
             found.append(part.plan._sweep(site_rule(part.plan), full, leaves))
             part.plan.env, part.plan.grads, part.plan.rules = {}, {}, {}
         join = (lambda ts: torch.cat(ts)) if self.one_sample is not None else sum
         return [None if any(t is None for t in ts) else join(ts)
                 for ts in zip(*found, strict=True)]
 
-    def _part_seeds(self, part: _Part) -> dict[fx.Node, Tensor]:
-        """The batch's ``dL/db`` at each value ``b`` the loss sums, at ``part``'s samples."""
-        seeds = {}
-        for b in self.boundary():
-            label = self.label(b)
-            outer, inner = label.layout
-            g = self.grads[b].movedim(label.axis, 0)
-            rest = g.shape[1:]
-            g = g.reshape(outer, self.n, inner, *rest)[:, part.lo:part.hi]
-            seeds[part.counterpart[b]] = g.reshape(-1, *rest).movedim(0, label.axis)
-        return seeds
+    def _samples(self, node: fx.Node, t: Tensor, part: _Part) -> Tensor:
+        """``part``'s samples of ``t``, shaped like ``node``'s value (trailing dims may
+        follow): the batch axis read as ``(outer, N, inner)``."""
+        label = self.label(node)
+        outer, inner = label.layout
+        moved = t.movedim(label.axis, 0)
+        rest = moved.shape[1:]
+        taken = moved.reshape(outer, self.n, inner, *rest)[:, part.lo:part.hi]
+        return taken.reshape(-1, *rest).movedim(0, label.axis)
 
     def _sweep(self, at_site: Callable[..., Tensor | None], full: bool,
                leaves: set[int] | None = None) -> list[Tensor | None]:
@@ -1155,7 +1167,8 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
                      captured=captured)
     if not check_memory:
         return plan, "ok"
-    return _within_budget(plan, f, args, check_output, call)
+    need = captured.analysis("bytes", lambda: _frontier_bytes(plan))
+    return _within_budget(plan, need, f, args, check_output, call)
 
 
 def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
@@ -1188,12 +1201,13 @@ def _over_budget(plan: GraphPlan, need: int) -> str | None:
     return None
 
 
-def _within_budget(plan: GraphPlan, f: Any, args: tuple[Any, ...],
-                   check_output: Callable[[Any], None] | None, call: str
+def _within_budget(plan: GraphPlan, need: int, f: Any, args: tuple[Any, ...],
+                   check_output: Callable[[Any], None] | None, call: str,
+                   prepare: Callable[[GraphPlan, tuple[Any, ...]], str | None] | None = None
                    ) -> tuple[GraphPlan | None, str]:
-    """``plan`` as it is if its frontier fits the memory budget, else swept over parts
-    of the batch that fit (NOTE [the batch in parts]), else ``(None, why)``."""
-    need = plan.captured.analysis("bytes", lambda: _frontier_bytes(plan))
+    """``plan`` as it is if its sweep's ``need`` of memory fits the budget, else swept
+    over parts of the batch that fit (NOTE [the batch in parts]; ``prepare(part, its
+    args)`` readies each part's plan, or says why not), else ``(None, why)``."""
     over = _over_budget(plan, need)
     if over is None:
         return plan, "ok"
@@ -1202,14 +1216,16 @@ def _within_budget(plan: GraphPlan, f: Any, args: tuple[Any, ...],
     if size < 2 or parts < 2:
         return None, f"{over}, even for two samples at a time"
     bounds = [(plan.n * i // parts, plan.n * (i + 1) // parts) for i in range(parts)]
-    why = _take_parts(plan, f, args, bounds, check_output, call)
+    why = _take_parts(plan, f, args, bounds, check_output, call, prepare)
     if why is not None:
         return None, f"{over}, and the batch cannot be taken in parts: {why}"
     return plan, "ok"
 
 
 def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tuple[int, int]],
-                check_output: Callable[[Any], None] | None, call: str) -> str | None:
+                check_output: Callable[[Any], None] | None, call: str,
+                prepare: Callable[[GraphPlan, tuple[Any, ...]], str | None] | None
+                ) -> str | None:
     """Set ``plan.parts``, a plan of ``f`` on each range of samples in ``bounds``, or say
     why the parts would not add up to the batch's diagonal."""
     n, per_sample = plan.n, plan.one_sample is not None
@@ -1217,11 +1233,14 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
     for lo, hi in bounds:
         data = pytree.tree_map(lambda t, lo=lo, hi=hi: t[lo:hi] if isinstance(t, Tensor) and
                                t.dim() >= 1 and t.shape[0] == n else t, list(args[1:]))
-        part, why = plan_diagonal(f, (args[0], *data), per_sample=per_sample,
-                                  check_memory=False, check_output=check_output, call=call)
+        part_args = (args[0], *data)
+        part, why = plan_diagonal(f, part_args, per_sample=per_sample, check_memory=False,
+                                  check_output=check_output, call=call)
         if part is None:
             return (f"{why} (f on part of the batch gets the inputs whose first axis has the "
                     f"batch's size, {n}, cut to the part, the others whole)")
+        if prepare is not None and (why := prepare(part, part_args)) is not None:
+            return why
         if set(part.products) != set(plan.products):
             return "f on part of the batch takes other routes for its parameters"
         counterpart: dict[fx.Node, fx.Node] | str = {}
@@ -1294,8 +1313,11 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
                       call: str = "ggn_diag") -> tuple[GraphPlan | None, str]:
     """The plan of ``f``'s diagonal with ``g``'s curvature left out (NOTE [Gauss-Newton
     over the graph]), or ``(None, why)``; ``loss_fn``'s output checked, naming ``call``."""
+    def check(out: Any) -> None:
+        check_loss_output(out, call)
+
     plan, why = plan_diagonal(f, args, 0, per_sample=per_sample, check_memory=False,
-                              check_output=lambda out: check_loss_output(out, call))
+                              check_output=check)
     if plan is None:
         return None, why
     if plan.products:
@@ -1307,8 +1329,15 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
     plan.linearised = linearised
     need = plan.captured.analysis("ggn bytes", lambda: _frontier_bytes(plan, columns=sum(
         nd.meta["val"].numel() // plan.n for nd in plan.model_outputs())))
-    over = _over_budget(plan, need)
-    return (plan, "ok") if over is None else (None, over)
+
+    def linearise(part: GraphPlan, part_args: tuple[Any, ...]) -> str | None:
+        found = part.captured.analysis("model ops", lambda: _model_ops(f, part_args, part))
+        if isinstance(found, str):
+            return found
+        part.linearised = found
+        return None
+
+    return _within_budget(plan, need, f, args, check, call, linearise)
 
 
 def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset | str:
@@ -1348,7 +1377,8 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     plan.one_sample, plan.counterpart = found
     if not check_memory:
         return plan, "ok"
-    return _within_budget(plan, f, args, check_output, call)
+    need = plan.captured.analysis("bytes", lambda: _frontier_bytes(plan))
+    return _within_budget(plan, need, f, args, check_output, call)
 
 
 def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
