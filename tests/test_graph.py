@@ -1731,3 +1731,18 @@ def test_the_batch_in_parts_refused_with_the_reason(loss, samples, why, monkeypa
     assert plan is None and reason.startswith("the per-sample curvature over the widest "
                                               "frontier needs") and reason.endswith(why), reason
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
+def test_three_samples_over_the_budget_do_not_split(monkeypatch):
+    """Parts hold two samples or more: a batch of three whose two fit but whose three do
+    not is refused (one part of three would be over the budget), and still exact."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 2], "tanh", 3)
+    x, y = torch.randn(3, 3, dtype=F64), torch.randn(3, 2, dtype=F64)
+    f = _plain(model, F.mse_loss)
+    params = _params(model)
+    _budget_for(monkeypatch, f, (params, x, y), 2)
+    plan, reason = plan_diagonal(f, (params, x, y))
+    assert plan is None and reason.endswith("and 3 samples do not split into parts of two "
+                                            "or more"), reason
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))

@@ -1213,8 +1213,10 @@ def _within_budget(plan: GraphPlan, need: int, f: Any, args: tuple[Any, ...],
         return plan, "ok"
     size = _budget(plan) * plan.n // need  # samples per part
     parts = min(-(-plan.n // max(size, 1)), plan.n // 2)
-    if size < 2 or parts < 2:
+    if size < 2:
         return None, f"{over}, even for two samples at a time"
+    if parts < 2:
+        return None, f"{over}, and {plan.n} samples do not split into parts of two or more"
     bounds = [(plan.n * i // parts, plan.n * (i + 1) // parts) for i in range(parts)]
     why = _take_parts(plan, f, args, bounds, check_output, call, prepare)
     if why is not None:
