@@ -63,7 +63,8 @@ NOTE [per-sample losses]
     divides by the batch size, a weighted cross-entropy by the batch's total
     weight, and a loss may spell the count out (``.sum() / 512``). So ``f`` is
     traced on one sample too (the same ops in the same order are required, up to
-    copies and the kind of reshape: one sample's slices are contiguous), and
+    copies and the kind of reshape: one sample's slices are contiguous; below the sum,
+    no value pooled from several samples' data and the same numbers, so no ``/ N``), and
     that graph, run on every sample under ``vmap`` with the batch's boundary
     values ``b`` (the per-sample values the loss sums) substituted, gives each
     sample's coefficients ``dl_n / db``. The loss is linear in ``b``, so seeding
