@@ -1733,6 +1733,32 @@ def test_the_batch_in_parts_refused_with_the_reason(loss, samples, why, monkeypa
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
 
 
+@settings(deadline=None)
+@given(dag=_dags(), data=st.data())
+def test_the_batch_in_parts_of_any_dag_equals_the_oracle(dag, data):
+    """Any drawn DAG, loss, frozen subset and weight decay, with a budget that holds two
+    or three samples: the diagonal and blocks from parts of the batch (and each sample's
+    own diagonal, without the decay) equal the loop oracle's."""
+    kind, model = dag
+    f, loss, params, x, y, frozen, decay = _drawn_loss(model, data, lambda w: w ** 2)
+    n = x.shape[0]
+    samples = data.draw(st.integers(2, 3))
+    with pytest.MonkeyPatch.context() as mp:
+        _budget_for(mp, f, (params, x, y), samples)
+        plan, why = plan_diagonal(f, (params, x, y))
+        if n <= samples:
+            assert plan is not None and not plan.parts, why
+        elif n < 4:  # no two parts of two samples or more
+            assert plan is None and why.endswith("do not split into parts of two or more")
+        else:
+            assert plan is not None and len(plan.parts) >= 2, why
+        assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+        assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
+        if not decay and plan is not None and not plan.products:
+            assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
+                         _oracle_per_sample(f, params, x, y))
+
+
 def test_three_samples_over_the_budget_do_not_split(monkeypatch):
     """Parts hold two samples or more: a batch of three whose two fit but whose three do
     not is refused (one part of three would be over the budget), and still exact."""
