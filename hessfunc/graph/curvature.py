@@ -66,8 +66,8 @@ NOTE [per-sample losses]
     copies and the kind of reshape: one sample's slices are contiguous; below the sum,
     no value pooled from several samples' data and the same numbers, so no ``/ N``), and
     that graph, run on every sample under ``vmap`` with the batch's boundary
-    values ``b`` (the per-sample values the loss sums) substituted, gives each
-    sample's coefficients ``dl_n / db``. The loss is linear in ``b``, so seeding
+    values ``b`` (the per-sample values the loss sums, one or several positions per
+    sample: per-token losses) substituted, gives each sample's coefficients ``dl_n / db``. The loss is linear in ``b``, so seeding
     the backward pass with them instead of ``dL/db`` makes every per-sample block
     of the sweep that sample's own loss Hessian, and the sites keep the sample axis.
 
@@ -308,13 +308,22 @@ class GraphPlan:
 
         # every input has its samples first (check_samples_first): one sample per vmap row
         data = [t.unsqueeze(1) for t in self.inputs]
-        axes = [self.label(b).axis for b in boundary]
-        values = [self.env[b].movedim(a, 0).unsqueeze(a + 1) for b, a in
-                  zip(boundary, axes, strict=True)]
+        # the loss is linear in the boundary values: their gradient needs only their shapes
+        values = [self.env[b].new_zeros((self.n, *self.counterpart[b].meta["val"].shape))
+                  for b in boundary]
         grad = torch.func.grad(loss_of_one, argnums=1)
         seeds = torch.func.vmap(grad)(data, values)
-        return {b: c.squeeze(a + 1).movedim(0, a)
-                for b, c, a in zip(boundary, seeds, axes, strict=True)}
+        return {b: self._of_batch(b, c) for b, c in zip(boundary, seeds, strict=True)}
+
+    def _of_batch(self, node: fx.Node, t: Tensor) -> Tensor:
+        """``(N, *one sample's value)`` as the batch's value of ``node``: one sample's
+        batch axis ``(outer, 1, inner)`` put back in place, ``(outer, N, inner)``."""
+        label = self.label(node)
+        outer, inner = label.layout
+        moved = t.movedim(label.axis + 1, 1)
+        rest = moved.shape[2:]
+        split = moved.reshape(self.n, outer, inner, *rest).movedim(0, 1)
+        return split.reshape(outer * self.n * inner, *rest).movedim(0, label.axis)
 
     def _terms(self) -> set[fx.Node]:
         """Parameter-only values that enter the aggregate (the loss's parameter terms)."""
@@ -1390,8 +1399,6 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
     that trace for each of ``plan``'s (or why not)."""
     if plan._terms():
         return "the loss has terms of the parameters alone"
-    if any(plan.label(b).layout != (1, 1) for b in plan.boundary()):
-        return "a value the loss sums over has samples interleaved with other axes"
     n = plan.n
     one = pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() >= 1
                           and t.shape[0] == n else t, list(args[1:]))
