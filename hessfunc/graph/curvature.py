@@ -67,9 +67,10 @@ NOTE [per-sample losses]
     no value pooled from several samples' data and the same numbers, so no ``/ N``), and
     that graph, run on every sample under ``vmap`` with the batch's boundary
     values ``b`` (the per-sample values the loss sums, one or several positions per
-    sample: per-token losses) substituted, gives each sample's coefficients ``dl_n / db``. The loss is linear in ``b``, so seeding
-    the backward pass with them instead of ``dL/db`` makes every per-sample block
-    of the sweep that sample's own loss Hessian, and the sites keep the sample axis.
+    sample: per-token losses) substituted, gives each sample's coefficients
+    ``dl_n / db``. The loss is linear in ``b``, so seeding the backward pass with them
+    instead of ``dL/db`` makes every per-sample block of the sweep that sample's own
+    loss Hessian, and the sites keep the sample axis.
 
 NOTE [the batch in parts]
     The frontier's blocks take ``O(N w^2)`` memory. Over the budget (a quarter of the
