@@ -727,6 +727,7 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
     ("one sample's row for all", lambda x: x * x[0], True),
     ("the samples flipped, added", lambda x: x + x.flip(0), True),
     ("the batch's sum of squares", lambda x: x / (x ** 2).sum(), True),
+    ("a mask from the batch's mean", lambda x: x * (x.mean(0) > 0), True),
     ("each sample's own mean taken off", lambda x: x - x.mean(1, keepdim=True), False),
     ("scaled and shifted", lambda x: 2.0 * x + 1.0, False),
     ("a fresh constant of its dtype", lambda x: x + x.new_zeros(()), False),

@@ -406,7 +406,8 @@ def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int],
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and not val.is_floating_point():
             # no derivative flows through integer or boolean values: constants
-            operands = [(a, v if isinstance(v, tuple) else Value(False, v.axis, layout=v.layout))
+            operands = [(a, v if isinstance(v, tuple) else
+                         Value(False, v.axis, layout=v.layout, pooled=v.pooled))
                         for a, v in operands]
         if any(isinstance(v, tuple) for _, v in operands):
             return SampleStructure(values, n, f"no batch-axis rule for {where(node)}")
