@@ -1653,8 +1653,8 @@ def test_gauss_newton_and_fisher_in_parts_of_the_batch(name, monkeypatch):
     """Over the memory budget the Gauss-Newton sweep runs on parts of the batch (NOTE [the
     batch in parts]): the loss's factor at the outputs is the batch's, cut to each part,
     or (no closed form: the NLL of a log-softmax) each part's output Hessian is seeded
-    with the batch's dL/db. The GGN diagonal, each sample's own, and the empirical and
-    MC Fisher diagonals equal the oracle's."""
+    with the batch's dL/db. The GGN diagonal and blocks, each sample's own diagonal, and
+    the empirical and MC Fisher diagonals equal the oracle's."""
     from hessfunc.graph import curvature
 
     n = 7
@@ -1670,6 +1670,12 @@ def test_gauss_newton_and_fisher_in_parts_of_the_batch(name, monkeypatch):
         assert plan is not None, why
         assert [(part.lo, part.hi) for part in plan.parts] == [(0, 2), (2, 4), (4, 7)]
     assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    plan, _ = curvature.plan_ggn_diagonal(curvature.GGNLoss.of(g, loss_fn), (params, x, y))
+    assert all(b is not None for b in plan.blocks())  # every block from the parts' sweeps
+    blocks, at = hf.ggn_blocks(g, loss_fn)(params, x, y), 0
+    for k, p in params.items():
+        assert_close(blocks[k], G[at:at + p.numel(), at:at + p.numel()])
+        at += p.numel()
     rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
     for i in range(n):
         *_, Gi = _oracle(model, loss_fn, x[i:i + 1], y[i:i + 1])
