@@ -1656,6 +1656,10 @@ _PARTS = {  # name -> (model, loss of (out, y, p), inputs, targets)
         + 0.1 * (p["head.weight"] ** 2).sum(),
         lambda g: torch.randn(7, 3, dtype=F64, generator=g),
         lambda g: torch.randint(0, 3, (7,), generator=g)),
+    "tied weights (one-hot products beside the parts)": (
+        lambda: TiedNet(3, 4).double(), lambda o, y, p: F.mse_loss(o, y),
+        lambda g: torch.randn(7, 3, dtype=F64, generator=g),
+        lambda g: torch.randn(7, 3, dtype=F64, generator=g)),
     "tokens, batch-first rows": (
         lambda: _TokenModel("batch").double(), lambda o, y, p: _token_loss("batch")(o, y),
         lambda g: torch.randn(7, 3, 2, dtype=F64, generator=g),
@@ -1687,14 +1691,15 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
     assert (route.name, route.why) == ("structured", "the batch in 3 parts of 2 or 3 samples, "
                                        "to fit the frontier's per-sample curvature in the "
                                        "memory budget")
-    assert_close(hf.hessian_diag(f, method="structured")(params, x, y),
-                 _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
     assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
     f = lambda p, x, y: loss(functional_call(model, p, (x,)), y, {  # noqa: E731
         "head.weight": torch.zeros(())})
     plan, why = plan_diagonal(f, (params, x, y), per_sample=True)
     if "sequence-first" in case:  # on one sample the transpose is a view, on the batch t
         assert plan is None and "runs other ops than on the batch" in why, why
+    elif "tied" in case:
+        assert plan is None and why.startswith("some parameters take one-hot products"), why
     else:  # per-position losses too: each sample's rows of the batch axis
         assert len(plan.parts) == 3, why
     assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
