@@ -1242,7 +1242,10 @@ _PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace 
         y, 1.0 / len(y))).sum(), "f on one sample computes with other numbers: full_like"),
     "a tensor of the batch size": (lambda o, y, p: ((o - y) ** 2 * torch.tensor(
         [1.0 / len(y)], dtype=F64)).sum(), "f on one sample computes with other numbers: the "
-        "constant"),
+        "constant _tensor_constant0 differs from the batch's"),
+    "a tensor alike in both, then the count": (lambda o, y, p: (
+        (o - y) ** 2 * torch.tensor([2.0], dtype=F64) / o.shape[0]).sum(),
+        "f on one sample computes with other numbers: div.Tensor takes 4 on the batch and 1"),
 }
 
 
