@@ -1243,6 +1243,14 @@ _PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace 
     "a tensor of the batch size": (lambda o, y, p: ((o - y) ** 2 * torch.tensor(
         [1.0 / len(y)], dtype=F64)).sum(), "f on one sample computes with other numbers: the "
         "constant _tensor_constant0 differs from the batch's"),
+    "a statistic of the targets in the loss's tail, then the count": (lambda o, y, p: (
+        y.abs().mean() * ((o - y) ** 2 / o.shape[0]).sum()),
+        "f on one sample computes with other numbers: div.Tensor takes 4 on the batch and 1"),
+    "a copy, then the count": (lambda o, y, p: ((o - y).clone() ** 2 / o.shape[0]).sum(),
+                               "f on one sample computes with other numbers: div.Tensor "
+                               "takes 4 on the batch and 1"),
+    "a NaN among the numbers (alike in both)": (lambda o, y, p: torch.nan_to_num(
+        (o - y) ** 2, nan=float("nan")).mean(), None),
     "a tensor alike in both, then the count": (lambda o, y, p: (
         (o - y) ** 2 * torch.tensor([2.0], dtype=F64) / o.shape[0]).sum(),
         "f on one sample computes with other numbers: div.Tensor takes 4 on the batch and 1"),
