@@ -314,17 +314,9 @@ class GraphPlan:
                   for b in boundary]
         grad = torch.func.grad(loss_of_one, argnums=1)
         seeds = torch.func.vmap(grad)(data, values)
-        return {b: self._of_batch(b, c) for b, c in zip(boundary, seeds, strict=True)}
-
-    def _of_batch(self, node: fx.Node, t: Tensor) -> Tensor:
-        """``(N, *one sample's value)`` as the batch's value of ``node``: one sample's
-        batch axis ``(outer, 1, inner)`` put back in place, ``(outer, N, inner)``."""
-        label = self.label(node)
-        outer, inner = label.layout
-        moved = t.movedim(label.axis + 1, 1)
-        rest = moved.shape[2:]
-        split = moved.reshape(self.n, outer, inner, *rest).movedim(0, 1)
-        return split.reshape(outer * self.n * inner, *rest).movedim(0, label.axis)
+        # each sample's value, its batch axis (outer, 1, inner) first, is its row of flat
+        return {b: self.unflat(b, c.movedim(self.label(b).axis + 1, 1).reshape(
+            1, self.n, -1))[0] for b, c in zip(boundary, seeds, strict=True)}
 
     def _terms(self) -> set[fx.Node]:
         """Parameter-only values that enter the aggregate (the loss's parameter terms)."""
@@ -1223,9 +1215,9 @@ def _within_budget(plan: GraphPlan, need: int, f: Any, args: tuple[Any, ...],
     if over is None:
         return plan, "ok"
     size = _budget(plan) * plan.n // need  # samples per part
-    parts = min(-(-plan.n // max(size, 1)), plan.n // 2)
     if size < 2:
         return None, f"{over}, even for two samples at a time"
+    parts = min(-(-plan.n // size), plan.n // 2)
     if parts < 2:
         return None, f"{over}, and {plan.n} samples do not split into parts of two or more"
     bounds = [(plan.n * i // parts, plan.n * (i + 1) // parts) for i in range(parts)]
