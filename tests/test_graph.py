@@ -1220,6 +1220,8 @@ _PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace 
     "mean squared error": (lambda o, y, p: F.mse_loss(o, y), None),
     "a term of the parameters": (lambda o, y, p: F.mse_loss(o, y) + (p["0.bias"] ** 2).sum(),
                                  "the loss has terms of the parameters alone"),
+    "a term of the parameters in each sample's values": (lambda o, y, p: (
+        (o - y) ** 2 + (p["0.bias"] ** 2).sum()).mean(), "the loss has terms of the parameters"),
     "other ops on one sample": (lambda o, y, p: F.mse_loss(o * 2.0 if o.shape[0] > 1 else o, y),
                                 "f on one sample runs other ops than on the batch: "
                                 "sub.Tensor where the batch runs mul.Tensor"),
@@ -1339,18 +1341,26 @@ _PARAMETER_TERMS = {
 }
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["added to the loss",
+                                                     "broadcast into each sample's values"])
 @pytest.mark.parametrize("term", list(_PARAMETER_TERMS))
-def test_parameter_only_terms_are_exact_whether_separable_or_not(term):
+def test_parameter_only_terms_are_exact_whether_separable_or_not(term, inside):
     """A term of the parameters alone is added as its own diagonal only when it is a sum
     of elementwise functions of single entries; coupled terms (a square of a sum, a
     flipped or broadcast product, two leaves together, a sum as a divisor) must not be:
     their blocks have off-diagonal entries, and their diagonals cross terms. Each term
-    takes the route its form allows (a separable one is not sent to products)."""
+    takes the route its form allows (a separable one is not sent to products), also when
+    it is added to every sample's values before the mean over them."""
     model = build_mlp([3, 4, 2], "tanh", 7)
     loss_fn = nn.MSELoss()
     penalty, separable, read = _PARAMETER_TERMS[term]
     # the whole loss scaled: the term's coefficient in the aggregate is 1/2
-    f = lambda p, x, y: (loss_fn(functional_call(model, p, (x,)), y) + penalty(p)) / 2  # noqa: E731
+    if inside:
+        f = lambda p, x, y: (  # noqa: E731
+            (functional_call(model, p, (x,)) - y) ** 2 + penalty(p)).mean() / 2
+    else:
+        f = lambda p, x, y: (  # noqa: E731
+            loss_fn(functional_call(model, p, (x,)), y) + penalty(p)) / 2
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
     y = torch.randn(5, 2, generator=gen, dtype=torch.float64)

@@ -319,14 +319,20 @@ class GraphPlan:
             1, self.n, -1))[0] for b, c in zip(boundary, seeds, strict=True)}
 
     def _terms(self) -> set[fx.Node]:
-        """Parameter-only values that enter the aggregate (the loss's parameter terms)."""
+        """The loss's parameter terms: parameter-only values read by the aggregate, or by
+        a per-sample op outside the model (broadcast into each sample's values: ``((o -
+        y) ** 2 + (w ** 2).sum()).sum()``), other than a parameter reaching its site as
+        itself (a leaf or its views)."""
         terms = set()
         for node in self.gm.graph.nodes:
-            if node.op == "call_function" and self.label(node).aggregate or node.op == "output":
-                for arg in node.all_input_nodes:
-                    value = self.label(arg)
-                    if value.live and not value.aggregate and not value.per_sample:
-                        terms.add(arg)
+            reads = node.op == "output" or node.op == "call_function" and (
+                self.label(node).aggregate
+                or self.label(node).per_sample and node not in self.linearised)
+            for arg in node.all_input_nodes if reads else ():
+                value = self.structure.values[arg]  # (a tuple for split's pieces)
+                if isinstance(value, Value) and value.live and not value.aggregate and \
+                        not value.per_sample and not _leaf_as_itself(arg):
+                    terms.add(arg)
         return terms
 
     # ---- per-sample tensors ------------------------------------------------
@@ -1010,6 +1016,15 @@ def _cache(f: Any) -> TraceCache | str:
 _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _COPIES = {aten.clone.default}
 _SAME_ELEMENTS = _RESHAPES | _COPIES | {aten.alias.default}
+
+
+def _leaf_as_itself(node: fx.Node) -> bool:
+    """A parameter or a view of one that keeps its elements (``t``, ``expand``, ...)."""
+    while node.op != "placeholder":
+        if node.target not in _PERMUTATIONS and node.target is not aten.expand.default:
+            return False
+        node = node.args[0]
+    return True
 
 
 def _through_expand(site: _Site) -> _Site | None:
