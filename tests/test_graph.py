@@ -732,6 +732,13 @@ _NON_LINEAR = ("is applied to a sum over samples non-linearly, so the loss is no
     ("scaled and shifted", lambda x: 2.0 * x + 1.0, False),
     ("a fresh constant of its dtype", lambda x: x + x.new_zeros(()), False),
     ("zeros like it", lambda x: x + torch.zeros_like(x), False),
+    # a shared table read at each sample's indices (a class weight per target, as vmap
+    # writes a weighted cross-entropy): each sample's own values
+    ("a table gathered at each sample's index", lambda x: x * torch.linspace(
+        1.0, 2.0, 4, dtype=F64).expand(N, 4).gather(1, (x > 0).long()), False),
+    ("a table gathered at the batch's index", lambda x: x * torch.linspace(
+        1.0, 2.0, 4, dtype=F64).expand(N, 4).gather(1, (x.mean(0) > 0).long().expand(N, 4)),
+     True),
 ])
 def test_constants_from_several_samples_are_pooled(name, data, pooled):
     """NOTE [per-sample structure]: a constant computed from the data of several samples,

@@ -298,6 +298,10 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
         if a is None:
             if any(v.per_sample for _, v in operands):
                 raise _Unproved
+            index = dict(operands).get(node.args[2], CONST) \
+                if target is aten.gather.default else CONST
+            if not live and index.axis is not None:  # a shared table read by each sample's
+                return Value(False, index.axis, layout=index.layout)  # index: its shape
             return Value(live)
         ndim = len(_shape(node.args[0]))
         if target is aten.constant_pad_nd.default:
