@@ -452,6 +452,22 @@ class _Gated(nn.Module):
         return -h
 
 
+def test_a_unit_scaling_reads_as_its_operand_only_where_exact():
+    """``t * 1`` (vmap's rule for addmm scales the bias by its beta) reads as ``t``, so a
+    bias so scaled is still its layer's site; an integer tensor times ``1.0`` is a cast
+    and stays. The values are the function's."""
+    aten = torch.ops.aten
+
+    def fn(b, i):
+        return aten.mul.Scalar(b, 1) + aten.mul.Scalar(i, 1.0) + aten.mul.Scalar(b, 2)
+
+    b, i = torch.randn(3, dtype=F64), torch.arange(3)
+    gm = capture(fn, (b, i), "test").graph_module
+    scalings = [nd.args[1] for nd in gm.graph.nodes if nd.target is aten.mul.Scalar]
+    assert sorted(scalings) == [1.0, 2]
+    torch.testing.assert_close(gm(b, i), fn(b, i))
+
+
 def test_a_failed_capture_names_the_op_and_the_line_of_the_users_code():
     """explain, and method='structured', say why f could not be captured and where:
     the torch function that read a value (gaussian_nll_loss checking its variance), the

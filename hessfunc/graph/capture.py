@@ -189,6 +189,7 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
         # 1-D inputs into unsqueeze/mm/squeeze_ instead of a single addmm.
         gm = trace(torch.func.functionalize(flat_fn, remove="mutations"))
         _rewrite_inplace(gm)
+    _drop_unit_scalings(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     for node in gm.graph.nodes:
@@ -325,6 +326,20 @@ def _read_after(node: torch.fx.Node, mutated: torch.fx.Node, order: dict[torch.f
             stack.extend(u for u in alias.users if view(u) and u.args[0] is alias)
     return any(order[u] > order[node] and u not in aliases
                for alias in aliases for u in alias.users)
+
+
+def _drop_unit_scalings(gm: torch.fx.GraphModule) -> None:
+    """Read ``t`` where the graph computes ``t * 1`` of the same dtype, exactly ``t``
+    (``vmap``'s rule for ``addmm`` scales the bias by its ``beta``, one): a parameter so
+    scaled still reaches its layer as itself."""
+    for node in gm.graph.nodes:
+        if node.target is not aten.mul.Scalar or node.args[1] != 1 or \
+                isinstance(node.args[1], bool):
+            continue
+        (t,) = node.all_input_nodes
+        val, val_t = node.meta.get("val"), t.meta.get("val")
+        if isinstance(val, Tensor) and isinstance(val_t, Tensor) and val.dtype == val_t.dtype:
+            node.replace_all_uses_with(t)
 
 
 def _rewrite_inplace(gm: torch.fx.GraphModule) -> None:
