@@ -13,8 +13,9 @@ of ``--repeats`` rounds, so ratios survive a drifting machine):
 * ``per-sample, ...``: ``hessian_diag(per_sample=True)`` of the torch.func f and
   BackPACK's ``BatchDiagHessian``;
 * ``generic (before)``: one-hot products (``method="generic"``, what a torch.func f got
-  before), for problems of at most ``--generic-limit`` parameters, timed after the
-  others (3 calls): its large allocations slow whatever runs next.
+  before; per sample: their ``vmap``), for problems of at most ``--generic-limit``
+  parameters, timed after the others (3 calls): its large allocations slow whatever
+  runs next.
 
 Problems: the three MLPs of ``benchmarks/problems.py``, the residual tanh MLP of the
 captured-graph issue (20-128, three residual blocks of 128, 1 output; MSE, 512 points;
@@ -92,8 +93,13 @@ def transformer() -> Problem:
     model = TransformerLM(vocab=50, d=32, heads=4, layers=2, length=16).eval()
     g = torch.Generator().manual_seed(6)
     x = torch.randint(0, 50, (8, 16), generator=g)
-    y = torch.randint(0, 50, (8 * 16,), generator=g)
-    return Problem("Transformer LM d=32 (8 x 16 tokens)", model, F.cross_entropy, x, y)
+    y = torch.randint(0, 50, (8, 16), generator=g)  # one row per sequence: per-sample too
+    return Problem("Transformer LM d=32 (8 x 16 tokens)", model, token_cross_entropy, x, y)
+
+
+def token_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every position, the ``(N, T)`` targets flattened inside."""
+    return F.cross_entropy(logits, y.reshape(-1))
 
 
 def wide() -> Problem:
@@ -231,11 +237,14 @@ def run(keys: list[str], repeats: int, generic_limit: int) -> list[dict]:
             # slow the case after it in every round
             slow["generic (before)"] = lambda: hf.hessian_diag(plain, method="generic")(
                 params, x, y)
+            if "per-sample, torch.func f" in cases:
+                slow["per-sample, generic (before)"] = lambda: hf.hessian_diag(
+                    plain, per_sample=True, method="generic")(params, x, y)
         oracle = _oracle(problem)
         errors = {name: _check(fn(), oracle, 2e-4 if "decay" in name else 0.0)
                   for name, fn in {**cases, **slow}.items() if "per-sample" not in name
                   and "Batch" not in name}
-        errors.update(_check_per_sample(cases, problem))
+        errors.update(_check_per_sample({**cases, **slow}, problem))
         times = interleaved_medians(cases, repeats=repeats, warmup=1)
         times.update(interleaved_medians(slow, repeats=3, warmup=0))
         base = times["torch.func f"]

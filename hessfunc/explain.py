@@ -96,8 +96,9 @@ def explain(f: Callable[..., Any], *args: Any, argnums: int = 0) -> Explanation:
     graph_each, graph_each_why = plan_diagonal(f, args, argnums, per_sample=True) \
         if len(args) == 3 else (None, "f is not called as f(params, inputs, targets)")
     if graph_each is not None:
+        notes = [graph_each_why if graph_each_why != "ok" else "", _parts(graph_each)]
         routes.append(Route("hessian_diag(per_sample=True)", "structured", "captured graph",
-                            _parts(graph_each)))
+                            "; ".join(filter(None, notes))))
     else:
         routes.append(Route("hessian_diag(per_sample=True)", "generic",
                             "vmap of one-hot products", graph_each_why))

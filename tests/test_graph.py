@@ -21,7 +21,7 @@ import hessfunc as hf
 from hessfunc._autodiff import second_order_kernels
 from hessfunc.graph.capture import LOSS_DECOMPOSITIONS, capture, run_nodes
 from hessfunc.graph.chain import graph_chain
-from hessfunc.graph.curvature import GraphPlan, plan_diagonal
+from hessfunc.graph.curvature import GraphPlan, _plan_own_losses, plan_diagonal
 from hessfunc.graph.samples import Value, analyze_samples
 from hessfunc.testing.models import ConcatNet, ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import losses
@@ -1220,6 +1220,29 @@ def test_per_sample_diagonals_of_any_dag_equal_the_oracle(dag, data):
                  _oracle_per_sample(f, params, x, y))
 
 
+@settings(deadline=None)
+@given(dag=_dags(), data=st.data())
+def test_each_samples_loss_under_vmap_of_any_dag_equals_the_oracle(dag, data):
+    """The route taken where the one-sample trace cannot seed the batch's sweep: each
+    sample's loss traced under vmap as one graph, swept with rows per sample (also with
+    the inputs centred by the batch's mean, which each sample alone sees as zeros),
+    equal to the per-sample loop oracle."""
+    kind, model = dag
+    loss = data.draw(losses(num_outputs=_outputs(model)))
+    n = data.draw(st.integers(2, 4))
+    x, y = torch.randn(n, 3, dtype=F64), _targets(loss, n, _outputs(model))
+    if data.draw(st.booleans(), label="centred"):
+        f = lambda p, x, y: loss.fn(functional_call(model, p, (x - x.mean(0),)), y)  # noqa: E731
+    else:
+        f = _plain(model, loss.fn)
+    params = _params(model)
+    plan, why = _plan_own_losses(f, (params, x, y), True, None, "test", "asked")
+    assert (plan is None) == (kind == "tied"), why
+    if plan is not None:
+        want = _oracle_per_sample(f, params, x, y)
+        assert_close(dict(zip(params, plan.diagonal(), strict=True)), want)
+
+
 @pytest.mark.parametrize(("name", "loss"), [
     ("class weights", lambda o, t: F.cross_entropy(o, t, weight=torch.tensor(
         [0.5, 2.0, 1.0], dtype=F64))),
@@ -1280,13 +1303,17 @@ _PER_SAMPLE_CASES = {  # name -> (loss of (out, y, p), why the one-sample trace 
         (o - y) ** 2 * torch.tensor([2.0], dtype=F64) / o.shape[0]).sum(),
         "f on one sample computes with other numbers: div.Tensor takes 4 on the batch and 1"),
 }
+#: cases whose losses under vmap take one-hot products: per_sample=True takes the generic route
+_PRODUCTS_UNDER_VMAP = {"a term of the parameters", "a weight used twice",
+                        "a term of the parameters in each sample's values"}
 
 
 @pytest.mark.parametrize("case", list(_PER_SAMPLE_CASES))
 def test_per_sample_diagonals_from_the_one_sample_trace_or_refused_with_the_reason(case):
     """The one-sample trace replays the loss's ops on each sample; where it cannot stand
-    for each sample's loss, the plan says why, and the per-sample diagonals still equal
-    the oracle by another route."""
+    for each sample's loss, the plan says why and traces each sample's loss under vmap
+    instead (unless that graph takes one-hot products), and the per-sample diagonals
+    equal the oracle whatever the route."""
     torch.manual_seed(0)
     model = build_mlp([3, 4, 2], "tanh", 3)
     loss, why = _PER_SAMPLE_CASES[case]
@@ -1295,9 +1322,12 @@ def test_per_sample_diagonals_from_the_one_sample_trace_or_refused_with_the_reas
     params = _params(model)
     plan, reason = plan_diagonal(f, (params, x, y), per_sample=True)
     if why is None:
-        assert plan is not None, reason
-    else:
+        assert plan is not None and plan.one_sample is not None, reason
+    elif case in _PRODUCTS_UNDER_VMAP:
         assert plan is None and reason.startswith(why), reason
+    else:
+        assert plan is not None and plan.one_sample is None and plan.each_sample, reason
+        assert reason.startswith(f"each sample's loss traced under vmap ({why}"), reason
     assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
                  _oracle_per_sample(f, params, x, y))
 
@@ -1497,14 +1527,14 @@ def test_weights_shared_over_the_rows_of_each_sample(form):
     for k, want in _oracle_blocks(f, params, x, y).items():
         assert_close(got[k], want)
     each, why = plan_diagonal(f, (params, x, y), per_sample=True)
+    assert each is not None, why
     if form not in ("batch-first", "sequence-first"):  # one sample's rows are contiguous,
-        # so the others' bmm is an mm there: the per-sample route declines, naming the op
-        assert each is None and why.startswith(
-            "f on one sample runs other ops than on the batch: view.default where the "
-            "batch runs t.default at"), why
-    else:
-        assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
-                     _oracle_per_sample(f, params, x, y))
+        # so the others' bmm is an mm there: each sample's loss is traced under vmap
+        assert each.one_sample is None and why.startswith(
+            "each sample's loss traced under vmap (f on one sample runs other ops than on "
+            "the batch: view.default where the batch runs t.default at"), why
+    assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
+                 _oracle_per_sample(f, params, x, y))
     g = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
     G = hf.reference.ggn(g(leaves, x), F.mse_loss, y, list(leaves.values())).diagonal()
@@ -1740,8 +1770,10 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
     f = lambda p, x, y: loss(functional_call(model, p, (x,)), y, {  # noqa: E731
         "head.weight": torch.zeros(())})
     plan, why = plan_diagonal(f, (params, x, y), per_sample=True)
-    if "sequence-first" in case:  # on one sample the transpose is a view, on the batch t
-        assert plan is None and "runs other ops than on the batch" in why, why
+    if "sequence-first" in case:  # on one sample the transpose is a view, on the batch t:
+        # each sample's loss under vmap, in parts too
+        assert plan is not None and plan.one_sample is None, why
+        assert len(plan.parts) >= 2 and all(part.plan.each_sample for part in plan.parts)
     elif "tied" in case:
         assert plan is None and why.startswith("some parameters take one-hot products"), why
     else:  # per-position losses too: each sample's rows of the batch axis

@@ -227,10 +227,11 @@ def test_curvature_of_the_models_users_bring_against_the_oracle(name):
     """Recurrent layers, weight and spectral normalisation, GroupNorm, BatchNorm in training
     mode, pooling, PReLU, grouped and transposed convolutions, a bilinear layer, attention
     in eval mode, upsampling: the Hessian's diagonal, products (batched) and dense form,
-    the Gauss-Newton matrix's products and diagonal, and the empirical Fisher's diagonal
-    equal the loop oracle's (evaluated, like hessfunc, with attention's math kernel and
-    weight normalisation from its definition: torch's fused kernel for the latter has a
-    wrong double backward, ``test_weight_normalisation_against_finite_differences``).
+    the Gauss-Newton matrix's products and diagonal, the empirical Fisher's diagonal and
+    the per-sample Hessian diagonals equal the loop oracle's (evaluated, like hessfunc,
+    with attention's math kernel and weight normalisation from its definition: torch's
+    fused kernel for the latter has a wrong double backward,
+    ``test_weight_normalisation_against_finite_differences``).
     Each model raised an error inside torch on some route, or got a wrong Hessian, before
     this test."""
     make, shape = USERS_MODELS[name]
@@ -258,6 +259,13 @@ def test_curvature_of_the_models_users_bring_against_the_oracle(name):
     assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
     assert_close(flat(hf.fisher_diag(g, loss_fn, kind="empirical")(params, x, y)),
                  torch.diagonal(F_))
+    if name == "batchnorm-train":  # batch statistics: no loss per sample
+        return
+    with second_order_kernels():
+        each = [hf.reference.hessian_diag(loss_fn(g(leaves, x[n:n + 1]), y[n:n + 1]), leaves)
+                for n in range(shape[0])]
+    assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
+                 {k: torch.stack([row[k] for row in each]) for k in params})
 
 
 def test_weight_normalisation_against_finite_differences():

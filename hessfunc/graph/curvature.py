@@ -70,7 +70,12 @@ NOTE [per-sample losses]
     sample: per-token losses) substituted, gives each sample's coefficients
     ``dl_n / db``. The loss is linear in ``b``, so seeding the backward pass with them
     instead of ``dL/db`` makes every per-sample block of the sweep that sample's own
-    loss Hessian, and the sites keep the sample axis.
+    loss Hessian, and the sites keep the sample axis. Where the one-sample trace cannot
+    stand for the batch's (other ops on one sample: ``nn.MultiheadAttention``'s
+    projection is an ``mm`` there and a ``bmm`` on the batch; a pooled value; other
+    numbers), ``f`` on a batch of one runs on every sample under ``vmap`` and ``sum_n
+    l_n`` is traced as one graph (:class:`_OwnLosses`): its per-sample blocks are each
+    sample's own loss by construction, and its sweep keeps the rows (``each_sample``).
 
 NOTE [the batch in parts]
     The frontier's blocks take ``O(N w^2)`` memory. Over the budget (a quarter of the
@@ -216,6 +221,7 @@ class GraphPlan:
     separable: set[int]               # leaves whose parameter-only terms are separable
     products: dict[int, str] = field(default_factory=dict)  # leaf -> why products route
     captured: Captured | None = None  # the trace this plan reads (its analyses memo)
+    each_sample: bool = False  # rows per sample: each sample's own loss (per_sample=True)
     one_sample: fx.GraphModule | None = None  # per-sample losses: f traced on one sample
     counterpart: dict[fx.Node, fx.Node] = field(default_factory=dict)  # its node per node
     linearised: frozenset = frozenset()  # ops whose curvature is left out (the GGN's model)
@@ -400,9 +406,9 @@ class GraphPlan:
                 and isinstance(self.env.get(nd), Tensor) and self.env[nd].is_floating_point()]
 
     def diagonal(self) -> list[Tensor | None]:
-        """Per leaf: its exact diagonal (leaf-shaped; with ``one_sample`` set, ``(N,
+        """Per leaf: its exact diagonal (leaf-shaped; with ``each_sample``, ``(N,
         *leaf shape)``, each sample's own loss), None for the products route."""
-        lead = () if self.one_sample is None else (self.n,)
+        lead = (self.n,) if self.each_sample else ()
         out = self._swept(lambda plan: plan._site_diagonal, full=False)
         for i, term in self._separable_terms().items():
             out[i] = term if out[i] is None else out[i] + term
@@ -449,7 +455,7 @@ class GraphPlan:
                 part.plan.output_factor = None if mine is None else lambda _, S=mine: S
             found.append(part.plan._sweep(site_rule(part.plan), full, leaves))
             part.plan.env, part.plan.grads, part.plan.rules = {}, {}, {}
-        join = (lambda ts: torch.cat(ts)) if self.one_sample is not None else sum
+        join = (lambda ts: torch.cat(ts)) if self.each_sample else sum
         return [None if any(t is None for t in ts) else join(ts)
                 for ts in zip(*found, strict=True)]
 
@@ -669,7 +675,7 @@ class GraphPlan:
         as its diagonal, or with ``signs`` as a factor ``S``, ``H = S diag(signs) S^T``)."""
         v, o = site.node, site.operand
         env = self.env
-        each = self.one_sample is not None
+        each = self.each_sample
         if signs is not None and self._closed_form(site):
             hvv = (hvv * hvv * signs[:, None, :]).sum(-1)
         if self._closed_form(site):
@@ -864,7 +870,7 @@ class GraphPlan:
         leaf_node = site.chain[0].args[0]
         fn = self._op_chain(site.chain)
         _, vjp = torch.func.vjp(fn, self.env[leaf_node])
-        if self.one_sample is not None:
+        if self.each_sample:
             return torch.func.vmap(vjp)(diag_operand)[0]
         return vjp(diag_operand)[0]
 
@@ -1248,7 +1254,7 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
                 ) -> str | None:
     """Set ``plan.parts``, a plan of ``f`` on each range of samples in ``bounds``, or say
     why the parts would not add up to the batch's diagonal."""
-    n, per_sample = plan.n, plan.one_sample is not None
+    n, per_sample = plan.n, plan.one_sample is not None  # else seeded with the batch's dL/db
     parts = []
     for lo, hi in bounds:
         data = pytree.tree_map(lambda t, lo=lo, hi=hi: t[lo:hi] if isinstance(t, Tensor) and
@@ -1273,6 +1279,7 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
             why = _separable_samples(plan, part.gm, counterpart, "part of the batch")
             if why is not None:
                 return why
+        part.each_sample = plan.each_sample
         parts.append(_Part(lo, hi, part, counterpart))
     plan.parts = parts
     return None
@@ -1393,12 +1400,83 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     # the batch's capture is keyed by what f reaches, so its one-sample graph holds for it
     found = plan.captured.analysis("one sample", lambda: _one_sample_graph(f, args, plan))
     if isinstance(found, str):
-        return None, found
+        # each sample's own loss has the terms too; the Gauss-Newton sweep finds g's ops by
+        # tracing g alone, which vmap would change
+        return (None, found) if found == _TERMS or isinstance(f, GGNLoss) else \
+            _plan_own_losses(f, args, check_memory, check_output, call, found)
     plan.one_sample, plan.counterpart = found
+    plan.each_sample = True
     if not check_memory:
         return plan, "ok"
     need = plan.captured.analysis("bytes", lambda: _frontier_bytes(plan))
     return _within_budget(plan, need, f, args, check_output, call)
+
+
+_TERMS = "the loss has terms of the parameters alone"
+
+
+def _plan_own_losses(f: Any, args: tuple[Any, ...], check_memory: bool,
+                     check_output: Callable[[Any], None] | None, call: str, why_not_seeded: str
+                     ) -> tuple[GraphPlan | None, str]:
+    """The plan of :class:`_OwnLosses` of ``f`` with rows per sample (NOTE [per-sample
+    losses]), where the one-sample trace cannot seed the batch's (``why_not_seeded``)."""
+    own = _own_losses(f)
+    plan, why = (None, own) if isinstance(own, str) else plan_diagonal(
+        own, args, check_memory=False, check_output=check_output, call=call)
+    if plan is not None and plan.products:
+        plan, why = None, "some parameters take one-hot products (see hessfunc.explain)"
+    if plan is not None and plan._terms():  # their curvature is in every sample's loss
+        plan, why = None, _TERMS
+    if plan is not None:
+        plan.each_sample = True
+        if check_memory:
+            need = plan.captured.analysis("bytes", lambda: _frontier_bytes(plan))
+            plan, why = _within_budget(plan, need, own, args, check_output, call)
+    if plan is None:
+        return None, f"{why_not_seeded}; and each sample's loss under vmap: {why}"
+    return plan, f"each sample's loss traced under vmap ({why_not_seeded})"
+
+
+class _OwnLosses:
+    """``sum_n f(p, *batch[n:n+1])``: each sample's own loss, as ``per_sample=True``
+    defines it (``f`` on a batch of one, under ``vmap``), summed into one traceable
+    function; one per ``f`` (:func:`_own_losses`), so one trace cache."""
+
+    _guard_targets: Any = ()  # the trace cache's fingerprint walks what the instance sets
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self._guard_targets = (f,)
+
+    def __call__(self, params: Any, *batch: Any) -> Any:
+        leaves, spec = pytree.tree_flatten(list(batch))
+
+        def own(*sample: Any) -> Any:
+            one = [t.unsqueeze(0) if isinstance(t, Tensor) else t for t in sample]
+            return self.f(params, *pytree.tree_unflatten(one, spec))
+
+        dims = tuple(0 if isinstance(t, Tensor) else None for t in leaves)
+        return torch.func.vmap(own, in_dims=dims)(*leaves).sum()
+
+
+_OWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _own_losses(f: Any) -> _OwnLosses | str:
+    """The :class:`_OwnLosses` of ``f`` (of what it traces, :func:`_pure`): kept per
+    function object, or per code for plain functions, as :func:`_cache` keeps traces."""
+    fn = _pure(f)
+    if isinstance(fn, str):
+        return fn
+    key = f.__code__ if isinstance(f, types.FunctionType) else f
+    try:
+        own = _OWN.get(key)
+    except TypeError:
+        return _OwnLosses(fn)
+    if own is None:
+        own = _OWN[key] = _OwnLosses(fn)
+    own.f, own._guard_targets = fn, (fn,)
+    return own
 
 
 def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
@@ -1406,7 +1484,7 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
     """``f`` traced on the first sample, with the same ops as ``plan``'s, and the node of
     that trace for each of ``plan``'s (or why not)."""
     if plan._terms():
-        return "the loss has terms of the parameters alone"
+        return _TERMS
     n = plan.n
     one = pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() >= 1
                           and t.shape[0] == n else t, list(args[1:]))
