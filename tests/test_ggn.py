@@ -1692,3 +1692,64 @@ def test_gauss_newton_and_fisher_in_parts_of_the_batch(name, monkeypatch):
     ref = hf.reference.mc_fisher(lambda inp: g(leaves, inp), list(leaves.values()), x,
                                  FISHER[name], c, 3, torch.Generator().manual_seed(5))
     assert_close(flat(diag), torch.diagonal(ref))
+
+
+class _Tokens(nn.Module):
+    """Token logits from ``(N, T)`` token ids: an embedding, a Linear with tanh and a Linear
+    head on every position; rows ``(N T, V)``, or sequence-first ``(T N, V)``."""
+
+    def __init__(self, first="batch", vocab=5, d=3):
+        super().__init__()
+        self.first = first
+        self.emb, self.mix, self.head = nn.Embedding(vocab, d), nn.Linear(d, d), \
+            nn.Linear(d, vocab)
+
+    def forward(self, x):
+        h = self.head(torch.tanh(self.mix(self.emb(x))))
+        return (h if self.first == "batch" else h.transpose(0, 1)).reshape(-1, h.shape[-1])
+
+
+#: name -> (loss of (logits (N T, V), targets (N, T): T = 3), whether a sum over rows)
+_TOKEN_LOSSES = {
+    "cross-entropy, targets flattened inside": (
+        lambda o, t: F.cross_entropy(o, t.reshape(-1)), True),
+    "label smoothing": (lambda o, t: F.cross_entropy(o, t.reshape(-1), label_smoothing=0.2),
+                        True),
+    "a softplus of each logit, summed": (lambda o, t: F.softplus(o).sum() / 7, True),
+    "a sine of each logit (curvature of both signs)": (
+        lambda o, t: torch.sin(o * (1 + t.reshape(-1, 1))).sum(), True),
+    "the positions of a sample summed, then squared": (
+        lambda o, t: (o.reshape(*t.shape, -1).sum(t.shape.index(3)) ** 2).mean(), False),
+}
+
+
+@pytest.mark.parametrize("first", ["batch", "sequence"])
+@pytest.mark.parametrize("case", list(_TOKEN_LOSSES))
+def test_ggn_of_token_losses_without_a_closed_form_row_by_row(case, first):
+    """NOTE [rows of the output]: a token-level loss given as a function (no closed-form
+    factor) is proved a sum over the rows of the logits, and its Hessian there taken
+    row by row; a loss that couples the positions of a sample is not. The GGN diagonal,
+    and each sample's own, equal the oracle's either way. (With label smoothing the
+    composition's trace records a Linear's ``t`` and ``view`` in the other order than
+    g's own: g's ops are found as the first ops in any order.)"""
+    from hessfunc.graph.curvature import GGNLoss, _rows_apart, plan_ggn_diagonal
+
+    loss_fn, apart = _TOKEN_LOSSES[case]
+    torch.manual_seed(3)
+    model = _Tokens(first).double()
+    x, y = torch.randint(0, 5, (4, 3)), torch.randint(0, 5, (4, 3))
+    if first == "sequence":  # the targets in the logits' order, (T, N) flattened
+        loss_fn = (lambda fn: lambda o, t: fn(o, t.T))(loss_fn)
+    g = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y))
+    assert plan is not None, why
+    assert _rows_apart(plan) == apart
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    G = hf.reference.ggn(g(leaves, x), loss_fn, y, list(leaves.values()))
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for n in range(4):
+        Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1],
+                              list(leaves.values()))
+        assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))

@@ -57,6 +57,15 @@ NOTE [Gauss-Newton factors]
     S)_c^2``. Per op that is ``O(N W w_v w_u)`` instead of ``O(N w_v^2 w_u)``: the
     factorisation BackPACK's ``DiagGGNExact`` propagates.
 
+NOTE [rows of the output]
+    A token-level loss reads the model's output as rows, ``T`` positions per sample,
+    and is a sum over them: its Hessian there is block-diagonal by rows, ``(T V)^2``
+    per sample of which only ``T V^2`` are non-zero. Where no closed form gives the
+    loss's factor, the loss's ops alone are labelled with the rows as samples (NOTE
+    [per-sample structure]); proved a sum over rows, the blocks come from ``V``
+    tangents (entry ``j`` of every row at once) instead of ``T V``, and are factorised
+    row by row (``eigh`` of ``V x V``, not of ``T V x T V``).
+
 NOTE [per-sample losses]
     ``per_sample=True`` wants the diagonal of each sample's own loss,
     ``f(p, x[n:n+1], y[n:n+1])``, which is not the batch's per-sample block: a mean
@@ -99,6 +108,7 @@ import math
 import operator
 import types
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -514,7 +524,7 @@ class GraphPlan:
             if given is None:  # the loss's Hessian by autograd (of each sample's own loss)
                 if self.one_sample is not None and self._seeds is None:
                     self._seeds = self._one_sample_seeds()
-                given = self._factorise(self._output_hessian())
+                given = self._row_factor() or self._factorise(self._output_hessian())
             factors, signs = given
         for v in reversed(nodes):
             if factors is not None:
@@ -601,30 +611,44 @@ class GraphPlan:
         factor with positive signs (None where it gives none)."""
         (out,) = self.model_outputs()
         S = self.output_factor(self.env[out])  # (*out shape, K)
-        if S is None:
-            return None
+        return None if S is None else self._at_output(out, S)
+
+    def _at_output(self, out: fx.Node, S: Tensor, signs: Tensor | None = None
+                   ) -> tuple[dict[fx.Node, Tensor], Tensor]:
+        """A factor ``S`` ``(*out shape, K)`` of each row of ``out`` (its batch axis, with
+        its positions) and the signs of its columns ``(rows, K)`` (positive if None), as
+        the sweep's per-sample ``(N, w, reps K)`` factor and ``(N, reps K)`` signs."""
         label = self.label(out)
         reps = label.size(self.n) // self.n
+        outer, inner = label.layout
         if reps > 1:  # several rows per sample (positions): each row's factor its own columns
-            outer, inner = label.layout
             i = torch.arange(label.size(self.n), device=S.device)
             place = F.one_hot(i // (self.n * inner) * inner + i % inner, reps).to(S.dtype)
             shape = [1] * S.dim()
             shape[label.axis] = -1
             S = (S.unsqueeze(-2) * place.reshape(*shape[:-1], reps, 1)).flatten(-2)
         root = self.flat(out, S.movedim(-1, 0), 1).permute(1, 2, 0)
-        return {out: root}, root.new_ones(self.n, root.shape[2])
+        if signs is None:
+            return {out: root}, root.new_ones(self.n, root.shape[2])
+        # rows (outer, N, inner): sample n's columns are its rows' in the order placed above
+        signs = signs.reshape(outer, self.n, inner, -1).transpose(0, 1)
+        return {out: root}, signs.reshape(self.n, -1)
 
-    def _output_hessian(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
-        """The loss's per-sample Hessian with respect to the model's outputs (the values
-        of ``linearised`` ops that the loss reads), from batched double backward passes
-        through the loss's ops alone (one tangent per output column, on every sample)."""
+    def _loss_ops(self) -> set[fx.Node]:
+        """The ops after the model's outputs: the loss's."""
         outs = self.model_outputs()
         downstream: set[fx.Node] = set()
         for node in self.gm.graph.nodes:
             if node not in self.linearised and any(
                     a in downstream or a in outs for a in node.all_input_nodes):
                 downstream.add(node)
+        return downstream
+
+    def _loss_gradient(self) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """The model's outputs as fresh leaves, and the loss's gradient there with its
+        graph (through the loss's ops alone; each sample's own loss with seeds)."""
+        outs = self.model_outputs()
+        downstream = self._loss_ops()
         seeds = self._seeds
 
         def loss_of(*values: Tensor) -> Tensor:
@@ -643,6 +667,14 @@ class GraphPlan:
         with torch.enable_grad():
             first = torch.autograd.grad(loss_of(*primals), primals, create_graph=True,
                                         allow_unused=True, materialize_grads=True)
+        return primals, first
+
+    def _output_hessian(self) -> dict[tuple[fx.Node, fx.Node], Tensor]:
+        """The loss's per-sample Hessian with respect to the model's outputs (the values
+        of ``linearised`` ops that the loss reads), from batched double backward passes
+        through the loss's ops alone (one tangent per output column, on every sample)."""
+        outs = self.model_outputs()
+        primals, first = self._loss_gradient()
         H: dict[tuple[fx.Node, fx.Node], Tensor] = {}
         for x, gx in zip(outs, first, strict=True):
             w = self.width(x)
@@ -657,6 +689,29 @@ class GraphPlan:
             for u, r in zip(outs, rows, strict=True):
                 H[(u, x)] = self.flat(u, r, 1).permute(1, 2, 0)
         return H
+
+    def _row_factor(self) -> tuple[dict[fx.Node, Tensor], Tensor] | None:
+        """NOTE [rows of the output]: the factor of the loss's Hessian at the model's one
+        output, row by row, where the loss is proved a sum over those rows; else None."""
+        assert self.captured is not None
+        if not self.captured.analysis("rows apart", lambda: _rows_apart(self)):
+            return None
+        (out,) = self.model_outputs()
+        primals, (first,) = self._loss_gradient()
+        axis = self.label(out).axis
+        rows = primals[0].movedim(axis, 0)
+        R, rest = rows.shape[0], rows.shape[1:]
+        w = math.prod(rest)
+        if not first.requires_grad:  # the loss is linear in the output
+            blocks = rows.new_zeros(R, w, w)
+        else:  # tangent j: entry j of every row at once, the blocks being apart
+            eye = torch.eye(w, dtype=rows.dtype, device=rows.device)
+            basis = eye[:, None, :].expand(w, R, w).reshape(w, R, *rest).movedim(1, axis + 1)
+            (cols,) = batched_vjp(first, primals, basis)
+            blocks = cols.movedim(axis + 1, 1).reshape(w, R, w).permute(1, 2, 0)
+        values, vectors = torch.linalg.eigh((blocks + blocks.transpose(1, 2)) / 2)
+        S = (vectors * values.abs().sqrt()[:, None, :]).reshape(R, *rest, w)
+        return self._at_output(out, S.movedim(0, axis), values.sign())
 
     def _factorise(self, H: dict[tuple[fx.Node, fx.Node], Tensor]
                    ) -> tuple[dict[fx.Node, Tensor], Tensor]:
@@ -1024,6 +1079,40 @@ _COPIES = {aten.clone.default}
 _SAME_ELEMENTS = _RESHAPES | _COPIES | {aten.alias.default}
 
 
+def _rows_apart(plan: GraphPlan) -> bool:
+    """NOTE [rows of the output]: whether the loss is proved a sum of functions of single
+    rows of the model's one output (rows: its batch axis, positions included, when a
+    sample has several), the loss's ops alone labelled with the rows as samples."""
+    outs = plan.model_outputs()
+    if len(outs) != 1 or plan.label(outs[0]).size(plan.n) == plan.n:
+        return False  # (one row per sample: the sample's block is the row's)
+    (out,) = outs
+    graph = fx.Graph()
+    scale, rows = graph.placeholder("scale"), graph.placeholder("rows")
+    scale.meta["val"] = out.meta["val"].new_ones(())
+    rows.meta["val"] = out.meta["val"]
+    env = {out: graph.call_function(aten.mul.Tensor, (rows, scale))}
+    env[out].meta["val"] = out.meta["val"]
+    loss_ops = plan._loss_ops()
+    for node in plan.gm.graph.nodes:
+        if node.op == "output":
+            if not isinstance(node.args[0], fx.Node) or node.args[0] not in env:
+                return False
+            graph.output(env[node.args[0]])
+        elif node in loss_ops:
+            for a in node.all_input_nodes:
+                if a not in env:  # what else the loss reads: constants only
+                    if plan.label(a).live:
+                        return False
+                    env[a] = graph.placeholder(a.name)
+                    env[a].meta["val"] = a.meta.get("val")
+            env[node] = graph.node_copy(node, env.__getitem__)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    n_rows = plan.label(out).size(plan.n)
+    structure = analyze_samples(gm, {0}, {1: plan.label(out).axis}, n_rows)
+    return structure.reason is None
+
+
 def _leaf_as_itself(node: fx.Node) -> bool:
     """A parameter or a view of one that keeps its elements (``t``, ``expand``, ...)."""
     while node.op != "placeholder":
@@ -1381,9 +1470,12 @@ def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset 
     model_ops = [nd.target for nd in captured.graph_module.graph.nodes
                  if nd.op == "call_function"]
     calls = [nd for nd in plan.gm.graph.nodes if nd.op == "call_function"]
-    if [nd.target for nd in calls[:len(model_ops)]] != model_ops:
+    first = frozenset(calls[:len(model_ops)])
+    # g runs before loss_fn, so its ops come first, in an order that may differ between
+    # independent ones (two traces may record t(w) and view(x) of a Linear either way)
+    if Counter(nd.target for nd in first) != Counter(model_ops):
         return "g's ops are not the first ops of loss_fn(g(params, x), y)"
-    return frozenset(calls[:len(model_ops)])
+    return first
 
 
 def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: bool = True,
