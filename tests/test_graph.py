@@ -1328,6 +1328,8 @@ def test_per_sample_diagonals_from_the_one_sample_trace_or_refused_with_the_reas
     else:
         assert plan is not None and plan.one_sample is None and plan.each_sample, reason
         assert reason.startswith(f"each sample's loss traced under vmap ({why}"), reason
+        route = hf.explain(f, params, x, y)["hessian_diag(per_sample=True)"]
+        assert (route.name, route.why) == ("structured", reason)
     assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
                  _oracle_per_sample(f, params, x, y))
 
