@@ -1396,8 +1396,8 @@ _PARAMETER_TERMS = {
 }
 
 
-@pytest.mark.parametrize("inside", [False, True], ids=["added to the loss",
-                                                     "broadcast into each sample's values"])
+@pytest.mark.parametrize("inside", [False, True, None], ids=[
+    "added to the loss", "broadcast into each sample's values", "the whole loss"])
 @pytest.mark.parametrize("term", list(_PARAMETER_TERMS))
 def test_parameter_only_terms_are_exact_whether_separable_or_not(term, inside):
     """A term of the parameters alone is added as its own diagonal only when it is a sum
@@ -1405,12 +1405,14 @@ def test_parameter_only_terms_are_exact_whether_separable_or_not(term, inside):
     flipped or broadcast product, two leaves together, a sum as a divisor) must not be:
     their blocks have off-diagonal entries, and their diagonals cross terms. Each term
     takes the route its form allows (a separable one is not sent to products), also when
-    it is added to every sample's values before the mean over them."""
+    it is added to every sample's values before the mean over them, or is all the loss."""
     model = build_mlp([3, 4, 2], "tanh", 7)
     loss_fn = nn.MSELoss()
     penalty, separable, read = _PARAMETER_TERMS[term]
     # the whole loss scaled: the term's coefficient in the aggregate is 1/2
-    if inside:
+    if inside is None:
+        f = lambda p, x, y: penalty(p) / 2  # noqa: E731
+    elif inside:
         f = lambda p, x, y: (  # noqa: E731
             (functional_call(model, p, (x,)) - y) ** 2 + penalty(p)).mean() / 2
     else:
