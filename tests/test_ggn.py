@@ -1718,6 +1718,8 @@ _TOKEN_LOSSES = {
     "a softplus of each logit, summed": (lambda o, t: F.softplus(o).sum() / 7, True),
     "a sine of each logit (curvature of both signs)": (
         lambda o, t: torch.sin(o * (1 + t.reshape(-1, 1))).sum(), True),
+    "linear in the logits (no curvature)": (
+        lambda o, t: (o * (1.0 + t.reshape(-1, 1))).sum() / 7, True),
     "the positions of a sample summed, then squared": (
         lambda o, t: (o.reshape(*t.shape, -1).sum(t.shape.index(3)) ** 2).mean(), False),
 }
