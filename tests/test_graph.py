@@ -1774,6 +1774,10 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
     f = lambda p, x, y: loss(functional_call(model, p, (x,)), y, {  # noqa: E731
         "head.weight": torch.zeros(())})
     plan, why = plan_diagonal(f, (params, x, y), per_sample=True)
+    evaluated = []  # the batch's plan is evaluated only where it seeds its parts
+    evaluate = GraphPlan.evaluate
+    monkeypatch.setattr(GraphPlan, "evaluate", lambda self, *args: (
+        evaluated.append(bool(self.parts)), evaluate(self, *args))[1])
     if "sequence-first" in case:  # on one sample the transpose is a view, on the batch t:
         # each sample's loss under vmap, in parts too
         assert plan is not None and plan.one_sample is None, why
@@ -1784,6 +1788,8 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
         assert len(plan.parts) == 3, why
     assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
                  _oracle_per_sample(f, params, x, y))
+    if plan is not None:
+        assert evaluated.count(True) == (plan.one_sample is None), evaluated
 
 
 @pytest.mark.parametrize(("loss", "samples", "why"), [

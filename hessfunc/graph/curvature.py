@@ -448,8 +448,10 @@ class GraphPlan:
         of its parts in turn, summed (each sample's own loss: stacked)."""
         if not self.parts:
             return self._sweep(site_rule(self), full, leaves)
-        if not self.env:
-            self.evaluate()  # dL/db of the batch, and its parameter-only terms
+        if not self.env and (self.one_sample is None or self.linearised):
+            # dL/db of the batch and its parameter-only terms (and its outputs, for the
+            # factor); the one-sample trace seeds each part's rows itself
+            self.evaluate()
         factor = None  # the Gauss-Newton sweep's given factor at the outputs, of the batch
         if self.linearised and self.output_factor is not None:
             (out,) = self.model_outputs()
