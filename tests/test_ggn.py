@@ -1727,14 +1727,14 @@ _TOKEN_LOSSES = {
 
 @pytest.mark.parametrize("first", ["batch", "sequence"])
 @pytest.mark.parametrize("case", list(_TOKEN_LOSSES))
-def test_ggn_of_token_losses_without_a_closed_form_row_by_row(case, first):
+def test_ggn_of_token_losses_without_a_closed_form_row_by_row(case, first, monkeypatch):
     """NOTE [rows of the output]: a token-level loss given as a function (no closed-form
     factor) is proved a sum over the rows of the logits, and its Hessian there taken
     row by row; a loss that couples the positions of a sample is not. The GGN diagonal,
     and each sample's own, equal the oracle's either way. (With label smoothing the
     composition's trace records a Linear's ``t`` and ``view`` in the other order than
     g's own: g's ops are found as the first ops in any order.)"""
-    from hessfunc.graph.curvature import GGNLoss, _rows_apart, plan_ggn_diagonal
+    from hessfunc.graph.curvature import GGNLoss, GraphPlan, _rows_apart, plan_ggn_diagonal
 
     loss_fn, apart = _TOKEN_LOSSES[case]
     torch.manual_seed(3)
@@ -1747,6 +1747,9 @@ def test_ggn_of_token_losses_without_a_closed_form_row_by_row(case, first):
     plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y))
     assert plan is not None, why
     assert _rows_apart(plan) == apart
+    if apart:  # the whole per-sample output Hessian is never formed
+        monkeypatch.setattr(GraphPlan, "_output_hessian", lambda self: pytest.fail(
+            "the loss's Hessian taken whole, not row by row"))
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
     G = hf.reference.ggn(g(leaves, x), loss_fn, y, list(leaves.values()))
     assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
