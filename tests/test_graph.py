@@ -1334,6 +1334,33 @@ def test_per_sample_diagonals_from_the_one_sample_trace_or_refused_with_the_reas
                  _oracle_per_sample(f, params, x, y))
 
 
+def test_per_sample_diagonals_under_vmap_trace_once_for_a_function_built_inline(monkeypatch):
+    """``hessian_diag(lambda p, x, y: ..., per_sample=True)`` written inline in a loop, on
+    a model whose one-sample trace differs from the batch's (attention): the batch, the
+    one sample and each sample's loss under vmap are traced once each, not on every
+    call, and the rows equal the oracle's every time."""
+    from hessfunc.graph import capture as capture_module
+
+    traced = []
+    real = capture_module.capture
+
+    def counting(*args, **kwargs):
+        traced.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "capture", counting)
+    torch.manual_seed(0)
+    model = _RowsModel("attention").double()
+    params = _params(model)
+    x, y = torch.randn(4, 2, dtype=F64), torch.randn(4, 2, dtype=F64)
+    want = _oracle_per_sample(_plain(model, F.mse_loss), params, x, y)
+    for _ in range(3):
+        f = lambda p, x, y: F.mse_loss(functional_call(model, p, (x,)), y)  # noqa: E731
+        assert_close(hf.hessian_diag(f, per_sample=True, method="structured")(params, x, y),
+                     want)
+    assert len(traced) == 3, traced
+
+
 @pytest.mark.parametrize("dims", [1, 2])
 def test_convolution_weights_by_the_unfolded_input(dims):
     """The convolution sites' closed form (weight and bias from the unfolded input):
