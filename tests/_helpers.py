@@ -132,3 +132,18 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
             if x is not None:
                 assert torch.equal(x, y), (key, k)
 
+
+def count_captures(monkeypatch: Any) -> list[Any]:
+    """The functions the graph capture traces from now on, in order (one entry per
+    trace), through ``monkeypatch``."""
+    from hessfunc.graph import capture as capture_module
+
+    traced: list[Any] = []
+    real = capture_module.capture
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        traced.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "capture", counting)
+    return traced

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, flat, leaf_params, unflat
+from _helpers import assert_close, count_captures, flat, leaf_params, unflat
 from hypothesis import given
 from torch import nn
 
@@ -1189,17 +1189,9 @@ def test_ggn_diag_built_inline_traces_once_and_keeps_nothing_alive(monkeypatch):
     import gc
     import weakref
 
-    from hessfunc.graph import capture as capture_module
     from hessfunc.graph.curvature import GGNLoss
 
-    traced = []
-    real = capture_module.capture
-
-    def counting(*args, **kwargs):
-        traced.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(capture_module, "capture", counting)
+    traced = count_captures(monkeypatch)
     model, loss_fn, x, y = _problem("ce", 5, seed=13)
     g, params, *_, G = _oracle(model, loss_fn, x, y)
     for _ in range(3):

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, oracle_hessian, oracle_loss
+from _helpers import assert_close, count_captures, oracle_hessian, oracle_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -984,11 +984,7 @@ def test_changed_modes_and_buffers_recapture():
 def test_a_lambda_made_afresh_reuses_the_trace_only_over_the_same_objects(monkeypatch):
     """``lambda p, x, y: ...`` made anew on every call: one trace while it reaches the same
     model and scale; another model, or another scale, is traced again and exact."""
-    import hessfunc.graph.capture as capture_module
-
-    traces, real = [], capture_module.capture
-    monkeypatch.setattr(capture_module, "capture", lambda *a, **k: traces.append(1) or
-                        real(*a, **k))
+    traces = count_captures(monkeypatch)
     torch.manual_seed(0)
     models = [build_mlp([3, 4, 1], "tanh", s).double() for s in (0, 1)]
     x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 1, dtype=F64)
@@ -1339,16 +1335,7 @@ def test_per_sample_diagonals_under_vmap_trace_once_for_a_function_built_inline(
     a model whose one-sample trace differs from the batch's (attention): the batch, the
     one sample and each sample's loss under vmap are traced once each, not on every
     call, and the rows equal the oracle's every time."""
-    from hessfunc.graph import capture as capture_module
-
-    traced = []
-    real = capture_module.capture
-
-    def counting(*args, **kwargs):
-        traced.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(capture_module, "capture", counting)
+    traced = count_captures(monkeypatch)
     torch.manual_seed(0)
     model = _RowsModel("attention").double()
     params = _params(model)
