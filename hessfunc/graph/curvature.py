@@ -1049,27 +1049,34 @@ def model_output(f: Any) -> _ModelOutput | None:
     return part
 
 
+def _kept(table: weakref.WeakKeyDictionary, f: Any, make: Callable[[], Any]) -> Any:
+    """``table``'s entry for ``f``, made by ``make()`` when missing: one per function
+    object, or per code for a plain function (a lambda made afresh on each call shares
+    it). An entry that is a string (why there is none) is not kept, nor one for an ``f``
+    that cannot be a weak key."""
+    key = f.__code__ if isinstance(f, types.FunctionType) else f
+    try:
+        found = table.get(key)
+    except TypeError:  # not weakly referenceable, or unhashable
+        return make()
+    if found is None:
+        found = make()
+        if not isinstance(found, str):
+            table[key] = found
+    return found
+
+
 def _cache(f: Any) -> TraceCache | str:
     """The trace cache of ``f``. A plain function's is shared by every function object of
     its code (a lambda made afresh on each call): the guard's fingerprint compares what
     this one reaches (NOTE [trace cache and its guard]), and the cache traces this one."""
-    plain = isinstance(f, types.FunctionType)
-    key = f.__code__ if plain else f
-    try:
-        cache = _CACHES.get(key)
-    except TypeError:
-        cache = None
-    if cache is None:
+    def make() -> TraceCache | str:
         fn = _pure(f)
-        if isinstance(fn, str):
-            return fn
-        cache = TraceCache(fn, "hessfunc.hessian_diag", decompositions=LOSS_DECOMPOSITIONS,
-                           stack_traces=True)
-        try:
-            _CACHES[key] = cache
-        except TypeError:
-            pass
-    elif plain:
+        return fn if isinstance(fn, str) else TraceCache(
+            fn, "hessfunc.hessian_diag", decompositions=LOSS_DECOMPOSITIONS, stack_traces=True)
+
+    cache = _kept(_CACHES, f, make)
+    if isinstance(f, types.FunctionType) and isinstance(cache, TraceCache):
         cache.fn = f
     return cache
 
@@ -1557,18 +1564,12 @@ _OWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _own_losses(f: Any) -> _OwnLosses | str:
-    """The :class:`_OwnLosses` of ``f`` (of what it traces, :func:`_pure`): kept per
-    function object, or per code for plain functions, as :func:`_cache` keeps traces."""
+    """The :class:`_OwnLosses` of ``f`` (of what it traces, :func:`_pure`), kept as
+    :func:`_cache` keeps trace caches (:func:`_kept`)."""
     fn = _pure(f)
     if isinstance(fn, str):
         return fn
-    key = f.__code__ if isinstance(f, types.FunctionType) else f
-    try:
-        own = _OWN.get(key)
-    except TypeError:
-        return _OwnLosses(fn)
-    if own is None:
-        own = _OWN[key] = _OwnLosses(fn)
+    own = _kept(_OWN, f, lambda: _OwnLosses(fn))
     own.f, own._guard_targets = fn, (fn,)
     return own
 
