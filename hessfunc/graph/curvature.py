@@ -988,6 +988,11 @@ class GraphPlan:
 
 # ---- planning -----------------------------------------------------------------
 
+#: why per-sample (and Gauss-Newton) plans are refused, shared by their routes
+_TERMS = "the loss has terms of the parameters alone"
+_PRODUCTS = "some parameters take one-hot products (see hessfunc.explain)"
+
+
 def _label(structure: SampleStructure, node: fx.Node) -> Value:
     value = structure.values[node]
     return value if isinstance(value, Value) else Value(any(v.live for v in value))
@@ -1446,7 +1451,7 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
     if plan is None:
         return None, why
     if plan.products:
-        return None, "some parameters take one-hot products (see hessfunc.explain)"
+        return None, _PRODUCTS
     # f's capture is keyed by what g and loss_fn reach, so g's ops found once hold for it
     linearised = plan.captured.analysis("model ops", lambda: _model_ops(f, args, plan))
     if isinstance(linearised, str):
@@ -1497,7 +1502,7 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     if plan is None:
         return None, why
     if plan.products:
-        return None, "some parameters take one-hot products (see hessfunc.explain)"
+        return None, _PRODUCTS
     # the batch's capture is keyed by what f reaches, so its one-sample graph holds for it
     found = plan.captured.analysis("one sample", lambda: _one_sample_graph(f, args, plan))
     if isinstance(found, str):
@@ -1513,9 +1518,6 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     return _within_budget(plan, need, f, args, check_output, call)
 
 
-_TERMS = "the loss has terms of the parameters alone"
-
-
 def _plan_own_losses(f: Any, args: tuple[Any, ...], check_memory: bool,
                      check_output: Callable[[Any], None] | None, call: str, why_not_seeded: str
                      ) -> tuple[GraphPlan | None, str]:
@@ -1525,7 +1527,7 @@ def _plan_own_losses(f: Any, args: tuple[Any, ...], check_memory: bool,
     plan, why = (None, own) if isinstance(own, str) else plan_diagonal(
         own, args, check_memory=False, check_output=check_output, call=call)
     if plan is not None and plan.products:
-        plan, why = None, "some parameters take one-hot products (see hessfunc.explain)"
+        plan, why = None, _PRODUCTS
     if plan is not None and plan._terms():  # their curvature is in every sample's loss
         plan, why = None, _TERMS
     if plan is not None:
