@@ -1718,6 +1718,36 @@ _TOKEN_LOSSES = {
 
 
 @pytest.mark.parametrize("first", ["batch", "sequence"])
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_ggn_in_parts_with_targets_flattened_over_the_batch(first, closed_form, monkeypatch):
+    """NOTE [rows of every sample]: targets passed flattened in the logits' row order,
+    ``(N T,)`` or ``(T N,)``, are cut to each part of the batch in that order, for the
+    cross-entropy's closed-form factor and for a loss given as a function (its Hessian
+    row by row in each part): the GGN diagonal equals the oracle's (it took the dense
+    Jacobian before, out of memory at a language model's size)."""
+    from hessfunc.graph import curvature
+
+    loss_fn = F.cross_entropy if closed_form else \
+        (lambda o, t: F.cross_entropy(o, t, label_smoothing=0.2))
+    torch.manual_seed(3)
+    model = _Tokens(first).double()
+    x, y = torch.randint(0, 5, (7, 3)), torch.randint(0, 5, (7, 3))
+    y = (y if first == "batch" else y.T).reshape(-1)
+    g = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    f = curvature.GGNLoss.of(g, loss_fn)
+    plan, why = curvature.plan_ggn_diagonal(f, (params, x, y))
+    assert plan is not None and not plan.parts, why
+    need = -(-plan.captured.analysis("ggn bytes", None) * 2 // 7)
+    monkeypatch.setattr(curvature, "available_bytes", lambda device: 4 * need)
+    plan, why = curvature.plan_ggn_diagonal(f, (params, x, y))
+    assert plan is not None and [(p.lo, p.hi) for p in plan.parts] == [(0, 2), (2, 4), (4, 7)]
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    G = hf.reference.ggn(g(leaves, x), loss_fn, y, list(leaves.values()))
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+
+
+@pytest.mark.parametrize("first", ["batch", "sequence"])
 @pytest.mark.parametrize("case", list(_TOKEN_LOSSES))
 def test_ggn_of_token_losses_without_a_closed_form_row_by_row(case, first, monkeypatch):
     """NOTE [rows of the output]: a token-level loss given as a function (no closed-form

@@ -1807,9 +1807,10 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
 
 
 @pytest.mark.parametrize(("loss", "samples", "why"), [
-    (lambda o, y: ((o.reshape(-1) - y) ** 2).mean(), 2,
+    (lambda o, y: ((o.reshape(-1) - y[1:]) ** 2).mean(), 2,  # (2 N + 1,): not rows
      "(f on part of the batch gets the inputs whose first axis has the batch's size, 5, "
-     "cut to the part, the others whole)"),
+     "cut to the part, and those whose first axis holds rows of every sample where their "
+     "rows are proved, the others whole)"),
     (lambda o, y: F.mse_loss(o.reshape(-1), y[:o.numel()]), 2,  # the batch's first targets
      "f on part of the batch computes with other numbers: slice.Tensor takes 0, 0, 10 on "
      "the batch and 0, 0, 4 on part of the batch"),
@@ -1823,7 +1824,7 @@ def test_the_batch_in_parts_equals_the_oracle(case, monkeypatch):
     (F.mse_loss, 1, "even for two samples at a time"),
 ])
 def test_the_batch_in_parts_refused_with_the_reason(loss, samples, why, monkeypatch):
-    """Parts that f cannot take (targets flattened over the batch: ``(N C,)`` is passed
+    """Parts that f cannot take (targets of ``2 N + 1``, no rows of every sample: passed
     whole), whose values would not be the batch's (a value pooled from several samples'
     data, a number of the batch size below the sum), or a budget that two samples
     exceed: the plan says why, and the diagonal still equals the oracle's by products."""
@@ -1831,7 +1832,7 @@ def test_the_batch_in_parts_refused_with_the_reason(loss, samples, why, monkeypa
     model = build_mlp([3, 4, 2], "tanh", 3)
     x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
     if "cut to the part" in why or "slice" in why:
-        y = y.reshape(-1)  # (N C,): not cut
+        y = torch.cat([y.reshape(-1), y[0, :1]])
     f = _plain(model, loss)
     params = _params(model)
     _budget_for(monkeypatch, f, (params, x, y), samples)
@@ -1839,6 +1840,60 @@ def test_the_batch_in_parts_refused_with_the_reason(loss, samples, why, monkeypa
     assert plan is None and reason.startswith("the per-sample curvature over the widest "
                                               "frontier needs") and reason.endswith(why), reason
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
+def _gathered_nll(o, y):
+    """The NLL by ``gather``, with no op pairing the targets with the logits elementwise."""
+    return -F.log_softmax(o, -1).gather(1, y.unsqueeze(1)).mean()
+
+
+def _transposed_rows(o, y):  # the targets' rows paired with the logits' (N, T) transposed
+    return (o.sum(-1).reshape(-1, 3).t().reshape(-1) - y.to(o.dtype)).pow(2).mean()
+
+
+#: name -> (model's rows, loss of (out, y), targets (N, T = 3) -> flattened, why refused)
+_FLAT_TARGETS = {
+    "cross-entropy, batch-first rows": ("batch", F.cross_entropy, lambda y: y.reshape(-1),
+                                        None),
+    "cross-entropy, sequence-first rows, targets (T N,)": (
+        "sequence", F.cross_entropy, lambda y: y.T.reshape(-1), None),
+    "weighted, label smoothing": (
+        "batch", lambda o, y: F.cross_entropy(o, y, weight=_CLASS_WEIGHTS, label_smoothing=0.1),
+        lambda y: y.reshape(-1), None),
+    "NLL by gather": ("batch", _gathered_nll, lambda y: y.reshape(-1), None),
+    "read only above the sum": ("batch", lambda o, y: (o ** 2).sum() / (1 + y.sum()),
+                                lambda y: y.reshape(-1), None),
+    "centred by the batch's targets": (
+        "batch", lambda o, y: F.cross_entropy(o - y.to(o.dtype).mean(), y),
+        lambda y: y.reshape(-1), "mean.default computes from the data of several samples"),
+    "rows paired in two layouts": (
+        "batch", lambda o, y: _gathered_nll(o, y) + 0.1 * _transposed_rows(o, y),
+        lambda y: y.reshape(-1), "(f on part of the batch gets the inputs"),
+}
+
+
+@pytest.mark.parametrize("case", list(_FLAT_TARGETS))
+def test_targets_flattened_over_the_batch_cut_in_their_proved_rows(case, monkeypatch):
+    """NOTE [rows of every sample]: targets passed flattened, ``(N T,)`` or ``(T N,)``, are
+    cut to each part in the layout that the proof pairs with the logits' rows; a layout
+    that only some of their uses pair with, or a value pooled from them below the sum,
+    keeps the batch whole. The diagonal and blocks equal the oracle's either way."""
+    first, loss, flatten, why = _FLAT_TARGETS[case]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = _TokenModel(first).double()
+    x, y = torch.randn(7, 3, 2, dtype=F64, generator=g), flatten(torch.randint(0, 3, (7, 3),
+                                                                               generator=g))
+    params = _params(model)
+    f = lambda p, x, y: loss(functional_call(model, p, (x,)), y)  # noqa: E731
+    _budget_for(monkeypatch, f, (params, x, y), 2)
+    plan, reason = plan_diagonal(f, (params, x, y))
+    if why is None:
+        assert plan is not None and len(plan.parts) == 3, reason
+    else:
+        assert plan is None and why in reason, reason
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
 
 
 @settings(deadline=None)

@@ -100,6 +100,15 @@ NOTE [the batch in parts]
     [per-sample structure]) and both traces compute with the same numbers, else the
     parts are refused with the reason. Cost: the same sweep, one capture per part
     size (at most two) and one forward pass per part.
+
+NOTE [rows of every sample]
+    Targets are often passed flattened over the batch, ``(N T,)`` for ``(N T, V)``
+    logits. Such an input (first axis ``k N``) is cut to a part only in a layout the
+    proof checks: labelled with batch axis 0 and layout ``(1, k)`` (sample-major) or
+    ``(k, 1)``, every op must pair its rows with the per-sample values' rows in that
+    same layout (elementwise ops, ``gather``'s index) or pool them, and nothing pooled
+    from it may lie below the sum. Then each part's rows of it are the batch's rows of
+    the part's samples, whatever they mean to the user. Otherwise it stays whole.
 """
 
 from __future__ import annotations
@@ -1358,16 +1367,18 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
     """Set ``plan.parts``, a plan of ``f`` on each range of samples in ``bounds``, or say
     why the parts would not add up to the batch's diagonal."""
     n, per_sample = plan.n, plan.one_sample is not None  # else seeded with the batch's dL/db
+    rows, structure = ({}, plan.structure) if per_sample else plan.captured.analysis(
+        "rows of inputs", lambda: _rows_of_inputs(plan))
     parts = []
     for lo, hi in bounds:
-        data = pytree.tree_map(lambda t, lo=lo, hi=hi: t[lo:hi] if isinstance(t, Tensor) and
-                               t.dim() >= 1 and t.shape[0] == n else t, list(args[1:]))
+        data = _cut(list(args[1:]), n, lo, hi, rows)
         part_args = (args[0], *data)
         part, why = plan_diagonal(f, part_args, per_sample=per_sample, check_memory=False,
                                   check_output=check_output, call=call)
         if part is None:
             return (f"{why} (f on part of the batch gets the inputs whose first axis has the "
-                    f"batch's size, {n}, cut to the part, the others whole)")
+                    f"batch's size, {n}, cut to the part, and those whose first axis holds "
+                    "rows of every sample where their rows are proved, the others whole)")
         if prepare is not None and (why := prepare(part, part_args)) is not None:
             return why
         if set(part.products) != set(plan.products):
@@ -1379,13 +1390,55 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
                 return f"f on part of the batch runs other ops than on the batch: {counterpart}"
             if set(part.boundary()) != {counterpart.get(b) for b in plan.boundary()}:
                 return "f on part of the batch sums other values"
-            why = _separable_samples(plan, part.gm, counterpart, "part of the batch")
+            why = _separable_samples(plan, part.gm, counterpart, "part of the batch",
+                                     structure)
             if why is not None:
                 return why
         part.each_sample = plan.each_sample
         parts.append(_Part(lo, hi, part, counterpart))
     plan.parts = parts
     return None
+
+
+def _rows_of_inputs(plan: GraphPlan) -> tuple[dict[int, tuple[int, int]], SampleStructure]:
+    """NOTE [rows of every sample]: for each input whose first axis is ``k N`` long
+    (``k >= 2``: targets flattened over the batch), the layout ``(1, k)`` (sample-major)
+    or ``(k, 1)`` under which the proof pairs its rows with the per-sample values',
+    keyed by its place among the inputs; and the labels under those layouts."""
+    n, first = plan.n, len(plan.leaves)
+    batch = {first + j: 0 for j, t in enumerate(plan.inputs)
+             if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == n}
+    rows: dict[int, tuple[int, int]] = {}
+    structure = plan.structure
+    for j, t in enumerate(plan.inputs):
+        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] <= n or t.shape[0] % n:
+            continue
+        k = t.shape[0] // n
+        for layout in ((1, k), (k, 1)):
+            layouts = {first + i: lay for i, lay in (rows | {j: layout}).items()}
+            trial = analyze_samples(plan.gm, set(range(first)),
+                                    batch | dict.fromkeys(layouts, 0), n, layouts)
+            if trial.reason is None:
+                rows[j], structure = layout, trial
+                break
+    return rows, structure
+
+
+def _cut(data: list[Any], n: int, lo: int, hi: int, rows: dict[Any, Any]) -> list[Any]:
+    """Samples ``lo:hi`` of the batch's inputs: their first axis cut where it has the
+    batch's size, or holds rows of every sample in a proved layout (``rows``)."""
+    place = iter(range(len(pytree.tree_leaves(data))))
+
+    def cut(t: Any) -> Any:
+        j = next(place) if isinstance(t, Tensor) else None
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        if j in rows:
+            outer, inner = rows[j]
+            return t.reshape(outer, n, inner, *t.shape[1:])[:, lo:hi].reshape(-1, *t.shape[1:])
+        return t[lo:hi] if t.shape[0] == n else t
+
+    return pytree.tree_map(cut, data)
 
 
 class GGNLoss:
@@ -1606,12 +1659,14 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
 
 
 def _separable_samples(plan: GraphPlan, gm1: fx.GraphModule, counterpart: dict[fx.Node, fx.Node],
-                       other: str) -> str | None:
+                       other: str, structure: SampleStructure | None = None) -> str | None:
     """Why the values the loss sums over, computed by ``gm1`` (``f`` traced on ``other``:
     one sample, or part of the batch), are not the batch's values of those samples, or
     None. They are when no value below them is pooled (NOTE [per-sample structure]) and
     every number in the ops that compute them (``/ 512``, a fill value, a lifted tensor)
-    is the same in both traces; sizes and shapes may differ."""
+    is the same in both traces; sizes and shapes may differ. ``structure``: the labels
+    to read, where they are not the plan's (inputs cut by their rows)."""
+    labels = structure or plan.structure
     below: set[fx.Node] = set()
     stack = plan.boundary()
     while stack:
@@ -1622,7 +1677,8 @@ def _separable_samples(plan: GraphPlan, gm1: fx.GraphModule, counterpart: dict[f
     for nd in plan.gm.graph.nodes:
         if nd not in below:
             continue
-        if plan.label(nd).pooled and not any(plan.label(a).pooled for a in nd.all_input_nodes):
+        if _label(labels, nd).pooled and not any(_label(labels, a).pooled
+                                                 for a in nd.all_input_nodes):
             return (f"{where(nd)} computes from the data of several samples at once, and "
                     f"the values the loss sums over depend on it; f on {other} would see "
                     "other data")

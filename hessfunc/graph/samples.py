@@ -314,8 +314,14 @@ def _rule(node: fx.Node, operands: list[tuple[fx.Node, Value]], n: int) -> Value
                 raise _Unproved("selects along the batch axis")
             return Value(live)
         # gather's index (a constant) may vary by sample freely; only its extent along
-        # the batch axis must be the input's
-        if target is aten.gather.default and _shape(node.args[2])[a] != x.size(n):
+        # the batch axis must be the input's, and where it has a batch axis, its rows
+        # must be the input's rows (the other ops' operands: none with a batch axis)
+        rows = [v for arg, v in operands if arg is not node.args[0] and v.axis is not None]
+        if target is aten.gather.default:
+            if _shape(node.args[2])[a] != x.size(n) or \
+                    any((v.axis, v.layout) != (a, x.layout) for v in rows):
+                raise _Unproved
+        elif rows:
             raise _Unproved
         return Value(live, a - 1 if target is aten.select.int and dim < a else a,
                      layout=x.layout)
@@ -377,12 +383,14 @@ def _operands(node: fx.Node, values: dict) -> list[tuple[fx.Node, Value]]:
     return found
 
 
-def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int], n: int
+def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int],
+                    n: int, layouts: dict[int, tuple[int, int]] | None = None
                     ) -> SampleStructure:
     """Label the nodes of ``gm`` (NOTE [per-sample structure]).
 
     ``params``: indices of the placeholders that are parameters; ``batch``: index of
-    each data placeholder -> its batch axis; ``n``: the batch size.
+    each data placeholder -> its batch axis; ``n``: the batch size; ``layouts``: the
+    layout of a data placeholder's batch axis where it is not ``(1, 1)``.
     """
     values: dict[fx.Node, Value | tuple[Value, ...]] = {}
     placeholders = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
@@ -390,7 +398,8 @@ def analyze_samples(gm: fx.GraphModule, params: set[int], batch: dict[int, int],
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             i = index[node]
-            values[node] = PARAM if i in params else Value(False, batch.get(i))
+            values[node] = PARAM if i in params else Value(
+                False, batch.get(i), layout=(layouts or {}).get(i, (1, 1)))
             continue
         if node.op == "get_attr":
             values[node] = CONST
