@@ -1,6 +1,6 @@
 """Gauss-Newton diagonals of a Transformer LM under token-level losses given as functions.
 
-    nice python -m benchmarks.bench_token_ggn [--repeats 3]
+    nice python -m benchmarks.bench_token_ggn [--repeats 3] [--model small|large]
 
 The small causal Transformer LM of ``bench_graph`` (vocabulary 50, d = 32, 4 heads, 2
 layers, 8 sequences of 16 tokens; 20,850 parameters), ``ggn_diag(g, loss_fn)`` with
@@ -9,6 +9,12 @@ layers, 8 sequences of 16 tokens; 20,850 parameters), ``ggn_diag(g, loss_fn)`` w
 * ``F.cross_entropy`` itself, the targets flattened outside (its factor in closed form);
 * ``lambda o, y: F.cross_entropy(o, y.reshape(-1))``, the targets ``(8, 16)``;
 * the same with ``label_smoothing=0.1``.
+
+``--model large``: the LM of ``bench_architectures`` (vocabulary 200, d = 64, 16
+sequences of 32 tokens; 95k parameters), its targets ``(512,)`` flattened outside ``g``
+as that benchmark passes them; its factor sweep needs more than the memory budget, so
+the batch is taken in parts, the targets cut in their proved rows (NOTE [rows of every
+sample]). Before that, the dense Jacobian, out of memory.
 
 A function has no closed form: the loss's Hessian at the logits comes from autograd,
 row by row where the loss is proved a sum over the rows (NOTE [rows of the output] in
@@ -28,36 +34,48 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import hessfunc as hf
+from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
 
 from ._timing import interleaved_medians
+from .bench_architectures import build
 from .bench_graph import transformer
 from .bench_parts import sampled_ggn_errors
 
 
-def run(repeats: int) -> dict:
+def run(repeats: int, size: str = "small") -> dict:
     torch.set_num_threads(1)
-    problem = transformer()
-    model, x, y = problem.model, problem.x, problem.y
+    if size == "small":
+        problem = transformer()
+        name, model, x, y = problem.name, problem.model, problem.x, problem.y
+        losses = {
+            "F.cross_entropy (closed form)": (F.cross_entropy, y.reshape(-1)),
+            "flattening cross-entropy": (lambda o, t: F.cross_entropy(o, t.reshape(-1)), y),
+            "label smoothing 0.1": (
+                lambda o, t: F.cross_entropy(o, t.reshape(-1), label_smoothing=0.1), y),
+        }
+    else:
+        name, model, _, x, y = build("transformer")  # y: (N T,), flattened outside g
+        losses = {
+            "F.cross_entropy (closed form)": (F.cross_entropy, y),
+            "label smoothing 0.1": (
+                lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1), y),
+        }
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def g(p: Any, x: Any) -> torch.Tensor:
         return functional_call(model, p, (x,))
 
-    losses = {
-        "F.cross_entropy (closed form)": (F.cross_entropy, y.reshape(-1)),
-        "flattening cross-entropy": (lambda o, t: F.cross_entropy(o, t.reshape(-1)), y),
-        "label smoothing 0.1": (
-            lambda o, t: F.cross_entropy(o, t.reshape(-1), label_smoothing=0.1), y),
-    }
-    cases, errors = {}, {}
-    for name, (loss_fn, targets) in losses.items():
+    cases, errors, parts = {}, {}, {}
+    for name_, (loss_fn, targets) in losses.items():
+        plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, targets))
+        parts[name_] = len(plan.parts) if plan is not None else why
         fn = hf.ggn_diag(g, loss_fn)
-        errors[name] = sampled_ggn_errors(model, x, targets, {name: fn(params, x, targets)},
-                                          loss_fn)[name]
-        cases[name] = lambda fn=fn, targets=targets: fn(params, x, targets)
+        errors[name_] = sampled_ggn_errors(model, x, targets,
+                                           {name_: fn(params, x, targets)}, loss_fn)[name_]
+        cases[name_] = lambda fn=fn, targets=targets: fn(params, x, targets)
     times = interleaved_medians(cases, repeats=repeats, warmup=0)
-    row = {"problem": problem.name, "params": problem.num_params, "times_s": times,
-           "max_rel_error_sampled": errors}
+    row = {"problem": name, "params": sum(p.numel() for p in params.values()),
+           "parts": parts, "times_s": times, "max_rel_error_sampled": errors}
     print(json.dumps(row, indent=1), flush=True)
     return row
 
@@ -65,7 +83,9 @@ def run(repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    run(parser.parse_args().repeats)
+    parser.add_argument("--model", choices=("small", "large"), default="small")
+    args = parser.parse_args()
+    run(args.repeats, args.model)
 
 
 if __name__ == "__main__":
