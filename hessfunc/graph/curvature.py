@@ -113,6 +113,7 @@ NOTE [rows of every sample]
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import types
@@ -1427,7 +1428,7 @@ def _rows_of_inputs(plan: GraphPlan) -> tuple[dict[int, tuple[int, int]], Sample
 def _cut(data: list[Any], n: int, lo: int, hi: int, rows: dict[Any, Any]) -> list[Any]:
     """Samples ``lo:hi`` of the batch's inputs: their first axis cut where it has the
     batch's size, or holds rows of every sample in a proved layout (``rows``)."""
-    place = iter(range(len(pytree.tree_leaves(data))))
+    place = itertools.count()  # the place of each tensor among the inputs
 
     def cut(t: Any) -> Any:
         j = next(place) if isinstance(t, Tensor) else None
