@@ -251,7 +251,7 @@ def _row(key: str, repeats: int, rounds: int) -> dict:
     # alternating with PyHessian, medians of the rounds; the first round's trace measures
     # batched against looped products afresh (the products table above measured them on
     # this f), later rounds reuse that
-    sys.modules["hessfunc.operator"]._CHOICES.pop(f, None)
+    sys.modules["hessfunc.operators.hessian"]._CHOICES.pop(f, None)
     eig_times, tr_times, their_rounds = [], [], []
     for _ in range(rounds):
         eig_s, eig = _once(lambda: hf.HessianOperator(f, params, (x, y)).eigenvalues(

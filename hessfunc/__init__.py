@@ -21,11 +21,9 @@ from .explain import Explanation, explain
 from .forward import biharmonic, hutchinson_laplacian, input_hessian_diag, taylor
 from .functional import FunctionalModel, functionalize
 from .ggn import fisher_diag, ggn, ggn_blocks, ggn_diag, ggn_vp
-from .ggn_operator import FisherOperator, GGNOperator
 from .gradient import grad
-from .kfac import KFACOperator
 from .laplacians import laplacian
-from .operator import HessianOperator
+from .operators import FisherOperator, GGNOperator, HessianOperator, KFACOperator
 from .products import HVPFunction, hvp, hvp_fn
 
 __all__ = [

@@ -19,7 +19,7 @@ With ``process_group=``, each rank passes its shard of the samples: the diagonal
 the sum over ranks of each shard's diagonal, weighted ``N_r / N`` (``reduction="mean"``,
 ``N`` counted over all ranks) or 1 (``"sum"``), all-reduced so that every rank holds the
 whole data set's diagonal; per-sample diagonals stay with the rank of their samples
-(NOTE [sharded data] in ``hessfunc/operator.py``).
+(NOTE [sharded data] in ``hessfunc/operators/base.py``).
 """
 
 from __future__ import annotations

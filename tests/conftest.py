@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import hessfunc.graph.curvature  # noqa: F401 - its trace caches are reset per test
-import hessfunc.operator  # noqa: F401 - and its batched-or-looped choices
+import hessfunc.operators.hessian  # noqa: F401 - and its batched-or-looped choices
 
 settings.register_profile(
     "ci", max_examples=15, deadline=None, print_blob=True,
@@ -53,7 +53,7 @@ def _fresh_trace_caches(monkeypatch: pytest.MonkeyPatch) -> None:
     what an earlier run memoised would otherwise hide the code under test."""
     monkeypatch.setattr(sys.modules["hessfunc.graph.curvature"], "_CACHES",
                         weakref.WeakKeyDictionary())
-    monkeypatch.setattr(sys.modules["hessfunc.operator"], "_CHOICES",
+    monkeypatch.setattr(sys.modules["hessfunc.operators.hessian"], "_CHOICES",
                         weakref.WeakKeyDictionary())
 
 

@@ -746,7 +746,7 @@ def test_ekfac_per_sample_gradients_in_chunks_of_samples(monkeypatch):
     x, y = torch.randn(4, 2, 5, dtype=DT), torch.randint(0, C, (4,))
     whole = hf.KFACOperator.from_model(model, nn.CrossEntropyLoss(), (x, y),
                                        eigenvalue_correction=True).corrections
-    monkeypatch.setattr(sys.modules["hessfunc.kfac"], "CHUNK_BUDGET_BYTES", 8)
+    monkeypatch.setattr(sys.modules["hessfunc.operators.kfac"], "CHUNK_BUDGET_BYTES", 8)
     chunked = hf.KFACOperator.from_model(model, nn.CrossEntropyLoss(), (x, y),
                                          eigenvalue_correction=True).corrections
     assert_close(chunked, whole)
@@ -1066,7 +1066,7 @@ def test_kfac_refuses_grouped_convolutions_parametrized_weights_and_unknown_conv
 def test_kfac_factors_the_same_however_the_columns_go_back(backward, monkeypatch):
     """The output matrix's columns go back through the model in batched passes, in chunks
     under a small budget, or one at a time where torch cannot batch: the same factors."""
-    kfac_module = sys.modules["hessfunc.kfac"]
+    kfac_module = sys.modules["hessfunc.operators.kfac"]
     model, loss_fn, x, y = _problem("ce", 5, seed=12)
     truth = _two_layer_factors(model, loss_fn, x, y)
     if backward == "chunks of one":
@@ -1447,7 +1447,7 @@ def test_kfac_factors_for_losses_without_a_closed_form(loss_fn, monkeypatch):
     """Losses ``output_factor`` declines take the per-sample output Hessian from autograd
     (batched double backward for torch's losses, the whole Jacobian of the gradient for
     any other): the factors still equal their definitions."""
-    kfac_module = sys.modules["hessfunc.kfac"]
+    kfac_module = sys.modules["hessfunc.operators.kfac"]
     batched, real = [], kfac_module.output_hessian_blocks
     monkeypatch.setattr(kfac_module, "output_hessian_blocks",
                         lambda *args: batched.append(True) or real(*args))

@@ -10,7 +10,7 @@ plain autograd builds from ``torch.func.functional_call`` of the model (no hessf
 on the truth's side), at rtol 1e-10 and atol 1e-12 times the magnitude of the truth.
 
 Last: how :class:`hessfunc.HessianOperator` weights batches of unequal size
-(``operator.py``: ``reduction="mean"`` weights batch ``b`` by ``N_b / N``, exact for plain
+(``operators/data.py``: ``reduction="mean"`` weights batch ``b`` by ``N_b / N``, exact for plain
 means but documented as not the whole-data-set loss for a weighted mean such as
 cross-entropy with class weights; ``reduction="sum"`` adds the batches' losses).
 """
@@ -352,7 +352,7 @@ def test_operator_mean_reduction_is_the_data_set_mean_for_a_plain_mean():
 
 
 def test_operator_mean_reduction_of_a_weighted_mean_is_the_documented_batch_weighting():
-    """The documented caveat (``hessfunc/operator.py``): for class-weighted cross-entropy
+    """The documented caveat (``hessfunc/operators/hessian.py``): for class-weighted cross-entropy
     with mean reduction each batch divides by its own weight total, and the operator
     weights batch b by N_b / N, so it is ``sum_b (N_b / N) H_b``, not the Hessian of the
     whole data set's weighted mean (which divides by the total weight once). The fix the

@@ -18,7 +18,7 @@ from ..dense import hessian_blocks
 from ..diagonal import hessian_diag
 from ..estimators.slq import FEWEST_PROBES
 from ..graph.curvature import plan_diagonal
-from ..operator import HessianOperator
+from ..operators import HessianOperator
 
 #: The spectral density's probes when not given: from slq.FEWEST_PROBES until its
 #: integrated standard error is at most DENSITY_TOL (2 % of the mass), at most
@@ -170,7 +170,7 @@ def curvature_report(f: Any, params: dict[str, torch.Tensor], data: Any, *, top_
     if op.world_size == 1:
         structured = one_batch is not None and _structured_diagonal(f, params, one_batch)
     else:  # every rank must take the same branch: decided from every rank's first batch
-        first = next(op._iter_batches())
+        first = next(iter(op._batches))
         structured = all(op._group.exchange(
             "diagonal route", lambda: _structured_diagonal(f, params, first)))
     if structured or P <= GENERIC_DIAG_MAX_PARAMS:

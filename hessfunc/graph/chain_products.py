@@ -186,7 +186,7 @@ class ChainProducts:
         enters the loss only through ``a W^T = (a U)(W U)^T``, so with ``B: W -> W U``
         (other parameters unchanged), ``H = B^T H_r B``: this returns ``H_r``, whose
         tangent and product for that weight have shape ``(d_out, r)`` (NOTE [data span]
-        in ``hessfunc.operator``).
+        in ``hessfunc.operators.base``).
         """
         out = copy.copy(self)
         first = copy.copy(self._steps[self._start])
@@ -652,7 +652,7 @@ class _MapTerms:
     map is curved (``ChainPlan.curved_maps``); ``method="structured"`` takes the
     R-operator anyway. The
     Gauss-Newton and Fisher operators take the linearised model wherever the chain has a
-    map, a scale or a linear map (measured faster there, ``hessfunc/ggn_operator.py``).
+    map, a scale or a linear map (measured faster there, ``hessfunc/operators/ggn.py``).
     """
 
     def __init__(self, step: _Map, g: torch.Tensor):

@@ -1,16 +1,9 @@
-"""``HessianOperator``: the Hessian of a loss over a whole data set as a linear operator.
+"""``CurvatureOperator``: the base of the curvature matrices of a loss over a data set
+as linear operators (:class:`hessfunc.HessianOperator`, :class:`hessfunc.GGNOperator`,
+:class:`hessfunc.FisherOperator`, :class:`hessfunc.KFACOperator`).
 
-For data split into batches ``B_1..B_m`` of sizes ``N_1..N_m`` (``N = sum N_b``)
-and ``f(params, x_b, y_b)`` the loss of one batch,
-
-* ``reduction="mean"`` (``f`` averages over its batch): the data-set loss is
-  ``L = sum_b (N_b / N) f_b``, exactly the full-batch loss even when the batches
-  have unequal sizes, provided ``f`` is a plain mean over the samples of its batch
-  (not, e.g., cross-entropy with class weights or ``ignore_index``, whose mean
-  divides by a data-dependent total: use ``reduction="sum"`` with a summed loss);
-* ``reduction="sum"`` (``f`` sums over its batch): ``L = sum_b f_b``.
-
-``H = d^2 L / d params^2`` acts on flat vectors of length ``P`` laid out in
+A matrix ``A = sum_b w_b A_b`` over batches ``b`` with the weights of
+:mod:`hessfunc.operators.data` acts on flat vectors of length ``P`` laid out in
 ``named_parameters`` order (``flat_to_params`` / ``params_to_flat`` convert).
 
 NOTE [cached linearisation]: for data held in memory (one batch, or a list or
@@ -20,23 +13,6 @@ product, NOTE [structured products]), else the gradient graph, one backward pass
 through it per product (1.1-2.1x). Iterables that are re-read on every pass (a
 ``DataLoader``) are not cached unless ``cache=True``: each product then costs a
 fresh set-up per batch. ``cache=False`` frees that memory.
-
-NOTE [data span]: when every batch takes the structured route (a chain of Linear
-layers and activations, NOTE [structured products]), the first trainable layer's
-weight ``W`` (``d_out x d_in``) enters the loss only through ``a W^T``, with ``a``
-its inputs, which do not depend on the parameters. Let ``U`` (``d_in x r``) have
-orthonormal columns spanning the rows of all batches' ``a`` stacked (``r <= N``),
-and ``B`` map ``W -> W U``, leaving the other parameters alone; ``B B^T = I``. Then
-``H = B^T H_r B``, where ``H_r`` is the Hessian in the coordinates ``W U``: the
-eigenvalues of ``H`` are those of ``H_r`` and ``P - P_r`` zeros, and an eigenvector
-``v`` of ``H_r`` gives the eigenvector ``B^T v`` of ``H``. When the data set has
-fewer samples than the layer has inputs (``N <= 0.7 d_in``), ``eigenvalues`` runs
-Lanczos on ``H_r``: each product then costs ``r / d_in`` of the first layer's
-share, and the Krylov basis is ``P_r / P`` as long. It falls back to ``H`` itself
-when the zeros could be among the wanted eigenvalues (the ``k``-th wanted
-eigenvalue of ``H_r`` is not on the wanted side of 0). ``spectral_density`` runs
-its quadrature on ``H_r`` too, and adds the zeros as one exact node of weight
-``(P - P_r) / P``. ``data_span=False`` turns both off.
 
 NOTE [sharded data]: with ``process_group=``, each of the ``W`` ranks passes its shard
 and every data-dependent step sums its local share over the group
@@ -66,22 +42,18 @@ on an 80 GB device (figures in docs/distributed.md).
 from __future__ import annotations
 
 import warnings
-import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._checks import check_positive_int, describe
-from ._distributed import Group, check_shards, shard_summary
-from ._memory import auto_chunk_size, check_dense
-from ._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
-from .dense import hessian
-from .diagonal import hessian_diag
-from .errors import ArgumentError
-from .estimators import (
+from .._checks import check_positive_int, describe
+from .._distributed import Group, shard_summary
+from .._memory import auto_chunk_size, check_dense
+from .._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
+from ..errors import ArgumentError
+from ..estimators import (
     EigenResult,
     SpectralDensity,
     TraceEstimate,
@@ -91,108 +63,14 @@ from .estimators import (
     lanczos_eigenvalues,
     spectral_density,
 )
-from .estimators.krylov import conjugate_gradient, minres
-from .functional import functionalize
-from .gradient import grad
-from .graph.chain_products import ChainProducts
-from .products import HVPFunction
+from ..estimators.krylov import conjugate_gradient, minres
+from ..gradient import grad
+from .data import Batch, Batches
 
-__all__ = ["CurvatureOperator", "HessianOperator"]
+__all__ = ["CurvatureOperator"]
 
 #: Default cap on the Krylov dimension of eigenvalues(); the basis takes (P, steps) memory.
 DEFAULT_MAX_LANCZOS_STEPS = 500
-
-Batch = tuple[Any, Any]
-
-
-class _DataSpan(NamedTuple):
-    """The restricted Hessian ``H_r`` of NOTE [data span]."""
-
-    name: str                                   # the first layer's weight
-    reflectors: tuple[torch.Tensor, torch.Tensor]  # geqrf of the stacked inputs^T: U, lazily
-    spec: FlatSpec                              # of the restricted parameters
-    products: list[tuple[float, ChainProducts]]  # (batch weight, H_r of this rank's batch)
-    group: Group                                # the ranks H_r sums over
-
-    @property
-    def basis(self) -> torch.Tensor:
-        """``U`` ``(d_in, r)``, formed from the Householder reflectors when needed (only
-        eigenvectors need it: the products use ``a U = R^T``)."""
-        return torch.linalg.householder_product(*self.reflectors)
-
-    @property
-    def size(self) -> int:
-        return self.spec.numel
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``H_r V`` for ``V`` of shape ``(P_r, k)``."""
-        k = V.shape[1]
-        trees = vector_to_tree(V[:, 0] if k == 1 else V.T, self.spec)
-
-        def fill(total: torch.Tensor) -> None:
-            for w, H in self.products:
-                out = tree_to_vector(H(trees)) if k == 1 else torch.cat(
-                    [t.reshape(k, -1) for t in pytree.tree_leaves(H(trees))], dim=1).T
-                total += w * out.reshape(total.shape)
-
-        return self.group.sum("H_r @ V", V.shape, V, fill, inputs=V)
-
-    def lift(self, V: torch.Tensor) -> torch.Tensor:
-        """``B^T V``: ``(P_r, k)`` restricted vectors as ``(P, k)`` vectors of ``H``."""
-        k = V.shape[1]
-        trees = vector_to_tree(V.T, self.spec)
-        trees[self.name] = trees[self.name] @ self.basis.T
-        return torch.cat([t.reshape(k, -1) for t in pytree.tree_leaves(trees)], dim=1).T
-
-
-#: NOTE [batched or looped products] for each ``f`` (the function object, while it lives)
-#: and shapes of the point and the first batch: operators built again on the same function
-#: (a fresh operator per epoch or per call) reuse the measurement instead of paying its
-#: slower passes again.
-_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _choices_of(f: Any, params: Any, x: Any, y: Any) -> dict[Any, Any]:
-    key = tuple((tuple(t.shape), t.dtype, t.device) for t in pytree.tree_leaves((params, x, y))
-                if isinstance(t, torch.Tensor))
-    try:
-        return _CHOICES.setdefault(f, {}).setdefault(key, {})
-    except TypeError:  # f cannot be weakly referenced or hashed: this operator's own
-        return {}
-
-
-def _is_single_batch(data: Any) -> bool:
-    """``(inputs, targets)`` with tensor targets (a list of two batches has tuple items);
-    the inputs may be a tensor, a tuple or a dict of tensors."""
-    return (isinstance(data, (tuple, list)) and len(data) == 2
-            and isinstance(data[1], torch.Tensor)
-            and bool(pytree.tree_leaves(data[0]))
-            and all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(data[0])))
-
-
-def _batch_size(inputs: Any) -> int:
-    first = pytree.tree_leaves(inputs)[0]
-    return int(first.shape[0]) if first.dim() > 0 else 1
-
-
-def _fingerprint(batch: Batch) -> tuple[Any, ...]:
-    prints = []
-    for t in pytree.tree_leaves(batch):
-        if isinstance(t, torch.Tensor):
-            v = torch.nan_to_num(t.detach().reshape(-1).double())  # NaN != NaN
-            w = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
-            prints.append((tuple(t.shape), float(v.sum()), float((v * w).sum())))
-    return tuple(prints)
-
-
-def _check_not_shuffling(data: Any, name: str = "HessianOperator", what: str = "Hessian"
-                         ) -> None:
-    sampler = getattr(data, "sampler", None)
-    if isinstance(sampler, torch.utils.data.RandomSampler):
-        raise ArgumentError(
-            f"{name}: `data` is a DataLoader with shuffle=True; the {what} must see "
-            "the same batches on every pass. Build it with shuffle=False."
-        )
 
 
 class CurvatureOperator:
@@ -242,14 +120,14 @@ class CurvatureOperator:
         self.params = params
         self.reduction = reduction
         self.progress = progress and self._group.rank == 0
-        self._single = _is_single_batch(data)
-        self._data = data
-        in_memory = self._single or isinstance(data, (list, tuple))
-        self._cache_enabled = in_memory if cache is None else bool(cache)
+        self._batches = Batches(data, reduction=reduction, group=self._group, call=call,
+                                what=self._what, summarise=self._shard_summary,
+                                progress=self.progress)
+        self.num_samples = self._batches.num_samples
+        self.num_batches = self._batches.num_batches
+        self._cache_enabled = self._batches.in_memory if cache is None else bool(cache)
         self._cached: list[tuple[float, Any]] | None = None
-        self._span: _DataSpan | None | bool = False  # False: not looked for yet
-        self._prints: list[tuple[Any, ...]] | None = None
-        self._weights = self._first_pass()
+        self._span: Any = False  # False: not looked for yet
 
     # ------------------------------------------------------------------ data
     @property
@@ -261,50 +139,6 @@ class CurvatureOperator:
     def process_group(self) -> Any:
         """The ``torch.distributed`` process group, or None."""
         return self._group.process_group
-
-    def _check_data(self) -> None:
-        if self._single:
-            return
-        _check_not_shuffling(self._data, self._name, self._what)
-        if isinstance(self._data, (torch.Tensor, str, bytes)) or not isinstance(self._data,
-                                                                                Iterable):
-            raise ArgumentError(f"{self._name}: `data` must be one (inputs, targets) batch or "
-                                f"an iterable of them, got {describe(self._data)}.")
-
-    def _iter_batches(self) -> Iterator[Batch]:
-        if self._single:
-            yield tuple(self._data)  # type: ignore[misc]
-            return
-        for i, batch in enumerate(self._data):
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ArgumentError(
-                    f"{self._name}: batch {i} of `data` must be an (inputs, targets) pair, "
-                    f"got {describe(batch)}."
-                )
-            yield tuple(batch)  # type: ignore[misc]
-
-    def _scan(self) -> dict[str, Any]:
-        """This rank's first pass: batch sizes and fingerprints (later passes must match);
-        with a process group also what the ranks compare (NOTE [sharded data])."""
-        self._check_data()
-        sizes, prints, first = [], [], None
-        for i, batch in enumerate(self._iter_batches()):
-            sizes.append(_batch_size(batch[0]))
-            if sizes[-1] == 0:
-                raise ArgumentError(f"{self._name}: batch {i} of `data` has no samples; "
-                                    "drop empty batches.")
-            if not self._single:  # one batch is never re-read
-                prints.append(_fingerprint(batch))
-            first = batch if first is None else first
-        if not sizes and not self._group.distributed:
-            raise ArgumentError(f"{self._name}: `data` is empty; pass at least one "
-                                "(inputs, targets) batch.")
-        self._sizes, self._prints = sizes, prints
-        if not self._group.distributed:
-            return {"samples": sum(sizes), "batches": len(sizes)}
-        if first is not None:
-            self._check_fit(first)
-        return shard_summary(self.f, self.params, self.reduction, sum(sizes), len(sizes), first)
 
     def _check_fit(self, batch: Batch) -> None:
         """``f`` evaluates on the batch (a shard that does not fit is refused at set-up)."""
@@ -320,38 +154,16 @@ class CurvatureOperator:
                 "data set, shaped as the model expects."
             ) from exc
 
-    def _first_pass(self) -> list[float]:
-        summaries = self._group.exchange("set-up", self._scan)
-        if self._group.distributed:
-            check_shards(f"{self._name}", summaries)
-        self.num_samples = sum(s["samples"] for s in summaries)
-        self.num_batches = sum(s["batches"] for s in summaries)
-        if self.reduction == "sum":
-            return [1.0] * len(self._sizes)
-        return [n / self.num_samples for n in self._sizes]
+    def _shard_summary(self, samples: int, batches: int, first: Batch | None
+                       ) -> dict[str, Any]:
+        """What this rank tells the others at set-up (NOTE [sharded data])."""
+        if first is not None:
+            self._check_fit(first)
+        return shard_summary(self.f, self.params, self.reduction, samples, batches, first)
 
     def _passes(self, desc: str) -> Iterator[tuple[int, float, Batch]]:
-        """One deterministic pass: (index, weight, batch), checked against the first pass."""
-        batches: Iterable[Batch] = self._iter_batches()
-        local = len(self._weights)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=local, desc=desc, leave=False)
-        count = 0
-        for i, batch in enumerate(batches):
-            if i >= local or (not self._single and self._prints is not None
-                              and _fingerprint(batch) != self._prints[i]):
-                raise ArgumentError(
-                    f"{self._name}: `data` gave different batches on a later pass (a "
-                    "shuffling loader or a random transform?); iteration must be deterministic: "
-                    "use shuffle=False and fixed data."
-                )
-            count += 1
-            yield i, self._weights[i], batch
-        if count != local:
-            raise ArgumentError(f"{self._name}: `data` gave {count} batches on a later pass, "
-                                f"{local} on the first; iteration must be deterministic.")
+        """One deterministic pass over this rank's batches: ``(index, weight, batch)``."""
+        return self._batches.passes(desc)
 
     def _batch_products(self, desc: str) -> Iterator[tuple[float, Any]]:
         """``(w_b, A_b)`` for this rank's batches, ``A_b`` from ``_build_product`` (built
@@ -472,7 +284,7 @@ class CurvatureOperator:
         Example:
             >>> f = lambda p, x, y: ((p["w"] * x - y) ** 2).mean()
             >>> x, y = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])
-            >>> HessianOperator(f, {"w": torch.tensor(1.0)}, [(x[:1], y[:1]), (x[1:], y[1:])]
+            >>> hf.HessianOperator(f, {"w": torch.tensor(1.0)}, [(x[:1], y[:1]), (x[1:], y[1:])]
             ...                 ).grad_and_value()                  # mean of w^2 x^2
             (tensor([5.]), tensor(2.5000))
         """
@@ -680,7 +492,7 @@ class CurvatureOperator:
         Example (``H = diag(1, 2, 3)``, so ``(H + I)^-1 1 = (1/2, 1/3, 1/4)``):
             >>> a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
             >>> f = lambda p, x, y: 0.5 * (a * p["w"] ** 2).sum() + 0 * x.sum()
-            >>> H = HessianOperator(f, {"w": torch.ones(3, dtype=torch.float64)},
+            >>> H = hf.HessianOperator(f, {"w": torch.ones(3, dtype=torch.float64)},
             ...                     (torch.zeros(1), torch.zeros(1)))
             >>> x, info = H.solve({"w": torch.ones(3, dtype=torch.float64)}, damping=1.0,
             ...                   return_info=True)
@@ -767,123 +579,3 @@ class CurvatureOperator:
         return (f"{self._name}(P={self._spec.numel}, batches={self.num_batches}, "
                 f"samples={self.num_samples}, reduction={self.reduction!r}, dtype={self.dtype}"
                 f"{ranks})")
-
-
-class HessianOperator(CurvatureOperator):
-    """The data-set Hessian ``H`` of a loss as a ``(P, P)`` linear operator.
-
-    Args:
-        f: ``f(params, inputs, targets) -> scalar`` loss of one batch, e.g. from
-            :func:`hessfunc.functionalize`.
-        params: the point, a dict (or tree) of floating tensors.
-        data: one ``(inputs, targets)`` batch or an iterable of them (a
-            ``DataLoader`` with ``shuffle=False`` included). Iteration must be
-            deterministic: a loader whose batches change between passes is refused.
-        reduction: ``"mean"`` (``f`` averages over its batch) or ``"sum"``.
-        progress: show a tqdm progress bar over batches on each pass (on rank 0 only).
-        cache: keep every batch's gradient graph for fast repeated products; default
-            True for data in memory, False for other iterables.
-        process_group: a ``torch.distributed`` process group (e.g.
-            ``torch.distributed.group.WORLD``): ``data`` is then this rank's shard, and
-            the operator on every rank is the Hessian of the whole data set, the shards
-            concatenated in rank order (NOTE [sharded data]). Every rank must make the
-            same calls with the same arguments; the estimators' ``seed=`` makes their
-            probes equal everywhere (NOTE [replicated estimators]).
-
-    Attributes:
-        num_samples, num_batches: of the whole data set (over all ranks).
-        world_size: the number of ranks (1 without a process group).
-
-    Example (a quadratic loss ``0.5 * sum(a * w^2)`` has ``H = diag(a)``):
-        >>> a = torch.tensor([1.0, 2.0, 3.0])
-        >>> f = lambda p, x, y: 0.5 * (a * p["w"] ** 2).sum() + 0 * x.sum()
-        >>> H = HessianOperator(f, {"w": torch.ones(3)}, (torch.zeros(1), torch.zeros(1)))
-        >>> H @ torch.ones(3), H.trace()
-        (tensor([1., 2., 3.]), tensor(6.))
-        >>> torch.allclose(H.eigenvalues(k=1, seed=0), torch.tensor([3.0]))
-        True
-
-    Sharded over processes (run under ``torchrun``; docs/distributed.md)::
-
-        torch.distributed.init_process_group("gloo")       # "nccl" on GPUs
-        H = HessianOperator.from_model(model, loss_fn, my_shard,
-                                       process_group=torch.distributed.group.WORLD)
-        H.eigenvalues(k=5, seed=0)                          # the same on every rank
-    """
-
-    _what = "Hessian"
-
-    @classmethod
-    def from_model(cls, model: nn.Module, loss_fn: Callable[..., Any], data: Any,
-                   **kwargs: Any) -> HessianOperator:
-        """The operator of ``loss_fn(model(inputs), targets)`` at the model's parameters."""
-        f, params = functionalize(model, loss_fn)
-        return cls(f, params, data, **kwargs)
-
-    def _build_product(self, index: int, x: Any, y: Any) -> HVPFunction:
-        if not hasattr(self, "_choices"):
-            self._choices: dict[Any, Any] = _choices_of(self.f, self.params, x, y)
-        return HVPFunction(self.f, (self.params, x, y), 0, choices=self._choices)
-
-    def _dense_function(self, chunk_size: int | None, max_memory: int | None
-                        ) -> Callable[[Any, Any, Any, int], torch.Tensor]:
-        dense = hessian(self.f, flat=True, chunk_size=chunk_size, max_memory=max_memory)
-        return lambda p, x, y, i: dense(p, x, y)
-
-    def _diagonal_function(self, chunk_size: int | None) -> Callable[[Any, Any, Any, int], Any]:
-        diag = hessian_diag(self.f, chunk_size=chunk_size)
-        return lambda p, x, y, i: diag(p, x, y)
-
-    def _input_layers(self) -> tuple[list[Any], list[Any], list[Any]] | None:
-        """This rank's batch functions, chains and first-layer ``(name, inputs)``, when
-        every batch is a structured chain with the same first trainable layer."""
-        if not self._cache_enabled:
-            return None
-        functions = list(self._batch_products("H @ v"))
-        chains = [H.chain_products for _, H in functions]
-        layers = [None if c is None else c.input_layer() for c in chains]
-        if any(layer is None for layer in layers) or len({lay[0] for lay in layers}) != 1:
-            return None
-        return functions, chains, layers
-
-    def _data_span(self) -> _DataSpan | None:
-        """The restricted Hessian of NOTE [data span], when it applies and pays; over a
-        process group decided from every rank's answer (NOTE [sharded data])."""
-        if self._span is not False:
-            return self._span  # type: ignore[return-value]
-        self._span = None
-        mine: list[Any] = []
-
-        def local() -> tuple[str, int, int] | None:
-            found = self._input_layers()
-            if found is None:
-                return None
-            mine.extend(found)
-            layers = found[2]
-            return layers[0][0], layers[0][1].shape[1], sum(lay[1].shape[0] for lay in layers)
-
-        answers = self._group.exchange("data span", local)
-        if any(a is None for a in answers) or len({a[:2] for a in answers}) != 1:
-            return None
-        name, d_in = answers[0][:2]
-        counts = [a[2] for a in answers]
-        n = sum(counts)
-        if 10 * n > 7 * d_in:
-            return None
-        functions, chains, layers = mine
-        # a^T = U R over all ranks' inputs in rank order: U has orthonormal columns spanning
-        # (a superset of) the rows of the inputs, and a U = R^T, split back into this rank's
-        # batches; U itself stays in Householder form (geqrf), half the cost of forming it
-        inputs = self._group.gather_rows("data span", torch.cat([lay[1] for lay in layers]),
-                                         counts)
-        reflectors = torch.geqrf(inputs.T.to(self.dtype))
-        R = reflectors[0][:n].triu()
-        lo = sum(counts[:self._group.rank])
-        restricted = R.T[lo:lo + counts[self._group.rank]].split(
-            [lay[1].shape[0] for lay in layers])
-        template = {k: (v.new_empty(v.shape[0], n) if k == name else v)
-                    for k, v in self.params.items()}
-        self._span = _DataSpan(name, reflectors, flat_spec(template),
-                               [(w, c.restricted(a)) for (w, _), c, a in zip(
-                                   functions, chains, restricted, strict=True)], self._group)
-        return self._span

@@ -1,6 +1,6 @@
 """``GGNOperator`` and ``FisherOperator``: Gauss-Newton and Fisher matrices over a data set.
 
-Both are :class:`hessfunc.operator.CurvatureOperator` subclasses (the base of
+Both are :class:`hessfunc.operators.base.CurvatureOperator` subclasses (the base of
 :class:`hessfunc.HessianOperator`): the same data handling, batch weights, process group,
 estimators, ``solve`` and scipy adapter. Each batch ``b`` contributes ``J_b^T M_b J_b``
 (``J_b`` the Jacobian of the model's outputs on the batch), applied matrix-free as a
@@ -33,13 +33,13 @@ import torch.func
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._autodiff import forward_ad_gap, second_order_kernels
-from ._checks import check_callable
-from ._memory import check_dense
-from ._tree import flat_spec, vector_to_tree
-from .errors import ArgumentError
-from .functional import functionalize
-from .ggn import (
+from .._autodiff import forward_ad_gap, second_order_kernels
+from .._checks import check_callable
+from .._memory import check_dense
+from .._tree import flat_spec, vector_to_tree
+from ..errors import ArgumentError
+from ..functional import functionalize
+from ..ggn import (
     _loss_of,
     draws,
     fisher_columns,
@@ -51,10 +51,10 @@ from .ggn import (
     random_draws_error,
     reverse_jvp,
 )
-from .graph.chain import RANDOM_MODEL, model_chain
-from .graph.chain_plan import _Add, _Conv, _Elementwise, _Flatten, _Linear
-from .graph.chain_products import ChainProducts
-from .operator import CurvatureOperator
+from ..graph.chain import RANDOM_MODEL, model_chain
+from ..graph.chain_plan import _Add, _Conv, _Elementwise, _Flatten, _Linear
+from ..graph.chain_products import ChainProducts
+from .base import CurvatureOperator
 
 __all__ = ["GGNOperator", "FisherOperator"]
 

@@ -9,7 +9,7 @@ through ``s_n``; write ``ã_n = (a_n, 1)`` (without the 1 when there is no bias)
 
 with ``B_n = d o_n / d s_n`` and ``M_n`` sample ``n``'s output matrix (the loss's output
 Hessian for ``fisher="exact"``; ``alpha sum_k e_kn e_kn^T`` for the Monte-Carlo or the
-empirical Fisher, :mod:`hessfunc.ggn_operator`). K-FAC (Martens and Grosse, 2015)
+empirical Fisher, :mod:`hessfunc.operators.ggn`). K-FAC (Martens and Grosse, 2015)
 replaces the mean of the Kronecker products by the product of the means:
 
     G_W ≈ G ⊗ A,   G = sum_b w_b sum_(n in b) B_n^T M_n B_n,   A = (1 / N) sum_n ã_n ã_n^T,
@@ -80,12 +80,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
-from ._autodiff import batched_vjp
-from ._memory import CHUNK_BUDGET_BYTES, itemsize
-from ._tree import tree_to_vector, vector_to_tree
-from .errors import ArgumentError
-from .functional import functionalize
-from .ggn import (
+from .._autodiff import batched_vjp
+from .._memory import CHUNK_BUDGET_BYTES, itemsize
+from .._tree import tree_to_vector, vector_to_tree
+from ..errors import ArgumentError
+from ..functional import functionalize
+from ..ggn import (
     _loss_of,
     fisher_columns,
     likelihood_of,
@@ -93,7 +93,7 @@ from .ggn import (
     output_hessian_blocks,
     separable,
 )
-from .operator import CurvatureOperator
+from .base import CurvatureOperator
 
 __all__ = ["KFACOperator"]
 
@@ -492,7 +492,7 @@ class KFACOperator(CurvatureOperator):
     def to_dense(self, *, chunk_size: int | None = None, max_memory: int | None = None
                  ) -> torch.Tensor:
         """The dense ``(P, P)`` block-diagonal K-FAC matrix (memory-guarded)."""
-        from ._memory import check_dense
+        from .._memory import check_dense
 
         P = self._spec.numel
         check_dense(P * P, self.dtype, self.device, what=f"the dense {P} x {P} KFAC matrix",
