@@ -33,6 +33,7 @@ import torch
 import torch.func
 from torch.utils import _pytree as pytree
 
+from . import _thresholds
 from ._autodiff import (
     dense_embedding_gradients,
     explain_missing_derivative,
@@ -76,15 +77,6 @@ def route_is_measured(plan: Any) -> bool:
     """Whether ``method="auto"`` times the R-operator against the cached graph on
     ``plan`` (NOTE [route by measurement]): it holds maps, shape ops or lookups."""
     return any(isinstance(s, _MEASURED_STEPS) for s in plan.steps)
-#: Columns of the first batched pass that NOTE [batched or looped products] times, for
-#: the cached graph and (at most) for the R-operator.
-_PROBE_COLUMNS = 2
-_CHAIN_PROBE_COLUMNS = 8
-#: the R-operator's first pass takes at most this many bytes of its widest value's
-#: tangents (at least 2 columns): wider, its elementwise passes fall out of cache
-_CHAIN_PROBE_BYTES = 8 * 2 ** 20
-
-
 def _check_mode(mode: Any, call: str) -> None:
     if mode not in HVP_MODES:
         raise ArgumentError(f"{call}: `mode` must be one of {HVP_MODES}, got {mode!r}.")
@@ -430,11 +422,12 @@ class HVPFunction:
 
     def _chain_probe_width(self) -> int:
         """The R-operator's first batched pass: 8 columns, fewer where the tangents of its
-        widest value would pass ``_CHAIN_PROBE_BYTES`` (a ResNet's first block, 4 MiB a
-        column: docs/benchmarks.md, stop 30)."""
+        widest value would pass ``_thresholds.CHAIN_PROBE_BYTES`` (a ResNet's first
+        block, 4 MiB a column: docs/benchmarks.md, stop 30)."""
         widest = max((g.numel() * g.element_size() for g in self._chain._grads
                       if g is not None), default=1)
-        return max(2, min(_CHAIN_PROBE_COLUMNS, _CHAIN_PROBE_BYTES // max(widest, 1)))
+        return max(2, min(_thresholds.CHAIN_PROBE_COLUMNS,
+                          _thresholds.CHAIN_PROBE_BYTES // max(widest, 1)))
 
     def _graph_product(self, tangent: Any) -> Any:
         if self._vjp is not None:
@@ -486,7 +479,7 @@ class HVPFunction:
     def _batched_or_looped(self, kind: Any, k: int,
                            batched: Callable[[int, int], Any],
                            single: Callable[[int], Any], join: Callable[[list[Any]], Any],
-                           first_width: int = _PROBE_COLUMNS, clip: bool = False) -> Any:
+                           first_width: int | None = None, clip: bool = False) -> Any:
         """NOTE [batched or looped products]: ``k`` products through the cached gradient
         graph, as backward passes over batches of cotangents (``vmap`` inside autograd,
         ``batched(lo, hi)`` for columns ``lo:hi``) or as a loop of single backward passes
@@ -518,6 +511,8 @@ class HVPFunction:
         column left, as this route took before, cost a ResNet's first Hutchinson round 2.9
         times a later one's: 47 columns of its activations at once.
         """
+        if first_width is None:
+            first_width = _thresholds.PROBE_COLUMNS
         if k == 1:
             return single(0)
         state = self._choices.get(kind)

@@ -7,8 +7,8 @@ passes them. Here each axis has its own kernel size, stride, padding and dilatio
 inputs are not square, layers have bias or not and may be frozen, and both ways of
 the conv terms are exercised (NOTE [convolutions as matrix products] in
 ``hessfunc/graph/chain_products.py``): matrix products on patches for narrow layers on
-the CPU (channels x kernel <= ``_PATCH_WIDTH`` = 48, patches <= 16 MiB) and aten's
-convolutions elsewhere (forced by ``_PATCH_WIDTH = 0``, and met naturally by a wide
+the CPU (channels x kernel <= ``PATCH_WIDTH`` = 48, patches <= 16 MiB) and aten's
+convolutions elsewhere (forced by ``PATCH_WIDTH = 0``, and met naturally by a wide
 layer). ``_conv_input_grad`` has a path of its own for stride 1 (a flipped plain
 convolution), also met with non-square settings.
 """
@@ -27,6 +27,7 @@ import hessfunc as hf
 from hessfunc.testing.strategies import random_like
 
 PRODUCTS = importlib.import_module("hessfunc.graph.chain_products")
+THRESHOLDS = importlib.import_module("hessfunc._thresholds")
 
 
 def _conv_body(variant):
@@ -102,7 +103,7 @@ def _check_path(H, path):
 @pytest.fixture(params=["patches", "aten"])
 def path(request, monkeypatch):
     if request.param == "aten":
-        monkeypatch.setattr(PRODUCTS, "_PATCH_WIDTH", 0)
+        monkeypatch.setattr(THRESHOLDS, "PATCH_WIDTH", 0)
     return request.param
 
 
@@ -174,7 +175,7 @@ def test_wide_and_narrow_layers_take_aten_and_patches_by_the_width_rule():
     """No forcing: a layer with max(channels) x kernel = 54 > 48 takes aten, one at 45
     takes patches, in the same chain, with per-axis settings on both."""
     torch.manual_seed(3)
-    assert PRODUCTS._PATCH_WIDTH == 48
+    assert THRESHOLDS.PATCH_WIDTH == 48
     body = nn.Sequential(
         nn.Conv2d(1, 9, (2, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),   # 9 x 6
         nn.Sigmoid(),

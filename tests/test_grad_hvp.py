@@ -182,13 +182,13 @@ def test_structured_products_through_convolutions_equal_oracle(net, seed, k, fro
     """Convolutions and Flatten have product rules (no per-sample Hessian rules): hvp and
     hvp_fn take the structured route and agree with the oracle, one tangent or k, with
     the conv terms on patches or on aten (NOTE [convolutions as matrix products])."""
-    module = importlib.import_module("hessfunc.graph.chain_products")
-    width = module._PATCH_WIDTH
-    module._PATCH_WIDTH = width if patches else 0
+    module = importlib.import_module("hessfunc._thresholds")
+    width = module.PATCH_WIDTH
+    module.PATCH_WIDTH = width if patches else 0
     try:
         _check_conv_products(net, seed, k, frozen, loss)
     finally:
-        module._PATCH_WIDTH = width
+        module.PATCH_WIDTH = width
 
 
 def _check_conv_products(net, seed, k, frozen, loss):
@@ -244,9 +244,8 @@ def test_conv_products_on_patches_and_on_aten_agree_with_the_oracle(dim, patches
     """NOTE [convolutions as matrix products]: both ways of the conv terms (matrix products
     on patches for narrow layers, aten convolutions otherwise) give the exact products,
     one tangent or three, through strides, padding and dilation."""
-    module = importlib.import_module("hessfunc.graph.chain_products")
     if not patches:
-        monkeypatch.setattr(module, "_PATCH_WIDTH", 0)
+        monkeypatch.setattr(importlib.import_module("hessfunc._thresholds"), "PATCH_WIDTH", 0)
     conv = nn.Conv1d if dim == 1 else nn.Conv2d
     torch.manual_seed(dim)
     model = nn.Sequential(conv(2, 3, 3, stride=2, padding=1), nn.Tanh(),
@@ -863,9 +862,8 @@ def test_route_by_measurement(graph_faster, batched, monkeypatch):
 @pytest.mark.parametrize("budget, width", [(1, 2), (3, 3), (5, 5), (100, 8)])
 def test_the_r_operators_first_pass_fits_its_byte_budget(budget, width, monkeypatch):
     """The R-operator's first batched pass takes as many columns as the tangents of its
-    widest value fit in ``_CHAIN_PROBE_BYTES`` (here ``budget`` times one column), from 2
+    widest value fit in ``CHAIN_PROBE_BYTES`` (here ``budget`` times one column), from 2
     to 8."""
-    import hessfunc.products as products
 
     g = torch.Generator().manual_seed(2)
     p = {"w1": torch.randn(6, 3, generator=g), "w2": torch.randn(2, 6, generator=g)}
@@ -873,7 +871,8 @@ def test_the_r_operators_first_pass_fits_its_byte_budget(budget, width, monkeypa
     f = lambda p, x, y: F.mse_loss(F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"]), y)  # noqa: E731
     H = hf.hvp_fn(f, (p, x, y))
     assert H.method == "structured"
-    monkeypatch.setattr(products, "_CHAIN_PROBE_BYTES", budget * 5 * 6 * 4)  # (5, 6) floats
+    monkeypatch.setattr(importlib.import_module("hessfunc._thresholds"), "CHAIN_PROBE_BYTES",
+                        budget * 5 * 6 * 4)  # (5, 6) floats
     assert H._chain_probe_width() == width
 
 

@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from .. import _thresholds
 from .._autodiff import missing_derivative
 from .._memory import CHUNK_BUDGET_BYTES, itemsize
 
@@ -591,11 +592,6 @@ def elementwise_derivatives(phi: Callable[[torch.Tensor], torch.Tensor], z: torc
     return phi1.detach(), (torch.zeros_like(t) if phi2 is None else phi2.detach())
 
 
-#: Output widths up to which the columns of the output Hessian are plain backward passes
-#: (measured on CPU: a batched pass costs about as much as three or four plain ones).
-_PLAIN_COLUMNS = 2
-
-
 def output_blocks(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``H[n] = d g_n / d o_n`` ``(N, C, C)`` from the loss's gradient ``g`` ``(N, C)``
     with its graph: the per-sample blocks of the output Hessian, which is all of it when
@@ -607,7 +603,7 @@ def output_blocks(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         eye = torch.eye(C, dtype=o.dtype, device=o.device)
         basis = eye[:, None, :].expand(C, N, C)
-        if C <= _PLAIN_COLUMNS:  # a few plain backward passes beat one batched (vmap) pass
+        if C <= _thresholds.PLAIN_COLUMNS:  # a few plain passes beat one batched (vmap) pass
             cols = torch.stack([torch.autograd.grad(g, o, grad_outputs=b, retain_graph=True)[0]
                                 for b in basis])
         else:

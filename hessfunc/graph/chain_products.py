@@ -49,6 +49,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
+from .. import _thresholds
 from .chain_plan import (
     ChainPlan,
     _Add,
@@ -452,13 +453,6 @@ _CONV = {
 }
 
 
-#: NOTE [convolutions as matrix products]: a convolution whose channels times kernel size
-#: are at most this (on both sides) and whose patches fit in ``_PATCH_BYTES``, on the CPU,
-#: has its products with the cached ``a`` and ``g`` done as matrix products.
-_PATCH_WIDTH = 48
-_PATCH_BYTES = 16 * 2**20
-
-
 class _ConvTerms:
     """The four products of a convolution step with its cached input ``a`` and output
     gradient ``g`` that the R-operator needs, each for one tangent or ``k``:
@@ -551,8 +545,8 @@ def _conv_patches(step: _Conv, g: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     n, spatial, out_spatial = a.shape[0], list(a.shape[2:]), list(g.shape[2:])
     k = math.prod(kernel)
     numbers = (c_in * math.prod(out_spatial) + c_out * math.prod(spatial)) * k * n
-    if (a.device.type != "cpu" or max(c_in, c_out) * k > _PATCH_WIDTH
-            or numbers * a.element_size() > _PATCH_BYTES):
+    if (a.device.type != "cpu" or max(c_in, c_out) * k > _thresholds.PATCH_WIDTH
+            or numbers * a.element_size() > _thresholds.PATCH_BYTES):
         return None
     dims = len(spatial)
     # P: windows of the zero-padded input, every d-th element of each

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .. import _thresholds
 from .._distributed import Group
 from .._tree import FlatSpec, flat_spec, tree_to_vector, vector_to_tree
 from ..dense import hessian
@@ -202,7 +203,7 @@ class HessianOperator(CurvatureOperator):
         name, d_in = answers[0][:2]
         counts = [a[2] for a in answers]
         n = sum(counts)
-        if 10 * n > 7 * d_in:
+        if n > _thresholds.DATA_SPAN_RATIO * d_in:
             return None
         functions, chains, layers = mine
         # a^T = U R over all ranks' inputs in rank order: U has orthonormal columns spanning
