@@ -1865,7 +1865,10 @@ _FLAT_TARGETS = {
                                 lambda y: y.reshape(-1), None),
     "centred by the batch's targets": (
         "batch", lambda o, y: F.cross_entropy(o - y.to(o.dtype).mean(), y),
-        lambda y: y.reshape(-1), "mean.default computes from the data of several samples"),
+        lambda y: y.reshape(-1), "(f on part of the batch gets the inputs"),
+    "targets read only pooled (whole in every part)": (
+        "batch", lambda o, y: ((o - y.to(o.dtype).mean()) ** 2).mean(),
+        lambda y: y.reshape(-1), None),
     "rows paired in two layouts": (
         "batch", lambda o, y: _gathered_nll(o, y) + 0.1 * _transposed_rows(o, y),
         lambda y: y.reshape(-1), "(f on part of the batch gets the inputs"),
@@ -1877,7 +1880,9 @@ def test_targets_flattened_over_the_batch_cut_in_their_proved_rows(case, monkeyp
     """NOTE [rows of every sample]: targets passed flattened, ``(N T,)`` or ``(T N,)``, are
     cut to each part in the layout that the proof pairs with the logits' rows; a layout
     that only some of their uses pair with, or a value pooled from them below the sum,
-    keeps the batch whole. The diagonal and blocks equal the oracle's either way."""
+    keeps them whole (the parts are refused where f cannot take them whole, and taken
+    where it reads them only pooled). The diagonal and blocks equal the oracle's either
+    way."""
     first, loss, flatten, why = _FLAT_TARGETS[case]
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)

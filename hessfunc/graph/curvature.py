@@ -107,8 +107,9 @@ NOTE [rows of every sample]
     proof checks: labelled with batch axis 0 and layout ``(1, k)`` (sample-major) or
     ``(k, 1)``, every op must pair its rows with the per-sample values' rows in that
     same layout (elementwise ops, ``gather``'s index) or pool them, and nothing pooled
-    from it may lie below the sum. Then each part's rows of it are the batch's rows of
-    the part's samples, whatever they mean to the user. Otherwise it stays whole.
+    may lie below the sum. Then each part's rows of it are the batch's rows of the
+    part's samples, whatever they mean to the user. Otherwise it stays whole (as a
+    table read whole, or pooled, it is the same for every part).
 """
 
 from __future__ import annotations
@@ -1368,8 +1369,8 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
     """Set ``plan.parts``, a plan of ``f`` on each range of samples in ``bounds``, or say
     why the parts would not add up to the batch's diagonal."""
     n, per_sample = plan.n, plan.one_sample is not None  # else seeded with the batch's dL/db
-    rows, structure = ({}, plan.structure) if per_sample else plan.captured.analysis(
-        "rows of inputs", lambda: _rows_of_inputs(plan))
+    rows = {} if per_sample else plan.captured.analysis("rows of inputs",
+                                                         lambda: _rows_of_inputs(plan))
     parts = []
     for lo, hi in bounds:
         data = _cut(list(args[1:]), n, lo, hi, rows)
@@ -1391,8 +1392,7 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
                 return f"f on part of the batch runs other ops than on the batch: {counterpart}"
             if set(part.boundary()) != {counterpart.get(b) for b in plan.boundary()}:
                 return "f on part of the batch sums other values"
-            why = _separable_samples(plan, part.gm, counterpart, "part of the batch",
-                                     structure)
+            why = _separable_samples(plan, part.gm, counterpart, "part of the batch")
             if why is not None:
                 return why
         part.each_sample = plan.each_sample
@@ -1401,16 +1401,15 @@ def _take_parts(plan: GraphPlan, f: Any, args: tuple[Any, ...], bounds: list[tup
     return None
 
 
-def _rows_of_inputs(plan: GraphPlan) -> tuple[dict[int, tuple[int, int]], SampleStructure]:
+def _rows_of_inputs(plan: GraphPlan) -> dict[int, tuple[int, int]]:
     """NOTE [rows of every sample]: for each input whose first axis is ``k N`` long
     (``k >= 2``: targets flattened over the batch), the layout ``(1, k)`` (sample-major)
-    or ``(k, 1)`` under which the proof pairs its rows with the per-sample values',
-    keyed by its place among the inputs; and the labels under those layouts."""
+    or ``(k, 1)`` under which the proof pairs its rows with the per-sample values' and
+    nothing below the loss's sum pools them, keyed by its place among the inputs."""
     n, first = plan.n, len(plan.leaves)
     batch = {first + j: 0 for j, t in enumerate(plan.inputs)
              if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == n}
     rows: dict[int, tuple[int, int]] = {}
-    structure = plan.structure
     for j, t in enumerate(plan.inputs):
         if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] <= n or t.shape[0] % n:
             continue
@@ -1419,10 +1418,10 @@ def _rows_of_inputs(plan: GraphPlan) -> tuple[dict[int, tuple[int, int]], Sample
             layouts = {first + i: lay for i, lay in (rows | {j: layout}).items()}
             trial = analyze_samples(plan.gm, set(range(first)),
                                     batch | dict.fromkeys(layouts, 0), n, layouts)
-            if trial.reason is None:
-                rows[j], structure = layout, trial
+            if trial.reason is None and _pooled_below(plan, trial) is None:
+                rows[j] = layout
                 break
-    return rows, structure
+    return rows
 
 
 def _cut(data: list[Any], n: int, lo: int, hi: int, rows: dict[Any, Any]) -> list[Any]:
@@ -1660,29 +1659,18 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
 
 
 def _separable_samples(plan: GraphPlan, gm1: fx.GraphModule, counterpart: dict[fx.Node, fx.Node],
-                       other: str, structure: SampleStructure | None = None) -> str | None:
+                       other: str) -> str | None:
     """Why the values the loss sums over, computed by ``gm1`` (``f`` traced on ``other``:
     one sample, or part of the batch), are not the batch's values of those samples, or
     None. They are when no value below them is pooled (NOTE [per-sample structure]) and
     every number in the ops that compute them (``/ 512``, a fill value, a lifted tensor)
-    is the same in both traces; sizes and shapes may differ. ``structure``: the labels
-    to read, where they are not the plan's (inputs cut by their rows)."""
-    labels = structure or plan.structure
-    below: set[fx.Node] = set()
-    stack = plan.boundary()
-    while stack:
-        nd = stack.pop()
-        if nd not in below:
-            below.add(nd)
-            stack.extend(nd.all_input_nodes)
-    for nd in plan.gm.graph.nodes:
-        if nd not in below:
-            continue
-        if _label(labels, nd).pooled and not any(_label(labels, a).pooled
-                                                 for a in nd.all_input_nodes):
-            return (f"{where(nd)} computes from the data of several samples at once, and "
-                    f"the values the loss sums over depend on it; f on {other} would see "
-                    "other data")
+    is the same in both traces; sizes and shapes may differ."""
+    pooled = _pooled_below(plan, plan.structure)
+    if pooled is not None:
+        return (f"{where(pooled)} computes from the data of several samples at once, and "
+                f"the values the loss sums over depend on it; f on {other} would see "
+                "other data")
+    for nd in _below(plan):
         nd1 = counterpart.get(nd)
         if nd1 is None:
             continue
@@ -1699,6 +1687,25 @@ def _separable_samples(plan: GraphPlan, gm1: fx.GraphModule, counterpart: dict[f
             return (f"f on {other} computes with other numbers: {where(nd)} takes "
                     f"{_listed(numbers)} on the batch and {_listed(numbers1)} on {other}")
     return None
+
+
+def _below(plan: GraphPlan) -> list[fx.Node]:
+    """The nodes the values the loss sums over are computed from, in graph order."""
+    below: set[fx.Node] = set()
+    stack = plan.boundary()
+    while stack:
+        nd = stack.pop()
+        if nd not in below:
+            below.add(nd)
+            stack.extend(nd.all_input_nodes)
+    return [nd for nd in plan.gm.graph.nodes if nd in below]
+
+
+def _pooled_below(plan: GraphPlan, structure: SampleStructure) -> fx.Node | None:
+    """The first node below the loss's sum that pools the data of several samples (its
+    operands do not), under ``structure``'s labels; or None."""
+    return next((nd for nd in _below(plan) if _label(structure, nd).pooled
+                 and not any(_label(structure, a).pooled for a in nd.all_input_nodes)), None)
 
 
 def _listed(numbers: list[Any]) -> str:
