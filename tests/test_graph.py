@@ -1901,6 +1901,36 @@ def test_targets_flattened_over_the_batch_cut_in_their_proved_rows(case, monkeyp
     assert_close(hf.hessian_blocks(f)(params, x, y), _oracle_blocks(f, params, x, y))
 
 
+def test_flattened_targets_beside_other_inputs_cut_in_parts(monkeypatch):
+    """Flattened targets among other inputs: per-sample weights ``(N,)``, a Python number,
+    soft targets ``(N T, V)`` with a trailing axis, a table of ``2 N + 1`` rows read only
+    pooled, above the loss's sum, and a scalar tensor. Each input is cut by its own rows
+    (the weights by sample, the targets by the logits' rows) or passed whole, and the
+    diagonal and blocks from three parts equal the oracle's."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = _TokenModel("batch").double()
+    x = torch.randn(7, 3, 2, dtype=F64, generator=g)
+    w = torch.rand(7, dtype=F64, generator=g) + 0.5
+    soft = torch.softmax(torch.randn(21, 3, dtype=F64, generator=g), -1)
+    table, tau = torch.randn(15, dtype=F64, generator=g), torch.tensor(1.5, dtype=F64)
+
+    def f(p, x, w, scale, soft, table, tau):
+        o = functional_call(model, p, (x,)) / tau
+        rows = -(soft * F.log_softmax(o, -1)).sum(-1)  # (N T,)
+        weights = w[:, None].expand(-1, 3).reshape(-1)
+        return scale * (weights * rows).mean() * (1 + 0.1 * table.mean())
+
+    params = _params(model)
+    args = (params, x, w, 0.5, soft, table, tau)
+    _budget_for(monkeypatch, f, args, 2)
+    plan, why = plan_diagonal(f, args)
+    assert plan is not None and [(p.lo, p.hi) for p in plan.parts] == [(0, 2), (2, 4), (4, 7)], \
+        why
+    assert_close(hf.hessian_diag(f)(*args), _oracle_diag(f, *args))
+    assert_close(hf.hessian_blocks(f)(*args), _oracle_blocks(f, *args))
+
+
 @settings(deadline=None)
 @given(dag=_dags(), data=st.data())
 def test_the_batch_in_parts_of_any_dag_equals_the_oracle(dag, data):
