@@ -75,14 +75,16 @@ DEFAULT_MAX_LANCZOS_STEPS = 500
 
 class CurvatureOperator:
     """A curvature matrix ``A = sum_b w_b A_b`` of a loss over a data set, as a ``(P, P)``
-    linear operator: the base of :class:`HessianOperator`, :class:`hessfunc.GGNOperator`
-    and :class:`hessfunc.FisherOperator`.
+    linear operator: the base of :class:`hessfunc.HessianOperator`,
+    :class:`hessfunc.GGNOperator`, :class:`hessfunc.FisherOperator` and
+    :class:`hessfunc.KFACOperator`.
 
     It holds what they share: the data (one batch or an iterable, checked to be the same
-    on every pass), the batch weights ``w_b`` (``N_b / N`` for ``reduction="mean"``, 1 for
-    ``"sum"``), the optional process group (NOTE [sharded data]), and everything built on
-    products (``@``, ``matmat``, ``diagonal``, ``trace``, ``eigenvalues``,
-    ``spectral_density``, ``to_dense``, ``to_scipy``, ``solve``). A subclass says how one
+    on every pass: :class:`hessfunc.operators.data.Batches`), the batch weights ``w_b``
+    (``N_b / N`` for ``reduction="mean"``, 1 for ``"sum"``), the optional process group
+    (NOTE [sharded data]), and everything built on products (``@``, ``matmat``,
+    ``diagonal``, ``trace``, ``eigenvalues``, ``spectral_density``, ``to_dense``,
+    ``to_scipy``, ``solve``). A subclass says how one
     batch's product is made (``_build_product``: an object with ``_product(tree)`` and
     ``batched(trees)``), its dense matrix (``_dense_function``) and exact diagonal
     (``_diagonal_function``).
@@ -94,7 +96,6 @@ class CurvatureOperator:
     @property
     def _name(self) -> str:
         return type(self).__name__
-
 
     def __init__(self, f: Callable[..., Any], params: Any, data: Any, *,
                  reduction: Literal["mean", "sum"] = "mean", progress: bool = False,

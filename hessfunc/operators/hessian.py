@@ -16,9 +16,10 @@ and ``B`` map ``W -> W U``, leaving the other parameters alone; ``B B^T = I``. T
 ``H = B^T H_r B``, where ``H_r`` is the Hessian in the coordinates ``W U``: the
 eigenvalues of ``H`` are those of ``H_r`` and ``P - P_r`` zeros, and an eigenvector
 ``v`` of ``H_r`` gives the eigenvector ``B^T v`` of ``H``. When the data set has
-fewer samples than the layer has inputs (``N <= 0.7 d_in``), ``eigenvalues`` runs
-Lanczos on ``H_r``: each product then costs ``r / d_in`` of the first layer's
-share, and the Krylov basis is ``P_r / P`` as long. It falls back to ``H`` itself
+fewer samples than the layer has inputs (``N <= 0.7 d_in``, the ratio in
+``hessfunc._thresholds``), ``eigenvalues`` runs Lanczos on ``H_r``: each product then
+costs ``r / d_in`` of the first layer's share, and the Krylov basis is ``P_r / P`` as
+long. It falls back to ``H`` itself
 when the zeros could be among the wanted eigenvalues (the ``k``-th wanted
 eigenvalue of ``H_r`` is not on the wanted side of 0). ``spectral_density`` runs
 its quadrature on ``H_r`` too, and adds the zeros as one exact node of weight
