@@ -81,7 +81,7 @@ from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from .._autodiff import batched_vjp
-from .._memory import CHUNK_BUDGET_BYTES, itemsize
+from .._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize
 from .._tree import tree_to_vector, vector_to_tree
 from ..errors import ArgumentError
 from ..functional import functionalize
@@ -492,8 +492,6 @@ class KFACOperator(CurvatureOperator):
     def to_dense(self, *, chunk_size: int | None = None, max_memory: int | None = None
                  ) -> torch.Tensor:
         """The dense ``(P, P)`` block-diagonal K-FAC matrix (memory-guarded)."""
-        from .._memory import check_dense
-
         P = self._spec.numel
         check_dense(P * P, self.dtype, self.device, what=f"the dense {P} x {P} KFAC matrix",
                     call=f"{self._name}.to_dense", max_memory=max_memory,
