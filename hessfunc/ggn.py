@@ -68,7 +68,7 @@ from ._checks import (
     check_samples_first,
     describe,
 )
-from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize
+from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize, memory_limit
 from ._tree import flat_spec, vector_to_tree
 from .dense import _nest
 from .errors import ArgumentError
@@ -283,12 +283,31 @@ def ggn_blocks(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
     return blocks_f
 
 
-def _per_sample(fn: Callable[..., Any], params: Any, x: Any, y: Any) -> Any:
-    """``fn(params, x[n:n+1], y[n:n+1])`` for every sample ``n``, stacked (vmap)."""
+def _per_sample(fn: Callable[..., Any], params: Any, x: Any, y: Any,
+                chunk_size: int | None = None) -> Any:
+    """``fn(params, x[n:n+1], y[n:n+1])`` for every sample ``n``, stacked (vmap, over
+    ``chunk_size`` samples at a time)."""
     def one(xi: Any, yi: Any) -> Any:
         return fn(params, pytree.tree_map(lambda t: t.unsqueeze(0), xi), yi.unsqueeze(0))
 
-    return torch.func.vmap(one)(x, y)
+    return torch.func.vmap(one, chunk_size=chunk_size)(x, y)
+
+
+def _samples_at_once(g: Callable[..., Any], params: Any, x: Any, n: int, call: str,
+                     max_memory: int | None) -> int:
+    """How many samples' ``(O_n, P)`` Jacobians and ``(O_n, O_n)`` output Hessians fit the
+    memory limit together (at least one, else :class:`DenseMemoryError`): ``vmap`` over
+    the samples holds them all at once."""
+    spec = flat_spec(params)
+    first = pytree.tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, x)
+    O = _output(g, params, first, call).numel()
+    per = 3 * O * spec.numel + O * O  # J, H_o J and their product; H_o
+    check_dense(per, spec.dtype, spec.device, call=call, max_memory=max_memory,
+                what=f"one sample's {O} x {spec.numel} Jacobian (three arrays of its size) "
+                f"and {O} x {O} output Hessian",
+                hint="use per_sample=False (the batch's diagonal) or fewer parameters")
+    return max(1, min(n, memory_limit(max_memory, spec.device, call)
+                      // (per * itemsize(spec.dtype))))
 
 
 def ggn_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *, per_sample: bool = False,
@@ -318,14 +337,15 @@ def ggn_diag(g: Callable[..., Any], loss_fn: Callable[..., Any], *, per_sample: 
     def diag_f(params: Any, x: Any, y: Any) -> Any:
         check_floating(params, "params", call)
         if per_sample:
-            check_samples_first((x, y), call)
+            n = check_samples_first((x, y), call)
         plan, _ = plan_ggn_diagonal(composed, (params, x, y), per_sample=per_sample, call=call)
         if plan is not None:
             if len(plan.model_outputs()) == 1:  # the loss's Hessian in closed form, if known
                 plan.output_factor = lambda out: output_factor(loss_fn, out, y, per_sample)
             return pytree.tree_unflatten(plan.diagonal(), pytree.tree_structure(params))
         if per_sample:
-            return _per_sample(dense_diag, params, x, y)
+            return _per_sample(dense_diag, params, x, y,
+                               _samples_at_once(g, params, x, n, call, max_memory))
         return dense_diag(params, x, y)
 
     return diag_f

@@ -14,6 +14,7 @@ from hypothesis import given
 from torch import nn
 
 import hessfunc as hf
+from hessfunc._autodiff import second_order_kernels
 from hessfunc.testing.models import ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import problems
 
@@ -1715,6 +1716,50 @@ _TOKEN_LOSSES = {
     "the positions of a sample summed, then squared": (
         lambda o, t: (o.reshape(*t.shape, -1).sum(t.shape.index(3)) ** 2).mean(), False),
 }
+
+
+def test_per_sample_ggn_without_a_plan_takes_the_samples_a_few_at_a_time(monkeypatch):
+    """Where no per-sample plan exists (``nn.MultiheadAttention``: one sample runs other
+    ops than the batch), each sample's GGN diagonal comes from its dense Jacobian under
+    ``vmap``, as many samples at once as fit the memory limit (it held the whole batch's at
+    once: about 39 GiB for ``bench_architectures``' LM, past the machine's memory), equal
+    to the oracle's; one sample over the limit is refused with the reason."""
+    from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
+
+    ggn_module = sys.modules["hessfunc.ggn"]  # (hf.ggn is the function)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.h = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, C)
+
+        def forward(self, x):
+            return self.h(self.a(x, x, x)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 4, generator=gen, dtype=DT)
+    y = torch.randint(0, C, (5,), generator=gen)
+    g, params = hf.functionalize(model)
+    loss_fn = nn.CrossEntropyLoss()
+    plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y), per_sample=True)
+    assert plan is None, why
+    P = sum(t.numel() for t in params.values())
+    one = (3 * C * P + C * C) * 8  # bytes of one sample's arrays, float64
+    chunks = []
+    real = ggn_module._per_sample
+    monkeypatch.setattr(ggn_module, "_per_sample", lambda *a: chunks.append(a[-1]) or real(*a))
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True, max_memory=2 * one + one // 2)(params, x, y)
+    assert chunks == [2]
+    leaves = leaf_params(params)
+    with second_order_kernels():
+        for n in range(5):
+            Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1],
+                                  list(leaves.values()))
+            assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))
+    with pytest.raises(hf.DenseMemoryError, match="one sample's 3 x .* Jacobian"):
+        hf.ggn_diag(g, loss_fn, per_sample=True, max_memory=one - 1)(params, x, y)
 
 
 @pytest.mark.parametrize("first", ["batch", "sequence"])
