@@ -77,6 +77,8 @@ def route_is_measured(plan: Any) -> bool:
     """Whether ``method="auto"`` times the R-operator against the cached graph on
     ``plan`` (NOTE [route by measurement]): it holds maps, shape ops or lookups."""
     return any(isinstance(s, _MEASURED_STEPS) for s in plan.steps)
+
+
 def _check_mode(mode: Any, call: str) -> None:
     if mode not in HVP_MODES:
         raise ArgumentError(f"{call}: `mode` must be one of {HVP_MODES}, got {mode!r}.")

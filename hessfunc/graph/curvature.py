@@ -486,11 +486,8 @@ class GraphPlan:
         """``part``'s samples of ``t``, shaped like ``node``'s value (trailing dims may
         follow): the batch axis read as ``(outer, N, inner)``."""
         label = self.label(node)
-        outer, inner = label.layout
-        moved = t.movedim(label.axis, 0)
-        rest = moved.shape[1:]
-        taken = moved.reshape(outer, self.n, inner, *rest)[:, part.lo:part.hi]
-        return taken.reshape(-1, *rest).movedim(0, label.axis)
+        taken = _rows_of(t.movedim(label.axis, 0), label.layout, self.n, part.lo, part.hi)
+        return taken.movedim(0, label.axis)
 
     def _sweep(self, at_site: Callable[..., Tensor | None], full: bool,
                leaves: set[int] | None = None) -> list[Tensor | None]:
@@ -1317,7 +1314,7 @@ def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
     axis (the callers check first)."""
     n = next(t for t in inputs if t.dim() >= 1).shape[0]
     gm = captured.graph_module
-    batch = {num_leaves + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
+    batch = _batch_inputs(num_leaves, inputs, n)
 
     def routes_of() -> tuple[SampleStructure, Any]:  # the graph's alone: once per capture
         structure = analyze_samples(gm, set(range(num_leaves)), batch, n)
@@ -1325,6 +1322,12 @@ def sample_routes(captured: Captured, num_leaves: int, inputs: list[Tensor]
                            _route_leaves(gm, structure, num_leaves))
 
     return captured.analysis(("routes", num_leaves, tuple(batch), n), routes_of)
+
+
+def _batch_inputs(num_leaves: int, inputs: list[Tensor], n: int) -> dict[int, int]:
+    """The placeholders of the inputs whose first axis is the batch's (``n``), each
+    with batch axis 0 (the parameters' ``num_leaves`` placeholders come first)."""
+    return {num_leaves + j: 0 for j, t in enumerate(inputs) if t.dim() >= 1 and t.shape[0] == n}
 
 
 def _budget(plan: GraphPlan) -> int:
@@ -1407,18 +1410,17 @@ def _rows_of_inputs(plan: GraphPlan) -> dict[int, tuple[int, int]]:
     or ``(k, 1)`` under which the proof pairs its rows with the per-sample values' and
     nothing below the loss's sum pools them, keyed by its place among the inputs."""
     n, first = plan.n, len(plan.leaves)
-    batch = {first + j: 0 for j, t in enumerate(plan.inputs)
-             if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == n}
+    batch, below = _batch_inputs(first, plan.inputs, n), _below(plan)
     rows: dict[int, tuple[int, int]] = {}
     for j, t in enumerate(plan.inputs):
-        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] <= n or t.shape[0] % n:
+        if t.dim() == 0 or t.shape[0] <= n or t.shape[0] % n:
             continue
         k = t.shape[0] // n
         for layout in ((1, k), (k, 1)):
             layouts = {first + i: lay for i, lay in (rows | {j: layout}).items()}
             trial = analyze_samples(plan.gm, set(range(first)),
                                     batch | dict.fromkeys(layouts, 0), n, layouts)
-            if trial.reason is None and _pooled_below(plan, trial) is None:
+            if trial.reason is None and _pooled_below(below, trial) is None:
                 rows[j] = layout
                 break
     return rows
@@ -1434,11 +1436,17 @@ def _cut(data: list[Any], n: int, lo: int, hi: int, rows: dict[Any, Any]) -> lis
         if not isinstance(t, Tensor) or t.dim() == 0:
             return t
         if j in rows:
-            outer, inner = rows[j]
-            return t.reshape(outer, n, inner, *t.shape[1:])[:, lo:hi].reshape(-1, *t.shape[1:])
+            return _rows_of(t, rows[j], n, lo, hi)
         return t[lo:hi] if t.shape[0] == n else t
 
     return pytree.tree_map(cut, data)
+
+
+def _rows_of(t: Tensor, layout: tuple[int, int], n: int, lo: int, hi: int) -> Tensor:
+    """Samples ``lo:hi`` of ``t``'s first axis, read as ``(outer, N, inner)`` rows."""
+    outer, inner = layout
+    rest = t.shape[1:]
+    return t.reshape(outer, n, inner, *rest)[:, lo:hi].reshape(-1, *rest)
 
 
 class GGNLoss:
@@ -1636,8 +1644,7 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
     if plan._terms():
         return _TERMS
     n = plan.n
-    one = pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() >= 1
-                          and t.shape[0] == n else t, list(args[1:]))
+    one = _cut(list(args[1:]), n, 0, 1, {})
     cache = _cache(f)
     if isinstance(cache, str):
         return cache
@@ -1665,12 +1672,13 @@ def _separable_samples(plan: GraphPlan, gm1: fx.GraphModule, counterpart: dict[f
     None. They are when no value below them is pooled (NOTE [per-sample structure]) and
     every number in the ops that compute them (``/ 512``, a fill value, a lifted tensor)
     is the same in both traces; sizes and shapes may differ."""
-    pooled = _pooled_below(plan, plan.structure)
+    below = _below(plan)
+    pooled = _pooled_below(below, plan.structure)
     if pooled is not None:
         return (f"{where(pooled)} computes from the data of several samples at once, and "
                 f"the values the loss sums over depend on it; f on {other} would see "
                 "other data")
-    for nd in _below(plan):
+    for nd in below:
         nd1 = counterpart.get(nd)
         if nd1 is None:
             continue
@@ -1701,10 +1709,10 @@ def _below(plan: GraphPlan) -> list[fx.Node]:
     return [nd for nd in plan.gm.graph.nodes if nd in below]
 
 
-def _pooled_below(plan: GraphPlan, structure: SampleStructure) -> fx.Node | None:
-    """The first node below the loss's sum that pools the data of several samples (its
-    operands do not), under ``structure``'s labels; or None."""
-    return next((nd for nd in _below(plan) if _label(structure, nd).pooled
+def _pooled_below(below: list[fx.Node], structure: SampleStructure) -> fx.Node | None:
+    """The first node of ``below`` (:func:`_below`) that pools the data of several
+    samples (its operands do not), under ``structure``'s labels; or None."""
+    return next((nd for nd in below if _label(structure, nd).pooled
                  and not any(_label(structure, a).pooled for a in nd.all_input_nodes)), None)
 
 
