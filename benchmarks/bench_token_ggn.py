@@ -66,13 +66,13 @@ def run(repeats: int, size: str = "small") -> dict:
         return functional_call(model, p, (x,))
 
     cases, errors, parts = {}, {}, {}
-    for name_, (loss_fn, targets) in losses.items():
+    for case, (loss_fn, targets) in losses.items():
         plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, targets))
-        parts[name_] = len(plan.parts) if plan is not None else why
+        parts[case] = len(plan.parts) if plan is not None else why
         fn = hf.ggn_diag(g, loss_fn)
-        errors[name_] = sampled_ggn_errors(model, x, targets,
-                                           {name_: fn(params, x, targets)}, loss_fn)[name_]
-        cases[name_] = lambda fn=fn, targets=targets: fn(params, x, targets)
+        errors[case] = sampled_ggn_errors(model, x, targets,
+                                          {case: fn(params, x, targets)}, loss_fn)[case]
+        cases[case] = lambda fn=fn, targets=targets: fn(params, x, targets)
     times = interleaved_medians(cases, repeats=repeats, warmup=0)
     row = {"problem": name, "params": sum(p.numel() for p in params.values()),
            "parts": parts, "times_s": times, "max_rel_error_sampled": errors}

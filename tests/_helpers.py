@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 import hessfunc as hf
 
@@ -147,3 +148,16 @@ def count_captures(monkeypatch: Any) -> list[Any]:
 
     monkeypatch.setattr(capture_module, "capture", counting)
     return traced
+
+
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` (4 features, 2 heads) averaged over positions, and a
+    Linear head to 3 outputs: on one sample its projection runs other ops than on the
+    batch, so per-sample routes that trace one sample do not apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(self.a(x, x, x)[0].mean(1))

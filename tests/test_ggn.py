@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, count_captures, flat, leaf_params, unflat
+from _helpers import Attention, assert_close, count_captures, flat, leaf_params, unflat
 from hypothesis import given
 from torch import nn
 
@@ -1727,14 +1727,6 @@ def test_per_sample_ggn_without_a_plan_takes_the_samples_a_few_at_a_time(monkeyp
     from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
 
     ggn_module = sys.modules["hessfunc.ggn"]  # (hf.ggn is the function)
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.h = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, C)
-
-        def forward(self, x):
-            return self.h(self.a(x, x, x)[0].mean(1))
 
     torch.manual_seed(0)
     model = Attention().double().eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _bad_inputs import CASES
-from _helpers import assert_close, assert_same_state, model_state, oracle_loss
+from _helpers import Attention, assert_close, assert_same_state, model_state, oracle_loss
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -184,15 +184,6 @@ class _Bilinear(nn.Module):
         return self.b(torch.tanh(x), x)
 
 
-class _Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.h = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.h(self.a(x, x, x)[0].mean(1))
-
-
 _norm = nn.utils.parametrizations
 #: models users bring, each with its input shape (three classes, cross-entropy)
 USERS_MODELS = {
@@ -215,7 +206,7 @@ USERS_MODELS = {
     "conv-transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2), nn.Tanh(),
                                              nn.Flatten(), nn.Linear(108, 3)), (5, 2, 3, 3)),
     "bilinear": (_Bilinear, (5, 3)),
-    "attention-eval": (lambda: _Attention().eval(), (5, 3, 4)),
+    "attention-eval": (lambda: Attention().eval(), (5, 3, 4)),
     "upsample-softplus": (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2),
                                                 nn.Softplus(), nn.Flatten(),
                                                 nn.Linear(128, 3)), (5, 1, 6, 6)),
