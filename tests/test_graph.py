@@ -1957,6 +1957,25 @@ def test_the_batch_in_parts_of_any_dag_equals_the_oracle(dag, data):
                          _oracle_per_sample(f, params, x, y))
 
 
+def test_one_dimensional_targets_pooled_below_the_sum_keep_the_batch_whole(monkeypatch):
+    """Targets ``(N,)`` are the batch's inputs as well as ``(N, C)`` ones: centred by their
+    mean inside the loss, the parts are refused (f on part of the batch would centre by
+    the part's mean), and each sample's own diagonal centres by its own target; both
+    equal the oracle's."""
+    torch.manual_seed(0)
+    model = build_mlp([3, 4, 1], "tanh", 3)
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, dtype=F64)
+    f = _plain(model, lambda o, y: ((o[:, 0] - y + y.mean()) ** 2).mean())
+    params = _params(model)
+    _budget_for(monkeypatch, f, (params, x, y), 2)
+    plan, reason = plan_diagonal(f, (params, x, y))
+    assert plan is None and "mean.default computes from the data of several samples" in \
+        reason, reason
+    assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+    assert_close(hf.hessian_diag(f, per_sample=True)(params, x, y),
+                 _oracle_per_sample(f, params, x, y))
+
+
 def test_three_samples_over_the_budget_do_not_split(monkeypatch):
     """Parts hold two samples or more: a batch of three whose two fit but whose three do
     not is refused (one part of three would be over the budget), and still exact."""
