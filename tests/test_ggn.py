@@ -1219,16 +1219,23 @@ class _SlottedModel:
 
 def test_per_sample_ggn_of_a_loss_with_the_batch_size_inside_its_sum():
     """``((o - y) ** 2 / N).sum()`` puts the batch size below the loss's sum: each
-    sample's own loss divides by 1, so the one-sample trace is refused and the rows
-    still equal the oracle's (the trace once gave the batch's ``1/N`` per sample)."""
+    sample's own loss divides by 1, so the one-sample trace is refused (it once gave the
+    batch's ``1/N`` per sample), each sample's loss is swept under ``vmap``, and the rows
+    equal the oracle's."""
     from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
 
     model, _, x, y = _problem("mse", 4, seed=15)
     loss_fn = lambda o, t: ((o - t) ** 2 / o.shape[0]).sum()  # noqa: E731
     g = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
     params = {k: v.detach() for k, v in model.named_parameters()}
-    plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y), per_sample=True)
-    assert plan is None and "div.Tensor takes 4 on the batch and 1 on one sample" in why
+    from hessfunc.graph.curvature import _one_sample_graph, plan_diagonal
+
+    composed = GGNLoss.of(g, loss_fn)
+    batch, _ = plan_diagonal(composed, (params, x, y), check_memory=False)
+    why = _one_sample_graph(composed, (params, x, y), batch)
+    assert "div.Tensor takes 4 on the batch and 1 on one sample" in why
+    plan, why = plan_ggn_diagonal(composed, (params, x, y), per_sample=True)
+    assert plan is not None and plan.own_losses, why
     rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
     for n in range(4):
         *_, G = _oracle(model, loss_fn, x[n:n + 1], y[n:n + 1])
@@ -1719,39 +1726,77 @@ _TOKEN_LOSSES = {
 
 
 def test_per_sample_ggn_without_a_plan_takes_the_samples_a_few_at_a_time(monkeypatch):
-    """Where no per-sample plan exists (``nn.MultiheadAttention``: one sample runs other
-    ops than the batch), each sample's GGN diagonal comes from its dense Jacobian under
-    ``vmap``, as many samples at once as fit the memory limit (it held the whole batch's at
-    once: about 39 GiB for ``bench_architectures``' LM, past the machine's memory), equal
-    to the oracle's; one sample over the limit is refused with the reason."""
+    """Where no per-sample plan exists (a weight used twice takes one-hot products), each
+    sample's GGN diagonal comes from its dense Jacobian under ``vmap``, as many samples at
+    once as fit the memory limit (it held the whole batch's at once: about 39 GiB for
+    ``bench_architectures``' LM, past the machine's memory), equal to the oracle's; one
+    sample over the limit is refused with the reason."""
     from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
 
     ggn_module = sys.modules["hessfunc.ggn"]  # (hf.ggn is the function)
 
     torch.manual_seed(0)
-    model = Attention().double().eval()
+    model = TiedNet(4, 5).double()
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 3, 4, generator=gen, dtype=DT)
-    y = torch.randint(0, C, (5,), generator=gen)
+    x, y = torch.randn(5, 4, generator=gen, dtype=DT), torch.randn(5, 4, generator=gen, dtype=DT)
     g, params = hf.functionalize(model)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.MSELoss()
     plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y), per_sample=True)
     assert plan is None, why
-    P = sum(t.numel() for t in params.values())
-    one = (3 * C * P + C * C) * 8  # bytes of one sample's arrays, float64
+    P, O = sum(t.numel() for t in params.values()), 4
+    one = (3 * O * P + O * O) * 8  # bytes of one sample's arrays, float64
     chunks = []
     real = ggn_module._per_sample
     monkeypatch.setattr(ggn_module, "_per_sample", lambda *a: chunks.append(a[-1]) or real(*a))
     rows = hf.ggn_diag(g, loss_fn, per_sample=True, max_memory=2 * one + one // 2)(params, x, y)
     assert chunks == [2]
     leaves = leaf_params(params)
-    with second_order_kernels():
-        for n in range(5):
-            Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1],
-                                  list(leaves.values()))
-            assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))
-    with pytest.raises(hf.DenseMemoryError, match="one sample's 3 x .* Jacobian"):
+    for n in range(5):
+        Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1], list(leaves.values()))
+        assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))
+    with pytest.raises(hf.DenseMemoryError, match=f"one sample's {O} x .* Jacobian"):
         hf.ggn_diag(g, loss_fn, per_sample=True, max_memory=one - 1)(params, x, y)
+
+
+@pytest.mark.parametrize("loss", ["ce", "ce-sum", "label smoothing", "mse"])
+def test_per_sample_ggn_of_attention_sweeps_each_samples_loss_under_vmap(loss, monkeypatch):
+    """NOTE [per-sample losses]: with ``nn.MultiheadAttention`` one sample runs other ops
+    than the batch, so each sample's loss is traced under ``vmap`` and ``g``'s ops are found
+    by tracing ``g`` on each sample under ``vmap`` too (the targets' own view may come
+    before them). Each sample's GGN diagonal equals the oracle's, whole and in parts of
+    the batch; before, it took one dense Jacobian per sample."""
+    from hessfunc.graph import curvature
+
+    ggn_module = sys.modules["hessfunc.ggn"]
+    monkeypatch.setattr(ggn_module, "_per_sample", lambda *a: pytest.fail("dense route"))
+    loss_fn = {"ce": nn.CrossEntropyLoss(), "ce-sum": nn.CrossEntropyLoss(reduction="sum"),
+               "label smoothing": lambda o, t: F.cross_entropy(o, t, label_smoothing=0.2),
+               "mse": nn.MSELoss()}[loss]
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    n = 5
+    x = torch.randn(n, 3, 4, generator=gen, dtype=DT)
+    y = torch.randn(n, C, generator=gen, dtype=DT) if loss == "mse" else \
+        torch.randint(0, C, (n,), generator=gen)
+    g, params = hf.functionalize(model)
+    composed = curvature.GGNLoss.of(g, loss_fn)
+    plan, why = curvature.plan_ggn_diagonal(composed, (params, x, y), per_sample=True)
+    assert plan is not None and plan.own_losses, why
+    leaves = leaf_params(params)
+    with second_order_kernels():
+        own = [torch.diagonal(hf.reference.ggn(g(leaves, x[i:i + 1]), loss_fn, y[i:i + 1],
+                                               list(leaves.values()))) for i in range(n)]
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for i in range(n):
+        assert_close(flat({k: v[i] for k, v in rows.items()}), own[i])
+    need = -(-plan.captured.analysis("ggn bytes", None) * 2 // n)
+    monkeypatch.setattr(curvature, "available_bytes", lambda device: 4 * need)
+    plan, why = curvature.plan_ggn_diagonal(composed, (params, x, y), per_sample=True)
+    assert plan is not None and [(p.lo, p.hi) for p in plan.parts] == [(0, 2), (2, 5)], why
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    for i in range(n):
+        assert_close(flat({k: v[i] for k, v in rows.items()}), own[i])
 
 
 @pytest.mark.parametrize("first", ["batch", "sequence"])

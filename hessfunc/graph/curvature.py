@@ -264,6 +264,12 @@ class GraphPlan:
     def label(self, node: fx.Node) -> Value:
         return _label(self.structure, node)
 
+    @property
+    def own_losses(self) -> bool:
+        """Whether the graph is each sample's own loss under ``vmap``, summed
+        (:class:`_OwnLosses`; NOTE [per-sample losses])."""
+        return self.each_sample and self.one_sample is None
+
     # ---- evaluation -------------------------------------------------------
     def evaluate(self, seeds: dict[fx.Node, Tensor] | None = None) -> None:
         """Run the graph once with autograd, keep every value and ``dL/dv`` for the
@@ -1513,8 +1519,13 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
         return None, why
     if plan.products:
         return None, _PRODUCTS
+    traced, model = f, f.model
+    if plan.own_losses:  # g's ops are found in g on each sample under vmap
+        traced, model = _own_losses(f), _own_losses(f.model, summed=False)
+        if isinstance(model, str):
+            return None, model
     # f's capture is keyed by what g and loss_fn reach, so g's ops found once hold for it
-    linearised = plan.captured.analysis("model ops", lambda: _model_ops(f, args, plan))
+    linearised = plan.captured.analysis("model ops", lambda: _model_ops(model, args, plan))
     if isinstance(linearised, str):
         return None, linearised
     plan.linearised = linearised
@@ -1522,18 +1533,20 @@ def plan_ggn_diagonal(f: GGNLoss, args: tuple[Any, ...], per_sample: bool = Fals
         nd.meta["val"].numel() // plan.n for nd in plan.model_outputs())))
 
     def linearise(part: GraphPlan, part_args: tuple[Any, ...]) -> str | None:
-        found = part.captured.analysis("model ops", lambda: _model_ops(f, part_args, part))
+        found = part.captured.analysis("model ops",
+                                       lambda: _model_ops(model, part_args, part))
         if isinstance(found, str):
             return found
         part.linearised = found
         return None
 
-    return _within_budget(plan, need, f, args, check, call, linearise)
+    return _within_budget(plan, need, traced, args, check, call, linearise)
 
 
-def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset | str:
-    """The ops of ``plan`` that ``g`` computes (they come first), or why not found."""
-    cache = _cache(f.model)
+def _model_ops(model: Any, args: tuple[Any, ...], plan: GraphPlan) -> frozenset | str:
+    """The ops of ``plan`` that ``model`` (``g``, traced alone) computes (they come
+    first), or why not found."""
+    cache = _cache(model)
     if isinstance(cache, str):
         return cache
     try:
@@ -1544,7 +1557,17 @@ def _model_ops(f: GGNLoss, args: tuple[Any, ...], plan: GraphPlan) -> frozenset 
         return f"g could not be captured as a graph: {cache.failure}"
     model_ops = [nd.target for nd in captured.graph_module.graph.nodes
                  if nd.op == "call_function"]
-    calls = [nd for nd in plan.gm.graph.nodes if nd.op == "call_function"]
+    placeholders = [nd for nd in plan.gm.graph.nodes if nd.op == "placeholder"]
+    of_x = sum(isinstance(t, Tensor) for t in pytree.tree_leaves(args[1]))
+    of_y = set(placeholders[len(plan.leaves) + of_x:])
+    calls = []
+    for nd in plan.gm.graph.nodes:
+        if nd.op != "call_function":
+            continue
+        if nd.all_input_nodes and all(a in of_y for a in nd.all_input_nodes):
+            of_y.add(nd)  # the targets' own ops (under vmap y's view may come before g's)
+        else:
+            calls.append(nd)
     first = frozenset(calls[:len(model_ops)])
     # g runs before loss_fn, so its ops come first, in an order that may differ between
     # independent ones (two traces may record t(w) and view(x) of a Linear either way)
@@ -1567,9 +1590,8 @@ def _plan_per_sample(f: Any, args: tuple[Any, ...], argnums: int, check_memory: 
     # the batch's capture is keyed by what f reaches, so its one-sample graph holds for it
     found = plan.captured.analysis("one sample", lambda: _one_sample_graph(f, args, plan))
     if isinstance(found, str):
-        # each sample's own loss has the terms too; the Gauss-Newton sweep finds g's ops by
-        # tracing g alone, which vmap would change
-        return (None, found) if found == _TERMS or isinstance(f, GGNLoss) else \
+        # each sample's own loss has the terms too
+        return (None, found) if found == _TERMS else \
             _plan_own_losses(f, args, check_memory, check_output, call, found)
     plan.one_sample, plan.counterpart = found
     plan.each_sample = True
@@ -1604,12 +1626,14 @@ def _plan_own_losses(f: Any, args: tuple[Any, ...], check_memory: bool,
 class _OwnLosses:
     """``sum_n f(p, *batch[n:n+1])``: each sample's own loss, as ``per_sample=True``
     defines it (``f`` on a batch of one, under ``vmap``), summed into one traceable
-    function; one per ``f`` (:func:`_own_losses`), so one trace cache."""
+    function; one per ``f`` (:func:`_own_losses`), so one trace cache. Not ``summed``:
+    the stacked ``f(p, *batch[n:n+1])`` (``g``'s outputs, to find its ops in the
+    Gauss-Newton sweep of the summed losses, NOTE [Gauss-Newton over the graph])."""
 
     _guard_targets: Any = ()  # the trace cache's fingerprint walks what the instance sets
 
-    def __init__(self, f: Any) -> None:
-        self.f = f
+    def __init__(self, f: Any, summed: bool = True) -> None:
+        self.f, self.summed = f, summed
         self._guard_targets = (f,)
 
     def __call__(self, params: Any, *batch: Any) -> Any:
@@ -1620,19 +1644,21 @@ class _OwnLosses:
             return self.f(params, *pytree.tree_unflatten(one, spec))
 
         dims = tuple(0 if isinstance(t, Tensor) else None for t in leaves)
-        return torch.func.vmap(own, in_dims=dims)(*leaves).sum()
+        each = torch.func.vmap(own, in_dims=dims)(*leaves)
+        return each.sum() if self.summed else each
 
 
-_OWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OWN: dict[bool, weakref.WeakKeyDictionary] = {
+    True: weakref.WeakKeyDictionary(), False: weakref.WeakKeyDictionary()}
 
 
-def _own_losses(f: Any) -> _OwnLosses | str:
+def _own_losses(f: Any, summed: bool = True) -> _OwnLosses | str:
     """The :class:`_OwnLosses` of ``f`` (of what it traces, :func:`_pure`), kept as
     :func:`_cache` keeps trace caches (:func:`_kept`)."""
     fn = _pure(f)
     if isinstance(fn, str):
         return fn
-    own = _kept(_OWN, f, lambda: _OwnLosses(fn))
+    own = _kept(_OWN[summed], f, lambda: _OwnLosses(fn, summed))
     own.f, own._guard_targets = fn, (fn,)
     return own
 
