@@ -1989,3 +1989,93 @@ def test_three_samples_over_the_budget_do_not_split(monkeypatch):
     assert plan is None and reason.endswith("and 3 samples do not split into parts of two "
                                             "or more"), reason
     assert_close(hf.hessian_diag(f)(params, x, y), _oracle_diag(f, params, x, y))
+
+
+# ---- parameters read one element at a time (NOTE [parameters read one element at a time]) --
+
+class _ReadOnce(nn.Module):
+    """Token logits ``(N T, 2)`` through parameters each element of a value reads one
+    element of: an embedding table (tokens repeated within a sample), positional
+    embeddings ``(T, d)``, a LayerNorm, a scale, a dividend ``(1, d)``, offsets subtracted
+    both ways and added with ``alpha``."""
+
+    def __init__(self, padding_idx=None, vocab=5, length=3, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.pos = nn.Parameter(torch.randn(length, d))
+        self.norm = nn.LayerNorm(d)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+        self.div = nn.Parameter(torch.rand(1, d) + 1.0)
+        self.minus, self.minuend, self.plus = (nn.Parameter(torch.randn(d)) for _ in range(3))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.emb(x) + self.pos))
+        h = torch.sin(self.scale * h) + self.div / (1 + h * h)
+        h = torch.tanh(h - self.minus) * torch.tanh(self.minuend - h)
+        return self.head(torch.tanh(torch.add(h, self.plus, alpha=2.0))).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("padding", [None, 1])
+@pytest.mark.parametrize("quantity", ["hessian", "ggn"])
+def test_parameters_read_one_element_at_a_time_sum_their_reads(quantity, padding, monkeypatch):
+    """Each such site's diagonal sums ``D S``'s rows by the element read before squaring
+    (a token twice in a sample, a feature at every position), per sample and for the
+    batch, equal to the oracle's. Autograd gives an embedding's padding row no gradient:
+    its diagonal is zero there, and the table's block from pushed tangents leaves that
+    row out too (forward mode gave it a derivative, a wrong number in both)."""
+    from hessfunc.graph.curvature import GGNLoss, plan_ggn_diagonal
+
+    torch.manual_seed(5)
+    model = _ReadOnce(padding).double()
+    x = torch.tensor([[1, 1, 2], [3, 0, 3], [4, 1, 1]])
+    y = torch.tensor([[0, 1, 1], [1, 0, 0], [1, 1, 0]])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def g(p, x):
+        return functional_call(model, p, (x,))
+
+    def loss_fn(o, t):  # curvature of both signs at the logits: factor columns signed
+        return F.cross_entropy(o, t.reshape(-1)) + torch.sin(3 * o).sum()
+
+    def f(p, x, y):
+        return loss_fn(g(p, x), y)
+
+    if quantity == "hessian":
+        plan, why = plan_diagonal(f, (params, x, y))
+        fn = lambda per_sample: hf.hessian_diag(f, per_sample=per_sample)  # noqa: E731
+    else:
+        plan, why = plan_ggn_diagonal(GGNLoss.of(g, loss_fn), (params, x, y))
+        fn = lambda per_sample: hf.ggn_diag(g, loss_fn, per_sample=per_sample)  # noqa: E731
+    assert plan is not None and not plan.products, why
+    plan.evaluate()
+    names = list(params)
+    read = {names[i] for i, site in plan.sites.items() if plan._reads(site) is not None}
+    assert read == {"emb.weight", "pos", "norm.weight", "norm.bias", "scale", "div", "minus",
+                    "minuend", "plus"}
+
+    def oracle(rows):
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        if quantity == "hessian":
+            return torch.diagonal(hf.reference.hessian(f(leaves, x[rows], y[rows]),
+                                                       list(leaves.values())))
+        return torch.diagonal(hf.reference.ggn(g(leaves, x[rows]), loss_fn, y[rows],
+                                               list(leaves.values())))
+
+    def flat(d):
+        return torch.cat([t.reshape(-1) for t in d.values()])
+
+    with monkeypatch.context() as m:  # no tangent pushed per element of a parameter
+        m.setattr(GraphPlan, "_pushed_diagonal", lambda *a: pytest.fail("pushed tangents"))
+        whole, rows = fn(False)(params, x, y), fn(True)(params, x, y)
+    assert_close(flat(whole), oracle(slice(None)))
+    for n in range(3):
+        assert_close(flat({k: v[n] for k, v in rows.items()}), oracle(slice(n, n + 1)))
+    if quantity == "hessian":
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        full = hf.reference.hessian(f(leaves, x, y), list(leaves.values()))
+        at = sum(p.numel() for k, p in params.items() if names.index(k) < names.index(
+            "emb.weight"))
+        k = params["emb.weight"].numel()
+        blocks = hf.hessian_blocks(f)(params, x, y)
+        assert_close(blocks["emb.weight"], full[at:at + k, at:at + k])

@@ -41,6 +41,18 @@ NOTE [weights shared over rows]
     the copies of an expanded ``W`` must be summed with their cross terms, which a
     diagonal per copy cannot give).
 
+NOTE [parameters read one element at a time]
+    Where each element of ``v`` reads one element of the parameter ``p`` (``p`` broadcast
+    into ``u + p``, ``-``, ``*``, ``/``: a LayerNorm's weight and bias, positional
+    embeddings; or an embedding table looked up by the data), ``J_p[e, i] = D_e [i(e) =
+    i]``: ``i(e)`` the element ``v_e`` reads (the op run on ``p``'s element numbers, or
+    broadcast), ``D = dv/dp`` along all ones (one ``jvp``; 1 for a lookup). So ``J_p^T S``
+    sums ``D S``'s rows by ``i(e)``, and ``diag(J_p^T H J_p)_i = sum_(i(e) = i = i(e'))
+    D_e H[e, e'] D_e'``: ``O(N w C)`` instead of one pushed tangent per element of ``p``,
+    ``O(|p| N w C)`` (``C`` the factor's columns, or ``w``). Autograd gives an
+    embedding's padding row no gradient, so ``D`` is 0 where it is read (and every
+    derivative of the lookup leaves that row out).
+
 NOTE [Gauss-Newton over the graph]
     The GGN of ``loss_fn(g(p, x), y)`` is ``J^T H_o J``: the Hessian with the curvature
     terms of ``g``'s own ops left out. The sweep is the same with those terms zero
@@ -170,6 +182,9 @@ _LINEAR = _PERMUTATIONS | {
 #: Ops linear in each operand separately (bilinear in two live operands).
 _MULTILINEAR = {aten.mul.Tensor, aten.mm.default, aten.addmm.default, aten.bmm.default,
                 aten.convolution.default, aten.embedding.default}
+#: Elementwise ops of two operands that broadcast (NOTE [parameters read one element at a
+#: time]).
+_BROADCAST_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
 #: Reductions to a scalar that keep elementwise terms apart.
 _FULL_SUMS = {aten.sum.default, aten.mean.default}
 
@@ -401,6 +416,11 @@ class GraphPlan:
             bound = dict(zip(inputs, values, strict=True))
             args, kwargs = fx.node.map_arg((source.args, source.kwargs),
                                            lambda a: bound[a] if a in bound else env[a])
+            if source.target is aten.embedding.default and _padding_row(source) >= 0:
+                # autograd gives the padding row no gradient: no derivative there either
+                keep = torch.ones_like(args[0][:, :1])
+                keep[_padding_row(source)] = 0
+                args = (args[0] * keep + (args[0] * (1 - keep)).detach(), *args[1:])
             out = source.target(*args, **kwargs)
             return out if index is None else out[index]
 
@@ -765,6 +785,17 @@ class GraphPlan:
         if shared is not None:
             diag = self._shared_diagonal(shared, hvv, signs)
             return self._to_leaf(shared.site, diag if each else diag.sum(0))
+        reads = self._reads(site)
+        if reads is not None:
+            diag = self._read_diagonal(site, reads, hvv, signs)  # (N, *operand shape)
+            return self._to_leaf(site, diag if each else diag.sum(0))
+        return self._pushed_diagonal(site, hvv, signs)
+
+    def _pushed_diagonal(self, site: _Site, hvv: Tensor, signs: Tensor | None) -> Tensor:
+        """:meth:`_site_diagonal` of any other site: one tangent pushed through ``v`` per
+        element of its operand (chunked)."""
+        v, o = site.node, site.operand
+        env, each = self.env, self.each_sample
         k = env[o].numel()
         fn = self.op(v, [o])
         pieces = []
@@ -784,6 +815,46 @@ class GraphPlan:
         if each:
             return self._to_leaf(site, torch.cat(pieces, 1).reshape(-1, *env[o].shape))
         return self._to_leaf(site, torch.cat(pieces).reshape(env[o].shape))
+
+    def _reads(self, site: _Site) -> tuple[Tensor, Tensor] | None:
+        """Where each element of ``v`` reads one element of its parameter operand (NOTE
+        [parameters read one element at a time]): per sample, the element it reads and
+        ``dv/dp`` there, ``(N, w_v)`` each; else None."""
+        v, o = site.node, site.operand
+        operand, value = self.env[o], self.env[v]
+        if not isinstance(operand, Tensor):
+            return None
+        place = torch.arange(operand.numel(), device=operand.device).reshape(operand.shape)
+        if v.target is aten.embedding.default and v.args[0] is o:
+            tokens = self.env[v.args[1]]
+            index = aten.embedding.default(place, tokens)
+            slope = (tokens != _padding_row(v)).to(value.dtype)[..., None].expand_as(value)
+            return self.flat(v, index), self.flat(v, slope)
+        if v.target in _BROADCAST_OPS and list(v.args[:2]).count(o) == 1 and \
+                torch.broadcast_shapes(operand.shape, value.shape) == value.shape:
+            _, slope = torch.func.jvp(self.op(v, [o]), (operand,), (torch.ones_like(operand),))
+            return self.flat(v, place.broadcast_to(value.shape)), \
+                self.flat(v, slope.broadcast_to(value.shape))
+        return None
+
+    def _read_diagonal(self, site: _Site, reads: tuple[Tensor, Tensor], hvv: Tensor,
+                       signs: Tensor | None) -> Tensor:
+        """NOTE [parameters read one element at a time]: ``(N, *operand shape)``, each
+        sample's ``diag(J_p^T H[v, v] J_p)`` (``hvv`` whole, or with ``signs`` a factor)."""
+        index, slope = reads
+        operand = self.env[site.operand]
+        k, (n, w, columns) = operand.numel(), hvv.shape
+        keys = index + torch.arange(n, device=index.device)[:, None] * k  # (sample, element)
+        found, which = torch.unique(keys, return_inverse=True)  # only the elements read
+        total = hvv.new_zeros(len(found), columns).index_add_(  # rows of J_p^T S (or H)
+            0, which.reshape(-1), (slope[:, :, None] * hvv).reshape(n * w, columns))
+        if signs is not None:  # sum_c s_c (J_p^T S)_ic^2
+            own = (total * total * signs[found // k]).sum(-1)
+        else:  # (J_p^T H)_ie' J_p[e', i], read where e' reads i
+            own = (total[which, torch.arange(w, device=hvv.device)] * slope).reshape(-1)
+            found = keys.reshape(-1)
+        diag = hvv.new_zeros(n * k).index_add_(0, found, own)
+        return diag.reshape(self.n, *operand.shape)
 
     def _site_block_fits(self, site: _Site) -> bool:
         """Whether the site's block comes without one Jacobian column per element over
@@ -1139,6 +1210,11 @@ def _rows_apart(plan: GraphPlan) -> bool:
     n_rows = plan.label(out).size(plan.n)
     structure = analyze_samples(gm, {0}, {1: plan.label(out).axis}, n_rows)
     return structure.reason is None
+
+
+def _padding_row(node: fx.Node) -> int:
+    """An embedding's padding row (no gradient reaches it), or -1."""
+    return node.args[2] if len(node.args) > 2 else -1
 
 
 def _leaf_as_itself(node: fx.Node) -> bool:
