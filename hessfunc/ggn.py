@@ -72,7 +72,7 @@ from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize, memory_limit
 from ._tree import flat_spec, vector_to_tree
 from .dense import _nest
 from .errors import ArgumentError
-from .graph.curvature import GGNLoss, plan_ggn_diagonal
+from .graph.curvature import GGNLoss, padding_rows, plan_ggn_diagonal
 
 __all__ = ["ggn_vp", "ggn", "ggn_diag", "fisher_diag", "LIKELIHOODS"]
 
@@ -148,6 +148,7 @@ def ggn_vp(g: Callable[..., Any], loss_fn: Callable[..., Any], primals: tuple[An
     def model(p: Any) -> torch.Tensor:
         return _output(g, p, x, call)
 
+    v = without_rows(v, padding_rows(g, params, x))  # autograd's J: none from such rows
     with no_random_draws(call), second_order_kernels():  # J and J^T: a forward pass each
         out, vjp_fn = torch.func.vjp(model, params)
         try:
@@ -157,6 +158,21 @@ def ggn_vp(g: Callable[..., Any], loss_fn: Callable[..., Any], primals: tuple[An
                 raise
             Jv = reverse_jvp(vjp_fn, out)(v)
     return vjp_fn(_output_hvp(loss_fn, out, y, Jv, call))[0]
+
+
+def without_rows(tree: Any, rows: list[tuple[int, int]]) -> Any:
+    """``tree`` with row ``r`` of its leaf ``i`` zeroed for each ``(i, r)`` in ``rows``
+    (embeddings' padding rows, :func:`hessfunc.graph.curvature.padding_rows`); under
+    ``vmap`` too."""
+    if not rows:
+        return tree
+    leaves, spec = pytree.tree_flatten(tree)
+    for i, row in rows:
+        keep = torch.ones(leaves[i].shape[0], *[1] * (leaves[i].dim() - 1),
+                          dtype=leaves[i].dtype, device=leaves[i].device)
+        keep[row] = 0
+        leaves[i] = leaves[i] * keep
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def reverse_jvp(vjp_fn: Callable[[torch.Tensor], tuple[Any]], out: torch.Tensor

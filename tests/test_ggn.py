@@ -1862,3 +1862,26 @@ def test_ggn_of_token_losses_without_a_closed_form_row_by_row(case, first, monke
         Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1],
                               list(leaves.values()))
         assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))
+
+
+@pytest.mark.parametrize("as_function", [False, True])
+def test_gauss_newton_products_carry_no_tangent_from_an_embeddings_padding_row(as_function):
+    """Autograd gives an embedding's padding row no gradient, so the oracle's ``J`` has no
+    column for it; forward mode carried the tangent's padding row into ``J v``, and
+    ``ggn_vp`` and ``GGNOperator`` products of a tangent with that row non-zero were wrong
+    (by 1e-2 here) in every entry. Now they equal the oracle's ``G v``, for a
+    ``functionalize`` model and a ``functional_call`` function alike."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(9, 2)).double()
+    x, y = torch.tensor([[1, 1, 2], [3, 0, 3], [4, 1, 1]]), torch.tensor([0, 1, 1])
+    loss_fn = nn.CrossEntropyLoss()
+    g, params, _, _, G = _oracle(model, loss_fn, x, y)
+    if as_function:
+        g = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+    assert v["0.weight"][1].abs().min() > 0
+    assert_close(flat(hf.ggn_vp(g, loss_fn, (params, x, y), v)), G @ flat(v))
+    op = hf.GGNOperator(g, loss_fn, params, [(x, y)])
+    assert_close(op @ flat(v), G @ flat(v))
+    assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))

@@ -51,7 +51,8 @@ NOTE [parameters read one element at a time]
     D_e H[e, e'] D_e'``: ``O(N w C)`` instead of one pushed tangent per element of ``p``,
     ``O(|p| N w C)`` (``C`` the factor's columns, or ``w``). Autograd gives an
     embedding's padding row no gradient, so ``D`` is 0 where it is read (and every
-    derivative of the lookup leaves that row out).
+    derivative of the lookup leaves that row out; the Gauss-Newton products' tangents
+    too, :func:`padding_rows`).
 
 NOTE [Gauss-Newton over the graph]
     The GGN of ``loss_fn(g(p, x), y)`` is ``J^T H_o J``: the Hessian with the curvature
@@ -158,7 +159,7 @@ from .capture import (
 from .rules import Elementwise, Reorder, rule_for
 from .samples import SampleStructure, Value, analyze_samples, pointwise
 
-__all__ = ["GraphPlan", "plan_diagonal"]
+__all__ = ["GraphPlan", "padding_rows", "plan_diagonal"]
 
 aten = torch.ops.aten
 
@@ -1215,6 +1216,25 @@ def _rows_apart(plan: GraphPlan) -> bool:
 def _padding_row(node: fx.Node) -> int:
     """An embedding's padding row (no gradient reaches it), or -1."""
     return node.args[2] if len(node.args) > 2 else -1
+
+
+def padding_rows(model: Any, params: Any, x: Any) -> list[tuple[int, int]]:
+    """``(leaf, row)`` for each embedding table of ``model(params, x)`` (its leaf's place
+    in ``params``) looked up with a padding row, which autograd gives no gradient, so no
+    forward-mode product may carry a tangent from it either (NOTE [parameters read one
+    element at a time]); none where ``model`` cannot be captured."""
+    cache = _cache(model)
+    try:
+        captured = None if isinstance(cache, str) else cache.get((params, x))
+    except ArgumentError:  # random ops
+        captured = None
+    if captured is None:
+        return []
+    leaves = [nd for nd in captured.graph_module.graph.nodes if nd.op == "placeholder"]
+    place = {nd: i for i, nd in enumerate(leaves[:len(pytree.tree_leaves(params))])}
+    return sorted({(place[nd.args[0]], _padding_row(nd)) for nd in captured.graph_module.graph.nodes
+                   if nd.target is aten.embedding.default and nd.args[0] in place
+                   and _padding_row(nd) >= 0})
 
 
 def _leaf_as_itself(node: fx.Node) -> bool:

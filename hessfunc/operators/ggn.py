@@ -50,10 +50,12 @@ from ..ggn import (
     output_product,
     random_draws_error,
     reverse_jvp,
+    without_rows,
 )
 from ..graph.chain import RANDOM_MODEL, model_chain
 from ..graph.chain_plan import _Add, _Conv, _Elementwise, _Flatten, _Linear
 from ..graph.chain_products import ChainProducts
+from ..graph.curvature import padding_rows
 from .base import CurvatureOperator
 
 __all__ = ["GGNOperator", "FisherOperator"]
@@ -76,6 +78,7 @@ class _BatchProduct:
         with no_random_draws(call), second_order_kernels():
             self._out, self._vjp = torch.func.vjp(self._model, params)
         self._output_product = output_product
+        self._rows = padding_rows(g, params, x)  # tangents autograd's J has no column for
         self._jvp: Callable[[Any], torch.Tensor] | None = None
         self._transposed: Callable[[Any], torch.Tensor] | None = None
         if getattr(g, "seed", None) is not None:  # a FunctionalModel with a fixed draw
@@ -111,7 +114,7 @@ class _BatchProduct:
         return self._transposed(tree)
 
     def _product(self, tree: Any) -> Any:
-        return self._vjp(self._output_product(self._tangent(tree)))[0]
+        return self._vjp(self._output_product(self._tangent(without_rows(tree, self._rows))))[0]
 
     def batched(self, trees: Any) -> Any:
         # a model with one fixed draw (randomness="fixed") seeds it inside each call
