@@ -966,7 +966,9 @@ class GraphPlan:
     def _shared_diagonal(self, parts: _Shared, hvv: Tensor, signs: Tensor | None) -> Tensor:
         """Per sample, the diagonal of a shared weight or bias (:class:`_Shared`), in the
         operand's layout: ``diag_W[o, k] = sum_(l, m) X[k, l] H[(o, l), (o, m)] X[k, m]``
-        (with a factor ``S``: ``sum_c s_c (sum_l S[(o, l), c] X[k, l])^2``)."""
+        (with a factor ``S``: ``sum_c s_c (sum_l S[(o, l), c] X[k, l])^2``, or where the
+        positions are fewer than the inputs, ``L < K``, ``H``'s own blocks from the factor
+        first: ``O(N C O L^2)`` against ``O(N C O K L)``, and no ``(N, C, O, K)`` array)."""
         cols, c_out, span = parts.cols, parts.c_out, parts.span
         n = self.n
         if signs is not None:
@@ -974,6 +976,9 @@ class GraphPlan:
                 else hvv.reshape(n, c_out, span, -1)  # (N, o, l, c)
             if cols is None:
                 return parts.to_operand((root.sum(2) ** 2 * signs[:, None, :]).sum(-1))
+            if span < cols.shape[1]:  # fewer positions than inputs: H's own blocks, l x l
+                own = torch.matmul(root * signs[:, None, None, :], root.transpose(-1, -2))
+                return parts.to_operand(torch.einsum("nkl,nolm,nkm->nok", cols, own, cols))
             g = torch.einsum("nolc,nkl->ncok", root, cols).square_()
             # sum_c s_c g_c^2 as one batched product (two elementwise passes cost 2x more)
             return parts.to_operand(torch.bmm(signs[:, None, :].to(g.dtype),
