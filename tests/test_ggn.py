@@ -1885,3 +1885,28 @@ def test_gauss_newton_products_carry_no_tangent_from_an_embeddings_padding_row(a
     op = hf.GGNOperator(g, loss_fn, params, [(x, y)])
     assert_close(op @ flat(v), G @ flat(v))
     assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+
+
+class _TwoSums(nn.Module):
+    """``a + b`` twice: the sum's rule hands both operands one factor, so ``a`` and ``b``
+    start with the same tensor before the other sum adds to each."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(3, 4)
+        self.h1, self.h2 = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, b = torch.tanh(self.l1(x)), torch.sin(self.l2(x))
+        return self.h1(torch.tanh(a + b)) + self.h2(torch.sin(b + a))
+
+
+def test_factors_summed_over_uses_are_added_to_in_place_only_where_made_by_a_sum():
+    """The sweep adds a value's later factors in place only to the sum it made itself: a
+    factor a rule hands two operands at once (here ``a + b``'s) is shared, and adding to
+    it in place gave ``b`` ``a``'s share too (0.3 off the oracle's diagonal)."""
+    torch.manual_seed(0)
+    model = _TwoSums().double()
+    x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
+    g, params, _, _, G = _oracle(model, F.cross_entropy, x, y)
+    assert_close(flat(hf.ggn_diag(g, F.cross_entropy)(params, x, y)), torch.diagonal(G))

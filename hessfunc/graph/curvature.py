@@ -555,6 +555,7 @@ class GraphPlan:
         diagonal_only = set() if self.linearised or full else \
             self._diagonal_only(nodes, by_node)
         factors: dict[fx.Node, Tensor] | None = None  # NOTE [Gauss-Newton factors]
+        summed: set[fx.Node] = set()  # factors made here by a sum: added to in place
         signs = None
         if self.linearised:
             given = self._given_factor() if self.output_factor is not None else None
@@ -574,7 +575,13 @@ class GraphPlan:
                 if inputs:
                     for u, pulled in zip(inputs, self.rule(v, inputs).pull_rows(root),
                                          strict=True):
-                        factors[u] = factors[u] + pulled if u in factors else pulled
+                        if u not in factors:
+                            factors[u] = pulled  # may be a view of a rule's operand
+                        elif u in summed:
+                            factors[u].add_(pulled)
+                        else:
+                            factors[u] = factors[u] + pulled
+                            summed.add(u)
                 continue
             row = {b: blk for (a, b), blk in H.items() if a is v}
             for key in [k for k in H if v in k]:
