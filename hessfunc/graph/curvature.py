@@ -828,18 +828,15 @@ class GraphPlan:
         """Where each element of ``v`` reads one element of its parameter operand (NOTE
         [parameters read one element at a time]): per sample, the element it reads and
         ``dv/dp`` there, ``(N, w_v)`` each; else None."""
-        v, o = site.node, site.operand
+        v, o = site.node, site.operand  # (a site: o is read once, linearly)
         operand, value = self.env[o], self.env[v]
-        if not isinstance(operand, Tensor):
-            return None
         place = torch.arange(operand.numel(), device=operand.device).reshape(operand.shape)
-        if v.target is aten.embedding.default and v.args[0] is o:
+        if v.target is aten.embedding.default:  # the table; the tokens are data
             tokens = self.env[v.args[1]]
             index = aten.embedding.default(place, tokens)
             slope = (tokens != _padding_row(v)).to(value.dtype)[..., None].expand_as(value)
             return self.flat(v, index), self.flat(v, slope)
-        if v.target in _BROADCAST_OPS and list(v.args[:2]).count(o) == 1 and \
-                torch.broadcast_shapes(operand.shape, value.shape) == value.shape:
+        if v.target in _BROADCAST_OPS:  # o not per-sample: broadcast to v's shape
             _, slope = torch.func.jvp(self.op(v, [o]), (operand,), (torch.ones_like(operand),))
             return self.flat(v, place.broadcast_to(value.shape)), \
                 self.flat(v, slope.broadcast_to(value.shape))
