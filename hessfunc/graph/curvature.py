@@ -1735,11 +1735,15 @@ class _OwnLosses:
     the stacked ``f(p, *batch[n:n+1])`` (``g``'s outputs, to find its ops in the
     Gauss-Newton sweep of the summed losses, NOTE [Gauss-Newton over the graph])."""
 
-    _guard_targets: Any = ()  # the trace cache's fingerprint walks what the instance sets
-
     def __init__(self, f: Any, summed: bool = True) -> None:
         self.f, self.summed = f, summed
-        self._guard_targets = (f,)
+
+    @property
+    def _guard_targets(self) -> tuple[Any, ...]:
+        """What the trace cache's fingerprint walks: what ``f`` wraps, where ``f`` is one of
+        hessfunc's wrappers (a level less: within the walk's depth), else ``f``."""
+        inner = getattr(self.f, "_guard_targets", None)
+        return (self.f,) if inner is None else inner
 
     def __call__(self, params: Any, *batch: Any) -> Any:
         leaves, spec = pytree.tree_flatten(list(batch))
@@ -1764,7 +1768,7 @@ def _own_losses(f: Any, summed: bool = True) -> _OwnLosses | str:
     if isinstance(fn, str):
         return fn
     own = _kept(_OWN[summed], f, lambda: _OwnLosses(fn, summed))
-    own.f, own._guard_targets = fn, (fn,)
+    own.f = fn
     return own
 
 
