@@ -1955,3 +1955,25 @@ def test_per_sample_ggn_of_a_model_of_two_inputs_finds_its_ops_under_vmap():
             one = tuple(t[n:n + 1] for t in x)
             Gn = hf.reference.ggn(g(leaves, one), loss_fn, y[n:n + 1], list(leaves.values()))
             assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ggn_diagonal_of_a_grouped_convolution_pushes_tangents_through_the_factor(chunked,
+                                                                                monkeypatch):
+    """A grouped convolution's weight has no closed form: its diagonal pushes one tangent
+    per element through the op and squares them against the factor with its signs, equal
+    to the oracle's (per sample too), also a few tangents at a time."""
+    from hessfunc.graph import curvature
+
+    if chunked:  # a few columns per chunk
+        monkeypatch.setattr(curvature, "CHUNK_BUDGET_BYTES", 3 * 64 * 8 * 3)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(16, C)).double()
+    x, y = torch.randn(3, 2, 4, 4, dtype=DT), torch.randint(0, C, (3,))
+    g, params, _, _, G = _oracle(model, F.cross_entropy, x, y)
+    assert_close(flat(hf.ggn_diag(g, F.cross_entropy)(params, x, y)), torch.diagonal(G))
+    rows = hf.ggn_diag(g, F.cross_entropy, per_sample=True)(params, x, y)
+    for n in range(3):
+        *_, Gn = _oracle(model, F.cross_entropy, x[n:n + 1], y[n:n + 1])
+        assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))

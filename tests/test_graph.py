@@ -2016,7 +2016,7 @@ class _ReadOnce(nn.Module):
         return self.head(torch.tanh(torch.add(h, self.plus, alpha=2.0))).reshape(-1, 2)
 
 
-@pytest.mark.parametrize("padding", [None, 1])
+@pytest.mark.parametrize("padding", [None, 0])
 @pytest.mark.parametrize("quantity", ["hessian", "ggn"])
 def test_parameters_read_one_element_at_a_time_sum_their_reads(quantity, padding, monkeypatch):
     """Each such site's diagonal sums ``D S``'s rows by the element read before squaring
@@ -2079,3 +2079,27 @@ def test_parameters_read_one_element_at_a_time_sum_their_reads(quantity, padding
         k = params["emb.weight"].numel()
         blocks = hf.hessian_blocks(f)(params, x, y)
         assert_close(blocks["emb.weight"], full[at:at + k, at:at + k])
+
+
+def test_each_samples_loss_under_vmap_takes_a_python_number_among_the_inputs():
+    """NOTE [per-sample losses]: ``x = (tensor, 2.0)``; under ``vmap`` the number is no
+    batched input (``in_dims`` None), and each sample's diagonal equals the oracle's."""
+    from _helpers import Attention
+
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 3, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x[0],)) / x[1], y)
+
+    plan, why = plan_diagonal(f, (params, (x, 2.0), y), per_sample=True)
+    assert plan is not None and plan.own_losses, why
+    rows = hf.hessian_diag(f, per_sample=True)(params, (x, 2.0), y)
+    with second_order_kernels():
+        for n in range(4):
+            one, leaves = oracle_loss(f, params, (x[n:n + 1], 2.0), y[n:n + 1])
+            assert_close({k: v[n] for k, v in rows.items()},
+                         hf.reference.hessian_diag(one, leaves))
