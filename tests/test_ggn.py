@@ -1873,8 +1873,8 @@ def test_gauss_newton_products_carry_no_tangent_from_an_embeddings_padding_row(a
                                                                              padding):
     """Autograd gives an embedding's padding row no gradient, so the oracle's ``J`` has no
     column for it; forward mode carried the tangent's padding row into ``J v``, and
-    ``ggn_vp`` and ``GGNOperator`` products of a tangent with that row non-zero were wrong
-    (by 1e-2 here) in every entry. Now they equal the oracle's ``G v``, for a
+    ``ggn_vp``, ``GGNOperator`` and ``FisherOperator`` products of a tangent with that row
+    non-zero were wrong (by 1e-2 here) in every entry. Now they equal the oracle's, for a
     ``functionalize`` model and a ``functional_call`` function alike."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Embedding(5, 3, padding_idx=padding), nn.Tanh(), nn.Flatten(),
@@ -1890,6 +1890,11 @@ def test_gauss_newton_products_carry_no_tangent_from_an_embeddings_padding_row(a
     op = hf.GGNOperator(g, loss_fn, params, [(x, y)])
     assert_close(op @ flat(v), G @ flat(v))
     assert_close(flat(hf.ggn_diag(g, loss_fn)(params, x, y)), torch.diagonal(G))
+    leaves = leaf_params(params)
+    losses = [loss_fn(g(leaves, x[i:i + 1]), y[i:i + 1]) for i in range(3)]
+    E = hf.reference.empirical_fisher(losses, list(leaves.values()), 1 / 3)  # c / s^2
+    op = hf.FisherOperator(g, loss_fn, params, [(x, y)], kind="empirical")
+    assert_close(op @ flat(v), E @ flat(v))
 
 
 class _TwoSums(nn.Module):
