@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_close, count_captures, oracle_hessian, oracle_loss
+from _helpers import Attention, assert_close, count_captures, flat, oracle_hessian, oracle_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -2062,9 +2062,6 @@ def test_parameters_read_one_element_at_a_time_sum_their_reads(quantity, padding
         return torch.diagonal(hf.reference.ggn(g(leaves, x[rows]), loss_fn, y[rows],
                                                list(leaves.values())))
 
-    def flat(d):
-        return torch.cat([t.reshape(-1) for t in d.values()])
-
     with monkeypatch.context() as m:  # no tangent pushed per element of a parameter
         m.setattr(GraphPlan, "_pushed_diagonal", lambda *a: pytest.fail("pushed tangents"))
         whole, rows = fn(False)(params, x, y), fn(True)(params, x, y)
@@ -2084,8 +2081,6 @@ def test_parameters_read_one_element_at_a_time_sum_their_reads(quantity, padding
 def test_each_samples_loss_under_vmap_takes_a_python_number_among_the_inputs():
     """NOTE [per-sample losses]: ``x = (tensor, 2.0)``; under ``vmap`` the number is no
     batched input (``in_dims`` None), and each sample's diagonal equals the oracle's."""
-    from _helpers import Attention
-
     torch.manual_seed(0)
     model = Attention().double().eval()
     gen = torch.Generator().manual_seed(3)
