@@ -61,8 +61,6 @@ def _oracle(model, loss_fn, x, y):
     return g, params, out, leaves, hf.reference.ggn(out, loss_fn, y, list(leaves.values()))
 
 
-
-
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("frozen", [False, True])
