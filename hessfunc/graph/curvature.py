@@ -46,13 +46,14 @@ NOTE [parameters read one element at a time]
     into ``u + p``, ``-``, ``*``, ``/``: a LayerNorm's weight and bias, positional
     embeddings; or an embedding table looked up by the data), ``J_p[e, i] = D_e [i(e) =
     i]``: ``i(e)`` the element ``v_e`` reads (the op run on ``p``'s element numbers, or
-    broadcast), ``D = dv/dp`` along all ones (one ``jvp``; 1 for a lookup). So ``J_p^T S``
+    broadcast), ``D = dv/dp`` along all ones (one ``jvp`` of the op). So ``J_p^T S``
     sums ``D S``'s rows by ``i(e)``, and ``diag(J_p^T H J_p)_i = sum_(i(e) = i = i(e'))
     D_e H[e, e'] D_e'``: ``O(N w C)`` instead of one pushed tangent per element of ``p``,
     ``O(|p| N w C)`` (``C`` the factor's columns, or ``w``). Autograd gives an
-    embedding's padding row no gradient, so ``D`` is 0 where it is read (and every
-    derivative of the lookup leaves that row out; the Gauss-Newton products' tangents
-    too, :func:`padding_rows`).
+    embedding's padding row no gradient, so the op as the sweep runs it
+    (:meth:`GraphPlan.op`) leaves that row out of every derivative of the lookup, ``D``
+    included (0 where it is read); the Gauss-Newton products' tangents too
+    (:func:`padding_rows`).
 
 NOTE [Gauss-Newton over the graph]
     The GGN of ``loss_fn(g(p, x), y)`` is ``J^T H_o J``: the Hessian with the curvature
@@ -832,15 +833,14 @@ class GraphPlan:
         operand, value = self.env[o], self.env[v]
         place = torch.arange(operand.numel(), device=operand.device).reshape(operand.shape)
         if v.target is aten.embedding.default:  # the table; the tokens are data
-            tokens = self.env[v.args[1]]
-            index = aten.embedding.default(place, tokens)
-            slope = (tokens != _padding_row(v)).to(value.dtype)[..., None].expand_as(value)
-            return self.flat(v, index), self.flat(v, slope)
-        if v.target in _BROADCAST_OPS:  # o not per-sample: broadcast to v's shape
-            _, slope = torch.func.jvp(self.op(v, [o]), (operand,), (torch.ones_like(operand),))
-            return self.flat(v, place.broadcast_to(value.shape)), \
-                self.flat(v, slope.broadcast_to(value.shape))
-        return None
+            index = aten.embedding.default(place, self.env[v.args[1]])
+        elif v.target in _BROADCAST_OPS:  # o not per-sample: broadcast to v's shape
+            index = place.broadcast_to(value.shape)
+        else:
+            return None
+        # dv/dp as op gives it (0 where a lookup reads its padding row)
+        _, slope = torch.func.jvp(self.op(v, [o]), (operand,), (torch.ones_like(operand),))
+        return self.flat(v, index), self.flat(v, slope.broadcast_to(value.shape))
 
     def _read_diagonal(self, site: _Site, reads: tuple[Tensor, Tensor], hvv: Tensor,
                        signs: Tensor | None) -> Tensor:
