@@ -540,23 +540,27 @@ class GraphPlan:
                 by_node.setdefault(site.node, []).append(i)
         H: dict[tuple[fx.Node, fx.Node], Tensor] = {}
 
-        owned: set[tuple[fx.Node, fx.Node]] = set()  # sums made here: added to in place
+        owned: set[Any] = set()  # keys of H and of factors whose sum was made here
+
+        def accumulate(store: dict[Any, Tensor], key: Any, value: Tensor) -> None:
+            """``store[key] += value``, in place only into a sum made here: a first value
+            may be a rule's operand, a view shared with ``(b, a)``, or one factor handed
+            to two operands at once."""
+            if key not in store:
+                store[key] = value
+            elif key in owned:
+                store[key].add_(value)
+            else:
+                store[key] = store[key] + value
+                owned.add(key)
 
         def add(a: fx.Node, b: fx.Node, block: Tensor) -> None:
-            key = (a, b)
-            if key not in H:
-                H[key] = block  # may be a rule's operand or a view shared with (b, a)
-            elif key in owned:
-                H[key].add_(block)
-            else:
-                H[key] = H[key] + block
-                owned.add(key)
+            accumulate(H, (a, b), block)
 
         nodes = self._per_sample_nodes()
         diagonal_only = set() if self.linearised or full else \
             self._diagonal_only(nodes, by_node)
         factors: dict[fx.Node, Tensor] | None = None  # NOTE [Gauss-Newton factors]
-        summed: set[fx.Node] = set()  # factors made here by a sum: added to in place
         signs = None
         if self.linearised:
             given = self._given_factor() if self.output_factor is not None else None
@@ -576,13 +580,7 @@ class GraphPlan:
                 if inputs:
                     for u, pulled in zip(inputs, self.rule(v, inputs).pull_rows(root),
                                          strict=True):
-                        if u not in factors:
-                            factors[u] = pulled  # may be a view of a rule's operand
-                        elif u in summed:
-                            factors[u].add_(pulled)
-                        else:
-                            factors[u] = factors[u] + pulled
-                            summed.add(u)
+                        accumulate(factors, u, pulled)
                 continue
             row = {b: blk for (a, b), blk in H.items() if a is v}
             for key in [k for k in H if v in k]:
