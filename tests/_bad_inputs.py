@@ -36,6 +36,13 @@ def _setup():
 
 
 MODEL, F_, PARAMS, X, Y, V = _setup()
+
+
+def _counted_lookup():
+    model = nn.Sequential(nn.Embedding(4, 2, scale_grad_by_freq=True), nn.Flatten(),
+                          nn.Linear(4, 1))
+    f, params = hf.functionalize(model, nn.MSELoss())
+    return hf.hessian_diag(f)(params, torch.tensor([[0, 1], [1, 3]]), torch.zeros(2, 1))
 SCALAR = lambda t: (t ** 3).sum()  # noqa: E731
 VEC = torch.ones(3, dtype=torch.float64)
 H = hf.HessianOperator(F_, PARAMS, (X, Y))
@@ -54,6 +61,9 @@ CASES: list[Case] = [
     Case("functionalize-dropout", "active dropout without a randomness choice",
          lambda: hf.functionalize(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()),
          hf.ArgumentError, "randomness='fixed'"),
+    Case("lookup-counted-gradient", "a differentiated embedding with scale_grad_by_freq=True",
+         _counted_lookup, hf.ArgumentError,
+         r"args\[0\]\['0.weight'\].*scale_grad_by_freq=False"),
     Case("functionalize-randomness", "unknown randomness choice",
          lambda: hf.functionalize(MODEL, randomness="different"), hf.ArgumentError,
          "`randomness`"),

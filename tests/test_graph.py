@@ -2016,6 +2016,78 @@ class _ReadOnce(nn.Module):
         return self.head(torch.tanh(torch.add(h, self.plus, alpha=2.0))).reshape(-1, 2)
 
 
+_COUNTED_ROUTES = {
+    "hessian_diag": lambda f, g, p, v, b: hf.hessian_diag(f)(p, *b),
+    "hessian_diag per sample": lambda f, g, p, v, b: hf.hessian_diag(f, per_sample=True)(p, *b),
+    "hessian": lambda f, g, p, v, b: hf.hessian(f)(p, *b),
+    "hessian_blocks": lambda f, g, p, v, b: hf.hessian_blocks(f)(p, *b),
+    "hvp_fn": lambda f, g, p, v, b: hf.hvp_fn(f, (p, *b))(v),
+    "HessianOperator": lambda f, g, p, v, b: hf.HessianOperator(f, p, b) @ flat(v),
+    "ggn_diag": lambda f, g, p, v, b: hf.ggn_diag(g, F.mse_loss)(p, *b),
+    "ggn_diag per sample": lambda f, g, p, v, b: hf.ggn_diag(g, F.mse_loss, per_sample=True)(
+        p, *b),
+    "ggn_vp": lambda f, g, p, v, b: hf.ggn_vp(g, F.mse_loss, (p, *b), v),
+    "GGNOperator": lambda f, g, p, v, b: hf.GGNOperator(g, F.mse_loss, p, b) @ flat(v),
+}
+
+
+@pytest.mark.parametrize("table", ["parameter", "computed", "module"])
+@pytest.mark.parametrize("route", sorted(_COUNTED_ROUTES))
+def test_a_lookup_whose_gradient_torch_scales_by_counts_is_refused(route, table):
+    """``scale_grad_by_freq=True`` makes autograd divide a table's gradient by each token's
+    count in the batch: no derivative of the function, so its "Hessian" is not symmetric
+    and each route gave another matrix (0.2-0.3 apart here). Every route that captures the
+    function refuses it, naming the table's argument, whether the table is a parameter,
+    computed from one, or a module's."""
+    torch.manual_seed(0)
+    x, y = torch.tensor([[0, 1], [1, 1], [2, 4]]), torch.randn(3, 2, 2, dtype=torch.float64)
+    if table == "module":
+        model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Tanh(),
+                              nn.Linear(3, 2)).double()
+        g, p = hf.functionalize(model)
+        name = "0.weight"
+    else:
+        p = {"E": torch.randn(5, 3, dtype=torch.float64), "w": torch.randn(2, 3,
+                                                                        dtype=torch.float64)}
+        name = "E"
+
+        def g(p, x):
+            E = p["E"] if table == "parameter" else p["E"] * 2.0
+            return F.linear(torch.tanh(F.embedding(x, E, scale_grad_by_freq=True)), p["w"])
+
+    def f(p, x, y):
+        return F.mse_loss(g(p, x), y)
+
+    v = {k: torch.randn_like(t) for k, t in p.items()}
+    with pytest.raises(hf.ArgumentError, match=re.escape(f"args[0]['{name}']") +
+                       ".*scale_grad_by_freq=False"):
+        _COUNTED_ROUTES[route](f, g, p, v, (x, y))
+
+
+def test_a_frozen_table_with_counted_gradients_is_no_parameter():
+    """The refusal is for differentiated tables only: frozen, the table is a constant, the
+    counts change nothing, and the diagonals equal the oracle's. One-shot ``hvp`` does not
+    capture: it returns autograd's double backward, the oracle's ``hvp`` exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Tanh(),
+                          nn.Linear(3, 2)).double()
+    x, y = torch.tensor([[0, 1], [1, 1], [2, 4]]), torch.randn(3, 2, 2, dtype=torch.float64)
+    g, p = hf.functionalize(model)
+    v = {k: torch.randn_like(t) for k, t in p.items()}
+    loss, leaves = oracle_loss(lambda q, x, y: F.mse_loss(g(q, x), y), p, x, y)
+    want = hf.reference.hvp(loss, list(leaves.values()), list(v.values()))
+    assert_close(flat(hf.hvp(lambda q, x, y: F.mse_loss(g(q, x), y), (p, x, y), v)),
+                 torch.cat([t.reshape(-1) for t in want]))
+    model[0].weight.requires_grad_(False)
+    g, p = hf.functionalize(model)
+    f = lambda q, x, y: F.mse_loss(g(q, x), y)  # noqa: E731
+    H = oracle_hessian(f, p, x, y)
+    assert_close(flat(hf.hessian_diag(f)(p, x, y)), torch.diagonal(H))
+    loss, leaves = oracle_loss(g, p, x)
+    G = hf.reference.ggn(loss, F.mse_loss, y, list(leaves.values()))
+    assert_close(flat(hf.ggn_diag(g, F.mse_loss)(p, x, y)), torch.diagonal(G))
+
+
 @pytest.mark.parametrize("padding", [None, 0])
 @pytest.mark.parametrize("quantity", ["hessian", "ggn"])
 def test_parameters_read_one_element_at_a_time_sum_their_reads(quantity, padding, monkeypatch):

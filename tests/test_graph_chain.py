@@ -1887,12 +1887,11 @@ def test_the_walk_reads_each_model_as_its_plan(name, monkeypatch):
     assert set(_PLANS) == set(_walked_models())  # every model has its plan written out
 
 
-@pytest.mark.parametrize("option", [{"scale_grad_by_freq": True}, {"sparse": True},
-                                    "a computed table"])
+@pytest.mark.parametrize("option", [{"sparse": True}, "a computed table"])
 def test_a_lookup_with_options_is_no_step(option):
-    """Beside ``padding_idx`` (above): ``scale_grad_by_freq`` changes torch's gradient of a
-    lookup (not its derivative), ``sparse`` its layout; a table computed from a parameter
-    is no parameter of the lookup: such a lookup is no step."""
+    """Beside ``padding_idx`` (above): ``sparse`` changes a lookup's layout; a table
+    computed from a parameter is no parameter of the lookup: such a lookup is no step
+    (``scale_grad_by_freq`` is refused outright: ``test_graph.py``)."""
     gen = torch.Generator().manual_seed(5)
     p = {"E": torch.randn(5, 3, generator=gen, dtype=F64),
          "w": torch.randn(2, 3, generator=gen, dtype=F64)}

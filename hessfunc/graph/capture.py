@@ -55,13 +55,19 @@ from torch._decomp import get_decompositions
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import (
+    keystr,
+    tree_flatten,
+    tree_flatten_with_path,
+    tree_leaves,
+    tree_unflatten,
+)
 
 from .._autodiff import second_order_kernels
 from ..errors import ArgumentError
 
 __all__ = ["Captured", "TraceCache", "capture", "fingerprint", "tensor_leaves",
-           "run_nodes", "replay", "LOSS_DECOMPOSITIONS"]
+           "run_nodes", "replay", "LOSS_DECOMPOSITIONS", "RandomOpError"]
 
 aten = torch.ops.aten
 
@@ -121,6 +127,11 @@ _MAX_DEPTH = 6
 _MAX_ITEMS = 20_000
 
 
+class RandomOpError(ArgumentError):
+    """``fn`` draws random numbers: the callers' structured routes step aside for the
+    generic path, which refuses or accepts such a function on its own terms."""
+
+
 @dataclass(frozen=True)
 class Captured:
     """A traced per-point function: its graph and the fake meta of its output.
@@ -157,9 +168,11 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     """Trace ``fn(*args)``: tensor leaves of ``args`` become placeholders (in
     :func:`tensor_leaves` order), other leaves stay fixed.
 
-    Raises :class:`ArgumentError` when ``fn`` uses a random operation (its
-    derivatives along different directions would see different samples).
-    Any other failure propagates; the caller then takes the generic path.
+    Raises :class:`RandomOpError` when ``fn`` uses a random operation (its
+    derivatives along different directions would see different samples), and
+    :class:`ArgumentError` when it differentiates a lookup whose gradient torch scales
+    by the tokens' counts (:func:`_counted_lookup`). Any other failure propagates; the
+    caller then takes the generic path.
     """
     leaves, treedef = tree_flatten(list(args))
     is_tensor = [isinstance(a, Tensor) for a in leaves]
@@ -195,11 +208,12 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     for node in gm.graph.nodes:
         target = node.target
         if _is_random(node):
-            raise ArgumentError(
+            raise RandomOpError(
                 f"{caller}: u calls the random operation {target}; its derivatives "
                 "along different directions would see different random samples. "
                 "Put the model in eval mode (no dropout) or remove the randomness from u."
             )
+    _refuse_counted_lookups(gm, args)
     (out_node,) = [n for n in gm.graph.nodes if n.op == "output"]
     output = torch.fx.node.map_arg(out_node.args[0], lambda n: n.meta.get("val"))
     return Captured(gm, output)
@@ -274,6 +288,36 @@ def _is_random(node: torch.fx.Node) -> bool:
             if argument(node, name) == 0 or argument(node, "train") is False:
                 return False
     return True
+
+
+def _refuse_counted_lookups(gm: torch.fx.GraphModule, args: Sequence[Any]) -> None:
+    """Refuse an embedding with ``scale_grad_by_freq=True`` whose table depends on an
+    argument: autograd divides that table's gradient by each token's count in the batch,
+    which is no derivative of the function, so its "Hessian" is not symmetric and every
+    route (double backward, forward mode, the oracle's rows) gives another matrix."""
+    lookups = [n for n in gm.graph.nodes if n.op == "call_function"
+               and n.target is aten.embedding.default and argument(n, "scale_grad_by_freq")]
+    if not lookups:
+        return
+    reads: dict[torch.fx.Node, set[int]] = {}  # the arguments' tensors each value reads
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        reads[node] = {i}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            reads[node] = set().union(*(reads[a] for a in node.all_input_nodes))
+    paths = [keystr(path) for path, a in tree_flatten_with_path(list(args))[0]
+             if isinstance(a, Tensor)]
+    for node in lookups:
+        if reads[node.args[0]]:
+            table = ", ".join(f"args{paths[i]}" for i in sorted(reads[node.args[0]]))
+            raise ArgumentError(
+                f"hessfunc: the function looks up a table computed from {table} (its "
+                "arguments counted from 0) with scale_grad_by_freq=True. Autograd divides "
+                "that table's gradient by the tokens' counts in the batch, which is no "
+                "derivative of the function, so its second derivatives are not defined. "
+                "Build the embedding with scale_grad_by_freq=False (the function is the "
+                "same), or freeze the table."
+            )
 
 
 def _is_mutating(node: torch.fx.Node) -> bool:

@@ -72,7 +72,7 @@ from .._autodiff import use_autograd
 from .._memory import CHUNK_BUDGET_BYTES
 from ..errors import ArgumentError
 from ..functional import FunctionalModel, _report_non_finite
-from .capture import argument, operand_uses, replay, run_nodes, where
+from .capture import RandomOpError, argument, operand_uses, replay, run_nodes, where
 from .chain_plan import (
     ChainPlan,
     ParameterTerms,
@@ -1080,7 +1080,7 @@ def model_chain(model: Any, params: Any, x: Any, loss: Callable[[Tensor], Tensor
         return None, cache
     try:
         captured = cache.get((params, x))
-    except ArgumentError:  # random ops
+    except RandomOpError:  # random ops
         return None, RANDOM_MODEL
     if captured is None:
         return None, f"the model could not be captured as a graph: {cache.failure}"
@@ -1106,6 +1106,8 @@ def graph_chain(f: Any, args: tuple[Any, ...], argnums: int, *, blocks: bool = T
     try:
         captured = cache.get(args)
     except Exception as e:  # noqa: BLE001 - a trace that fails: the graph route says so
+        if isinstance(e, ArgumentError) and not isinstance(e, RandomOpError):
+            raise  # f itself is refused
         return None, f"f could not be captured as a graph ({str(e)[:80]})"
     if captured is None:
         why = f"f could not be captured as a graph: {cache.failure}"

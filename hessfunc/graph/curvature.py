@@ -147,10 +147,10 @@ from torch.utils import _pytree as pytree
 from .._autodiff import batched_vjp, use_autograd
 from .._checks import check_loss_output, check_scalar_output
 from .._memory import CHUNK_BUDGET_BYTES, available_bytes, format_bytes, itemsize
-from ..errors import ArgumentError
 from .capture import (
     LOSS_DECOMPOSITIONS,
     Captured,
+    RandomOpError,
     TraceCache,
     op_name,
     operand_uses,
@@ -1233,7 +1233,7 @@ def padding_rows(model: Any, params: Any, x: Any) -> list[tuple[int, int]]:
     cache = _cache(model)
     try:
         captured = None if isinstance(cache, str) else cache.get((params, x))
-    except ArgumentError:  # random ops
+    except RandomOpError:  # random ops
         captured = None
     if captured is None:
         return []
@@ -1396,7 +1396,7 @@ def plan_diagonal(f: Any, args: tuple[Any, ...], argnums: int = 0, per_sample: b
         return None, cache
     try:
         captured = cache.get(args)
-    except ArgumentError as e:
+    except RandomOpError as e:
         return None, str(e)
     if captured is None:
         return None, f"f could not be captured as a graph: {cache.failure}"
@@ -1654,7 +1654,7 @@ def _model_ops(model: Any, args: tuple[Any, ...], plan: GraphPlan) -> frozenset 
         return cache
     try:
         captured = cache.get(args[:2])
-    except ArgumentError as e:
+    except RandomOpError as e:
         return str(e)
     if captured is None:
         return f"g could not be captured as a graph: {cache.failure}"
@@ -1783,7 +1783,7 @@ def _one_sample_graph(f: Any, args: tuple[Any, ...], plan: GraphPlan
         return cache
     try:
         captured = cache.get((args[0], *one))
-    except ArgumentError as e:
+    except RandomOpError as e:
         return str(e)
     if captured is None:
         return f"f could not be captured on one sample: {cache.failure}"
