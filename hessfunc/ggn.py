@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._autodiff import batched_vjp, forward_ad_gap, second_order_kernels
+from ._autodiff import batched_vjp, forward_ad_gap, missing_derivative, second_order_kernels
 from ._checks import (
     check_callable,
     check_floating,
@@ -156,7 +156,7 @@ def ggn_vp(g: Callable[..., Any], loss_fn: Callable[..., Any], primals: tuple[An
         except (RuntimeError, NotImplementedError) as exc:
             if forward_ad_gap(exc) is None:
                 raise
-            Jv = reverse_jvp(vjp_fn, out)(v)
+            Jv = reverse_jvp(vjp_fn, out, call)(v)
     return vjp_fn(_output_hvp(loss_fn, out, y, Jv, call))[0]
 
 
@@ -175,14 +175,38 @@ def without_rows(tree: Any, rows: list[tuple[int, int]]) -> Any:
     return pytree.tree_unflatten(leaves, spec)
 
 
-def reverse_jvp(vjp_fn: Callable[[torch.Tensor], tuple[Any]], out: torch.Tensor
+def reverse_jvp(vjp_fn: Callable[[torch.Tensor], tuple[Any]], out: torch.Tensor, call: str
                 ) -> Callable[[Any], torch.Tensor]:
     """``v -> J v`` from ``vjp_fn: u -> (J^T u,)`` by reverse mode alone: ``u -> J^T u``
     is linear, so its vector-Jacobian product (at any ``u``, here 0) is ``v -> J v``. For
     models with an op that torch has no forward-mode rule for (weight normalisation's
-    ``_weight_norm_interface``), at the cost of a second backward pass."""
+    ``_weight_norm_interface``), at the cost of a second backward pass. An op with
+    neither rule (``embedding_bag``'s backward has no derivative) is an
+    :class:`ArgumentError` naming it."""
     _, transposed = torch.func.vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
-    return lambda v: transposed(v)[0]
+
+    def jvp(v: Any) -> torch.Tensor:
+        with _no_jvp(call):
+            return transposed(v)[0]
+
+    return jvp
+
+
+@contextlib.contextmanager
+def _no_jvp(call: str) -> Iterator[None]:
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        op = missing_derivative(exc)
+        if op is None:
+            raise
+        raise ArgumentError(
+            f"{call}: J v needs a forward-mode rule or a differentiable backward for every op "
+            f"of g, and torch has neither for {op} (from its backward); expected g to be "
+            "differentiable in forward mode. The GGN's diagonal and dense matrix (ggn_diag, "
+            "ggn) need J^T alone and apply; or replace the op (nn.EmbeddingBag: nn.Embedding "
+            "followed by the bag's sum or mean)."
+        ) from None
 
 
 @contextlib.contextmanager

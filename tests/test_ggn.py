@@ -1586,6 +1586,31 @@ def test_gauss_newton_products_without_forward_mode():
     assert_close(fisher @ V, empirical @ V)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("route", ["ggn_vp", "GGNOperator", "FisherOperator"])
+def test_gauss_newton_products_name_an_op_without_forward_mode_or_double_backward(route):
+    """``embedding_bag`` has no forward-mode rule and its backward no derivative, so ``J v``
+    has no route through autograd: the products say so, naming the op and what applies
+    (the diagonal, which needs ``J^T`` alone, equals the oracle's), instead of torch's
+    bare NotImplementedError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(5, 3, mode="mean"), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, y = torch.tensor([[0, 1], [1, 1], [2, 4]]), torch.randn(3, 2, dtype=DT)
+    g, params = hf.functionalize(model)
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+    products = {
+        "ggn_vp": lambda: hf.ggn_vp(g, F.mse_loss, (params, x, y), v),
+        "GGNOperator": lambda: hf.GGNOperator(g, F.mse_loss, params, (x, y)) @ flat(v),
+        "FisherOperator": lambda: hf.FisherOperator(g, F.mse_loss, params, (x, y),
+                                                    kind="mc", seed=0) @ flat(v)}
+    with pytest.raises(hf.ArgumentError, match=rf"{route}: J v needs .*_embedding_bag_backward"
+                       r".*ggn_diag, ggn\) need J\^T alone"):
+        products[route]()
+    leaves = leaf_params(params)
+    G = hf.reference.ggn(g(leaves, x), F.mse_loss, y, list(leaves.values()))
+    assert_close(flat(hf.ggn_diag(g, F.mse_loss)(params, x, y)), torch.diagonal(G))
+
+
 class _LastStep(nn.Module):
     """An LSTM read at its last step: vmap cannot run it sample by sample."""
 

@@ -2031,14 +2031,14 @@ _COUNTED_ROUTES = {
 }
 
 
-@pytest.mark.parametrize("table", ["parameter", "computed", "module"])
+@pytest.mark.parametrize("table", ["parameter", "computed", "module", "bag"])
 @pytest.mark.parametrize("route", sorted(_COUNTED_ROUTES))
 def test_a_lookup_whose_gradient_torch_scales_by_counts_is_refused(route, table):
     """``scale_grad_by_freq=True`` makes autograd divide a table's gradient by each token's
     count in the batch: no derivative of the function, so its "Hessian" is not symmetric
     and each route gave another matrix (0.2-0.3 apart here). Every route that captures the
     function refuses it, naming the table's argument, whether the table is a parameter,
-    computed from one, or a module's."""
+    computed from one, or a module's, and in ``embedding_bag`` too."""
     torch.manual_seed(0)
     x, y = torch.tensor([[0, 1], [1, 1], [2, 4]]), torch.randn(3, 2, 2, dtype=torch.float64)
     if table == "module":
@@ -2052,8 +2052,10 @@ def test_a_lookup_whose_gradient_torch_scales_by_counts_is_refused(route, table)
         name = "E"
 
         def g(p, x):
-            E = p["E"] if table == "parameter" else p["E"] * 2.0
-            return F.linear(torch.tanh(F.embedding(x, E, scale_grad_by_freq=True)), p["w"])
+            E = p["E"] * 2.0 if table == "computed" else p["E"]
+            lookup = F.embedding_bag(x, E, scale_grad_by_freq=True).unsqueeze(1).expand(
+                -1, 2, -1) if table == "bag" else F.embedding(x, E, scale_grad_by_freq=True)
+            return F.linear(torch.tanh(lookup), p["w"])
 
     def f(p, x, y):
         return F.mse_loss(g(p, x), y)

@@ -291,12 +291,14 @@ def _is_random(node: torch.fx.Node) -> bool:
 
 
 def _refuse_counted_lookups(gm: torch.fx.GraphModule, args: Sequence[Any]) -> None:
-    """Refuse an embedding with ``scale_grad_by_freq=True`` whose table depends on an
-    argument: autograd divides that table's gradient by each token's count in the batch,
-    which is no derivative of the function, so its "Hessian" is not symmetric and every
-    route (double backward, forward mode, the oracle's rows) gives another matrix."""
+    """Refuse a lookup (``embedding``, ``embedding_bag``) with ``scale_grad_by_freq=True``
+    whose table depends on an argument: autograd divides that table's gradient by each
+    token's count in the batch, which is no derivative of the function, so its "Hessian"
+    is not symmetric and every route (double backward, forward mode, the oracle's rows)
+    gives another matrix."""
     lookups = [n for n in gm.graph.nodes if n.op == "call_function"
-               and n.target is aten.embedding.default and argument(n, "scale_grad_by_freq")]
+               and isinstance(n.target, torch._ops.OpOverload)
+               and argument(n, "scale_grad_by_freq") is True]
     if not lookups:
         return
     reads: dict[torch.fx.Node, set[int]] = {}  # the arguments' tensors each value reads
@@ -308,8 +310,9 @@ def _refuse_counted_lookups(gm: torch.fx.GraphModule, args: Sequence[Any]) -> No
     paths = [keystr(path) for path, a in tree_flatten_with_path(list(args))[0]
              if isinstance(a, Tensor)]
     for node in lookups:
-        if reads[node.args[0]]:
-            table = ", ".join(f"args{paths[i]}" for i in sorted(reads[node.args[0]]))
+        weight = argument(node, "weight")
+        if isinstance(weight, torch.fx.Node) and reads[weight]:
+            table = ", ".join(f"args{paths[i]}" for i in sorted(reads[weight]))
             raise ArgumentError(
                 f"hessfunc: the function looks up a table computed from {table} (its "
                 "arguments counted from 0) with scale_grad_by_freq=True. Autograd divides "

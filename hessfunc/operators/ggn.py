@@ -74,7 +74,7 @@ class _BatchProduct:
     def __init__(self, g: Callable[..., Any], params: Any, x: Any,
                  output_product: Callable[[torch.Tensor], torch.Tensor], call: str):
         self._model = lambda p: g(p, x)
-        self._params = params
+        self._params, self._call = params, call
         with no_random_draws(call), second_order_kernels():
             self._out, self._vjp = torch.func.vjp(self._model, params)
         self._output_product = output_product
@@ -110,7 +110,7 @@ class _BatchProduct:
         rule for (weight normalisation): ``u -> J^T u`` is linear, its own vector-Jacobian
         product at any ``u`` is ``J`` (:func:`hessfunc.ggn.reverse_jvp`)."""
         if self._transposed is None:
-            self._transposed = reverse_jvp(self._vjp, self._out)
+            self._transposed = reverse_jvp(self._vjp, self._out, self._call)
         return self._transposed(tree)
 
     def _product(self, tree: Any) -> Any:
