@@ -11,7 +11,8 @@ copy). Buffers and frozen parameters stay on the copy, captured as they were.
 Modules that would mutate state during a forward pass are neutralised on the
 copy only: BatchNorm in training mode evaluates with batch statistics (the
 function the model computes in training mode) without updating running
-statistics (see docs/robustness.md).
+statistics (see docs/robustness.md). An embedding with ``max_norm``, whose forward pass
+renormalises rows of the table in place, would write into ``params`` itself: refused.
 
 NOTE [randomness]: a model in training mode with active dropout is a random
 function; its Hessian is only meaningful for one fixed draw. ``functionalize``
@@ -45,6 +46,13 @@ _RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alph
 def _active_randomness(module: nn.Module) -> list[str]:
     return [name or type(m).__name__ for name, m in module.named_modules()
             if isinstance(m, _RANDOM_MODULES) and m.training and getattr(m, "p", 1) > 0]
+
+
+def _renormed_tables(module: nn.Module) -> list[str]:
+    """Embeddings with ``max_norm``: their forward pass renormalises the table's rows in
+    place (``torch.embedding_renorm_``), so ``f`` would write into ``params``."""
+    return [name or type(m).__name__ for name, m in module.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
 
 
 def _freeze_running_stats(module: nn.Module) -> None:
@@ -271,6 +279,16 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
         raise ArgumentError(f"functionalize: `randomness` must be 'error' or 'fixed', got "
                             f"{randomness!r}.")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    renormed = _renormed_tables(model)
+    if renormed:
+        raise ArgumentError(
+            f"functionalize: `model` has embeddings with max_norm ({renormed}), whose forward "
+            "pass renormalises the table's rows in place, so f would not be pure: each call "
+            "would write into `params`, and its derivatives would be taken at whatever point "
+            "the last call left. Renormalise the table once yourself "
+            "(torch.embedding_renorm_ under torch.no_grad) and build the embedding with "
+            "max_norm=None."
+        )
     if not trainable:
         raise ArgumentError(
             f"functionalize: `model` ({type(model).__name__}) has no trainable parameters "
