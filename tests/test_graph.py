@@ -16,12 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 import hessfunc as hf
 from hessfunc._autodiff import second_order_kernels
 from hessfunc.graph.capture import LOSS_DECOMPOSITIONS, capture, run_nodes
 from hessfunc.graph.chain import graph_chain
-from hessfunc.graph.curvature import GraphPlan, _plan_own_losses, plan_diagonal
+from hessfunc.graph.curvature import GraphPlan, _cache, _plan_own_losses, plan_diagonal
 from hessfunc.graph.samples import Value, analyze_samples
 from hessfunc.testing.models import ConcatNet, ResidualMLP, TiedNet, build_mlp
 from hessfunc.testing.strategies import losses
@@ -2014,6 +2015,119 @@ class _ReadOnce(nn.Module):
         h = torch.sin(self.scale * h) + self.div / (1 + h * h)
         h = torch.tanh(h - self.minus) * torch.tanh(self.minuend - h)
         return self.head(torch.tanh(torch.add(h, self.plus, alpha=2.0))).reshape(-1, 2)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Rounding to quarters, its gradient passed straight through."""
+
+    @staticmethod
+    def forward(z):
+        return torch.round(z * 4) / 4
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
+class _DoubledGradient(torch.autograd.Function):
+    """The identity, with its derivative stated as 2."""
+
+    @staticmethod
+    def forward(z):
+        return z.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return 2 * tangent
+
+
+@pytest.mark.parametrize("function", [_StraightThrough, _DoubledGradient])
+@pytest.mark.parametrize("route", ["hvp_fn", "hessian_diag", "hessian", "HessianOperator",
+                                   "ggn_diag", "ggn_vp"])
+def test_custom_autograd_functions_keep_their_derivative_rules(route, function):
+    """A trace runs a ``torch.autograd.Function``'s forward and keeps its ops, not the
+    rules it states; the captured routes differentiated those ops (1.5-3 off the oracle
+    here). A function that applies one is not captured, and every route follows its
+    rules, as autograd and the oracle do."""
+    gen = torch.Generator().manual_seed(3)
+    p = {"w1": torch.randn(4, 3, generator=gen, dtype=torch.float64),
+         "w2": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
+    x, y = (torch.randn(8, 3, generator=gen, dtype=torch.float64),
+            torch.randn(8, 2, generator=gen, dtype=torch.float64))
+
+    def g(p, x):
+        return torch.tanh(function.apply(x @ p["w1"].T)) @ p["w2"].T
+
+    def f(p, x, y):
+        return F.mse_loss(g(p, x), y)
+
+    v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in p.items()}
+    if route.startswith("ggn"):
+        loss, leaves = oracle_loss(g, p, x)
+        want = hf.reference.ggn(loss, F.mse_loss, y, list(leaves.values()))
+    else:
+        want = oracle_hessian(f, p, x, y)
+    got = {"hvp_fn": lambda: flat(hf.hvp_fn(f, (p, x, y))(v)),
+           "hessian_diag": lambda: flat(hf.hessian_diag(f)(p, x, y)),
+           "hessian": lambda: hf.hessian(f, flat=True)(p, x, y),
+           "HessianOperator": lambda: hf.HessianOperator(f, p, (x, y)) @ flat(v),
+           "ggn_diag": lambda: flat(hf.ggn_diag(g, F.mse_loss)(p, x, y)),
+           "ggn_vp": lambda: flat(hf.ggn_vp(g, F.mse_loss, (p, x, y), v))}[route]()
+    if route in ("hvp_fn", "HessianOperator", "ggn_vp"):
+        want = want @ flat(v)
+    elif route != "hessian":
+        want = torch.diagonal(want)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("function", [_StraightThrough, _DoubledGradient])
+def test_input_laplacians_keep_a_custom_functions_rules(function):
+    """The input engine captures ``u`` too: a ``Function`` in it keeps its rules there."""
+    x = torch.randn(3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def u(x):
+        return torch.sin(function.apply(x)).sum() * x.pow(2).sum()
+
+    assert_close(hf.laplacian(u)(x), hf.reference.laplacian(u, x))
+
+
+def test_torchs_reentrant_checkpoint_is_captured_as_its_forward():
+    """torch's own reentrant checkpoint is a ``Function`` whose backward recomputes the
+    forward and differentiates it: the one kept in the captured graph, equal to the
+    oracle's derivatives of the same model without checkpointing. ``Function.apply`` is
+    torch's own again after the capture."""
+    apply = torch.autograd.Function.__dict__["apply"]
+    gen = torch.Generator().manual_seed(4)
+    p = {"w1": torch.randn(4, 3, generator=gen, dtype=torch.float64),
+         "w2": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
+    x, y = (torch.randn(8, 3, generator=gen, dtype=torch.float64),
+            torch.randn(8, 2, generator=gen, dtype=torch.float64))
+
+    def f(p, x, y, checkpointed=True):
+        h = x @ p["w1"].T
+        h = checkpoint(torch.tanh, h, use_reentrant=True) if checkpointed else torch.tanh(h)
+        return F.mse_loss(h @ p["w2"].T, y)
+
+    assert _cache(f).get((p, x, y)) is not None
+    assert torch.autograd.Function.__dict__["apply"] is apply
+    want = oracle_hessian(lambda p, x, y: f(p, x, y, False), p, x, y)
+    assert_close(flat(hf.hessian_diag(f)(p, x, y)), torch.diagonal(want))
 
 
 _COUNTED_ROUTES = {

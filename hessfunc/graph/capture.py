@@ -39,17 +39,21 @@ NOTE [tracing inside transforms]
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import operator
 import os
+import threading
 import traceback
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 from torch._decomp import get_decompositions
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
@@ -156,6 +160,49 @@ def _is_wrapped(t: Tensor) -> bool:
     )
 
 
+#: NOTE [custom autograd.Functions]: the trace runs a ``torch.autograd.Function``'s
+#: ``forward`` and keeps its ops, not its ``backward`` or ``jvp``, so the captured graph
+#: would differentiate the forward's ops where autograd follows the rules the Function
+#: states (a straight-through estimator's identity, a hand-written kernel's gradient):
+#: 1.5-3 off the oracle on a small model. A function that applies one is not captured
+#: (its generic routes follow the rules), except torch's own reentrant checkpoint, whose
+#: backward recomputes the forward and differentiates it.
+_FAITHFUL_FUNCTIONS = frozenset({torch.utils.checkpoint.CheckpointFunction})
+_APPLIED: contextvars.ContextVar[list[type] | None] = contextvars.ContextVar(
+    "hessfunc_applied_functions", default=None)
+_PATCH = {"depth": 0, "original": None}
+_PATCH_LOCK = threading.Lock()
+
+
+def _recording_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    applied = _APPLIED.get()
+    if applied is not None:
+        applied.append(cls)
+    return _PATCH["original"].__func__(cls, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _functions_applied() -> Iterator[list[type]]:
+    """The ``torch.autograd.Function`` classes applied in this context within the block.
+    ``Function.apply`` is wrapped while any block is open, and the wrapper only records
+    for the context that opened one: other threads' calls pass through unchanged."""
+    with _PATCH_LOCK:
+        if _PATCH["depth"] == 0:
+            _PATCH["original"] = torch.autograd.Function.__dict__["apply"]
+            torch.autograd.Function.apply = classmethod(_recording_apply)  # type: ignore
+        _PATCH["depth"] += 1
+    applied: list[type] = []
+    token = _APPLIED.set(applied)
+    try:
+        yield applied
+    finally:
+        _APPLIED.reset(token)
+        with _PATCH_LOCK:
+            _PATCH["depth"] -= 1
+            if _PATCH["depth"] == 0:
+                torch.autograd.Function.apply = _PATCH["original"]  # type: ignore
+
+
 @contextlib.contextmanager
 def _isolated() -> Iterator[None]:
     """Leave every active transform and dispatch mode while tracing."""
@@ -185,7 +232,9 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
 
     def trace(f: Callable[..., Any]) -> torch.fx.GraphModule:
         # attention as plain ops, which have forward-mode rules (NOTE [attention kernels])
-        with _isolated(), second_order_kernels():
+        with _isolated(), second_order_kernels(), warnings.catch_warnings():
+            # tracing runs without grad: torch's reentrant checkpoint warns of that
+            warnings.filterwarnings("ignore", "None of the inputs have requires_grad")
             examples = [torch.empty(s, dtype=dt, device=dev) for s, dt, dev in metas]
             return make_fx(
                 f,
@@ -196,7 +245,13 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
                 record_stack_traces=stack_traces,
             )(*examples)
 
-    gm = trace(flat_fn)
+    with _functions_applied() as applied:
+        gm = trace(flat_fn)
+    unfaithful = sorted({cls.__qualname__ for cls in applied
+                         if cls not in _FAITHFUL_FUNCTIONS})
+    if unfaithful:  # NOTE [custom autograd.Functions]
+        raise RuntimeError(f"u applies the custom torch.autograd.Function {unfaithful}, whose "
+                           "derivative rules a trace of its forward would not follow")
     if any(_is_mutating(n) for n in gm.graph.nodes):
         # NOTE: functionalize only when needed: it also rewrites linear layers on
         # 1-D inputs into unsqueeze/mm/squeeze_ instead of a single addmm.
