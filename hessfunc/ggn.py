@@ -72,7 +72,7 @@ from ._memory import CHUNK_BUDGET_BYTES, check_dense, itemsize, memory_limit
 from ._tree import flat_spec, vector_to_tree
 from .dense import _nest
 from .errors import ArgumentError
-from .graph.curvature import GGNLoss, padding_rows, plan_ggn_diagonal
+from .graph.curvature import GGNLoss, padding_rows, plan_ggn_diagonal, through_checkpoints
 
 __all__ = ["ggn_vp", "ggn", "ggn_diag", "fisher_diag", "LIKELIHOODS"]
 
@@ -145,14 +145,12 @@ def ggn_vp(g: Callable[..., Any], loss_fn: Callable[..., Any], primals: tuple[An
     check_floating(params, "params", call)
     check_like(v, params, "v", call)
 
-    def model(p: Any) -> torch.Tensor:
-        return _output(g, p, x, call)
-
     v = without_rows(v, padding_rows(g, params, x))  # autograd's J: none from such rows
     with no_random_draws(call), second_order_kernels():  # J and J^T: a forward pass each
-        out, vjp_fn = torch.func.vjp(model, params)
+        model, (out, vjp_fn) = through_checkpoints(
+            lambda g: torch.func.vjp(lambda p: _output(g, p, x, call), params), g, (params, x))
         try:
-            _, Jv = torch.func.jvp(model, (params,), (v,))
+            _, Jv = torch.func.jvp(lambda p: _output(model, p, x, call), (params,), (v,))
         except (RuntimeError, NotImplementedError) as exc:
             if forward_ad_gap(exc) is None:
                 raise
@@ -236,7 +234,7 @@ def _jacobian_and_output_hessian(g: Any, loss_fn: Any, params: Any, x: Any, y: A
     """``J`` ``(O, P)`` and ``H_o`` ``(O, O)``, memory-guarded."""
     spec = flat_spec(params)
     P = spec.numel
-    out = _output(g, params, x, call)
+    g, out = through_checkpoints(lambda g: _output(g, params, x, call), g, (params, x))
     O = out.numel()
     if P_by_P:
         check_dense(P * P, spec.dtype, spec.device, what=f"the dense {P} x {P} GGN", call=call,
@@ -245,7 +243,8 @@ def _jacobian_and_output_hessian(g: Any, loss_fn: Any, params: Any, x: Any, y: A
     check_dense(O * P + O * O, spec.dtype, spec.device,
                 what=f"the {O} x {P} Jacobian and {O} x {O} output Hessian", call=call,
                 max_memory=max_memory, hint="split the batch (the GGN is a sum over samples)")
-    jac = torch.func.jacrev(lambda p: _output(g, p, x, call))(params)
+    _, jac = through_checkpoints(
+        lambda g: torch.func.jacrev(lambda p: _output(g, p, x, call))(params), g, (params, x))
     J = torch.cat([t.reshape(O, -1) for t in pytree.tree_leaves(jac)], dim=1)
     Ho = torch.func.jacrev(torch.func.grad(_loss_of(loss_fn, y, call)))(out).reshape(O, O)
     return J, Ho

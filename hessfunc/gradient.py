@@ -26,6 +26,7 @@ from ._checks import (
     wrap_scalar,
 )
 from .errors import ArgumentError
+from .graph.curvature import through_checkpoints
 
 __all__ = ["grad"]
 
@@ -59,6 +60,14 @@ def grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: boo
         nums = normalize_argnums(argnums, len(args))
         for a in nums:
             check_floating(args[a], f"args[{a}]", "hessfunc.grad")
+        if kwargs:
+            return gradient(args, kwargs, nums)
+        # f checkpoints activations: the gradient of its captured graph
+        _, g = through_checkpoints(lambda fn: gradient(args, kwargs, nums) if fn is f else
+                                   grad(fn, argnums, has_aux)(*args), f, args)
+        return g
+
+    def gradient(args: tuple[Any, ...], kwargs: dict[str, Any], nums: tuple[int, ...]) -> Any:
         if not use_autograd(args):
             return func_grad(*args, **kwargs)
         new_args, leaves = leaf_copies(args, nums)

@@ -61,6 +61,7 @@ from .errors import ArgumentError
 from .graph.chain import graph_chain
 from .graph.chain_plan import _Embedding, _Map, _ShapeMap
 from .graph.chain_products import ChainProducts
+from .graph.curvature import checkpoint_twin
 
 __all__ = ["hvp", "hvp_fn", "HVPFunction", "HVP_MODES", "PRODUCT_METHODS"]
 
@@ -198,8 +199,10 @@ def hvp(f: Callable[..., Any], primals: tuple[Any, ...], tangent: Any, *, argnum
             return _graph_hvp(f, primals, tangent, argnums, mode, call)
     except (RuntimeError, NotImplementedError) as exc:
         op = missing_derivative(exc)
-        if op is None:
-            raise
+        if op is None:  # f checkpoints activations: its captured graph, or exc
+            twin = checkpoint_twin(exc, f, primals)
+            with second_order_kernels():
+                return _graph_hvp(twin, primals, tangent, argnums, mode, call)
         # NOTE [ops differentiable once]: the captured graph's decompositions may have the
         # second derivative torch's kernel lacks (hardsigmoid: a clamp), and a chain in it
         # gives the product

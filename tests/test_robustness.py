@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _bad_inputs import CASES
-from _helpers import Attention, assert_close, assert_same_state, model_state, oracle_loss
+from _helpers import (
+    Attention,
+    assert_close,
+    assert_same_state,
+    flat,
+    model_state,
+    oracle_loss,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -291,6 +298,122 @@ def test_weight_normalisation_against_finite_differences():
                       (torch.cat([t.reshape(-1) for t in hf.hessian_diag(f)(params, x, y)
                                   .values()]), torch.diagonal(H))):
         assert float((got - want).abs().max()) < 1e-7 * scale
+
+
+class _CheckpointedBlock(nn.Module):
+    """A residual attention block behind ``torch.utils.checkpoint`` (either form), between
+    a Linear layer and a Linear head; ``reentrant=None`` runs the block plainly."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.e, self.l, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.a = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.reentrant = reentrant
+
+    def block(self, h):
+        return h + torch.tanh(self.l(self.a(h, h, h)[0]))
+
+    def forward(self, x):
+        h = self.e(x)
+        h = self.block(h) if self.reentrant is None else torch.utils.checkpoint.checkpoint(
+            self.block, h, use_reentrant=self.reentrant)
+        return self.h(h.mean(1))
+
+
+_CHECKPOINT_ROUTES = {
+    "grad": lambda f, g, p, v, b: flat(hf.grad(f)(p, *b)),
+    "hvp": lambda f, g, p, v, b: flat(hf.hvp(f, (p, *b), v)),
+    "hvp forward-over-reverse": lambda f, g, p, v, b: flat(
+        hf.hvp(f, (p, *b), v, mode="forward-over-reverse")),
+    "HessianOperator.grad_and_value": lambda f, g, p, v, b: hf.HessianOperator(
+        f, p, b).grad_and_value()[0],
+    "ggn": lambda f, g, p, v, b: hf.ggn(g, F.cross_entropy, flat=True)(p, *b),
+    "ggn_vp": lambda f, g, p, v, b: flat(hf.ggn_vp(g, F.cross_entropy, (p, *b), v)),
+    "GGNOperator": lambda f, g, p, v, b: hf.GGNOperator(g, F.cross_entropy, p, b) @ flat(v),
+    "ggn_diag per sample": lambda f, g, p, v, b: flat(
+        hf.ggn_diag(g, F.cross_entropy, per_sample=True)(p, *b)).reshape(-1),
+    "empirical FisherOperator.to_dense": lambda f, g, p, v, b: hf.FisherOperator(
+        g, F.cross_entropy, p, b, kind="empirical", reduction="sum").to_dense(),
+}
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("route", sorted(_CHECKPOINT_ROUTES))
+def test_activation_checkpointing_changes_no_derivative(route, reentrant):
+    """Checkpointing changes memory, not values. torch cannot differentiate a
+    ``functionalize`` model through it: the non-reentrant form's recomputation in the
+    backward pass reads the private copy's own parameters (CheckpointError), and neither
+    form runs under ``torch.func``. Each route then takes the model's captured graph,
+    where the checkpointed block is inlined, and equals the oracle's derivatives of the
+    same model without checkpointing."""
+    torch.manual_seed(0)
+    model = _CheckpointedBlock(reentrant).double().eval()
+    plain = _CheckpointedBlock(None).double().eval()
+    plain.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    g, p = hf.functionalize(model)
+    g_plain, _ = hf.functionalize(plain)
+    f = lambda q, x, y: F.cross_entropy(g(q, x), y)  # noqa: E731
+    v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in p.items()}
+    got = _CHECKPOINT_ROUTES[route](f, g, p, v, (x, y))
+    loss, leaves = oracle_loss(lambda q, x, y: F.cross_entropy(g_plain(q, x), y), p, x, y)
+    params = list(leaves.values())
+    if route in ("grad", "HessianOperator.grad_and_value"):
+        want = torch.cat([t.reshape(-1) for t in hf.reference.gradient(loss, params)])
+    elif route.startswith("hvp"):
+        want = hf.reference.hessian(loss, params) @ flat(v)
+    elif route.startswith("empirical"):
+        rows = [F.cross_entropy(g_plain(leaves, x[n:n + 1]), y[n:n + 1]) for n in range(5)]
+        want = hf.reference.empirical_fisher(rows, params, 1.0)
+    else:
+        G = [hf.reference.ggn(g_plain(leaves, x[n:n + 1]), F.cross_entropy, y[n:n + 1], params)
+             for n in range(5)]
+        want = {"ggn": sum(G) / 5, "ggn_vp": sum(G) @ flat(v) / 5,
+                "GGNOperator": sum(G) @ flat(v) / 5,
+                "ggn_diag per sample": torch.cat([part.reshape(-1) for part in torch.split(
+                    torch.stack([torch.diagonal(Gn) for Gn in G]),
+                    [t.numel() for t in params], dim=1)])}[route]
+    assert_close(got, want)
+
+
+class _CheckpointedLayers(nn.Module):
+    """Two Linear layers behind a non-reentrant checkpoint, between two outside it."""
+
+    def __init__(self, checkpointed):
+        super().__init__()
+        self.e, self.a, self.b, self.h = (nn.Linear(3, 3), nn.Linear(3, 4), nn.Linear(4, 4),
+                                          nn.Linear(4, 2))
+        self.checkpointed = checkpointed
+
+    def block(self, h):
+        return torch.tanh(self.b(torch.tanh(self.a(h))))
+
+    def forward(self, x):
+        h = self.e(x)
+        h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False) \
+            if self.checkpointed else self.block(h)
+        return self.h(h)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_kfac_of_layers_behind_a_checkpoint(fisher):
+    """K-FAC hooks each layer of the private copy: a non-reentrant checkpoint runs the
+    hooks again in the backward pass, which added calls (StopIteration). They record in
+    the forward pass only, and the factors equal those of the model without
+    checkpointing."""
+    torch.manual_seed(0)
+    model = _CheckpointedLayers(True).double()
+    plain = _CheckpointedLayers(False).double()
+    plain.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    ours = hf.KFACOperator(model, nn.CrossEntropyLoss(), (x, y), fisher=fisher, seed=0)
+    theirs = hf.KFACOperator(plain, nn.CrossEntropyLoss(), (x, y), fisher=fisher, seed=0)
+    for (A, G), (A0, G0) in zip(ours.factors.values(), theirs.factors.values(), strict=True):
+        assert_close(A, A0)
+        assert_close(G, G0)
 
 
 def test_batchnorm_training_mode_choice():

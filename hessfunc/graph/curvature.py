@@ -143,6 +143,7 @@ import torch.func
 import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointError
 
 from .._autodiff import batched_vjp, use_autograd
 from .._checks import check_loss_output, check_scalar_output
@@ -155,12 +156,14 @@ from .capture import (
     op_name,
     operand_uses,
     run_nodes,
+    tensor_leaves,
     where,
 )
 from .rules import Elementwise, Reorder, rule_for
 from .samples import SampleStructure, Value, analyze_samples, pointwise
 
-__all__ = ["GraphPlan", "padding_rows", "plan_diagonal"]
+__all__ = ["GraphPlan", "checkpoint_twin", "padding_rows", "plan_diagonal",
+           "through_checkpoints"]
 
 aten = torch.ops.aten
 
@@ -1242,6 +1245,47 @@ def padding_rows(model: Any, params: Any, x: Any) -> list[tuple[int, int]]:
     return sorted({(place[nd.args[0]], _padding_row(nd)) for nd in captured.graph_module.graph.nodes
                    if nd.target is aten.embedding.default and nd.args[0] in place
                    and _padding_row(nd) >= 0})
+
+
+#: What torch says where it cannot differentiate through activation checkpointing: the
+#: non-reentrant form's saved-tensor hooks (no ``torch.func`` support; a recomputation in
+#: the backward pass that reads the private copy's own parameters), the reentrant form's
+#: ``Function`` (no ``.grad()``, no ``torch.func`` without ``setup_context``).
+_CHECKPOINT_GAPS = ("support saved tensor hooks", "checkpoint is incompatible with .grad()",
+                    "must override the setup_context staticmethod")
+
+
+def checkpoint_twin(exc: BaseException, f: Any, args: tuple[Any, ...]) -> Callable[..., Any]:
+    """``f`` as its captured graph, where ``exc`` says torch could not differentiate ``f``
+    itself through activation checkpointing (``torch.utils.checkpoint``). The trace
+    inlines the checkpointed function, whose values checkpointing leaves unchanged, so
+    its twin ``twin(*args)`` runs the same ops with every route open; valid for arguments
+    of ``args``' signature. A function is captured only if every ``Function`` it applies
+    keeps its rules in the trace (NOTE [custom autograd.Functions]), so the twin never
+    drops a rule. Re-raises ``exc`` for any other error, or where ``f`` cannot be
+    captured."""
+    if not (isinstance(exc, CheckpointError) or any(gap in str(exc) for gap in _CHECKPOINT_GAPS)):
+        raise exc
+    cache = _cache(f)
+    try:
+        captured = None if isinstance(cache, str) else cache.get(args)
+    except RandomOpError:
+        captured = None
+    if captured is None:
+        raise exc
+    gm = captured.graph_module
+    return lambda *a: gm(*tensor_leaves(a))
+
+
+def through_checkpoints(run: Callable[[Any], Any], f: Any, args: tuple[Any, ...]
+                        ) -> tuple[Any, Any]:
+    """``(f, run(f))``, or ``(twin, run(twin))`` where torch cannot differentiate ``f``
+    itself through activation checkpointing (:func:`checkpoint_twin`)."""
+    try:
+        return f, run(f)
+    except RuntimeError as exc:
+        twin = checkpoint_twin(exc, f, args)
+        return twin, run(twin)
 
 
 def _leaf_as_itself(node: fx.Node) -> bool:

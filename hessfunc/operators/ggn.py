@@ -55,7 +55,7 @@ from ..ggn import (
 from ..graph.chain import RANDOM_MODEL, model_chain
 from ..graph.chain_plan import _Add, _Conv, _Elementwise, _Flatten, _Linear
 from ..graph.chain_products import ChainProducts
-from ..graph.curvature import padding_rows
+from ..graph.curvature import padding_rows, through_checkpoints
 from .base import CurvatureOperator
 
 __all__ = ["GGNOperator", "FisherOperator"]
@@ -73,10 +73,11 @@ class _BatchProduct:
 
     def __init__(self, g: Callable[..., Any], params: Any, x: Any,
                  output_product: Callable[[torch.Tensor], torch.Tensor], call: str):
-        self._model = lambda p: g(p, x)
         self._params, self._call = params, call
         with no_random_draws(call), second_order_kernels():
-            self._out, self._vjp = torch.func.vjp(self._model, params)
+            g, (self._out, self._vjp) = through_checkpoints(
+                lambda g: torch.func.vjp(lambda p: g(p, x), params), g, (params, x))
+        self._model = lambda p: g(p, x)
         self._output_product = output_product
         self._rows = padding_rows(g, params, x)  # tangents autograd's J has no column for
         self._jvp: Callable[[Any], torch.Tensor] | None = None
@@ -324,7 +325,8 @@ class FisherOperator(GGNOperator):
         check_dense(O * P, spec.dtype, spec.device, what=f"the {O} x {P} Jacobian",
                     call=f"{self._name}", max_memory=max_memory,
                     hint="split the data into smaller batches")
-        jac = torch.func.jacrev(lambda q: self.g(q, x))(p)
+        _, jac = through_checkpoints(lambda g: torch.func.jacrev(lambda q: g(q, x))(p),
+                                     self.g, (p, x))
         J = torch.cat([t.reshape(O, -1) for t in pytree.tree_leaves(jac)], dim=1)
         E, alpha = self._directions(i, out, y)
         n = out.shape[0]

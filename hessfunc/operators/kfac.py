@@ -307,9 +307,12 @@ class KFACOperator(CurvatureOperator):
         calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in self._layers}
         handles = []
         mods = dict(module.module.named_modules())
+        forward = [True]  # not a checkpoint's recomputation in the backward pass
         for name in self._layers:
             def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor,
-                     name: str = name) -> torch.Tensor:
+                     name: str = name) -> torch.Tensor | None:
+                if not forward[0]:
+                    return None
                 probe = torch.zeros_like(out, requires_grad=True)
                 calls[name].append((args[0].detach(), probe))
                 return out + probe
@@ -319,6 +322,7 @@ class KFACOperator(CurvatureOperator):
             with torch.enable_grad():
                 p = {k: v.detach() for k, v in self.params.items()}
                 out = module(p, x)
+                forward[0] = False
                 if not isinstance(out, torch.Tensor) or out.dim() != 2:
                     raise ArgumentError(f"{self._name}: the model's outputs must be (N, C), got "
                                         f"{getattr(out, 'shape', type(out).__name__)}.")
