@@ -13,6 +13,9 @@ copy only: BatchNorm in training mode evaluates with batch statistics (the
 function the model computes in training mode) without updating running
 statistics (see docs/robustness.md). An embedding with ``max_norm``, whose forward pass
 renormalises rows of the table in place, would write into ``params`` itself: refused.
+Any other write into a buffer or frozen parameter during the forward pass (a running
+statistic, an observer, a counter) is refused at the call that makes it: ``f`` would
+change from one call to the next.
 
 NOTE [randomness]: a model in training mode with active dropout is a random
 function; its Hessian is only meaningful for one fixed draw. ``functionalize``
@@ -88,6 +91,9 @@ class FunctionalModel:
         self.check_finite = check_finite
         self._names = frozenset(param_names)
         self._slots = _parameter_slots(module, param_names)
+        # what f holds fixed: a forward pass that writes into it makes f change per call
+        self._state = [*module.named_buffers(), *((n, q) for n, q in module.named_parameters()
+                                                  if n not in self._names)]
 
     def _check_params(self, params: Any) -> None:
         if not isinstance(params, dict):
@@ -106,6 +112,7 @@ class FunctionalModel:
         """The model's output ``model(inputs)`` at ``params``."""
         self._check_params(params)
         args = inputs if isinstance(inputs, tuple) else (inputs,)
+        versions = [t._version for _, t in self._state]
         if self.seed is None and self.module.training and not in_transform():
             # NOTE [randomness]: random ops the module scan cannot see (F.dropout in a
             # forward method) show up as a moved global RNG state
@@ -126,6 +133,15 @@ class FunctionalModel:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
                 out = self._apply(params, args)
+        written = [n for (n, t), v in zip(self._state, versions, strict=True) if t._version != v]
+        if written:
+            raise ArgumentError(
+                f"f(params, ...): the model wrote into {written} during its forward pass (a "
+                "statistic or counter it updates, as modules do in training mode), so f would "
+                "change at every call and its derivatives would be of no fixed function. Call "
+                "functionalize with training=False (or model.eval() first), or move the update "
+                "out of the forward pass."
+            )
         if self.check_finite and not in_transform():
             _report_non_finite(params, inputs, out, "model output")
         return out

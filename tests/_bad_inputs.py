@@ -38,6 +38,21 @@ def _setup():
 MODEL, F_, PARAMS, X, Y, V = _setup()
 
 
+class _Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count += 1
+        return x
+
+
+def _state_write():
+    f, params = hf.functionalize(nn.Sequential(_Counter(), nn.Linear(2, 1)))
+    return f(params, torch.ones(3, 2))
+
+
 def _counted_lookup():
     model = nn.Sequential(nn.Embedding(4, 2, scale_grad_by_freq=True), nn.Flatten(),
                           nn.Linear(4, 1))
@@ -67,6 +82,8 @@ CASES: list[Case] = [
     Case("functionalize-max-norm", "an embedding that renormalises its table in place",
          lambda: hf.functionalize(nn.Sequential(nn.Embedding(4, 2, max_norm=1.0))),
          hf.ArgumentError, r"max_norm \(\['0'\]\).*max_norm=None"),
+    Case("functionalize-state-write", "a forward pass that updates a buffer",
+         _state_write, hf.ArgumentError, r"wrote into \['0.count'\]"),
     Case("functionalize-randomness", "unknown randomness choice",
          lambda: hf.functionalize(MODEL, randomness="different"), hf.ArgumentError,
          "`randomness`"),

@@ -180,6 +180,39 @@ def test_batchnorm_in_training_mode_uses_batch_stats_without_updating():
     assert_same_state(before, model_state(model))
 
 
+class _RunningScale(nn.Module):
+    """Divides by a running mean of ``|h|`` that its forward pass updates in training mode
+    (an EMA statistic, as a VQ codebook or a quantisation observer keeps)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(d))
+
+    def forward(self, h):
+        if self.training:
+            with torch.no_grad():
+                self.scale.mul_(0.5).add_(0.5 * h.abs().mean(0))
+        return h / self.scale
+
+
+def test_a_forward_pass_that_writes_into_the_models_state_is_refused():
+    """f held the buffer fixed only until its first call: each call moved it, and two
+    `hessian_diag` calls in a row differed by 45. Every call is refused now, naming the
+    buffer; in eval mode the forward pass writes nothing and f is pure."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _RunningScale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    f, params = hf.functionalize(model, nn.MSELoss())
+    for call in (lambda: f(params, x, y), lambda: hf.hessian_diag(f)(params, x, y),
+                 lambda: hf.hvp(f, (params, x, y), params)):
+        with pytest.raises(hf.ArgumentError, match=r"wrote into \['1.scale'\].*training=False"):
+            call()
+    f, params = hf.functionalize(model, nn.MSELoss(), training=False)
+    first = hf.hessian_diag(f)(params, x, y)
+    again = hf.hessian_diag(f)(params, x, y)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_multiple_inputs_are_unpacked_from_a_tuple():
     class Add(nn.Module):
         def __init__(self):
