@@ -1920,6 +1920,49 @@ def test_gauss_newton_products_carry_no_tangent_from_an_embeddings_padding_row(a
     assert_close(op @ flat(v), E @ flat(v))
 
 
+class _PassThrough(torch.autograd.Function):
+    """The identity, as a ``Function``: a model that applies it is not captured."""
+
+    @staticmethod
+    def forward(z):
+        return z.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
+class _UncapturedLookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.h = nn.Embedding(5, 3, padding_idx=0), nn.Linear(9, 2)
+
+    def forward(self, x):
+        return self.h(torch.tanh(_PassThrough.apply(self.e(x))).flatten(1))
+
+
+def test_padding_rows_of_a_model_that_cannot_be_captured_come_from_its_modules():
+    """The products' padding rows came from the capture alone: a model that cannot be
+    captured (here: it applies a custom ``Function``) carried the tangent's padding row
+    into ``J v`` (2e-2 off). A ``functionalize`` model's ``nn.Embedding`` modules say."""
+    torch.manual_seed(2)
+    model = _UncapturedLookup().double()
+    x, y = torch.tensor([[1, 1, 2], [3, 0, 3], [4, 1, 1]]), torch.tensor([0, 1, 1])
+    g, params, _, _, G = _oracle(model, nn.CrossEntropyLoss(), x, y)
+    v = {k: torch.randn_like(t) for k, t in params.items()}
+    assert_close(flat(hf.ggn_vp(g, nn.CrossEntropyLoss(), (params, x, y), v)), G @ flat(v))
+    op = hf.GGNOperator(g, nn.CrossEntropyLoss(), params, [(x, y)])
+    assert_close(op @ flat(v), G @ flat(v))
+
+
 class _TwoSums(nn.Module):
     """``a + b`` twice: the sum's rule hands both operands one factor, so ``a`` and ``b``
     start with the same tensor before the other sum adds to each."""

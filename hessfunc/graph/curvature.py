@@ -1232,19 +1232,34 @@ def padding_rows(model: Any, params: Any, x: Any) -> list[tuple[int, int]]:
     """``(leaf, row)`` for each embedding table of ``model(params, x)`` (its leaf's place
     in ``params``) looked up with a padding row, which autograd gives no gradient, so no
     forward-mode product may carry a tangent from it either (NOTE [parameters read one
-    element at a time]); none where ``model`` cannot be captured."""
+    element at a time]). Where ``model`` cannot be captured, a
+    :class:`~hessfunc.FunctionalModel`'s ``nn.Embedding`` modules say; none for any other
+    function."""
     cache = _cache(model)
     try:
         captured = None if isinstance(cache, str) else cache.get((params, x))
     except RandomOpError:  # random ops
         captured = None
     if captured is None:
-        return []
+        return _module_padding_rows(model, params)
     leaves = [nd for nd in captured.graph_module.graph.nodes if nd.op == "placeholder"]
     place = {nd: i for i, nd in enumerate(leaves[:len(pytree.tree_leaves(params))])}
     return sorted({(place[nd.args[0]], _padding_row(nd)) for nd in captured.graph_module.graph.nodes
                    if nd.target is aten.embedding.default and nd.args[0] in place
                    and _padding_row(nd) >= 0})
+
+
+def _module_padding_rows(model: Any, params: Any) -> list[tuple[int, int]]:
+    """:func:`padding_rows` of a :class:`~hessfunc.FunctionalModel` from its modules."""
+    from ..functional import FunctionalModel
+
+    if not isinstance(model, FunctionalModel) or not isinstance(params, dict):
+        return []
+    names = {id(q): n for n, q in model.module.named_parameters()}  # tied: the first name
+    place = {n: i for i, n in enumerate(params)}
+    return sorted({(place[names[id(m.weight)]], m.padding_idx)
+                   for m in model.module.modules() if isinstance(m, torch.nn.Embedding)
+                   and m.padding_idx is not None and names.get(id(m.weight)) in place})
 
 
 #: What torch says where it cannot differentiate through activation checkpointing: the
