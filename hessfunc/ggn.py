@@ -325,11 +325,18 @@ def ggn_blocks(g: Callable[..., Any], loss_fn: Callable[..., Any], *,
 def _per_sample(fn: Callable[..., Any], params: Any, x: Any, y: Any,
                 chunk_size: int | None = None) -> Any:
     """``fn(params, x[n:n+1], y[n:n+1])`` for every sample ``n``, stacked (vmap, over
-    ``chunk_size`` samples at a time)."""
+    ``chunk_size`` samples at a time; one sample at a time where ``vmap`` cannot run
+    ``fn``: a loss that checks its values, as ``F.gaussian_nll_loss`` does)."""
     def one(xi: Any, yi: Any) -> Any:
         return fn(params, pytree.tree_map(lambda t: t.unsqueeze(0), xi), yi.unsqueeze(0))
 
-    return torch.func.vmap(one, chunk_size=chunk_size)(x, y)
+    try:
+        return torch.func.vmap(one, chunk_size=chunk_size)(x, y)
+    except RuntimeError as exc:
+        if "vmap" not in str(exc):
+            raise
+        rows = [one(pytree.tree_map(lambda t, n=n: t[n], x), y[n]) for n in range(y.shape[0])]
+        return pytree.tree_map(lambda *t: torch.stack(t), *rows)
 
 
 def _samples_at_once(g: Callable[..., Any], params: Any, x: Any, n: int, call: str,

@@ -1920,6 +1920,25 @@ def test_gauss_newton_products_carry_no_tangent_from_an_embeddings_padding_row(a
     assert_close(op @ flat(v), E @ flat(v))
 
 
+def test_per_sample_ggn_diagonals_of_a_loss_vmap_cannot_run():
+    """``F.gaussian_nll_loss`` checks ``torch.any(var < 0)``: no trace, and no ``vmap``
+    over samples (torch's bare error before). Each sample then goes alone, equal to the
+    oracle's GGN of that sample's loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+
+    def loss_fn(out, target):
+        return F.gaussian_nll_loss(out[:, :2], target, torch.exp(out[:, 2:]).expand(-1, 2))
+
+    g, params = hf.functionalize(model)
+    rows = hf.ggn_diag(g, loss_fn, per_sample=True)(params, x, y)
+    leaves = leaf_params(params)
+    for n in range(5):
+        Gn = hf.reference.ggn(g(leaves, x[n:n + 1]), loss_fn, y[n:n + 1], list(leaves.values()))
+        assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))
+
+
 class _PassThrough(torch.autograd.Function):
     """The identity, as a ``Function``: a model that applies it is not captured."""
 
