@@ -218,7 +218,7 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     Raises :class:`RandomOpError` when ``fn`` uses a random operation (its
     derivatives along different directions would see different samples), and
     :class:`ArgumentError` when it differentiates a lookup whose gradient torch scales
-    by the tokens' counts (:func:`_counted_lookup`). Any other failure propagates; the
+    by the tokens' counts (:func:`_refuse_counted_lookups`). Any other failure propagates; the
     caller then takes the generic path.
     """
     leaves, treedef = tree_flatten(list(args))
@@ -250,8 +250,9 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     unfaithful = sorted({cls.__qualname__ for cls in applied
                          if cls not in _FAITHFUL_FUNCTIONS})
     if unfaithful:  # NOTE [custom autograd.Functions]
-        raise RuntimeError(f"u applies the custom torch.autograd.Function {unfaithful}, whose "
-                           "derivative rules a trace of its forward would not follow")
+        raise RuntimeError(f"the function applies the custom torch.autograd.Function "
+                           f"{unfaithful}, whose derivative rules a trace of its forward "
+                           "would not follow")
     if any(_is_mutating(n) for n in gm.graph.nodes):
         # NOTE: functionalize only when needed: it also rewrites linear layers on
         # 1-D inputs into unsqueeze/mm/squeeze_ instead of a single addmm.

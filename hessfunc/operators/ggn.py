@@ -75,9 +75,9 @@ class _BatchProduct:
                  output_product: Callable[[torch.Tensor], torch.Tensor], call: str):
         self._params, self._call = params, call
         with no_random_draws(call), second_order_kernels():
-            g, (self._out, self._vjp) = through_checkpoints(
+            model, (self._out, self._vjp) = through_checkpoints(
                 lambda g: torch.func.vjp(lambda p: g(p, x), params), g, (params, x))
-        self._model = lambda p: g(p, x)
+        self._model = lambda p: model(p, x)
         self._output_product = output_product
         self._rows = padding_rows(g, params, x)  # tangents autograd's J has no column for
         self._jvp: Callable[[Any], torch.Tensor] | None = None
