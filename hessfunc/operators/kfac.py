@@ -336,7 +336,8 @@ class KFACOperator(CurvatureOperator):
                         g = [_output_places(mods[name], next(grads).flatten(0, 1))
                              for _ in calls[name]]                     # each (kN, R_call, d)
                         if g:
-                            on_columns(i, torch.cat(g, 1).unflatten(0, (-1, out.shape[0])),
+                            g = g[0] if len(g) == 1 else torch.cat(g, 1)
+                            on_columns(i, g.unflatten(0, (-1, out.shape[0])),
                                        omega if isinstance(omega, float) else omega[cols],
                                        out_a[i])
         finally:
@@ -356,7 +357,7 @@ class KFACOperator(CurvatureOperator):
                                     f"{a.shape[0]} rows in a batch of {n} samples; K-FAC needs "
                                     "each layer's inputs to have the samples first (freeze the "
                                     "layer, or use GGNOperator).")
-        a = (torch.cat(places, 1) if places else
+        a = (places[0] if len(places) == 1 else torch.cat(places, 1) if places else
              weight.new_zeros(n, 0, weight.numel() // weight.shape[0]))
         return a if b is None else torch.cat([a, torch.ones_like(a[..., :1])], -1)
 
