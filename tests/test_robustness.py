@@ -416,6 +416,93 @@ def test_kfac_of_layers_behind_a_checkpoint(fisher):
         assert_close(G, G0)
 
 
+def _channels_last_cnn():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),
+                         nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(32, 3)).double().eval()
+
+
+_LAYOUT_ROUTES = {
+    "hessian_diag": lambda f, g, p, v, b: flat(hf.hessian_diag(f)(p, *b)),
+    "hessian_diag per sample": lambda f, g, p, v, b: torch.cat(
+        [t.reshape(5, -1) for t in hf.hessian_diag(f, per_sample=True)(p, *b).values()], 1),
+    "hvp_fn": lambda f, g, p, v, b: flat(hf.hvp_fn(f, (p, *b))(v)),
+    "hessian": lambda f, g, p, v, b: hf.hessian(f, flat=True)(p, *b),
+    "HessianOperator": lambda f, g, p, v, b: hf.HessianOperator(f, p, b) @ flat(v),
+    "ggn_diag": lambda f, g, p, v, b: flat(hf.ggn_diag(g, F.cross_entropy)(p, *b)),
+    "ggn_diag per sample": lambda f, g, p, v, b: torch.cat(
+        [t.reshape(5, -1) for t in hf.ggn_diag(g, F.cross_entropy, per_sample=True)(p, *b)
+         .values()], 1),
+    "GGNOperator": lambda f, g, p, v, b: hf.GGNOperator(g, F.cross_entropy, p, b) @ flat(v),
+}
+
+
+@pytest.mark.parametrize("route", sorted(_LAYOUT_ROUTES))
+def test_channels_last_models_and_inputs(route):
+    """The capture traced contiguous examples, so its graph kept views that a
+    channels-last input or weight cannot take: every captured route raised inside torch
+    on a channels-last CNN. It traces the arguments' own strides now, and keeps a graph
+    per layout; each route equals the oracle's (taken on the contiguous model: the same
+    function), for a contiguous input and then a channels-last one."""
+    torch.manual_seed(0)
+    model = _channels_last_cnn()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    last = _channels_last_cnn()
+    last.load_state_dict(model.state_dict())
+    last = last.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    g, p = hf.functionalize(last)
+    assert not p["0.weight"].is_contiguous()
+    f = lambda q, x, y: F.cross_entropy(g(q, x), y)  # noqa: E731
+    v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in p.items()}
+    contiguous = _LAYOUT_ROUTES[route](f, g, p, v, (x, y))  # then the same f, other strides
+    got = _LAYOUT_ROUTES[route](f, g, p, v, (x.to(memory_format=torch.channels_last), y))
+    g0, p0 = hf.functionalize(model)
+    loss, leaves = oracle_loss(lambda q, x, y: F.cross_entropy(g0(q, x), y), p0, x, y)
+    params = list(leaves.values())
+    per_sample = route.endswith("per sample")
+    if route.startswith(("ggn", "GGN")):
+        blocks = [hf.reference.ggn(g0(leaves, x[n:n + 1]), F.cross_entropy, y[n:n + 1], params)
+                  for n in range(5)]
+        whole = sum(blocks) / 5
+    else:
+        blocks = [hf.reference.hessian(F.cross_entropy(g0(leaves, x[n:n + 1]), y[n:n + 1]),
+                                       params) for n in range(5)]
+        whole = hf.reference.hessian(loss, params)
+    if per_sample:
+        want = torch.stack([torch.diagonal(B) for B in blocks])
+    elif route in ("hvp_fn", "HessianOperator", "GGNOperator"):
+        want = whole @ flat(v)
+    elif route == "hessian":
+        want = whole
+    else:
+        want = torch.diagonal(whole)
+    assert_close(got, want)
+    assert_close(contiguous, want)
+
+
+def test_a_graph_per_input_layout():
+    """The trace cache keys on strides too: the graph of a contiguous input flattens it
+    with a view, which the same values laid out transposed cannot take."""
+    gen = torch.Generator().manual_seed(2)
+    p = {"w1": torch.randn(4, 6, generator=gen, dtype=torch.float64),
+         "w2": torch.randn(3, 4, generator=gen, dtype=torch.float64)}
+    x, y = torch.randn(5, 2, 3, generator=gen, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+
+    def f(p, x, y):
+        return F.cross_entropy(torch.tanh(x.flatten(1) @ p["w1"].T) @ p["w2"].T, y)
+
+    loss, leaves = oracle_loss(f, p, x, y)
+    want = torch.diagonal(hf.reference.hessian(loss, list(leaves.values())))
+    transposed = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not transposed.is_contiguous()
+    for layout in (x, transposed):
+        assert_close(flat(hf.hessian_diag(f)(p, layout, y)), want)
+
+
 def test_batchnorm_training_mode_choice():
     model, x, y = _arch("cnn-batchnorm-train")
     f_train, params = hf.functionalize(model, nn.MSELoss())

@@ -13,7 +13,7 @@ them both work.
 NOTE [trace cache and its guard]
     Tracing costs milliseconds, so a graph is reused across calls. Reuse is
     only safe if nothing the graph froze has changed. The cache key holds the
-    signature of every argument (shape, dtype, device; other values by value)
+    signature of every argument (shape, strides, dtype, device; other values by value)
     and a *fingerprint* of what ``u`` can reach: closure cells, defaults, bound
     ``self``, referenced globals, containers, modules (parameters, buffers,
     plain attributes, training flags), by identity for tensors and objects and
@@ -223,7 +223,9 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
     """
     leaves, treedef = tree_flatten(list(args))
     is_tensor = [isinstance(a, Tensor) for a in leaves]
-    metas = [(a.shape, a.dtype, a.device) for a in leaves if isinstance(a, Tensor)]
+    # the arguments' own strides: a graph traced on contiguous examples records views that
+    # a channels-last input cannot take
+    metas = [(a.shape, _strides(a), a.dtype, a.device) for a in leaves if isinstance(a, Tensor)]
 
     def flat_fn(*tensors: Tensor) -> Any:
         it = iter(tensors)
@@ -235,7 +237,8 @@ def capture(fn: Callable[..., Any], args: Sequence[Any], caller: str,
         with _isolated(), second_order_kernels(), warnings.catch_warnings():
             # tracing runs without grad: torch's reentrant checkpoint warns of that
             warnings.filterwarnings("ignore", "None of the inputs have requires_grad")
-            examples = [torch.empty(s, dtype=dt, device=dev) for s, dt, dev in metas]
+            examples = [torch.empty_strided(s, st, dtype=dt, device=dev)
+                        for s, st, dt, dev in metas]
             return make_fx(
                 f,
                 decomposition_table=_DECOMPOSITIONS if decompositions is None
@@ -614,12 +617,19 @@ def tensor_leaves(args: Sequence[Any]) -> list[Tensor]:
     return [a for a in tree_leaves(list(args)) if isinstance(a, Tensor)]
 
 
+def _strides(t: Tensor) -> tuple[int, ...]:
+    """``t``'s strides, or a contiguous tensor's where it has none (a sparse layout)."""
+    if t.layout == torch.strided:
+        return t.stride()
+    return torch.empty(t.shape, device="meta").stride()
+
+
 def _signature(args: Sequence[Any]) -> tuple | None:
     leaves, treedef = tree_flatten(list(args))
     sig: list = [treedef]
     for a in leaves:
         if isinstance(a, Tensor):
-            sig.append(("tensor", tuple(a.shape), a.dtype, a.device))
+            sig.append(("tensor", tuple(a.shape), _strides(a), a.dtype, a.device))
         else:
             try:
                 hash(a)
