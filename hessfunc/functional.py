@@ -273,6 +273,13 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
         and buffers are held fixed inside ``f``; tied weights appear once, under
         their first name, and stay tied.
 
+    Raises:
+        ArgumentError: for a bad argument; active dropout without a ``randomness``
+            choice; an embedding with ``max_norm`` (it renormalises its table in place).
+            ``f`` itself raises one at a call whose forward pass draws random numbers
+            or writes into a buffer or frozen parameter: either would make ``f`` change
+            from one call to the next.
+
     Example:
         >>> model = nn.Linear(2, 1)
         >>> f, params = functionalize(model, nn.MSELoss())
