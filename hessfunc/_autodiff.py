@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -294,13 +294,15 @@ def missing_derivative_message(op: str, call: str) -> str:
 
 
 @contextlib.contextmanager
-def explain_missing_derivative(call: str) -> Iterator[None]:
+def explain_missing_derivative(call: str, message: Callable[[str, str], str] | None = None
+                               ) -> Iterator[None]:
     """Re-raise torch's "derivative for OP is not implemented" from a second-order pass as
-    an :class:`ArgumentError` naming the op and the fix (NOTE [ops differentiable once])."""
+    an :class:`ArgumentError` naming the op and the fix (NOTE [ops differentiable once]);
+    ``message(op, call)`` words it where the pass is another one."""
     try:
         yield
     except (RuntimeError, NotImplementedError) as exc:
         op = missing_derivative(exc)
         if op is None:
             raise
-        raise ArgumentError(missing_derivative_message(op, call)) from None
+        raise ArgumentError((message or missing_derivative_message)(op, call)) from None

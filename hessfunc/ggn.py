@@ -59,7 +59,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ._autodiff import batched_vjp, forward_ad_gap, missing_derivative, second_order_kernels
+from ._autodiff import (
+    batched_vjp,
+    explain_missing_derivative,
+    forward_ad_gap,
+    second_order_kernels,
+)
 from ._checks import (
     check_callable,
     check_floating,
@@ -184,27 +189,18 @@ def reverse_jvp(vjp_fn: Callable[[torch.Tensor], tuple[Any]], out: torch.Tensor,
     _, transposed = torch.func.vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
 
     def jvp(v: Any) -> torch.Tensor:
-        with _no_jvp(call):
+        with explain_missing_derivative(call, _no_jvp_message):
             return transposed(v)[0]
 
     return jvp
 
 
-@contextlib.contextmanager
-def _no_jvp(call: str) -> Iterator[None]:
-    try:
-        yield
-    except (RuntimeError, NotImplementedError) as exc:
-        op = missing_derivative(exc)
-        if op is None:
-            raise
-        raise ArgumentError(
-            f"{call}: J v needs a forward-mode rule or a differentiable backward for every op "
+def _no_jvp_message(op: str, call: str) -> str:
+    return (f"{call}: J v needs a forward-mode rule or a differentiable backward for every op "
             f"of g, and torch has neither for {op} (from its backward); expected g to be "
             "differentiable in forward mode. The GGN's diagonal and dense matrix (ggn_diag, "
             "ggn) need J^T alone and apply; or replace the op (nn.EmbeddingBag: nn.Embedding "
-            "followed by the bag's sum or mean)."
-        ) from None
+            "followed by the bag's sum or mean).")
 
 
 @contextlib.contextmanager

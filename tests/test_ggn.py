@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import Attention, assert_close, count_captures, flat, leaf_params, unflat
+from _helpers import (
+    Attention,
+    assert_close,
+    count_captures,
+    custom_function,
+    flat,
+    leaf_params,
+    unflat,
+)
 from hypothesis import given
 from torch import nn
 
@@ -1939,24 +1947,8 @@ def test_per_sample_ggn_diagonals_of_a_loss_vmap_cannot_run():
         assert_close(flat({k: v[n] for k, v in rows.items()}), torch.diagonal(Gn))
 
 
-class _PassThrough(torch.autograd.Function):
-    """The identity, as a ``Function``: a model that applies it is not captured."""
-
-    @staticmethod
-    def forward(z):
-        return z.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        return tangent
+#: the identity, as a ``Function``: a model that applies it is not captured
+_PassThrough = custom_function(lambda z: z.clone(), 1.0)
 
 
 class _UncapturedLookup(nn.Module):

@@ -11,7 +11,15 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import Attention, assert_close, count_captures, flat, oracle_hessian, oracle_loss
+from _helpers import (
+    Attention,
+    assert_close,
+    count_captures,
+    custom_function,
+    flat,
+    oracle_hessian,
+    oracle_loss,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -2017,44 +2025,10 @@ class _ReadOnce(nn.Module):
         return self.head(torch.tanh(torch.add(h, self.plus, alpha=2.0))).reshape(-1, 2)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Rounding to quarters, its gradient passed straight through."""
-
-    @staticmethod
-    def forward(z):
-        return torch.round(z * 4) / 4
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        return tangent
-
-
-class _DoubledGradient(torch.autograd.Function):
-    """The identity, with its derivative stated as 2."""
-
-    @staticmethod
-    def forward(z):
-        return z.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 2 * grad
-
-    @staticmethod
-    def jvp(ctx, tangent):
-        return 2 * tangent
+#: rounding to quarters, its gradient passed straight through; the identity, its derivative
+#: stated as 2
+_StraightThrough = custom_function(lambda z: torch.round(z * 4) / 4, 1.0)
+_DoubledGradient = custom_function(lambda z: z.clone(), 2.0)
 
 
 @pytest.mark.parametrize("function", [_StraightThrough, _DoubledGradient])
