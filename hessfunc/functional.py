@@ -275,7 +275,8 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
 
     Raises:
         ArgumentError: for a bad argument; active dropout without a ``randomness``
-            choice; an embedding with ``max_norm`` (it renormalises its table in place).
+            choice; an embedding with ``max_norm`` (it renormalises its table in place);
+            a lazy module not yet called.
             ``f`` itself raises one at a call whose forward pass draws random numbers
             or writes into a buffer or frozen parameter: either would make ``f`` change
             from one call to the next.
@@ -301,6 +302,12 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
     if randomness not in ("error", "fixed"):
         raise ArgumentError(f"functionalize: `randomness` must be 'error' or 'fixed', got "
                             f"{randomness!r}.")
+    lazy = [n for n, p in model.named_parameters()
+            if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ArgumentError(
+            f"functionalize: `model` has parameters a lazy module has not made yet ({lazy}); "
+            "call the model once on a batch of the right shape first, so that they exist.")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     renormed = _renormed_tables(model)
     if renormed:
