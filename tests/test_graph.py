@@ -2031,14 +2031,18 @@ _StraightThrough = custom_function(lambda z: torch.round(z * 4) / 4, 1.0)
 _DoubledGradient = custom_function(lambda z: z.clone(), 2.0)
 
 
+@pytest.mark.parametrize("alias", [False, True])
 @pytest.mark.parametrize("function", [_StraightThrough, _DoubledGradient])
 @pytest.mark.parametrize("route", ["hvp_fn", "hessian_diag", "hessian", "HessianOperator",
                                    "ggn_diag", "ggn_vp"])
-def test_custom_autograd_functions_keep_their_derivative_rules(route, function):
+def test_custom_autograd_functions_keep_their_derivative_rules(route, function, alias):
     """A trace runs a ``torch.autograd.Function``'s forward and keeps its ops, not the
     rules it states; the captured routes differentiated those ops (1.5-3 off the oracle
     here). A function that applies one is not captured, and every route follows its
-    rules, as autograd and the oracle do."""
+    rules, as autograd and the oracle do, whether it calls ``Function.apply`` inline or
+    through an alias bound beforehand (``cube = Cube.apply``, as libraries export their
+    kernels)."""
+    apply = function.apply
     gen = torch.Generator().manual_seed(3)
     p = {"w1": torch.randn(4, 3, generator=gen, dtype=torch.float64),
          "w2": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
@@ -2046,7 +2050,8 @@ def test_custom_autograd_functions_keep_their_derivative_rules(route, function):
             torch.randn(8, 2, generator=gen, dtype=torch.float64))
 
     def g(p, x):
-        return torch.tanh(function.apply(x @ p["w1"].T)) @ p["w2"].T
+        z = x @ p["w1"].T
+        return torch.tanh(apply(z) if alias else function.apply(z)) @ p["w2"].T
 
     def f(p, x, y):
         return F.mse_loss(g(p, x), y)
@@ -2084,9 +2089,10 @@ def test_input_laplacians_keep_a_custom_functions_rules(function):
 def test_torchs_reentrant_checkpoint_is_captured_as_its_forward():
     """torch's own reentrant checkpoint is a ``Function`` whose backward recomputes the
     forward and differentiates it: the one kept in the captured graph, equal to the
-    oracle's derivatives of the same model without checkpointing. ``Function.apply`` is
-    torch's own again after the capture."""
-    apply = torch.autograd.Function.__dict__["apply"]
+    oracle's derivatives of the same model without checkpointing. The Functions' context
+    class has torch's own ``__init__`` again after the capture."""
+    context = torch.autograd.function.BackwardCFunction
+    init = context.__dict__.get("__init__")
     gen = torch.Generator().manual_seed(4)
     p = {"w1": torch.randn(4, 3, generator=gen, dtype=torch.float64),
          "w2": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
@@ -2099,7 +2105,7 @@ def test_torchs_reentrant_checkpoint_is_captured_as_its_forward():
         return F.mse_loss(h @ p["w2"].T, y)
 
     assert _cache(f).get((p, x, y)) is not None
-    assert torch.autograd.Function.__dict__["apply"] is apply
+    assert context.__dict__.get("__init__") is init
     want = oracle_hessian(lambda p, x, y: f(p, x, y, False), p, x, y)
     assert_close(flat(hf.hessian_diag(f)(p, x, y)), torch.diagonal(want))
 

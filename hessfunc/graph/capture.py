@@ -166,30 +166,34 @@ def _is_wrapped(t: Tensor) -> bool:
 #: states (a straight-through estimator's identity, a hand-written kernel's gradient):
 #: 1.5-3 off the oracle on a small model. A function that applies one is not captured
 #: (its generic routes follow the rules), except torch's own reentrant checkpoint, whose
-#: backward recomputes the forward and differentiates it.
+#: backward recomputes the forward and differentiates it. Every application makes the
+#: Function's context object, ``Function.apply`` called inline or through an alias
+#: (``cube = Cube.apply``) alike: that is where the applied classes are recorded.
 _FAITHFUL_FUNCTIONS = frozenset({torch.utils.checkpoint.CheckpointFunction})
 _APPLIED: contextvars.ContextVar[list[type] | None] = contextvars.ContextVar(
     "hessfunc_applied_functions", default=None)
-_PATCH = {"depth": 0, "original": None}
+_CONTEXT = torch.autograd.function.BackwardCFunction
+_OWN_INIT = _CONTEXT.__dict__.get("__init__")  # None: inherited, as in torch 2.13
+_PATCH: dict[str, Any] = {"depth": 0, "init": _CONTEXT.__init__}
 _PATCH_LOCK = threading.Lock()
 
 
-def _recording_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+def _recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
     applied = _APPLIED.get()
     if applied is not None:
-        applied.append(cls)
-    return _PATCH["original"].__func__(cls, *args, **kwargs)
+        applied.append(type(self)._forward_cls)
+    _PATCH["init"](self, *args, **kwargs)
 
 
 @contextlib.contextmanager
 def _functions_applied() -> Iterator[list[type]]:
     """The ``torch.autograd.Function`` classes applied in this context within the block.
-    ``Function.apply`` is wrapped while any block is open, and the wrapper only records
-    for the context that opened one: other threads' calls pass through unchanged."""
+    Their context objects' ``__init__`` is wrapped while any block is open, and the
+    wrapper only records for the context that opened one: other threads' applications
+    pass through unchanged."""
     with _PATCH_LOCK:
         if _PATCH["depth"] == 0:
-            _PATCH["original"] = torch.autograd.Function.__dict__["apply"]
-            torch.autograd.Function.apply = classmethod(_recording_apply)  # type: ignore
+            _CONTEXT.__init__ = _recording_init  # type: ignore[method-assign]
         _PATCH["depth"] += 1
     applied: list[type] = []
     token = _APPLIED.set(applied)
@@ -200,7 +204,10 @@ def _functions_applied() -> Iterator[list[type]]:
         with _PATCH_LOCK:
             _PATCH["depth"] -= 1
             if _PATCH["depth"] == 0:
-                torch.autograd.Function.apply = _PATCH["original"]  # type: ignore
+                if _OWN_INIT is None:
+                    del _CONTEXT.__init__  # the inherited one again
+                else:
+                    _CONTEXT.__init__ = _OWN_INIT  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
