@@ -112,7 +112,6 @@ class FunctionalModel:
         """The model's output ``model(inputs)`` at ``params``."""
         self._check_params(params)
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        versions = [t._version for _, t in self._state]
         if self.seed is None and self.module.training and not in_transform():
             # NOTE [randomness]: random ops the module scan cannot see (F.dropout in a
             # forward method) show up as a moved global RNG state
@@ -133,15 +132,6 @@ class FunctionalModel:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
                 out = self._apply(params, args)
-        written = [n for (n, t), v in zip(self._state, versions, strict=True) if t._version != v]
-        if written:
-            raise ArgumentError(
-                f"f(params, ...): the model wrote into {written} during its forward pass (a "
-                "statistic or counter it updates, as modules do in training mode), so f would "
-                "change at every call and its derivatives would be of no fixed function. Call "
-                "functionalize with training=False (or model.eval() first), or move the update "
-                "out of the forward pass."
-            )
         if self.check_finite and not in_transform():
             _report_non_finite(params, inputs, out, "model output")
         return out
@@ -155,13 +145,24 @@ class FunctionalModel:
         """
         slots = self._slots
         saved = [module._parameters[attr] for module, attr, _ in slots]
+        versions = [t._version for _, t in self._state]
         try:
             for module, attr, name in slots:
                 module._parameters[attr] = params[name]
-            return self.module(*args)
+            out = self.module(*args)
         finally:
             for (module, attr, _), tensor in zip(slots, saved, strict=True):
                 module._parameters[attr] = tensor
+        written = [n for (n, t), v in zip(self._state, versions, strict=True) if t._version != v]
+        if written:
+            raise ArgumentError(
+                f"f(params, ...): the model wrote into {written} during its forward pass (a "
+                "statistic or counter it updates, as modules do in training mode), so f would "
+                "change at every call and its derivatives would be of no fixed function. Call "
+                "functionalize with training=False (or model.eval() first), or move the update "
+                "out of the forward pass."
+            )
+        return out
 
     def __call__(self, params: dict[str, torch.Tensor], inputs: Any, *targets: Any) -> Any:
         out = self.output(params, inputs)

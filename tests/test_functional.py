@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -195,18 +196,40 @@ class _RunningScale(nn.Module):
         return h / self.scale
 
 
-def test_a_forward_pass_that_writes_into_the_models_state_is_refused():
+class _StepCounter(nn.Module):
+    """Counts its calls in a buffer that its output does not read (the trace's
+    functionalisation drops such a write, so the captured routes never saw it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, h):
+        self.steps.add_(1)
+        return h
+
+
+@pytest.mark.parametrize(("state", "name"), [(_RunningScale, "1.scale"),
+                                             (_StepCounter, "1.steps")])
+def test_a_forward_pass_that_writes_into_the_models_state_is_refused(state, name):
     """f held the buffer fixed only until its first call: each call moved it, and two
     `hessian_diag` calls in a row differed by 45. Every call is refused now, naming the
-    buffer; in eval mode the forward pass writes nothing and f is pure."""
+    buffer, on the captured routes too (their trace runs the forward pass); in eval mode
+    the forward pass writes nothing and f is pure."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), _RunningScale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model = nn.Sequential(nn.Linear(3, 4), state(4) if state is _RunningScale else state(),
+                          nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     f, params = hf.functionalize(model, nn.MSELoss())
     for call in (lambda: f(params, x, y), lambda: hf.hessian_diag(f)(params, x, y),
-                 lambda: hf.hvp(f, (params, x, y), params)):
-        with pytest.raises(hf.ArgumentError, match=r"wrote into \['1.scale'\].*training=False"):
+                 lambda: hf.hessian(f)(params, x, y), lambda: hf.hvp(f, (params, x, y), params),
+                 lambda: hf.hvp_fn(f, (params, x, y))(params),
+                 lambda: hf.ggn_diag(hf.functionalize(model)[0], nn.MSELoss())(params, x, y)):
+        with pytest.raises(hf.ArgumentError, match=re.escape(f"wrote into ['{name}']") +
+                           ".*training=False"):
             call()
+    if state is _StepCounter:
+        return  # it counts in eval mode too
     f, params = hf.functionalize(model, nn.MSELoss(), training=False)
     first = hf.hessian_diag(f)(params, x, y)
     again = hf.hessian_diag(f)(params, x, y)
