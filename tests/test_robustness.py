@@ -378,6 +378,28 @@ def test_activation_checkpointing_changes_no_derivative(route, reentrant):
     assert_close(got, want)
 
 
+def test_a_twin_that_fails_too_leaves_torchs_error(monkeypatch):
+    """The user's own saved-tensor hooks stop ``torch.func`` as checkpointing does, and the
+    captured graph fails the same way under them: torch's error comes back after one
+    twin, where the gradient had tried the twin's twin, and its twin, for seconds."""
+    from hessfunc.graph import curvature
+
+    twins = []
+    real = curvature.checkpoint_twin
+    monkeypatch.setattr(curvature, "checkpoint_twin",
+                        lambda *a: twins.append(a[1]) or real(*a))
+    p = {"w": torch.randn(3, 2, dtype=torch.float64)}
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+    def f(p, x, y):
+        return F.mse_loss(torch.tanh(x @ p["w"].T), y)
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
+            pytest.raises(RuntimeError, match="saved tensor hooks"):
+        torch.func.vmap(hf.grad(f), in_dims=(None, 0, 0))(p, x, y)
+    assert len(twins) == 2 and twins[0] is f and twins[1].twin_of is f
+
+
 class _CheckpointedLayers(nn.Module):
     """Two Linear layers behind a non-reentrant checkpoint, between two outside it."""
 

@@ -1279,8 +1279,9 @@ def checkpoint_twin(exc: BaseException, f: Any, args: tuple[Any, ...]) -> Callab
     keeps its rules in the trace (NOTE [custom autograd.Functions]), so the twin never
     drops a rule. Re-raises ``exc`` for any other error, or where ``f`` cannot be
     captured."""
-    if not (isinstance(exc, CheckpointError) or any(gap in str(exc) for gap in _CHECKPOINT_GAPS)):
-        raise exc
+    if getattr(f, "twin_of", None) is not None or not (
+            isinstance(exc, CheckpointError) or any(gap in str(exc) for gap in _CHECKPOINT_GAPS)):
+        raise exc  # (a twin that fails as well: torch's error, not a twin of the twin)
     cache = _cache(f)
     try:
         captured = None if isinstance(cache, str) else cache.get(args)
@@ -1289,7 +1290,12 @@ def checkpoint_twin(exc: BaseException, f: Any, args: tuple[Any, ...]) -> Callab
     if captured is None:
         raise exc
     gm = captured.graph_module
-    return lambda *a: gm(*tensor_leaves(a))
+
+    def twin(*a: Any) -> Any:
+        return gm(*tensor_leaves(a))
+
+    twin.twin_of = f  # type: ignore[attr-defined]
+    return twin
 
 
 def through_checkpoints(run: Callable[[Any], Any], f: Any, args: tuple[Any, ...]
