@@ -153,6 +153,7 @@ from .capture import (
     Captured,
     RandomOpError,
     TraceCache,
+    argument,
     op_name,
     operand_uses,
     run_nodes,
@@ -421,10 +422,10 @@ class GraphPlan:
             bound = dict(zip(inputs, values, strict=True))
             args, kwargs = fx.node.map_arg((source.args, source.kwargs),
                                            lambda a: bound[a] if a in bound else env[a])
-            if source.target is aten.embedding.default and _padding_row(source) >= 0:
-                # autograd gives the padding row no gradient: no derivative there either
+            padding = _padding_row(source) if source.target is aten.embedding.default else -1
+            if padding >= 0:  # autograd gives the padding row no gradient: no derivative
                 keep = torch.ones_like(args[0][:, :1])
-                keep[_padding_row(source)] = 0
+                keep[padding] = 0
                 args = (args[0] * keep + (args[0] * (1 - keep)).detach(), *args[1:])
             out = source.target(*args, **kwargs)
             return out if index is None else out[index]
@@ -1223,9 +1224,19 @@ def _rows_apart(plan: GraphPlan) -> bool:
     return structure.reason is None
 
 
+def _captured(f: Any, args: tuple[Any, ...]) -> Captured | None:
+    """``f``'s captured graph on ``args``, or None where there is none (no trace, or random
+    ops: the caller's route steps aside)."""
+    cache = _cache(f)
+    try:
+        return None if isinstance(cache, str) else cache.get(args)
+    except RandomOpError:
+        return None
+
+
 def _padding_row(node: fx.Node) -> int:
     """An embedding's padding row (no gradient reaches it), or -1."""
-    return node.args[2] if len(node.args) > 2 else -1
+    return argument(node, "padding_idx")
 
 
 def padding_rows(model: Any, params: Any, x: Any) -> list[tuple[int, int]]:
@@ -1235,11 +1246,7 @@ def padding_rows(model: Any, params: Any, x: Any) -> list[tuple[int, int]]:
     element at a time]). Where ``model`` cannot be captured, a
     :class:`~hessfunc.FunctionalModel`'s ``nn.Embedding`` modules say; none for any other
     function."""
-    cache = _cache(model)
-    try:
-        captured = None if isinstance(cache, str) else cache.get((params, x))
-    except RandomOpError:  # random ops
-        captured = None
+    captured = _captured(model, (params, x))
     if captured is None:
         return _module_padding_rows(model, params)
     leaves = [nd for nd in captured.graph_module.graph.nodes if nd.op == "placeholder"]
@@ -1282,11 +1289,7 @@ def checkpoint_twin(exc: BaseException, f: Any, args: tuple[Any, ...]) -> Callab
     if getattr(f, "twin_of", None) is not None or not (
             isinstance(exc, CheckpointError) or any(gap in str(exc) for gap in _CHECKPOINT_GAPS)):
         raise exc  # (a twin that fails as well: torch's error, not a twin of the twin)
-    cache = _cache(f)
-    try:
-        captured = None if isinstance(cache, str) else cache.get(args)
-    except RandomOpError:
-        captured = None
+    captured = _captured(f, args)
     if captured is None:
         raise exc
     gm = captured.graph_module
