@@ -303,13 +303,13 @@ def functionalize(model: nn.Module, loss_fn: Callable[..., Any] | None = None, *
     if randomness not in ("error", "fixed"):
         raise ArgumentError(f"functionalize: `randomness` must be 'error' or 'fixed', got "
                             f"{randomness!r}.")
-    lazy = [n for n, p in model.named_parameters()
-            if isinstance(p, nn.parameter.UninitializedParameter)]
+    given = list(model.named_parameters())
+    lazy = [n for n, p in given if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
         raise ArgumentError(
             f"functionalize: `model` has parameters a lazy module has not made yet ({lazy}); "
             "call the model once on a batch of the right shape first, so that they exist.")
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in given if p.requires_grad]
     renormed = _renormed_tables(model)
     if renormed:
         raise ArgumentError(
